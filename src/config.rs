@@ -1,0 +1,776 @@
+//! Configuration: serde types, documented defaults, and validation with key paths.
+//!
+//! One schema serves every surface: the daemon reads JSON or TOML files, the C ABI and
+//! Python pass JSON text. Every input is first turned into a `serde_json::Value`, so
+//! that one deserializer (with `serde_path_to_error`) names the key path of any error,
+//! whatever the format. `docs/configuration.md` lists every key and its default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The whole configuration of a pool. Every field has a default except `servers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Upstream servers. At least one is required.
+    pub servers: Vec<ServerConfig>,
+    /// How new connections and channels are spread over servers. Defaults to `round_robin`.
+    pub strategy: Strategy,
+    /// Pool sizes and scaling thresholds.
+    pub pool: PoolConfig,
+    /// Deadline for TCP connect, TLS, WebSocket handshake and authentication of one
+    /// connection attempt. Defaults to 5000.
+    pub connect_timeout_ms: u64,
+    /// Default time a request waits for its reply. Defaults to 10000.
+    pub request_timeout_ms: u64,
+    /// Reconnection backoff.
+    pub reconnect: ReconnectConfig,
+    /// Liveness and freshness checks.
+    pub heartbeat: HeartbeatConfig,
+    /// Per-server circuit breaker.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Lease idling.
+    pub lease: LeaseConfig,
+    /// The protocol codec.
+    pub codec: CodecConfig,
+    /// Credentials handed to the codec.
+    pub auth: AuthConfig,
+    /// TLS trust and client identity for `wss://` servers.
+    pub tls: TlsConfig,
+    /// The consumer queue between workers and the user.
+    pub queue: QueueConfig,
+    /// Outbound rate limit.
+    pub rate_limit: RateLimitConfig,
+    /// The health/admin HTTP port.
+    pub health: HealthConfig,
+    /// Channels to subscribe at start (used by the daemon; library users may set it too).
+    pub subscriptions: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            servers: Vec::new(),
+            strategy: Strategy::RoundRobin,
+            pool: PoolConfig::default(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
+            reconnect: ReconnectConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            circuit_breaker: CircuitBreakerConfig::default(),
+            lease: LeaseConfig::default(),
+            codec: CodecConfig::default(),
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            queue: QueueConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            health: HealthConfig::default(),
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+/// One upstream server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `ws://host:port/path` or `wss://host:port/path`.
+    pub url: String,
+    /// A name for logs, stats and events. Defaults to `server-N` (N = index).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Relative share for the `weighted` strategy. Defaults to 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How connections and channels are spread over servers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Each new connection goes to the next server in turn.
+    RoundRobin,
+    /// To the server with the fewest connections.
+    LeastConnections,
+    /// Randomly, in proportion to `weight`.
+    Weighted,
+    /// Uniformly at random.
+    Random,
+}
+
+/// Pool sizes and scaling thresholds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Connections opened at start and kept at all times. Defaults to 1.
+    pub min_connections: u32,
+    /// Upper bound for scaling. Defaults to 4.
+    pub max_connections: u32,
+    /// Load (0..1) above which the pool adds a connection. Defaults to 0.8.
+    pub scale_up_at: f64,
+    /// Load (0..1) below which the pool removes one. Defaults to 0.2.
+    pub scale_down_at: f64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_connections: 1,
+            max_connections: 4,
+            scale_up_at: 0.8,
+            scale_down_at: 0.2,
+        }
+    }
+}
+
+/// Reconnection backoff.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    /// How the delay grows with each failed attempt. Defaults to `exponential`.
+    pub strategy: BackoffStrategy,
+    /// Delay before the first reconnect attempt. Defaults to 100.
+    pub initial_delay_ms: u64,
+    /// Cap on the delay. Defaults to 30000.
+    pub max_delay_ms: u64,
+    /// Growth factor for `exponential` (and step multiple for `linear`). Defaults to 2.0.
+    pub multiplier: f64,
+    /// Fraction of the delay drawn at random (0 = none, 1 = full jitter). Defaults to 0.5.
+    pub jitter: f64,
+    /// Attempts before a connection slot gives up; 0 = forever. Defaults to 0.
+    pub max_attempts: u32,
+    /// A connection must stay ready this long before the backoff resets. Defaults to 5000.
+    pub stable_after_ms: u64,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            strategy: BackoffStrategy::Exponential,
+            initial_delay_ms: 100,
+            max_delay_ms: 30_000,
+            multiplier: 2.0,
+            jitter: 0.5,
+            max_attempts: 0,
+            stable_after_ms: 5_000,
+        }
+    }
+}
+
+/// How reconnect delays grow.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackoffStrategy {
+    /// `initial * multiplier^attempt`.
+    Exponential,
+    /// `initial * (1 + attempt * multiplier)`.
+    Linear,
+    /// Always `initial`.
+    Fixed,
+}
+
+/// Liveness and freshness checks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// How often an idle connection is pinged (WebSocket ping plus the codec's
+    /// application heartbeat). 0 disables pings. Defaults to 5000.
+    pub ping_interval_ms: u64,
+    /// How long after a ping with nothing received the connection counts as dead.
+    /// Defaults to 5000.
+    pub pong_timeout_ms: u64,
+    /// A connection with subscriptions that receives nothing for this long is stale.
+    /// 0 disables the check. Defaults to 0.
+    pub stale_after_ms: u64,
+    /// Whether a stale connection is replaced (true) or only reported (false).
+    /// Defaults to false.
+    pub reconnect_on_stale: bool,
+    /// TCP keepalive idle time; 0 disables keepalive. Defaults to 10000.
+    pub tcp_keepalive_ms: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            ping_interval_ms: 5_000,
+            pong_timeout_ms: 5_000,
+            stale_after_ms: 0,
+            reconnect_on_stale: false,
+            tcp_keepalive_ms: 10_000,
+        }
+    }
+}
+
+/// Per-server circuit breaker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failures that open the breaker. Defaults to 5.
+    pub failure_threshold: u32,
+    /// How long an open breaker waits before trial connects. Defaults to 10000.
+    pub recovery_timeout_ms: u64,
+    /// Trial connects allowed while half-open. Defaults to 1.
+    pub half_open_max_calls: u32,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_threshold: 5,
+            recovery_timeout_ms: 10_000,
+            half_open_max_calls: 1,
+        }
+    }
+}
+
+/// Lease idling.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How long the pool stays connected after the last lease is released.
+    /// Defaults to 30000.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// The protocol codec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecConfig {
+    /// A built-in codec. Defaults to `json`. Ignored when `path` is set.
+    pub builtin: BuiltinCodec,
+    /// A codec module (ABI v1, `docs/codec-abi.md`) to load instead of the built-in one.
+    pub path: Option<String>,
+    /// Codec-specific configuration, passed to the codec as JSON. Defaults to null.
+    pub config: serde_json::Value,
+    /// Time budget of one codec call, in milliseconds. Defaults to 100.
+    pub max_call_ms: u64,
+    /// Linear memory limit of one codec instance, in MiB. Defaults to 64.
+    pub max_memory_mb: u64,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            builtin: BuiltinCodec::Json,
+            path: None,
+            config: serde_json::Value::Null,
+            max_call_ms: 100,
+            max_memory_mb: 64,
+        }
+    }
+}
+
+/// The codecs embedded in the library.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinCodec {
+    /// SPEC section 4 JSON protocol.
+    Json,
+    /// Every inbound frame is one data message; request payloads are sent as is.
+    Raw,
+}
+
+/// Credentials.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Token handed to the codec, which sends it after open. Never logged.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("AuthConfig").field("token", &token).finish()
+    }
+}
+
+/// TLS settings for `wss://` servers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A PEM file of extra trusted CA certificates.
+    pub ca_file: Option<String>,
+    /// A PEM certificate chain for client authentication.
+    pub client_cert: Option<String>,
+    /// The PEM private key of `client_cert`.
+    pub client_key: Option<String>,
+    /// Which built-in roots to trust besides `ca_file`. Defaults to `bundled`.
+    pub roots: TlsRoots,
+}
+
+/// Built-in trust roots.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsRoots {
+    /// The Mozilla roots compiled into wirepool (webpki-roots).
+    #[default]
+    Bundled,
+    /// The operating system's certificate store.
+    System,
+    /// None: only `ca_file` is trusted.
+    None,
+}
+
+/// The consumer queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Messages the queue holds. Defaults to 65536.
+    pub capacity: usize,
+    /// What happens when it is full. Defaults to `block` (nothing accepted is lost).
+    pub overflow: Overflow,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            capacity: 65_536,
+            overflow: Overflow::Block,
+        }
+    }
+}
+
+/// Consumer queue overflow policy.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// The worker waits for room (and its liveness clocks pause meanwhile).
+    Block,
+    /// The oldest queued message is dropped and counted.
+    DropOldest,
+    /// The incoming message is dropped and counted.
+    DropNewest,
+}
+
+/// Outbound rate limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Outbound frames per second per server; 0 = unlimited. Defaults to 0.
+    pub messages_per_second: u32,
+}
+
+/// The health/admin HTTP port.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Address to listen on, e.g. `127.0.0.1:9090`. None: no HTTP port.
+    pub listen: Option<String>,
+    /// Bearer token required by mutating endpoints. Never logged.
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for HealthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.admin_token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("HealthConfig")
+            .field("listen", &self.listen)
+            .field("admin_token", &token)
+            .finish()
+    }
+}
+
+/// One configuration problem: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path, e.g. `servers[1].url` (empty for the document itself).
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a JSON document.
+    ///
+    /// ```
+    /// let config = wirepool::Config::from_json(r#"{"servers":[{"url":"ws://127.0.0.1:9001"}]}"#)?;
+    /// assert_eq!(config.pool.min_connections, 1);
+    /// # Ok::<(), wirepool::Error>(())
+    /// ```
+    pub fn from_json(text: &str) -> Result<Config> {
+        Config::from_json_detailed(text).map_err(issues_to_error)
+    }
+
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        Config::from_toml_detailed(text).map_err(issues_to_error)
+    }
+
+    /// Reads a `.json` or `.toml` file (chosen by extension) and validates it.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        Config::from_file_detailed(path).map_err(issues_to_error)
+    }
+
+    /// Like [`Config::from_file`], but returns every problem found.
+    pub fn from_file_detailed(path: &Path) -> Result<Config, Vec<ConfigIssue>> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            vec![ConfigIssue {
+                path: String::new(),
+                message: format!("cannot read {}: {err}", path.display()),
+            }]
+        })?;
+        match path.extension().and_then(|ext| ext.to_str()) {
+            Some("toml") => Config::from_toml_detailed(&text),
+            Some("json") => Config::from_json_detailed(&text),
+            _ => Err(vec![ConfigIssue {
+                path: String::new(),
+                message: format!(
+                    "{}: unknown config file type (expected .json or .toml)",
+                    path.display()
+                ),
+            }]),
+        }
+    }
+
+    /// Like [`Config::from_json`], but returns every problem found.
+    pub fn from_json_detailed(text: &str) -> Result<Config, Vec<ConfigIssue>> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
+            vec![ConfigIssue {
+                path: String::new(),
+                message: format!("invalid JSON: {err}"),
+            }]
+        })?;
+        Config::from_value(value)
+    }
+
+    /// Like [`Config::from_toml`], but returns every problem found.
+    pub fn from_toml_detailed(text: &str) -> Result<Config, Vec<ConfigIssue>> {
+        let value: serde_json::Value = toml::from_str(text).map_err(|err| {
+            vec![ConfigIssue {
+                path: String::new(),
+                message: format!("invalid TOML: {}", err.to_string().trim_end()),
+            }]
+        })?;
+        Config::from_value(value)
+    }
+
+    /// Deserializes a JSON value and validates it.
+    pub fn from_value(value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|err| {
+            let path = err.path().to_string();
+            vec![ConfigIssue {
+                path: if path == "." { String::new() } else { path },
+                message: err.into_inner().to_string(),
+            }]
+        })?;
+        let issues = config.validate();
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(issues)
+        }
+    }
+
+    /// Every semantic problem of an already parsed config (empty when valid).
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut issue = |path: &str, message: String| {
+            issues.push(ConfigIssue {
+                path: path.to_string(),
+                message,
+            })
+        };
+        if self.servers.is_empty() {
+            issue("servers", "at least one server is required".into());
+        }
+        let mut seen_ids = std::collections::HashSet::new();
+        for (index, server) in self.servers.iter().enumerate() {
+            if let Err(message) = parse_ws_url(&server.url) {
+                issue(&format!("servers[{index}].url"), message);
+            }
+            if server.weight == 0 {
+                issue(
+                    &format!("servers[{index}].weight"),
+                    "must be at least 1".into(),
+                );
+            }
+            let id = server_id(server, index);
+            if !seen_ids.insert(id.clone()) {
+                issue(
+                    &format!("servers[{index}].id"),
+                    format!("duplicate server id {id:?}"),
+                );
+            }
+        }
+        let pool = &self.pool;
+        if pool.max_connections == 0 {
+            issue("pool.max_connections", "must be at least 1".into());
+        }
+        if pool.max_connections > 10_000 {
+            issue(
+                "pool.max_connections",
+                format!("{} is more than 10000", pool.max_connections),
+            );
+        }
+        if pool.min_connections > pool.max_connections {
+            issue(
+                "pool.min_connections",
+                format!(
+                    "{} is greater than pool.max_connections ({})",
+                    pool.min_connections, pool.max_connections
+                ),
+            );
+        }
+        for (key, value) in [
+            ("pool.scale_up_at", pool.scale_up_at),
+            ("pool.scale_down_at", pool.scale_down_at),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                issue(key, format!("{value} is not between 0 and 1"));
+            }
+        }
+        if pool.scale_down_at >= pool.scale_up_at {
+            issue(
+                "pool.scale_down_at",
+                format!(
+                    "{} must be below pool.scale_up_at ({})",
+                    pool.scale_down_at, pool.scale_up_at
+                ),
+            );
+        }
+        for (key, value) in [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("reconnect.initial_delay_ms", self.reconnect.initial_delay_ms),
+            ("heartbeat.pong_timeout_ms", self.heartbeat.pong_timeout_ms),
+            (
+                "circuit_breaker.recovery_timeout_ms",
+                self.circuit_breaker.recovery_timeout_ms,
+            ),
+            ("codec.max_call_ms", self.codec.max_call_ms),
+            ("codec.max_memory_mb", self.codec.max_memory_mb),
+        ] {
+            if value == 0 {
+                issue(key, "must be greater than 0".into());
+            }
+        }
+        let reconnect = &self.reconnect;
+        if reconnect.max_delay_ms < reconnect.initial_delay_ms {
+            issue(
+                "reconnect.max_delay_ms",
+                format!(
+                    "{} is less than reconnect.initial_delay_ms ({})",
+                    reconnect.max_delay_ms, reconnect.initial_delay_ms
+                ),
+            );
+        }
+        if !(reconnect.multiplier >= 1.0 && reconnect.multiplier <= 100.0) {
+            issue(
+                "reconnect.multiplier",
+                format!("{} is not between 1 and 100", reconnect.multiplier),
+            );
+        }
+        if !(0.0..=1.0).contains(&reconnect.jitter) {
+            issue(
+                "reconnect.jitter",
+                format!("{} is not between 0 and 1", reconnect.jitter),
+            );
+        }
+        if self.circuit_breaker.failure_threshold == 0 {
+            issue(
+                "circuit_breaker.failure_threshold",
+                "must be at least 1".into(),
+            );
+        }
+        if self.circuit_breaker.half_open_max_calls == 0 {
+            issue(
+                "circuit_breaker.half_open_max_calls",
+                "must be at least 1".into(),
+            );
+        }
+        if self.codec.max_memory_mb > 4096 {
+            issue(
+                "codec.max_memory_mb",
+                format!("{} is more than 4096", self.codec.max_memory_mb),
+            );
+        }
+        if let Some(path) = &self.codec.path {
+            if !Path::new(path).is_file() {
+                issue("codec.path", format!("no such file: {path}"));
+            }
+        }
+        for (key, file) in [
+            ("tls.ca_file", &self.tls.ca_file),
+            ("tls.client_cert", &self.tls.client_cert),
+            ("tls.client_key", &self.tls.client_key),
+        ] {
+            if let Some(file) = file {
+                if !Path::new(file).is_file() {
+                    issue(key, format!("no such file: {file}"));
+                }
+            }
+        }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            issue(
+                "tls.client_key",
+                "tls.client_cert and tls.client_key must be given together".into(),
+            );
+        }
+        if self.queue.capacity == 0 {
+            issue("queue.capacity", "must be at least 1".into());
+        }
+        if let Some(listen) = &self.health.listen {
+            if listen.parse::<SocketAddr>().is_err() {
+                issue(
+                    "health.listen",
+                    format!("{listen:?} is not an address like 127.0.0.1:9090"),
+                );
+            }
+        }
+        for (index, channel) in self.subscriptions.iter().enumerate() {
+            if channel.is_empty() {
+                issue(
+                    &format!("subscriptions[{index}]"),
+                    "channel name is empty".into(),
+                );
+            }
+        }
+        issues
+    }
+}
+
+/// The display name of server `index`.
+pub(crate) fn server_id(server: &ServerConfig, index: usize) -> String {
+    server
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("server-{index}"))
+}
+
+/// A parsed `ws://` or `wss://` URL: what the transport needs to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WsUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Checks a server URL; the error says what is wrong with it.
+pub(crate) fn parse_ws_url(url: &str) -> std::result::Result<WsUrl, String> {
+    let uri: tungstenite::http::Uri = url
+        .parse()
+        .map_err(|err| format!("{url:?} is not a URL: {err}"))?;
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        Some(other) => {
+            return Err(format!(
+                "{url:?} has scheme {other:?}; expected ws:// or wss://"
+            ))
+        }
+        None => return Err(format!("{url:?} is relative; expected ws://host:port/...")),
+    };
+    let host = uri
+        .host()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok(WsUrl { tls, host, port })
+}
+
+fn issues_to_error(issues: Vec<ConfigIssue>) -> Error {
+    let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    Error::Config(text.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(json: &str) -> String {
+        match Config::from_json(json) {
+            Ok(_) => panic!("expected {json} to be rejected"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn unknown_nested_key_names_its_path() {
+        let text = error_of(r#"{"servers":[{"url":"ws://a:1"}],"pool":{"min_conections":1}}"#);
+        assert!(text.contains("pool.min_conections"), "{text}");
+    }
+
+    #[test]
+    fn bad_url_names_the_server_index() {
+        let text = error_of(r#"{"servers":[{"url":"ws://a:1"},{"url":"http://b"}]}"#);
+        assert!(text.contains("servers[1].url"), "{text}");
+        assert!(text.contains("ws://"), "{text}");
+    }
+
+    #[test]
+    fn min_greater_than_max_is_reported() {
+        let text = error_of(
+            r#"{"servers":[{"url":"ws://a:1"}],"pool":{"min_connections":5,"max_connections":2}}"#,
+        );
+        assert!(text.contains("pool.min_connections: 5 is greater"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = error_of(r#"{"servers":[{"url":"ws://a:1"}],"queue":{"capacity":"big"}}"#);
+        assert!(text.contains("queue.capacity"), "{text}");
+    }
+
+    #[test]
+    fn toml_and_json_give_the_same_config() {
+        let json = Config::from_json(
+            r#"{"servers":[{"url":"wss://x.example:9443/feed","id":"x"}],"queue":{"overflow":"drop_oldest"}}"#,
+        )
+        .expect("valid json");
+        let toml = Config::from_toml(
+            "[[servers]]\nurl = \"wss://x.example:9443/feed\"\nid = \"x\"\n[queue]\noverflow = \"drop_oldest\"\n",
+        )
+        .expect("valid toml");
+        assert_eq!(json, toml);
+        assert_eq!(json.queue.overflow, Overflow::DropOldest);
+    }
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        assert_eq!(
+            parse_ws_url("wss://venue.example/ws"),
+            Ok(WsUrl {
+                tls: true,
+                host: "venue.example".into(),
+                port: 443
+            })
+        );
+        assert!(parse_ws_url("x").is_err());
+    }
+
+    #[test]
+    fn auth_token_is_redacted_in_debug() {
+        let auth = AuthConfig {
+            token: Some("secret-token".into()),
+        };
+        assert!(!format!("{auth:?}").contains("secret-token"));
+    }
+}
