@@ -1,0 +1,78 @@
+;; A codec without wirepool_decode. Everything else is a working ABI v1 codec, so the
+;; export check alone must refuse it, naming wirepool_decode.
+(module
+  ;; Layout: the input buffer starts at 64 KiB; the output follows the input (8-aligned).
+  ;; wirepool_buffer grows the memory so the output has room for four times the input
+  ;; plus 64 bytes, which bounds every record this module writes (a decode turns each
+  ;; 8-byte frame header into a 25-byte record header + channel).
+  (memory (export "memory") 2)
+  (global $input i32 (i32.const 0x10000))
+  (global $output (mut i32) (i32.const 0x10000))
+  (global $output_len (mut i32) (i32.const 0))
+
+  (func (export "wirepool_abi_version") (result i32)
+    (i32.const 1))
+
+  (func (export "wirepool_buffer") (param $size i32) (result i32)
+    (local $pages i32)
+    ;; Refuse negative sizes and anything over 8 MiB.
+    (if (i32.gt_u (local.get $size) (i32.const 0x800000))
+      (then (return (i32.const 0))))
+    (global.set $output
+      (i32.add (global.get $input)
+        (i32.and (i32.add (local.get $size) (i32.const 7)) (i32.const -8))))
+    (local.set $pages
+      (i32.shr_u
+        (i32.add
+          (i32.add (global.get $output)
+            (i32.add (i32.mul (local.get $size) (i32.const 4)) (i32.const 64)))
+          (i32.const 0xffff))
+        (i32.const 16)))
+    (if (i32.gt_u (local.get $pages) (memory.size))
+      (then
+        (if (i32.eq (memory.grow (i32.sub (local.get $pages) (memory.size))) (i32.const -1))
+          (then (return (i32.const 0))))))
+    (global.get $input))
+
+  ;; Writes a record header at $at.
+  (func $header (param $at i32) (param $kind i32) (param $channel_len i32)
+                (param $payload_len i32) (param $id i64)
+    (i32.store (local.get $at) (local.get $kind))
+    (i32.store offset=4 (local.get $at) (local.get $channel_len))
+    (i32.store offset=8 (local.get $at) (local.get $payload_len))
+    (i32.store offset=12 (local.get $at) (i32.const 0))
+    (i64.store offset=16 (local.get $at) (local.get $id)))
+
+  (func (export "wirepool_init") (param $config_len i32) (param $token_len i32) (result i32)
+    (global.set $output_len (i32.const 0))
+    (i32.const 0))
+
+  ;; READY at once.
+  (func (export "wirepool_open") (result i32)
+    (call $header (global.get $output) (i32.const 3) (i32.const 0) (i32.const 0) (i64.const 0))
+    (global.set $output_len (i32.const 24))
+    (i32.const 0))
+
+  ;; SUBSCRIBE (op 1): SUBSCRIBED with the channel and the command id; nothing else.
+  (func (export "wirepool_encode") (param $op i32) (param $id i64) (param $channel_len i32)
+                                   (param $payload_len i32) (result i32)
+    (global.set $output_len (i32.const 0))
+    (if (i32.eq (local.get $op) (i32.const 1))
+      (then
+        (call $header (global.get $output) (i32.const 7) (local.get $channel_len) (i32.const 0)
+          (local.get $id))
+        (memory.copy
+          (i32.add (global.get $output) (i32.const 24))
+          (global.get $input)
+          (local.get $channel_len))
+        (global.set $output_len (i32.add (i32.const 24) (local.get $channel_len)))))
+    (i32.const 0))
+
+  (func (export "wirepool_tick") (param $now_ms i64) (result i32)
+    (global.set $output_len (i32.const 0))
+    (i32.const 0))
+
+  (func (export "wirepool_output") (result i64)
+    (i64.or
+      (i64.shl (i64.extend_i32_u (global.get $output)) (i64.const 32))
+      (i64.extend_i32_u (global.get $output_len)))))
