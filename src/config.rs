@@ -141,7 +141,7 @@ pub struct ReconnectConfig {
     pub initial_delay_ms: u64,
     /// Cap on the delay. Defaults to 30000.
     pub max_delay_ms: u64,
-    /// Growth factor for `exponential` (and step multiple for `linear`). Defaults to 2.0.
+    /// Growth factor for `exponential`. Defaults to 2.0.
     pub multiplier: f64,
     /// Fraction of the delay drawn at random (0 = none, 1 = full jitter). Defaults to 0.5.
     pub jitter: f64,
@@ -169,11 +169,11 @@ impl Default for ReconnectConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BackoffStrategy {
-    /// `initial * multiplier^attempt`.
+    /// `initial_delay_ms * multiplier^(attempt - 1)`, capped at `max_delay_ms`.
     Exponential,
-    /// `initial * (1 + attempt * multiplier)`.
+    /// `initial_delay_ms * attempt`, capped at `max_delay_ms`.
     Linear,
-    /// Always `initial`.
+    /// Always `initial_delay_ms`.
     Fixed,
 }
 
@@ -488,6 +488,50 @@ impl Config {
         }
     }
 
+    /// Applies the daemon's environment overrides (`WIREPOOL_URL`, `WIREPOOL_TOKEN`,
+    /// `WIREPOOL_MIN_CONNECTIONS`, `WIREPOOL_MAX_CONNECTIONS`, `WIREPOOL_HEALTH_LISTEN`)
+    /// read through `lookup`, then validates again. `WIREPOOL_URL` replaces the server
+    /// list with that one server.
+    pub fn with_env_overrides(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigIssue>> {
+        let mut issues = Vec::new();
+        if let Some(url) = lookup("WIREPOOL_URL") {
+            self.servers = vec![ServerConfig {
+                url,
+                id: None,
+                weight: 1,
+            }];
+        }
+        if let Some(token) = lookup("WIREPOOL_TOKEN") {
+            self.auth.token = Some(token);
+        }
+        for (name, target) in [
+            ("WIREPOOL_MIN_CONNECTIONS", &mut self.pool.min_connections),
+            ("WIREPOOL_MAX_CONNECTIONS", &mut self.pool.max_connections),
+        ] {
+            if let Some(text) = lookup(name) {
+                match text.trim().parse::<u32>() {
+                    Ok(value) => *target = value,
+                    Err(_) => issues.push(ConfigIssue {
+                        path: format!("${name}"),
+                        message: format!("{text:?} is not a whole number"),
+                    }),
+                }
+            }
+        }
+        if let Some(listen) = lookup("WIREPOOL_HEALTH_LISTEN") {
+            self.health.listen = Some(listen);
+        }
+        issues.extend(self.validate());
+        if issues.is_empty() {
+            Ok(self)
+        } else {
+            Err(issues)
+        }
+    }
+
     /// Every semantic problem of an already parsed config (empty when valid).
     pub fn validate(&self) -> Vec<ConfigIssue> {
         let mut issues = Vec::new();
@@ -558,7 +602,10 @@ impl Config {
         for (key, value) in [
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
-            ("reconnect.initial_delay_ms", self.reconnect.initial_delay_ms),
+            (
+                "reconnect.initial_delay_ms",
+                self.reconnect.initial_delay_ms,
+            ),
             ("heartbeat.pong_timeout_ms", self.heartbeat.pong_timeout_ms),
             (
                 "circuit_breaker.recovery_timeout_ms",
@@ -691,7 +738,10 @@ pub(crate) fn parse_ws_url(url: &str) -> std::result::Result<WsUrl, String> {
         .host()
         .filter(|host| !host.is_empty())
         .ok_or_else(|| format!("{url:?} has no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     Ok(WsUrl { tls, host, port })
 }
@@ -730,7 +780,10 @@ mod tests {
         let text = error_of(
             r#"{"servers":[{"url":"ws://a:1"}],"pool":{"min_connections":5,"max_connections":2}}"#,
         );
-        assert!(text.contains("pool.min_connections: 5 is greater"), "{text}");
+        assert!(
+            text.contains("pool.min_connections: 5 is greater"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,1 +1,49 @@
-//! wirepool
+//! wirepool keeps a pool of persistent, authenticated WebSocket connections to upstream
+//! market-data and trading venues, speaks each venue's protocol through a sandboxed
+//! WebAssembly codec, and hands decoded messages to the host program.
+//!
+//! One OS thread per upstream connection does blocking-style I/O (a non-blocking socket
+//! and a poller the pool can wake); a pool thread keeps the desired subscriptions,
+//! places them on ready connections, reconnects with backoff and routes requests.
+//! Decoded messages go from the workers straight to a bounded consumer queue.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use wirepool::{Config, Pool};
+//!
+//! let config = Config::from_json(r#"{"servers":[{"url":"ws://127.0.0.1:9001"}]}"#)?;
+//! let pool = Pool::new(config)?;
+//! pool.wait_ready(Duration::from_secs(10))?;
+//! pool.subscribe("ticker.0")?;
+//! while let Some(message) = pool.recv(Some(Duration::from_secs(1)))? {
+//!     println!("{} {}", message.channel, String::from_utf8_lossy(&message.payload));
+//! }
+//! # Ok::<(), wirepool::Error>(())
+//! ```
+//!
+//! The C ABI lives in [`ffi`] (header `include/wirepool.h`), the codec ABI is
+//! described in `docs/codec-abi.md`, and the feed simulator used by the demo and the
+//! tests is [`simulator`].
+#![deny(missing_docs)]
+
+mod codec;
+pub mod config;
+mod connection;
+mod error;
+pub mod ffi;
+mod http;
+mod pool;
+mod queue;
+pub mod simulator;
+
+pub use codec::{check_module_file, ABI_VERSION};
+pub use config::{Config, ConfigIssue};
+pub use error::{Error, Result, TimeoutPhase};
+pub use pool::{
+    ConnectionSnapshot, Event, HealthChange, HealthLevel, HealthReport, LatencyHistogram, Pool,
+    PoolSettings, PoolStats, RequestOptions, ServerSnapshot,
+};
+pub use queue::{Message, MessageKind};
+
+/// The library version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

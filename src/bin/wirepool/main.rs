@@ -1,1 +1,451 @@
-fn main() {}
+//! The `wirepool` command: `demo`, `run`, `simulate`, `check-config`, `codec-check`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::{Config, Message, Pool, RequestOptions};
+
+const USAGE: &str = "\
+wirepool: a pool of persistent upstream WebSocket connections
+
+USAGE:
+  wirepool demo [--connections N] [--channels N] [--rate MSGS_PER_S] [--duration SECS] [--health ADDR]
+  wirepool run --config FILE [--subscribe CHANNEL]... [--output jsonl|none]
+  wirepool simulate --listen ADDR [--rate MSGS_PER_S] [--channels N] [--token TOKEN]
+  wirepool check-config FILE
+  wirepool codec-check FILE.wasm
+
+Environment for `run`: WIREPOOL_URL, WIREPOOL_TOKEN, WIREPOOL_MIN_CONNECTIONS,
+WIREPOOL_MAX_CONNECTIONS, WIREPOOL_HEALTH_LISTEN override the config file.
+WIREPOOL_LOG=error|warn|info|debug|trace sets the log level (default warn).";
+
+/// Command-line arguments after the subcommand, as `--flag value` pairs.
+struct Args {
+    flags: Vec<(String, String)>,
+    positional: Vec<String>,
+}
+
+impl Args {
+    fn parse(raw: &[String], known_flags: &[&str]) -> Result<Args, String> {
+        let mut flags = Vec::new();
+        let mut positional = Vec::new();
+        let mut iter = raw.iter();
+        while let Some(arg) = iter.next() {
+            if let Some(name) = arg.strip_prefix("--") {
+                let (name, inline) = match name.split_once('=') {
+                    Some((name, value)) => (name, Some(value.to_string())),
+                    None => (name, None),
+                };
+                if !known_flags.contains(&name) {
+                    return Err(format!("unknown option --{name}"));
+                }
+                let value = match inline {
+                    Some(value) => value,
+                    None => iter
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| format!("--{name} needs a value"))?,
+                };
+                flags.push((name.to_string(), value));
+            } else {
+                positional.push(arg.clone());
+            }
+        }
+        Ok(Args { flags, positional })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.flags
+            .iter()
+            .rev()
+            .find(|(flag, _)| flag == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn all(&self, name: &str) -> Vec<String> {
+        self.flags
+            .iter()
+            .filter(|(flag, _)| flag == name)
+            .map(|(_, value)| value.clone())
+            .collect()
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(text) => text
+                .parse()
+                .map_err(|_| format!("--{name}: {text:?} is not a valid number")),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = raw.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &raw[1..];
+    let result = match command.as_str() {
+        "demo" => Args::parse(
+            rest,
+            &["connections", "channels", "rate", "duration", "health"],
+        )
+        .and_then(|args| demo(&args)),
+        "run" => Args::parse(rest, &["config", "subscribe", "output"]).and_then(|args| run(&args)),
+        "simulate" => Args::parse(rest, &["listen", "rate", "channels", "token"])
+            .and_then(|args| simulate(&args)),
+        "check-config" => Args::parse(rest, &[]).and_then(|args| check_config(&args)),
+        "codec-check" => Args::parse(rest, &[]).and_then(|args| codec_check(&args)),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("wirepool: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let level = match std::env::var("WIREPOOL_LOG").ok().as_deref() {
+        Some("error") => log::LevelFilter::Error,
+        Some("info") => log::LevelFilter::Info,
+        Some("debug") => log::LevelFilter::Debug,
+        Some("trace") => log::LevelFilter::Trace,
+        Some("off") => log::LevelFilter::Off,
+        _ => log::LevelFilter::Warn,
+    };
+    let _ = simplelog::TermLogger::init(
+        level,
+        simplelog::Config::default(),
+        simplelog::TerminalMode::Stderr,
+        simplelog::ColorChoice::Never,
+    );
+}
+
+/// SIGINT / SIGTERM set this flag.
+fn termination_flag() -> Result<Arc<AtomicBool>, String> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&flag))
+            .map_err(|err| format!("installing the signal handler: {err}"))?;
+    }
+    Ok(flag)
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Pulls `"name":<integer>` out of a JSON text without a full parse.
+fn json_u64(text: &[u8], name: &str) -> Option<u64> {
+    let key = format!("\"{name}\":");
+    let text = std::str::from_utf8(text).ok()?;
+    let start = text.find(&key)? + key.len();
+    let digits: String = text[start..]
+        .chars()
+        .skip_while(|c| c.is_whitespace())
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn percentile(sorted: &[u64], fraction: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() - 1) as f64 * fraction).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn demo(args: &Args) -> Result<ExitCode, String> {
+    let connections: u32 = args.number("connections", 2)?;
+    let channels: usize = args.number("channels", 8)?;
+    let rate: f64 = args.number("rate", 2000.0)?;
+    let duration: f64 = args.number("duration", 10.0)?;
+    if args.get("health").is_some() {
+        return Err("--health: the health port is not available yet (see issue 5)".into());
+    }
+    if connections == 0 || channels == 0 || rate <= 0.0 || duration <= 0.0 {
+        return Err("--connections, --channels, --rate and --duration must be positive".into());
+    }
+    let stop = termination_flag()?;
+    let simulator = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: rate / channels as f64,
+        channels,
+        ..SimulatorConfig::default()
+    })
+    .map_err(|err| format!("starting the feed simulator: {err}"))?;
+    let config_json = serde_json::json!({
+        "servers": [{"url": simulator.url(), "id": "simulator"}],
+        "pool": {"min_connections": connections, "max_connections": connections},
+        "reconnect": {"initial_delay_ms": 50, "max_delay_ms": 1000},
+        "heartbeat": {"ping_interval_ms": 1000, "pong_timeout_ms": 2000},
+    });
+    let config = Config::from_json(&config_json.to_string()).map_err(|err| err.to_string())?;
+    eprintln!(
+        "wirepool demo: feed simulator on {} ({channels} channels, {rate} msgs/s in all), \
+         {connections} connection(s), {duration} s",
+        simulator.url()
+    );
+    let pool = Pool::new(config).map_err(|err| err.to_string())?;
+    pool.wait_ready(Duration::from_secs(10))
+        .map_err(|err| format!("waiting for the pool: {err}"))?;
+    for index in 0..channels {
+        pool.subscribe(&format!("ticker.{index}"))
+            .map_err(|err| err.to_string())?;
+    }
+
+    let started = Instant::now();
+    let run_for = Duration::from_secs_f64(duration);
+    let mut received = 0u64;
+    let mut latencies_us: Vec<u64> = Vec::new();
+    let mut last_seq: HashMap<(u64, Arc<str>), u64> = HashMap::new();
+    let mut gaps = 0u64;
+    let mut batch: Vec<Message> = Vec::with_capacity(4096);
+    let mut last_print = Instant::now();
+    let mut dropped_once = false;
+    let mut request_report = String::from("not made");
+    while started.elapsed() < run_for && !stop.load(Ordering::Relaxed) {
+        batch.clear();
+        pool.recv_batch(&mut batch, 4096, Some(Duration::from_millis(100)))
+            .map_err(|err| err.to_string())?;
+        let now_ns = unix_ns();
+        for message in &batch {
+            received += 1;
+            if let Some(sent_ns) = json_u64(&message.payload, "ts_ns") {
+                if latencies_us.len() < 1_000_000 {
+                    latencies_us.push(now_ns.saturating_sub(sent_ns) / 1000);
+                }
+            }
+            if let Some(seq) = json_u64(&message.payload, "seq") {
+                let key = (message.connection_id, Arc::clone(&message.channel));
+                if let Some(previous) = last_seq.insert(key, seq) {
+                    if seq != previous + 1 {
+                        gaps += 1;
+                    }
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        if !dropped_once && elapsed >= run_for / 2 {
+            // Show the point of the thing: kill every upstream connection and watch
+            // the pool reconnect and re-subscribe by itself.
+            dropped_once = true;
+            eprintln!("\nwirepool demo: dropping every upstream connection (simulated outage)");
+            simulator.drop_connections();
+        }
+        if request_report == "not made" && elapsed >= run_for / 4 {
+            let asked = Instant::now();
+            request_report = match pool.request(
+                br#"{"op":"history","channel":"ticker.0","bars":50}"#,
+                RequestOptions {
+                    timeout: Some(Duration::from_secs(5)),
+                    idempotent: true,
+                },
+            ) {
+                Ok(reply) => format!(
+                    "history request: {} bytes in {} us",
+                    reply.len(),
+                    asked.elapsed().as_micros()
+                ),
+                Err(err) => format!("history request failed: {err}"),
+            };
+        }
+        if last_print.elapsed() >= Duration::from_millis(250) {
+            last_print = Instant::now();
+            let stats = pool.stats();
+            eprint!(
+                "\r[{:5.1}s] {:>10} msgs {:>9.0} msgs/s | connections {}/{} ready | subscriptions {}/{} | reconnects {}   ",
+                elapsed.as_secs_f64(),
+                received,
+                received as f64 / elapsed.as_secs_f64().max(0.001),
+                stats.ready_connections,
+                stats.total_connections,
+                stats.subscriptions_active,
+                stats.subscriptions,
+                stats.reconnects,
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    let elapsed = started.elapsed();
+    let stats = pool.stats();
+    pool.close();
+    drop(simulator);
+    latencies_us.sort_unstable();
+    println!();
+    println!("wirepool demo summary");
+    println!("  duration            {:.1} s", elapsed.as_secs_f64());
+    println!(
+        "  messages received   {received} ({:.0} msgs/s)",
+        received as f64 / elapsed.as_secs_f64().max(0.001)
+    );
+    println!(
+        "  latency feed->you   p50 {} us, p99 {} us, max {} us",
+        percentile(&latencies_us, 0.50),
+        percentile(&latencies_us, 0.99),
+        latencies_us.last().copied().unwrap_or(0)
+    );
+    println!("  sequence gaps       {gaps} (per connection and channel)");
+    println!(
+        "  reconnects          {} (after the simulated outage)",
+        stats.reconnects
+    );
+    println!(
+        "  subscriptions       {} desired, {} active at the end",
+        stats.subscriptions, stats.subscriptions_active
+    );
+    println!("  {request_report}");
+    println!(
+        "  bytes in / out      {} / {}",
+        stats.bytes_received, stats.bytes_sent
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: &Args) -> Result<ExitCode, String> {
+    let path = args
+        .get("config")
+        .ok_or("run needs --config FILE (JSON or TOML)")?;
+    let output = args.get("output").unwrap_or("none");
+    if output != "jsonl" && output != "none" {
+        return Err(format!("--output: {output:?} is not jsonl or none"));
+    }
+    let config = Config::from_file_detailed(Path::new(path))
+        .and_then(|config| config.with_env_overrides(|name| std::env::var(name).ok()))
+        .map_err(|issues| {
+            let lines: Vec<String> = issues.iter().map(|issue| format!("  {issue}")).collect();
+            format!("config {path}:\n{}", lines.join("\n"))
+        })?;
+    let stop = termination_flag()?;
+    let pool = Pool::new(config).map_err(|err| err.to_string())?;
+    for channel in args.all("subscribe") {
+        pool.subscribe(&channel).map_err(|err| err.to_string())?;
+    }
+    log::info!("running; SIGINT or SIGTERM to stop");
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut batch: Vec<Message> = Vec::with_capacity(1024);
+    while !stop.load(Ordering::Relaxed) {
+        batch.clear();
+        match pool.recv_batch(&mut batch, 1024, Some(Duration::from_millis(200))) {
+            Ok(_) => {}
+            Err(wirepool::Error::Closed) => break,
+            Err(err) => return Err(err.to_string()),
+        }
+        for event in pool.events(Duration::ZERO) {
+            log::info!(
+                "event {}{}",
+                event.kind,
+                event
+                    .message
+                    .as_deref()
+                    .map(|message| format!(": {message}"))
+                    .unwrap_or_default()
+            );
+        }
+        if output == "jsonl" {
+            for message in &batch {
+                let payload: serde_json::Value = serde_json::from_slice(&message.payload)
+                    .unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(&message.payload).into())
+                    });
+                let line = serde_json::json!({
+                    "channel": &*message.channel,
+                    "payload": payload,
+                    "kind": message.kind.as_str(),
+                    "connection_id": message.connection_id,
+                    "received_ns": message.received_ns,
+                });
+                if writeln!(out, "{line}").is_err() {
+                    // stdout closed: stop like on a signal.
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+            let _ = out.flush();
+        }
+    }
+    log::info!("shutting down");
+    pool.close();
+    let _ = out.flush();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn simulate(args: &Args) -> Result<ExitCode, String> {
+    let listen: SocketAddr = args
+        .get("listen")
+        .unwrap_or("127.0.0.1:9001")
+        .parse()
+        .map_err(|_| "--listen: expected an address like 127.0.0.1:9001".to_string())?;
+    let config = SimulatorConfig {
+        listen,
+        rate_per_channel: args.number("rate", 10.0)?,
+        channels: args.number("channels", 8)?,
+        token: args.get("token").map(str::to_string),
+        ..SimulatorConfig::default()
+    };
+    let stop = termination_flag()?;
+    let simulator = Simulator::start(config).map_err(|err| format!("simulator: {err}"))?;
+    println!("listening on {}", simulator.url());
+    let _ = std::io::stdout().flush();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    simulator.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(args: &Args) -> Result<ExitCode, String> {
+    let [path] = args.positional.as_slice() else {
+        return Err("usage: wirepool check-config FILE".into());
+    };
+    match Config::from_file_detailed(Path::new(path)) {
+        Ok(_) => {
+            println!("{path}: ok");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(issues) => {
+            for issue in issues {
+                println!("{path}: {issue}");
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn codec_check(args: &Args) -> Result<ExitCode, String> {
+    let [path] = args.positional.as_slice() else {
+        return Err("usage: wirepool codec-check FILE.wasm".into());
+    };
+    match wirepool::check_module_file(path) {
+        Ok(report) => {
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            println!("{err}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! The WebAssembly codec host (ABI v1, `docs/codec-abi.md`).
+//!
+//! A [`CodecRuntime`] holds the pool's one `wasmtime::Engine` and compiled `Module`,
+//! checked against the ABI at load, plus a ticker thread that advances the engine's
+//! epoch so every call into a codec has a time budget. Each connection's worker thread
+//! owns one [`CodecInstance`] (its own `Store` and `Instance`, with a memory limit), so
+//! a codec that traps, loops or hoards memory fails only that connection.
+
+mod builtin;
+mod records;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use wasmtime::{
+    Caller, Engine, ExternType, FuncType, InstancePre, Linker, Memory, Module, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, TypedFunc, ValType,
+};
+
+pub(crate) use records::{kind, op, Records};
+
+use crate::config::{BuiltinCodec, CodecConfig};
+use crate::error::{Error, Result};
+
+/// The ABI version this engine speaks.
+pub const ABI_VERSION: i32 = 1;
+
+/// How often the epoch advances: the granularity of the per-call time budget.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Where a codec module comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum CodecSource {
+    Builtin(BuiltinCodec),
+    File(String),
+}
+
+impl CodecSource {
+    pub fn from_config(config: &CodecConfig) -> CodecSource {
+        match &config.path {
+            Some(path) => CodecSource::File(path.clone()),
+            None => CodecSource::Builtin(config.builtin),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            CodecSource::Builtin(builtin) => format!("builtin codec {builtin:?}"),
+            CodecSource::File(path) => format!("codec {path}"),
+        }
+    }
+}
+
+/// Limits applied to every instance.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CodecLimits {
+    pub max_call: Duration,
+    pub max_memory_bytes: usize,
+}
+
+/// Host state inside each Store.
+pub(crate) struct HostState {
+    limits: StoreLimits,
+    connection_id: u64,
+}
+
+/// Advances the engine's epoch until dropped.
+struct EpochTicker {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Result<EpochTicker> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("wirepool-epoch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let (flag, wake) = &*thread_stop;
+                let mut stopped = flag.lock();
+                while !*stopped {
+                    wake.wait_for(&mut stopped, EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .map_err(|err| Error::Io(format!("spawning the codec epoch thread: {err}")))?;
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        let (flag, wake) = &*self.stop;
+        *flag.lock() = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One compiled codec, shared by every connection of a pool.
+pub(crate) struct CodecRuntime {
+    engine: Engine,
+    instance_pre: InstancePre<HostState>,
+    limits: CodecLimits,
+    config_json: Vec<u8>,
+    token: Vec<u8>,
+    name: String,
+    _ticker: EpochTicker,
+}
+
+/// The exports every codec must have, with their exact signatures.
+fn required_exports() -> Vec<(&'static str, Vec<ValType>, Vec<ValType>)> {
+    use ValType::{I32, I64};
+    vec![
+        ("wirepool_abi_version", vec![], vec![I32]),
+        ("wirepool_buffer", vec![I32], vec![I32]),
+        ("wirepool_init", vec![I32, I32], vec![I32]),
+        ("wirepool_open", vec![], vec![I32]),
+        ("wirepool_decode", vec![I32, I32], vec![I32]),
+        ("wirepool_encode", vec![I32, I64, I32, I32], vec![I32]),
+        ("wirepool_tick", vec![I64], vec![I32]),
+        ("wirepool_output", vec![], vec![I64]),
+    ]
+}
+
+fn signature_text(params: &[ValType], results: &[ValType]) -> String {
+    let list = |types: &[ValType]| {
+        types
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!("({}) -> ({})", list(params), list(results))
+}
+
+fn func_signature(func: &FuncType) -> String {
+    let params: Vec<ValType> = func.params().collect();
+    let results: Vec<ValType> = func.results().collect();
+    signature_text(&params, &results)
+}
+
+fn same_types(left: &[ValType], right: impl Iterator<Item = ValType>) -> bool {
+    let right: Vec<ValType> = right.collect();
+    left.len() == right.len() && left.iter().zip(&right).all(|(a, b)| ValType::eq(a, b))
+}
+
+/// Checks a module's imports and exports against ABI v1; the error names the culprit.
+fn check_shape(module: &Module) -> std::result::Result<(), String> {
+    for import in module.imports() {
+        let name = format!("{}.{}", import.module(), import.name());
+        let allowed = import.module() == "wirepool" && import.name() == "log";
+        if !allowed {
+            return Err(format!(
+                "imports {name}, but a codec may import only wirepool.log"
+            ));
+        }
+        match import.ty() {
+            ExternType::Func(func)
+                if same_types(&[ValType::I32, ValType::I32, ValType::I32], func.params())
+                    && func.results().len() == 0 => {}
+            other => {
+                return Err(format!(
+                    "imports wirepool.log as {}, expected a function (i32, i32, i32) -> ()",
+                    describe_extern(&other)
+                ))
+            }
+        }
+    }
+    match module.get_export("memory") {
+        Some(ExternType::Memory(_)) => {}
+        Some(other) => {
+            return Err(format!(
+                "exports memory as {}, expected a memory",
+                describe_extern(&other)
+            ))
+        }
+        None => return Err("does not export memory".into()),
+    }
+    for (name, params, results) in required_exports() {
+        match module.get_export(name) {
+            Some(ExternType::Func(func)) => {
+                if !same_types(&params, func.params()) || !same_types(&results, func.results()) {
+                    return Err(format!(
+                        "export {name} has signature {}, expected {}",
+                        func_signature(&func),
+                        signature_text(&params, &results)
+                    ));
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "export {name} is {}, expected a function {}",
+                    describe_extern(&other),
+                    signature_text(&params, &results)
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "does not export {name} {}",
+                    signature_text(&params, &results)
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe_extern(ty: &ExternType) -> String {
+    match ty {
+        ExternType::Func(func) => format!("a function {}", func_signature(func)),
+        ExternType::Global(_) => "a global".into(),
+        ExternType::Table(_) => "a table".into(),
+        ExternType::Memory(_) => "a memory".into(),
+        ExternType::Tag(_) => "a tag".into(),
+    }
+}
+
+/// Renders a wasmtime error from a call, naming what went wrong.
+fn describe_call_error(export: &str, err: &wasmtime::Error, limits: &CodecLimits) -> String {
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!(
+            "{export} ran longer than its {} ms budget and was stopped",
+            limits.max_call.as_millis()
+        ),
+        Some(Trap::StackOverflow) => format!("{export} overflowed its stack"),
+        Some(trap) => format!("{export} trapped: {trap}"),
+        None => {
+            let text = format!("{err:#}");
+            if text.contains("memory") && text.contains("limit") {
+                format!(
+                    "{export} grew its memory past the {} MiB limit",
+                    limits.max_memory_bytes >> 20
+                )
+            } else {
+                format!("{export} failed: {text}")
+            }
+        }
+    }
+}
+
+impl CodecRuntime {
+    /// Compiles and checks a codec. `config_json` is the codec's `config` value and
+    /// `token` the auth token handed to every instance at init.
+    pub fn load(
+        source: &CodecSource,
+        codec_config: &CodecConfig,
+        token: Option<&str>,
+    ) -> Result<CodecRuntime> {
+        let bytes = match source {
+            CodecSource::Builtin(builtin) => builtin::module_bytes(*builtin).to_vec(),
+            CodecSource::File(path) => {
+                std::fs::read(path).map_err(|err| Error::Codec(format!("reading {path}: {err}")))?
+            }
+        };
+        let limits = CodecLimits {
+            max_call: Duration::from_millis(codec_config.max_call_ms.max(1)),
+            max_memory_bytes: usize::try_from(codec_config.max_memory_mb)
+                .unwrap_or(usize::MAX >> 20)
+                .saturating_mul(1 << 20),
+        };
+        let config_json = serde_json::to_vec(&codec_config.config)
+            .map_err(|err| Error::Codec(format!("serialising codec.config: {err}")))?;
+        Self::from_bytes(
+            &bytes,
+            &source.describe(),
+            limits,
+            config_json,
+            token.unwrap_or("").as_bytes().to_vec(),
+        )
+    }
+
+    fn from_bytes(
+        bytes: &[u8],
+        name: &str,
+        limits: CodecLimits,
+        config_json: Vec<u8>,
+        token: Vec<u8>,
+    ) -> Result<CodecRuntime> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        // Codecs start small; a modest reservation keeps 1000 idle instances cheap in
+        // address space while allowing growth up to the memory limit.
+        config.memory_reservation(
+            (limits.max_memory_bytes as u64).clamp(1 << 20, 1 << 32) + (64 << 10),
+        );
+        config.memory_guard_size(64 << 10);
+        config.memory_reservation_for_growth(1 << 20);
+        config.max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&config)
+            .map_err(|err| Error::Codec(format!("{name}: creating the engine: {err:#}")))?;
+        let module = Module::new(&engine, bytes)
+            .map_err(|err| Error::Codec(format!("{name}: not a valid module: {err:#}")))?;
+        check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
+
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        linker
+            .func_wrap(
+                "wirepool",
+                "log",
+                |mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
+                    codec_log(&mut caller, level, ptr, len);
+                },
+            )
+            .map_err(|err| Error::Codec(format!("{name}: linking wirepool.log: {err:#}")))?;
+        let instance_pre = linker
+            .instantiate_pre(&module)
+            .map_err(|err| Error::Codec(format!("{name}: {err:#}")))?;
+        let ticker = EpochTicker::start(engine.clone())?;
+        let runtime = CodecRuntime {
+            engine,
+            instance_pre,
+            limits,
+            config_json,
+            token,
+            name: name.to_string(),
+            _ticker: ticker,
+        };
+        // Probe the version with a throwaway instance (init is not called).
+        let mut probe = runtime.raw_instance(0)?;
+        let version = probe.abi_version()?;
+        if version != ABI_VERSION {
+            return Err(Error::Codec(format!(
+                "{name}: wirepool_abi_version returned {version}, this engine speaks version {ABI_VERSION}"
+            )));
+        }
+        Ok(runtime)
+    }
+
+    fn raw_instance(&self, connection_id: u64) -> Result<CodecInstance> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.max_memory_bytes)
+            .instances(1)
+            .memories(1)
+            .tables(4)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            HostState {
+                limits,
+                connection_id,
+            },
+        );
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.epoch_budget());
+        let name = &self.name;
+        let instance = self
+            .instance_pre
+            .instantiate(&mut store)
+            .map_err(|err| Error::Codec(format!("{name}: instantiating: {err:#}")))?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| Error::Codec(format!("{name}: memory export missing")))?;
+        macro_rules! typed {
+            ($export:literal) => {
+                instance
+                    .get_typed_func(&mut store, $export)
+                    .map_err(|err| Error::Codec(format!("{name}: {}: {err:#}", $export)))?
+            };
+        }
+        Ok(CodecInstance {
+            abi_version: typed!("wirepool_abi_version"),
+            buffer: typed!("wirepool_buffer"),
+            init: typed!("wirepool_init"),
+            open: typed!("wirepool_open"),
+            decode: typed!("wirepool_decode"),
+            encode: typed!("wirepool_encode"),
+            tick: typed!("wirepool_tick"),
+            output: typed!("wirepool_output"),
+            store,
+            memory,
+            limits: self.limits,
+            epoch_budget: self.epoch_budget(),
+        })
+    }
+
+    fn epoch_budget(&self) -> u64 {
+        let ticks = self.limits.max_call.as_micros() / EPOCH_TICK.as_micros();
+        // One extra tick: the first may end at once.
+        u64::try_from(ticks).unwrap_or(u64::MAX - 1).max(1) + 1
+    }
+
+    /// A fresh, initialised instance for one connection.
+    pub fn instantiate(&self, connection_id: u64) -> Result<CodecInstance> {
+        let mut instance = self.raw_instance(connection_id)?;
+        instance
+            .init(&self.config_json, &self.token)
+            .map_err(|failure| Error::Codec(format!("{}: {}", self.name, failure.0)))?;
+        Ok(instance)
+    }
+}
+
+fn codec_log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) {
+    let connection_id = caller.data().connection_id;
+    let Some(memory) = caller
+        .get_export("memory")
+        .and_then(|export| export.into_memory())
+    else {
+        return;
+    };
+    let data = memory.data(&caller);
+    let (Ok(start), Ok(len)) = (usize::try_from(ptr), usize::try_from(len)) else {
+        return;
+    };
+    let Some(bytes) = start
+        .checked_add(len.min(4096))
+        .and_then(|end| data.get(start..end))
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(bytes);
+    let level = match level {
+        1 => log::Level::Error,
+        2 => log::Level::Warn,
+        3 => log::Level::Info,
+        4 => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    log::log!(target: "wirepool::codec", level, "connection {connection_id}: {text}");
+}
+
+/// Why a codec call failed: the connection must be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CodecFailure(pub String);
+
+impl std::fmt::Display for CodecFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One connection's codec instance.
+pub(crate) struct CodecInstance {
+    store: Store<HostState>,
+    memory: Memory,
+    abi_version: TypedFunc<(), i32>,
+    buffer: TypedFunc<i32, i32>,
+    init: TypedFunc<(i32, i32), i32>,
+    open: TypedFunc<(), i32>,
+    decode: TypedFunc<(i32, i32), i32>,
+    encode: TypedFunc<(i32, i64, i32, i32), i32>,
+    tick: TypedFunc<i64, i32>,
+    output: TypedFunc<(), i64>,
+    limits: CodecLimits,
+    epoch_budget: u64,
+}
+
+type CallResult<T> = std::result::Result<T, CodecFailure>;
+
+impl CodecInstance {
+    fn abi_version(&mut self) -> Result<i32> {
+        self.store.set_epoch_deadline(self.epoch_budget);
+        self.abi_version.call(&mut self.store, ()).map_err(|err| {
+            Error::Codec(describe_call_error(
+                "wirepool_abi_version",
+                &err,
+                &self.limits,
+            ))
+        })
+    }
+
+    /// Asks the codec for an input buffer of `len` bytes and returns it.
+    fn input(&mut self, len: usize) -> CallResult<&mut [u8]> {
+        let size = i32::try_from(len)
+            .map_err(|_| CodecFailure(format!("input of {len} bytes is too large")))?;
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let ptr = self.buffer.call(&mut self.store, size).map_err(|err| {
+            CodecFailure(describe_call_error("wirepool_buffer", &err, &self.limits))
+        })?;
+        if ptr == 0 && len > 0 {
+            return Err(CodecFailure(format!(
+                "wirepool_buffer could not provide {len} bytes"
+            )));
+        }
+        let start = ptr as u32 as usize;
+        let data = self.memory.data_mut(&mut self.store);
+        let end = start.checked_add(len).filter(|end| *end <= data.len());
+        match end {
+            Some(end) => Ok(&mut data[start..end]),
+            None => Err(CodecFailure(format!(
+                "wirepool_buffer returned {start:#x}, which with {len} bytes lies outside its memory ({} bytes)",
+                data.len()
+            ))),
+        }
+    }
+
+    fn finish(&mut self, export: &str, code: wasmtime::Result<i32>) -> CallResult<Records<'_>> {
+        let code =
+            code.map_err(|err| CodecFailure(describe_call_error(export, &err, &self.limits)))?;
+        if code != 0 {
+            return Err(CodecFailure(format!("{export} returned error code {code}")));
+        }
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let packed = self.output.call(&mut self.store, ()).map_err(|err| {
+            CodecFailure(describe_call_error("wirepool_output", &err, &self.limits))
+        })?;
+        let ptr = ((packed as u64) >> 32) as usize;
+        let len = (packed as u64 & 0xffff_ffff) as usize;
+        let data = self.memory.data(&self.store);
+        let bytes = ptr
+            .checked_add(len)
+            .and_then(|end| data.get(ptr..end))
+            .ok_or_else(|| {
+                CodecFailure(format!(
+                    "wirepool_output points at {len} bytes at {ptr:#x}, outside its memory ({} bytes)",
+                    data.len()
+                ))
+            })?;
+        Records::new(bytes).map_err(CodecFailure)
+    }
+
+    fn init(&mut self, config: &[u8], token: &[u8]) -> CallResult<()> {
+        let input = self.input(config.len() + token.len())?;
+        input[..config.len()].copy_from_slice(config);
+        input[config.len()..].copy_from_slice(token);
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let code = self
+            .init
+            .call(&mut self.store, (config.len() as i32, token.len() as i32));
+        self.finish("wirepool_init", code).map(|_| ())
+    }
+
+    /// The WebSocket is open.
+    pub fn open(&mut self) -> CallResult<Records<'_>> {
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let code = self.open.call(&mut self.store, ());
+        self.finish("wirepool_open", code)
+    }
+
+    /// Decodes frames already laid out by [`FrameBatch`].
+    pub fn decode(&mut self, frames: &FrameBatch) -> CallResult<Records<'_>> {
+        let input = self.input(frames.bytes.len())?;
+        input.copy_from_slice(&frames.bytes);
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let code = self.decode.call(
+            &mut self.store,
+            (frames.count as i32, frames.bytes.len() as i32),
+        );
+        self.finish("wirepool_decode", code)
+    }
+
+    /// Encodes one outbound command.
+    pub fn encode(
+        &mut self,
+        operation: i32,
+        id: i64,
+        channel: &[u8],
+        payload: &[u8],
+    ) -> CallResult<Records<'_>> {
+        let channel_len = i32::try_from(channel.len())
+            .map_err(|_| CodecFailure("channel name too long".into()))?;
+        let payload_len = i32::try_from(payload.len())
+            .map_err(|_| CodecFailure("payload too long for the codec".into()))?;
+        let input = self.input(channel.len() + payload.len())?;
+        input[..channel.len()].copy_from_slice(channel);
+        input[channel.len()..].copy_from_slice(payload);
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let code = self
+            .encode
+            .call(&mut self.store, (operation, id, channel_len, payload_len));
+        self.finish("wirepool_encode", code)
+    }
+
+    /// The periodic tick.
+    pub fn tick(&mut self, now_ms: i64) -> CallResult<Records<'_>> {
+        self.store.set_epoch_deadline(self.epoch_budget);
+        let code = self.tick.call(&mut self.store, now_ms);
+        self.finish("wirepool_tick", code)
+    }
+}
+
+/// Inbound frames laid out in the ABI's decode format, reused between batches.
+#[derive(Default)]
+pub(crate) struct FrameBatch {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl FrameBatch {
+    /// Most bytes per decode call (a single larger frame still goes alone).
+    pub const MAX_BYTES: usize = 256 * 1024;
+    /// Most frames per decode call.
+    pub const MAX_FRAMES: usize = 1024;
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.count = 0;
+    }
+
+    pub fn push(&mut self, body: &[u8], binary: bool) {
+        self.bytes
+            .extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.bytes
+            .extend_from_slice(&u32::from(binary).to_le_bytes());
+        self.bytes.extend_from_slice(body);
+        self.count += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count >= Self::MAX_FRAMES || self.bytes.len() >= Self::MAX_BYTES
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+}
+
+/// Checks a module file against the ABI (the `codec-check` command).
+pub fn check_module_file(path: &str) -> Result<String> {
+    let config = CodecConfig {
+        path: Some(path.to_string()),
+        ..CodecConfig::default()
+    };
+    let runtime = CodecRuntime::load(&CodecSource::File(path.to_string()), &config, None)?;
+    // A real instance runs init and open, the way a connection would.
+    let mut instance = runtime.instantiate(0)?;
+    let records = instance
+        .open()
+        .map_err(|failure| Error::Codec(format!("{path}: {failure}")))?;
+    let count = records.count();
+    Ok(format!(
+        "{path}: codec ABI v{ABI_VERSION} ok (init and open succeeded, open emitted {count} record(s))"
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+//! Output records of ABI v1: parsing the codec's output without copying it.
+
+/// Record kinds (`docs/codec-abi.md`, "Output records").
+pub(crate) mod kind {
+    pub const SEND_TEXT: u32 = 1;
+    pub const SEND_BINARY: u32 = 2;
+    pub const READY: u32 = 3;
+    pub const DATA: u32 = 4;
+    pub const RESPONSE: u32 = 5;
+    pub const REQUEST_ERROR: u32 = 6;
+    pub const SUBSCRIBED: u32 = 7;
+    pub const UNSUBSCRIBED: u32 = 8;
+    pub const ERROR: u32 = 9;
+    pub const HEARTBEAT: u32 = 10;
+    pub const SHARED: u32 = 11;
+    pub const SEQUENCE_GAP: u32 = 12;
+    pub const AUTH_FAILED: u32 = 13;
+    pub const MALFORMED: u32 = 14;
+    pub const SUBSCRIBE_ERROR: u32 = 15;
+}
+
+/// Outbound operations (`docs/codec-abi.md`, "Outbound commands").
+pub(crate) mod op {
+    pub const SUBSCRIBE: i32 = 1;
+    pub const UNSUBSCRIBE: i32 = 2;
+    pub const REQUEST: i32 = 3;
+    pub const HEARTBEAT: i32 = 4;
+    pub const CANCEL: i32 = 5;
+}
+
+const HEADER_LEN: usize = 24;
+
+/// One output record, borrowing the codec's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Record<'a> {
+    pub kind: u32,
+    pub id: i64,
+    pub channel: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+/// The records of one call, checked for framing up front.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Records<'a> {
+    bytes: &'a [u8],
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+impl<'a> Records<'a> {
+    /// Validates the framing of every record so iteration cannot fail.
+    pub fn new(bytes: &'a [u8]) -> Result<Records<'a>, String> {
+        let mut at = 0;
+        while at < bytes.len() {
+            if bytes.len() - at < HEADER_LEN {
+                return Err(format!(
+                    "output record at offset {at} is cut short ({} bytes, header needs {HEADER_LEN})",
+                    bytes.len() - at
+                ));
+            }
+            let channel_len = read_u32(bytes, at + 4) as usize;
+            let payload_len = read_u32(bytes, at + 8) as usize;
+            let end = (at + HEADER_LEN)
+                .checked_add(channel_len)
+                .and_then(|end| end.checked_add(payload_len));
+            match end {
+                Some(end) if end <= bytes.len() => at = end,
+                _ => {
+                    return Err(format!(
+                        "output record at offset {at} claims {channel_len} + {payload_len} bytes, \
+                         past the end of the output ({} bytes)",
+                        bytes.len()
+                    ))
+                }
+            }
+        }
+        Ok(Records { bytes })
+    }
+
+    /// Iterates the records.
+    pub fn iter(&self) -> RecordIter<'a> {
+        RecordIter {
+            bytes: self.bytes,
+            at: 0,
+        }
+    }
+
+    /// Number of records.
+    pub fn count(&self) -> usize {
+        self.iter().count()
+    }
+}
+
+/// Iterator over [`Records`].
+pub(crate) struct RecordIter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = Record<'a>;
+
+    fn next(&mut self) -> Option<Record<'a>> {
+        let bytes = self.bytes;
+        let at = self.at;
+        if at + HEADER_LEN > bytes.len() {
+            return None;
+        }
+        let kind = read_u32(bytes, at);
+        let channel_len = read_u32(bytes, at + 4) as usize;
+        let payload_len = read_u32(bytes, at + 8) as usize;
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&bytes[at + 16..at + 24]);
+        let channel_start = at + HEADER_LEN;
+        let payload_start = channel_start + channel_len;
+        let end = payload_start + payload_len;
+        self.at = end;
+        Some(Record {
+            kind,
+            id: i64::from_le_bytes(id),
+            channel: &bytes[channel_start..payload_start],
+            payload: &bytes[payload_start..end],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: u32, id: i64, channel: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&(channel.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(channel);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn parses_consecutive_records() {
+        let mut bytes = record(kind::DATA, 0, b"ticker.1", b"{\"p\":1}");
+        bytes.extend(record(kind::RESPONSE, 42, b"", b"ok"));
+        let records = Records::new(&bytes).expect("well formed");
+        let all: Vec<_> = records.iter().collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].channel, b"ticker.1");
+        assert_eq!(all[1].id, 42);
+        assert_eq!(all[1].payload, b"ok");
+    }
+
+    #[test]
+    fn rejects_lengths_past_the_end() {
+        let mut bytes = record(kind::DATA, 0, b"a", b"b");
+        bytes.truncate(bytes.len() - 1);
+        let err = Records::new(&bytes).expect_err("cut short");
+        assert!(err.contains("past the end"), "{err}");
+        let err = Records::new(&[1, 2, 3]).expect_err("short header");
+        assert!(err.contains("cut short"), "{err}");
+    }
+}

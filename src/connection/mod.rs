@@ -1,0 +1,242 @@
+//! One upstream connection: its thread, its socket, its session and its codec.
+//!
+//! The pool spawns a worker thread per connection and talks to it only through
+//! [`Command`]s (a crossbeam channel plus a poller wake-up, so a command is handled
+//! at once even while the worker waits for inbound frames). The worker reports
+//! lifecycle changes back to the pool as [`Report`]s, pushes decoded data straight into
+//! the consumer queue, and completes requests straight in the request table.
+
+mod rate_limit;
+mod transport;
+mod worker;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use polling::Poller;
+
+pub(crate) use rate_limit::RateLimiter;
+pub(crate) use transport::tls_client_config;
+pub(crate) use worker::{ServerTarget, WorkerContext};
+
+use crate::error::{Error, Result};
+
+/// What the pool (or a caller) asks a worker to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Subscribe {
+        channel: Arc<str>,
+        command_id: u64,
+    },
+    Unsubscribe {
+        channel: Arc<str>,
+        command_id: u64,
+    },
+    Request {
+        request_id: u64,
+        payload: Arc<[u8]>,
+    },
+    Cancel {
+        request_id: u64,
+    },
+    /// Close gracefully (close frame, then wait briefly for the peer's).
+    Close,
+}
+
+/// What a worker tells the pool.
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// Socket and WebSocket handshake done; the session is starting.
+    Connected {
+        connection_id: u64,
+    },
+    /// The codec said READY: subscriptions and requests may flow.
+    Ready {
+        connection_id: u64,
+    },
+    Subscribed {
+        connection_id: u64,
+        channel: String,
+    },
+    SubscribeFailed {
+        connection_id: u64,
+        channel: String,
+        reason: String,
+    },
+    /// The worker has ended; its thread is about to exit.
+    Closed {
+        connection_id: u64,
+        outcome: CloseOutcome,
+        /// Requests written to the socket and not answered.
+        in_flight: HashSet<u64>,
+    },
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone)]
+pub(crate) struct CloseOutcome {
+    /// The session reached READY at some point.
+    pub was_ready: bool,
+    /// The venue rejected the credentials.
+    pub auth_failed: bool,
+    /// Closed because the pool asked.
+    pub requested: bool,
+    /// Why, for events and errors.
+    pub reason: String,
+}
+
+/// Lifecycle of the socket, mirrored for stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum ConnectionState {
+    Connecting = 0,
+    Handshaking = 1,
+    Authenticating = 2,
+    Ready = 3,
+    Closing = 4,
+    Closed = 5,
+}
+
+impl ConnectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Handshaking => "handshaking",
+            ConnectionState::Authenticating => "authenticating",
+            ConnectionState::Ready => "ready",
+            ConnectionState::Closing => "closing",
+            ConnectionState::Closed => "closed",
+        }
+    }
+
+    fn from_u8(value: u8) -> ConnectionState {
+        match value {
+            0 => ConnectionState::Connecting,
+            1 => ConnectionState::Handshaking,
+            2 => ConnectionState::Authenticating,
+            3 => ConnectionState::Ready,
+            4 => ConnectionState::Closing,
+            _ => ConnectionState::Closed,
+        }
+    }
+}
+
+/// Counters of one connection, written by its worker, read by stats.
+#[derive(Debug, Default)]
+pub(crate) struct ConnectionStats {
+    state: AtomicU8,
+    pub messages_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub errors: AtomicU64,
+    pub malformed: AtomicU64,
+    pub blocked_ns: AtomicU64,
+    /// Unix milliseconds of the last inbound frame.
+    pub last_activity_ms: AtomicU64,
+    /// No data for `heartbeat.stale_after_ms`.
+    pub stale: AtomicBool,
+}
+
+impl ConnectionStats {
+    pub fn state(&self) -> ConnectionState {
+        ConnectionState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, state: ConnectionState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+}
+
+/// The pool's handle on one worker.
+pub(crate) struct ConnectionHandle {
+    pub id: u64,
+    pub server_index: usize,
+    pub stats: Arc<ConnectionStats>,
+    commands: Sender<Command>,
+    waker: Arc<Poller>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A cheap clone of the command path of a connection, for routing requests.
+#[derive(Clone)]
+pub(crate) struct CommandPath {
+    commands: Sender<Command>,
+    waker: Arc<Poller>,
+}
+
+impl CommandPath {
+    /// Sends a command and wakes the worker. Fails when the worker has exited.
+    pub fn send(&self, command: Command) -> std::result::Result<(), Command> {
+        self.commands.send(command).map_err(|err| err.0)?;
+        // A failed notify only delays the command to the worker's next wake-up.
+        let _ = self.waker.notify();
+        Ok(())
+    }
+}
+
+impl ConnectionHandle {
+    /// Starts a worker thread for server `server_index`.
+    pub fn spawn(
+        context: Arc<WorkerContext>,
+        id: u64,
+        server_index: usize,
+    ) -> Result<ConnectionHandle> {
+        let (commands, receiver) = crossbeam_channel::unbounded();
+        let waker =
+            Arc::new(Poller::new().map_err(|err| Error::Io(format!("creating a poller: {err}")))?);
+        let stats = Arc::new(ConnectionStats::default());
+        let thread = worker::spawn(
+            context,
+            id,
+            server_index,
+            receiver,
+            Arc::clone(&waker),
+            Arc::clone(&stats),
+        )?;
+        Ok(ConnectionHandle {
+            id,
+            server_index,
+            stats,
+            commands,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn command_path(&self) -> CommandPath {
+        CommandPath {
+            commands: self.commands.clone(),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    pub fn send(&self, command: Command) -> std::result::Result<(), Command> {
+        self.command_path().send(command)
+    }
+
+    /// Waits for the worker thread to end.
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("connection {}: worker thread panicked", self.id);
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.send(Command::Close);
+            self.join();
+        }
+    }
+}

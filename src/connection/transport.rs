@@ -1,0 +1,245 @@
+//! The byte stream under one WebSocket: TCP, or TLS over TCP through rustls.
+//!
+//! Sockets are non-blocking from the first byte: the worker waits on a
+//! `polling::Poller` that the pool can wake, so connect, TLS and WebSocket handshakes
+//! and the session itself all stay responsive to a close command.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polling::{Event, Events, Poller};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::config::{TlsConfig, TlsRoots, WsUrl};
+use crate::error::{Error, Result};
+
+/// Poller key of the connection's socket.
+pub(crate) const SOCKET_KEY: usize = 1;
+
+/// TCP or TLS.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.tcp().as_fd()
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.write(buf),
+            Stream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.flush(),
+            Stream::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// Builds the rustls client configuration of a pool from `tls`.
+pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    match tls.roots {
+        TlsRoots::Bundled => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        TlsRoots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            if found.certs.is_empty() {
+                let detail = found
+                    .errors
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| "none found".into());
+                return Err(Error::Config(format!(
+                    "tls.roots: \"system\" but no system root certificates could be loaded ({detail})"
+                )));
+            }
+            let (_added, _ignored) = roots.add_parsable_certificates(found.certs);
+        }
+        TlsRoots::None => {}
+    }
+    if let Some(ca_file) = &tls.ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
+            .map_err(|err| Error::Config(format!("tls.ca_file: reading {ca_file}: {err}")))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|err| Error::Config(format!("tls.ca_file: {ca_file}: {err}")))?;
+        if certs.is_empty() {
+            return Err(Error::Config(format!(
+                "tls.ca_file: {ca_file} holds no PEM certificate"
+            )));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|err| {
+                Error::Config(format!(
+                    "tls.ca_file: {ca_file}: unusable certificate: {err}"
+                ))
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| Error::Tls(format!("protocol versions: {err}")))?
+        .with_root_certificates(roots);
+    let config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert_file), Some(key_file)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+                .map_err(|err| {
+                    Error::Config(format!("tls.client_cert: reading {cert_file}: {err}"))
+                })?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|err| Error::Config(format!("tls.client_cert: {cert_file}: {err}")))?;
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|err| Error::Config(format!("tls.client_key: {key_file}: {err}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|err| Error::Config(format!("tls.client_cert: {err}")))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        (Some(_), None) => {
+            return Err(Error::Config(
+                "tls.client_key: required when tls.client_cert is set".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Error::Config(
+                "tls.client_cert: required when tls.client_key is set".into(),
+            ))
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// What interrupted a wait.
+pub(crate) enum Wake {
+    /// The socket may be ready.
+    Socket,
+    /// The poller was notified (a command arrived) or the wait timed out.
+    Other,
+}
+
+/// Waits for the socket to be readable and/or writable, a notify, or `deadline`.
+pub(crate) fn wait_socket(
+    poller: &Poller,
+    events: &mut Events,
+    socket: &impl AsFd,
+    readable: bool,
+    writable: bool,
+    deadline: Option<Instant>,
+) -> io::Result<Wake> {
+    poller.modify(socket, Event::new(SOCKET_KEY, readable, writable))?;
+    events.clear();
+    let timeout = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+    match poller.wait(events, timeout) {
+        Ok(_) => {}
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(Wake::Other),
+        Err(err) => return Err(err),
+    }
+    if events.iter().any(|event| event.key == SOCKET_KEY) {
+        Ok(Wake::Socket)
+    } else {
+        Ok(Wake::Other)
+    }
+}
+
+/// Resolves `url`'s host. Blocking DNS; IP literals and `localhost` resolve at once.
+pub(crate) fn resolve(url: &WsUrl) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(|err| Error::Io(format!("resolving {}: {err}", url.host)))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Error::Io(format!("resolving {}: no addresses", url.host)));
+    }
+    Ok(addrs)
+}
+
+/// Starts a non-blocking connect; completion is signalled by writability.
+pub(crate) fn start_connect(addr: SocketAddr, keepalive: Duration) -> Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|err| Error::Io(format!("creating a socket for {addr}: {err}")))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|err| Error::Io(format!("socket for {addr}: {err}")))?;
+    socket
+        .set_tcp_nodelay(true)
+        .map_err(|err| Error::Io(format!("socket for {addr}: {err}")))?;
+    if !keepalive.is_zero() {
+        let interval = (keepalive / 3).max(Duration::from_secs(1));
+        let params = TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval(interval)
+            .with_retries(3);
+        socket
+            .set_tcp_keepalive(&params)
+            .map_err(|err| Error::Io(format!("socket for {addr}: keepalive: {err}")))?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(err)
+            if err.raw_os_error() == Some(libc::EINPROGRESS)
+                || err.kind() == io::ErrorKind::WouldBlock => {}
+        Err(err) => return Err(Error::Io(format!("connecting to {addr}: {err}"))),
+    }
+    Ok(socket.into())
+}
+
+/// After writability: did the connect succeed?
+pub(crate) fn finish_connect(tcp: &TcpStream, addr: SocketAddr) -> Result<bool> {
+    match SockRef::from(tcp).take_error() {
+        Ok(Some(err)) => Err(Error::Io(format!("connecting to {addr}: {err}"))),
+        Err(err) => Err(Error::Io(format!("connecting to {addr}: {err}"))),
+        Ok(None) => match tcp.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(err) => Err(Error::Io(format!("connecting to {addr}: {err}"))),
+        },
+    }
+}
+
+/// Wraps a connected socket in TLS (the handshake runs inside later reads/writes).
+pub(crate) fn wrap_tls(
+    tcp: TcpStream,
+    host: &str,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<Stream> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|err| Error::Tls(format!("{host:?} is not a valid TLS server name: {err}")))?;
+    let mut connection = rustls::ClientConnection::new(Arc::clone(config), name)
+        .map_err(|err| Error::Tls(format!("starting TLS with {host}: {err}")))?;
+    // Never let a full send buffer surface as Ok(0) (tungstenite reads that as a reset).
+    connection.set_buffer_limit(None);
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(
+        connection, tcp,
+    ))))
+}

@@ -1,0 +1,1020 @@
+//! The worker thread of one connection.
+//!
+//! Life of a worker: instantiate the codec, connect (non-blocking, bounded by
+//! `connect_timeout_ms`), TLS and WebSocket handshakes, `wirepool_open`, wait for READY,
+//! then serve: read every frame that is ready, decode them in one codec call, push the
+//! data to the consumer queue in one batch, run commands as soon as they arrive (the
+//! poller is woken by each command), keep the ping / pong and tick clocks. Any failure
+//! ends the thread with a `Report::Closed`; the pool decides what comes next.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use polling::{Event, Events, Poller};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message as WsMessage, WebSocket};
+
+use super::rate_limit::RateLimiter;
+use super::transport::{self, Stream, Wake, SOCKET_KEY};
+use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report};
+use crate::codec::{kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, Records};
+use crate::config::{Config, WsUrl};
+use crate::error::{Error, Result, TimeoutPhase};
+use crate::pool::{Event as PoolEvent, EventLog, PoolCounters, RequestTable, SharedData};
+use crate::queue::{ConsumerQueue, Message, MessageKind};
+
+/// Stack of a worker thread. Wasm runs on it too (`max_wasm_stack` is smaller).
+const WORKER_STACK: usize = 1024 * 1024;
+/// How long a graceful close waits for the peer's close frame.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// Blocked time on a full queue worth a `slow_consumer` event.
+const SLOW_CONSUMER_REPORT: Duration = Duration::from_millis(100);
+
+/// A server as workers need it.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerTarget {
+    pub id: String,
+    pub url: String,
+    pub parsed: WsUrl,
+}
+
+/// What every worker of a pool shares.
+pub(crate) struct WorkerContext {
+    pub config: Arc<Config>,
+    pub servers: Vec<ServerTarget>,
+    pub codec: Arc<CodecRuntime>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub queue: Arc<ConsumerQueue>,
+    pub requests: Arc<RequestTable>,
+    pub events: Arc<EventLog>,
+    pub shared_data: Arc<SharedData>,
+    pub counters: Arc<PoolCounters>,
+    pub reports: Sender<Report>,
+    /// Per server (same index as `servers`): the outbound rate limit, if any.
+    pub rate_limiters: Vec<Option<Arc<RateLimiter>>>,
+}
+
+pub(super) fn spawn(
+    context: Arc<WorkerContext>,
+    id: u64,
+    server_index: usize,
+    commands: Receiver<Command>,
+    waker: Arc<Poller>,
+    stats: Arc<ConnectionStats>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("wirepool-conn-{id}"))
+        .stack_size(WORKER_STACK)
+        .spawn(move || run(context, id, server_index, commands, waker, stats))
+        .map_err(|err| Error::Io(format!("spawning the thread of connection {id}: {err}")))
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a session ended early.
+enum Ended {
+    /// The pool asked for a close and it completed.
+    Requested,
+    Failed(Error),
+    AuthFailed(String),
+}
+
+impl From<Error> for Ended {
+    fn from(err: Error) -> Ended {
+        Ended::Failed(err)
+    }
+}
+
+impl From<CodecFailure> for Ended {
+    fn from(failure: CodecFailure) -> Ended {
+        Ended::Failed(Error::Codec(failure.0))
+    }
+}
+
+fn run(
+    context: Arc<WorkerContext>,
+    id: u64,
+    server_index: usize,
+    commands: Receiver<Command>,
+    waker: Arc<Poller>,
+    stats: Arc<ConnectionStats>,
+) {
+    let server = context.servers[server_index].id.clone();
+    let mut link = Link {
+        context: Arc::clone(&context),
+        id,
+        server_index,
+        commands,
+        poller: waker,
+        events: Events::new(),
+        stats: Arc::clone(&stats),
+        ws: None,
+        ready: false,
+        was_ready: false,
+        early_commands: VecDeque::new(),
+        in_flight: HashSet::new(),
+        channels: HashMap::new(),
+        frames: FrameBatch::default(),
+        outgoing: Vec::new(),
+        opened_at: Instant::now(),
+        next_ping: None,
+        ping_outstanding_since: None,
+        next_tick: None,
+        last_data: Instant::now(),
+        stale: false,
+        blocked_since_report: Duration::ZERO,
+        last_slow_report: None,
+        needs_flush: false,
+        outbound: VecDeque::new(),
+        next_send_at: None,
+    };
+    let ended = match context.codec.instantiate(id) {
+        Ok(codec) => link.session(codec),
+        Err(err) => Ended::Failed(err),
+    };
+    let (reason, auth_failed, requested) = match &ended {
+        Ended::Requested => ("closed by request".to_string(), false, true),
+        Ended::Failed(err) => (err.to_string(), false, false),
+        Ended::AuthFailed(reason) => (format!("authentication failed: {reason}"), true, false),
+    };
+    if let Ended::Failed(Error::Codec(text)) = &ended {
+        context.events.push(
+            PoolEvent::new("codec_failed")
+                .connection(id)
+                .server(&server)
+                .message(text.clone()),
+        );
+    }
+    let in_flight = std::mem::take(&mut link.in_flight);
+    let was_ready = link.was_ready;
+    link.shutdown_socket();
+    stats.set_state(ConnectionState::Closed);
+    // Dropping the receiver first makes later sends fail, so the pool re-routes
+    // anything that never reached this worker.
+    let Link { commands, .. } = link;
+    drop(commands);
+    let _ = context.reports.send(Report::Closed {
+        connection_id: id,
+        outcome: CloseOutcome {
+            was_ready,
+            auth_failed,
+            requested,
+            reason,
+        },
+        in_flight,
+    });
+}
+
+/// Everything a worker owns except its codec (kept apart so records borrowed from
+/// the codec's memory can be applied to the link).
+struct Link {
+    context: Arc<WorkerContext>,
+    id: u64,
+    server_index: usize,
+    commands: Receiver<Command>,
+    poller: Arc<Poller>,
+    events: Events,
+    stats: Arc<ConnectionStats>,
+    ws: Option<WebSocket<Stream>>,
+    ready: bool,
+    was_ready: bool,
+    /// Commands that arrived before READY (they wait; nothing is sent before READY).
+    early_commands: VecDeque<Command>,
+    /// Requests written to the socket and not yet answered.
+    in_flight: HashSet<u64>,
+    /// Channel names interned once, so each message clones an `Arc`.
+    channels: HashMap<Box<[u8]>, Arc<str>>,
+    frames: FrameBatch,
+    outgoing: Vec<Message>,
+    opened_at: Instant,
+    next_ping: Option<Instant>,
+    ping_outstanding_since: Option<Instant>,
+    next_tick: Option<Instant>,
+    last_data: Instant,
+    stale: bool,
+    blocked_since_report: Duration,
+    last_slow_report: Option<Instant>,
+    needs_flush: bool,
+    /// Frames from the codec waiting for the rate limit.
+    outbound: VecDeque<WsMessage>,
+    /// When the rate limit lets the next frame go.
+    next_send_at: Option<Instant>,
+}
+
+impl Link {
+    fn server(&self) -> &ServerTarget {
+        &self.context.servers[self.server_index]
+    }
+
+    fn event(&self, kind: &'static str) -> PoolEvent {
+        PoolEvent::new(kind)
+            .connection(self.id)
+            .server(&self.server().id)
+    }
+
+    fn session(&mut self, mut codec: CodecInstance) -> Ended {
+        let config = Arc::clone(&self.context.config);
+        let deadline = Instant::now() + Duration::from_millis(config.connect_timeout_ms);
+        self.stats.set_state(ConnectionState::Connecting);
+        self.context
+            .events
+            .push(self.event("connecting").message(self.server().url.clone()));
+        match self.connect(deadline) {
+            Ok(true) => {}
+            Ok(false) => return Ended::Requested,
+            Err(err) => return Ended::Failed(err),
+        }
+        let _ = self.context.reports.send(Report::Connected {
+            connection_id: self.id,
+        });
+        self.context.events.push(self.event("connected"));
+        self.opened_at = Instant::now();
+        self.stats.set_state(ConnectionState::Authenticating);
+        let result = codec
+            .open()
+            .map_err(Ended::from)
+            .and_then(|records| self.apply(records));
+        if let Err(ended) = result {
+            return ended;
+        }
+        let heartbeat = &config.heartbeat;
+        if heartbeat.ping_interval_ms > 0 {
+            self.next_ping =
+                Some(Instant::now() + Duration::from_millis(heartbeat.ping_interval_ms));
+        }
+        self.next_tick = Some(Instant::now() + self.tick_interval());
+        match self.serve(&mut codec, deadline) {
+            Ok(()) => Ended::Requested,
+            Err(ended) => ended,
+        }
+    }
+
+    fn tick_interval(&self) -> Duration {
+        let ping = self.context.config.heartbeat.ping_interval_ms;
+        let interval = if ping == 0 { 1000 } else { ping.min(1000) };
+        Duration::from_millis(interval)
+    }
+
+    /// TCP connect, TLS and WebSocket handshakes. `Ok(false)` when a close command
+    /// arrived meanwhile.
+    fn connect(&mut self, deadline: Instant) -> Result<bool> {
+        let server = self.server().clone();
+        let connect_timeout = Duration::from_millis(self.context.config.connect_timeout_ms);
+        let timeout = |detail: String| Error::Timeout {
+            phase: TimeoutPhase::Connect,
+            after: connect_timeout,
+            detail,
+        };
+        let addrs = transport::resolve(&server.parsed)?;
+        let keepalive = Duration::from_millis(self.context.config.heartbeat.tcp_keepalive_ms);
+        let mut last_error = None;
+        let mut connected: Option<TcpStream> = None;
+        for addr in addrs {
+            let tcp = match transport::start_connect(addr, keepalive) {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    last_error = Some(err);
+                    continue;
+                }
+            };
+            // SAFETY: the socket is deleted from the poller before it is closed
+            // (shutdown_socket / the error paths below), or closed with the poller
+            // still alive, which epoll tolerates.
+            unsafe { self.poller.add(&tcp, Event::none(SOCKET_KEY)) }
+                .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
+            loop {
+                if self.close_requested() {
+                    let _ = self.poller.delete(&tcp);
+                    return Ok(false);
+                }
+                if Instant::now() >= deadline {
+                    let _ = self.poller.delete(&tcp);
+                    return Err(timeout(format!("TCP connect to {addr} ({})", server.url)));
+                }
+                let wake = transport::wait_socket(
+                    &self.poller,
+                    &mut self.events,
+                    &tcp,
+                    false,
+                    true,
+                    Some(deadline),
+                )
+                .map_err(|err| Error::Io(format!("waiting for {addr}: {err}")))?;
+                if let Wake::Socket = wake {
+                    match transport::finish_connect(&tcp, addr) {
+                        Ok(true) => break,
+                        Ok(false) => continue,
+                        Err(err) => {
+                            let _ = self.poller.delete(&tcp);
+                            last_error = Some(err);
+                            break;
+                        }
+                    }
+                }
+            }
+            if last_error.is_none() {
+                connected = Some(tcp);
+                break;
+            }
+        }
+        let tcp = match connected {
+            Some(tcp) => tcp,
+            None => {
+                return Err(last_error
+                    .unwrap_or_else(|| Error::Io(format!("connecting to {}: failed", server.url))))
+            }
+        };
+        self.stats.set_state(ConnectionState::Handshaking);
+        let stream = if server.parsed.tls {
+            let tls = self.context.tls.as_ref().ok_or_else(|| {
+                Error::Internal("wss:// server without a TLS configuration".into())
+            })?;
+            transport::wrap_tls(tcp, &server.parsed.host, tls)?
+        } else {
+            Stream::Plain(tcp)
+        };
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(16 << 20));
+        let mut attempt =
+            tungstenite::client::client_with_config(server.url.as_str(), stream, Some(ws_config));
+        loop {
+            match attempt {
+                Ok((ws, _response)) => {
+                    self.ws = Some(ws);
+                    return Ok(true);
+                }
+                Err(HandshakeError::Failure(err)) => {
+                    return Err(handshake_error(err, &server.url));
+                }
+                Err(HandshakeError::Interrupted(mid)) => {
+                    if self.close_requested() {
+                        let _ = self.poller.delete(mid.get_ref().get_ref());
+                        return Ok(false);
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = self.poller.delete(mid.get_ref().get_ref());
+                        return Err(timeout(format!(
+                            "TLS / WebSocket handshake with {}",
+                            server.url
+                        )));
+                    }
+                    let stream = mid.get_ref().get_ref();
+                    let wants_write = match stream {
+                        Stream::Tls(tls) => tls.conn.wants_write(),
+                        Stream::Plain(_) => false,
+                    };
+                    transport::wait_socket(
+                        &self.poller,
+                        &mut self.events,
+                        stream,
+                        true,
+                        wants_write,
+                        Some(deadline),
+                    )
+                    .map_err(|err| Error::Io(format!("waiting for {}: {err}", server.url)))?;
+                    attempt = mid.handshake();
+                }
+            }
+        }
+    }
+
+    /// Drains the command channel without acting, only looking for a close.
+    fn close_requested(&mut self) -> bool {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Close => return true,
+                other => self.early_commands.push_back(other),
+            }
+        }
+        false
+    }
+
+    fn ws(&mut self) -> Result<&mut WebSocket<Stream>> {
+        self.ws
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no WebSocket".into()))
+    }
+
+    /// The main loop: until a close command (Ok) or a failure.
+    fn serve(&mut self, codec: &mut CodecInstance, ready_deadline: Instant) -> Result<(), Ended> {
+        loop {
+            // Commands first: they are what a caller is waiting on.
+            if self.ready {
+                while let Some(command) = self.early_commands.pop_front() {
+                    if self.run_command(codec, command)? {
+                        return self.close_gracefully();
+                    }
+                }
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                if !self.ready && !matches!(command, Command::Close | Command::Cancel { .. }) {
+                    self.early_commands.push_back(command);
+                    continue;
+                }
+                if self.run_command(codec, command)? {
+                    return self.close_gracefully();
+                }
+            }
+            let more = self.read_and_decode(codec)?;
+            self.run_timers(codec, ready_deadline)?;
+            if self.next_send_at.is_some_and(|at| Instant::now() >= at) {
+                self.send_outbound()?;
+            }
+            let wants_write = self.flush()?;
+            if more {
+                continue;
+            }
+            let deadline = self.next_deadline(ready_deadline);
+            let Some(ws) = self.ws.as_ref() else {
+                return Err(Ended::Failed(Error::Internal("no WebSocket".into())));
+            };
+            transport::wait_socket(
+                &self.poller,
+                &mut self.events,
+                ws.get_ref(),
+                true,
+                wants_write,
+                Some(deadline),
+            )
+            .map_err(|err| Error::Io(format!("waiting for the socket: {err}")))?;
+        }
+    }
+
+    fn next_deadline(&self, ready_deadline: Instant) -> Instant {
+        let mut deadline = Instant::now() + Duration::from_secs(1);
+        if !self.ready {
+            deadline = deadline.min(ready_deadline);
+        }
+        for instant in [self.next_ping, self.next_tick, self.next_send_at]
+            .into_iter()
+            .flatten()
+        {
+            deadline = deadline.min(instant);
+        }
+        if let Some(sent) = self.ping_outstanding_since {
+            let pong = Duration::from_millis(self.context.config.heartbeat.pong_timeout_ms);
+            deadline = deadline.min(sent + pong);
+        }
+        let stale_after = self.context.config.heartbeat.stale_after_ms;
+        if stale_after > 0 && !self.stale {
+            deadline = deadline.min(self.last_data + Duration::from_millis(stale_after));
+        }
+        deadline
+    }
+
+    /// Runs one command; `Ok(true)` means close.
+    fn run_command(&mut self, codec: &mut CodecInstance, command: Command) -> Result<bool, Ended> {
+        match command {
+            Command::Close => return Ok(true),
+            Command::Subscribe {
+                channel,
+                command_id,
+            } => {
+                let records =
+                    codec.encode(op::SUBSCRIBE, command_id as i64, channel.as_bytes(), &[])?;
+                self.apply(records)?;
+            }
+            Command::Unsubscribe {
+                channel,
+                command_id,
+            } => {
+                let records =
+                    codec.encode(op::UNSUBSCRIBE, command_id as i64, channel.as_bytes(), &[])?;
+                self.apply(records)?;
+            }
+            Command::Request {
+                request_id,
+                payload,
+            } => {
+                // Marked before the frame goes out: a failure while writing it may or
+                // may not have delivered it, which is exactly "in flight".
+                self.in_flight.insert(request_id);
+                let records = codec.encode(op::REQUEST, request_id as i64, &[], &payload)?;
+                self.apply(records)?;
+            }
+            Command::Cancel { request_id } => {
+                self.in_flight.remove(&request_id);
+                let records = codec.encode(op::CANCEL, request_id as i64, &[], &[])?;
+                self.apply(records)?;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Reads every frame that is ready (bounded per call) and decodes them.
+    /// `Ok(true)` when more may be waiting.
+    fn read_and_decode(&mut self, codec: &mut CodecInstance) -> Result<bool, Ended> {
+        self.frames.clear();
+        let mut bytes = 0u64;
+        let mut received_ns = 0u64;
+        let mut more = false;
+        loop {
+            let ws = self.ws()?;
+            match ws.read() {
+                Ok(WsMessage::Text(text)) => {
+                    if received_ns == 0 {
+                        received_ns = unix_ns();
+                    }
+                    bytes += text.len() as u64;
+                    self.frames.push(text.as_bytes(), false);
+                }
+                Ok(WsMessage::Binary(data)) => {
+                    if received_ns == 0 {
+                        received_ns = unix_ns();
+                    }
+                    bytes += data.len() as u64;
+                    self.frames.push(&data, true);
+                }
+                Ok(WsMessage::Ping(_)) => self.needs_flush = true,
+                Ok(WsMessage::Pong(_)) => self.ping_outstanding_since = None,
+                Ok(WsMessage::Close(frame)) => {
+                    // tungstenite queued our reply; try to get it out.
+                    let _ = self.ws()?.flush();
+                    let detail = match frame {
+                        Some(frame) if !frame.reason.is_empty() => {
+                            format!("code {}, {}", u16::from(frame.code), frame.reason)
+                        }
+                        Some(frame) => format!("code {}", u16::from(frame.code)),
+                        None => "no code".into(),
+                    };
+                    return Err(Ended::Failed(Error::Io(format!(
+                        "the server closed the connection ({detail})"
+                    ))));
+                }
+                Ok(WsMessage::Frame(_)) => {}
+                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
+                    break
+                }
+                Err(err) => return Err(Ended::Failed(read_error(err))),
+            }
+            if self.frames.is_full() {
+                more = true;
+                break;
+            }
+        }
+        if self.frames.is_empty() {
+            return Ok(more);
+        }
+        let frame_count = self.frames.len() as u64;
+        self.stats
+            .messages_received
+            .fetch_add(frame_count, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(bytes, Ordering::Relaxed);
+        self.stats
+            .last_activity_ms
+            .store(received_ns / 1_000_000, Ordering::Relaxed);
+        let counters = &self.context.counters;
+        counters
+            .frames_received
+            .fetch_add(frame_count, Ordering::Relaxed);
+        counters.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        self.last_data = Instant::now();
+        if self.stale {
+            self.stale = false;
+            self.stats.stale.store(false, Ordering::Relaxed);
+            self.context.events.push(self.event("resumed"));
+        }
+        let records = codec.decode(&self.frames)?;
+        self.apply_with_time(records, received_ns)?;
+        Ok(more)
+    }
+
+    fn run_timers(
+        &mut self,
+        codec: &mut CodecInstance,
+        ready_deadline: Instant,
+    ) -> Result<(), Ended> {
+        let now = Instant::now();
+        let config = Arc::clone(&self.context.config);
+        let heartbeat = &config.heartbeat;
+        if !self.ready && now >= ready_deadline {
+            return Err(Ended::Failed(Error::Timeout {
+                phase: TimeoutPhase::Connect,
+                after: Duration::from_millis(self.context.config.connect_timeout_ms),
+                detail: "the session did not become ready (no auth reply)".into(),
+            }));
+        }
+        if let Some(sent) = self.ping_outstanding_since {
+            let pong_timeout = Duration::from_millis(heartbeat.pong_timeout_ms);
+            if now >= sent + pong_timeout {
+                return Err(Ended::Failed(Error::Timeout {
+                    phase: TimeoutPhase::Connect,
+                    after: pong_timeout,
+                    detail: "no pong: the connection looks dead (half-open)".into(),
+                }));
+            }
+        }
+        if let Some(due) = self.next_ping {
+            if now >= due {
+                self.next_ping = Some(now + Duration::from_millis(heartbeat.ping_interval_ms));
+                if self.ping_outstanding_since.is_none() {
+                    self.ping_outstanding_since = Some(now);
+                }
+                match self.ws()?.write(WsMessage::Ping(Vec::new().into())) {
+                    Ok(()) => {}
+                    Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
+                    }
+                    Err(err) => return Err(Ended::Failed(write_error(err))),
+                }
+                self.needs_flush = true;
+                if self.ready {
+                    let records = codec.encode(op::HEARTBEAT, 0, &[], &[])?;
+                    self.apply(records)?;
+                }
+            }
+        }
+        if let Some(due) = self.next_tick {
+            if now >= due {
+                self.next_tick = Some(now + self.tick_interval());
+                let elapsed_ms = now.duration_since(self.opened_at).as_millis() as i64;
+                let records = codec.tick(elapsed_ms)?;
+                self.apply(records)?;
+            }
+        }
+        let stale_after = heartbeat.stale_after_ms;
+        if stale_after > 0 && self.ready && !self.stale {
+            if now >= self.last_data + Duration::from_millis(stale_after) {
+                self.stale = true;
+                self.stats.stale.store(true, Ordering::Relaxed);
+                self.context.events.push(
+                    self.event("stale")
+                        .message(format!("no data for {stale_after} ms")),
+                );
+                if heartbeat.reconnect_on_stale {
+                    return Err(Ended::Failed(Error::Timeout {
+                        phase: TimeoutPhase::Connect,
+                        after: Duration::from_millis(stale_after),
+                        detail: "stale: no data (heartbeat.reconnect_on_stale)".into(),
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes pending writes. `Ok(true)` while bytes remain for a writable socket.
+    fn flush(&mut self) -> Result<bool, Ended> {
+        if !self.needs_flush {
+            return Ok(false);
+        }
+        match self.ws()?.flush() {
+            Ok(()) => {
+                self.needs_flush = false;
+                Ok(false)
+            }
+            Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(err) => Err(Ended::Failed(write_error(err))),
+        }
+    }
+
+    fn apply(&mut self, records: Records<'_>) -> Result<(), Ended> {
+        self.apply_with_time(records, 0)
+    }
+
+    /// Acts on a codec's output records.
+    fn apply_with_time(&mut self, records: Records<'_>, received_ns: u64) -> Result<(), Ended> {
+        for record in records.iter() {
+            match record.kind {
+                kind::SEND_TEXT | kind::SEND_BINARY => {
+                    let message = if record.kind == kind::SEND_TEXT {
+                        let text = std::str::from_utf8(record.payload).map_err(|_| {
+                            Ended::Failed(Error::Codec("SEND_TEXT record is not UTF-8".into()))
+                        })?;
+                        WsMessage::text(text)
+                    } else {
+                        WsMessage::binary(record.payload.to_vec())
+                    };
+                    self.outbound.push_back(message);
+                }
+                kind::READY => {
+                    if !self.ready {
+                        self.ready = true;
+                        self.was_ready = true;
+                        self.stats.set_state(ConnectionState::Ready);
+                        self.last_data = Instant::now();
+                        self.context.events.push(self.event("ready"));
+                        let _ = self.context.reports.send(Report::Ready {
+                            connection_id: self.id,
+                        });
+                    }
+                }
+                kind::DATA => {
+                    let channel = self.intern(record.channel);
+                    self.outgoing.push(Message {
+                        channel,
+                        payload: record.payload.to_vec(),
+                        kind: MessageKind::Data,
+                        connection_id: self.id,
+                        received_ns: if received_ns == 0 {
+                            unix_ns()
+                        } else {
+                            received_ns
+                        },
+                    });
+                }
+                kind::RESPONSE | kind::REQUEST_ERROR => {
+                    let request_id = record.id as u64;
+                    self.in_flight.remove(&request_id);
+                    let outcome = if record.kind == kind::RESPONSE {
+                        Ok(record.payload.to_vec())
+                    } else {
+                        Err(Error::Remote {
+                            payload: record.payload.to_vec(),
+                        })
+                    };
+                    self.context.requests.complete(request_id, self.id, outcome);
+                }
+                kind::SUBSCRIBED => {
+                    let channel = String::from_utf8_lossy(record.channel).into_owned();
+                    self.context
+                        .events
+                        .push(self.event("subscribed").channel(channel.clone()));
+                    let _ = self.context.reports.send(Report::Subscribed {
+                        connection_id: self.id,
+                        channel,
+                    });
+                }
+                kind::UNSUBSCRIBED => {
+                    let channel = String::from_utf8_lossy(record.channel).into_owned();
+                    self.context
+                        .events
+                        .push(self.event("unsubscribed").channel(channel));
+                }
+                kind::SUBSCRIBE_ERROR => {
+                    let channel = String::from_utf8_lossy(record.channel).into_owned();
+                    let reason = String::from_utf8_lossy(record.payload).into_owned();
+                    self.context.events.push(
+                        self.event("subscribe_failed")
+                            .channel(channel.clone())
+                            .message(reason.clone()),
+                    );
+                    let _ = self.context.reports.send(Report::SubscribeFailed {
+                        connection_id: self.id,
+                        channel,
+                        reason,
+                    });
+                }
+                kind::ERROR => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let mut event = self
+                        .event("error")
+                        .message(String::from_utf8_lossy(record.payload).into_owned());
+                    if !record.channel.is_empty() {
+                        event = event.channel(String::from_utf8_lossy(record.channel).into_owned());
+                    }
+                    self.context.events.push(event);
+                }
+                kind::HEARTBEAT => self.ping_outstanding_since = None,
+                kind::SHARED => {
+                    let key = String::from_utf8_lossy(record.channel).into_owned();
+                    self.context
+                        .shared_data
+                        .set(key.clone(), record.payload.to_vec());
+                    self.context.events.push(self.event("shared").channel(key));
+                }
+                kind::SEQUENCE_GAP => {
+                    self.context
+                        .counters
+                        .sequence_gaps
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.context.events.push(
+                        self.event("sequence_gap")
+                            .channel(String::from_utf8_lossy(record.channel).into_owned())
+                            .message(String::from_utf8_lossy(record.payload).into_owned()),
+                    );
+                }
+                kind::AUTH_FAILED => {
+                    let reason = String::from_utf8_lossy(record.payload).into_owned();
+                    self.context
+                        .events
+                        .push(self.event("auth_failed").message(reason.clone()));
+                    return Err(Ended::AuthFailed(reason));
+                }
+                kind::MALFORMED => {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    self.context
+                        .counters
+                        .malformed
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.context.events.push(
+                        self.event("malformed")
+                            .message(String::from_utf8_lossy(record.payload).into_owned()),
+                    );
+                }
+                other => {
+                    self.context.events.push(
+                        self.event("codec_error")
+                            .message(format!("unknown output record kind {other}, skipped")),
+                    );
+                }
+            }
+        }
+        if !self.outgoing.is_empty() {
+            self.deliver();
+        }
+        // Outbound frames go out now, not at the next wake-up.
+        self.send_outbound()?;
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Writes queued outbound frames, as far as the server's rate limit allows.
+    fn send_outbound(&mut self) -> Result<(), Ended> {
+        let mut sent_messages = 0u64;
+        let mut sent_bytes = 0u64;
+        self.next_send_at = None;
+        let limiter = self.context.rate_limiters[self.server_index].clone();
+        while let Some(message) = self.outbound.pop_front() {
+            if let Some(limiter) = &limiter {
+                if let Err(next) = limiter.take(Instant::now()) {
+                    self.outbound.push_front(message);
+                    self.next_send_at = Some(next);
+                    break;
+                }
+            }
+            sent_messages += 1;
+            sent_bytes += message.len() as u64;
+            match self.ws()?.write(message) {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(Ended::Failed(write_error(err))),
+            }
+            self.needs_flush = true;
+        }
+        if sent_messages > 0 {
+            self.stats
+                .messages_sent
+                .fetch_add(sent_messages, Ordering::Relaxed);
+            self.stats
+                .bytes_sent
+                .fetch_add(sent_bytes, Ordering::Relaxed);
+            let counters = &self.context.counters;
+            counters
+                .messages_sent
+                .fetch_add(sent_messages, Ordering::Relaxed);
+            counters.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Hands the decoded batch to the consumer queue.
+    fn deliver(&mut self) {
+        let count = self.outgoing.len() as u64;
+        let outcome = self.context.queue.push_batch(&mut self.outgoing);
+        self.outgoing.clear();
+        let counters = &self.context.counters;
+        counters
+            .messages_received
+            .fetch_add(count, Ordering::Relaxed);
+        if outcome.dropped > 0 {
+            counters
+                .dropped
+                .fetch_add(outcome.dropped, Ordering::Relaxed);
+        }
+        if !outcome.blocked.is_zero() {
+            // Time stuck behind a slow consumer is not the peer's fault: move the
+            // liveness clocks forward by it.
+            let blocked = outcome.blocked;
+            if let Some(sent) = self.ping_outstanding_since.as_mut() {
+                *sent += blocked;
+            }
+            self.last_data += blocked;
+            self.stats
+                .blocked_ns
+                .fetch_add(blocked.as_nanos() as u64, Ordering::Relaxed);
+            counters
+                .blocked_ns
+                .fetch_add(blocked.as_nanos() as u64, Ordering::Relaxed);
+            self.blocked_since_report += blocked;
+            let due = self
+                .last_slow_report
+                .is_none_or(|last| last.elapsed() >= Duration::from_secs(1));
+            if self.blocked_since_report >= SLOW_CONSUMER_REPORT && due {
+                self.context
+                    .events
+                    .push(self.event("slow_consumer").message(format!(
+                        "waited {} ms for room in the consumer queue",
+                        self.blocked_since_report.as_millis()
+                    )));
+                self.blocked_since_report = Duration::ZERO;
+                self.last_slow_report = Some(Instant::now());
+            }
+        }
+    }
+
+    fn intern(&mut self, channel: &[u8]) -> Arc<str> {
+        if let Some(name) = self.channels.get(channel) {
+            return Arc::clone(name);
+        }
+        let name: Arc<str> = Arc::from(String::from_utf8_lossy(channel).as_ref());
+        if self.channels.len() < 65_536 {
+            self.channels.insert(channel.into(), Arc::clone(&name));
+        }
+        name
+    }
+
+    /// Sends a close frame and waits briefly for the peer's.
+    fn close_gracefully(&mut self) -> Result<(), Ended> {
+        self.stats.set_state(ConnectionState::Closing);
+        let Some(ws) = self.ws.as_mut() else {
+            return Ok(());
+        };
+        let _ = ws.close(None);
+        let deadline = Instant::now() + CLOSE_GRACE;
+        loop {
+            let Some(ws) = self.ws.as_mut() else {
+                return Ok(());
+            };
+            match ws.read() {
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Ok(()),
+            }
+            let wants_write = ws.flush().is_err();
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+            if transport::wait_socket(
+                &self.poller,
+                &mut self.events,
+                ws.get_ref(),
+                true,
+                wants_write,
+                Some(deadline),
+            )
+            .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn shutdown_socket(&mut self) {
+        if let Some(ws) = self.ws.take() {
+            let stream = ws.get_ref();
+            let _ = self.poller.delete(stream);
+            let _ = stream.tcp().shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
+    match err {
+        tungstenite::Error::Io(io_err) => io_error(io_err, &format!("handshake with {url}")),
+        tungstenite::Error::Tls(tls) => Error::Tls(format!("handshake with {url}: {tls}")),
+        tungstenite::Error::Http(response) => Error::Protocol(format!(
+            "handshake with {url}: the server answered HTTP {}",
+            response.status()
+        )),
+        other => Error::Protocol(format!("handshake with {url}: {other}")),
+    }
+}
+
+fn io_error(err: io::Error, context: &str) -> Error {
+    let tls = err
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    if tls {
+        Error::Tls(format!("{context}: {err}"))
+    } else {
+        Error::Io(format!("{context}: {err}"))
+    }
+}
+
+fn read_error(err: tungstenite::Error) -> Error {
+    match err {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            Error::Io("the connection was closed".into())
+        }
+        tungstenite::Error::Io(io_err) if io_err.kind() == io::ErrorKind::UnexpectedEof => {
+            Error::Io("the server dropped the connection without a close frame".into())
+        }
+        tungstenite::Error::Io(io_err) => io_error(io_err, "reading"),
+        tungstenite::Error::Protocol(protocol) => Error::Protocol(format!("reading: {protocol}")),
+        other => Error::Protocol(format!("reading: {other}")),
+    }
+}
+
+fn write_error(err: tungstenite::Error) -> Error {
+    match err {
+        tungstenite::Error::Io(io_err) => io_error(io_err, "writing"),
+        other => Error::Protocol(format!("writing: {other}")),
+    }
+}

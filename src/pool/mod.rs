@@ -1,0 +1,1335 @@
+//! The pool: the public [`Pool`] handle and the pool thread behind it.
+//!
+//! The pool thread owns the connection registry, the desired subscriptions and their
+//! placement, and the reconnect timers. Callers reach it through a crossbeam channel
+//! ([`PoolCommand`]); workers through another ([`Report`]). Data never passes through
+//! it: workers push to the consumer queue and complete requests in the
+//! [`RequestTable`] themselves.
+
+mod backoff;
+mod events;
+mod health;
+mod requests;
+mod servers;
+mod stats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::Serialize;
+
+pub use events::Event;
+pub(crate) use events::EventLog;
+pub use health::{HealthChange, HealthLevel, HealthReport};
+pub(crate) use requests::RequestTable;
+pub use servers::ServerSnapshot;
+pub use stats::LatencyHistogram;
+pub use stats::PoolStats;
+pub(crate) use stats::{PoolCounters, SharedData};
+
+use crate::codec::{CodecRuntime, CodecSource};
+use crate::config::{parse_ws_url, server_id, Config};
+use crate::connection::{
+    tls_client_config, Command, ConnectionHandle, ConnectionState, RateLimiter, Report,
+    ServerTarget, WorkerContext,
+};
+use crate::error::{Error, Result, TimeoutPhase};
+use crate::queue::{ConsumerQueue, Message};
+use health::{HealthInputs, HealthState};
+use requests::Abandoned;
+use servers::{choose_server, BreakerChange, ServerState};
+
+/// One connection as stats and the admin API show it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionSnapshot {
+    /// Unique within the pool; a replacement gets a new id.
+    pub id: u64,
+    /// The server's id.
+    pub server: String,
+    /// `connecting`, `handshaking`, `authenticating`, `ready`, `closing` or `closed`.
+    pub state: &'static str,
+    /// The session is ready.
+    pub ready: bool,
+    /// Channels placed on this connection.
+    pub subscriptions: Vec<String>,
+    /// Unix milliseconds of the last inbound frame (0: none yet).
+    pub last_activity_ms: u64,
+    /// Errors the venue reported on this connection.
+    pub error_count: u64,
+    /// Inbound frames the codec could not understand.
+    pub malformed_frames: u64,
+    /// Frames read.
+    pub messages_received: u64,
+    /// Frames written.
+    pub messages_sent: u64,
+    /// Payload bytes read.
+    pub bytes_received: u64,
+    /// Payload bytes written.
+    pub bytes_sent: u64,
+    /// Milliseconds spent blocked on a full consumer queue.
+    pub blocked_ms: u64,
+}
+
+/// Options of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestOptions {
+    /// How long to wait for the reply, including any wait for a ready connection.
+    /// Defaults to the pool's `request_timeout_ms`.
+    pub timeout: Option<Duration>,
+    /// The request may be sent again on another connection if its connection dies
+    /// before the reply. Defaults to false: such a request fails with
+    /// [`Error::ConnectionLost`] instead, because the venue may have acted on it.
+    pub idempotent: bool,
+}
+
+/// What callers ask of the pool thread.
+enum PoolCommand {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+    /// Close one connection; its slot is refilled like after any failure.
+    CloseConnection(u64, Sender<Result<()>>),
+    /// Add a connection slot (up to `max_connections`).
+    AddConnection(Sender<Result<u64>>),
+    /// New pool sizes and/or strategy.
+    Reconfigure(PoolSettings, Sender<Result<()>>),
+    Shutdown,
+}
+
+/// Pool settings that may change at run time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolSettings {
+    /// Connections kept open.
+    pub min_connections: u32,
+    /// Upper bound for added connections.
+    pub max_connections: u32,
+    /// How new connections pick a server.
+    pub strategy: crate::config::Strategy,
+}
+
+/// Readiness as callers wait for it.
+struct Readiness {
+    initialized: bool,
+    ready_connections: usize,
+    closed: bool,
+}
+
+/// Per-connection facts for stats and the admin API.
+#[derive(Clone)]
+pub(crate) struct ConnectionInfo {
+    pub id: u64,
+    pub server: String,
+    pub stats: Arc<crate::connection::ConnectionStats>,
+    pub subscriptions: Vec<String>,
+}
+
+/// State shared between the `Pool` handle, the pool thread and the C / HTTP layers.
+struct PoolInner {
+    config: Arc<Config>,
+    queue: Arc<ConsumerQueue>,
+    requests: Arc<RequestTable>,
+    events: Arc<EventLog>,
+    counters: Arc<PoolCounters>,
+    shared_data: Arc<SharedData>,
+    commands: Sender<PoolCommand>,
+    next_request_id: AtomicU64,
+    closing: AtomicBool,
+    // Guards the readiness summary that `wait_ready` sleeps on.
+    readiness: Mutex<Readiness>,
+    readiness_changed: Condvar,
+    // Guards the connection list published by the pool thread for stats.
+    connections: RwLock<Vec<ConnectionInfo>>,
+    // Guards the desired subscription count and active count published for stats.
+    subscription_counts: RwLock<(usize, usize)>,
+    // Guards the per-server view published by the pool thread.
+    servers: RwLock<Vec<ServerSnapshot>>,
+    // Guards the health level, its reasons and history.
+    health: Mutex<HealthState>,
+    // Guards the run-time pool sizes and strategy (set by the pool thread).
+    settings: RwLock<PoolSettings>,
+    // Guards the pool thread's handle, taken once by close.
+    thread: Mutex<Option<JoinHandle<()>>>,
+    // Guards the optional HTTP port, stopped by close (which breaks its reference
+    // back to this pool).
+    http: Mutex<Option<crate::http::HealthServer>>,
+}
+
+/// A pool of upstream WebSocket connections.
+///
+/// Opening a pool starts `pool.min_connections` connections in the background;
+/// [`Pool::wait_ready`] waits for them. Subscriptions are kept for the life of the
+/// pool and restored after every reconnect. Dropping the pool closes it.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use wirepool::{Config, Pool, RequestOptions};
+///
+/// let config = Config::from_json(r#"{"servers":[{"url":"ws://127.0.0.1:9001"}]}"#)?;
+/// let pool = Pool::new(config)?;
+/// pool.wait_ready(Duration::from_secs(10))?;
+/// pool.subscribe("ticker.BTC-USD")?;
+/// if let Some(message) = pool.recv(Some(Duration::from_secs(1)))? {
+///     println!("{}: {}", message.channel, String::from_utf8_lossy(&message.payload));
+/// }
+/// let reply = pool.request(br#"{"op":"history","bars":5}"#, RequestOptions::default())?;
+/// println!("{}", String::from_utf8_lossy(&reply));
+/// # Ok::<(), wirepool::Error>(())
+/// ```
+pub struct Pool {
+    inner: Arc<PoolInner>,
+    /// The handle returned by `Pool::new` owns the pool (dropping it closes the pool);
+    /// internal observers (the HTTP port) do not.
+    owner: bool,
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Pool>();
+};
+
+impl Pool {
+    /// Validates nothing further (a `Config` is valid by construction when it comes
+    /// from `Config::from_*`), compiles the codec, and starts the pool thread.
+    pub fn new(config: Config) -> Result<Pool> {
+        let issues = config.validate();
+        if !issues.is_empty() {
+            let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+            return Err(Error::Config(text.join("; ")));
+        }
+        let config = Arc::new(config);
+        let codec = Arc::new(CodecRuntime::load(
+            &CodecSource::from_config(&config.codec),
+            &config.codec,
+            config.auth.token.as_deref(),
+        )?);
+        let mut servers = Vec::with_capacity(config.servers.len());
+        for (index, server) in config.servers.iter().enumerate() {
+            let parsed = parse_ws_url(&server.url)
+                .map_err(|text| Error::Config(format!("servers[{index}].url: {text}")))?;
+            servers.push(ServerTarget {
+                id: server_id(server, index),
+                url: server.url.clone(),
+                parsed,
+            });
+        }
+        if servers.is_empty() {
+            return Err(Error::Config(
+                "servers: at least one server is required".into(),
+            ));
+        }
+        let tls = if servers.iter().any(|server| server.parsed.tls) {
+            Some(tls_client_config(&config.tls)?)
+        } else {
+            None
+        };
+        let queue = Arc::new(
+            ConsumerQueue::new(config.queue.capacity, config.queue.overflow)
+                .map_err(|err| Error::Io(format!("creating the queue's eventfd: {err}")))?,
+        );
+        let (commands, command_receiver) = crossbeam_channel::unbounded();
+        let (report_sender, reports) = crossbeam_channel::unbounded();
+        let inner = Arc::new(PoolInner {
+            config: Arc::clone(&config),
+            queue: Arc::clone(&queue),
+            requests: Arc::new(RequestTable::new()),
+            events: Arc::new(EventLog::new()),
+            counters: Arc::new(PoolCounters::default()),
+            shared_data: Arc::new(SharedData::default()),
+            commands,
+            next_request_id: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+            readiness: Mutex::new(Readiness {
+                initialized: false,
+                ready_connections: 0,
+                closed: false,
+            }),
+            readiness_changed: Condvar::new(),
+            connections: RwLock::new(Vec::new()),
+            subscription_counts: RwLock::new((0, 0)),
+            servers: RwLock::new(Vec::new()),
+            health: Mutex::new(HealthState::new()),
+            settings: RwLock::new(PoolSettings {
+                min_connections: config.pool.min_connections,
+                max_connections: config.pool.max_connections,
+                strategy: config.strategy,
+            }),
+            thread: Mutex::new(None),
+            http: Mutex::new(None),
+        });
+        let rate = config.rate_limit.messages_per_second;
+        let rate_limiters = servers
+            .iter()
+            .map(|_| (rate > 0).then(|| Arc::new(RateLimiter::new(rate))))
+            .collect();
+        let context = Arc::new(WorkerContext {
+            config: Arc::clone(&config),
+            servers,
+            codec,
+            tls,
+            queue,
+            requests: Arc::clone(&inner.requests),
+            events: Arc::clone(&inner.events),
+            shared_data: Arc::clone(&inner.shared_data),
+            counters: Arc::clone(&inner.counters),
+            reports: report_sender,
+            rate_limiters,
+        });
+        let server_states = config
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(index, server)| ServerState::new(server_id(server, index), server.weight))
+            .collect();
+        let mut pool_thread = PoolThread::new(
+            Arc::clone(&inner),
+            context,
+            command_receiver,
+            reports,
+            server_states,
+        );
+        for channel in &config.subscriptions {
+            pool_thread
+                .desired
+                .insert(Arc::from(channel.as_str()), Placement::default());
+        }
+        let thread = std::thread::Builder::new()
+            .name("wirepool-pool".into())
+            .spawn(move || pool_thread.run())
+            .map_err(|err| Error::Io(format!("spawning the pool thread: {err}")))?;
+        *inner.thread.lock() = Some(thread);
+        let pool = Pool { inner, owner: true };
+        if let Some(listen) = &config.health.listen {
+            let server = crate::http::HealthServer::start(
+                pool.observer(),
+                listen,
+                config.health.admin_token.clone(),
+            )?;
+            *pool.inner.http.lock() = Some(server);
+        }
+        Ok(pool)
+    }
+
+    /// A handle on the same pool that does not close it when dropped.
+    pub(crate) fn observer(&self) -> Pool {
+        Pool {
+            inner: Arc::clone(&self.inner),
+            owner: false,
+        }
+    }
+
+    /// The address of the health/admin HTTP port, when `health.listen` is set.
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner
+            .http
+            .lock()
+            .as_ref()
+            .map(|server| server.local_addr())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closing.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits until the initial `min_connections` connections have been ready
+    /// (`pool_ready`). Returns at once if that already happened.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut readiness = self.inner.readiness.lock();
+        loop {
+            if readiness.closed {
+                return Err(Error::Closed);
+            }
+            if readiness.initialized {
+                return Ok(());
+            }
+            if self
+                .inner
+                .readiness_changed
+                .wait_until(&mut readiness, deadline)
+                .timed_out()
+            {
+                let ready = readiness.ready_connections;
+                let wanted = self.inner.settings.read().min_connections;
+                return Err(Error::Timeout {
+                    phase: TimeoutPhase::Ready,
+                    after: timeout,
+                    detail: format!("{ready} of {wanted} connections ready"),
+                });
+            }
+        }
+    }
+
+    /// Adds a channel to the desired subscriptions. It is sent to one ready connection
+    /// now or when one becomes ready, and again after every reconnect.
+    pub fn subscribe(&self, channel: &str) -> Result<()> {
+        self.check_open()?;
+        if channel.is_empty() {
+            return Err(Error::InvalidArgument("channel name is empty".into()));
+        }
+        self.inner
+            .commands
+            .send(PoolCommand::Subscribe(Arc::from(channel)))
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Removes a channel from the desired subscriptions.
+    pub fn unsubscribe(&self, channel: &str) -> Result<()> {
+        self.check_open()?;
+        if channel.is_empty() {
+            return Err(Error::InvalidArgument("channel name is empty".into()));
+        }
+        self.inner
+            .commands
+            .send(PoolCommand::Unsubscribe(Arc::from(channel)))
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Sends a request on the least busy ready connection and waits for its reply.
+    ///
+    /// Waits for a ready connection within the same timeout. An error answer from the
+    /// venue is [`Error::Remote`] with its payload.
+    pub fn request(&self, payload: &[u8], options: RequestOptions) -> Result<Vec<u8>> {
+        self.check_open()?;
+        let timeout = options
+            .timeout
+            .unwrap_or(Duration::from_millis(self.inner.config.request_timeout_ms));
+        let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, receiver) = crossbeam_channel::bounded(1);
+        let started = Instant::now();
+        self.inner
+            .requests
+            .submit(request_id, Arc::from(payload), options.idempotent, reply)?;
+        self.inner
+            .counters
+            .requests_sent
+            .fetch_add(1, Ordering::Relaxed);
+        let outcome = match receiver.recv_timeout(timeout) {
+            Ok(outcome) => outcome,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                match self.inner.requests.abandon(request_id) {
+                    Abandoned::AlreadyDone => receiver.try_recv().unwrap_or(Err(Error::Closed)),
+                    Abandoned::NeverSent => {
+                        self.inner
+                            .counters
+                            .requests_timed_out
+                            .fetch_add(1, Ordering::Relaxed);
+                        Err(Error::Timeout {
+                            phase: TimeoutPhase::Request,
+                            after: timeout,
+                            detail: "no connection was ready to send it".into(),
+                        })
+                    }
+                    Abandoned::On(connection_id) => {
+                        self.inner
+                            .counters
+                            .requests_timed_out
+                            .fetch_add(1, Ordering::Relaxed);
+                        Err(Error::Timeout {
+                            phase: TimeoutPhase::Request,
+                            after: timeout,
+                            detail: format!("no reply on connection {connection_id}"),
+                        })
+                    }
+                }
+            }
+        };
+        if matches!(outcome, Ok(_) | Err(Error::Remote { .. })) {
+            self.inner
+                .counters
+                .request_latency
+                .record(started.elapsed().as_micros() as u64);
+        }
+        if matches!(
+            outcome,
+            Err(Error::Remote { .. } | Error::ConnectionLost { .. })
+        ) {
+            self.inner
+                .counters
+                .requests_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for a message.
+    /// `Ok(None)` on timeout, `Err(Closed)` once closed and drained.
+    pub fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
+        let mut batch = Vec::with_capacity(1);
+        self.recv_batch(&mut batch, 1, timeout)?;
+        Ok(batch.pop())
+    }
+
+    /// Waits up to `timeout` for at least one message, then appends up to `max`
+    /// queued messages to `out`. Returns how many were added (0 on timeout).
+    pub fn recv_batch(
+        &self,
+        out: &mut Vec<Message>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        if max == 0 {
+            return Err(Error::InvalidArgument("max must be at least 1".into()));
+        }
+        self.inner
+            .queue
+            .pop_batch(out, max, timeout)
+            .map_err(|()| Error::Closed)
+    }
+
+    /// A file descriptor that is readable while messages are queued (and once the
+    /// pool is closed). Owned by the pool.
+    pub fn ready_fd(&self) -> RawFd {
+        self.inner.queue.fd()
+    }
+
+    /// Waits up to `timeout` for at least one event, then returns every queued one.
+    pub fn events(&self, timeout: Duration) -> Vec<Event> {
+        self.inner.events.drain(timeout)
+    }
+
+    /// Shared state reported by the codec under `key`, if any.
+    pub fn shared_data(&self, key: &str) -> Option<Vec<u8>> {
+        self.inner.shared_data.get(key)
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        let inner = &self.inner;
+        let connections = inner.connections.read();
+        let ready_connections = connections
+            .iter()
+            .filter(|info| info.stats.state() == ConnectionState::Ready)
+            .count();
+        let total_connections = connections.len();
+        drop(connections);
+        let (subscriptions, subscriptions_active) = *inner.subscription_counts.read();
+        let counters = &inner.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PoolStats {
+            total_connections,
+            ready_connections,
+            busy_connections: inner.requests.busy_connections(),
+            pending_requests: inner.requests.pending(),
+            min_connections: inner.settings.read().min_connections,
+            max_connections: inner.settings.read().max_connections,
+            initialized: inner.readiness.lock().initialized,
+            has_shared_data: !inner.shared_data.is_empty(),
+            messages_received: load(&counters.messages_received),
+            frames_received: load(&counters.frames_received),
+            messages_sent: load(&counters.messages_sent),
+            bytes_received: load(&counters.bytes_received),
+            bytes_sent: load(&counters.bytes_sent),
+            reconnects: load(&counters.reconnects),
+            subscriptions,
+            subscriptions_active,
+            queue_depth: inner.queue.len(),
+            queue_capacity: inner.queue.capacity(),
+            dropped_messages: load(&counters.dropped),
+            blocked_ms: load(&counters.blocked_ns) / 1_000_000,
+            malformed_frames: load(&counters.malformed),
+            sequence_gaps: load(&counters.sequence_gaps),
+            requests_timed_out: load(&counters.requests_timed_out),
+            requests_failed: load(&counters.requests_failed),
+            shared_keys: inner.shared_data.keys(),
+            events_dropped: inner.events.dropped(),
+        }
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Sender<Result<T>>) -> PoolCommand) -> Result<T> {
+        self.check_open()?;
+        let (reply, receiver) = crossbeam_channel::bounded(1);
+        self.inner
+            .commands
+            .send(make(reply))
+            .map_err(|_| Error::Closed)?;
+        receiver
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| Error::Closed)?
+    }
+
+    /// Closes one connection (a close frame is sent); the pool replaces it like after
+    /// any failure, and its channels move to other ready connections at once.
+    pub fn close_connection(&self, connection_id: u64) -> Result<()> {
+        self.ask(|reply| PoolCommand::CloseConnection(connection_id, reply))
+    }
+
+    /// Opens one more connection, up to `max_connections`. Returns its id.
+    pub fn open_connection(&self) -> Result<u64> {
+        self.ask(PoolCommand::AddConnection)
+    }
+
+    /// The current run-time settings.
+    pub fn settings(&self) -> PoolSettings {
+        *self.inner.settings.read()
+    }
+
+    /// Changes pool sizes and strategy at run time. A larger `min_connections` opens
+    /// connections at once; a smaller one closes the surplus.
+    pub fn reconfigure(&self, settings: PoolSettings) -> Result<()> {
+        self.ask(|reply| PoolCommand::Reconfigure(settings, reply))
+    }
+
+    /// Round-trip times of answered requests.
+    pub fn request_latency(&self) -> LatencyHistogram {
+        self.inner.counters.request_latency.snapshot()
+    }
+
+    /// Each server with its circuit breaker state.
+    pub fn servers(&self) -> Vec<ServerSnapshot> {
+        self.inner.servers.read().clone()
+    }
+
+    /// The health level with its reasons and recent history (see `HealthLevel` for
+    /// the rules).
+    pub fn health(&self) -> HealthReport {
+        self.inner.health.lock().report()
+    }
+
+    /// Every live connection with its state and counters.
+    pub fn connections(&self) -> Vec<ConnectionSnapshot> {
+        let connections = self.inner.connections.read();
+        connections
+            .iter()
+            .map(|info| {
+                let stats = &info.stats;
+                let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+                let state = stats.state();
+                ConnectionSnapshot {
+                    id: info.id,
+                    server: info.server.clone(),
+                    state: state.as_str(),
+                    ready: state == ConnectionState::Ready,
+                    subscriptions: info.subscriptions.clone(),
+                    last_activity_ms: load(&stats.last_activity_ms),
+                    error_count: load(&stats.errors),
+                    malformed_frames: load(&stats.malformed),
+                    messages_received: load(&stats.messages_received),
+                    messages_sent: load(&stats.messages_sent),
+                    bytes_received: load(&stats.bytes_received),
+                    bytes_sent: load(&stats.bytes_sent),
+                    blocked_ms: load(&stats.blocked_ns) / 1_000_000,
+                }
+            })
+            .collect()
+    }
+
+    /// Closes the pool: every connection sends a close frame, every thread is
+    /// joined, pending requests fail with [`Error::Closed`]. Messages already queued
+    /// stay readable. Idempotent.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        let http = self.inner.http.lock().take();
+        if let Some(mut http) = http {
+            http.stop();
+        }
+        let thread = self.inner.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = self.inner.commands.send(PoolCommand::Shutdown);
+            if thread.join().is_err() {
+                log::error!("the pool thread panicked");
+            }
+        }
+    }
+
+    /// True once [`Pool::close`] has begun.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closing.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self.owner {
+            self.close();
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where one desired channel lives.
+#[derive(Debug, Default, Clone)]
+struct Placement {
+    owner: Option<u64>,
+    confirmed: bool,
+}
+
+/// One of the `min_connections` places the pool keeps filled.
+struct Slot {
+    connection: Option<u64>,
+    /// The server of the current (or last) connection.
+    server_index: Option<usize>,
+    /// Consecutive failed attempts since the last stable session.
+    failures: u32,
+    retry_at: Option<Instant>,
+    ready_since: Option<Instant>,
+    given_up: bool,
+    /// The connection was closed through the API: replace it although the close
+    /// was requested.
+    refill_after_close: bool,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            connection: None,
+            server_index: None,
+            failures: 0,
+            retry_at: Some(Instant::now()),
+            ready_since: None,
+            given_up: false,
+            refill_after_close: false,
+        }
+    }
+}
+
+struct PoolThread {
+    inner: Arc<PoolInner>,
+    context: Arc<WorkerContext>,
+    commands: Receiver<PoolCommand>,
+    reports: Receiver<Report>,
+    slots: Vec<Slot>,
+    connections: HashMap<u64, ConnectionHandle>,
+    ready: Vec<u64>,
+    desired: BTreeMap<Arc<str>, Placement>,
+    servers: Vec<ServerState>,
+    next_connection_id: u64,
+    next_command_id: u64,
+    round_robin_next: usize,
+}
+
+impl PoolThread {
+    fn new(
+        inner: Arc<PoolInner>,
+        context: Arc<WorkerContext>,
+        commands: Receiver<PoolCommand>,
+        reports: Receiver<Report>,
+        servers: Vec<ServerState>,
+    ) -> PoolThread {
+        PoolThread {
+            inner,
+            context,
+            commands,
+            reports,
+            slots: Vec::new(),
+            connections: HashMap::new(),
+            ready: Vec::new(),
+            desired: BTreeMap::new(),
+            servers,
+            next_connection_id: 1,
+            next_command_id: 1,
+            round_robin_next: 0,
+        }
+    }
+
+    fn run(mut self) {
+        let min = self.inner.config.pool.min_connections as usize;
+        for _ in 0..min {
+            self.slots.push(Slot::new());
+        }
+        if min == 0 {
+            self.mark_initialized();
+        }
+        self.publish_servers();
+        loop {
+            self.start_due_slots();
+            self.reset_stable_backoffs();
+            self.assess_health();
+            let timeout = self
+                .next_timer()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = timeout
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            select! {
+                recv(self.commands) -> command => match command {
+                    Ok(PoolCommand::Shutdown) | Err(_) => break,
+                    Ok(PoolCommand::Subscribe(channel)) => self.subscribe(channel),
+                    Ok(PoolCommand::Unsubscribe(channel)) => self.unsubscribe(channel),
+                    Ok(PoolCommand::CloseConnection(id, reply)) => {
+                        let _ = reply.send(self.close_connection(id));
+                    }
+                    Ok(PoolCommand::AddConnection(reply)) => {
+                        let _ = reply.send(self.add_slot());
+                    }
+                    Ok(PoolCommand::Reconfigure(settings, reply)) => {
+                        let _ = reply.send(self.reconfigure(settings));
+                    }
+                },
+                recv(self.reports) -> report => {
+                    if let Ok(report) = report {
+                        self.handle_report(report);
+                    }
+                },
+                default(timeout) => {}
+            }
+        }
+        self.shutdown();
+    }
+
+    fn close_connection(&mut self, connection_id: u64) -> Result<()> {
+        let handle = self.connections.get(&connection_id).ok_or_else(|| {
+            Error::InvalidArgument(format!("no connection with id {connection_id}"))
+        })?;
+        // Not `requested`: the worker reports it as closed by request, but the slot is
+        // refilled because only `Reconfigure` shrinks the pool.
+        handle.send(Command::Close).map_err(|_| {
+            Error::InvalidArgument(format!("connection {connection_id} is already closing"))
+        })?;
+        if let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|slot| slot.connection == Some(connection_id))
+        {
+            slot.refill_after_close = true;
+        }
+        self.inner.events.push(
+            Event::new("closing")
+                .connection(connection_id)
+                .message("closed through the API"),
+        );
+        Ok(())
+    }
+
+    fn add_slot(&mut self) -> Result<u64> {
+        let max = self.inner.settings.read().max_connections as usize;
+        if self.slots.len() >= max {
+            return Err(Error::InvalidArgument(format!(
+                "the pool already has max_connections ({max}) connections"
+            )));
+        }
+        self.slots.push(Slot::new());
+        let index = self.slots.len() - 1;
+        self.start_connection(index);
+        self.slots[index]
+            .connection
+            .ok_or_else(|| Error::Io("no server admits a connection now (circuit open)".into()))
+    }
+
+    fn reconfigure(&mut self, settings: PoolSettings) -> Result<()> {
+        if settings.max_connections == 0 || settings.max_connections > 10_000 {
+            return Err(Error::Config(format!(
+                "pool.max_connections: {} is outside 1..=10000",
+                settings.max_connections
+            )));
+        }
+        if settings.min_connections > settings.max_connections {
+            return Err(Error::Config(format!(
+                "pool.min_connections: {} is greater than pool.max_connections ({})",
+                settings.min_connections, settings.max_connections
+            )));
+        }
+        *self.inner.settings.write() = settings;
+        let wanted = settings.min_connections as usize;
+        while self.slots.len() < wanted {
+            self.slots.push(Slot::new());
+        }
+        // Shrink from the newest slots; their channels fail over when they close.
+        while self.slots.len() > wanted {
+            let Some(slot) = self.slots.pop() else { break };
+            if let Some(id) = slot.connection {
+                if let Some(handle) = self.connections.get(&id) {
+                    let _ = handle.send(Command::Close);
+                }
+            }
+        }
+        self.inner
+            .events
+            .push(Event::new("reconfigured").message(format!(
+                "min_connections {}, max_connections {}, strategy {:?}",
+                settings.min_connections, settings.max_connections, settings.strategy
+            )));
+        Ok(())
+    }
+
+    /// A server for a new connection, by `strategy`, among servers whose breaker
+    /// admits one.
+    fn pick_server(&mut self) -> Option<usize> {
+        let config = &self.inner.config;
+        let strategy = self.inner.settings.read().strategy;
+        let (chosen, changes) = choose_server(
+            &mut self.servers,
+            strategy,
+            &mut self.round_robin_next,
+            &config.circuit_breaker,
+            Instant::now(),
+        );
+        for (index, change) in changes {
+            self.breaker_event(index, change);
+        }
+        chosen
+    }
+
+    fn breaker_event(&self, server_index: usize, change: BreakerChange) {
+        let server = &self.servers[server_index];
+        let (kind, message) = match change {
+            BreakerChange::Opened => (
+                "circuit_open",
+                format!(
+                    "{} consecutive failures; no connects for {} ms",
+                    server.consecutive_failures,
+                    self.inner.config.circuit_breaker.recovery_timeout_ms
+                ),
+            ),
+            BreakerChange::HalfOpened => {
+                ("circuit_half_open", "trial connects allowed".to_string())
+            }
+            BreakerChange::Closed => ("circuit_closed", "a trial connect succeeded".to_string()),
+        };
+        self.inner
+            .events
+            .push(Event::new(kind).server(&server.id).message(message));
+    }
+
+    fn publish_servers(&self) {
+        *self.inner.servers.write() = self.servers.iter().map(ServerState::snapshot).collect();
+    }
+
+    fn assess_health(&self) {
+        let inputs = HealthInputs {
+            closed: self.inner.closing.load(Ordering::Acquire),
+            ready: self.ready.len(),
+            min_connections: self.inner.settings.read().min_connections as usize,
+            subscriptions: self.desired.len(),
+            subscriptions_active: self.desired.values().filter(|p| p.confirmed).count(),
+            servers: self.servers.len(),
+            servers_open: self
+                .servers
+                .iter()
+                .filter(|server| server.reopens_at().is_some())
+                .count(),
+            servers_not_closed: self
+                .servers
+                .iter()
+                .filter(|server| server.breaker != servers::Breaker::Closed)
+                .count(),
+            slots: self.slots.len(),
+            slots_given_up: self.slots.iter().filter(|slot| slot.given_up).count(),
+            stale_connections: self
+                .connections
+                .values()
+                .filter(|handle| handle.stats.is_stale())
+                .count(),
+        };
+        let (level, reasons) = health::assess(&inputs);
+        let ts_ms = Event::new("health").ts_ms;
+        let changed = self
+            .inner
+            .health
+            .lock()
+            .update(level, reasons.clone(), ts_ms);
+        if changed {
+            self.inner.events.push(Event::new("health").message(format!(
+                "{}: {}",
+                level.as_str(),
+                reasons.join("; ")
+            )));
+        }
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let stable = Duration::from_millis(self.inner.config.reconnect.stable_after_ms);
+        let retries = self
+            .slots
+            .iter()
+            .filter(|slot| slot.connection.is_none() && !slot.given_up)
+            .filter_map(|slot| slot.retry_at);
+        let stabilising = self
+            .slots
+            .iter()
+            .filter(|slot| slot.failures > 0)
+            .filter_map(|slot| slot.ready_since.map(|since| since + stable));
+        let breakers = self.servers.iter().filter_map(ServerState::reopens_at);
+        retries.chain(stabilising).chain(breakers).min()
+    }
+
+    fn start_due_slots(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.slots.len() {
+            let slot = &self.slots[index];
+            if slot.connection.is_some() || slot.given_up {
+                continue;
+            }
+            if slot.retry_at.is_some_and(|at| at <= now) {
+                self.start_connection(index);
+            }
+        }
+    }
+
+    /// The backoff resets only after a session stayed ready `stable_after_ms`.
+    fn reset_stable_backoffs(&mut self) {
+        let stable = Duration::from_millis(self.inner.config.reconnect.stable_after_ms);
+        for slot in &mut self.slots {
+            if slot.failures > 0
+                && slot
+                    .ready_since
+                    .is_some_and(|since| since.elapsed() >= stable)
+            {
+                slot.failures = 0;
+            }
+        }
+    }
+
+    fn start_connection(&mut self, slot_index: usize) {
+        let Some(server_index) = self.pick_server() else {
+            // Every breaker is open: wait for the first to admit a trial.
+            let reopen = self
+                .servers
+                .iter()
+                .filter_map(ServerState::reopens_at)
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+            self.slots[slot_index].retry_at = Some(reopen);
+            self.publish_servers();
+            return;
+        };
+        let id = self.next_connection_id;
+        self.next_connection_id += 1;
+        match ConnectionHandle::spawn(Arc::clone(&self.context), id, server_index) {
+            Ok(handle) => {
+                let slot = &mut self.slots[slot_index];
+                slot.connection = Some(id);
+                slot.server_index = Some(server_index);
+                slot.retry_at = None;
+                slot.ready_since = None;
+                self.servers[server_index].attempt_started();
+                self.connections.insert(id, handle);
+                self.publish_connections();
+                self.publish_servers();
+            }
+            Err(err) => {
+                self.inner
+                    .events
+                    .push(Event::new("error").message(format!("starting a connection: {err}")));
+                self.schedule_retry(slot_index, &err.to_string());
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self, slot_index: usize, reason: &str) {
+        let reconnect = &self.inner.config.reconnect;
+        let slot = &mut self.slots[slot_index];
+        slot.failures += 1;
+        if reconnect.max_attempts > 0 && slot.failures > reconnect.max_attempts {
+            slot.given_up = true;
+            slot.retry_at = None;
+            self.inner
+                .events
+                .push(Event::new("gave_up").message(format!(
+                    "{} reconnect attempts failed; last: {reason}",
+                    reconnect.max_attempts
+                )));
+            return;
+        }
+        let delay = backoff::reconnect_delay(reconnect, slot.failures, fastrand::f64());
+        slot.retry_at = Some(Instant::now() + delay);
+        let mut event = Event::new("reconnecting");
+        if let Some(server_index) = slot.server_index {
+            event = event.server(&self.context.servers[server_index].id);
+        }
+        self.inner.events.push(event.message(format!(
+            "attempt {} in {} ms",
+            slot.failures,
+            delay.as_millis()
+        )));
+    }
+
+    fn handle_report(&mut self, report: Report) {
+        match report {
+            Report::Connected { connection_id } => {
+                log::debug!("connection {connection_id}: connected, session starting");
+            }
+            Report::Ready { connection_id } => self.connection_ready(connection_id),
+            Report::Subscribed {
+                connection_id,
+                channel,
+            } => {
+                if let Some(placement) = self.desired.get_mut(channel.as_str()) {
+                    if placement.owner == Some(connection_id) {
+                        placement.confirmed = true;
+                    }
+                }
+                self.publish_connections();
+            }
+            Report::SubscribeFailed {
+                connection_id,
+                channel,
+                reason,
+            } => {
+                log::warn!("connection {connection_id}: subscribing {channel} failed: {reason}");
+                if let Some(placement) = self.desired.get_mut(channel.as_str()) {
+                    if placement.owner == Some(connection_id) {
+                        placement.confirmed = false;
+                    }
+                }
+            }
+            Report::Closed {
+                connection_id,
+                outcome,
+                in_flight,
+            } => {
+                self.ready.retain(|id| *id != connection_id);
+                if let Some(mut handle) = self.connections.remove(&connection_id) {
+                    handle.join();
+                    // A session that never became ready, or was refused, is a failure
+                    // for the server's breaker; a pool-requested close is not.
+                    let failed = !outcome.requested && (!outcome.was_ready || outcome.auth_failed);
+                    let server_index = handle.server_index;
+                    let change = self.servers[server_index].ended(
+                        outcome.was_ready,
+                        failed,
+                        Instant::now(),
+                        &self.inner.config.circuit_breaker,
+                    );
+                    if let Some(change) = change {
+                        self.breaker_event(server_index, change);
+                    }
+                    self.publish_servers();
+                }
+                self.inner
+                    .requests
+                    .connection_lost(connection_id, &in_flight, &outcome.reason);
+                if outcome.auth_failed {
+                    log::warn!("connection {connection_id}: {}", outcome.reason);
+                }
+                self.inner.events.push(
+                    Event::new("closed")
+                        .connection(connection_id)
+                        .message(outcome.reason.clone()),
+                );
+                // Fail over: every channel it carried goes to another ready connection now.
+                let orphans: Vec<Arc<str>> = self
+                    .desired
+                    .iter()
+                    .filter(|(_, placement)| placement.owner == Some(connection_id))
+                    .map(|(channel, _)| Arc::clone(channel))
+                    .collect();
+                for channel in &orphans {
+                    if let Some(placement) = self.desired.get_mut(channel) {
+                        *placement = Placement::default();
+                    }
+                }
+                self.place_unowned();
+                if let Some(slot_index) = self
+                    .slots
+                    .iter()
+                    .position(|slot| slot.connection == Some(connection_id))
+                {
+                    let slot = &mut self.slots[slot_index];
+                    slot.connection = None;
+                    let stable = Duration::from_millis(self.inner.config.reconnect.stable_after_ms);
+                    if slot
+                        .ready_since
+                        .is_some_and(|since| since.elapsed() >= stable)
+                    {
+                        slot.failures = 0;
+                    }
+                    slot.ready_since = None;
+                    let refill = !outcome.requested || std::mem::take(&mut slot.refill_after_close);
+                    if refill && !self.inner.closing.load(Ordering::Acquire) {
+                        if outcome.was_ready {
+                            self.inner
+                                .counters
+                                .reconnects
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.schedule_retry(slot_index, &outcome.reason);
+                    }
+                }
+                self.publish_readiness();
+                self.publish_connections();
+            }
+        }
+    }
+
+    fn connection_ready(&mut self, connection_id: u64) {
+        let Some(handle) = self.connections.get(&connection_id) else {
+            return;
+        };
+        self.inner
+            .requests
+            .add_route(connection_id, handle.command_path());
+        self.ready.push(connection_id);
+        let server_index = handle.server_index;
+        if let Some(change) = self.servers[server_index].succeeded() {
+            self.breaker_event(server_index, change);
+        }
+        self.publish_servers();
+        if let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|slot| slot.connection == Some(connection_id))
+        {
+            slot.ready_since = Some(Instant::now());
+        }
+        self.place_unowned();
+        self.publish_readiness();
+        self.publish_connections();
+    }
+
+    fn publish_readiness(&mut self) {
+        let min = self.inner.settings.read().min_connections as usize;
+        let ready = self.ready.len();
+        let mut readiness = self.inner.readiness.lock();
+        readiness.ready_connections = ready;
+        let newly_initialized = !readiness.initialized && ready >= min.max(1);
+        if newly_initialized {
+            readiness.initialized = true;
+        }
+        drop(readiness);
+        self.inner.readiness_changed.notify_all();
+        if newly_initialized {
+            self.inner
+                .events
+                .push(Event::new("pool_ready").message(format!("{ready} connection(s) ready")));
+        }
+    }
+
+    fn mark_initialized(&mut self) {
+        self.inner.readiness.lock().initialized = true;
+        self.inner.readiness_changed.notify_all();
+        self.inner.events.push(Event::new("pool_ready"));
+    }
+
+    /// Gives every channel without an owner to the ready connection carrying the
+    /// fewest channels.
+    fn place_unowned(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let mut load: HashMap<u64, usize> = self.ready.iter().map(|id| (*id, 0)).collect();
+        for placement in self.desired.values() {
+            if let Some(owner) = placement.owner {
+                if let Some(count) = load.get_mut(&owner) {
+                    *count += 1;
+                }
+            }
+        }
+        let unowned: Vec<Arc<str>> = self
+            .desired
+            .iter()
+            .filter(|(_, placement)| placement.owner.is_none())
+            .map(|(channel, _)| Arc::clone(channel))
+            .collect();
+        for channel in unowned {
+            let Some(target) = self
+                .ready
+                .iter()
+                .copied()
+                .min_by_key(|id| load.get(id).copied().unwrap_or(0))
+            else {
+                return;
+            };
+            let command_id = self.next_command_id;
+            self.next_command_id += 1;
+            let sent = self.connections.get(&target).is_some_and(|handle| {
+                handle
+                    .send(Command::Subscribe {
+                        channel: Arc::clone(&channel),
+                        command_id,
+                    })
+                    .is_ok()
+            });
+            if sent {
+                if let Some(placement) = self.desired.get_mut(&channel) {
+                    placement.owner = Some(target);
+                    placement.confirmed = false;
+                }
+                *load.entry(target).or_insert(0) += 1;
+            }
+        }
+        self.publish_connections();
+    }
+
+    fn subscribe(&mut self, channel: Arc<str>) {
+        if self.desired.contains_key(&channel) {
+            return;
+        }
+        self.desired.insert(channel, Placement::default());
+        self.place_unowned();
+        self.publish_connections();
+    }
+
+    fn unsubscribe(&mut self, channel: Arc<str>) {
+        let Some(placement) = self.desired.remove(&channel) else {
+            return;
+        };
+        if let Some(owner) = placement.owner {
+            let command_id = self.next_command_id;
+            self.next_command_id += 1;
+            if let Some(handle) = self.connections.get(&owner) {
+                let _ = handle.send(Command::Unsubscribe {
+                    channel,
+                    command_id,
+                });
+            }
+        }
+        self.publish_connections();
+    }
+
+    fn publish_connections(&self) {
+        let mut by_owner: HashMap<u64, Vec<String>> = HashMap::new();
+        let mut active = 0;
+        for (channel, placement) in &self.desired {
+            if let Some(owner) = placement.owner {
+                by_owner.entry(owner).or_default().push(channel.to_string());
+            }
+            if placement.confirmed {
+                active += 1;
+            }
+        }
+        let mut infos: Vec<ConnectionInfo> = self
+            .connections
+            .values()
+            .map(|handle| ConnectionInfo {
+                id: handle.id,
+                server: self.context.servers[handle.server_index].id.clone(),
+                stats: Arc::clone(&handle.stats),
+                subscriptions: by_owner.remove(&handle.id).unwrap_or_default(),
+            })
+            .collect();
+        infos.sort_by_key(|info| info.id);
+        *self.inner.connections.write() = infos;
+        *self.inner.subscription_counts.write() = (self.desired.len(), active);
+    }
+
+    fn shutdown(&mut self) {
+        self.inner.closing.store(true, Ordering::Release);
+        // Ask everyone first so the close handshakes run in parallel, then join.
+        for handle in self.connections.values() {
+            let _ = handle.send(Command::Close);
+        }
+        for (_, mut handle) in self.connections.drain() {
+            handle.join();
+        }
+        self.inner.requests.close_all();
+        self.inner.queue.close();
+        {
+            let mut readiness = self.inner.readiness.lock();
+            readiness.closed = true;
+            readiness.ready_connections = 0;
+        }
+        self.inner.readiness_changed.notify_all();
+        self.ready.clear();
+        self.publish_connections();
+        self.assess_health();
+        self.inner.events.push(Event::new("pool_closed"));
+    }
+}

@@ -1,0 +1,255 @@
+//! In-flight requests: routing to ready connections and correlation of replies.
+//!
+//! Callers submit here and wait on their own reply channel; workers complete entries
+//! directly, so a reply never passes through the pool thread. Dispatch happens under
+//! the table's lock, and a dead connection's command channel refuses sends, so an entry
+//! is always either waiting for a connection, queued on exactly one live one, or done.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+
+use crate::connection::{Command, CommandPath};
+use crate::error::Error;
+
+/// What a caller receives.
+pub(crate) type Outcome = Result<Vec<u8>, Error>;
+
+struct Route {
+    connection_id: u64,
+    path: CommandPath,
+    in_flight: usize,
+}
+
+struct Pending {
+    payload: Arc<[u8]>,
+    idempotent: bool,
+    /// Times the request was handed to a connection.
+    sends: u32,
+    connection: Option<u64>,
+    reply: Sender<Outcome>,
+}
+
+struct TableState {
+    entries: HashMap<u64, Pending>,
+    /// Ready connections, in the order they became ready.
+    routes: Vec<Route>,
+    closed: bool,
+}
+
+/// The table of requests awaiting a reply.
+pub(crate) struct RequestTable {
+    // Guards entries, routes and the closed flag together, so routing is atomic.
+    state: Mutex<TableState>,
+}
+
+/// Where a request stood when its caller gave up on it.
+pub(crate) enum Abandoned {
+    /// No connection was ready during the whole wait.
+    NeverSent,
+    /// Sent (or queued) on this connection.
+    On(u64),
+    /// Completed meanwhile: the reply is in the caller's channel.
+    AlreadyDone,
+}
+
+impl RequestTable {
+    pub fn new() -> RequestTable {
+        RequestTable {
+            state: Mutex::new(TableState {
+                entries: HashMap::new(),
+                routes: Vec::new(),
+                closed: false,
+            }),
+        }
+    }
+
+    /// Registers a request and hands it to the least busy ready connection, or keeps
+    /// it waiting for one.
+    pub fn submit(
+        &self,
+        request_id: u64,
+        payload: Arc<[u8]>,
+        idempotent: bool,
+        reply: Sender<Outcome>,
+    ) -> Result<(), Error> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Err(Error::Closed);
+        }
+        state.entries.insert(
+            request_id,
+            Pending {
+                payload,
+                idempotent,
+                sends: 0,
+                connection: None,
+                reply,
+            },
+        );
+        dispatch(&mut state, request_id);
+        Ok(())
+    }
+
+    /// A worker's reply. Ignored unless the entry is still on that connection.
+    pub fn complete(&self, request_id: u64, connection_id: u64, outcome: Outcome) {
+        let mut state = self.state.lock();
+        let on_this = state
+            .entries
+            .get(&request_id)
+            .is_some_and(|entry| entry.connection == Some(connection_id));
+        if !on_this {
+            return;
+        }
+        if let Some(entry) = state.entries.remove(&request_id) {
+            release_route(&mut state, connection_id);
+            let _ = entry.reply.send(outcome);
+        }
+    }
+
+    /// The caller timed out: forget the request.
+    pub fn abandon(&self, request_id: u64) -> Abandoned {
+        let mut state = self.state.lock();
+        match state.entries.remove(&request_id) {
+            None => Abandoned::AlreadyDone,
+            Some(entry) => match entry.connection {
+                None => Abandoned::NeverSent,
+                Some(connection_id) => {
+                    release_route(&mut state, connection_id);
+                    if let Some(route) = state
+                        .routes
+                        .iter()
+                        .find(|route| route.connection_id == connection_id)
+                    {
+                        let _ = route.path.send(Command::Cancel { request_id });
+                    }
+                    Abandoned::On(connection_id)
+                }
+            },
+        }
+    }
+
+    /// A connection became ready: route to it, starting with waiting requests.
+    pub fn add_route(&self, connection_id: u64, path: CommandPath) {
+        let mut state = self.state.lock();
+        if state.closed {
+            return;
+        }
+        state.routes.push(Route {
+            connection_id,
+            path,
+            in_flight: 0,
+        });
+        let waiting: Vec<u64> = state
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.connection.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for request_id in waiting {
+            dispatch(&mut state, request_id);
+        }
+    }
+
+    /// A connection died. Requests that were written to it fail with
+    /// `ConnectionLost` unless idempotent (then they are re-sent once elsewhere);
+    /// requests that never reached it are re-routed.
+    pub fn connection_lost(&self, connection_id: u64, in_flight: &HashSet<u64>, reason: &str) {
+        let mut state = self.state.lock();
+        state
+            .routes
+            .retain(|route| route.connection_id != connection_id);
+        let affected: Vec<u64> = state
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.connection == Some(connection_id))
+            .map(|(id, _)| *id)
+            .collect();
+        for request_id in affected {
+            let written = in_flight.contains(&request_id);
+            let retry = match state.entries.get_mut(&request_id) {
+                Some(entry) => {
+                    entry.connection = None;
+                    !written || (entry.idempotent && entry.sends < 2)
+                }
+                None => continue,
+            };
+            if retry {
+                dispatch(&mut state, request_id);
+            } else if let Some(entry) = state.entries.remove(&request_id) {
+                let _ = entry.reply.send(Err(Error::ConnectionLost {
+                    connection_id,
+                    reason: reason.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// Fails every request with `Closed` and refuses new ones.
+    pub fn close_all(&self) {
+        let mut state = self.state.lock();
+        state.closed = true;
+        state.routes.clear();
+        for (_, entry) in state.entries.drain() {
+            let _ = entry.reply.send(Err(Error::Closed));
+        }
+    }
+
+    /// Requests awaiting a reply (sent or waiting for a connection).
+    pub fn pending(&self) -> usize {
+        self.state.lock().entries.len()
+    }
+
+    /// Ready connections with at least one request in flight.
+    pub fn busy_connections(&self) -> usize {
+        let state = self.state.lock();
+        state
+            .routes
+            .iter()
+            .filter(|route| route.in_flight > 0)
+            .count()
+    }
+}
+
+fn release_route(state: &mut TableState, connection_id: u64) {
+    if let Some(route) = state
+        .routes
+        .iter_mut()
+        .find(|route| route.connection_id == connection_id)
+    {
+        route.in_flight = route.in_flight.saturating_sub(1);
+    }
+}
+
+/// Hands one entry to the least busy route; leaves it waiting when there is none.
+fn dispatch(state: &mut TableState, request_id: u64) {
+    loop {
+        let Some(index) = state
+            .routes
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, route)| route.in_flight)
+            .map(|(index, _)| index)
+        else {
+            return;
+        };
+        let Some(entry) = state.entries.get_mut(&request_id) else {
+            return;
+        };
+        let route = &mut state.routes[index];
+        let command = Command::Request {
+            request_id,
+            payload: Arc::clone(&entry.payload),
+        };
+        if route.path.send(command).is_ok() {
+            entry.connection = Some(route.connection_id);
+            entry.sends += 1;
+            route.in_flight += 1;
+            return;
+        }
+        // The worker is gone; its Closed report will follow.
+        state.routes.remove(index);
+    }
+}

@@ -1,0 +1,357 @@
+//! Per-server state kept by the pool thread: the circuit breaker and live connection
+//! count, and the choice of server for a new connection (`strategy`).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{CircuitBreakerConfig, Strategy};
+
+/// A server's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Breaker {
+    /// Connects allowed.
+    Closed,
+    /// Too many consecutive failures: no connects until `until`.
+    Open { until: Instant },
+    /// Trial connects allowed, `trials` of them under way.
+    HalfOpen { trials: u32 },
+}
+
+impl Breaker {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Breaker::Closed => "closed",
+            Breaker::Open { .. } => "open",
+            Breaker::HalfOpen { .. } => "half_open",
+        }
+    }
+}
+
+/// One server as the pool thread sees it.
+#[derive(Debug)]
+pub(crate) struct ServerState {
+    pub id: String,
+    pub weight: u32,
+    pub breaker: Breaker,
+    pub consecutive_failures: u32,
+    /// Live connections (any state) to this server.
+    pub connections: usize,
+    pub ready_connections: usize,
+}
+
+/// A breaker transition worth an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BreakerChange {
+    Opened,
+    HalfOpened,
+    Closed,
+}
+
+/// Public view of one server, for stats and the admin API.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServerSnapshot {
+    /// The server's id.
+    pub id: String,
+    /// `closed`, `open` or `half_open`.
+    pub circuit: &'static str,
+    /// Failed attempts in a row.
+    pub consecutive_failures: u32,
+    /// Live connections to it.
+    pub connections: usize,
+    /// Ready connections to it.
+    pub ready_connections: usize,
+}
+
+impl ServerState {
+    pub fn new(id: String, weight: u32) -> ServerState {
+        ServerState {
+            id,
+            weight,
+            breaker: Breaker::Closed,
+            consecutive_failures: 0,
+            connections: 0,
+            ready_connections: 0,
+        }
+    }
+
+    pub fn snapshot(&self) -> ServerSnapshot {
+        ServerSnapshot {
+            id: self.id.clone(),
+            circuit: self.breaker.as_str(),
+            consecutive_failures: self.consecutive_failures,
+            connections: self.connections,
+            ready_connections: self.ready_connections,
+        }
+    }
+
+    /// May a new connection attempt start now? Moves an expired open breaker to
+    /// half-open (reported through the returned change).
+    fn admits(
+        &mut self,
+        now: Instant,
+        config: &CircuitBreakerConfig,
+    ) -> (bool, Option<BreakerChange>) {
+        match self.breaker {
+            Breaker::Closed => (true, None),
+            Breaker::Open { until } if now >= until => {
+                self.breaker = Breaker::HalfOpen { trials: 0 };
+                (
+                    config.half_open_max_calls > 0,
+                    Some(BreakerChange::HalfOpened),
+                )
+            }
+            Breaker::Open { .. } => (false, None),
+            Breaker::HalfOpen { trials } => (trials < config.half_open_max_calls.max(1), None),
+        }
+    }
+
+    /// A connection attempt to this server starts.
+    pub fn attempt_started(&mut self) {
+        self.connections += 1;
+        if let Breaker::HalfOpen { trials } = &mut self.breaker {
+            *trials += 1;
+        }
+    }
+
+    /// A session reached READY.
+    pub fn succeeded(&mut self) -> Option<BreakerChange> {
+        self.consecutive_failures = 0;
+        self.ready_connections += 1;
+        let change = (self.breaker != Breaker::Closed).then_some(BreakerChange::Closed);
+        self.breaker = Breaker::Closed;
+        change
+    }
+
+    /// A connection ended. `failed` when it never became ready, was refused
+    /// authentication, or died right after becoming ready.
+    pub fn ended(
+        &mut self,
+        was_ready: bool,
+        failed: bool,
+        now: Instant,
+        config: &CircuitBreakerConfig,
+    ) -> Option<BreakerChange> {
+        self.connections = self.connections.saturating_sub(1);
+        if was_ready {
+            self.ready_connections = self.ready_connections.saturating_sub(1);
+        }
+        if !failed {
+            return None;
+        }
+        self.consecutive_failures += 1;
+        let recovery = Duration::from_millis(config.recovery_timeout_ms);
+        match self.breaker {
+            Breaker::HalfOpen { .. } => {
+                self.breaker = Breaker::Open {
+                    until: now + recovery,
+                };
+                Some(BreakerChange::Opened)
+            }
+            Breaker::Closed if self.consecutive_failures >= config.failure_threshold.max(1) => {
+                self.breaker = Breaker::Open {
+                    until: now + recovery,
+                };
+                Some(BreakerChange::Opened)
+            }
+            _ => None,
+        }
+    }
+
+    /// When an open breaker will admit a trial.
+    pub fn reopens_at(&self) -> Option<Instant> {
+        match self.breaker {
+            Breaker::Open { until } => Some(until),
+            _ => None,
+        }
+    }
+}
+
+/// Chooses a server for a new connection among those whose breaker admits one.
+/// Returns the index and any breaker changes made while looking.
+pub(crate) fn choose_server(
+    servers: &mut [ServerState],
+    strategy: Strategy,
+    round_robin_next: &mut usize,
+    config: &CircuitBreakerConfig,
+    now: Instant,
+) -> (Option<usize>, Vec<(usize, BreakerChange)>) {
+    let mut changes = Vec::new();
+    let mut candidates = Vec::new();
+    for (index, server) in servers.iter_mut().enumerate() {
+        let (admitted, change) = server.admits(now, config);
+        if let Some(change) = change {
+            changes.push((index, change));
+        }
+        if admitted {
+            candidates.push(index);
+        }
+    }
+    if candidates.is_empty() {
+        return (None, changes);
+    }
+    let chosen = match strategy {
+        Strategy::RoundRobin => {
+            // The next candidate at or after the cursor, so open servers are skipped.
+            let count = servers.len();
+            let start = *round_robin_next % count;
+            let pick = (0..count)
+                .map(|offset| (start + offset) % count)
+                .find(|index| candidates.contains(index))
+                .unwrap_or(candidates[0]);
+            *round_robin_next = pick + 1;
+            pick
+        }
+        Strategy::LeastConnections => *candidates
+            .iter()
+            .min_by_key(|index| (servers[**index].connections, **index))
+            .unwrap_or(&candidates[0]),
+        Strategy::Weighted => {
+            let total: u64 = candidates
+                .iter()
+                .map(|index| u64::from(servers[*index].weight.max(1)))
+                .sum();
+            let mut draw = fastrand::u64(0..total.max(1));
+            let mut pick = candidates[0];
+            for index in &candidates {
+                let weight = u64::from(servers[*index].weight.max(1));
+                if draw < weight {
+                    pick = *index;
+                    break;
+                }
+                draw -= weight;
+            }
+            pick
+        }
+        Strategy::Random => candidates[fastrand::usize(0..candidates.len())],
+    };
+    (Some(chosen), changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker_config() -> CircuitBreakerConfig {
+        CircuitBreakerConfig {
+            failure_threshold: 2,
+            recovery_timeout_ms: 1000,
+            half_open_max_calls: 1,
+        }
+    }
+
+    fn servers(count: usize) -> Vec<ServerState> {
+        (0..count)
+            .map(|index| ServerState::new(format!("s{index}"), 1))
+            .collect()
+    }
+
+    #[test]
+    fn breaker_opens_after_threshold_then_half_opens_then_closes() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut server = ServerState::new("a".into(), 1);
+        server.attempt_started();
+        assert_eq!(server.ended(false, true, now, &config), None);
+        server.attempt_started();
+        assert_eq!(
+            server.ended(false, true, now, &config),
+            Some(BreakerChange::Opened)
+        );
+        assert_eq!(server.admits(now, &config), (false, None));
+        let later = now + Duration::from_millis(1001);
+        assert_eq!(
+            server.admits(later, &config),
+            (true, Some(BreakerChange::HalfOpened))
+        );
+        server.attempt_started();
+        assert_eq!(
+            server.admits(later, &config),
+            (false, None),
+            "one trial at a time"
+        );
+        assert_eq!(server.succeeded(), Some(BreakerChange::Closed));
+        assert_eq!(server.breaker, Breaker::Closed);
+    }
+
+    #[test]
+    fn failed_trial_reopens_the_breaker() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut server = ServerState::new("a".into(), 1);
+        server.breaker = Breaker::HalfOpen { trials: 1 };
+        assert_eq!(
+            server.ended(false, true, now, &config),
+            Some(BreakerChange::Opened)
+        );
+        assert_eq!(server.reopens_at(), Some(now + Duration::from_millis(1000)));
+    }
+
+    #[test]
+    fn round_robin_skips_open_servers() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut list = servers(3);
+        list[1].breaker = Breaker::Open {
+            until: now + Duration::from_secs(60),
+        };
+        let mut cursor = 0;
+        let picks: Vec<usize> = (0..4)
+            .map(|_| {
+                choose_server(&mut list, Strategy::RoundRobin, &mut cursor, &config, now)
+                    .0
+                    .expect("a server")
+            })
+            .collect();
+        assert_eq!(picks, vec![0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn least_connections_and_weighted() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut list = servers(3);
+        list[0].connections = 2;
+        list[1].connections = 0;
+        list[2].connections = 1;
+        let mut cursor = 0;
+        let (pick, _) = choose_server(
+            &mut list,
+            Strategy::LeastConnections,
+            &mut cursor,
+            &config,
+            now,
+        );
+        assert_eq!(pick, Some(1));
+        let mut weighted = servers(2);
+        weighted[0].weight = 1;
+        weighted[1].weight = 9;
+        let heavy = (0..2000)
+            .filter(|_| {
+                choose_server(&mut weighted, Strategy::Weighted, &mut cursor, &config, now).0
+                    == Some(1)
+            })
+            .count();
+        assert!(
+            (1600..=1990).contains(&heavy),
+            "weight 9 of 10 picked {heavy} of 2000"
+        );
+    }
+
+    #[test]
+    fn no_server_when_every_breaker_is_open() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut list = servers(2);
+        for server in &mut list {
+            server.breaker = Breaker::Open {
+                until: now + Duration::from_secs(5),
+            };
+        }
+        let mut cursor = 0;
+        assert_eq!(
+            choose_server(&mut list, Strategy::Random, &mut cursor, &config, now).0,
+            None
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Pool-wide counters, shared codec state, and the stats snapshot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+use serde::Serialize;
+
+/// Totals that outlive individual connections; workers add to them per batch.
+#[derive(Debug, Default)]
+pub(crate) struct PoolCounters {
+    pub frames_received: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub dropped: AtomicU64,
+    pub blocked_ns: AtomicU64,
+    pub malformed: AtomicU64,
+    pub sequence_gaps: AtomicU64,
+    pub requests_sent: AtomicU64,
+    pub requests_failed: AtomicU64,
+    pub requests_timed_out: AtomicU64,
+    pub request_latency: LatencyCounters,
+}
+
+/// Upper bounds (microseconds) of the request latency histogram buckets.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// Request round-trip times: successful replies and venue errors, not timeouts.
+#[derive(Debug, Default)]
+pub(crate) struct LatencyCounters {
+    /// One counter per bound, plus one for larger values.
+    buckets: [AtomicU64; 15],
+    sum_us: AtomicU64,
+}
+
+impl LatencyCounters {
+    pub fn record(&self, elapsed_us: u64) {
+        let index = LATENCY_BOUNDS_US
+            .iter()
+            .position(|bound| elapsed_us <= *bound)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(elapsed_us, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> LatencyHistogram {
+        LatencyHistogram {
+            bounds_us: LATENCY_BOUNDS_US.to_vec(),
+            counts: self
+                .buckets
+                .iter()
+                .map(|bucket| bucket.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A histogram of request round-trip times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LatencyHistogram {
+    /// Upper bound of each bucket, in microseconds.
+    pub bounds_us: Vec<u64>,
+    /// Requests per bucket (not cumulative); one more entry than `bounds_us` for
+    /// the requests above the last bound.
+    pub counts: Vec<u64>,
+    /// Sum of all recorded times, in microseconds.
+    pub sum_us: u64,
+}
+
+/// Shared state reported by codecs (`SHARED` records), one value per key.
+#[derive(Debug, Default)]
+pub(crate) struct SharedData {
+    // Guards the key → value map; written rarely, read by stats and callers.
+    values: RwLock<HashMap<String, Vec<u8>>>,
+}
+
+impl SharedData {
+    pub fn set(&self, key: String, value: Vec<u8>) {
+        self.values.write().insert(key, value);
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.values.read().get(key).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.values.read().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.read().is_empty()
+    }
+}
+
+/// A snapshot of the pool's state (`GET /api/v1/pool/stats`, `stats()` everywhere).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Live connections in any state.
+    pub total_connections: usize,
+    /// Connections whose session is ready.
+    pub ready_connections: usize,
+    /// Ready connections with at least one request in flight.
+    pub busy_connections: usize,
+    /// Requests awaiting a reply (sent, or waiting for a ready connection).
+    pub pending_requests: usize,
+    /// Configured minimum.
+    pub min_connections: u32,
+    /// Configured maximum.
+    pub max_connections: u32,
+    /// `pool_ready` has fired: the initial connections were ready once.
+    pub initialized: bool,
+    /// A codec has reported shared state (schema, instruments, ...).
+    pub has_shared_data: bool,
+    /// Data messages handed to the consumer queue.
+    pub messages_received: u64,
+    /// Frames read from upstream (data, replies and control messages of the codec).
+    pub frames_received: u64,
+    /// Frames written upstream.
+    pub messages_sent: u64,
+    /// Payload bytes read from upstream.
+    pub bytes_received: u64,
+    /// Payload bytes written upstream.
+    pub bytes_sent: u64,
+    /// Connections replaced after they ended unexpectedly.
+    pub reconnects: u64,
+    /// Desired subscriptions.
+    pub subscriptions: usize,
+    /// Subscriptions confirmed by a ready connection.
+    pub subscriptions_active: usize,
+    /// Messages waiting in the consumer queue.
+    pub queue_depth: usize,
+    /// Capacity of the consumer queue.
+    pub queue_capacity: usize,
+    /// Messages dropped by the overflow policy.
+    pub dropped_messages: u64,
+    /// Milliseconds workers spent blocked on a full queue (slow consumer).
+    pub blocked_ms: u64,
+    /// Inbound frames the codec could not understand.
+    pub malformed_frames: u64,
+    /// Sequence gaps reported by the codec.
+    pub sequence_gaps: u64,
+    /// Requests that timed out.
+    pub requests_timed_out: u64,
+    /// Requests that failed (remote error, connection lost).
+    pub requests_failed: u64,
+    /// Keys of shared data.
+    pub shared_keys: Vec<String>,
+    /// Events dropped because nobody read them.
+    pub events_dropped: u64,
+}

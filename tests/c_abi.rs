@@ -1,0 +1,337 @@
+//! The C ABI as a C caller uses it, including misuse: NULL handles, bad UTF-8, bad
+//! config, each giving an error code and a message, never a crash.
+
+mod support;
+
+use std::ffi::{c_char, CStr, CString};
+use std::net::SocketAddr;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use support::watchdog;
+use wirepool::ffi::*;
+use wirepool::simulator::{Simulator, SimulatorConfig};
+
+fn last_error() -> String {
+    // SAFETY: wirepool_last_error always returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(wirepool_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn bytes_of(bytes: *mut wirepool_bytes) -> Vec<u8> {
+    // SAFETY: `bytes` came from wirepool and is freed right here, once.
+    unsafe {
+        let data =
+            std::slice::from_raw_parts(wirepool_bytes_data(bytes), wirepool_bytes_len(bytes))
+                .to_vec();
+        wirepool_bytes_free(bytes);
+        data
+    }
+}
+
+fn open_pool(url: &str) -> *mut wirepool_pool {
+    let config = CString::new(format!(
+        r#"{{"servers":[{{"url":"{url}"}}],"pool":{{"min_connections":2,"max_connections":2}}}}"#
+    ))
+    .expect("no NUL");
+    let mut pool = ptr::null_mut();
+    // SAFETY: valid string and out-pointer.
+    let code = unsafe { wirepool_pool_new(config.as_ptr(), &mut pool) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    assert!(!pool.is_null());
+    pool
+}
+
+#[test]
+fn null_arguments_get_an_error_code_and_a_message() {
+    let mut pool = ptr::null_mut();
+    // SAFETY: these calls are exactly the misuse under test; wirepool must check.
+    unsafe {
+        assert_eq!(
+            wirepool_pool_new(ptr::null(), &mut pool),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("config_json is NULL"),
+            "{}",
+            last_error()
+        );
+        assert!(pool.is_null(), "out-parameter written on failure");
+        let config = c"{}";
+        assert_eq!(
+            wirepool_pool_new(config.as_ptr(), ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert_eq!(
+            wirepool_pool_subscribe(ptr::null(), c"x".as_ptr()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("pool is NULL"));
+        assert_eq!(
+            wirepool_pool_wait_ready(ptr::null(), 10),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        let mut count = 0usize;
+        assert_eq!(
+            wirepool_pool_poll(ptr::null(), ptr::null_mut(), 0, &mut count),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        let mut reply = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_request(ptr::null(), ptr::null(), 0, 0, 0, &mut reply),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert_eq!(
+            wirepool_pool_close(ptr::null()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        // The _free functions and accessors accept NULL.
+        wirepool_pool_free(ptr::null_mut());
+        wirepool_batch_free(ptr::null_mut());
+        wirepool_bytes_free(ptr::null_mut());
+        assert!(wirepool_batch_messages(ptr::null()).is_null());
+        assert!(wirepool_bytes_data(ptr::null()).is_null());
+        assert_eq!(wirepool_bytes_len(ptr::null()), 0);
+        let mut batch = ptr::null_mut();
+        assert_eq!(
+            wirepool_batch_new(0, &mut batch),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("capacity 0"));
+    }
+}
+
+#[test]
+fn invalid_utf8_and_bad_config_are_reported() {
+    let mut pool = ptr::null_mut();
+    let bad_utf8: [u8; 4] = [b'{', 0xff, b'}', 0];
+    // SAFETY: NUL-terminated buffers and a valid out-pointer.
+    unsafe {
+        assert_eq!(
+            wirepool_pool_new(bad_utf8.as_ptr().cast::<c_char>(), &mut pool),
+            wirepool_result::WIREPOOL_ERR_INVALID_UTF8
+        );
+        assert!(last_error().contains("not valid UTF-8"), "{}", last_error());
+
+        let config = cr#"{"servers":[{"url":"ws://127.0.0.1:1"}],"pool":{"min_connections":5,"max_connections":2}}"#;
+        assert_eq!(
+            wirepool_pool_new(config.as_ptr(), &mut pool),
+            wirepool_result::WIREPOOL_ERR_CONFIG
+        );
+        let text = last_error();
+        assert!(
+            text.contains("pool.min_connections: 5 is greater than pool.max_connections (2)"),
+            "{text}"
+        );
+
+        let config = cr#"{"servers":[{"url":"ws://127.0.0.1:1"}],"heartbeat":{"ping_every":5}}"#;
+        assert_eq!(
+            wirepool_pool_new(config.as_ptr(), &mut pool),
+            wirepool_result::WIREPOOL_ERR_CONFIG
+        );
+        assert!(
+            last_error().contains("heartbeat.ping_every"),
+            "{}",
+            last_error()
+        );
+
+        let config = cr#"{"servers":[{"url":"http://venue.example"}]}"#;
+        assert_eq!(
+            wirepool_pool_new(config.as_ptr(), &mut pool),
+            wirepool_result::WIREPOOL_ERR_CONFIG
+        );
+        assert!(last_error().contains("servers[0].url"), "{}", last_error());
+        assert!(pool.is_null());
+
+        let text = CStr::from_ptr(wirepool_result_text(1003)).to_string_lossy();
+        assert!(text.contains("configuration"), "{text}");
+        let text = CStr::from_ptr(wirepool_result_text(4242)).to_string_lossy();
+        assert_eq!(text, "unknown result code");
+    }
+}
+
+#[test]
+fn subscribe_poll_request_and_close_through_the_c_abi() {
+    let _guard = watchdog("c abi", Duration::from_secs(60));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 500.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = open_pool(&sim.url());
+    // SAFETY: `pool` and `batch` are live handles used from this thread only; every
+    // pointer read from a batch is read before the next poll.
+    unsafe {
+        assert_eq!(
+            wirepool_pool_wait_ready(pool, 10_000),
+            wirepool_result::WIREPOOL_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            wirepool_pool_subscribe(pool, c"ticker.3".as_ptr()),
+            wirepool_result::WIREPOOL_OK
+        );
+        let bad_channel: [u8; 3] = [0xc3, 0x28, 0];
+        assert_eq!(
+            wirepool_pool_subscribe(pool, bad_channel.as_ptr().cast()),
+            wirepool_result::WIREPOOL_ERR_INVALID_UTF8
+        );
+        assert_eq!(
+            wirepool_pool_subscribe(pool, c"".as_ptr()),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT
+        );
+
+        let mut fd = -1;
+        assert_eq!(
+            wirepool_pool_fd(pool, &mut fd),
+            wirepool_result::WIREPOOL_OK
+        );
+        assert!(fd >= 0);
+
+        let mut batch = ptr::null_mut();
+        assert_eq!(
+            wirepool_batch_new(64, &mut batch),
+            wirepool_result::WIREPOOL_OK
+        );
+        let mut received = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received < 100 {
+            assert!(Instant::now() < deadline, "only {received} messages");
+            let mut count = 0usize;
+            let code = wirepool_pool_poll(pool, batch, 200, &mut count);
+            assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+            assert!(count <= 64);
+            let messages = std::slice::from_raw_parts(wirepool_batch_messages(batch), count);
+            let mut data_len = 0usize;
+            let data = wirepool_batch_data(batch, &mut data_len);
+            let data = std::slice::from_raw_parts(data, data_len);
+            for message in messages {
+                let channel =
+                    std::slice::from_raw_parts(message.channel.cast::<u8>(), message.channel_len);
+                assert_eq!(channel, b"ticker.3");
+                let payload = std::slice::from_raw_parts(message.payload, message.payload_len);
+                assert_eq!(
+                    &data[message.payload_offset..message.payload_offset + message.payload_len],
+                    payload
+                );
+                assert_eq!(
+                    &data[message.channel_offset..message.channel_offset + message.channel_len],
+                    channel
+                );
+                let value: serde_json::Value =
+                    serde_json::from_slice(payload).expect("JSON payload");
+                assert!(value["seq"].is_u64());
+                assert_eq!(message.kind, WIREPOOL_MESSAGE_DATA);
+                assert!(message.received_ns > 0);
+                assert!(message.connection_id > 0);
+            }
+            received += count;
+        }
+
+        let body = br#"{"op":"history","channel":"ticker.3","bars":2}"#;
+        let mut reply = ptr::null_mut();
+        let code = wirepool_pool_request(
+            pool,
+            body.as_ptr(),
+            body.len(),
+            5000,
+            WIREPOOL_REQUEST_IDEMPOTENT,
+            &mut reply,
+        );
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        let reply: serde_json::Value = serde_json::from_slice(&bytes_of(reply)).expect("JSON");
+        assert_eq!(reply["bars"].as_array().map(Vec::len), Some(2));
+
+        let body = br#"{"op":"fail"}"#;
+        let mut reply = ptr::null_mut();
+        let code = wirepool_pool_request(pool, body.as_ptr(), body.len(), 5000, 0, &mut reply);
+        assert_eq!(code, wirepool_result::WIREPOOL_ERR_REMOTE);
+        assert!(!reply.is_null(), "the venue's error payload is returned");
+        assert!(String::from_utf8_lossy(&bytes_of(reply)).contains("requested failure"));
+
+        let body = br#"{"op":"ignore"}"#;
+        let mut reply = ptr::null_mut();
+        let code = wirepool_pool_request(pool, body.as_ptr(), body.len(), 200, 0, &mut reply);
+        assert_eq!(code, wirepool_result::WIREPOOL_ERR_TIMEOUT);
+        assert!(
+            last_error().contains("request timed out after 200 ms"),
+            "{}",
+            last_error()
+        );
+        assert!(reply.is_null());
+        let code = wirepool_pool_request(pool, body.as_ptr(), body.len(), 200, 0x80, &mut reply);
+        assert_eq!(code, wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT);
+
+        let mut json = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_stats_json(pool, &mut json),
+            wirepool_result::WIREPOOL_OK
+        );
+        let stats: serde_json::Value = serde_json::from_slice(&bytes_of(json)).expect("stats JSON");
+        for key in [
+            "total_connections",
+            "ready_connections",
+            "busy_connections",
+            "pending_requests",
+            "min_connections",
+            "max_connections",
+            "initialized",
+            "has_shared_data",
+            "messages_received",
+            "messages_sent",
+            "bytes_received",
+            "bytes_sent",
+            "reconnects",
+            "subscriptions",
+        ] {
+            assert!(stats.get(key).is_some(), "stats lack {key}: {stats}");
+        }
+        assert_eq!(stats["ready_connections"], 2);
+
+        let mut json = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_events_json(pool, 0, &mut json),
+            wirepool_result::WIREPOOL_OK
+        );
+        let events: serde_json::Value =
+            serde_json::from_slice(&bytes_of(json)).expect("events JSON");
+        let kinds: Vec<&str> = events
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|event| event["type"].as_str())
+            .collect();
+        for kind in [
+            "connecting",
+            "connected",
+            "ready",
+            "pool_ready",
+            "subscribed",
+        ] {
+            assert!(kinds.contains(&kind), "no {kind} event in {kinds:?}");
+        }
+
+        assert_eq!(wirepool_pool_close(pool), wirepool_result::WIREPOOL_OK);
+        assert_eq!(
+            wirepool_pool_close(pool),
+            wirepool_result::WIREPOOL_OK,
+            "close is idempotent"
+        );
+        assert_eq!(
+            wirepool_pool_subscribe(pool, c"ticker.1".as_ptr()),
+            wirepool_result::WIREPOOL_ERR_CLOSED
+        );
+        // Drain what is left, then the poll reports the close.
+        let mut count = 1usize;
+        let mut code = wirepool_result::WIREPOOL_OK;
+        while code == wirepool_result::WIREPOOL_OK && count > 0 {
+            code = wirepool_pool_poll(pool, batch, 100, &mut count);
+        }
+        assert_eq!(code, wirepool_result::WIREPOOL_ERR_CLOSED);
+        wirepool_batch_free(batch);
+        wirepool_pool_free(pool);
+    }
+}

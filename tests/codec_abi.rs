@@ -1,0 +1,68 @@
+//! Codec modules are checked against ABI v1 at load, with errors that name the problem.
+
+use std::path::PathBuf;
+
+fn compile_wat(name: &str) -> PathBuf {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/codecs/{name}.wat"));
+    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
+    let dir = std::env::temp_dir().join(format!("wirepool-abi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, wasm).expect("write wasm");
+    path
+}
+
+fn check_error(name: &str) -> String {
+    let path = compile_wat(name);
+    match wirepool::check_module_file(path.to_str().expect("utf-8 path")) {
+        Ok(report) => panic!("{name} should be refused, got: {report}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+#[test]
+fn builtin_codecs_pass_the_check() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for name in ["json", "raw"] {
+        let path = root.join(format!("codecs/{name}.wasm"));
+        let report = wirepool::check_module_file(path.to_str().expect("utf-8"))
+            .unwrap_or_else(|err| panic!("{name}.wasm: {err}"));
+        assert!(report.contains("ok"), "{report}");
+    }
+}
+
+#[test]
+fn wrong_abi_version_is_refused_with_both_versions() {
+    let text = check_error("bad_version");
+    assert!(text.contains("wirepool_abi_version returned 2"), "{text}");
+    assert!(text.contains("version 1"), "{text}");
+}
+
+#[test]
+fn missing_export_is_named() {
+    let text = check_error("missing_export");
+    assert!(text.contains("does not export wirepool_decode"), "{text}");
+}
+
+#[test]
+fn foreign_import_is_named() {
+    let text = check_error("bad_import");
+    assert!(text.contains("env.abort"), "{text}");
+}
+
+#[test]
+fn wrong_signature_is_named_with_the_expected_one() {
+    let text = check_error("wrong_signature");
+    assert!(text.contains("wirepool_decode"), "{text}");
+    assert!(text.contains("expected (i32, i32) -> (i32)"), "{text}");
+}
+
+#[test]
+fn garbage_is_not_a_module() {
+    let dir = std::env::temp_dir().join(format!("wirepool-abi-garbage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("garbage.wasm");
+    std::fs::write(&path, b"definitely not wasm").expect("write");
+    let err = wirepool::check_module_file(path.to_str().expect("utf-8")).expect_err("garbage");
+    assert!(err.to_string().contains("not a valid module"), "{err}");
+}

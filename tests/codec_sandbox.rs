@@ -1,0 +1,93 @@
+//! A codec that traps, loops forever or hoards memory takes down only its own
+//! connection; the pool replaces it and the other connection keeps delivering.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::{wait_for_event, watchdog, ScriptServer};
+use wirepool::{Config, Pool};
+
+fn compile_wat(name: &str) -> PathBuf {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/codecs/{name}.wat"));
+    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
+    let dir = std::env::temp_dir().join(format!("wirepool-sandbox-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, wasm).expect("write wasm");
+    path
+}
+
+fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &str) {
+    let _guard = watchdog("codec sandbox", Duration::from_secs(60));
+    let server = ScriptServer::start();
+    let path = compile_wat(codec);
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "pool": {"min_connections": 2, "max_connections": 2},
+            "codec": {"path": path, "max_call_ms": 50, "max_memory_mb": 16},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
+        })
+        .to_string(),
+    )
+    .expect("valid config");
+    let pool = Pool::new(config).expect("pool opens");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("both connections ready");
+    assert_eq!(server.accepted(), 2);
+
+    server.poison_one();
+    let events = wait_for_event(&pool, Duration::from_secs(20), "codec_failed", |event| {
+        event.kind == "codec_failed"
+    });
+    let failed = events.last().expect("the codec_failed event");
+    let reason = failed.message.clone().unwrap_or_default();
+    assert!(
+        reason.contains(expected_reason),
+        "codec_failed should say {expected_reason:?}, got {reason:?}"
+    );
+    let dead = failed.connection_id.expect("names its connection");
+
+    // The survivor keeps delivering while the pool replaces the dead one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut survivor_messages = 0;
+    while survivor_messages < 5 && Instant::now() < deadline {
+        if let Some(message) = pool
+            .recv(Some(Duration::from_millis(200)))
+            .expect("pool open")
+        {
+            if message.connection_id != dead {
+                survivor_messages += 1;
+            }
+        }
+    }
+    assert!(
+        survivor_messages >= 5,
+        "the other connection stopped delivering"
+    );
+    wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "a replacement ready",
+        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
+    );
+    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
+    assert!(!pool.is_closed());
+}
+
+#[test]
+fn trapping_codec_loses_only_its_own_connection() {
+    misbehaving_codec_loses_only_its_connection("trap", "trapped");
+}
+
+#[test]
+fn endless_loop_codec_is_stopped_by_its_time_budget() {
+    misbehaving_codec_loses_only_its_connection("endless_loop", "ran longer than its 50 ms budget");
+}
+
+#[test]
+fn memory_hog_codec_is_stopped_by_its_memory_limit() {
+    misbehaving_codec_loses_only_its_connection("memory_hog", "wirepool_decode");
+}

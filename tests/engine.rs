@@ -1,0 +1,352 @@
+//! The engine end to end against the feed simulator on loopback: subscriptions,
+//! requests, unsubscribe, reconnect and re-subscribe, shutdown.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::{wait_for_event, wait_until, watchdog};
+use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
+
+fn simulator(rate_per_channel: f64) -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel,
+        channels: 4,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator starts")
+}
+
+fn pool_for(url: &str, connections: u32, extra: serde_json::Value) -> Pool {
+    let mut config = serde_json::json!({
+        "servers": [{"url": url}],
+        "pool": {"min_connections": connections, "max_connections": connections},
+        "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            base.insert(key.clone(), value.clone());
+        }
+    }
+    let config = Config::from_json(&config.to_string()).expect("valid config");
+    let pool = Pool::new(config).expect("pool opens");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("pool ready");
+    pool
+}
+
+fn seq_of(message: &Message) -> u64 {
+    let value: serde_json::Value =
+        serde_json::from_slice(&message.payload).expect("payload is the frame's JSON payload");
+    value["seq"].as_u64().expect("payload has seq")
+}
+
+/// Receives until `count` messages arrived on `channel`, failing after `timeout`.
+fn receive_on(pool: &Pool, channel: &str, count: usize, timeout: Duration) -> Vec<Message> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} messages on {channel} within {timeout:?}",
+            got.len()
+        );
+        if let Some(message) = pool.recv(Some(Duration::from_millis(100))).expect("open") {
+            if &*message.channel == channel {
+                got.push(message);
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn subscribes_and_receives_in_order() {
+    let _guard = watchdog("subscribes_and_receives_in_order", Duration::from_secs(60));
+    let sim = simulator(500.0);
+    let pool = pool_for(&sim.url(), 2, serde_json::json!({}));
+    pool.subscribe("ticker.0").expect("subscribe");
+    pool.subscribe("ticker.1").expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    while counts.values().filter(|count| **count >= 200).count() < 2 {
+        assert!(Instant::now() < deadline, "not enough data: {counts:?}");
+        let mut batch = Vec::new();
+        pool.recv_batch(&mut batch, 256, Some(Duration::from_millis(200)))
+            .expect("open");
+        for message in batch {
+            assert_eq!(message.kind, wirepool::MessageKind::Data);
+            let seq = seq_of(&message);
+            let channel = message.channel.to_string();
+            if let Some(previous) = last.insert(channel.clone(), seq) {
+                assert_eq!(seq, previous + 1, "{channel}: message out of order or lost");
+            }
+            *counts.entry(channel).or_default() += 1;
+        }
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.subscriptions, 2);
+    assert_eq!(stats.subscriptions_active, 2);
+    assert!(stats.messages_received >= 400);
+    assert_eq!(stats.ready_connections, 2);
+    // The two channels were spread over the two connections.
+    let connections = pool.connections();
+    assert!(
+        connections
+            .iter()
+            .all(|connection| connection.subscriptions.len() == 1),
+        "each connection should carry one channel: {connections:?}"
+    );
+}
+
+#[test]
+fn request_gets_its_reply_and_errors_carry_the_payload() {
+    let _guard = watchdog("request", Duration::from_secs(60));
+    let sim = simulator(10.0);
+    let pool = pool_for(&sim.url(), 2, serde_json::json!({}));
+    let reply = pool
+        .request(br#"{"hello":[1,2,3]}"#, RequestOptions::default())
+        .expect("echo reply");
+    let reply: serde_json::Value = serde_json::from_slice(&reply).expect("JSON reply");
+    assert_eq!(reply, serde_json::json!({"echo": {"hello": [1, 2, 3]}}));
+
+    let history = pool
+        .request(
+            br#"{"op":"history","channel":"ticker.0","bars":5}"#,
+            RequestOptions {
+                idempotent: true,
+                ..RequestOptions::default()
+            },
+        )
+        .expect("history reply");
+    let history: serde_json::Value = serde_json::from_slice(&history).expect("JSON");
+    assert_eq!(history["bars"].as_array().map(Vec::len), Some(5));
+
+    match pool.request(br#"{"op":"fail"}"#, RequestOptions::default()) {
+        Err(Error::Remote { payload }) => {
+            let text = String::from_utf8_lossy(&payload);
+            assert!(text.contains("requested failure"), "{text}");
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    match pool.request(b"not json", RequestOptions::default()) {
+        Err(Error::Remote { payload }) => {
+            let text = String::from_utf8_lossy(&payload);
+            assert!(text.contains("not valid JSON"), "{text}");
+        }
+        other => panic!("expected the codec to refuse a non-JSON body, got {other:?}"),
+    }
+    // Many concurrent requests each get their own reply.
+    std::thread::scope(|scope| {
+        for thread in 0..8 {
+            let pool = &pool;
+            scope.spawn(move || {
+                for index in 0..25 {
+                    let body = format!(r#"{{"thread":{thread},"index":{index}}}"#);
+                    let reply = pool
+                        .request(body.as_bytes(), RequestOptions::default())
+                        .expect("reply");
+                    let reply: serde_json::Value = serde_json::from_slice(&reply).expect("JSON");
+                    assert_eq!(reply["echo"]["thread"], thread);
+                    assert_eq!(reply["echo"]["index"], index);
+                }
+            });
+        }
+    });
+    assert_eq!(pool.stats().pending_requests, 0);
+}
+
+#[test]
+fn request_without_reply_times_out_with_a_clear_error() {
+    let _guard = watchdog("request timeout", Duration::from_secs(60));
+    let sim = simulator(10.0);
+    let pool = pool_for(&sim.url(), 1, serde_json::json!({}));
+    let started = Instant::now();
+    let result = pool.request(
+        br#"{"op":"ignore"}"#,
+        RequestOptions {
+            timeout: Some(Duration::from_millis(300)),
+            ..RequestOptions::default()
+        },
+    );
+    match result {
+        Err(Error::Timeout {
+            phase,
+            after,
+            detail,
+        }) => {
+            assert_eq!(phase, TimeoutPhase::Request);
+            assert_eq!(after, Duration::from_millis(300));
+            assert!(detail.contains("no reply on connection"), "{detail}");
+        }
+        other => panic!("expected a request timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the timeout was not honoured"
+    );
+    assert_eq!(
+        pool.stats().pending_requests,
+        0,
+        "timed-out request left behind"
+    );
+    assert_eq!(pool.stats().requests_timed_out, 1);
+    // The connection still works afterwards.
+    pool.request(br#"{"after":"timeout"}"#, RequestOptions::default())
+        .expect("later request works");
+}
+
+#[test]
+fn request_waits_for_a_ready_connection_then_times_out_when_none_comes() {
+    let _guard = watchdog("request no connection", Duration::from_secs(60));
+    // A port that refuses connections: nothing ever becomes ready.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}", listener.local_addr().expect("addr"));
+    drop(listener);
+    let config =
+        Config::from_json(&format!(r#"{{"servers":[{{"url":"{url}"}}]}}"#)).expect("config");
+    let pool = Pool::new(config).expect("pool");
+    let result = pool.request(
+        b"{}",
+        RequestOptions {
+            timeout: Some(Duration::from_millis(300)),
+            ..RequestOptions::default()
+        },
+    );
+    match result {
+        Err(Error::Timeout { detail, .. }) => {
+            assert!(detail.contains("no connection was ready"), "{detail}")
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let events = wait_for_event(&pool, Duration::from_secs(10), "reconnecting", |event| {
+        event.kind == "reconnecting"
+    });
+    assert!(events.iter().any(|event| event.kind == "closed"));
+}
+
+#[test]
+fn unsubscribe_stops_the_channel() {
+    let _guard = watchdog("unsubscribe", Duration::from_secs(60));
+    let sim = simulator(200.0);
+    let pool = pool_for(&sim.url(), 1, serde_json::json!({}));
+    pool.subscribe("ticker.2").expect("subscribe");
+    receive_on(&pool, "ticker.2", 20, Duration::from_secs(10));
+    pool.unsubscribe("ticker.2").expect("unsubscribe");
+    wait_for_event(&pool, Duration::from_secs(10), "unsubscribed", |event| {
+        event.kind == "unsubscribed" && event.channel.as_deref() == Some("ticker.2")
+    });
+    // Drain what was in flight, then nothing more arrives for a while.
+    while pool
+        .recv(Some(Duration::from_millis(300)))
+        .expect("open")
+        .is_some()
+    {}
+    assert!(
+        pool.recv(Some(Duration::from_millis(500)))
+            .expect("open")
+            .is_none(),
+        "data kept arriving after unsubscribe"
+    );
+    assert_eq!(pool.stats().subscriptions, 0);
+}
+
+#[test]
+fn reconnects_and_resubscribes_after_the_server_drops_connections() {
+    let _guard = watchdog("reconnect", Duration::from_secs(60));
+    let sim = simulator(200.0);
+    let pool = pool_for(&sim.url(), 2, serde_json::json!({}));
+    for channel in ["ticker.0", "ticker.1", "ticker.2"] {
+        pool.subscribe(channel).expect("subscribe");
+    }
+    receive_on(&pool, "ticker.0", 10, Duration::from_secs(10));
+    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+
+    sim.drop_connections();
+    wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
+        event.kind == "closed"
+    });
+    wait_until(
+        &pool,
+        Duration::from_secs(15),
+        "two fresh ready connections",
+        || {
+            let connections = pool.connections();
+            connections.len() == 2
+                && connections
+                    .iter()
+                    .all(|connection| connection.ready && !before.contains(&connection.id))
+        },
+    );
+    // Every channel flows again, from the new connections, without the user asking.
+    for channel in ["ticker.0", "ticker.1", "ticker.2"] {
+        let messages = receive_on(&pool, channel, 5, Duration::from_secs(10));
+        assert!(
+            messages
+                .iter()
+                .all(|message| !before.contains(&message.connection_id))
+                || messages.len() == 5,
+        );
+        let fresh = receive_on(&pool, channel, 1, Duration::from_secs(10));
+        assert!(
+            !before.contains(&fresh[0].connection_id),
+            "{channel} not re-subscribed"
+        );
+    }
+    let stats = pool.stats();
+    assert!(
+        stats.reconnects >= 2,
+        "reconnects counted: {}",
+        stats.reconnects
+    );
+    assert_eq!(stats.subscriptions_active, 3);
+}
+
+#[test]
+fn close_sends_close_frames_and_fails_waiting_requests() {
+    let _guard = watchdog("close", Duration::from_secs(60));
+    let sim = simulator(10.0);
+    let pool = std::sync::Arc::new(pool_for(&sim.url(), 2, serde_json::json!({})));
+    let waiter = {
+        let pool = std::sync::Arc::clone(&pool);
+        std::thread::spawn(move || {
+            pool.request(
+                br#"{"op":"ignore"}"#,
+                RequestOptions {
+                    timeout: Some(Duration::from_secs(30)),
+                    ..RequestOptions::default()
+                },
+            )
+        })
+    };
+    wait_until(&pool, Duration::from_secs(10), "request in flight", || {
+        pool.stats().pending_requests == 1
+    });
+    let started = Instant::now();
+    pool.close();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "close took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(waiter.join().expect("no panic"), Err(Error::Closed));
+    assert_eq!(pool.subscribe("x"), Err(Error::Closed));
+    assert_eq!(
+        pool.recv(Some(Duration::from_millis(10))).map(|_| ()),
+        Err(Error::Closed)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.stats().connections_open > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        sim.stats().connections_open,
+        0,
+        "the server still sees open connections"
+    );
+}

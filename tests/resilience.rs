@@ -1,0 +1,365 @@
+//! Chaos tests: real faults injected between the pool and the feed simulator with the
+//! fault proxy (reset, clean close, refuse, blackhole, latency, throttle), with and
+//! without TLS, across two servers.
+
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fault_proxy::{Fault, FaultProxy};
+use support::{wait_for_event, wait_until, watchdog};
+use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::{Config, Error, Event, HealthLevel, Pool, RequestOptions};
+
+fn simulator(tls: Option<Arc<rustls::ServerConfig>>) -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 100.0,
+        tls,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator")
+}
+
+fn pool(servers: &[String], connections: u32, extra: serde_json::Value) -> Pool {
+    let servers: Vec<serde_json::Value> = servers
+        .iter()
+        .enumerate()
+        .map(|(index, url)| serde_json::json!({"url": url, "id": format!("s{index}")}))
+        .collect();
+    let mut config = serde_json::json!({
+        "servers": servers,
+        "pool": {"min_connections": connections, "max_connections": connections},
+        "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+        "heartbeat": {"ping_interval_ms": 200, "pong_timeout_ms": 300},
+        "connect_timeout_ms": 2000,
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            base.insert(key.clone(), value.clone());
+        }
+    }
+    let pool = Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool");
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    pool
+}
+
+fn first_message_on(pool: &Pool, channel: &str, not_from: &[u64], timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(message) = pool.recv(Some(Duration::from_millis(50))).expect("open") {
+            if &*message.channel == channel && !not_from.contains(&message.connection_id) {
+                return message.connection_id;
+            }
+        }
+    }
+    panic!("no message on {channel} from a connection other than {not_from:?} within {timeout:?}");
+}
+
+fn event_at(events: &[Event], kind: &str) -> Option<u64> {
+    events
+        .iter()
+        .find(|event| event.kind == kind)
+        .map(|event| event.ts_ms)
+}
+
+#[test]
+fn blackholed_connection_is_detected_by_missing_pongs_and_replaced() {
+    let _guard = watchdog("blackhole", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(&[proxy.url()], 1, serde_json::json!({}));
+    pool.subscribe("ticker.0").expect("subscribe");
+    let first = first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
+    pool.events(Duration::ZERO);
+
+    let blackholed_at = Instant::now();
+    proxy.set_fault(Fault::Blackhole);
+    let events = wait_for_event(&pool, Duration::from_secs(10), "closed", |e| {
+        e.kind == "closed"
+    });
+    let detected_after = blackholed_at.elapsed();
+    let reason = events
+        .last()
+        .and_then(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("no pong"), "closed because {reason:?}");
+    // ping_interval 200 + pong_timeout 300, plus a margin for a loaded CI machine.
+    assert!(
+        detected_after <= Duration::from_millis(500 + 700),
+        "half-open connection detected after {detected_after:?}"
+    );
+    proxy.set_fault(Fault::Pass);
+    let replacement = first_message_on(&pool, "ticker.0", &[first], Duration::from_secs(10));
+    assert_ne!(replacement, first);
+}
+
+#[test]
+fn reset_and_clean_close_each_lead_to_a_reconnect_and_resubscribe() {
+    let _guard = watchdog("reset/close", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(&[proxy.url()], 1, serde_json::json!({}));
+    pool.subscribe("ticker.1").expect("subscribe");
+    let mut seen = vec![first_message_on(
+        &pool,
+        "ticker.1",
+        &[],
+        Duration::from_secs(10),
+    )];
+    for fault in [Fault::Reset, Fault::Close] {
+        proxy.set_fault(fault);
+        wait_for_event(&pool, Duration::from_secs(10), "closed", |e| {
+            e.kind == "closed"
+        });
+        proxy.set_fault(Fault::Pass);
+        seen.push(first_message_on(
+            &pool,
+            "ticker.1",
+            &seen,
+            Duration::from_secs(10),
+        ));
+    }
+    assert_eq!(seen.len(), 3);
+    assert!(pool.stats().reconnects >= 2);
+}
+
+#[test]
+fn channels_fail_over_to_another_server_within_250_ms_of_detection() {
+    let _guard = watchdog("failover", Duration::from_secs(60));
+    let sim_a = simulator(None);
+    let sim_b = simulator(None);
+    let proxy_a = FaultProxy::start(sim_a.local_addr()).expect("proxy a");
+    let proxy_b = FaultProxy::start(sim_b.local_addr()).expect("proxy b");
+    let pool = pool(&[proxy_a.url(), proxy_b.url()], 2, serde_json::json!({}));
+    let servers: Vec<String> = pool
+        .connections()
+        .iter()
+        .map(|c| c.server.clone())
+        .collect();
+    assert!(
+        servers.contains(&"s0".to_string()) && servers.contains(&"s1".to_string()),
+        "round robin spreads connections over both servers: {servers:?}"
+    );
+    for channel in ["ticker.0", "ticker.1", "ticker.2", "ticker.3"] {
+        pool.subscribe(channel).expect("subscribe");
+    }
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "all subscriptions active",
+        || pool.stats().subscriptions_active == 4,
+    );
+    // Server A goes away for good: its connection is reset and reconnects are refused.
+    proxy_a.set_fault(Fault::Refuse);
+    pool.events(Duration::ZERO);
+    proxy_a.set_fault(Fault::Reset);
+    let events = wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "all four channels on s1",
+        |_| {
+            let connections = pool.connections();
+            let on_b: usize = connections
+                .iter()
+                .filter(|c| c.server == "s1" && c.ready)
+                .map(|c| c.subscriptions.len())
+                .sum();
+            on_b == 4
+        },
+    );
+    let closed_at = event_at(&events, "closed").expect("closed event");
+    let resubscribed_at = events
+        .iter()
+        .filter(|e| e.kind == "subscribed" && e.ts_ms >= closed_at)
+        .map(|e| e.ts_ms)
+        .max()
+        .unwrap_or(closed_at);
+    assert!(
+        resubscribed_at - closed_at <= 250,
+        "channels served again {} ms after the failure was detected",
+        resubscribed_at - closed_at
+    );
+    // Data keeps flowing for every channel, now from server B.
+    for channel in ["ticker.0", "ticker.1", "ticker.2", "ticker.3"] {
+        first_message_on(&pool, channel, &[], Duration::from_secs(5));
+    }
+    assert_eq!(
+        pool.health().level,
+        HealthLevel::Degraded,
+        "{:?}",
+        pool.health()
+    );
+}
+
+#[test]
+fn refused_connects_open_the_circuit_breaker_and_it_recovers() {
+    let _guard = watchdog("breaker", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(
+        &[proxy.url()],
+        1,
+        serde_json::json!({
+            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout_ms": 300, "half_open_max_calls": 1},
+            "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
+        }),
+    );
+    proxy.set_fault(Fault::Refuse);
+    proxy.set_fault(Fault::Reset);
+    proxy.set_fault(Fault::Refuse);
+    wait_for_event(&pool, Duration::from_secs(10), "circuit_open", |e| {
+        e.kind == "circuit_open"
+    });
+    assert_eq!(pool.servers()[0].circuit, "open");
+    wait_until(&pool, Duration::from_secs(5), "critical health", || {
+        pool.health().level == HealthLevel::Critical
+    });
+    // No tight loop while open: the proxy sees no connects until recovery.
+    let accepted = proxy.connections_accepted();
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(
+        proxy.connections_accepted(),
+        accepted,
+        "connects while the breaker was open"
+    );
+    proxy.set_fault(Fault::Pass);
+    wait_for_event(&pool, Duration::from_secs(10), "circuit_closed", |e| {
+        e.kind == "circuit_closed"
+    });
+    assert_eq!(pool.servers()[0].circuit, "closed");
+    wait_until(&pool, Duration::from_secs(5), "healthy again", || {
+        pool.health().level == HealthLevel::Healthy
+    });
+    let history = pool.health().history;
+    let levels: Vec<HealthLevel> = history.iter().map(|change| change.level).collect();
+    assert!(
+        levels.contains(&HealthLevel::Critical) && levels.ends_with(&[HealthLevel::Healthy]),
+        "{levels:?}"
+    );
+}
+
+#[test]
+fn in_flight_requests_fail_with_connection_lost_unless_idempotent() {
+    let _guard = watchdog("in-flight", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = Arc::new(pool(&[proxy.url()], 1, serde_json::json!({})));
+    let slow = br#"{"op":"delay","ms":800}"#;
+    let plain = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || {
+            pool.request(
+                slow,
+                RequestOptions {
+                    timeout: Some(Duration::from_secs(10)),
+                    idempotent: false,
+                },
+            )
+        })
+    };
+    let retried = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || {
+            pool.request(
+                slow,
+                RequestOptions {
+                    timeout: Some(Duration::from_secs(10)),
+                    idempotent: true,
+                },
+            )
+        })
+    };
+    wait_until(
+        &pool,
+        Duration::from_secs(5),
+        "two requests pending",
+        || pool.stats().pending_requests == 2,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    proxy.set_fault(Fault::Reset);
+    proxy.set_fault(Fault::Pass);
+    match plain.join().expect("thread") {
+        Err(Error::ConnectionLost { reason, .. }) => assert!(!reason.is_empty()),
+        other => panic!("a non-idempotent request must fail with connection_lost, got {other:?}"),
+    }
+    let reply = retried
+        .join()
+        .expect("thread")
+        .expect("the idempotent request is re-sent and answered");
+    assert!(String::from_utf8_lossy(&reply).contains("echo"));
+}
+
+#[test]
+fn latency_and_throttle_slow_the_feed_but_do_not_break_it() {
+    let _guard = watchdog("latency/throttle", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(
+        &[proxy.url()],
+        1,
+        serde_json::json!({"heartbeat": {"ping_interval_ms": 500, "pong_timeout_ms": 2000}}),
+    );
+    proxy.set_fault(Fault::Latency(Duration::from_millis(150)));
+    let started = Instant::now();
+    pool.request(b"{}", RequestOptions::default())
+        .expect("reply through latency");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "latency applied both ways"
+    );
+    proxy.set_fault(Fault::Throttle {
+        bytes_per_sec: 20_000,
+    });
+    pool.subscribe("ticker.3").expect("subscribe");
+    first_message_on(&pool, "ticker.3", &[], Duration::from_secs(10));
+    assert_eq!(pool.stats().reconnects, 0, "slow is not dead");
+}
+
+#[test]
+fn stale_data_is_reported_and_resumed() {
+    let _guard = watchdog("stale", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(
+        &[proxy.url()],
+        1,
+        serde_json::json!({"heartbeat": {"ping_interval_ms": 0, "stale_after_ms": 300}}),
+    );
+    pool.subscribe("ticker.0").expect("subscribe");
+    first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
+    proxy.set_fault(Fault::Blackhole);
+    wait_for_event(&pool, Duration::from_secs(10), "stale", |e| {
+        e.kind == "stale"
+    });
+    proxy.set_fault(Fault::Pass);
+    // The simulator's queued frames were discarded, but new ones flow again.
+    wait_for_event(&pool, Duration::from_secs(10), "resumed", |e| {
+        e.kind == "resumed"
+    });
+    assert_eq!(pool.stats().reconnects, 0, "reconnect_on_stale is off");
+}
+
+#[test]
+fn reset_over_tls_reconnects() {
+    let _guard = watchdog("tls reset", Duration::from_secs(60));
+    let (ca_pem, server_config) = support::test_pki();
+    let sim = simulator(Some(server_config));
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let ca_file = support::write_temp("resilience-ca.pem", &ca_pem);
+    let url = format!("wss://localhost:{}", proxy.local_addr().port());
+    let pool = pool(
+        &[url],
+        1,
+        serde_json::json!({"tls": {"ca_file": ca_file, "roots": "none"}}),
+    );
+    pool.subscribe("ticker.0").expect("subscribe");
+    let first = first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
+    proxy.set_fault(Fault::Reset);
+    proxy.set_fault(Fault::Pass);
+    first_message_on(&pool, "ticker.0", &[first], Duration::from_secs(10));
+}

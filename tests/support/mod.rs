@@ -1,0 +1,250 @@
+//! Helpers shared by the integration tests: a watchdog, waiting on pool events, and a
+//! scripted WebSocket server for codecs that do not speak the JSON protocol.
+#![allow(dead_code)]
+
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tungstenite::Message as WsMessage;
+use wirepool::{Event, Pool};
+
+/// Aborts the test process if a test hangs past `limit`, so CI fails instead of
+/// stalling. Dropping the returned guard disarms it.
+pub struct Watchdog {
+    done: Arc<AtomicBool>,
+}
+
+pub fn watchdog(name: &'static str, limit: Duration) -> Watchdog {
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if flag.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("watchdog: test {name} hung for more than {limit:?}; aborting");
+        std::process::abort();
+    });
+    Watchdog { done }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Collects pool events until `predicate` matches one, or `timeout` passes.
+/// Returns every event seen (the matching one last) or panics with them.
+pub fn wait_for_event(
+    pool: &Pool,
+    timeout: Duration,
+    what: &str,
+    mut predicate: impl FnMut(&Event) -> bool,
+) -> Vec<Event> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        for event in pool.events(left.min(Duration::from_millis(200))) {
+            let hit = predicate(&event);
+            seen.push(event);
+            if hit {
+                return seen;
+            }
+        }
+    }
+    let kinds: Vec<String> = seen
+        .iter()
+        .map(|event| format!("{}({:?})", event.kind, event.message))
+        .collect();
+    panic!("expected {what} within {timeout:?}; events seen: {kinds:?}");
+}
+
+/// Waits until `condition` holds, checking after each pool event (or every 50 ms).
+pub fn wait_until(pool: &Pool, timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        pool.events(Duration::from_millis(50));
+    }
+    assert!(condition(), "expected {what} within {timeout:?}");
+}
+
+/// A WebSocket server for non-JSON test codecs: every connection gets a `tick N`
+/// text frame every 20 ms; `poison_one` sends a frame starting with `X` to exactly
+/// one open connection.
+pub struct ScriptServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    poison: Arc<Mutex<usize>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ScriptServer {
+    pub fn start() -> ScriptServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let poison = Arc::new(Mutex::new(0usize));
+        let accept_stop = Arc::clone(&stop);
+        let accept_count = Arc::clone(&accepted);
+        let accept_poison = Arc::clone(&poison);
+        let acceptor = std::thread::spawn(move || {
+            let mut clients = Vec::new();
+            while !accept_stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        accept_count.fetch_add(1, Ordering::Relaxed);
+                        let stop = Arc::clone(&accept_stop);
+                        let poison = Arc::clone(&accept_poison);
+                        clients.push(std::thread::spawn(move || serve(stream, stop, poison)));
+                    }
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => break,
+                }
+            }
+            for client in clients {
+                let _ = client.join();
+            }
+        });
+        ScriptServer {
+            addr,
+            stop,
+            accepted,
+            poison,
+            threads: vec![acceptor],
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// One open connection (whichever looks first) receives `X...`.
+    pub fn poison_one(&self) {
+        *self.poison.lock().expect("poison lock") += 1;
+    }
+}
+
+impl Drop for ScriptServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(stream: TcpStream, stop: Arc<AtomicBool>, poison: Arc<Mutex<usize>>) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut ws) = tungstenite::accept(stream) else {
+        return;
+    };
+    let _ = ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(20)));
+    let mut counter = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(err))
+                if err.kind() == ErrorKind::WouldBlock || err.kind() == ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+        let poisoned = {
+            let mut pending = poison.lock().expect("poison lock");
+            if *pending > 0 {
+                *pending -= 1;
+                true
+            } else {
+                false
+            }
+        };
+        counter += 1;
+        let frame = if poisoned {
+            "X marks the spot".to_string()
+        } else {
+            format!("tick {counter}")
+        };
+        if ws.send(WsMessage::text(frame)).is_err() {
+            return;
+        }
+    }
+    let _ = ws.close(None);
+    let _ = ws.flush();
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+/// A private CA (PEM) and a rustls server configuration for `localhost` with a leaf
+/// certificate signed by it (webpki refuses a CA certificate used as the leaf).
+pub fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wirepool test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf_params = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+    let leaf_cert = leaf_params
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
+    let chain: Vec<CertificateDer<'static>> = vec![leaf_cert.der().clone(), ca_cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    (ca_cert.pem(), Arc::new(server_config))
+}
+
+/// Writes a file in a per-process temporary directory.
+pub fn write_temp(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wirepool-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write temp file");
+    path
+}
