@@ -589,9 +589,9 @@ pub(crate) struct FrameBatch {
 
 impl FrameBatch {
     /// Most bytes per decode call (a single larger frame still goes alone).
-    pub const MAX_BYTES: usize = 256 * 1024;
+    pub(crate) const MAX_BYTES: usize = 256 * 1024;
     /// Most frames per decode call.
-    pub const MAX_FRAMES: usize = 1024;
+    pub(crate) const MAX_FRAMES: usize = 1024;
 
     pub fn clear(&mut self) {
         self.bytes.clear();

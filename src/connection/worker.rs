@@ -139,6 +139,7 @@ fn run(
         needs_flush: false,
         outbound: VecDeque::new(),
         next_send_at: None,
+        encoding_request: None,
     };
     let ended = match context.codec.instantiate(id) {
         Ok(codec) => link.session(codec),
@@ -211,6 +212,8 @@ struct Link {
     outbound: VecDeque<WsMessage>,
     /// When the rate limit lets the next frame go.
     next_send_at: Option<Instant>,
+    /// The request being encoded right now, if any.
+    encoding_request: Option<u64>,
 }
 
 impl Link {
@@ -505,7 +508,12 @@ impl Link {
                 // may not have delivered it, which is exactly "in flight".
                 self.in_flight.insert(request_id);
                 let records = codec.encode(op::REQUEST, request_id as i64, &[], &payload)?;
-                self.apply(records)?;
+                // A REQUEST_ERROR straight from encode is the codec refusing the body:
+                // nothing was sent, and it is the caller's error, not the venue's.
+                self.encoding_request = Some(request_id);
+                let applied = self.apply(records);
+                self.encoding_request = None;
+                applied?;
             }
             Command::Cancel { request_id } => {
                 self.in_flight.remove(&request_id);
@@ -734,6 +742,11 @@ impl Link {
                     self.in_flight.remove(&request_id);
                     let outcome = if record.kind == kind::RESPONSE {
                         Ok(record.payload.to_vec())
+                    } else if self.encoding_request == Some(request_id) {
+                        Err(Error::InvalidArgument(format!(
+                            "the codec refused the request (nothing was sent): {}",
+                            String::from_utf8_lossy(record.payload)
+                        )))
                     } else {
                         Err(Error::Remote {
                             payload: record.payload.to_vec(),
@@ -877,12 +890,13 @@ impl Link {
     /// Hands the decoded batch to the consumer queue.
     fn deliver(&mut self) {
         let count = self.outgoing.len() as u64;
-        let outcome = self.context.queue.push_batch(&mut self.outgoing);
-        self.outgoing.clear();
         let counters = &self.context.counters;
+        // Counted before the push, so a consumer never sees more than the stats say.
         counters
             .messages_received
             .fetch_add(count, Ordering::Relaxed);
+        let outcome = self.context.queue.push_batch(&mut self.outgoing);
+        self.outgoing.clear();
         if outcome.dropped > 0 {
             counters
                 .dropped

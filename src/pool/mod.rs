@@ -878,6 +878,8 @@ impl PoolThread {
     }
 
     fn breaker_event(&self, server_index: usize, change: BreakerChange) {
+        // The snapshot first, so whoever sees the event sees the new state.
+        self.publish_servers();
         let server = &self.servers[server_index];
         let (kind, message) = match change {
             BreakerChange::Opened => (

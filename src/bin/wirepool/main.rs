@@ -16,9 +16,9 @@ const USAGE: &str = "\
 wirepool: a pool of persistent upstream WebSocket connections
 
 USAGE:
-  wirepool demo [--connections N] [--channels N] [--rate MSGS_PER_S] [--duration SECS] [--health ADDR]
+  wirepool demo [--connections N] [--channels N] [--rate MSGS_PER_S_IN_ALL] [--duration SECS] [--health ADDR]
   wirepool run --config FILE [--subscribe CHANNEL]... [--output jsonl|none]
-  wirepool simulate --listen ADDR [--rate MSGS_PER_S] [--channels N] [--token TOKEN]
+  wirepool simulate --listen ADDR [--rate MSGS_PER_S_PER_CHANNEL] [--channels N] [--token TOKEN]
   wirepool check-config FILE
   wirepool codec-check FILE.wasm
 
@@ -95,6 +95,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let rest = &raw[1..];
+    if rest.iter().any(|arg| arg == "--help" || arg == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let result = match command.as_str() {
         "demo" => Args::parse(
             rest,

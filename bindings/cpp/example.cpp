@@ -1,0 +1,256 @@
+// End-to-end check of the C++ wrapper against a running feed simulator:
+//   example ws://127.0.0.1:PORT [MESSAGE_COUNT]
+// Subscribes to two channels, checks that each channel's payload "seq" strictly
+// increases, makes a good and a failing request, and shows that an invalid config is
+// rejected with a ConfigError naming the key. Exits 0 on success, 1 with a message on
+// the first failure.
+
+#include "wirepool.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+class CheckFailed : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+void expect(bool condition, const std::string &what) {
+    if (!condition) {
+        throw CheckFailed(what);
+    }
+}
+
+// Escapes a string for use inside a JSON string literal (the URL comes from argv).
+std::string json_string(std::string_view text) {
+    std::string out = "\"";
+    for (const char c : text) {
+        switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default:
+            if (static_cast<unsigned char>(c) < 0x20) {
+                static const char hex[] = "0123456789abcdef";
+                out += "\\u00";
+                out += hex[(static_cast<unsigned char>(c) >> 4) & 0xf];
+                out += hex[static_cast<unsigned char>(c) & 0xf];
+            } else {
+                out += c;
+            }
+        }
+    }
+    out += '"';
+    return out;
+}
+
+// The value of `"seq":N` in a payload such as {"seq":1,"ts_ns":...}, if present.
+std::optional<std::uint64_t> parse_seq(std::string_view payload) {
+    constexpr std::string_view key = "\"seq\":";
+    const std::size_t at = payload.find(key);
+    if (at == std::string_view::npos) {
+        return std::nullopt;
+    }
+    std::size_t i = at + key.size();
+    while (i < payload.size() && payload[i] == ' ') {
+        ++i;
+    }
+    std::uint64_t value = 0;
+    const std::size_t digits_start = i;
+    while (i < payload.size() && payload[i] >= '0' && payload[i] <= '9') {
+        value = value * 10 + static_cast<std::uint64_t>(payload[i] - '0');
+        ++i;
+    }
+    if (i == digits_start) {
+        return std::nullopt;
+    }
+    return value;
+}
+
+std::string shorten(std::string_view text, std::size_t max = 120) {
+    if (text.size() <= max) {
+        return std::string(text);
+    }
+    return std::string(text.substr(0, max)) + "...";
+}
+
+// A config whose pool sizes contradict each other must be refused with ConfigError,
+// and the message must say which key is wrong.
+void check_bad_config_is_rejected(const std::string &url) {
+    const std::string bad = "{\"servers\":[{\"url\":" + json_string(url) +
+                            "}],\"pool\":{\"min_connections\":5,\"max_connections\":2}}";
+    try {
+        wirepool::Pool pool(bad);
+    } catch (const wirepool::ConfigError &e) {
+        const std::string message = e.what();
+        expect(e.code() == wirepool::ErrorCode::Config,
+               "ConfigError carries code " + std::to_string(e.raw_code()));
+        expect(message.find("pool.min_connections") != std::string::npos,
+               "ConfigError message names pool.min_connections, got: " + message);
+        std::cout << "bad config rejected: " << message << "\n";
+        return;
+    }
+    throw CheckFailed("a config with min_connections 5 > max_connections 2 was accepted");
+}
+
+int run(const std::string &url, std::size_t wanted) {
+    std::cout << "wirepool " << wirepool::version() << ", server " << url << "\n";
+
+    check_bad_config_is_rejected(url);
+
+    const std::string config = "{\"servers\":[{\"url\":" + json_string(url) +
+                               "}],\"pool\":{\"min_connections\":2,\"max_connections\":2}}";
+    wirepool::Pool pool(config);
+    pool.wait_ready(seconds(10));
+    expect(pool.fd() >= 0, "pool fd is a valid descriptor");
+
+    const std::string channels[] = {"ticker.0", "ticker.1"};
+    for (const std::string &channel : channels) {
+        pool.subscribe(channel);
+    }
+
+    std::map<std::string, std::uint64_t, std::less<>> last_seq;
+    std::map<std::string, std::size_t, std::less<>> per_channel;
+    std::map<std::uint64_t, std::size_t> per_connection;
+    std::size_t received = 0;
+    std::size_t polls = 0;
+    std::uint64_t first_received_ns = 0;
+    std::uint64_t last_received_ns = 0;
+
+    wirepool::Batch batch(64);
+    const auto deadline = std::chrono::steady_clock::now() + seconds(30);
+    while (received < wanted) {
+        expect(std::chrono::steady_clock::now() < deadline,
+               "received " + std::to_string(received) + " of " + std::to_string(wanted) +
+                   " messages within 30 s");
+        const std::size_t count = pool.poll(batch, milliseconds(200));
+        ++polls;
+        expect(count == batch.size(), "poll count matches batch size");
+        expect(count <= batch.capacity(), "poll filled at most the batch capacity");
+        for (const wirepool::MessageView &message : batch) {
+            expect(message.channel == channels[0] || message.channel == channels[1],
+                   "message on a subscribed channel, got \"" + std::string(message.channel) +
+                       "\"");
+            const std::optional<std::uint64_t> seq = parse_seq(message.payload);
+            expect(seq.has_value(),
+                   "payload has a \"seq\" number: " + shorten(message.payload));
+            const auto previous = last_seq.find(message.channel);
+            if (previous != last_seq.end()) {
+                expect(*seq > previous->second,
+                       std::string(message.channel) + ": seq " + std::to_string(*seq) +
+                           " after " + std::to_string(previous->second) +
+                           " (expected strictly increasing)");
+                previous->second = *seq;
+            } else {
+                last_seq.emplace(std::string(message.channel), *seq);
+            }
+            expect(message.kind == static_cast<std::uint32_t>(WIREPOOL_MESSAGE_DATA),
+                   "message kind is WIREPOOL_MESSAGE_DATA, got " + std::to_string(message.kind));
+            const auto now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                    std::chrono::system_clock::now().time_since_epoch())
+                                    .count();
+            const auto skew_ns = now_ns - static_cast<std::int64_t>(message.received_ns);
+            expect(skew_ns > -1'000'000'000LL && skew_ns < 60'000'000'000LL,
+                   "received_ns " + std::to_string(message.received_ns) +
+                       " is a recent CLOCK_REALTIME time (now " + std::to_string(now_ns) + ")");
+            ++per_channel[std::string(message.channel)];
+            ++per_connection[message.connection_id];
+            if (first_received_ns == 0) {
+                first_received_ns = message.received_ns;
+            }
+            last_received_ns = message.received_ns;
+            ++received;
+        }
+    }
+    expect(per_channel.size() == 2, "messages arrived on both channels");
+
+    const std::string history =
+        pool.request(R"({"op":"history","channel":"ticker.0","bars":3})", seconds(5), true);
+    expect(history.find("\"bars\"") != std::string::npos,
+           "history reply contains \"bars\": " + shorten(history));
+
+    try {
+        const std::string reply = pool.request(R"({"op":"fail"})", seconds(5));
+        throw CheckFailed("request {\"op\":\"fail\"} returned instead of throwing: " +
+                          shorten(reply));
+    } catch (const wirepool::RemoteError &e) {
+        expect(e.code() == wirepool::ErrorCode::Remote, "RemoteError carries the remote code");
+        std::cout << "remote error: " << e.what() << "; payload " << shorten(e.payload())
+                  << "\n";
+    }
+
+    const std::string stats = pool.stats_json();
+    expect(stats.find("\"ready_connections\"") != std::string::npos,
+           "stats JSON has ready_connections: " + shorten(stats));
+
+    pool.unsubscribe(channels[1]);
+    pool.close();
+    // After close, poll drains what is queued and then reports ClosedError.
+    bool closed = false;
+    for (int drained = 0; drained < 10000 && !closed; ++drained) {
+        try {
+            pool.poll(batch, milliseconds(100));
+        } catch (const wirepool::ClosedError &) {
+            closed = true;
+        }
+    }
+    expect(closed, "poll throws ClosedError after close() once the queue is drained");
+
+    std::ostringstream summary;
+    summary << "ok: " << received << " messages in " << polls << " polls";
+    for (const auto &[channel, count] : per_channel) {
+        summary << ", " << channel << "=" << count << " (last seq " << last_seq[channel] << ")";
+    }
+    summary << ", " << per_connection.size() << " connection(s)";
+    if (last_received_ns > first_received_ns) {
+        summary << ", span " << (last_received_ns - first_received_ns) / 1000000 << " ms";
+    }
+    summary << "; history reply " << shorten(history, 80);
+    std::cout << summary.str() << "\n";
+    return 0;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+    if (argc < 2 || argc > 3) {
+        std::cerr << "usage: " << argv[0] << " ws://HOST:PORT [MESSAGE_COUNT]\n";
+        return 2;
+    }
+    std::size_t wanted = 200;
+    if (argc == 3) {
+        char *end = nullptr;
+        const unsigned long long parsed = std::strtoull(argv[2], &end, 10);
+        if (end == argv[2] || *end != '\0' || parsed == 0) {
+            std::cerr << "MESSAGE_COUNT must be a positive integer, got \"" << argv[2] << "\"\n";
+            return 2;
+        }
+        wanted = static_cast<std::size_t>(parsed);
+    }
+    try {
+        return run(argv[1], wanted);
+    } catch (const CheckFailed &e) {
+        std::cerr << "FAILED: " << e.what() << "\n";
+    } catch (const wirepool::Error &e) {
+        std::cerr << "FAILED: wirepool error " << e.raw_code() << " ("
+                  << wirepool::code_text(e.code()) << "): " << e.what() << "\n";
+    } catch (const std::exception &e) {
+        std::cerr << "FAILED: " << e.what() << "\n";
+    }
+    return 1;
+}
