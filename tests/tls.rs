@@ -94,10 +94,17 @@ fn an_untrusted_server_fails_with_a_tls_error() {
 
 #[test]
 fn a_missing_ca_file_is_a_config_error_naming_the_key() {
-    let config = Config::from_json(
+    let err = Config::from_json(
         r#"{"servers":[{"url":"wss://localhost:1"}],"tls":{"ca_file":"/nonexistent/ca.pem"}}"#,
     )
-    .expect("syntactically valid");
-    let err = Pool::new(config).expect_err("missing file");
+    .expect_err("missing file");
+    assert!(err.to_string().contains("tls.ca_file"), "{err}");
+    let garbage = write_temp("not-a-cert.pem", "hello");
+    let config = Config::from_json(
+        &serde_json::json!({"servers": [{"url": "wss://localhost:1"}], "tls": {"ca_file": garbage}})
+            .to_string(),
+    )
+    .expect("the file exists");
+    let err = Pool::new(config).expect_err("no certificate in it");
     assert!(err.to_string().contains("tls.ca_file"), "{err}");
 }

@@ -657,21 +657,23 @@ impl Link {
             }
         }
         let stale_after = heartbeat.stale_after_ms;
-        if stale_after > 0 && self.ready && !self.stale {
-            if now >= self.last_data + Duration::from_millis(stale_after) {
-                self.stale = true;
-                self.stats.stale.store(true, Ordering::Relaxed);
-                self.context.events.push(
-                    self.event("stale")
-                        .message(format!("no data for {stale_after} ms")),
-                );
-                if heartbeat.reconnect_on_stale {
-                    return Err(Ended::Failed(Error::Timeout {
-                        phase: TimeoutPhase::Connect,
-                        after: Duration::from_millis(stale_after),
-                        detail: "stale: no data (heartbeat.reconnect_on_stale)".into(),
-                    }));
-                }
+        if stale_after > 0
+            && self.ready
+            && !self.stale
+            && now >= self.last_data + Duration::from_millis(stale_after)
+        {
+            self.stale = true;
+            self.stats.stale.store(true, Ordering::Relaxed);
+            self.context.events.push(
+                self.event("stale")
+                    .message(format!("no data for {stale_after} ms")),
+            );
+            if heartbeat.reconnect_on_stale {
+                return Err(Ended::Failed(Error::Timeout {
+                    phase: TimeoutPhase::Connect,
+                    after: Duration::from_millis(stale_after),
+                    detail: "stale: no data (heartbeat.reconnect_on_stale)".into(),
+                }));
             }
         }
         Ok(())

@@ -185,9 +185,6 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
     let channels: usize = args.number("channels", 8)?;
     let rate: f64 = args.number("rate", 2000.0)?;
     let duration: f64 = args.number("duration", 10.0)?;
-    if args.get("health").is_some() {
-        return Err("--health: the health port is not available yet (see issue 5)".into());
-    }
     if connections == 0 || channels == 0 || rate <= 0.0 || duration <= 0.0 {
         return Err("--connections, --channels, --rate and --duration must be positive".into());
     }
@@ -199,12 +196,15 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
         ..SimulatorConfig::default()
     })
     .map_err(|err| format!("starting the feed simulator: {err}"))?;
-    let config_json = serde_json::json!({
+    let mut config_json = serde_json::json!({
         "servers": [{"url": simulator.url(), "id": "simulator"}],
         "pool": {"min_connections": connections, "max_connections": connections},
         "reconnect": {"initial_delay_ms": 50, "max_delay_ms": 1000},
         "heartbeat": {"ping_interval_ms": 1000, "pong_timeout_ms": 2000},
     });
+    if let Some(listen) = args.get("health") {
+        config_json["health"] = serde_json::json!({ "listen": listen });
+    }
     let config = Config::from_json(&config_json.to_string()).map_err(|err| err.to_string())?;
     eprintln!(
         "wirepool demo: feed simulator on {} ({channels} channels, {rate} msgs/s in all), \
@@ -214,6 +214,9 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
     let pool = Pool::new(config).map_err(|err| err.to_string())?;
     pool.wait_ready(Duration::from_secs(10))
         .map_err(|err| format!("waiting for the pool: {err}"))?;
+    if let Some(addr) = pool.health_addr() {
+        eprintln!("wirepool demo: health port on http://{addr}/health (also /metrics, /api/v1/pool/stats)");
+    }
     for index in 0..channels {
         pool.subscribe(&format!("ticker.{index}"))
             .map_err(|err| err.to_string())?;

@@ -1,0 +1,949 @@
+//! The health/admin HTTP port over real loopback HTTP: health levels, stats, the
+//! connection admin endpoints, run-time config, Prometheus metrics, bearer-token
+//! auth, error replies, and clients that misbehave.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::watchdog;
+use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::{Config, Error, Pool, RequestOptions};
+
+/// Generous bound for anything that polls.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client: one request per connection, read to EOF.
+
+struct HttpReply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl HttpReply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(field, _)| field.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        assert_eq!(
+            self.header("Content-Type"),
+            Some("application/json"),
+            "expected a JSON reply, got {} {}",
+            self.status,
+            self.text()
+        );
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|err| panic!("reply is not JSON ({err}): {}", self.text()))
+    }
+
+    /// The `error` text of a JSON error reply with this status.
+    fn error(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "unexpected reply: {}", self.text());
+        let body = self.json();
+        body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("error reply without an error text: {body}"))
+            .to_string()
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(15)))
+        .expect("write timeout");
+    stream
+}
+
+fn request_head(method: &str, path: &str, headers: &[(&str, &str)], body_len: usize) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if body_len > 0 || matches!(method, "POST" | "PUT") {
+        head.push_str(&format!("Content-Length: {body_len}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+fn read_reply(mut stream: TcpStream) -> HttpReply {
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the reply to EOF");
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> HttpReply {
+    let split = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let mut parts = status_line.splitn(3, ' ');
+    assert!(
+        parts
+            .next()
+            .is_some_and(|version| version.starts_with("HTTP/1.")),
+        "bad status line {status_line:?}"
+    );
+    let status: u16 = parts
+        .next()
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let reply = HttpReply {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let body = if reply
+        .header("Transfer-Encoding")
+        .is_some_and(|value| value.eq_ignore_ascii_case("chunked"))
+    {
+        dechunk(rest)
+    } else if let Some(length) = reply.header("Content-Length") {
+        let length: usize = length.parse().expect("numeric Content-Length");
+        assert!(rest.len() >= length, "body shorter than Content-Length");
+        rest[..length].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    HttpReply { body, ..reply }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|window| window == b"\r\n")
+            .expect("chunk size line");
+        let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .expect("hex chunk size");
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
+    let mut stream = connect(addr);
+    let mut bytes = request_head(method, path, headers, body.len()).into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).expect("send the request");
+    read_reply(stream)
+}
+
+fn get(addr: SocketAddr, path: &str) -> HttpReply {
+    http(addr, "GET", path, &[], b"")
+}
+
+fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpReply {
+    http(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// Repeats `attempt` until it returns `Some`, failing with `what` after `PATIENCE`.
+fn poll<T>(what: &str, mut attempt: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = attempt() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {what} within {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Fixtures.
+
+fn simulator() -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: "127.0.0.1:0".parse().expect("loopback address"),
+        rate_per_channel: 50.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator starts")
+}
+
+fn config(url: &str, min: u32, max: u32, health: Value) -> Config {
+    let config = json!({
+        "servers": [{"url": url}],
+        "pool": {"min_connections": min, "max_connections": max},
+        "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+        "health": health,
+    });
+    Config::from_json(&config.to_string()).expect("valid config")
+}
+
+/// A pool of `min` (up to `max`) ready connections with its HTTP port on loopback.
+fn ready_pool(sim: &Simulator, min: u32, max: u32, admin_token: Option<&str>) -> Pool {
+    let mut health = json!({"listen": "127.0.0.1:0"});
+    if let Some(token) = admin_token {
+        health["admin_token"] = json!(token);
+    }
+    let pool = Pool::new(config(&sim.url(), min, max, health)).expect("pool opens");
+    pool.wait_ready(PATIENCE).expect("pool ready");
+    pool
+}
+
+fn health_addr(pool: &Pool) -> SocketAddr {
+    pool.health_addr()
+        .expect("health.listen is set, so the port runs")
+}
+
+/// A ws:// URL nobody listens on.
+fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("ws://{addr}")
+}
+
+fn connections(addr: SocketAddr) -> Vec<Value> {
+    let reply = get(addr, "/api/v1/connections");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["connections"]
+        .as_array()
+        .unwrap_or_else(|| panic!("connections list expected: {}", reply.text()))
+        .clone()
+}
+
+fn ready_ids(addr: SocketAddr) -> Vec<u64> {
+    connections(addr)
+        .iter()
+        .filter(|c| c["ready"] == json!(true))
+        .filter_map(|c| c["id"].as_u64())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Health.
+
+#[test]
+fn health_is_200_healthy_with_two_ready_connections() {
+    let _guard = watchdog("health_is_200_healthy", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    let body = poll("/health to say healthy", || {
+        let reply = get(addr, "/health");
+        let body = reply.json();
+        (reply.status == 200 && body["status"] == "healthy").then_some(body)
+    });
+    assert_eq!(body["ready_connections"], 2, "{body}");
+    assert_eq!(body["reasons"], json!([]), "{body}");
+}
+
+#[test]
+fn health_is_503_with_reasons_when_the_upstream_is_gone() {
+    let _guard = watchdog("health_is_503", Duration::from_secs(60));
+    let health = json!({"listen": "127.0.0.1:0"});
+    let pool = Pool::new(config(&closed_port_url(), 2, 2, health)).expect("pool opens");
+    let addr = health_addr(&pool);
+    let body = poll("/health to answer 503 with reasons", || {
+        let reply = get(addr, "/health");
+        let body = reply.json();
+        let has_reasons = body["reasons"]
+            .as_array()
+            .is_some_and(|reasons| !reasons.is_empty());
+        (reply.status == 503 && has_reasons).then_some(body)
+    });
+    let status = body["status"].as_str().expect("status text");
+    assert!(
+        status == "unhealthy" || status == "critical",
+        "a pool without a ready connection is unhealthy or critical: {body}"
+    );
+    assert!(
+        body["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .all(Value::is_string),
+        "{body}"
+    );
+}
+
+#[test]
+fn pool_health_reports_level_and_history() {
+    let _guard = watchdog("pool_health_history", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    let body = poll("pool health to be healthy", || {
+        let body = get(addr, "/api/v1/pool/health").json();
+        (body["level"] == "healthy").then_some(body)
+    });
+    let history = body["history"].as_array().expect("history list");
+    assert!(!history.is_empty(), "{body}");
+    let last = history.last().expect("a change");
+    assert_eq!(last["level"], "healthy", "{body}");
+    assert!(last["ts_ms"].as_u64().is_some_and(|ts| ts > 0), "{body}");
+}
+
+// ---------------------------------------------------------------------------------
+// Stats and connections.
+
+#[test]
+fn pool_stats_have_the_contract_fields() {
+    let _guard = watchdog("pool_stats_fields", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    pool.subscribe("ticker.0").expect("subscribe");
+    let addr = health_addr(&pool);
+    let stats = poll("stats with a received message", || {
+        let stats = get(addr, "/api/v1/pool/stats").json();
+        (stats["messages_received"].as_u64() > Some(0)).then_some(stats)
+    });
+    for field in [
+        "total_connections",
+        "ready_connections",
+        "busy_connections",
+        "pending_requests",
+        "min_connections",
+        "max_connections",
+        "messages_received",
+        "messages_sent",
+        "bytes_received",
+        "bytes_sent",
+        "reconnects",
+        "subscriptions",
+    ] {
+        assert!(
+            stats[field].is_u64(),
+            "stats.{field} should be a count: {stats}"
+        );
+    }
+    for field in ["initialized", "has_shared_data"] {
+        assert!(
+            stats[field].is_boolean(),
+            "stats.{field} should be a flag: {stats}"
+        );
+    }
+    assert_eq!(stats["ready_connections"], 2, "{stats}");
+    assert_eq!(stats["min_connections"], 2, "{stats}");
+    assert_eq!(stats["max_connections"], 4, "{stats}");
+    assert_eq!(stats["initialized"], true, "{stats}");
+    assert_eq!(stats["subscriptions"], 1, "{stats}");
+    assert!(stats["bytes_received"].as_u64() > Some(0), "{stats}");
+}
+
+#[test]
+fn connections_are_listed_and_shown_one_by_one() {
+    let _guard = watchdog("connections_listed", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    let list = connections(addr);
+    assert_eq!(list.len(), 2, "{list:?}");
+    for connection in &list {
+        for field in [
+            "id",
+            "server",
+            "state",
+            "ready",
+            "subscriptions",
+            "last_activity",
+            "error_count",
+        ] {
+            assert!(
+                connection.get(field).is_some(),
+                "connection lacks {field}: {connection}"
+            );
+        }
+    }
+    let id = list[0]["id"].as_u64().expect("numeric id");
+    let one = get(addr, &format!("/api/v1/connections/{id}"));
+    assert_eq!(one.status, 200, "{}", one.text());
+    assert_eq!(one.json()["id"], id);
+    let missing = get(addr, "/api/v1/connections/987654321").error(404);
+    assert!(missing.contains("987654321"), "{missing}");
+}
+
+#[test]
+fn deleting_a_connection_replaces_it() {
+    let _guard = watchdog("delete_replaces", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    let before = poll("two ready connections", || {
+        let ids = ready_ids(addr);
+        (ids.len() == 2).then_some(ids)
+    });
+    let victim = before[0];
+    let reply = http(
+        addr,
+        "DELETE",
+        &format!("/api/v1/connections/{victim}"),
+        &[],
+        b"",
+    );
+    assert!(
+        reply.status == 202 || reply.status == 200,
+        "DELETE should be accepted: {} {}",
+        reply.status,
+        reply.text()
+    );
+    assert_eq!(reply.json()["id"], victim);
+    poll("a replacement connection, ready, with a new id", || {
+        let ids = ready_ids(addr);
+        let replaced =
+            ids.len() == 2 && !ids.contains(&victim) && ids.iter().any(|id| !before.contains(id));
+        replaced.then_some(())
+    });
+    let gone = http(
+        addr,
+        "DELETE",
+        &format!("/api/v1/connections/{victim}"),
+        &[],
+        b"",
+    );
+    gone.error(404);
+}
+
+#[test]
+fn opening_connections_stops_at_max_with_409() {
+    let _guard = watchdog("open_until_max", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 3, None);
+    let addr = health_addr(&pool);
+    let opened = http(addr, "POST", "/api/v1/connections", &[], b"");
+    assert_eq!(opened.status, 201, "{}", opened.text());
+    let id = opened.json()["id"].as_u64().expect("new id");
+    poll("the new connection to be ready", || {
+        ready_ids(addr).contains(&id).then_some(())
+    });
+    let refused = http(addr, "POST", "/api/v1/connections", &[], b"").error(409);
+    assert!(refused.contains("max_connections"), "{refused}");
+    assert_eq!(connections(addr).len(), 3);
+}
+
+// ---------------------------------------------------------------------------------
+// Run-time config.
+
+#[test]
+fn pool_config_changes_sizes_and_rejects_bad_input() {
+    let _guard = watchdog("pool_config", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+
+    let changed = post_json(
+        addr,
+        "/api/v1/pool/config",
+        &json!({"min_connections": 3, "max_connections": 5, "strategy": "least_connections"}),
+    );
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    assert_eq!(
+        changed.json(),
+        json!({"min_connections": 3, "max_connections": 5, "strategy": "least_connections"})
+    );
+    let stats = get(addr, "/api/v1/pool/stats").json();
+    assert_eq!(stats["min_connections"], 3, "{stats}");
+    assert_eq!(stats["max_connections"], 5, "{stats}");
+    poll("a third ready connection", || {
+        (ready_ids(addr).len() == 3).then_some(())
+    });
+
+    let inverted =
+        post_json(addr, "/api/v1/pool/config", &json!({"min_connections": 6})).error(400);
+    assert!(inverted.contains("min_connections"), "{inverted}");
+    let unknown = post_json(
+        addr,
+        "/api/v1/pool/config",
+        &json!({"min_connections": 2, "max_conections": 4}),
+    )
+    .error(400);
+    assert!(unknown.contains("max_conections"), "{unknown}");
+    let strategy =
+        post_json(addr, "/api/v1/pool/config", &json!({"strategy": "fastest"})).error(400);
+    assert!(strategy.contains("fastest"), "{strategy}");
+    http(addr, "POST", "/api/v1/pool/config", &[], b"{not json").error(400);
+
+    let oversized = vec![b' '; 70 * 1024];
+    http(addr, "POST", "/api/v1/pool/config", &[], &oversized).error(413);
+
+    // A body too large for tiny_http to buffer, but within the limit.
+    let mut padded = json!({"strategy": "random"}).to_string().into_bytes();
+    padded.resize(4 * 1024, b' ');
+    let reply = http(addr, "POST", "/api/v1/pool/config", &[], &padded);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let settings = get(addr, "/api/v1/pool/config").json();
+    assert_eq!(
+        settings,
+        json!({"min_connections": 3, "max_connections": 5, "strategy": "random"})
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Metrics.
+
+/// `name{labels} value` split into its parts.
+fn parse_sample(line: &str) -> (String, Vec<(String, String)>, f64) {
+    let (series, value) = line
+        .rsplit_once(' ')
+        .unwrap_or_else(|| panic!("sample without a value: {line:?}"));
+    let value: f64 = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        other => other
+            .parse()
+            .unwrap_or_else(|_| panic!("sample value is not a number: {line:?}")),
+    };
+    let (name, labels) = match series.split_once('{') {
+        None => (series, Vec::new()),
+        Some((name, rest)) => {
+            let body = rest
+                .strip_suffix('}')
+                .unwrap_or_else(|| panic!("unterminated labels: {line:?}"));
+            let labels = body
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                    (key.to_string(), value.trim_end_matches('"').to_string())
+                })
+                .collect();
+            (name, labels)
+        }
+    };
+    assert!(
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+        "bad metric name in {line:?}"
+    );
+    (name.to_string(), labels, value)
+}
+
+#[test]
+fn metrics_are_prometheus_text() {
+    let _guard = watchdog("metrics", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    for index in 0..3 {
+        let body = format!(r#"{{"hello":{index}}}"#);
+        let options = RequestOptions {
+            timeout: Some(Duration::from_secs(10)),
+            ..RequestOptions::default()
+        };
+        pool.request(body.as_bytes(), options).expect("echo reply");
+    }
+    poll("two ready connections", || {
+        (ready_ids(addr).len() == 2).then_some(())
+    });
+
+    let reply = get(addr, "/metrics");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let content_type = reply.header("Content-Type").expect("content type");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let text = reply.text();
+    let mut samples = Vec::new();
+    let mut typed = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "unexpected type in {line:?}"
+            );
+            typed.push(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            assert!(line.starts_with("# HELP "), "stray comment {line:?}");
+            continue;
+        }
+        samples.push(parse_sample(line));
+    }
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .find(|(sample, sample_labels, _)| {
+                sample == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| sample_labels.iter().any(|(sk, sv)| sk == k && sv == v))
+            })
+            .map(|(_, _, value)| *value)
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
+    };
+    for name in [
+        "wirepool_messages_received_total",
+        "wirepool_messages_sent_total",
+        "wirepool_bytes_received_total",
+        "wirepool_bytes_sent_total",
+        "wirepool_reconnects_total",
+        "wirepool_queue_depth",
+        "wirepool_queue_capacity",
+        "wirepool_dropped_messages_total",
+        "wirepool_pending_requests",
+        "wirepool_subscriptions",
+        "wirepool_health_level",
+        "wirepool_malformed_frames_total",
+        "wirepool_sequence_gaps_total",
+        "wirepool_request_duration_seconds_sum",
+        "wirepool_request_duration_seconds_count",
+    ] {
+        value(name, &[]);
+    }
+    for name in [
+        "wirepool_connections",
+        "wirepool_circuit_state",
+        "wirepool_request_duration_seconds",
+        "wirepool_health_level",
+    ] {
+        assert!(typed.iter().any(|t| t == name), "no # TYPE for {name}");
+    }
+    assert_eq!(value("wirepool_connections", &[("state", "ready")]), 2.0);
+    for state in ["connecting", "authenticating", "closing", "closed"] {
+        value("wirepool_connections", &[("state", state)]);
+    }
+    assert!(value("wirepool_messages_sent_total", &[]) >= 3.0);
+
+    // Every server has one sample per circuit state, exactly one of them 1.
+    let circuit: Vec<_> = samples
+        .iter()
+        .filter(|(name, _, _)| name == "wirepool_circuit_state")
+        .collect();
+    assert_eq!(circuit.len(), 3, "one server, three states:\n{text}");
+    assert_eq!(value("wirepool_circuit_state", &[("state", "closed")]), 1.0);
+    assert_eq!(circuit.iter().map(|(_, _, v)| v).sum::<f64>(), 1.0);
+
+    // The histogram is cumulative and ends with +Inf equal to _count.
+    let buckets: Vec<(String, f64)> = samples
+        .iter()
+        .filter(|(name, _, _)| name == "wirepool_request_duration_seconds_bucket")
+        .map(|(_, labels, value)| {
+            let le = labels
+                .iter()
+                .find(|(key, _)| key == "le")
+                .map(|(_, le)| le.clone())
+                .expect("bucket with le");
+            (le, *value)
+        })
+        .collect();
+    assert!(buckets.len() >= 2, "{text}");
+    assert!(
+        buckets.windows(2).all(|pair| pair[0].1 <= pair[1].1),
+        "buckets must be cumulative: {buckets:?}"
+    );
+    let bounds: Vec<f64> = buckets
+        .iter()
+        .map(|(le, _)| {
+            if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("numeric le")
+            }
+        })
+        .collect();
+    assert!(
+        bounds.windows(2).all(|pair| pair[0] < pair[1]),
+        "bucket bounds must increase: {bounds:?}"
+    );
+    let (last_le, last_count) = buckets.last().expect("buckets");
+    assert_eq!(last_le, "+Inf");
+    let count = value("wirepool_request_duration_seconds_count", &[]);
+    assert_eq!(*last_count, count);
+    assert!(count >= 3.0, "three answered requests: {count}");
+    assert!(value("wirepool_request_duration_seconds_sum", &[]) > 0.0);
+}
+
+// ---------------------------------------------------------------------------------
+// Auth and errors.
+
+#[test]
+fn admin_endpoints_need_the_bearer_token() {
+    let _guard = watchdog("admin_auth", Duration::from_secs(60));
+    let sim = simulator();
+    let token = "s3cret-admin-token";
+    let pool = ready_pool(&sim, 2, 3, Some(token));
+    let addr = health_addr(&pool);
+    let wrong = [("Authorization", "Bearer not-the-token")];
+    let right_value = format!("Bearer {token}");
+    let right = [("Authorization", right_value.as_str())];
+
+    let missing = http(addr, "POST", "/api/v1/connections", &[], b"");
+    missing.error(401);
+    let denied = http(addr, "POST", "/api/v1/connections", &wrong, b"");
+    denied.error(403);
+    for reply in [&missing, &denied] {
+        assert!(!reply.text().contains(token), "the token is never echoed");
+    }
+    let body = br#"{"max_connections": 3}"#;
+    http(addr, "POST", "/api/v1/pool/config", &[], body).error(401);
+    http(addr, "POST", "/api/v1/pool/config", &wrong, body).error(403);
+    let id = connections(addr)[0]["id"].as_u64().expect("id");
+    let path = format!("/api/v1/connections/{id}");
+    http(addr, "DELETE", &path, &[], b"").error(401);
+    http(addr, "DELETE", &path, &wrong, b"").error(403);
+    assert_eq!(
+        connections(addr).len(),
+        2,
+        "nothing changed without the token"
+    );
+
+    // Reads never need it.
+    assert_eq!(get(addr, "/health").status, 200);
+    assert_eq!(get(addr, "/api/v1/pool/stats").status, 200);
+    assert_eq!(get(addr, "/metrics").status, 200);
+
+    let opened = http(addr, "POST", "/api/v1/connections", &right, b"");
+    assert_eq!(opened.status, 201, "{}", opened.text());
+    let configured = http(addr, "POST", "/api/v1/pool/config", &right, body);
+    assert_eq!(configured.status, 200, "{}", configured.text());
+    let closed = http(addr, "DELETE", &path, &right, b"");
+    assert!(
+        closed.status == 202 || closed.status == 200,
+        "{} {}",
+        closed.status,
+        closed.text()
+    );
+}
+
+#[test]
+fn unknown_paths_bad_ids_and_wrong_methods_get_json_errors() {
+    let _guard = watchdog("json_errors", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+
+    let unknown = get(addr, "/no/such/thing").error(404);
+    assert!(unknown.contains("/no/such/thing"), "{unknown}");
+    let bad_id = get(addr, "/api/v1/connections/abc").error(400);
+    assert!(bad_id.contains("abc"), "{bad_id}");
+    http(addr, "DELETE", "/api/v1/connections/abc", &[], b"").error(400);
+
+    let wrong_method = http(addr, "PUT", "/health", &[], b"");
+    wrong_method.error(405);
+    let allow = wrong_method.header("Allow").expect("Allow header");
+    assert!(allow.contains("GET"), "{allow}");
+    let wrong_method = http(addr, "DELETE", "/api/v1/pool/stats", &[], b"");
+    wrong_method.error(405);
+    let wrong_method = http(addr, "POST", "/api/v1/connections/1", &[], b"");
+    wrong_method.error(405);
+    let allow = wrong_method.header("Allow").expect("Allow header");
+    assert!(allow.contains("DELETE"), "{allow}");
+    // The query string does not change the endpoint.
+    assert_eq!(get(addr, "/health?verbose=1").status, 200);
+}
+
+// ---------------------------------------------------------------------------------
+// Misbehaving clients and lifecycle.
+
+#[test]
+fn a_slow_request_body_does_not_hold_up_other_requests() {
+    let _guard = watchdog("slow_body", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+
+    let mut body = json!({"strategy": "weighted"}).to_string().into_bytes();
+    body.resize(3000, b' ');
+    let mut slow = connect(addr);
+    let head = request_head("POST", "/api/v1/pool/config", &[], body.len());
+    slow.write_all(head.as_bytes()).expect("head");
+    slow.write_all(&body[..100])
+        .expect("first part of the body");
+
+    // Meanwhile the port answers others promptly.
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(get(addr, "/health").status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "/health took {:?} while a body was trickling in",
+            started.elapsed()
+        );
+    }
+    slow.write_all(&body[100..]).expect("rest of the body");
+    let reply = read_reply(slow);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["strategy"], "weighted");
+}
+
+#[test]
+fn a_client_that_lies_about_its_body_and_leaves_does_no_harm() {
+    let _guard = watchdog("lying_body", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    for length in ["5000", "100000000000000"] {
+        let mut liar = connect(addr);
+        let head = format!(
+            "GET /health HTTP/1.1\r\nHost: test\r\nContent-Length: {length}\r\n\r\npartial"
+        );
+        liar.write_all(head.as_bytes()).expect("head");
+        liar.shutdown(Shutdown::Both).expect("hang up");
+        drop(liar);
+        assert_eq!(get(addr, "/health").status, 200);
+    }
+    // Also a client that never finishes its headers.
+    let mut idle = connect(addr);
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost:")
+        .expect("partial head");
+    assert_eq!(get(addr, "/api/v1/pool/stats").status, 200);
+    drop(idle);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_does_not_block_others() {
+    let _guard = watchdog("never_reads", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    let threads_before = support::thread_count();
+    let mut hog = connect(addr);
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n".repeat(5000);
+    hog.write_all(pipelined.as_bytes())
+        .expect("pipelined requests");
+    // Its replies pile up unread; everyone else is still answered promptly, and the
+    // port does not spend a thread per piled-up reply.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut most_threads = threads_before;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        assert_eq!(get(addr, "/health").status, 200);
+        assert_eq!(get(addr, "/metrics").status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "replies took {:?} next to a client that does not read",
+            started.elapsed()
+        );
+        most_threads = most_threads.max(support::thread_count());
+    }
+    assert!(
+        most_threads < threads_before + 500,
+        "threads grew from {threads_before} to {most_threads}"
+    );
+    drop(hog);
+}
+
+#[test]
+fn keep_alive_clients_get_every_reply() {
+    let _guard = watchdog("keep_alive", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    let mut stream = connect(addr);
+    // Two pipelined requests on one connection; the second closes it.
+    let requests = "GET /api/v1/pool/stats HTTP/1.1\r\nHost: test\r\n\r\n\
+                    GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    stream.write_all(requests.as_bytes()).expect("requests");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("replies");
+    let first = parse_reply(&raw);
+    assert_eq!(first.status, 200);
+    assert!(first.json()["ready_connections"].is_u64());
+    let first_length: usize = first
+        .header("Content-Length")
+        .expect("length")
+        .parse()
+        .expect("number");
+    let end_of_first = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .expect("end of headers")
+        + 4
+        + first_length;
+    let second = parse_reply(&raw[end_of_first..]);
+    assert_eq!(second.status, 200);
+    assert!(second
+        .text()
+        .contains("wirepool_connections{state=\"ready\"}"));
+}
+
+#[test]
+fn an_unbindable_listen_address_is_a_config_error() {
+    let _guard = watchdog("unbindable", Duration::from_secs(60));
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let health = json!({"listen": addr});
+    match Pool::new(config(&closed_port_url(), 1, 1, health)) {
+        Err(Error::Config(text)) => {
+            assert!(text.starts_with("health.listen"), "{text}");
+        }
+        Err(other) => panic!("expected a health.listen config error, got {other}"),
+        Ok(_) => panic!("expected a health.listen config error, the pool opened"),
+    }
+}
+
+#[test]
+fn closing_the_pool_stops_the_port_promptly() {
+    let _guard = watchdog("close_stops_port", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 2, 4, None);
+    let addr = health_addr(&pool);
+    assert_eq!(get(addr, "/health").status, 200);
+    // A client in the middle of a body must not hold up the close.
+    let mut slow = connect(addr);
+    let head = request_head("POST", "/api/v1/pool/config", &[], 3000);
+    slow.write_all(head.as_bytes()).expect("head");
+    slow.write_all(b"{").expect("start of the body");
+    let started = Instant::now();
+    pool.close();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "close took {:?}",
+        started.elapsed()
+    );
+    // tiny_http's accept thread lets go of the listener right after the stop.
+    poll("the port to refuse connections after close", || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .is_err()
+            .then_some(())
+    });
+    drop(slow);
+}
