@@ -125,7 +125,17 @@ fn reset_and_clean_close_each_lead_to_a_reconnect_and_resubscribe() {
         ));
     }
     assert_eq!(seen.len(), 3);
-    assert!(pool.stats().reconnects >= 2);
+    let stats = pool.stats();
+    assert!(stats.reconnects >= 2);
+    assert!(stats.reconnect_successes >= 2, "{stats:?}");
+    assert!(
+        stats.reconnect_attempts >= stats.reconnect_successes,
+        "{stats:?}"
+    );
+    assert!(
+        stats.last_time_to_reconnect_ms > 0.0 && stats.max_time_to_reconnect_ms < 5000.0,
+        "{stats:?}"
+    );
 }
 
 #[test]
@@ -333,9 +343,25 @@ fn stale_data_is_reported_and_resumed() {
     pool.subscribe("ticker.0").expect("subscribe");
     first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
     proxy.set_fault(Fault::Blackhole);
-    wait_for_event(&pool, Duration::from_secs(10), "stale", |e| {
-        e.kind == "stale"
+    wait_for_event(&pool, Duration::from_secs(10), "stale channel", |e| {
+        e.kind == "stale" && e.channel.as_deref() == Some("ticker.0")
     });
+    wait_until(
+        &pool,
+        Duration::from_secs(5),
+        "connection marked stale",
+        || {
+            pool.connections().first().is_some_and(|c| {
+                c.freshness == "stale" && c.socket == "open" && c.session == "ready" && !c.ready
+            })
+        },
+    );
+    wait_until(
+        &pool,
+        Duration::from_secs(5),
+        "degraded health while stale",
+        || pool.health().level == HealthLevel::Degraded,
+    );
     proxy.set_fault(Fault::Pass);
     // The simulator's queued frames were discarded, but new ones flow again.
     wait_for_event(&pool, Duration::from_secs(10), "resumed", |e| {

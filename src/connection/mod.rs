@@ -112,6 +112,28 @@ impl ConnectionState {
         }
     }
 
+    /// The socket's part of the state.
+    pub fn socket_str(self) -> &'static str {
+        match self {
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Handshaking
+            | ConnectionState::Authenticating
+            | ConnectionState::Ready => "open",
+            ConnectionState::Closing => "closing",
+            ConnectionState::Closed => "closed",
+        }
+    }
+
+    /// The session's part of the state.
+    pub fn session_str(self) -> &'static str {
+        match self {
+            ConnectionState::Connecting | ConnectionState::Handshaking => "handshaking",
+            ConnectionState::Authenticating => "authenticating",
+            ConnectionState::Ready => "ready",
+            ConnectionState::Closing | ConnectionState::Closed => "ended",
+        }
+    }
+
     fn from_u8(value: u8) -> ConnectionState {
         match value {
             0 => ConnectionState::Connecting,

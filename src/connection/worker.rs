@@ -126,6 +126,7 @@ fn run(
         early_commands: VecDeque::new(),
         in_flight: HashSet::new(),
         channels: HashMap::new(),
+        next_stale_check: None,
         frames: FrameBatch::default(),
         outgoing: Vec::new(),
         opened_at: Instant::now(),
@@ -178,6 +179,15 @@ fn run(
     });
 }
 
+/// One channel as this connection sees it.
+struct ChannelState {
+    name: Arc<str>,
+    /// Subscribed here: its freshness is tracked.
+    subscribed: bool,
+    last_data: Instant,
+    stale: bool,
+}
+
 /// Everything a worker owns except its codec (kept apart so records borrowed from
 /// the codec's memory can be applied to the link).
 struct Link {
@@ -195,8 +205,11 @@ struct Link {
     early_commands: VecDeque<Command>,
     /// Requests written to the socket and not yet answered.
     in_flight: HashSet<u64>,
-    /// Channel names interned once, so each message clones an `Arc`.
-    channels: HashMap<Box<[u8]>, Arc<str>>,
+    /// Channel names interned once (so each message clones an `Arc`), with the
+    /// freshness of the channels this connection is subscribed to.
+    channels: HashMap<Box<[u8]>, ChannelState>,
+    /// Next time per-channel staleness is checked.
+    next_stale_check: Option<Instant>,
     frames: FrameBatch,
     outgoing: Vec<Message>,
     opened_at: Instant,
@@ -251,6 +264,9 @@ impl Link {
             .and_then(|records| self.apply(records));
         if let Err(ended) = result {
             return ended;
+        }
+        if !self.ready {
+            self.context.events.push(self.event("authenticating"));
         }
         let heartbeat = &config.heartbeat;
         if heartbeat.ping_interval_ms > 0 {
@@ -477,6 +493,9 @@ impl Link {
         if stale_after > 0 && !self.stale {
             deadline = deadline.min(self.last_data + Duration::from_millis(stale_after));
         }
+        if let Some(check) = self.next_stale_check {
+            deadline = deadline.min(check);
+        }
         deadline
     }
 
@@ -488,6 +507,7 @@ impl Link {
                 channel,
                 command_id,
             } => {
+                self.track_channel(&channel, true);
                 let records =
                     codec.encode(op::SUBSCRIBE, command_id as i64, channel.as_bytes(), &[])?;
                 self.apply(records)?;
@@ -496,6 +516,7 @@ impl Link {
                 channel,
                 command_id,
             } => {
+                self.track_channel(&channel, false);
                 let records =
                     codec.encode(op::UNSUBSCRIBE, command_id as i64, channel.as_bytes(), &[])?;
                 self.apply(records)?;
@@ -657,6 +678,11 @@ impl Link {
             }
         }
         let stale_after = heartbeat.stale_after_ms;
+        if stale_after > 0 && self.ready && self.next_stale_check.is_none_or(|at| now >= at) {
+            let stale_after = Duration::from_millis(stale_after);
+            self.next_stale_check = Some(now + (stale_after / 4).max(Duration::from_millis(10)));
+            self.check_stale_channels(now, stale_after);
+        }
         if stale_after > 0
             && self.ready
             && !self.stale
@@ -700,6 +726,7 @@ impl Link {
 
     /// Acts on a codec's output records.
     fn apply_with_time(&mut self, records: Records<'_>, received_ns: u64) -> Result<(), Ended> {
+        let mut data_now: Option<Instant> = None;
         for record in records.iter() {
             match record.kind {
                 kind::SEND_TEXT | kind::SEND_BINARY => {
@@ -726,7 +753,8 @@ impl Link {
                     }
                 }
                 kind::DATA => {
-                    let channel = self.intern(record.channel);
+                    let now = *data_now.get_or_insert_with(Instant::now);
+                    let channel = self.intern(record.channel, now);
                     self.outgoing.push(Message {
                         channel,
                         payload: record.payload.to_vec(),
@@ -935,15 +963,73 @@ impl Link {
         }
     }
 
-    fn intern(&mut self, channel: &[u8]) -> Arc<str> {
-        if let Some(name) = self.channels.get(channel) {
-            return Arc::clone(name);
+    /// The interned name of a channel that just delivered data at `now`.
+    fn intern(&mut self, channel: &[u8], now: Instant) -> Arc<str> {
+        if let Some(state) = self.channels.get_mut(channel) {
+            state.last_data = now;
+            if state.stale {
+                state.stale = false;
+                let name = Arc::clone(&state.name);
+                self.context
+                    .events
+                    .push(self.event("resumed").channel(name.to_string()));
+                return name;
+            }
+            return Arc::clone(&state.name);
         }
         let name: Arc<str> = Arc::from(String::from_utf8_lossy(channel).as_ref());
         if self.channels.len() < 65_536 {
-            self.channels.insert(channel.into(), Arc::clone(&name));
+            self.channels.insert(
+                channel.into(),
+                ChannelState {
+                    name: Arc::clone(&name),
+                    subscribed: false,
+                    last_data: now,
+                    stale: false,
+                },
+            );
         }
         name
+    }
+
+    /// Starts or stops tracking a channel's freshness.
+    fn track_channel(&mut self, channel: &str, subscribed: bool) {
+        let now = Instant::now();
+        let state = self
+            .channels
+            .entry(channel.as_bytes().into())
+            .or_insert_with(|| ChannelState {
+                name: Arc::from(channel),
+                subscribed,
+                last_data: now,
+                stale: false,
+            });
+        state.subscribed = subscribed;
+        state.last_data = now;
+        state.stale = false;
+    }
+
+    /// Reports subscribed channels that delivered nothing for `stale_after`.
+    fn check_stale_channels(&mut self, now: Instant, stale_after: Duration) {
+        let mut newly_stale = Vec::new();
+        for state in self.channels.values_mut() {
+            if state.subscribed && !state.stale && now >= state.last_data + stale_after {
+                state.stale = true;
+                newly_stale.push(Arc::clone(&state.name));
+            }
+        }
+        for name in newly_stale {
+            self.context
+                .events
+                .push(
+                    self.event("stale")
+                        .channel(name.to_string())
+                        .message(format!(
+                            "no data on the channel for {} ms",
+                            stale_after.as_millis()
+                        )),
+                );
+        }
     }
 
     /// Sends a close frame and waits briefly for the peer's.

@@ -55,7 +55,13 @@ pub struct ConnectionSnapshot {
     pub server: String,
     /// `connecting`, `handshaking`, `authenticating`, `ready`, `closing` or `closed`.
     pub state: &'static str,
-    /// The session is ready.
+    /// The socket: `connecting`, `open`, `closing` or `closed`.
+    pub socket: &'static str,
+    /// The session: `handshaking`, `authenticating`, `ready` or `ended`.
+    pub session: &'static str,
+    /// Data freshness: `fresh` or `stale` (`heartbeat.stale_after_ms`).
+    pub freshness: &'static str,
+    /// Socket open, session ready and data fresh.
     pub ready: bool,
     /// Channels placed on this connection.
     pub subscriptions: Vec<String>,
@@ -543,6 +549,17 @@ impl Pool {
             requests_failed: load(&counters.requests_failed),
             shared_keys: inner.shared_data.keys(),
             events_dropped: inner.events.dropped(),
+            reconnect_attempts: load(&counters.reconnect_attempts),
+            reconnect_successes: load(&counters.reconnect_successes),
+            reconnect_failures: load(&counters.reconnect_failures),
+            last_time_to_reconnect_ms: load(&counters.reconnect_time_last_us) as f64 / 1000.0,
+            max_time_to_reconnect_ms: load(&counters.reconnect_time_max_us) as f64 / 1000.0,
+            mean_time_to_reconnect_ms: match load(&counters.reconnect_successes) {
+                0 => 0.0,
+                successes => {
+                    load(&counters.reconnect_time_total_us) as f64 / 1000.0 / successes as f64
+                }
+            },
         }
     }
 
@@ -605,11 +622,15 @@ impl Pool {
                 let stats = &info.stats;
                 let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
                 let state = stats.state();
+                let stale = stats.is_stale();
                 ConnectionSnapshot {
                     id: info.id,
                     server: info.server.clone(),
                     state: state.as_str(),
-                    ready: state == ConnectionState::Ready,
+                    socket: state.socket_str(),
+                    session: state.session_str(),
+                    freshness: if stale { "stale" } else { "fresh" },
+                    ready: state == ConnectionState::Ready && !stale,
                     subscriptions: info.subscriptions.clone(),
                     last_activity_ms: load(&stats.last_activity_ms),
                     error_count: load(&stats.errors),
@@ -684,6 +705,8 @@ struct Slot {
     /// The connection was closed through the API: replace it although the close
     /// was requested.
     refill_after_close: bool,
+    /// When the slot lost a ready connection it has not yet replaced.
+    lost_at: Option<Instant>,
 }
 
 impl Slot {
@@ -696,6 +719,7 @@ impl Slot {
             ready_since: None,
             given_up: false,
             refill_after_close: false,
+            lost_at: None,
         }
     }
 }
@@ -1011,6 +1035,12 @@ impl PoolThread {
                 slot.server_index = Some(server_index);
                 slot.retry_at = None;
                 slot.ready_since = None;
+                if slot.lost_at.is_some() {
+                    self.inner
+                        .counters
+                        .reconnect_attempts
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 self.servers[server_index].attempt_started();
                 self.connections.insert(id, handle);
                 self.publish_connections();
@@ -1151,6 +1181,13 @@ impl PoolThread {
                                 .counters
                                 .reconnects
                                 .fetch_add(1, Ordering::Relaxed);
+                            let slot = &mut self.slots[slot_index];
+                            slot.lost_at.get_or_insert_with(Instant::now);
+                        } else if self.slots[slot_index].lost_at.is_some() {
+                            self.inner
+                                .counters
+                                .reconnect_failures
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         self.schedule_retry(slot_index, &outcome.reason);
                     }
@@ -1180,6 +1217,20 @@ impl PoolThread {
             .find(|slot| slot.connection == Some(connection_id))
         {
             slot.ready_since = Some(Instant::now());
+            if let Some(lost_at) = slot.lost_at.take() {
+                let took = lost_at.elapsed().as_micros() as u64;
+                let counters = &self.inner.counters;
+                counters.reconnect_successes.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .reconnect_time_last_us
+                    .store(took, Ordering::Relaxed);
+                counters
+                    .reconnect_time_max_us
+                    .fetch_max(took, Ordering::Relaxed);
+                counters
+                    .reconnect_time_total_us
+                    .fetch_add(took, Ordering::Relaxed);
+            }
         }
         self.place_unowned();
         self.publish_readiness();

@@ -23,6 +23,14 @@ pub(crate) struct PoolCounters {
     pub requests_failed: AtomicU64,
     pub requests_timed_out: AtomicU64,
     pub request_latency: LatencyCounters,
+    /// Connection attempts made to replace a connection that was ready.
+    pub reconnect_attempts: AtomicU64,
+    pub reconnect_successes: AtomicU64,
+    pub reconnect_failures: AtomicU64,
+    /// Time from losing a ready connection to its replacement being ready.
+    pub reconnect_time_last_us: AtomicU64,
+    pub reconnect_time_max_us: AtomicU64,
+    pub reconnect_time_total_us: AtomicU64,
 }
 
 /// Upper bounds (microseconds) of the request latency histogram buckets.
@@ -157,4 +165,16 @@ pub struct PoolStats {
     pub shared_keys: Vec<String>,
     /// Events dropped because nobody read them.
     pub events_dropped: u64,
+    /// Connection attempts made to replace a connection that had been ready.
+    pub reconnect_attempts: u64,
+    /// Replacements that became ready.
+    pub reconnect_successes: u64,
+    /// Replacement attempts that failed.
+    pub reconnect_failures: u64,
+    /// Milliseconds from the last lost connection to its replacement being ready.
+    pub last_time_to_reconnect_ms: f64,
+    /// The longest such time so far.
+    pub max_time_to_reconnect_ms: f64,
+    /// The mean of such times.
+    pub mean_time_to_reconnect_ms: f64,
 }
