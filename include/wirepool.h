@@ -253,6 +253,27 @@ wirepool_result wirepool_pool_events_json(const struct wirepool_pool *pool,
                                           struct wirepool_bytes **out_json);
 
 /*
+ Takes a lease on the pool (see `lease.idle_timeout_ms`): while any lease is held the
+ pool stays connected; an idled pool reconnects and restores its subscriptions.
+ */
+wirepool_result wirepool_pool_acquire(const struct wirepool_pool *pool);
+
+/*
+ Gives back a lease taken with `wirepool_pool_acquire`; releasing the last one starts
+ the idle timer. `WIREPOOL_ERR_INVALID_ARGUMENT` when no lease is held.
+ */
+wirepool_result wirepool_pool_release(const struct wirepool_pool *pool);
+
+/*
+ The shared state the codec reported under `key` (e.g. `instruments`), as the
+ codec produced it (JSON text for the `json` codec). `WIREPOOL_ERR_INVALID_ARGUMENT`
+ when there is none.
+ */
+wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
+                                          const char *key,
+                                          struct wirepool_bytes **out_value);
+
+/*
  Creates a batch that holds up to `capacity` messages.
  */
 wirepool_result wirepool_batch_new(size_t capacity, struct wirepool_batch **out_batch);

@@ -118,6 +118,9 @@ pub struct PoolConfig {
     pub scale_up_at: f64,
     /// Load (0..1) below which the pool removes one. Defaults to 0.2.
     pub scale_down_at: f64,
+    /// Shared-data keys (codec `SHARED` records, e.g. a schema) that must be present
+    /// before `pool_ready` fires. Defaults to none.
+    pub require_shared: Vec<String>,
 }
 
 impl Default for PoolConfig {
@@ -127,6 +130,7 @@ impl Default for PoolConfig {
             max_connections: 4,
             scale_up_at: 0.8,
             scale_down_at: 0.2,
+            require_shared: Vec::new(),
         }
     }
 }

@@ -13,7 +13,9 @@
 //! `{"op":"ignore"}` nothing; `{"op":"delay","ms":N}` the echo after N ms;
 //! `{"op":"instruments"}` the channel universe; `{"op":"close"}` closes the connection;
 //! anything else is echoed as `{"echo":P}`. With a token, the first frame must be
-//! `{"type":"auth","token":T,"messageId":M}`.
+//! `{"type":"auth","token":T,"messageId":M}`. Once the session is established the
+//! simulator sends the universe as shared state:
+//! `{"type":"shared","key":"instruments","payload":{"instruments":[...]}}`.
 
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
@@ -377,6 +379,9 @@ fn run_client(stream: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
         delayed: Vec::new(),
         close_requested: false,
     };
+    if client.authenticated {
+        client.send_shared(&mut ws)?;
+    }
     let result = client.serve(&mut ws, &poller, drop_generation, close_generation);
     let _ = poller.delete(ws.get_ref().tcp());
     shared
@@ -487,6 +492,17 @@ impl Client {
         }
     }
 
+    /// The instrument universe as shared state (the `shared` frame extension).
+    fn send_shared(&mut self, ws: &mut WebSocket<Stream>) -> io::Result<()> {
+        let universe: Vec<String> = (0..self.shared.config.channels)
+            .map(|index| format!("ticker.{index}"))
+            .collect();
+        self.send(
+            ws,
+            json!({"type": "shared", "key": "instruments", "payload": {"instruments": universe}}),
+        )
+    }
+
     fn send(&mut self, ws: &mut WebSocket<Stream>, frame: Value) -> io::Result<()> {
         match ws.write(Message::text(frame.to_string())) {
             Ok(()) => Ok(()),
@@ -564,7 +580,8 @@ impl Client {
                 if let Some(id) = message_id {
                     reply["messageId"] = id;
                 }
-                return self.send(ws, reply);
+                self.send(ws, reply)?;
+                return self.send_shared(ws);
             }
             self.shared
                 .counters

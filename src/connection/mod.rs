@@ -66,6 +66,10 @@ pub(crate) enum Report {
         channel: String,
         reason: String,
     },
+    /// The codec reported shared state under `key`.
+    Shared {
+        key: String,
+    },
     /// The worker has ended; its thread is about to exit.
     Closed {
         connection_id: u64,

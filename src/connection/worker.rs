@@ -830,7 +830,10 @@ impl Link {
                     self.context
                         .shared_data
                         .set(key.clone(), record.payload.to_vec());
-                    self.context.events.push(self.event("shared").channel(key));
+                    self.context
+                        .events
+                        .push(self.event("shared").channel(key.clone()));
+                    let _ = self.context.reports.send(Report::Shared { key });
                 }
                 kind::SEQUENCE_GAP => {
                     self.context

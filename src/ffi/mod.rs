@@ -480,6 +480,51 @@ pub unsafe extern "C" fn wirepool_pool_events_json(
     })
 }
 
+/// Takes a lease on the pool (see `lease.idle_timeout_ms`): while any lease is held the
+/// pool stays connected; an idled pool reconnects and restores its subscriptions.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_acquire(pool: *const wirepool_pool) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        pool.pool.acquire().map_err(|err| fail_with(&err))
+    })
+}
+
+/// Gives back a lease taken with `wirepool_pool_acquire`; releasing the last one starts
+/// the idle timer. `WIREPOOL_ERR_INVALID_ARGUMENT` when no lease is held.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_release(pool: *const wirepool_pool) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        pool.pool.release().map_err(|err| fail_with(&err))
+    })
+}
+
+/// The shared state the codec reported under `key` (e.g. `instruments`), as the
+/// codec produced it (JSON text for the `json` codec). `WIREPOOL_ERR_INVALID_ARGUMENT`
+/// when there is none.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_shared_data(
+    pool: *const wirepool_pool,
+    key: *const c_char,
+    out_value: *mut *mut wirepool_bytes,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let key = unsafe { text(key, "key") }?;
+        let out_value = out(out_value, "out_value")?;
+        let value = pool.pool.shared_data(key).ok_or_else(|| {
+            fail(
+                WIREPOOL_ERR_INVALID_ARGUMENT,
+                &format!("no shared data under key {key:?}"),
+            )
+        })?;
+        // SAFETY: checked non-null above.
+        unsafe { *out_value = new_bytes(value) };
+        Ok(())
+    })
+}
+
 /// Creates a batch that holds up to `capacity` messages.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_batch_new(

@@ -66,6 +66,8 @@ pub struct HealthReport {
 /// What the rules look at.
 pub(crate) struct HealthInputs {
     pub closed: bool,
+    /// Idled out by leases: no connections on purpose.
+    pub idle: bool,
     pub ready: usize,
     pub min_connections: usize,
     pub subscriptions: usize,
@@ -83,6 +85,12 @@ pub(crate) fn assess(inputs: &HealthInputs) -> (HealthLevel, Vec<String>) {
     let mut reasons = Vec::new();
     if inputs.closed {
         return (HealthLevel::Critical, vec!["the pool is closed".into()]);
+    }
+    if inputs.idle {
+        return (
+            HealthLevel::Degraded,
+            vec!["idle: no lease held, connections closed until the next acquire".into()],
+        );
     }
     if inputs.ready == 0 && inputs.min_connections > 0 {
         let hopeless = (inputs.servers > 0 && inputs.servers_open == inputs.servers)
@@ -179,6 +187,7 @@ mod tests {
     fn inputs() -> HealthInputs {
         HealthInputs {
             closed: false,
+            idle: false,
             ready: 2,
             min_connections: 2,
             subscriptions: 3,

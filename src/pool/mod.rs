@@ -83,6 +83,20 @@ pub struct ConnectionSnapshot {
     pub blocked_ms: u64,
 }
 
+/// A lease on a pool (see [`Pool::lease`]); released when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    pool: Pool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.pool.is_closed() {
+            let _ = self.pool.release();
+        }
+    }
+}
+
 /// Options of one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestOptions {
@@ -105,6 +119,10 @@ enum PoolCommand {
     AddConnection(Sender<Result<u64>>),
     /// New pool sizes and/or strategy.
     Reconfigure(PoolSettings, Sender<Result<()>>),
+    /// Take a lease (reconnects an idled pool).
+    Acquire,
+    /// Give a lease back; the last one starts the idle timer.
+    Release(Sender<Result<()>>),
     Shutdown,
 }
 
@@ -602,6 +620,32 @@ impl Pool {
         self.inner.counters.request_latency.snapshot()
     }
 
+    /// Takes a lease on the pool. While at least one lease is held the pool stays
+    /// connected; when the last is released it idles for `lease.idle_timeout_ms`, then
+    /// closes its connections but keeps its subscriptions, and the next lease
+    /// reconnects and restores them. Dropping the [`Lease`] releases it.
+    pub fn lease(&self) -> Result<Lease> {
+        self.acquire()?;
+        Ok(Lease {
+            pool: self.observer(),
+        })
+    }
+
+    /// Takes a lease without a guard (for the C and Python bindings): pair each call
+    /// with one [`Pool::release`].
+    pub fn acquire(&self) -> Result<()> {
+        self.check_open()?;
+        self.inner
+            .commands
+            .send(PoolCommand::Acquire)
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Gives back a lease taken with [`Pool::acquire`].
+    pub fn release(&self) -> Result<()> {
+        self.ask(PoolCommand::Release)
+    }
+
     /// Each server with its circuit breaker state.
     pub fn servers(&self) -> Vec<ServerSnapshot> {
         self.inner.servers.read().clone()
@@ -734,6 +778,11 @@ struct PoolThread {
     ready: Vec<u64>,
     desired: BTreeMap<Arc<str>, Placement>,
     servers: Vec<ServerState>,
+    /// Leases held; idling applies only once a lease was taken and all given back.
+    leases: u64,
+    idle_since: Option<Instant>,
+    /// Idled out: no connections until the next acquire.
+    suspended: bool,
     next_connection_id: u64,
     next_command_id: u64,
     round_robin_next: usize,
@@ -757,6 +806,9 @@ impl PoolThread {
             ready: Vec::new(),
             desired: BTreeMap::new(),
             servers,
+            leases: 0,
+            idle_since: None,
+            suspended: false,
             next_connection_id: 1,
             next_command_id: 1,
             round_robin_next: 0,
@@ -773,6 +825,7 @@ impl PoolThread {
         }
         self.publish_servers();
         loop {
+            self.suspend_if_idle();
             self.start_due_slots();
             self.reset_stable_backoffs();
             self.assess_health();
@@ -795,6 +848,10 @@ impl PoolThread {
                     }
                     Ok(PoolCommand::Reconfigure(settings, reply)) => {
                         let _ = reply.send(self.reconfigure(settings));
+                    }
+                    Ok(PoolCommand::Acquire) => self.acquire(),
+                    Ok(PoolCommand::Release(reply)) => {
+                        let _ = reply.send(self.release());
                     }
                 },
                 recv(self.reports) -> report => {
@@ -931,6 +988,7 @@ impl PoolThread {
     fn assess_health(&self) {
         let inputs = HealthInputs {
             closed: self.inner.closing.load(Ordering::Acquire),
+            idle: self.suspended,
             ready: self.ready.len(),
             min_connections: self.inner.settings.read().min_connections as usize,
             subscriptions: self.desired.len(),
@@ -983,7 +1041,66 @@ impl PoolThread {
             .filter(|slot| slot.failures > 0)
             .filter_map(|slot| slot.ready_since.map(|since| since + stable));
         let breakers = self.servers.iter().filter_map(ServerState::reopens_at);
-        retries.chain(stabilising).chain(breakers).min()
+        let idle = self.idle_deadline();
+        retries.chain(stabilising).chain(breakers).chain(idle).min()
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        let idle_timeout = Duration::from_millis(self.inner.config.lease.idle_timeout_ms);
+        match (self.leases, self.idle_since, self.suspended) {
+            (0, Some(since), false) => Some(since + idle_timeout),
+            _ => None,
+        }
+    }
+
+    fn acquire(&mut self) {
+        self.leases += 1;
+        self.idle_since = None;
+        if self.suspended {
+            self.suspended = false;
+            let min = self.inner.settings.read().min_connections as usize;
+            for _ in 0..min {
+                self.slots.push(Slot::new());
+            }
+            self.inner.events.push(
+                Event::new("lease_resumed").message(format!("reconnecting {min} connection(s)")),
+            );
+        }
+    }
+
+    fn release(&mut self) -> Result<()> {
+        if self.leases == 0 {
+            return Err(Error::InvalidArgument("no lease is held".into()));
+        }
+        self.leases -= 1;
+        if self.leases == 0 {
+            self.idle_since = Some(Instant::now());
+            self.inner.events.push(Event::new("idle").message(format!(
+                "last lease released; connections close in {} ms unless one is acquired",
+                self.inner.config.lease.idle_timeout_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// After `lease.idle_timeout_ms` without a lease: close every connection but keep
+    /// the desired subscriptions for the next acquire.
+    fn suspend_if_idle(&mut self) {
+        if self.idle_deadline().is_none_or(|at| Instant::now() < at) {
+            return;
+        }
+        self.suspended = true;
+        self.idle_since = None;
+        for slot in self.slots.drain(..) {
+            if let Some(id) = slot.connection {
+                if let Some(handle) = self.connections.get(&id) {
+                    let _ = handle.send(Command::Close);
+                }
+            }
+        }
+        self.inner.events.push(
+            Event::new("suspended").message("idle timeout: connections closed, subscriptions kept"),
+        );
     }
 
     fn start_due_slots(&mut self) {
@@ -1085,6 +1202,10 @@ impl PoolThread {
 
     fn handle_report(&mut self, report: Report) {
         match report {
+            Report::Shared { key } => {
+                log::debug!("shared data {key:?} updated");
+                self.publish_readiness();
+            }
             Report::Connected { connection_id } => {
                 log::debug!("connection {connection_id}: connected, session starting");
             }
@@ -1242,7 +1363,14 @@ impl PoolThread {
         let ready = self.ready.len();
         let mut readiness = self.inner.readiness.lock();
         readiness.ready_connections = ready;
-        let newly_initialized = !readiness.initialized && ready >= min.max(1);
+        let shared_present = self
+            .inner
+            .config
+            .pool
+            .require_shared
+            .iter()
+            .all(|key| self.inner.shared_data.get(key).is_some());
+        let newly_initialized = !readiness.initialized && ready >= min.max(1) && shared_present;
         if newly_initialized {
             readiness.initialized = true;
         }

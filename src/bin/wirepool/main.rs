@@ -17,7 +17,7 @@ wirepool: a pool of persistent upstream WebSocket connections
 
 USAGE:
   wirepool demo [--connections N] [--channels N] [--rate MSGS_PER_S_IN_ALL] [--duration SECS] [--health ADDR]
-  wirepool run --config FILE [--subscribe CHANNEL]... [--output jsonl|none]
+  wirepool run --config FILE [--subscribe CHANNEL]... [--output jsonl|none] [--log-file PATH]
   wirepool simulate --listen ADDR [--rate MSGS_PER_S_PER_CHANNEL] [--channels N] [--token TOKEN]
   wirepool check-config FILE
   wirepool codec-check FILE.wasm
@@ -88,7 +88,6 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let raw: Vec<String> = std::env::args().skip(1).collect();
     let Some(command) = raw.first() else {
         eprintln!("{USAGE}");
@@ -99,13 +98,20 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
+    if command != "run" {
+        if let Err(message) = init_logging(None) {
+            eprintln!("wirepool: {message}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match command.as_str() {
         "demo" => Args::parse(
             rest,
             &["connections", "channels", "rate", "duration", "health"],
         )
         .and_then(|args| demo(&args)),
-        "run" => Args::parse(rest, &["config", "subscribe", "output"]).and_then(|args| run(&args)),
+        "run" => Args::parse(rest, &["config", "subscribe", "output", "log-file"])
+            .and_then(|args| run(&args)),
         "simulate" => Args::parse(rest, &["listen", "rate", "channels", "token"])
             .and_then(|args| simulate(&args)),
         "check-config" => Args::parse(rest, &[]).and_then(|args| check_config(&args)),
@@ -125,7 +131,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr, or to `log_file` when given. Above `info`, only wirepool's own
+/// modules log: the libraries' debug output may include frame contents (a token).
+fn init_logging(log_file: Option<&str>) -> Result<(), String> {
     let level = match std::env::var("WIREPOOL_LOG").ok().as_deref() {
         Some("error") => log::LevelFilter::Error,
         Some("info") => log::LevelFilter::Info,
@@ -134,12 +142,31 @@ fn init_logging() {
         Some("off") => log::LevelFilter::Off,
         _ => log::LevelFilter::Warn,
     };
-    let _ = simplelog::TermLogger::init(
-        level,
-        simplelog::Config::default(),
-        simplelog::TerminalMode::Stderr,
-        simplelog::ColorChoice::Never,
-    );
+    let mut builder = simplelog::ConfigBuilder::new();
+    if level > log::LevelFilter::Info {
+        builder.add_filter_allow_str("wirepool");
+    }
+    let config = builder.build();
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|err| format!("--log-file {path}: {err}"))?;
+            simplelog::WriteLogger::init(level, config, file)
+                .map_err(|err| format!("logging: {err}"))?;
+        }
+        None => {
+            let _ = simplelog::TermLogger::init(
+                level,
+                config,
+                simplelog::TerminalMode::Stderr,
+                simplelog::ColorChoice::Never,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// SIGINT / SIGTERM set this flag.
@@ -331,6 +358,7 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
 }
 
 fn run(args: &Args) -> Result<ExitCode, String> {
+    init_logging(args.get("log-file"))?;
     let path = args
         .get("config")
         .ok_or("run needs --config FILE (JSON or TOML)")?;

@@ -1,0 +1,242 @@
+//! Operations: leases idle a pool and restore it, shared state gates `pool_ready`,
+//! run-time reconfiguration, and the daemon's graceful shutdown.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{wait_for_event, wait_until, watchdog, write_temp};
+use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::{Config, Error, Pool, PoolSettings};
+
+fn simulator() -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 200.0,
+        channels: 3,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator")
+}
+
+fn pool(url: &str, extra: serde_json::Value) -> Pool {
+    let mut config = serde_json::json!({
+        "servers": [{"url": url}],
+        "pool": {"min_connections": 2, "max_connections": 3},
+        "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            base.insert(key.clone(), value.clone());
+        }
+    }
+    Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool")
+}
+
+fn next_on(pool: &Pool, channel: &str, timeout: Duration) -> wirepool::Message {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(message) = pool.recv(Some(Duration::from_millis(50))).expect("open") {
+            if &*message.channel == channel {
+                return message;
+            }
+        }
+    }
+    panic!("no message on {channel} within {timeout:?}");
+}
+
+#[test]
+fn last_lease_released_idles_the_pool_and_the_next_acquire_restores_it() {
+    let _guard = watchdog("leases", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({"lease": {"idle_timeout_ms": 300}}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let lease = pool.lease().expect("lease");
+    let second = pool.lease().expect("second lease");
+    pool.subscribe("ticker.1").expect("subscribe");
+    next_on(&pool, "ticker.1", Duration::from_secs(10));
+
+    drop(second);
+    drop(lease);
+    wait_for_event(&pool, Duration::from_secs(10), "suspended", |e| {
+        e.kind == "suspended"
+    });
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "no connections while idle",
+        || pool.connections().is_empty(),
+    );
+    assert_eq!(
+        pool.stats().subscriptions,
+        1,
+        "subscriptions are kept while idle"
+    );
+    assert_eq!(
+        pool.release(),
+        Err(Error::InvalidArgument("no lease is held".into()))
+    );
+    // Drain what arrived before the close.
+    while pool
+        .recv(Some(Duration::from_millis(100)))
+        .expect("open")
+        .is_some()
+    {}
+
+    let _lease = pool.lease().expect("lease again");
+    wait_for_event(&pool, Duration::from_secs(10), "lease_resumed", |e| {
+        e.kind == "lease_resumed"
+    });
+    let message = next_on(&pool, "ticker.1", Duration::from_secs(10));
+    assert!(
+        message.connection_id > 2,
+        "data comes from a new connection"
+    );
+    assert_eq!(pool.connections().len(), 2);
+}
+
+#[test]
+fn a_lease_held_keeps_the_pool_connected_past_the_idle_timeout() {
+    let _guard = watchdog("lease held", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({"lease": {"idle_timeout_ms": 100}}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let _lease = pool.lease().expect("lease");
+    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let after: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    assert_eq!(
+        before, after,
+        "connections changed although a lease was held"
+    );
+}
+
+#[test]
+fn pool_ready_waits_for_required_shared_state() {
+    let _guard = watchdog("shared", Duration::from_secs(60));
+    let sim = simulator();
+    let present = pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 1, "require_shared": ["instruments"]}}),
+    );
+    present
+        .wait_ready(Duration::from_secs(10))
+        .expect("ready with shared data");
+    let stats = present.stats();
+    assert!(stats.has_shared_data);
+    let instruments: serde_json::Value = serde_json::from_slice(
+        &present
+            .shared_data("instruments")
+            .expect("instruments present"),
+    )
+    .expect("JSON");
+    assert_eq!(instruments["instruments"][2], "ticker.2");
+
+    let missing = pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 1, "require_shared": ["schema"]}}),
+    );
+    wait_until(
+        &missing,
+        Duration::from_secs(10),
+        "a ready connection",
+        || missing.stats().ready_connections == 1,
+    );
+    match missing.wait_ready(Duration::from_millis(300)) {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("pool_ready must wait for the schema, got {other:?}"),
+    }
+    assert!(!missing.stats().initialized);
+}
+
+#[test]
+fn reconfigure_grows_and_shrinks_the_pool() {
+    let _guard = watchdog("reconfigure", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(&sim.url(), serde_json::json!({}));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let mut settings = pool.settings();
+    settings.min_connections = 3;
+    pool.reconfigure(settings).expect("grow");
+    wait_until(&pool, Duration::from_secs(10), "three ready", || {
+        pool.stats().ready_connections == 3
+    });
+    settings.min_connections = 1;
+    pool.reconfigure(settings).expect("shrink");
+    wait_until(&pool, Duration::from_secs(10), "one connection", || {
+        pool.connections().len() == 1
+    });
+    let bad = PoolSettings {
+        min_connections: 5,
+        ..settings
+    };
+    let err = pool.reconfigure(bad).expect_err("min > max");
+    assert!(err.to_string().contains("pool.min_connections"), "{err}");
+}
+
+#[test]
+fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
+    let _guard = watchdog("daemon", Duration::from_secs(90));
+    let sim = simulator();
+    let config = write_temp(
+        "daemon.toml",
+        "[[servers]]\nurl = \"ws://127.0.0.1:1\"\n\n[auth]\ntoken = \"file-token\"\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--subscribe", "ticker.0", "--output", "jsonl"])
+        .env("WIREPOOL_URL", sim.url())
+        .env("WIREPOOL_TOKEN", "")
+        .env("WIREPOOL_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon starts");
+    // Drain stderr on the side so a chatty log can never block the daemon.
+    let mut stderr_pipe = child.stderr.take().expect("stderr");
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+        text
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    for _ in 0..5 {
+        let line = lines.next().expect("a line").expect("readable");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
+        assert_eq!(value["channel"], "ticker.0");
+        assert!(value["payload"]["seq"].is_u64(), "{line}");
+        assert!(value["connection_id"].is_u64());
+    }
+    // SAFETY: sending a signal to our own child process.
+    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let stderr = stderr_reader.join().expect("stderr reader");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    assert!(
+        !stderr.contains("file-token"),
+        "the token leaked into the log"
+    );
+}
