@@ -40,8 +40,8 @@ pub use codec::{check_module_file, ABI_VERSION};
 pub use config::{Config, ConfigIssue};
 pub use error::{Error, Result, TimeoutPhase};
 pub use pool::{
-    ConnectionSnapshot, Event, HealthChange, HealthLevel, HealthReport, LatencyHistogram, Lease,
-    Pool, PoolSettings, PoolStats, RequestOptions, ServerSnapshot,
+    BatchOptions, ConnectionSnapshot, Event, HealthChange, HealthLevel, HealthReport,
+    LatencyHistogram, Lease, Pool, PoolSettings, PoolStats, RequestOptions, ServerSnapshot,
 };
 pub use queue::{Message, MessageKind};
 

@@ -240,3 +240,43 @@ fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
         "the token leaked into the log"
     );
 }
+
+#[test]
+fn batch_requests_come_back_in_order_each_with_its_own_result() {
+    let _guard = watchdog("batch", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(&sim.url(), serde_json::json!({}));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let payloads: Vec<Vec<u8>> = (0..60)
+        .map(|index| match index {
+            13 => br#"{"op":"fail"}"#.to_vec(),
+            29 => br#"{"op":"ignore"}"#.to_vec(),
+            _ => format!(r#"{{"index":{index}}}"#).into_bytes(),
+        })
+        .collect();
+    let mut progress = Vec::new();
+    let results = pool.request_batch(
+        &payloads,
+        wirepool::BatchOptions {
+            timeout: Some(Duration::from_millis(800)),
+            max_in_flight_per_connection: 4,
+        },
+        |done, total| progress.push((done, total)),
+    );
+    assert_eq!(results.len(), 60);
+    for (index, result) in results.iter().enumerate() {
+        match index {
+            13 => assert!(matches!(result, Err(Error::Remote { .. })), "{result:?}"),
+            29 => assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}"),
+            _ => {
+                let reply: serde_json::Value =
+                    serde_json::from_slice(result.as_ref().expect("reply")).expect("JSON");
+                assert_eq!(reply["echo"]["index"], index, "result out of order");
+            }
+        }
+    }
+    assert_eq!(progress.len(), 60);
+    assert!(progress.windows(2).all(|pair| pair[1].0 == pair[0].0 + 1));
+    assert_eq!(progress.last(), Some(&(60, 60)));
+    assert_eq!(pool.stats().pending_requests, 0);
+}

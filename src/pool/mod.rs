@@ -97,6 +97,24 @@ impl Drop for Lease {
     }
 }
 
+/// Options of [`Pool::request_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Time each request may take. Defaults to the pool's `request_timeout_ms`.
+    pub timeout: Option<Duration>,
+    /// Requests in flight per ready connection. Defaults to 8.
+    pub max_in_flight_per_connection: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            timeout: None,
+            max_in_flight_per_connection: 8,
+        }
+    }
+}
+
 /// Options of one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestOptions {
@@ -438,36 +456,42 @@ impl Pool {
             .requests_sent
             .fetch_add(1, Ordering::Relaxed);
         let outcome = match receiver.recv_timeout(timeout) {
-            Ok(outcome) => outcome,
+            Ok((_, outcome)) => outcome,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                match self.inner.requests.abandon(request_id) {
-                    Abandoned::AlreadyDone => receiver.try_recv().unwrap_or(Err(Error::Closed)),
-                    Abandoned::NeverSent => {
-                        self.inner
-                            .counters
-                            .requests_timed_out
-                            .fetch_add(1, Ordering::Relaxed);
-                        Err(Error::Timeout {
-                            phase: TimeoutPhase::Request,
-                            after: timeout,
-                            detail: "no connection was ready to send it".into(),
-                        })
-                    }
-                    Abandoned::On(connection_id) => {
-                        self.inner
-                            .counters
-                            .requests_timed_out
-                            .fetch_add(1, Ordering::Relaxed);
-                        Err(Error::Timeout {
-                            phase: TimeoutPhase::Request,
-                            after: timeout,
-                            detail: format!("no reply on connection {connection_id}"),
-                        })
-                    }
+                match self.give_up(request_id, timeout) {
+                    Some(timed_out) => Err(timed_out),
+                    None => receiver
+                        .try_recv()
+                        .map(|(_, outcome)| outcome)
+                        .unwrap_or(Err(Error::Closed)),
                 }
             }
         };
+        self.count_outcome(&outcome, started);
+        outcome
+    }
+
+    /// Abandons a request whose time ran out: the timeout error, or `None` when the
+    /// reply arrived meanwhile (it is then in the caller's channel).
+    fn give_up(&self, request_id: u64, timeout: Duration) -> Option<Error> {
+        let detail = match self.inner.requests.abandon(request_id) {
+            Abandoned::AlreadyDone => return None,
+            Abandoned::NeverSent => "no connection was ready to send it".to_string(),
+            Abandoned::On(connection_id) => format!("no reply on connection {connection_id}"),
+        };
+        self.inner
+            .counters
+            .requests_timed_out
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Error::Timeout {
+            phase: TimeoutPhase::Request,
+            after: timeout,
+            detail,
+        })
+    }
+
+    fn count_outcome(&self, outcome: &Result<Vec<u8>>, started: Instant) {
         if matches!(outcome, Ok(_) | Err(Error::Remote { .. })) {
             self.inner
                 .counters
@@ -483,7 +507,106 @@ impl Pool {
                 .requests_failed
                 .fetch_add(1, Ordering::Relaxed);
         }
-        outcome
+    }
+
+    /// Sends many requests, spread over the ready connections with at most
+    /// `options.max_in_flight_per_connection` in flight per ready connection, and
+    /// returns one result per payload, in order. Batch requests are idempotent (a
+    /// request whose connection dies is re-sent once). `progress(done, total)` is
+    /// called after each completion.
+    ///
+    /// ```no_run
+    /// # use wirepool::{BatchOptions, Pool};
+    /// # fn demo(pool: &Pool) {
+    /// let payloads: Vec<Vec<u8>> = (0..100)
+    ///     .map(|bar| format!(r#"{{"op":"history","channel":"ticker.{bar}","bars":10}}"#).into_bytes())
+    ///     .collect();
+    /// let results = pool.request_batch(&payloads, BatchOptions::default(), |done, total| {
+    ///     eprint!("\r{done}/{total}");
+    /// });
+    /// # }
+    /// ```
+    pub fn request_batch<P: AsRef<[u8]>>(
+        &self,
+        payloads: &[P],
+        options: BatchOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Vec<Result<Vec<u8>>> {
+        let total = payloads.len();
+        let mut results: Vec<Option<Result<Vec<u8>>>> = (0..total).map(|_| None).collect();
+        let timeout = options
+            .timeout
+            .unwrap_or(Duration::from_millis(self.inner.config.request_timeout_ms));
+        let per_connection = options.max_in_flight_per_connection.max(1);
+        let (reply, receiver) = crossbeam_channel::unbounded();
+        // request id -> (index, deadline, started)
+        let mut in_flight: HashMap<u64, (usize, Instant, Instant)> = HashMap::new();
+        let mut next = 0;
+        let mut done = 0;
+        while done < total {
+            let ready = self.inner.readiness.lock().ready_connections.max(1);
+            while next < total && in_flight.len() < ready * per_connection {
+                let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+                let payload: Arc<[u8]> = Arc::from(payloads[next].as_ref());
+                let now = Instant::now();
+                if self.is_closed() {
+                    results[next] = Some(Err(Error::Closed));
+                    done += 1;
+                    progress(done, total);
+                } else if let Err(err) =
+                    self.inner
+                        .requests
+                        .submit(request_id, payload, true, reply.clone())
+                {
+                    results[next] = Some(Err(err));
+                    done += 1;
+                    progress(done, total);
+                } else {
+                    self.inner
+                        .counters
+                        .requests_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                    in_flight.insert(request_id, (next, now + timeout, now));
+                }
+                next += 1;
+            }
+            let Some(earliest) = in_flight.values().map(|(_, deadline, _)| *deadline).min() else {
+                continue;
+            };
+            match receiver.recv_deadline(earliest) {
+                Ok((request_id, outcome)) => {
+                    if let Some((index, _, started)) = in_flight.remove(&request_id) {
+                        self.count_outcome(&outcome, started);
+                        results[index] = Some(outcome);
+                        done += 1;
+                        progress(done, total);
+                    }
+                }
+                Err(_) => {
+                    let now = Instant::now();
+                    let expired: Vec<u64> = in_flight
+                        .iter()
+                        .filter(|(_, (_, deadline, _))| *deadline <= now)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for request_id in expired {
+                        // A reply that raced the deadline stays in the channel and is
+                        // taken by the next receive.
+                        if let Some(timed_out) = self.give_up(request_id, timeout) {
+                            if let Some((index, _, _)) = in_flight.remove(&request_id) {
+                                results[index] = Some(Err(timed_out));
+                                done += 1;
+                                progress(done, total);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or(Err(Error::Internal("request lost".into()))))
+            .collect()
     }
 
     /// Waits up to `timeout` (forever with `None`) for a message.

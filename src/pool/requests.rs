@@ -29,7 +29,7 @@ struct Pending {
     /// Times the request was handed to a connection.
     sends: u32,
     connection: Option<u64>,
-    reply: Sender<Outcome>,
+    reply: Sender<(u64, Outcome)>,
 }
 
 struct TableState {
@@ -73,7 +73,7 @@ impl RequestTable {
         request_id: u64,
         payload: Arc<[u8]>,
         idempotent: bool,
-        reply: Sender<Outcome>,
+        reply: Sender<(u64, Outcome)>,
     ) -> Result<(), Error> {
         let mut state = self.state.lock();
         if state.closed {
@@ -105,7 +105,7 @@ impl RequestTable {
         }
         if let Some(entry) = state.entries.remove(&request_id) {
             release_route(&mut state, connection_id);
-            let _ = entry.reply.send(outcome);
+            let _ = entry.reply.send((request_id, outcome));
         }
     }
 
@@ -179,10 +179,13 @@ impl RequestTable {
             if retry {
                 dispatch(&mut state, request_id);
             } else if let Some(entry) = state.entries.remove(&request_id) {
-                let _ = entry.reply.send(Err(Error::ConnectionLost {
-                    connection_id,
-                    reason: reason.to_string(),
-                }));
+                let _ = entry.reply.send((
+                    request_id,
+                    Err(Error::ConnectionLost {
+                        connection_id,
+                        reason: reason.to_string(),
+                    }),
+                ));
             }
         }
     }
@@ -192,8 +195,8 @@ impl RequestTable {
         let mut state = self.state.lock();
         state.closed = true;
         state.routes.clear();
-        for (_, entry) in state.entries.drain() {
-            let _ = entry.reply.send(Err(Error::Closed));
+        for (request_id, entry) in state.entries.drain() {
+            let _ = entry.reply.send((request_id, Err(Error::Closed)));
         }
     }
 
