@@ -118,6 +118,8 @@ pub struct PoolConfig {
     pub scale_up_at: f64,
     /// Load (0..1) below which the pool removes one. Defaults to 0.2.
     pub scale_down_at: f64,
+    /// Minimum time between two scaling decisions, in milliseconds. Defaults to 5000.
+    pub scale_cooldown_ms: u64,
     /// Shared-data keys (codec `SHARED` records, e.g. a schema) that must be present
     /// before `pool_ready` fires. Defaults to none.
     pub require_shared: Vec<String>,
@@ -130,6 +132,7 @@ impl Default for PoolConfig {
             max_connections: 4,
             scale_up_at: 0.8,
             scale_down_at: 0.2,
+            scale_cooldown_ms: 5_000,
             require_shared: Vec::new(),
         }
     }

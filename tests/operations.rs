@@ -280,3 +280,62 @@ fn batch_requests_come_back_in_order_each_with_its_own_result() {
     assert_eq!(progress.last(), Some(&(60, 60)));
     assert_eq!(pool.stats().pending_requests, 0);
 }
+
+#[test]
+fn load_scales_the_pool_up_and_an_idle_pool_back_down_with_draining() {
+    let _guard = watchdog("autoscale", Duration::from_secs(90));
+    let sim = simulator();
+    let pool = std::sync::Arc::new(pool(
+        &sim.url(),
+        serde_json::json!({"pool": {
+            "min_connections": 1, "max_connections": 3,
+            "scale_up_at": 0.5, "scale_down_at": 0.1, "scale_cooldown_ms": 200,
+        }}),
+    ));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    pool.subscribe("ticker.0").expect("subscribe");
+    // Sixteen slow requests at once: more pending work than one connection should carry.
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let pool = std::sync::Arc::clone(&pool);
+            std::thread::spawn(move || {
+                pool.request(
+                    br#"{"op":"delay","ms":1500}"#,
+                    wirepool::RequestOptions {
+                        timeout: Some(Duration::from_secs(20)),
+                        idempotent: true,
+                    },
+                )
+            })
+        })
+        .collect();
+    wait_for_event(&pool, Duration::from_secs(10), "scale_up", |e| {
+        e.kind == "scale_up"
+    });
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "more than one ready connection",
+        || pool.stats().ready_connections > 1,
+    );
+    for worker in workers {
+        worker
+            .join()
+            .expect("thread")
+            .expect("every request answered");
+    }
+    wait_for_event(&pool, Duration::from_secs(15), "scale_down", |e| {
+        e.kind == "scale_down"
+    });
+    wait_until(
+        &pool,
+        Duration::from_secs(15),
+        "back to one connection",
+        || pool.connections().len() == 1,
+    );
+    let stats = pool.stats();
+    assert!(stats.scale_ups >= 1 && stats.scale_downs >= 1, "{stats:?}");
+    // The channel survived the drain.
+    assert_eq!(stats.subscriptions_active, 1, "{stats:?}");
+    next_on(&pool, "ticker.0", Duration::from_secs(10));
+}

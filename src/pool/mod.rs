@@ -690,6 +690,9 @@ impl Pool {
             requests_failed: load(&counters.requests_failed),
             shared_keys: inner.shared_data.keys(),
             events_dropped: inner.events.dropped(),
+            scale_ups: load(&counters.scale_ups),
+            scale_downs: load(&counters.scale_downs),
+            load: f64::from_bits(load(&counters.load_bits)),
             reconnect_attempts: load(&counters.reconnect_attempts),
             reconnect_successes: load(&counters.reconnect_successes),
             reconnect_failures: load(&counters.reconnect_failures),
@@ -906,6 +909,11 @@ struct PoolThread {
     idle_since: Option<Instant>,
     /// Idled out: no connections until the next acquire.
     suspended: bool,
+    /// Connections being scaled away: no new work; closed once their requests are
+    /// answered or the deadline passes.
+    draining: Vec<(u64, Instant)>,
+    last_scaling: Option<Instant>,
+    next_scaling_check: Instant,
     next_connection_id: u64,
     next_command_id: u64,
     round_robin_next: usize,
@@ -932,6 +940,9 @@ impl PoolThread {
             leases: 0,
             idle_since: None,
             suspended: false,
+            draining: Vec::new(),
+            last_scaling: None,
+            next_scaling_check: Instant::now(),
             next_connection_id: 1,
             next_command_id: 1,
             round_robin_next: 0,
@@ -949,6 +960,8 @@ impl PoolThread {
         self.publish_servers();
         loop {
             self.suspend_if_idle();
+            self.autoscale();
+            self.finish_draining();
             self.start_due_slots();
             self.reset_stable_backoffs();
             self.assess_health();
@@ -1165,7 +1178,124 @@ impl PoolThread {
             .filter_map(|slot| slot.ready_since.map(|since| since + stable));
         let breakers = self.servers.iter().filter_map(ServerState::reopens_at);
         let idle = self.idle_deadline();
-        retries.chain(stabilising).chain(breakers).chain(idle).min()
+        let scaling = (self.inner.settings.read().max_connections
+            > self.inner.settings.read().min_connections)
+            .then_some(self.next_scaling_check);
+        let draining = self
+            .draining
+            .iter()
+            .map(|_| Instant::now() + Duration::from_millis(50));
+        retries
+            .chain(stabilising)
+            .chain(breakers)
+            .chain(idle)
+            .chain(scaling)
+            .chain(draining)
+            .min()
+    }
+
+    /// Load in 0..1: the highest of busy ready connections, pending requests per
+    /// ready connection (8 counts as full) and consumer queue fill.
+    fn load(&self) -> f64 {
+        let ready = self.ready.len().max(1) as f64;
+        let busy = self.inner.requests.busy_connections() as f64 / ready;
+        let pending = self.inner.requests.pending() as f64 / (ready * 8.0);
+        let queue = self.inner.queue.len() as f64 / self.inner.queue.capacity().max(1) as f64;
+        busy.max(pending).max(queue).min(1.0)
+    }
+
+    /// Adds or drains one connection when the load crosses `scale_up_at` /
+    /// `scale_down_at`, at most once per `scale_cooldown_ms`.
+    fn autoscale(&mut self) {
+        let now = Instant::now();
+        if now < self.next_scaling_check || self.suspended {
+            return;
+        }
+        self.next_scaling_check = now + Duration::from_millis(100);
+        let config = Arc::clone(&self.inner.config);
+        let pool = &config.pool;
+        let cooldown = Duration::from_millis(pool.scale_cooldown_ms);
+        if self.last_scaling.is_some_and(|at| now < at + cooldown) {
+            return;
+        }
+        let settings = *self.inner.settings.read();
+        let load = self.load();
+        self.inner
+            .counters
+            .load_bits
+            .store(load.to_bits(), Ordering::Relaxed);
+        let live_slots = self.slots.len();
+        if load > pool.scale_up_at && live_slots < settings.max_connections as usize {
+            self.slots.push(Slot::new());
+            self.last_scaling = Some(now);
+            self.inner
+                .counters
+                .scale_ups
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .events
+                .push(Event::new("scale_up").message(format!(
+                    "load {load:.2} above {}: opening connection {} of at most {}",
+                    pool.scale_up_at,
+                    live_slots + 1,
+                    settings.max_connections
+                )));
+        } else if load < pool.scale_down_at
+            && live_slots > settings.min_connections as usize
+            && self.ready.len() == live_slots
+        {
+            let Some(slot) = self.slots.pop() else { return };
+            let Some(connection_id) = slot.connection else {
+                return;
+            };
+            self.last_scaling = Some(now);
+            self.inner
+                .counters
+                .scale_downs
+                .fetch_add(1, Ordering::Relaxed);
+            self.drain(connection_id);
+            self.inner
+                .events
+                .push(
+                    Event::new("scale_down")
+                        .connection(connection_id)
+                        .message(format!(
+                            "load {load:.2} below {}: draining a connection",
+                            pool.scale_down_at
+                        )),
+                );
+        }
+    }
+
+    /// Moves a connection's channels elsewhere and stops routing to it; it closes
+    /// once its requests are answered.
+    fn drain(&mut self, connection_id: u64) {
+        self.ready.retain(|id| *id != connection_id);
+        self.inner.requests.remove_route(connection_id);
+        for placement in self.desired.values_mut() {
+            if placement.owner == Some(connection_id) {
+                *placement = Placement::default();
+            }
+        }
+        self.place_unowned();
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.request_timeout_ms);
+        self.draining.push((connection_id, deadline));
+        self.publish_readiness();
+    }
+
+    fn finish_draining(&mut self) {
+        let now = Instant::now();
+        let requests = Arc::clone(&self.inner.requests);
+        let connections = &self.connections;
+        self.draining.retain(|(connection_id, deadline)| {
+            if requests.in_flight_on(*connection_id) > 0 && now < *deadline {
+                return true;
+            }
+            if let Some(handle) = connections.get(connection_id) {
+                let _ = handle.send(Command::Close);
+            }
+            false
+        });
     }
 
     fn idle_deadline(&self) -> Option<Instant> {

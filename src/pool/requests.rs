@@ -205,6 +205,24 @@ impl RequestTable {
         self.state.lock().entries.len()
     }
 
+    /// Stops routing new requests to a connection (it is draining).
+    pub fn remove_route(&self, connection_id: u64) {
+        self.state
+            .lock()
+            .routes
+            .retain(|route| route.connection_id != connection_id);
+    }
+
+    /// Requests handed to a connection and not yet answered.
+    pub fn in_flight_on(&self, connection_id: u64) -> usize {
+        self.state
+            .lock()
+            .entries
+            .values()
+            .filter(|entry| entry.connection == Some(connection_id))
+            .count()
+    }
+
     /// Ready connections with at least one request in flight.
     pub fn busy_connections(&self) -> usize {
         let state = self.state.lock();

@@ -23,6 +23,10 @@ pub(crate) struct PoolCounters {
     pub requests_failed: AtomicU64,
     pub requests_timed_out: AtomicU64,
     pub request_latency: LatencyCounters,
+    pub scale_ups: AtomicU64,
+    pub scale_downs: AtomicU64,
+    /// The last computed load, as `f64` bits.
+    pub load_bits: AtomicU64,
     /// Connection attempts made to replace a connection that was ready.
     pub reconnect_attempts: AtomicU64,
     pub reconnect_successes: AtomicU64,
@@ -165,6 +169,12 @@ pub struct PoolStats {
     pub shared_keys: Vec<String>,
     /// Events dropped because nobody read them.
     pub events_dropped: u64,
+    /// Connections added by auto-scaling.
+    pub scale_ups: u64,
+    /// Connections drained by auto-scaling.
+    pub scale_downs: u64,
+    /// Current load (0..1) as auto-scaling sees it.
+    pub load: f64,
     /// Connection attempts made to replace a connection that had been ready.
     pub reconnect_attempts: u64,
     /// Replacements that became ready.
