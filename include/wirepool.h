@@ -274,6 +274,13 @@ wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
                                           struct wirepool_bytes **out_value);
 
 /*
+ Re-authenticates every connection with `token`, make-before-break; waits until
+ done. When the venue refuses the new token the old sessions keep running and the
+ result is `WIREPOOL_ERR_REMOTE` with the reason in `wirepool_last_error`.
+ */
+wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const char *token);
+
+/*
  Creates a batch that holds up to `capacity` messages.
  */
 wirepool_result wirepool_batch_new(size_t capacity, struct wirepool_batch **out_batch);

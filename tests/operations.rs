@@ -339,3 +339,74 @@ fn load_scales_the_pool_up_and_an_idle_pool_back_down_with_draining() {
     assert_eq!(stats.subscriptions_active, 1, "{stats:?}");
     next_on(&pool, "ticker.0", Duration::from_secs(10));
 }
+
+#[test]
+fn token_rotation_is_make_before_break_and_a_bad_token_keeps_the_old_sessions() {
+    let _guard = watchdog("token rotation", Duration::from_secs(90));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 500.0,
+        token: Some("secret-a".into()),
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = std::sync::Arc::new(pool(
+        &sim.url(),
+        serde_json::json!({"auth": {"token": "secret-a"}}),
+    ));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    pool.subscribe("ticker.0").expect("subscribe");
+    pool.subscribe("ticker.1").expect("subscribe");
+    next_on(&pool, "ticker.0", Duration::from_secs(10));
+    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+
+    // Watch the feed while the tokens rotate: the longest silence on ticker.0 must stay
+    // far below what a break-then-make reconnect would cost.
+    let watcher = {
+        let pool = std::sync::Arc::clone(&pool);
+        std::thread::spawn(move || {
+            let mut last = Instant::now();
+            let mut longest = Duration::ZERO;
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                if let Ok(Some(message)) = pool.recv(Some(Duration::from_millis(20))) {
+                    if &*message.channel == "ticker.0" {
+                        longest = longest.max(last.elapsed());
+                        last = Instant::now();
+                    }
+                }
+            }
+            longest
+        })
+    };
+    pool.set_token("secret-a")
+        .expect("rotation with a valid token");
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "old connections drained",
+        || {
+            let now: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+            now.len() == 2 && now.iter().all(|id| !before.contains(id))
+        },
+    );
+    let rotated: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+
+    let err = pool
+        .set_token("wrong")
+        .expect_err("the venue refuses the new token");
+    assert!(err.to_string().contains("old sessions kept"), "{err}");
+    let longest_gap = watcher.join().expect("watcher");
+    assert!(
+        longest_gap < Duration::from_millis(250),
+        "data stopped for {longest_gap:?} during rotation"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let after: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    assert_eq!(
+        after, rotated,
+        "a failed rotation must leave the sessions alone"
+    );
+    assert_eq!(pool.stats().ready_connections, 2);
+    next_on(&pool, "ticker.1", Duration::from_secs(5));
+}

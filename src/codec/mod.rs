@@ -112,7 +112,8 @@ pub(crate) struct CodecRuntime {
     instance_pre: InstancePre<HostState>,
     limits: CodecLimits,
     config_json: Vec<u8>,
-    token: Vec<u8>,
+    // Guards the auth token handed to new instances (replaced by token rotation).
+    token: parking_lot::Mutex<Vec<u8>>,
     name: String,
     _ticker: EpochTicker,
 }
@@ -321,7 +322,7 @@ impl CodecRuntime {
             instance_pre,
             limits,
             config_json,
-            token,
+            token: parking_lot::Mutex::new(token),
             name: name.to_string(),
             _ticker: ticker,
         };
@@ -334,6 +335,11 @@ impl CodecRuntime {
             )));
         }
         Ok(runtime)
+    }
+
+    /// Replaces the token given to instances created from now on; returns the old one.
+    pub fn replace_token(&self, token: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut *self.token.lock(), token)
     }
 
     fn raw_instance(&self, connection_id: u64) -> Result<CodecInstance> {
@@ -395,7 +401,7 @@ impl CodecRuntime {
     pub fn instantiate(&self, connection_id: u64) -> Result<CodecInstance> {
         let mut instance = self.raw_instance(connection_id)?;
         instance
-            .init(&self.config_json, &self.token)
+            .init(&self.config_json, &self.token.lock().clone())
             .map_err(|failure| Error::Codec(format!("{}: {}", self.name, failure.0)))?;
         Ok(instance)
     }

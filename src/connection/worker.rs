@@ -552,6 +552,7 @@ impl Link {
         let mut bytes = 0u64;
         let mut received_ns = 0u64;
         let mut more = false;
+        let mut peer_closed: Option<String> = None;
         loop {
             let ws = self.ws()?;
             match ws.read() {
@@ -581,9 +582,10 @@ impl Link {
                         Some(frame) => format!("code {}", u16::from(frame.code)),
                         None => "no code".into(),
                     };
-                    return Err(Ended::Failed(Error::Io(format!(
-                        "the server closed the connection ({detail})"
-                    ))));
+                    // Frames read before the close (an auth rejection, last data,
+                    // replies) are decoded first.
+                    peer_closed = Some(detail);
+                    break;
                 }
                 Ok(WsMessage::Frame(_)) => {}
                 Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
@@ -596,8 +598,16 @@ impl Link {
                 break;
             }
         }
+        let closed_error = |detail: String| {
+            Ended::Failed(Error::Io(format!(
+                "the server closed the connection ({detail})"
+            )))
+        };
         if self.frames.is_empty() {
-            return Ok(more);
+            return match peer_closed {
+                Some(detail) => Err(closed_error(detail)),
+                None => Ok(more),
+            };
         }
         let frame_count = self.frames.len() as u64;
         self.stats
@@ -622,7 +632,10 @@ impl Link {
         }
         let records = codec.decode(&self.frames)?;
         self.apply_with_time(records, received_ns)?;
-        Ok(more)
+        match peer_closed {
+            Some(detail) => Err(closed_error(detail)),
+            None => Ok(more),
+        }
     }
 
     fn run_timers(

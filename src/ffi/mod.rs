@@ -525,6 +525,21 @@ pub unsafe extern "C" fn wirepool_pool_shared_data(
     })
 }
 
+/// Re-authenticates every connection with `token`, make-before-break; waits until
+/// done. When the venue refuses the new token the old sessions keep running and the
+/// result is `WIREPOOL_ERR_REMOTE` with the reason in `wirepool_last_error`.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_set_token(
+    pool: *const wirepool_pool,
+    token: *const c_char,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let token = unsafe { text(token, "token") }?;
+        pool.pool.set_token(token).map_err(|err| fail_with(&err))
+    })
+}
+
 /// Creates a batch that holds up to `capacity` messages.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_batch_new(

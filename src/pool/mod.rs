@@ -141,6 +141,8 @@ enum PoolCommand {
     Acquire,
     /// Give a lease back; the last one starts the idle timer.
     Release(Sender<Result<()>>),
+    /// Re-authenticate every connection with a new token, make-before-break.
+    RotateToken(String, Sender<Result<()>>),
     Shutdown,
 }
 
@@ -767,6 +769,25 @@ impl Pool {
             .map_err(|_| Error::Closed)
     }
 
+    /// Re-authenticates every connection with `token`, make-before-break: each
+    /// connection gets a replacement with the new token, and is drained only once its
+    /// replacement is ready and carries its channels. If the venue refuses the new
+    /// token the old sessions keep running and the error says why.
+    pub fn set_token(&self, token: &str) -> Result<()> {
+        self.check_open()?;
+        let (reply, receiver) = crossbeam_channel::bounded(1);
+        self.inner
+            .commands
+            .send(PoolCommand::RotateToken(token.to_string(), reply))
+            .map_err(|_| Error::Closed)?;
+        let wait = Duration::from_millis(self.inner.config.connect_timeout_ms) * 2;
+        receiver.recv_timeout(wait).map_err(|_| Error::Timeout {
+            phase: TimeoutPhase::Connect,
+            after: wait,
+            detail: "token rotation did not finish".into(),
+        })?
+    }
+
     /// Gives back a lease taken with [`Pool::acquire`].
     pub fn release(&self) -> Result<()> {
         self.ask(PoolCommand::Release)
@@ -862,6 +883,13 @@ struct Placement {
     confirmed: bool,
 }
 
+/// A token rotation: replacement connection id -> the connection it replaces.
+struct Rotation {
+    old_token: Vec<u8>,
+    pending: HashMap<u64, u64>,
+    reply: Sender<Result<()>>,
+}
+
 /// One of the `min_connections` places the pool keeps filled.
 struct Slot {
     connection: Option<u64>,
@@ -909,6 +937,8 @@ struct PoolThread {
     idle_since: Option<Instant>,
     /// Idled out: no connections until the next acquire.
     suspended: bool,
+    /// A token rotation under way.
+    rotation: Option<Rotation>,
     /// Connections being scaled away: no new work; closed once their requests are
     /// answered or the deadline passes.
     draining: Vec<(u64, Instant)>,
@@ -941,6 +971,7 @@ impl PoolThread {
             idle_since: None,
             suspended: false,
             draining: Vec::new(),
+            rotation: None,
             last_scaling: None,
             next_scaling_check: Instant::now(),
             next_connection_id: 1,
@@ -989,6 +1020,7 @@ impl PoolThread {
                     Ok(PoolCommand::Release(reply)) => {
                         let _ = reply.send(self.release());
                     }
+                    Ok(PoolCommand::RotateToken(token, reply)) => self.rotate_token(token, reply),
                 },
                 recv(self.reports) -> report => {
                     if let Ok(report) = report {
@@ -1156,11 +1188,14 @@ impl PoolThread {
             .lock()
             .update(level, reasons.clone(), ts_ms);
         if changed {
-            self.inner.events.push(Event::new("health").message(format!(
-                "{}: {}",
-                level.as_str(),
-                reasons.join("; ")
-            )));
+            let message = if reasons.is_empty() {
+                level.as_str().to_string()
+            } else {
+                format!("{}: {}", level.as_str(), reasons.join("; "))
+            };
+            self.inner
+                .events
+                .push(Event::new("health").message(message));
         }
     }
 
@@ -1192,6 +1227,117 @@ impl PoolThread {
             .chain(scaling)
             .chain(draining)
             .min()
+    }
+
+    /// Starts a new session (with the new token) beside every ready one; each old
+    /// session is drained only once its replacement is ready, so data never stops.
+    fn rotate_token(&mut self, token: String, reply: Sender<Result<()>>) {
+        if self.rotation.is_some() {
+            let _ = reply.send(Err(Error::InvalidArgument(
+                "a token rotation is already under way".into(),
+            )));
+            return;
+        }
+        let old_token = self.context.codec.replace_token(token.into_bytes());
+        let mut pending = HashMap::new();
+        for old in self.ready.clone() {
+            let Some(server_index) = self.connections.get(&old).map(|h| h.server_index) else {
+                continue;
+            };
+            let id = self.next_connection_id;
+            self.next_connection_id += 1;
+            match ConnectionHandle::spawn(Arc::clone(&self.context), id, server_index) {
+                Ok(handle) => {
+                    self.servers[server_index].attempt_started();
+                    self.connections.insert(id, handle);
+                    pending.insert(id, old);
+                }
+                Err(err) => log::warn!("token rotation: starting a connection: {err}"),
+            }
+        }
+        self.inner.events.push(
+            Event::new("token_rotation")
+                .message(format!("re-authenticating {} connection(s)", pending.len())),
+        );
+        if pending.is_empty() {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        self.rotation = Some(Rotation {
+            old_token,
+            pending,
+            reply,
+        });
+        self.publish_connections();
+    }
+
+    /// A replacement session is ready: it takes over the old one's slot and channels.
+    fn swap_in(&mut self, new: u64, old: u64) {
+        if let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|slot| slot.connection == Some(old))
+        {
+            slot.connection = Some(new);
+        }
+        self.connection_ready(new);
+        let moving: Vec<Arc<str>> = self
+            .desired
+            .iter()
+            .filter(|(_, placement)| placement.owner == Some(old))
+            .map(|(channel, _)| Arc::clone(channel))
+            .collect();
+        for channel in moving {
+            let command_id = self.next_command_id;
+            self.next_command_id += 1;
+            let sent = self.connections.get(&new).is_some_and(|handle| {
+                handle
+                    .send(Command::Subscribe {
+                        channel: Arc::clone(&channel),
+                        command_id,
+                    })
+                    .is_ok()
+            });
+            if sent {
+                if let Some(placement) = self.desired.get_mut(&channel) {
+                    placement.owner = Some(new);
+                    placement.confirmed = false;
+                }
+            }
+        }
+        self.drain(old);
+        let finished = self
+            .rotation
+            .as_ref()
+            .is_some_and(|rotation| rotation.pending.is_empty());
+        if finished {
+            if let Some(rotation) = self.rotation.take() {
+                self.inner
+                    .events
+                    .push(Event::new("token_rotated").message("every session re-authenticated"));
+                let _ = rotation.reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// A replacement failed (a refused token, or any failure): the old sessions stay,
+    /// later connections use the old token again, and the caller gets the reason.
+    fn rotation_failed(&mut self, reason: &str) {
+        let Some(rotation) = self.rotation.take() else {
+            return;
+        };
+        self.context.codec.replace_token(rotation.old_token);
+        for new in rotation.pending.keys() {
+            if let Some(handle) = self.connections.get(new) {
+                let _ = handle.send(Command::Close);
+            }
+        }
+        self.inner.events.push(
+            Event::new("token_rotation_failed").message(format!("old sessions kept: {reason}")),
+        );
+        let _ = rotation.reply.send(Err(Error::Remote {
+            payload: format!("token rotation failed, old sessions kept: {reason}").into_bytes(),
+        }));
     }
 
     /// Load in 0..1: the highest of busy ready connections, pending requests per
@@ -1462,7 +1608,16 @@ impl PoolThread {
             Report::Connected { connection_id } => {
                 log::debug!("connection {connection_id}: connected, session starting");
             }
-            Report::Ready { connection_id } => self.connection_ready(connection_id),
+            Report::Ready { connection_id } => {
+                let replaces = self
+                    .rotation
+                    .as_mut()
+                    .and_then(|rotation| rotation.pending.remove(&connection_id));
+                match replaces {
+                    Some(old) => self.swap_in(connection_id, old),
+                    None => self.connection_ready(connection_id),
+                }
+            }
             Report::Subscribed {
                 connection_id,
                 channel,
@@ -1491,6 +1646,13 @@ impl PoolThread {
                 outcome,
                 in_flight,
             } => {
+                if self
+                    .rotation
+                    .as_ref()
+                    .is_some_and(|rotation| rotation.pending.contains_key(&connection_id))
+                {
+                    self.rotation_failed(&outcome.reason);
+                }
                 self.ready.retain(|id| *id != connection_id);
                 if let Some(mut handle) = self.connections.remove(&connection_id) {
                     handle.join();
@@ -1750,6 +1912,9 @@ impl PoolThread {
         for handle in self.connections.values() {
             let _ = handle.send(Command::Close);
         }
+        // Wakes workers blocked on a full queue (they would never see the close);
+        // messages already queued stay readable.
+        self.inner.queue.close();
         for (_, mut handle) in self.connections.drain() {
             handle.join();
         }

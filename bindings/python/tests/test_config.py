@@ -1,0 +1,108 @@
+"""Configuration: dict, JSON string, .json/.toml paths, and errors naming the key path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import wirepool
+from conftest import config_for
+
+
+def _assert_works(pool: wirepool.Pool) -> None:
+    pool.wait_ready(timeout=10.0)
+    assert pool.stats()["min_connections"] == 2
+    assert json.loads(pool.request(b'{"ping":1}')) == {"echo": {"ping": 1}}
+
+
+def test_config_from_dict(simulator, make_pool):
+    _assert_works(make_pool(config_for(simulator.url)))
+
+
+def test_config_from_json_string(simulator, make_pool):
+    _assert_works(make_pool(json.dumps(config_for(simulator.url))))
+
+
+def test_config_from_json_file(simulator, make_pool, tmp_path):
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(config_for(simulator.url)))
+    _assert_works(make_pool(path))
+    _assert_works(make_pool(str(path)))
+
+
+def test_config_from_toml_file(simulator, make_pool, tmp_path):
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        "request_timeout_ms = 5000\n"
+        "[[servers]]\n"
+        f'url = "{simulator.url}"\n'
+        'id = "primary"\n'
+        "[pool]\n"
+        "min_connections = 2\n"
+        "max_connections = 2\n"
+    )
+    _assert_works(make_pool(path))
+    _assert_works(make_pool(str(path)))
+
+
+def test_min_above_max_names_the_key_path():
+    config = {"servers": [{"url": "ws://127.0.0.1:9"}], "pool": {"min_connections": 5, "max_connections": 2}}
+    with pytest.raises(wirepool.ConfigError) as caught:
+        wirepool.Pool(config)
+    assert "pool.min_connections" in str(caught.value)
+    assert caught.value.code == 1003
+
+
+def test_min_above_max_without_servers_is_a_config_error():
+    with pytest.raises(wirepool.ConfigError, match="pool.min_connections"):
+        wirepool.Pool({"pool": {"min_connections": 5, "max_connections": 2}})
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(wirepool.ConfigError, match="bogus"):
+        wirepool.Pool({"bogus": 1})
+    with pytest.raises(wirepool.ConfigError, match=r"pool\.bogus"):
+        wirepool.Pool({"servers": [{"url": "ws://127.0.0.1:9"}], "pool": {"bogus": 1}})
+
+
+def test_invalid_json_string_is_a_config_error():
+    with pytest.raises(wirepool.ConfigError, match="JSON"):
+        wirepool.Pool("{not json")
+
+
+def test_invalid_toml_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[pool\nmin_connections = 1\n")
+    with pytest.raises(wirepool.ConfigError, match="TOML"):
+        wirepool.Pool(path)
+
+
+def test_toml_file_errors_name_the_key_path(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[servers]]\nurl = "ws://127.0.0.1:9"\n[pool]\nmin_connections = 5\nmax_connections = 2\n')
+    with pytest.raises(wirepool.ConfigError, match="pool.min_connections"):
+        wirepool.Pool(path)
+
+
+def test_unknown_file_type_is_a_config_error(tmp_path):
+    path = tmp_path / "pool.yaml"
+    path.write_text("servers: []\n")
+    with pytest.raises(wirepool.ConfigError, match="json or .toml"):
+        wirepool.Pool(path)
+
+
+def test_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        wirepool.Pool(tmp_path / "absent.json")
+
+
+def test_config_of_another_type_is_a_type_error():
+    with pytest.raises(TypeError):
+        wirepool.Pool(42)  # type: ignore[arg-type]
+
+
+def test_failed_construction_leaves_nothing_to_close():
+    with pytest.raises(wirepool.ConfigError):
+        pool = wirepool.Pool({"bogus": 1})
+        pool.close()  # never reached

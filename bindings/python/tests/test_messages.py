@@ -1,0 +1,178 @@
+"""Receiving subscription data: recv, recv_many, messages(), unsubscribe, fileno()."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import threading
+import time
+
+import pytest
+
+import wirepool
+from conftest import assert_in_sequence, receive_at_least, wait_for_event
+
+
+def test_recv_delivers_each_channel_in_order(pool):
+    pool.subscribe("ticker.0")
+    pool.subscribe("ticker.1")
+    received = []
+    deadline = time.monotonic() + 15.0
+    while len(received) < 60 and time.monotonic() < deadline:
+        message = pool.recv(timeout=5.0)
+        assert message is not None, "no message within 5 s of subscribing"
+        received.append(message)
+    assert len(received) >= 60
+    assert {message.channel for message in received} == {"ticker.0", "ticker.1"}
+    now_ns = time.time_ns()
+    for message in received:
+        assert isinstance(message, wirepool.Message)
+        assert isinstance(message.channel, str)
+        assert isinstance(message.payload, bytes)
+        assert message.kind == "data"
+        assert isinstance(message.connection_id, int) and message.connection_id > 0
+        assert abs(now_ns - message.received_ns) < 60 * 10**9, "received_ns is not wall-clock nanoseconds"
+        body = json.loads(message.payload)
+        assert set(body) >= {"seq", "ts_ns", "price", "size"}
+    assert_in_sequence(received)
+
+
+def test_recv_returns_none_when_idle(pool):
+    started = time.monotonic()
+    assert pool.recv(timeout=0.1) is None
+    elapsed = time.monotonic() - started
+    assert 0.08 <= elapsed < 2.0, f"recv(timeout=0.1) took {elapsed:.3f} s"
+    assert pool.recv(timeout=0) is None
+
+
+def test_recv_many_returns_batches_in_order(pool):
+    for channel in range(4):
+        pool.subscribe(f"ticker.{channel}")
+    received = receive_at_least(pool, 200)
+    assert_in_sequence(received)
+    assert {message.channel for message in received} == {f"ticker.{n}" for n in range(4)}
+    # `max` bounds a batch: wait until several messages are queued, then take 3.
+    deadline = time.monotonic() + 10.0
+    while pool.stats()["queue_depth"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    small = pool.recv_many(3, timeout=5.0)
+    assert 1 <= len(small) <= 3
+    more = pool.recv_many(4096, timeout=5.0)
+    assert_in_sequence(received + small + more)
+
+
+def test_recv_many_returns_empty_list_on_timeout(pool):
+    started = time.monotonic()
+    assert pool.recv_many(1024, timeout=0.3) == []
+    assert time.monotonic() - started >= 0.25
+
+
+def test_recv_many_rejects_a_zero_max(pool):
+    with pytest.raises(ValueError):
+        pool.recv_many(0)
+    with pytest.raises(ValueError):
+        pool.recv(timeout=-1)
+
+
+def test_channel_names_are_shared_between_messages(pool):
+    pool.subscribe("ticker.2")
+    received = receive_at_least(pool, 10)
+    assert all(message.channel is received[0].channel for message in received)
+
+
+def test_messages_iterator_stops_after_timeout(pool):
+    pool.subscribe("ticker.0")
+    taken = []
+    for message in pool.messages(timeout=5.0):
+        taken.append(message)
+        if len(taken) == 20:
+            break
+    assert len(taken) == 20
+    assert_in_sequence(taken)
+    pool.unsubscribe("ticker.0")
+    wait_for_event(pool, lambda event: event["type"] == "unsubscribed")
+    rest = list(pool.messages(timeout=0.5))
+    assert_in_sequence(taken + rest)
+    started = time.monotonic()
+    assert list(pool.messages(timeout=0.3)) == []
+    assert time.monotonic() - started >= 0.25
+
+
+def test_unsubscribe_stops_data(pool):
+    pool.subscribe("ticker.3")
+    receive_at_least(pool, 10)
+    pool.unsubscribe("ticker.3")
+    wait_for_event(pool, lambda event: event["type"] == "unsubscribed" and event.get("channel") == "ticker.3")
+    # What was read before the server confirmed is still queued: drain it.
+    for _ in range(10_000):
+        if not pool.recv_many(4096, timeout=0.2):
+            break
+    late = pool.recv(timeout=1.0)
+    assert late is None, f"data after unsubscribe was confirmed and drained: {late!r}"
+
+
+def test_fileno_is_readable_while_messages_are_queued(pool):
+    fd = pool.fileno()
+    assert isinstance(fd, int) and fd >= 0
+    assert pool.fileno() == fd
+    readable, _, _ = select.select([fd], [], [], 0.3)
+    assert readable == [], "the fd is readable with nothing queued"
+    pool.subscribe("ticker.0")
+    readable, _, _ = select.select([fd], [], [], 10.0)
+    assert readable == [fd], "the fd did not become readable after subscribing"
+    assert pool.recv(timeout=0) is not None, "the fd was readable but recv(timeout=0) found nothing"
+    pool.unsubscribe("ticker.0")
+    wait_for_event(pool, lambda event: event["type"] == "unsubscribed")
+    while pool.recv_many(4096, timeout=0.2):
+        pass
+    readable, _, _ = select.select([fd], [], [], 0.3)
+    assert readable == [], "the fd stays readable after the queue was drained"
+
+
+def test_fileno_works_with_asyncio_add_reader(pool):
+    async def first_batch():
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        loop.add_reader(pool.fileno(), woken.set)
+        try:
+            pool.subscribe("ticker.1")
+            await asyncio.wait_for(woken.wait(), timeout=10.0)
+            return pool.recv_many(1024, timeout=0)
+        finally:
+            loop.remove_reader(pool.fileno())
+
+    batch = asyncio.run(first_batch())
+    assert batch and batch[0].channel == "ticker.1"
+
+
+def test_concurrent_consumers_each_get_distinct_messages(pool):
+    for channel in range(4):
+        pool.subscribe(f"ticker.{channel}")
+    results = [[] for _ in range(3)]
+    errors = []
+
+    def consume(index: int) -> None:
+        try:
+            deadline = time.monotonic() + 3.0
+            capacity = (1, 7, 4096)[index]
+            while time.monotonic() < deadline:
+                results[index].extend(pool.recv_many(capacity, timeout=0.2))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=consume, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    keys = [(m.channel, m.connection_id, json.loads(m.payload)["seq"]) for r in results for m in r]
+    assert len(keys) == len(set(keys)), "a message was delivered twice"
+    assert len(keys) > 100
+    by_stream = {}
+    for channel, connection_id, seq in keys:
+        by_stream.setdefault((channel, connection_id), []).append(seq)
+    for stream, seqs in by_stream.items():
+        seqs.sort()
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{stream}: a message was lost"

@@ -1,0 +1,68 @@
+"""Leases (acquire/release, idle suspension and restore) and codec shared data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import wirepool
+from conftest import config_for, wait_for_event
+
+
+def test_shared_data_from_the_codec(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url, pool={"min_connections": 2, "max_connections": 2,
+                                                     "require_shared": ["instruments"]}))
+    pool.wait_ready(timeout=10.0)
+    value = pool.shared_data("instruments")
+    assert value is not None, "require_shared=['instruments'] but nothing is stored after wait_ready"
+    assert set(json.loads(value)["instruments"]) >= {f"ticker.{n}" for n in range(4)}
+    assert pool.stats()["has_shared_data"] is True
+    assert pool.shared_data("no-such-key") is None
+    with pytest.raises(ValueError):
+        pool.shared_data("")
+
+
+def test_release_without_a_lease_is_an_invalid_argument(pool):
+    with pytest.raises(wirepool.InvalidArgumentError):
+        pool.release()
+    with pool.lease() as leased:
+        assert leased is pool
+    with pytest.raises(wirepool.InvalidArgumentError):
+        pool.release()
+
+
+def test_idle_pool_suspends_and_acquire_restores_subscriptions(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url, lease={"idle_timeout_ms": 300}))
+    pool.wait_ready(timeout=10.0)
+    pool.acquire()
+    pool.subscribe("ticker.0")
+    assert pool.recv(timeout=10.0) is not None
+    seen = []
+    pool.release()
+    wait_for_event(pool, lambda event: event["type"] == "suspended", seen=seen)
+    # Drain what arrived before the connections closed; then nothing flows.
+    while pool.recv_many(4096, timeout=0.5):
+        pass
+    assert pool.recv(timeout=0.5) is None, "data flowed while suspended"
+    pool.acquire()
+    wait_for_event(pool, lambda event: event["type"] == "lease_resumed", seen=seen)
+    message = pool.recv(timeout=10.0)
+    assert message is not None and message.channel == "ticker.0", "subscription not restored after acquire"
+    pool.release()
+
+
+def test_set_token_rotates_and_a_refused_token_keeps_the_sessions(start_simulator):
+    sim = start_simulator(token="secret-a")
+    config = {
+        "servers": [{"url": sim.url}],
+        "pool": {"min_connections": 2, "max_connections": 2},
+        "auth": {"token": "secret-a"},
+    }
+    with wirepool.Pool(config) as pool:
+        pool.wait_ready(10.0)
+        pool.set_token("secret-a")
+        with pytest.raises(wirepool.RemoteError) as raised:
+            pool.set_token("wrong")
+        assert "old sessions kept" in str(raised.value)
+        assert pool.stats()["ready_connections"] == 2

@@ -1,0 +1,193 @@
+"""Pool lifetime, stats and events."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import pytest
+
+import wirepool
+from conftest import config_for, receive_at_least, wait_for_event
+
+STATS_FIELDS = {
+    "total_connections", "ready_connections", "busy_connections", "pending_requests",
+    "min_connections", "max_connections", "initialized", "has_shared_data",
+    "messages_received", "messages_sent", "bytes_received", "bytes_sent", "reconnects",
+    "subscriptions",
+}
+
+
+def test_context_manager_closes_and_close_is_idempotent(simulator):
+    with wirepool.Pool(config_for(simulator.url)) as pool:
+        assert isinstance(pool, wirepool.Pool)
+        pool.wait_ready(timeout=10.0)
+        assert not pool.closed
+    assert pool.closed
+    pool.close()
+    pool.close()
+    assert pool.closed
+
+
+def test_use_after_close_raises_closed_error(simulator):
+    pool = wirepool.Pool(config_for(simulator.url))
+    pool.close()
+    calls = [
+        lambda: pool.subscribe("ticker.0"),
+        lambda: pool.unsubscribe("ticker.0"),
+        lambda: pool.recv(timeout=0),
+        lambda: pool.recv_many(10, timeout=0),
+        lambda: pool.messages(timeout=0),
+        lambda: pool.request(b"{}"),
+        lambda: pool.stats(),
+        lambda: pool.events(),
+        lambda: pool.wait_ready(timeout=0),
+        lambda: pool.fileno(),
+    ]
+    for call in calls:
+        with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+            call()
+
+
+def test_close_wakes_a_blocked_recv(pool):
+    outcome = []
+
+    def consumer() -> None:
+        try:
+            outcome.append(pool.recv(timeout=None))
+        except wirepool.ClosedError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    time.sleep(0.3)  # let it block; either order must end in ClosedError
+    started = time.monotonic()
+    pool.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "recv(timeout=None) still blocked after close()"
+    assert time.monotonic() - started < 5.0
+    assert len(outcome) == 1 and isinstance(outcome[0], wirepool.ClosedError), outcome
+
+
+def test_close_wakes_a_pending_request(pool):
+    outcome = []
+
+    def requester() -> None:
+        try:
+            outcome.append(pool.request(b'{"op":"ignore"}', timeout=30.0))
+        except wirepool.WirepoolError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=requester)
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while pool.stats()["pending_requests"] < 1:
+        assert time.monotonic() < deadline, "the request never became pending"
+        time.sleep(0.01)
+    started = time.monotonic()
+    pool.close()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    elapsed = time.monotonic() - started
+    assert elapsed < 5.0, f"close() took {elapsed:.1f} s to wake a pending request"
+    assert len(outcome) == 1 and isinstance(outcome[0], wirepool.ClosedError), outcome
+
+
+def test_dropping_an_open_pool_closes_it(simulator):
+    pool = wirepool.Pool(config_for(simulator.url))
+    pool.wait_ready(timeout=10.0)
+    pool.subscribe("ticker.0")
+    del pool
+    gc.collect()
+    # A new pool on the same simulator still works.
+    with wirepool.Pool(config_for(simulator.url)) as again:
+        again.wait_ready(timeout=10.0)
+
+
+def test_wait_ready_times_out_without_a_server(make_pool):
+    pool = make_pool({"servers": [{"url": "ws://127.0.0.1:9"}], "connect_timeout_ms": 200})
+    started = time.monotonic()
+    with pytest.raises(wirepool.TimeoutError):
+        pool.wait_ready(timeout=0.7)
+    assert 0.6 <= time.monotonic() - started < 5.0
+
+
+def test_stats_has_the_spec_fields(pool):
+    pool.subscribe("ticker.0")
+    received = receive_at_least(pool, 10)
+    stats = pool.stats()
+    missing = STATS_FIELDS - set(stats)
+    assert not missing, f"stats() lacks {sorted(missing)}"
+    assert stats["min_connections"] == 2 and stats["max_connections"] == 2
+    assert stats["total_connections"] == 2 and stats["ready_connections"] == 2
+    assert stats["initialized"] is True
+    assert stats["messages_received"] >= len(received)
+    assert stats["bytes_received"] > 0 and stats["messages_sent"] >= 1
+    subscriptions = stats["subscriptions"]
+    assert subscriptions == 1 or "ticker.0" in subscriptions
+
+
+def test_events_report_ready_and_subscribed(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url))
+    seen = []
+    wait_for_event(pool, lambda event: event["type"] == "ready", seen=seen)
+    pool.subscribe("ticker.2")
+    event = wait_for_event(pool, lambda event: event["type"] == "subscribed", seen=seen)
+    assert event.get("channel") == "ticker.2"
+    assert all(isinstance(event, dict) and "type" in event and "ts_ms" in event for event in seen)
+
+
+def test_events_returns_empty_list_on_timeout(pool):
+    pool.events(timeout=0.0)  # whatever the start-up produced
+    started = time.monotonic()
+    while pool.events(timeout=0.2):
+        assert time.monotonic() - started < 10.0, "events keep coming on an idle pool"
+
+
+FULL_QUEUE_SCRIPT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import wirepool
+pool = wirepool.Pool({"servers": [{"url": sys.argv[2]}],
+                      "pool": {"min_connections": 2, "max_connections": 2},
+                      "queue": {"capacity": 64, "overflow": "block"}})
+pool.wait_ready(timeout=10.0)
+for channel in range(4):
+    pool.subscribe(f"ticker.{channel}")
+deadline = time.monotonic() + 10.0
+while pool.stats()["queue_depth"] < 64:
+    assert time.monotonic() < deadline, "the queue never filled"
+    time.sleep(0.01)
+time.sleep(0.2)  # the workers are now blocked pushing into the full queue
+print("closing", flush=True)
+started = time.monotonic()
+pool.close()
+print(f"closed in {time.monotonic() - started:.2f} s", flush=True)
+"""
+
+
+def test_close_returns_promptly_while_workers_wait_on_a_full_queue(start_simulator):
+    # Run in a child process: if wirepool_pool_close deadlocks, only the child hangs.
+    import subprocess
+    import sys
+
+    from conftest import BINDING_DIR
+
+    simulator = start_simulator(rate=2000, channels=4)
+    child = subprocess.Popen(
+        [sys.executable, "-c", FULL_QUEUE_SCRIPT, str(BINDING_DIR), simulator.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        out, err = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, err = child.communicate()
+        pytest.fail(
+            "Pool.close() (wirepool_pool_close) did not return within 30 s while connection "
+            "workers were blocked on a full consumer queue (queue.overflow = block). "
+            f"child output: {out!r}"
+        )
+    assert child.returncode == 0, f"child failed: {out!r} {err[-2000:]!r}"
+    assert "closed in" in out

@@ -1,0 +1,790 @@
+"""wirepool: pools of persistent upstream WebSocket connections, from Python.
+
+A thin ctypes layer over ``libwirepool`` (the C ABI in ``include/wirepool.h``)::
+
+    import wirepool
+
+    with wirepool.Pool({"servers": [{"url": "ws://127.0.0.1:9000"}]}) as pool:
+        pool.wait_ready()
+        pool.subscribe("ticker.BTC-USD")
+        for msg in pool.messages(timeout=1.0):
+            print(msg.channel, msg.payload)
+        reply = pool.request(b'{"op":"history","channel":"ticker.BTC-USD","bars":5}')
+
+Blocking calls release the GIL while they wait inside the library, and waits longer
+than a fraction of a second are made of short waits, so Ctrl-C and ``close()`` from
+another thread interrupt them promptly. A ``Pool`` may be used from several threads
+at once.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import math
+import os
+import struct
+import threading
+import time
+from ctypes import byref, c_int, c_size_t, sizeof, string_at
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+
+from . import _ffi
+from ._ffi import lib
+
+__all__ = [
+    "Pool",
+    "Message",
+    "WirepoolError",
+    "InvalidArgumentError",
+    "ConfigError",
+    "TimeoutError",
+    "ClosedError",
+    "ConnectionLostError",
+    "RemoteError",
+    "CodecError",
+    "TransportError",
+    "IoError",
+    "TlsError",
+    "ProtocolError",
+    "InternalError",
+    "PanicError",
+    "library_version",
+    "library_path",
+]
+
+__version__ = "0.1.0"
+
+ConfigLike = Union[Mapping[str, Any], str, bytes, "os.PathLike[str]"]
+
+# Longest single wait inside the library: longer waits are loops of these, so that
+# KeyboardInterrupt and close() from another thread are noticed quickly.
+_WAIT_SLICE_S = 0.25
+
+# Batches kept for reuse per pool, by capacity (recv uses 1, recv_many its `max`).
+_MAX_CACHED_CAPACITIES = 8
+# Decoded channel names kept per pool; cleared when a feed has more distinct channels.
+_MAX_CACHED_CHANNELS = 65536
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class WirepoolError(Exception):
+    """An error reported by wirepool. ``code`` is the C ABI result code."""
+
+    code: Optional[int]
+
+    def __init__(self, message: str, code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def code_name(self) -> Optional[str]:
+        """The C name of ``code`` (e.g. ``"WIREPOOL_ERR_CONFIG"``)."""
+        return None if self.code is None else _ffi.RESULT_NAMES.get(self.code)
+
+
+class InvalidArgumentError(WirepoolError, ValueError):
+    """An argument was rejected (NULL, not UTF-8, or out of range)."""
+
+
+class ConfigError(WirepoolError):
+    """The configuration is invalid; the message names the key path."""
+
+
+class TimeoutError(WirepoolError, builtins.TimeoutError):
+    """A request or wait ran out of time."""
+
+
+class ClosedError(WirepoolError):
+    """The pool is closed."""
+
+
+class ConnectionLostError(WirepoolError):
+    """A non-idempotent request's connection died before the reply: the venue may or may
+    not have received it. It is never re-sent silently."""
+
+
+class RemoteError(WirepoolError):
+    """The venue answered the request with an error; ``payload`` holds its error payload."""
+
+    payload: bytes
+
+    def __init__(self, message: str, code: Optional[int] = None, payload: bytes = b"") -> None:
+        super().__init__(message, code)
+        self.payload = payload
+
+
+class CodecError(WirepoolError):
+    """The codec failed to load or rejected the input."""
+
+
+class TransportError(WirepoolError):
+    """The network failed: base of IoError, TlsError and ProtocolError."""
+
+
+class IoError(TransportError):
+    """An I/O error."""
+
+
+class TlsError(TransportError):
+    """A TLS error."""
+
+
+class ProtocolError(TransportError):
+    """A WebSocket protocol error."""
+
+
+class InternalError(WirepoolError):
+    """A failure inside wirepool."""
+
+
+class PanicError(InternalError):
+    """A bug inside wirepool was caught at the C boundary."""
+
+
+_ERROR_CLASSES = {
+    _ffi.WIREPOOL_ERR_NULL_ARGUMENT: InvalidArgumentError,
+    _ffi.WIREPOOL_ERR_INVALID_UTF8: InvalidArgumentError,
+    _ffi.WIREPOOL_ERR_INVALID_ARGUMENT: InvalidArgumentError,
+    _ffi.WIREPOOL_ERR_CONFIG: ConfigError,
+    _ffi.WIREPOOL_ERR_TIMEOUT: TimeoutError,
+    _ffi.WIREPOOL_ERR_CLOSED: ClosedError,
+    _ffi.WIREPOOL_ERR_CONNECTION_LOST: ConnectionLostError,
+    _ffi.WIREPOOL_ERR_REMOTE: RemoteError,
+    _ffi.WIREPOOL_ERR_CODEC: CodecError,
+    _ffi.WIREPOOL_ERR_IO: IoError,
+    _ffi.WIREPOOL_ERR_TLS: TlsError,
+    _ffi.WIREPOOL_ERR_PROTOCOL: ProtocolError,
+    _ffi.WIREPOOL_ERR_PANIC: PanicError,
+    _ffi.WIREPOOL_ERR_INTERNAL: InternalError,
+}
+
+
+def _error(code: int) -> WirepoolError:
+    """The exception for a failed call; must run right after it, on the same thread
+    (the library's detailed message is per thread and lasts until the next call)."""
+    message = _ffi.last_error() or _ffi.result_text(code)
+    return _ERROR_CLASSES.get(code, WirepoolError)(message, code)
+
+
+def library_version() -> str:
+    """The version of the loaded ``libwirepool``."""
+    return lib.wirepool_version().decode()
+
+
+def library_path() -> Optional[str]:
+    """The path ``libwirepool`` was loaded from."""
+    return _ffi.library_path()
+
+
+# --- messages ----------------------------------------------------------------------------
+
+
+class Message:
+    """One received subscription message.
+
+    ``channel`` (str), ``payload`` (bytes: for the default codec the JSON text of the
+    frame's payload), ``kind`` (``"data"``), ``connection_id`` (the connection that read
+    it) and ``received_ns`` (wall-clock nanoseconds when the frame was read).
+    """
+
+    __slots__ = ("channel", "payload", "kind", "connection_id", "received_ns")
+
+    channel: str
+    payload: bytes
+    kind: str
+    connection_id: int
+    received_ns: int
+
+    def __init__(
+        self,
+        channel: str,
+        payload: bytes,
+        kind: str = "data",
+        connection_id: int = 0,
+        received_ns: int = 0,
+    ) -> None:
+        self.channel = channel
+        self.payload = payload
+        self.kind = kind
+        self.connection_id = connection_id
+        self.received_ns = received_ns
+
+    def __repr__(self) -> str:
+        payload = self.payload
+        shown = repr(payload[:80]) + ("..." if len(payload) > 80 else "")
+        return (
+            f"Message(channel={self.channel!r}, payload={shown}, kind={self.kind!r}, "
+            f"connection_id={self.connection_id}, received_ns={self.received_ns})"
+        )
+
+
+_KIND_NAMES = {_ffi.WIREPOOL_MESSAGE_DATA: "data"}
+
+
+def _kind_name(kind: int) -> str:
+    return _KIND_NAMES.get(kind) or f"kind_{kind}"
+
+
+# The fields of struct wirepool_message after its two pointers, read straight from the
+# array's bytes: channel_len, payload_len, channel_offset, payload_offset (size_t),
+# connection_id, received_ns (uint64_t), kind (uint32_t); `reserved` is skipped.
+_MESSAGE_SIZE = sizeof(_ffi.wirepool_message)
+_MESSAGE_LAYOUT = struct.Struct(f"@{2 * sizeof(_ffi.c_void_p)}x4N2QI4x")
+if _MESSAGE_LAYOUT.size != _MESSAGE_SIZE:  # pragma: no cover - exotic ABIs only
+    raise ImportError(
+        f"wirepool: struct wirepool_message is {_MESSAGE_SIZE} bytes but the unpack layout "
+        f"is {_MESSAGE_LAYOUT.size}; this platform's ABI is not supported"
+    )
+_iter_unpack = _MESSAGE_LAYOUT.iter_unpack
+_new_object = object.__new__
+
+
+class _Batch:
+    """A ``wirepool_batch`` plus the out-parameter cells its polls reuse."""
+
+    __slots__ = ("handle", "capacity", "count", "count_ref", "data_len", "data_len_ref")
+
+    def __init__(self, capacity: int) -> None:
+        handle = _ffi.batch_p()
+        code = lib.wirepool_batch_new(capacity, byref(handle))
+        if code:
+            raise _error(code)
+        self.handle = handle
+        self.capacity = capacity
+        self.count = c_size_t()
+        self.count_ref = byref(self.count)
+        self.data_len = c_size_t()
+        self.data_len_ref = byref(self.data_len)
+
+    def free(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle:
+            lib.wirepool_batch_free(handle)
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+def _read_config_file(path: str) -> str:
+    lowered = path.lower()
+    if lowered.endswith(".toml"):
+        try:
+            import tomllib  # type: ignore[import-not-found]
+        except ImportError:  # Python < 3.11
+            try:
+                import tomli as tomllib  # type: ignore[import-not-found,no-redef]
+            except ImportError as err:
+                raise ConfigError(
+                    f"config: {path}: reading TOML needs Python 3.11+ or the tomli package"
+                ) from err
+        with open(path, "rb") as file:
+            try:
+                document = tomllib.load(file)
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"config: {path}: invalid TOML: {err}") from err
+        return _dump_config(document, path)
+    if lowered.endswith(".json"):
+        with open(path, "r", encoding="utf-8") as file:
+            return file.read()
+    raise ConfigError(f"config: {path}: unknown file type (expected a .json or .toml file)")
+
+
+def _dump_config(document: Any, origin: str) -> str:
+    try:
+        return json.dumps(document)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config: {origin}: not representable as JSON: {err}") from err
+
+
+def _config_json(config: ConfigLike) -> str:
+    """The JSON text the C ABI takes, from a mapping, a JSON string or a file path."""
+    if isinstance(config, Mapping):
+        return _dump_config(dict(config), "dict")
+    if isinstance(config, (bytes, bytearray)):
+        return bytes(config).decode("utf-8")
+    if isinstance(config, os.PathLike):
+        return _read_config_file(os.fspath(config))
+    if isinstance(config, str):
+        text = config.lstrip()
+        if text.startswith(("{", "[")):
+            return config
+        if config.lower().endswith((".json", ".toml")) or os.path.isfile(config):
+            return _read_config_file(config)
+        # Neither JSON-looking nor a file: the library reports why it is not valid JSON.
+        return config
+    raise TypeError(
+        f"config must be a dict, a JSON string or a path to a .json/.toml file, "
+        f"not {type(config).__name__}"
+    )
+
+
+# --- timeouts ----------------------------------------------------------------------------
+
+
+def _check_timeout(timeout: Optional[float]) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be None or a non-negative number of seconds, not {timeout!r}")
+
+
+def _ms(seconds: float) -> int:
+    return min(0xFFFFFFFF, int(math.ceil(seconds * 1000.0)))
+
+
+# --- the pool ----------------------------------------------------------------------------
+
+
+class _Handle:
+    """Owner of one C handle: ``close()`` is idempotent, the object is a context manager,
+    ``__del__`` closes what was not closed, and any use after close raises ClosedError.
+
+    Calls on the handle run between ``_enter`` and ``_exit``. ``close()`` releases the
+    library's resources at once (``_close_handle``, which wakes blocked calls); the
+    handle itself is freed (``_free_handle``) exactly once, by whichever of close() or
+    the last call still running finishes last, so freeing never races with a call.
+    """
+
+    _closed_message = "object is closed"
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._closing = False
+
+    def _enter(self) -> Any:
+        with self._lock:
+            if self._closing:
+                raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
+            self._inflight += 1
+            return self._handle
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if not (self._closing and self._inflight == 0 and self._handle is not None):
+                return
+            handle, self._handle = self._handle, None
+        self._free_handle(handle)
+
+    def _close_handle(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def _free_handle(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closing
+
+    def close(self) -> None:
+        """Releases the object; later calls raise ClosedError. Safe to call repeatedly."""
+        with self._lock:
+            if self._closing or self._handle is None:
+                self._closing = True
+                return
+            self._closing = True
+            self._inflight += 1
+            handle = self._handle
+        try:
+            self._close_handle(handle)
+        finally:
+            self._exit()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not getattr(self, "_closing", True):
+                self.close()
+        except Exception:  # noqa: BLE001 - nothing can be raised from a finaliser
+            pass
+
+
+class Pool(_Handle):
+    """A pool of upstream connections.
+
+    ``config`` is a dict, a JSON string, or a path (str or os.PathLike) to a ``.json``
+    or ``.toml`` file, with the schema of the configuration reference
+    (``docs/configuration.md``). Connections open in the background; ``wait_ready()``
+    waits for the initial ones. Raises ConfigError naming the key path of a bad setting.
+    """
+
+    _closed_message = "pool is closed"
+
+    def __init__(self, config: ConfigLike) -> None:
+        super().__init__()
+        self._batches: Dict[int, List[_Batch]] = {}
+        self._batches_lock = threading.Lock()
+        self._channel_names: Dict[bytes, str] = {}
+        self._fd: Optional[int] = None
+        text = _config_json(config)
+        if "\0" in text:
+            raise ConfigError("config: the JSON text contains a NUL character")
+        handle = _ffi.pool_p()
+        code = lib.wirepool_pool_new(text.encode("utf-8"), byref(handle))
+        if code:
+            raise _error(code)
+        self._handle = handle
+
+    def __repr__(self) -> str:
+        return f"<wirepool.Pool {'closed' if self._closing else 'open'} at {id(self):#x}>"
+
+    # -- lifetime --
+
+    def _close_handle(self, handle: Any) -> None:
+        code = lib.wirepool_pool_close(handle)
+        if code:
+            raise _error(code)
+
+    def _free_handle(self, handle: Any) -> None:
+        lib.wirepool_pool_free(handle)
+        with self._batches_lock:
+            batches, self._batches = self._batches, {}
+        for stack in batches.values():
+            for batch in stack:
+                batch.free()
+
+    # -- batches --
+
+    def _take_batch(self, capacity: int) -> _Batch:
+        with self._batches_lock:
+            stack = self._batches.get(capacity)
+            if stack:
+                return stack.pop()
+        return _Batch(capacity)
+
+    def _give_batch(self, batch: _Batch) -> None:
+        with self._batches_lock:
+            stack = self._batches.get(batch.capacity)
+            if stack is None and len(self._batches) < _MAX_CACHED_CAPACITIES:
+                stack = self._batches[batch.capacity] = []
+            if stack is not None and not self._closing:
+                stack.append(batch)
+                return
+        batch.free()
+
+    def _poll(self, handle: Any, batch: _Batch, timeout: Optional[float]) -> int:
+        """Polls into ``batch`` until a message arrives or ``timeout`` passes; the count."""
+        poll = lib.wirepool_pool_poll
+        if timeout is not None and timeout <= _WAIT_SLICE_S:
+            code = poll(handle, batch.handle, _ms(timeout), batch.count_ref)
+            if code:
+                raise _error(code)
+            return batch.count.value
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slice_ms = _ms(_WAIT_SLICE_S)
+        while True:
+            wait_ms = slice_ms
+            if deadline is not None:
+                wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+            code = poll(handle, batch.handle, wait_ms, batch.count_ref)
+            if code:
+                raise _error(code)
+            count = batch.count.value
+            if count or (deadline is not None and time.monotonic() >= deadline):
+                return count
+            if self._closing:
+                raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
+
+    def _receive(self, capacity: int, timeout: Optional[float]) -> List[Message]:
+        handle = self._enter()
+        try:
+            batch = self._take_batch(capacity)
+            try:
+                count = self._poll(handle, batch, timeout)
+                if not count:
+                    return []
+                # One copy of the struct array and one of the data buffer; everything
+                # below slices Python objects, so the batch can go back at once.
+                raw = string_at(lib.wirepool_batch_messages(batch.handle), count * _MESSAGE_SIZE)
+                address = lib.wirepool_batch_data(batch.handle, batch.data_len_ref)
+                size = batch.data_len.value
+                data = string_at(address, size) if address and size else b""
+            finally:
+                self._give_batch(batch)
+        finally:
+            self._exit()
+        return self._decode(raw, data)
+
+    def _decode(self, raw: bytes, data: bytes) -> List[Message]:
+        messages: List[Message] = []
+        append = messages.append
+        names = self._channel_names
+        new = _new_object
+        for channel_len, payload_len, channel_offset, payload_offset, connection_id, received_ns, kind in _iter_unpack(raw):
+            key = data[channel_offset : channel_offset + channel_len]
+            channel = names.get(key)
+            if channel is None:
+                channel = self._channel_name(key)
+            message = new(Message)
+            message.channel = channel
+            message.payload = data[payload_offset : payload_offset + payload_len]
+            message.kind = "data" if kind == 0 else _kind_name(kind)
+            message.connection_id = connection_id
+            message.received_ns = received_ns
+            append(message)
+        return messages
+
+    def _channel_name(self, key: bytes) -> str:
+        names = self._channel_names
+        if len(names) >= _MAX_CACHED_CHANNELS:
+            names.clear()
+        channel = names[key] = key.decode("utf-8", "replace")
+        return channel
+
+    # -- the public API --
+
+    def wait_ready(self, timeout: Optional[float] = 10.0) -> None:
+        """Waits until the initial connections (``pool.min_connections``) are ready.
+
+        Raises TimeoutError when they are not ready within ``timeout`` seconds (None:
+        wait as long as it takes).
+        """
+        _check_timeout(timeout)
+        handle = self._enter()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            slice_ms = _ms(_WAIT_SLICE_S)
+            while True:
+                wait_ms = slice_ms
+                if deadline is not None:
+                    wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+                code = lib.wirepool_pool_wait_ready(handle, wait_ms)
+                if code == _ffi.WIREPOOL_OK:
+                    return
+                if code != _ffi.WIREPOOL_ERR_TIMEOUT:
+                    raise _error(code)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _error(code)
+                if self._closing:
+                    raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
+        finally:
+            self._exit()
+
+    def subscribe(self, channel: str) -> None:
+        """Adds ``channel`` to the desired subscriptions (kept across reconnects; sent
+        as soon as a connection is ready)."""
+        encoded = _channel_arg(channel)
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_subscribe(handle, encoded)
+            if code:
+                raise _error(code)
+        finally:
+            self._exit()
+
+    def unsubscribe(self, channel: str) -> None:
+        """Removes ``channel`` from the desired subscriptions. Messages already queued
+        are still delivered."""
+        encoded = _channel_arg(channel)
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_unsubscribe(handle, encoded)
+            if code:
+                raise _error(code)
+        finally:
+            self._exit()
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message, or None when none arrived within ``timeout`` seconds
+        (None: wait until one arrives)."""
+        _check_timeout(timeout)
+        messages = self._receive(1, timeout)
+        return messages[0] if messages else None
+
+    def recv_many(self, max: int, timeout: Optional[float] = None) -> List[Message]:  # noqa: A002
+        """Up to ``max`` messages: waits up to ``timeout`` seconds (None: until one
+        arrives) for the first, then takes every queued one up to ``max``. ``[]`` on
+        timeout."""
+        _check_timeout(timeout)
+        if max < 1:
+            raise ValueError(f"max must be at least 1, not {max!r}")
+        return self._receive(min(int(max), _ffi.MAX_BATCH_CAPACITY), timeout)
+
+    def messages(self, timeout: Optional[float] = 1.0) -> Iterator[Message]:
+        """Yields messages as they arrive; stops when none arrived for ``timeout``
+        seconds (None: never) or when the pool is closed.
+
+        Messages are taken from the queue one at a time, so breaking out of the loop
+        loses nothing; ``recv_many`` is the faster way to drain a busy feed.
+        """
+        _check_timeout(timeout)
+        if self._closing:
+            raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
+        return self._iterate(timeout)
+
+    def _iterate(self, timeout: Optional[float]) -> Iterator[Message]:
+        while True:
+            try:
+                message = self.recv(timeout)
+            except ClosedError:
+                return
+            if message is None:
+                return
+            yield message
+
+    def request(self, payload: bytes, timeout: Optional[float] = 5.0, idempotent: bool = False) -> bytes:
+        """Sends a request (for the default codec, a JSON document) and returns the reply.
+
+        Waits up to ``timeout`` seconds, including for a ready connection (None: the
+        pool's ``request_timeout_ms``). With ``idempotent=True`` the request may be sent
+        again on another connection when its connection dies; otherwise that raises
+        ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
+        with an error, TimeoutError when no reply came in time.
+        """
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        elif not isinstance(payload, bytes):
+            payload = bytes(payload)
+        if timeout is None:
+            timeout_ms = 0  # the pool's request_timeout_ms
+        else:
+            _check_timeout(timeout)
+            timeout_ms = max(1, _ms(timeout))
+        flags = _ffi.WIREPOOL_REQUEST_IDEMPOTENT if idempotent else 0
+        reply = _ffi.bytes_p()
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_request(handle, payload, len(payload), timeout_ms, flags, byref(reply))
+            if code == _ffi.WIREPOOL_OK:
+                return _ffi.take_bytes(reply)
+            error = _error(code)
+            if code == _ffi.WIREPOOL_ERR_REMOTE and reply:
+                assert isinstance(error, RemoteError)
+                error.payload = _ffi.take_bytes(reply)
+            raise error
+        finally:
+            self._exit()
+
+    def stats(self) -> Dict[str, Any]:
+        """The pool's counters and state (the fields of ``GET /api/v1/pool/stats``)."""
+        out = _ffi.bytes_p()
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_stats_json(handle, byref(out))
+            if code:
+                raise _error(code)
+            text = _ffi.take_bytes(out)
+        finally:
+            self._exit()
+        return json.loads(text)
+
+    def events(self, timeout: Optional[float] = 0.0) -> List[Dict[str, Any]]:
+        """Every queued event (dicts with ``type``, ``ts_ms`` and where they apply
+        ``connection_id``, ``server``, ``channel``, ``message``); waits up to ``timeout``
+        seconds for the first (None: until one arrives). ``[]`` on timeout."""
+        _check_timeout(timeout)
+        handle = self._enter()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            slice_ms = _ms(_WAIT_SLICE_S)
+            while True:
+                wait_ms = slice_ms
+                if deadline is not None:
+                    wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+                out = _ffi.bytes_p()
+                code = lib.wirepool_pool_events_json(handle, wait_ms, byref(out))
+                if code:
+                    raise _error(code)
+                events = json.loads(_ffi.take_bytes(out))
+                if events or (deadline is not None and time.monotonic() >= deadline):
+                    return events
+                if self._closing:
+                    raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
+        finally:
+            self._exit()
+
+    def acquire(self) -> None:
+        """Takes a lease: while any lease is held the pool stays connected. After the
+        last ``release()`` and ``lease.idle_timeout_ms`` the pool closes its connections
+        but keeps its subscriptions; the next ``acquire()`` reconnects and restores them.
+        A pool on which no lease was ever taken never idles."""
+        self._simple_call(lib.wirepool_pool_acquire)
+
+    def release(self) -> None:
+        """Gives back a lease taken with ``acquire()``; InvalidArgumentError when none
+        is held."""
+        self._simple_call(lib.wirepool_pool_release)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator["Pool"]:
+        """``with pool.lease(): ...`` holds a lease for the block."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def shared_data(self, key: str) -> Optional[bytes]:
+        """The shared state the codec reported under ``key`` (e.g. the simulator's
+        ``"instruments"``; JSON text for the ``json`` codec), or None when there is none
+        yet. ``pool.require_shared`` makes ``wait_ready`` wait for such keys."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if not key or "\0" in key:
+            raise ValueError("key must be a non-empty str without NUL characters")
+        out = _ffi.bytes_p()
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_shared_data(handle, key.encode("utf-8"), byref(out))
+            if code == _ffi.WIREPOOL_ERR_INVALID_ARGUMENT:
+                # For a valid key this is the library's "nothing stored under it".
+                return None
+            if code:
+                raise _error(code)
+            return _ffi.take_bytes(out)
+        finally:
+            self._exit()
+
+    def set_token(self, token: str) -> None:
+        """Re-authenticates every connection with ``token``, make-before-break (no gap
+        in subscribed data). If the venue refuses it, the old sessions keep running and
+        ``RemoteError`` says why."""
+        if not isinstance(token, str):
+            raise TypeError(f"token must be a str, not {type(token).__name__}")
+        if "\0" in token:
+            raise ValueError("token must not contain NUL characters")
+        encoded = token.encode("utf-8")
+        self._simple_call(lambda handle: lib.wirepool_pool_set_token(handle, encoded))
+
+    def _simple_call(self, function: Any) -> None:
+        handle = self._enter()
+        try:
+            code = function(handle)
+            if code:
+                raise _error(code)
+        finally:
+            self._exit()
+
+    def fileno(self) -> int:
+        """A file descriptor that is readable while messages are queued, for ``select``,
+        ``selectors`` or asyncio's ``loop.add_reader``. Owned by the pool: do not close
+        it, and stop watching it before closing the pool."""
+        handle = self._enter()
+        try:
+            if self._fd is None:
+                fd = c_int()
+                code = lib.wirepool_pool_fd(handle, byref(fd))
+                if code:
+                    raise _error(code)
+                self._fd = fd.value
+            return self._fd
+        finally:
+            self._exit()
+
+
+def _channel_arg(channel: str) -> bytes:
+    if not isinstance(channel, str):
+        raise TypeError(f"channel must be a str, not {type(channel).__name__}")
+    if "\0" in channel:
+        raise ValueError("channel must not contain NUL characters")
+    return channel.encode("utf-8")
