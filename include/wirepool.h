@@ -113,6 +113,26 @@ typedef struct wirepool_bytes wirepool_bytes;
 typedef struct wirepool_pool wirepool_pool;
 
 /*
+ One request of `wirepool_pool_request_batch`.
+ */
+typedef struct wirepool_request {
+  /*
+   The request body (`payload_len` bytes; NULL when empty).
+   */
+  const uint8_t *payload;
+  /*
+   Length of `payload`.
+   */
+  size_t payload_len;
+} wirepool_request;
+
+/*
+ Progress callback of `wirepool_pool_request_batch`: `done` of `total` finished.
+ Called on the calling thread.
+ */
+typedef void (*wirepool_progress_fn)(void *user_data, size_t done, size_t total);
+
+/*
  One received message, valid until the next poll with its batch.
  */
 typedef struct wirepool_message {
@@ -279,6 +299,26 @@ wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
  result is `WIREPOOL_ERR_REMOTE` with the reason in `wirepool_last_error`.
  */
 wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const char *token);
+
+/*
+ Sends `count` requests spread over the ready connections (at most
+ `max_in_flight_per_connection` per ready connection; 0 means 8), each with
+ `timeout_ms` (0: the pool's `request_timeout_ms`), re-sent once if its connection
+ dies (batch requests are idempotent). Fills `out_codes[i]` with each request's
+ result and `out_replies[i]` with its reply (or the venue's error payload on
+ `WIREPOOL_ERR_REMOTE`; NULL otherwise), to be freed with `wirepool_bytes_free`.
+ `progress` (may be NULL) is called after each completion. Returns `WIREPOOL_OK`
+ when the batch ran, whatever the individual results.
+ */
+wirepool_result wirepool_pool_request_batch(const struct wirepool_pool *pool,
+                                            const struct wirepool_request *requests,
+                                            size_t count,
+                                            uint32_t timeout_ms,
+                                            uint32_t max_in_flight_per_connection,
+                                            wirepool_progress_fn progress,
+                                            void *user_data,
+                                            struct wirepool_bytes **out_replies,
+                                            wirepool_result *out_codes);
 
 /*
  Creates a batch that holds up to `capacity` messages.

@@ -540,6 +540,93 @@ pub unsafe extern "C" fn wirepool_pool_set_token(
     })
 }
 
+/// One request of `wirepool_pool_request_batch`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct wirepool_request {
+    /// The request body (`payload_len` bytes; NULL when empty).
+    pub payload: *const u8,
+    /// Length of `payload`.
+    pub payload_len: usize,
+}
+
+/// Progress callback of `wirepool_pool_request_batch`: `done` of `total` finished.
+/// Called on the calling thread.
+pub type wirepool_progress_fn =
+    Option<unsafe extern "C" fn(user_data: *mut std::ffi::c_void, done: usize, total: usize)>;
+
+/// Sends `count` requests spread over the ready connections (at most
+/// `max_in_flight_per_connection` per ready connection; 0 means 8), each with
+/// `timeout_ms` (0: the pool's `request_timeout_ms`), re-sent once if its connection
+/// dies (batch requests are idempotent). Fills `out_codes[i]` with each request's
+/// result and `out_replies[i]` with its reply (or the venue's error payload on
+/// `WIREPOOL_ERR_REMOTE`; NULL otherwise), to be freed with `wirepool_bytes_free`.
+/// `progress` (may be NULL) is called after each completion. Returns `WIREPOOL_OK`
+/// when the batch ran, whatever the individual results.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_request_batch(
+    pool: *const wirepool_pool,
+    requests: *const wirepool_request,
+    count: usize,
+    timeout_ms: u32,
+    max_in_flight_per_connection: u32,
+    progress: wirepool_progress_fn,
+    user_data: *mut std::ffi::c_void,
+    out_replies: *mut *mut wirepool_bytes,
+    out_codes: *mut wirepool_result,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        if count == 0 {
+            return Ok(());
+        }
+        let out_replies = out(out_replies, "out_replies")?;
+        let out_codes = out(out_codes, "out_codes")?;
+        if requests.is_null() {
+            return Err(fail(WIREPOOL_ERR_NULL_ARGUMENT, "requests is NULL"));
+        }
+        // SAFETY: the caller promises `count` requests.
+        let requests = unsafe { std::slice::from_raw_parts(requests, count) };
+        let mut payloads = Vec::with_capacity(count);
+        for (index, request) in requests.iter().enumerate() {
+            let payload = unsafe {
+                bytes(
+                    request.payload,
+                    request.payload_len,
+                    &format!("requests[{index}].payload"),
+                )
+            }?;
+            payloads.push(payload);
+        }
+        let options = crate::pool::BatchOptions {
+            timeout: (timeout_ms > 0).then(|| Duration::from_millis(u64::from(timeout_ms))),
+            max_in_flight_per_connection: match max_in_flight_per_connection {
+                0 => 8,
+                limit => limit as usize,
+            },
+        };
+        let results = pool.pool.request_batch(&payloads, options, |done, total| {
+            if let Some(callback) = progress {
+                // SAFETY: the caller's callback with the caller's user data.
+                unsafe { callback(user_data, done, total) };
+            }
+        });
+        for (index, result) in results.into_iter().enumerate() {
+            let (code, reply) = match result {
+                Ok(reply) => (WIREPOOL_OK, new_bytes(reply)),
+                Err(Error::Remote { payload }) => (WIREPOOL_ERR_REMOTE, new_bytes(payload)),
+                Err(err) => (code_of(&err), std::ptr::null_mut()),
+            };
+            // SAFETY: the caller provides `count` slots in each output array.
+            unsafe {
+                *out_codes.add(index) = code;
+                *out_replies.add(index) = reply;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Creates a batch that holds up to `capacity` messages.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_batch_new(

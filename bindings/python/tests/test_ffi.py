@@ -32,6 +32,10 @@ ARG_TYPES = {
     "wirepool_batch**": {POINTER(_ffi.batch_p)},
     "wirepool_bytes*": {_ffi.bytes_p},
     "wirepool_bytes**": {POINTER(_ffi.bytes_p)},
+    "wirepool_request*": {POINTER(_ffi.wirepool_request)},
+    "wirepool_progress_fn": {_ffi.progress_fn},
+    "void*": {c_void_p},
+    "wirepool_result*": {POINTER(c_uint32)},
 }
 RETURN_TYPES = {
     "void": {None},

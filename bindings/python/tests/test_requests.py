@@ -97,3 +97,26 @@ def test_concurrent_requests_get_their_own_replies(pool):
     for thread in threads:
         thread.join(timeout=60)
     assert not failures, failures[:5]
+
+
+def test_request_batch_returns_results_in_order_with_progress(pool):
+    payloads = [b'{"op":"fail"}' if i == 3 else json.dumps({"i": i}).encode() for i in range(20)]
+    seen = []
+    results = pool.request_batch(payloads, timeout=5.0, max_in_flight_per_connection=2,
+                                 progress=lambda done, total: seen.append((done, total)))
+    assert len(results) == 20
+    for i, result in enumerate(results):
+        if i == 3:
+            assert isinstance(result, wirepool.RemoteError)
+            assert b"requested failure" in result.payload
+        else:
+            assert json.loads(result)["echo"]["i"] == i
+    assert seen[-1] == (20, 20) and len(seen) == 20
+
+
+def test_request_batch_reraises_a_progress_callback_error(pool):
+    def boom(done, total):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        pool.request_batch([b"{}", b"{}"], progress=boom)

@@ -20,6 +20,7 @@ at once.
 from __future__ import annotations
 
 import builtins
+import ctypes
 import contextlib
 import json
 import math
@@ -28,7 +29,7 @@ import struct
 import threading
 import time
 from ctypes import byref, c_int, c_size_t, sizeof, string_at
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from . import _ffi
 from ._ffi import lib
@@ -664,6 +665,71 @@ class Pool(_Handle):
             raise error
         finally:
             self._exit()
+
+    def request_batch(
+        self,
+        payloads: Sequence[bytes],
+        timeout: Optional[float] = 5.0,
+        max_in_flight_per_connection: int = 8,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> List[Union[bytes, WirepoolError]]:
+        """Sends many requests spread over the ready connections (at most
+        ``max_in_flight_per_connection`` per connection) and returns, in order, each
+        reply or the exception for that request (not raised). Batch requests are
+        idempotent. ``progress(done, total)`` is called after each completion; an
+        exception it raises stops nothing and is re-raised once the batch is done."""
+        encoded = [p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in payloads]
+        count = len(encoded)
+        if count == 0:
+            return []
+        if timeout is None:
+            timeout_ms = 0
+        else:
+            _check_timeout(timeout)
+            timeout_ms = max(1, _ms(timeout))
+        if max_in_flight_per_connection < 1:
+            raise ValueError("max_in_flight_per_connection must be at least 1")
+        buffers = [ctypes.create_string_buffer(p, len(p)) for p in encoded]
+        requests = (_ffi.wirepool_request * count)(
+            *[_ffi.wirepool_request(ctypes.cast(b, ctypes.c_void_p), len(p)) for b, p in zip(buffers, encoded)]
+        )
+        replies = (_ffi.bytes_p * count)()
+        codes = (_ffi.wirepool_result * count)()
+        raised: List[BaseException] = []
+
+        def on_progress(_user_data: Any, done: int, total: int) -> None:
+            if progress is None or raised:
+                return
+            try:
+                progress(done, total)
+            except BaseException as error:  # kept and re-raised after the C call
+                raised.append(error)
+
+        callback = _ffi.progress_fn(on_progress)
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_request_batch(
+                handle, requests, count, timeout_ms, max_in_flight_per_connection,
+                callback, None, replies, codes,
+            )
+            if code:
+                raise _error(code)
+        finally:
+            self._exit()
+        results: List[Union[bytes, WirepoolError]] = []
+        for index in range(count):
+            item_code = codes[index]
+            reply = _ffi.take_bytes(replies[index]) if replies[index] else b""
+            if item_code == _ffi.WIREPOOL_OK:
+                results.append(reply)
+            else:
+                error = _ERROR_CLASSES.get(item_code, WirepoolError)(_ffi.result_text(item_code), item_code)
+                if isinstance(error, RemoteError):
+                    error.payload = reply
+                results.append(error)
+        if raised:
+            raise raised[0]
+        return results
 
     def stats(self) -> Dict[str, Any]:
         """The pool's counters and state (the fields of ``GET /api/v1/pool/stats``)."""

@@ -16,6 +16,7 @@ import ctypes
 import os
 import sys
 from ctypes import (
+    CFUNCTYPE,
     POINTER,
     Structure,
     c_char,
@@ -204,6 +205,24 @@ _declare("wirepool_pool_release", wirepool_result, [pool_p])
 _declare("wirepool_pool_shared_data", wirepool_result, [pool_p, c_char_p, POINTER(bytes_p)])
 # wirepool_result wirepool_pool_set_token(const wirepool_pool *pool, const char *token);
 _declare("wirepool_pool_set_token", wirepool_result, [pool_p, c_char_p])
+class wirepool_request(Structure):
+    """``struct wirepool_request``: one request of a batch."""
+
+    _fields_ = [("payload", c_void_p), ("payload_len", c_size_t)]
+
+
+# typedef void (*wirepool_progress_fn)(void *user_data, size_t done, size_t total);
+progress_fn = CFUNCTYPE(None, c_void_p, c_size_t, c_size_t)
+# wirepool_result wirepool_pool_request_batch(const wirepool_pool *pool,
+#     const wirepool_request *requests, size_t count, uint32_t timeout_ms,
+#     uint32_t max_in_flight_per_connection, wirepool_progress_fn progress, void *user_data,
+#     wirepool_bytes **out_replies, wirepool_result *out_codes);
+_declare(
+    "wirepool_pool_request_batch",
+    wirepool_result,
+    [pool_p, POINTER(wirepool_request), c_size_t, c_uint32, c_uint32, progress_fn, c_void_p,
+     POINTER(bytes_p), POINTER(wirepool_result)],
+)
 # wirepool_result wirepool_batch_new(size_t capacity, wirepool_batch **out_batch);
 _declare("wirepool_batch_new", wirepool_result, [c_size_t, POINTER(batch_p)])
 # void wirepool_batch_free(wirepool_batch *batch);
@@ -238,6 +257,7 @@ DECLARED_FUNCTIONS = (
     "wirepool_pool_release",
     "wirepool_pool_shared_data",
     "wirepool_pool_set_token",
+    "wirepool_pool_request_batch",
     "wirepool_batch_new",
     "wirepool_batch_free",
     "wirepool_batch_messages",
