@@ -16,6 +16,8 @@ pub enum TimeoutPhase {
     Ready,
     /// Waiting for the reply to a request.
     Request,
+    /// Liveness of an open connection: a ping without pong, or no data (stale).
+    Heartbeat,
 }
 
 impl fmt::Display for TimeoutPhase {
@@ -24,6 +26,7 @@ impl fmt::Display for TimeoutPhase {
             TimeoutPhase::Connect => "connect",
             TimeoutPhase::Ready => "ready",
             TimeoutPhase::Request => "request",
+            TimeoutPhase::Heartbeat => "heartbeat",
         })
     }
 }

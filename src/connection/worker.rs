@@ -657,7 +657,7 @@ impl Link {
             let pong_timeout = Duration::from_millis(heartbeat.pong_timeout_ms);
             if now >= sent + pong_timeout {
                 return Err(Ended::Failed(Error::Timeout {
-                    phase: TimeoutPhase::Connect,
+                    phase: TimeoutPhase::Heartbeat,
                     after: pong_timeout,
                     detail: "no pong: the connection looks dead (half-open)".into(),
                 }));
@@ -709,7 +709,7 @@ impl Link {
             );
             if heartbeat.reconnect_on_stale {
                 return Err(Ended::Failed(Error::Timeout {
-                    phase: TimeoutPhase::Connect,
+                    phase: TimeoutPhase::Heartbeat,
                     after: Duration::from_millis(stale_after),
                     detail: "stale: no data (heartbeat.reconnect_on_stale)".into(),
                 }));

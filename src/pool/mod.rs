@@ -1540,6 +1540,12 @@ impl PoolThread {
                 .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
             self.slots[slot_index].retry_at = Some(reopen);
             self.publish_servers();
+            self.inner
+                .events
+                .push(Event::new("reconnect_deferred").message(format!(
+                    "every server's circuit breaker is open; next attempt in {} ms",
+                    reopen.saturating_duration_since(Instant::now()).as_millis()
+                )));
             return;
         };
         let id = self.next_connection_id;
