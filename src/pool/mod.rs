@@ -34,7 +34,7 @@ pub use stats::PoolStats;
 pub(crate) use stats::{PoolCounters, SharedData};
 
 use crate::codec::{CodecRuntime, CodecSource};
-use crate::config::{parse_ws_url, server_id, Config};
+use crate::config::{parse_ws_url, server_id, Config, Strategy};
 use crate::connection::{
     tls_client_config, Command, ConnectionHandle, ConnectionState, RateLimiter, Report,
     ServerTarget, WorkerContext,
@@ -932,6 +932,7 @@ struct PoolThread {
     ready: Vec<u64>,
     desired: BTreeMap<Arc<str>, Placement>,
     servers: Vec<ServerState>,
+    placement_cursor: usize,
     /// Leases held; idling applies only once a lease was taken and all given back.
     leases: u64,
     idle_since: Option<Instant>,
@@ -967,6 +968,7 @@ impl PoolThread {
             ready: Vec::new(),
             desired: BTreeMap::new(),
             servers,
+            placement_cursor: 0,
             leases: 0,
             idle_since: None,
             suspended: false,
@@ -1810,8 +1812,36 @@ impl PoolThread {
         self.inner.events.push(Event::new("pool_ready"));
     }
 
-    /// Gives every channel without an owner to the ready connection carrying the
-    /// fewest channels.
+    /// The ready connection a new channel goes to, by `strategy`: `least_connections`
+    /// the one carrying the fewest channels, `round_robin` the next in turn,
+    /// `weighted` the lowest channels-per-server-weight, `random` any.
+    fn placement_target(&mut self, strategy: Strategy, load: &HashMap<u64, usize>) -> Option<u64> {
+        if self.ready.is_empty() {
+            return None;
+        }
+        let channels = |id: &u64| load.get(id).copied().unwrap_or(0);
+        match strategy {
+            Strategy::LeastConnections => self.ready.iter().copied().min_by_key(channels),
+            Strategy::RoundRobin => {
+                self.placement_cursor = self.placement_cursor.wrapping_add(1);
+                Some(self.ready[self.placement_cursor % self.ready.len()])
+            }
+            Strategy::Weighted => self.ready.iter().copied().min_by(|a, b| {
+                let share = |id: &u64| {
+                    let weight = self
+                        .connections
+                        .get(id)
+                        .map_or(1, |handle| self.servers[handle.server_index].weight.max(1));
+                    (channels(id) as f64 + 1.0) / f64::from(weight)
+                };
+                share(a).total_cmp(&share(b))
+            }),
+            Strategy::Random => Some(self.ready[fastrand::usize(0..self.ready.len())]),
+        }
+    }
+
+    /// Gives every channel without an owner to a ready connection chosen by
+    /// `strategy` (see `placement_target`).
     fn place_unowned(&mut self) {
         if self.ready.is_empty() {
             return;
@@ -1830,13 +1860,9 @@ impl PoolThread {
             .filter(|(_, placement)| placement.owner.is_none())
             .map(|(channel, _)| Arc::clone(channel))
             .collect();
+        let strategy = self.inner.settings.read().strategy;
         for channel in unowned {
-            let Some(target) = self
-                .ready
-                .iter()
-                .copied()
-                .min_by_key(|id| load.get(id).copied().unwrap_or(0))
-            else {
+            let Some(target) = self.placement_target(strategy, &load) else {
                 return;
             };
             let command_id = self.next_command_id;
