@@ -31,4 +31,7 @@ bindings/python/run_tests.sh
 step "C++ wrapper example against the simulator"
 bindings/cpp/run_example.sh
 
+step "quick benchmark (every bench path, short windows; targets are reported, not asserted)"
+benches/run.sh --quick
+
 printf '\nall checks passed\n'

@@ -1,0 +1,181 @@
+//! Connect-to-ready timings and the resident memory of idle connections.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use wirepool::{Config, Pool, PoolSettings};
+
+use crate::meter::{quantile, rss_by_mapping, rss_bytes, thread_count};
+
+fn config(url: &str, ca_file: Option<&str>, min: u32, max: u32) -> Result<Config, String> {
+    let mut config = json!({
+        "servers": [{"url": url}],
+        "pool": {"min_connections": min, "max_connections": max},
+    });
+    if let Some(ca_file) = ca_file {
+        config["tls"] = json!({"ca_file": ca_file, "roots": "none"});
+    }
+    Config::from_json(&config.to_string()).map_err(|err| format!("config: {err}"))
+}
+
+fn millis(samples: &mut [u64]) -> (f64, f64) {
+    samples.sort_unstable();
+    (
+        quantile(samples, 0.5) as f64 / 1e6,
+        quantile(samples, 0.99) as f64 / 1e6,
+    )
+}
+
+/// Two timings per scheme, `samples` times each (json codec, idle feed):
+/// - `connection`: one more connection on a running pool (`open_connection` until its
+///   `ready` event): thread, codec instance, TCP, TLS, WebSocket handshake, codec open;
+/// - `cold`: `Pool::new` + `wait_ready` for a one-connection pool, which also compiles
+///   the codec module and starts the pool's threads (`pool_new` is that first part).
+pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value, String> {
+    let idle_url = format!("{url}/feed?idle=1");
+    let mut connection_ns = Vec::with_capacity(samples);
+    {
+        let pool = Pool::new(config(&idle_url, ca_file, 1, samples as u32 + 1)?)
+            .map_err(|err| format!("pool: {err}"))?;
+        pool.wait_ready(Duration::from_secs(10))
+            .map_err(|err| format!("wait_ready: {err}"))?;
+        pool.events(Duration::ZERO);
+        for _ in 0..samples {
+            let started = Instant::now();
+            let id = pool
+                .open_connection()
+                .map_err(|err| format!("open_connection: {err}"))?;
+            'wait: loop {
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err(format!("connection {id} not ready within 10 s"));
+                }
+                for event in pool.events(Duration::from_millis(100)) {
+                    if event.connection_id == Some(id) {
+                        match event.kind {
+                            "ready" => break 'wait,
+                            "closed" | "error" => {
+                                return Err(format!(
+                                    "connection {id}: {} {:?}",
+                                    event.kind, event.message
+                                ))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            connection_ns.push(started.elapsed().as_nanos() as u64);
+        }
+        pool.close();
+    }
+    let mut cold_ns = Vec::with_capacity(samples);
+    let mut new_ns = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let config = config(&idle_url, ca_file, 1, 1)?;
+        let started = Instant::now();
+        let pool = Pool::new(config).map_err(|err| format!("pool: {err}"))?;
+        new_ns.push(started.elapsed().as_nanos() as u64);
+        pool.wait_ready(Duration::from_secs(10))
+            .map_err(|err| format!("wait_ready: {err}"))?;
+        cold_ns.push(started.elapsed().as_nanos() as u64);
+        pool.close();
+    }
+    let (connection_median, connection_p99) = millis(&mut connection_ns);
+    let (cold_median, cold_p99) = millis(&mut cold_ns);
+    let (new_median, new_p99) = millis(&mut new_ns);
+    let scheme = if ca_file.is_some() { "wss" } else { "ws" };
+    Ok(json!({
+        "measure": format!("connect_{scheme}"),
+        "samples": samples,
+        "connection_median_ms": connection_median,
+        "connection_p99_ms": connection_p99,
+        "cold_median_ms": cold_median,
+        "cold_p99_ms": cold_p99,
+        "pool_new_median_ms": new_median,
+        "pool_new_p99_ms": new_p99,
+    }))
+}
+
+/// Raises the open-files limit to its hard limit (each connection holds a socket and
+/// its poller's descriptors).
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Resident memory added by a pool of `connections` idle, ready connections (json
+/// codec): threads, buffers, codec instances, the compiled module, all included. The
+/// pool starts with one connection (which pays the one-time costs: the compiled
+/// module, the code pages of wasmtime and cranelift, the pool's threads) and grows to
+/// `connections`, so the per-connection cost is reported apart as well.
+pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
+    raise_fd_limit();
+    let connections = connections.max(2);
+    let idle_url = format!("{url}/feed?idle=1");
+    let threads_before = thread_count();
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    let pool = Pool::new(config(&idle_url, None, 1, connections)?)
+        .map_err(|err| format!("pool: {err}"))?;
+    pool.wait_ready(Duration::from_secs(10))
+        .map_err(|err| format!("wait_ready: {err}"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_one = rss_bytes();
+    let settings = pool.settings();
+    pool.reconfigure(PoolSettings {
+        min_connections: connections,
+        max_connections: connections,
+        ..settings
+    })
+    .map_err(|err| format!("reconfigure: {err}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pool.stats().ready_connections < connections as usize {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {connections} connections ready after 120 s",
+                pool.stats().ready_connections
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ready_after = started.elapsed();
+    // Let every worker reach its idle wait.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after = rss_bytes();
+    let threads_after = thread_count();
+    let largest: Vec<Value> = rss_by_mapping()
+        .into_iter()
+        .take(12)
+        .map(|(size_kib, name, mappings, rss_kib)| {
+            json!({"mapping_kib": size_kib, "name": name, "mappings": mappings, "rss_kib": rss_kib})
+        })
+        .collect();
+    let ready = pool.stats().ready_connections;
+    pool.close();
+    let mib = (1 << 20) as f64;
+    let all = rss_after.saturating_sub(rss_before) as f64;
+    let marginal = rss_after.saturating_sub(rss_one) as f64;
+    Ok(json!({
+        "measure": "memory_idle",
+        "connections": connections,
+        "ready_connections": ready,
+        "rss_before_mb": rss_before as f64 / mib,
+        "rss_one_connection_mb": rss_one as f64 / mib,
+        "rss_after_mb": rss_after as f64 / mib,
+        "rss_mb_per_1000_idle": all / f64::from(connections) * 1000.0 / mib,
+        "rss_mb_per_1000_idle_marginal": marginal / f64::from(connections - 1) * 1000.0 / mib,
+        "first_connection_mb": rss_one.saturating_sub(rss_before) as f64 / mib,
+        "threads_added": threads_after.saturating_sub(threads_before),
+        "all_ready_ms": ready_after.as_secs_f64() * 1000.0,
+        "largest_rss_groups": largest,
+    }))
+}

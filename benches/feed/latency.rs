@@ -1,0 +1,169 @@
+//! Latency at a fixed rate: from the feed server's `write` (the `ts_ns` stamped in
+//! each frame, `CLOCK_REALTIME`) to the moment the consumer holds the message, on the
+//! same host clock. The pool's consumer blocks in `recv_batch` like a normal user; the
+//! baseline is a blocking tungstenite read loop.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::Message as WsMessage;
+use wirepool::{Message, Pool};
+
+use crate::frames::{ts_ns_of, unix_ns};
+use crate::meter::{quantile, CpuClock, Window};
+use crate::throughput::{finish, pool_config, split_url, subscribe_frame};
+
+/// Samples (nanoseconds) and how the measured window went.
+struct Samples {
+    total: Vec<u64>,
+    /// Server write → the worker read the frame (pool only).
+    wire: Vec<u64>,
+    opened_at: Option<Instant>,
+    first_at: Option<Instant>,
+    window: Window,
+    cpu: Option<CpuClock>,
+    cores: (f64, Option<f64>),
+}
+
+impl Samples {
+    fn new(window: Window) -> Samples {
+        Samples {
+            total: Vec::with_capacity(1 << 20),
+            wire: Vec::with_capacity(1 << 20),
+            opened_at: None,
+            first_at: None,
+            window,
+            cpu: None,
+            cores: (0.0, None),
+        }
+    }
+
+    /// Whether samples taken now count; `None` once the window is over.
+    fn phase(&mut self) -> Option<bool> {
+        let now = Instant::now();
+        let first = *self.first_at.get_or_insert(now);
+        match self.opened_at {
+            None if now.duration_since(first) >= self.window.warmup => {
+                self.opened_at = Some(now);
+                self.cpu = Some(CpuClock::start());
+                Some(true)
+            }
+            None => Some(false),
+            Some(opened) if now.duration_since(opened) >= self.window.measure => {
+                if let Some(cpu) = &self.cpu {
+                    self.cores = cpu.cores();
+                }
+                None
+            }
+            Some(_) => Some(true),
+        }
+    }
+
+    fn summary(mut self, measure: &str, rate: u64) -> Value {
+        self.total.sort_unstable();
+        self.wire.sort_unstable();
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let seconds = self
+            .opened_at
+            .map_or(0.0, |opened| opened.elapsed().as_secs_f64());
+        let mut result = json!({
+            "measure": measure,
+            "rate_requested": rate,
+            "rate_msgs_per_s": (self.total.len() as f64 / self.window.measure.as_secs_f64()).round(),
+            "samples": self.total.len(),
+            "seconds": seconds,
+            "p50_us": us(quantile(&self.total, 0.50)),
+            "p90_us": us(quantile(&self.total, 0.90)),
+            "p99_us": us(quantile(&self.total, 0.99)),
+            "p999_us": us(quantile(&self.total, 0.999)),
+            "max_us": us(self.total.last().copied().unwrap_or(0)),
+            "client_cpu_cores": self.cores.0,
+            "server_cpu_cores": self.cores.1,
+        });
+        if !self.wire.is_empty() {
+            result["wire_p50_us"] = json!(us(quantile(&self.wire, 0.50)));
+            result["wire_p99_us"] = json!(us(quantile(&self.wire, 0.99)));
+            result["wire_p999_us"] = json!(us(quantile(&self.wire, 0.999)));
+        }
+        result
+    }
+}
+
+/// The pool (one connection, `codec`), consumer blocking in `recv_batch`.
+pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result<Value, String> {
+    let feed = format!("{url}?rate={rate}");
+    let config = pool_config(&[feed], codec, 1)?;
+    let pool = Pool::new(config).map_err(|err| format!("pool: {err}"))?;
+    pool.wait_ready(Duration::from_secs(30))
+        .map_err(|err| format!("wait_ready: {err}"))?;
+    pool.subscribe("c0")
+        .map_err(|err| format!("subscribe: {err}"))?;
+    let mut samples = Samples::new(window);
+    let mut batch: Vec<Message> = Vec::with_capacity(4096);
+    let started = Instant::now();
+    loop {
+        batch.clear();
+        let count = pool
+            .recv_batch(&mut batch, 4096, Some(Duration::from_millis(200)))
+            .map_err(|err| format!("recv_batch: {err}"))?;
+        let now_ns = unix_ns();
+        if count == 0 {
+            if started.elapsed() > window.warmup + window.measure + Duration::from_secs(15) {
+                return Err("the rate feed stalled".into());
+            }
+            continue;
+        }
+        let Some(counting) = samples.phase() else {
+            break;
+        };
+        if !counting {
+            continue;
+        }
+        for message in &batch {
+            let Some(sent_ns) = ts_ns_of(&message.payload) else {
+                continue;
+            };
+            samples.total.push(now_ns.saturating_sub(sent_ns));
+            samples
+                .wire
+                .push(message.received_ns.saturating_sub(sent_ns));
+        }
+    }
+    let gaps = pool.stats().sequence_gaps;
+    finish(pool, 1);
+    let mut result = samples.summary(&format!("latency_pool_{codec}"), rate);
+    result["gaps"] = json!(gaps);
+    Ok(result)
+}
+
+/// The baseline: a blocking tungstenite read loop on the same rate feed.
+pub fn tungstenite_latency(url: &str, rate: u64, window: Window) -> Result<Value, String> {
+    let (host_port, path) = split_url(url)?;
+    let tcp = TcpStream::connect(&host_port).map_err(|err| format!("connect {url}: {err}"))?;
+    tcp.set_nodelay(true).map_err(|err| err.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|err| err.to_string())?;
+    let (mut ws, _) = tungstenite::client(format!("ws://{host_port}{path}?rate={rate}"), tcp)
+        .map_err(|err| format!("handshake with {url}: {err}"))?;
+    ws.send(WsMessage::text(subscribe_frame("c0")))
+        .map_err(|err| format!("subscribe: {err}"))?;
+    let mut samples = Samples::new(window);
+    loop {
+        let text = match ws.read() {
+            Ok(WsMessage::Text(text)) => text,
+            Ok(_) => continue,
+            Err(err) => return Err(format!("reading the rate feed: {err}")),
+        };
+        let now_ns = unix_ns();
+        let Some(counting) = samples.phase() else {
+            break;
+        };
+        if counting {
+            if let Some(sent_ns) = ts_ns_of(text.as_bytes()) {
+                samples.total.push(now_ns.saturating_sub(sent_ns));
+            }
+        }
+    }
+    Ok(samples.summary("latency_raw_tungstenite", rate))
+}
