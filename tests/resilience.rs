@@ -389,3 +389,46 @@ fn reset_over_tls_reconnects() {
     proxy.set_fault(Fault::Pass);
     first_message_on(&pool, "ticker.0", &[first], Duration::from_secs(10));
 }
+
+#[test]
+fn clean_close_and_blackhole_over_tls_are_detected_and_recovered() {
+    let _guard = watchdog("tls faults", Duration::from_secs(60));
+    let (ca_pem, server_config) = support::test_pki();
+    let sim = simulator(Some(server_config));
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let ca_file = support::write_temp("resilience-tls-faults-ca.pem", &ca_pem);
+    let url = format!("wss://localhost:{}", proxy.local_addr().port());
+    let pool = pool(
+        &[url],
+        1,
+        serde_json::json!({"tls": {"ca_file": ca_file, "roots": "none"}}),
+    );
+    pool.subscribe("ticker.2").expect("subscribe");
+    let mut seen = vec![first_message_on(
+        &pool,
+        "ticker.2",
+        &[],
+        Duration::from_secs(10),
+    )];
+    for fault in [Fault::Close, Fault::Blackhole] {
+        pool.events(Duration::ZERO);
+        proxy.set_fault(fault);
+        let events = wait_for_event(&pool, Duration::from_secs(10), "closed", |e| {
+            e.kind == "closed"
+        });
+        if fault == Fault::Blackhole {
+            let reason = events
+                .last()
+                .and_then(|e| e.message.clone())
+                .unwrap_or_default();
+            assert!(reason.contains("no pong"), "{reason}");
+        }
+        proxy.set_fault(Fault::Pass);
+        seen.push(first_message_on(
+            &pool,
+            "ticker.2",
+            &seen,
+            Duration::from_secs(10),
+        ));
+    }
+}
