@@ -1048,6 +1048,31 @@ fn render_metrics(
         stats.reconnects,
     );
     out.counter(
+        "wirepool_reconnect_failures_total",
+        "Replacement attempts that failed.",
+        stats.reconnect_failures,
+    );
+    out.gauge(
+        "wirepool_time_to_reconnect_seconds_max",
+        "Longest time from losing a ready connection to its replacement being ready.",
+        stats.max_time_to_reconnect_ms / 1000.0,
+    );
+    out.counter(
+        "wirepool_scale_ups_total",
+        "Connections added by auto-scaling.",
+        stats.scale_ups,
+    );
+    out.counter(
+        "wirepool_scale_downs_total",
+        "Connections drained by auto-scaling.",
+        stats.scale_downs,
+    );
+    out.gauge(
+        "wirepool_load",
+        "Load (0..1) as auto-scaling sees it.",
+        stats.load,
+    );
+    out.counter(
         "wirepool_malformed_frames_total",
         "Inbound frames the codec could not understand.",
         stats.malformed_frames,
