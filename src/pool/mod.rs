@@ -1290,22 +1290,7 @@ impl PoolThread {
             .map(|(channel, _)| Arc::clone(channel))
             .collect();
         for channel in moving {
-            let command_id = self.next_command_id;
-            self.next_command_id += 1;
-            let sent = self.connections.get(&new).is_some_and(|handle| {
-                handle
-                    .send(Command::Subscribe {
-                        channel: Arc::clone(&channel),
-                        command_id,
-                    })
-                    .is_ok()
-            });
-            if sent {
-                if let Some(placement) = self.desired.get_mut(&channel) {
-                    placement.owner = Some(new);
-                    placement.confirmed = false;
-                }
-            }
+            self.assign(&channel, new);
         }
         self.drain(old);
         let finished = self
@@ -1840,6 +1825,28 @@ impl PoolThread {
         }
     }
 
+    /// Sends a subscribe for `channel` to `target` and records it as the owner
+    /// (unconfirmed until SUBSCRIBED). False when the worker is gone.
+    fn assign(&mut self, channel: &Arc<str>, target: u64) -> bool {
+        let command_id = self.next_command_id;
+        self.next_command_id += 1;
+        let sent = self.connections.get(&target).is_some_and(|handle| {
+            handle
+                .send(Command::Subscribe {
+                    channel: Arc::clone(channel),
+                    command_id,
+                })
+                .is_ok()
+        });
+        if sent {
+            if let Some(placement) = self.desired.get_mut(channel) {
+                placement.owner = Some(target);
+                placement.confirmed = false;
+            }
+        }
+        sent
+    }
+
     /// Gives every channel without an owner to a ready connection chosen by
     /// `strategy` (see `placement_target`).
     fn place_unowned(&mut self) {
@@ -1865,21 +1872,7 @@ impl PoolThread {
             let Some(target) = self.placement_target(strategy, &load) else {
                 return;
             };
-            let command_id = self.next_command_id;
-            self.next_command_id += 1;
-            let sent = self.connections.get(&target).is_some_and(|handle| {
-                handle
-                    .send(Command::Subscribe {
-                        channel: Arc::clone(&channel),
-                        command_id,
-                    })
-                    .is_ok()
-            });
-            if sent {
-                if let Some(placement) = self.desired.get_mut(&channel) {
-                    placement.owner = Some(target);
-                    placement.confirmed = false;
-                }
+            if self.assign(&channel, target) {
                 *load.entry(target).or_insert(0) += 1;
             }
         }
