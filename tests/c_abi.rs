@@ -3,21 +3,14 @@
 
 mod support;
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CStr};
 use std::net::SocketAddr;
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use support::watchdog;
+use support::{last_error, open_pool, watchdog};
 use wirepool::ffi::*;
 use wirepool::simulator::{Simulator, SimulatorConfig};
-
-fn last_error() -> String {
-    // SAFETY: wirepool_last_error always returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(wirepool_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn bytes_of(bytes: *mut wirepool_bytes) -> Vec<u8> {
     // SAFETY: `bytes` came from wirepool and is freed right here, once.
@@ -28,19 +21,6 @@ fn bytes_of(bytes: *mut wirepool_bytes) -> Vec<u8> {
         wirepool_bytes_free(bytes);
         data
     }
-}
-
-fn open_pool(url: &str) -> *mut wirepool_pool {
-    let config = CString::new(format!(
-        r#"{{"servers":[{{"url":"{url}"}}],"pool":{{"min_connections":2,"max_connections":2}}}}"#
-    ))
-    .expect("no NUL");
-    let mut pool = ptr::null_mut();
-    // SAFETY: valid string and out-pointer.
-    let code = unsafe { wirepool_pool_new(config.as_ptr(), &mut pool) };
-    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
-    assert!(!pool.is_null());
-    pool
 }
 
 #[test]

@@ -3,33 +3,12 @@
 
 mod support;
 
-use std::ffi::{CStr, CString};
 use std::net::SocketAddr;
-use std::ptr;
 use std::time::{Duration, Instant};
 
-use support::watchdog;
+use support::{last_error, open_pool, watchdog};
 use wirepool::ffi::*;
 use wirepool::simulator::{Simulator, SimulatorConfig};
-
-fn last_error() -> String {
-    // SAFETY: wirepool_last_error always returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(wirepool_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn open_pool(url: &str) -> *mut wirepool_pool {
-    let config = CString::new(format!(
-        r#"{{"servers":[{{"url":"{url}"}}],"pool":{{"min_connections":2,"max_connections":2}}}}"#
-    ))
-    .expect("no NUL");
-    let mut pool = ptr::null_mut();
-    // SAFETY: valid string and out-pointer.
-    let code = unsafe { wirepool_pool_new(config.as_ptr(), &mut pool) };
-    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
-    pool
-}
 
 /// Waits (bounded) for the simulator's side of closed connections to wind down.
 fn settle(sim: &Simulator, threads_before: usize) {

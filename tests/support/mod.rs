@@ -248,3 +248,30 @@ pub fn write_temp(name: &str, contents: &str) -> std::path::PathBuf {
     std::fs::write(&path, contents).expect("write temp file");
     path
 }
+
+/// The C ABI's last error on this thread.
+pub fn last_error() -> String {
+    // SAFETY: wirepool_last_error always returns a valid NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(wirepool::ffi::wirepool_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Opens a two-connection pool through the C ABI.
+pub fn open_pool(url: &str) -> *mut wirepool::ffi::wirepool_pool {
+    let config = std::ffi::CString::new(format!(
+        r#"{{"servers":[{{"url":"{url}"}}],"pool":{{"min_connections":2,"max_connections":2}}}}"#
+    ))
+    .expect("no NUL");
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: valid string and out-pointer.
+    let code = unsafe { wirepool::ffi::wirepool_pool_new(config.as_ptr(), &mut pool) };
+    assert_eq!(
+        code,
+        wirepool::ffi::wirepool_result::WIREPOOL_OK,
+        "{}",
+        last_error()
+    );
+    assert!(!pool.is_null());
+    pool
+}
