@@ -43,7 +43,7 @@ pub use pool::{
     BatchOptions, ConnectionSnapshot, Event, HealthChange, HealthLevel, HealthReport,
     LatencyHistogram, Lease, Pool, PoolSettings, PoolStats, RequestOptions, ServerSnapshot,
 };
-pub use queue::{Message, MessageKind};
+pub use queue::{Message, MessageBatch, MessageKind, MessageRef};
 
 /// The library version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

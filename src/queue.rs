@@ -1,6 +1,8 @@
 //! The consumer queue: decoded messages from every worker to the user.
 //!
-//! Workers push whole batches under one lock; consumers pop whole batches. An eventfd
+//! Workers push whole chunks (the messages of one decode call, payloads back to back in
+//! one buffer) under one lock; consumers take chunks whole and hand the buffers back, so
+//! the steady state allocates and frees nothing per message. An eventfd
 //! mirrors "the queue is not empty" so C and Python callers can wait with epoll,
 //! select or asyncio. With `block` overflow a full queue makes the pushing worker wait
 //! (nothing accepted is lost); the wait time is returned so the worker can pause its
@@ -48,6 +50,188 @@ pub struct Message {
     pub received_ns: u64,
 }
 
+/// One message inside a [`Chunk`].
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    start: usize,
+    len: usize,
+    channel: u32,
+    kind: MessageKind,
+    received_ns: u64,
+}
+
+/// The messages of one decode call of one connection, their payloads back to back in
+/// one buffer. Chunks travel whole from a worker to the consumer and come back through
+/// the queue's spare list, so a warm pipeline allocates nothing per message.
+#[derive(Debug, Default)]
+pub(crate) struct Chunk {
+    data: Vec<u8>,
+    entries: Vec<Entry>,
+    /// The distinct channels of the chunk (consecutive repeats share one slot).
+    channels: Vec<Arc<str>>,
+    connection_id: u64,
+    /// Entries before this index were already taken or dropped.
+    first: usize,
+}
+
+/// Spare chunks kept for reuse, and the buffer size above which one is not kept.
+const MAX_SPARE_CHUNKS: usize = 64;
+const MAX_SPARE_BYTES: usize = 1 << 20;
+
+impl Chunk {
+    /// Messages not yet taken.
+    pub fn len(&self) -> usize {
+        self.entries.len() - self.first
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first == self.entries.len()
+    }
+
+    pub fn set_connection(&mut self, connection_id: u64) {
+        self.connection_id = connection_id;
+    }
+
+    /// Appends a data message.
+    pub fn push(&mut self, channel: &Arc<str>, payload: &[u8], received_ns: u64) {
+        let channel = match self.channels.last() {
+            Some(last) if Arc::ptr_eq(last, channel) => self.channels.len() - 1,
+            _ => {
+                self.channels.push(Arc::clone(channel));
+                self.channels.len() - 1
+            }
+        };
+        self.entries.push(Entry {
+            start: self.data.len(),
+            len: payload.len(),
+            channel: channel as u32,
+            kind: MessageKind::Data,
+            received_ns,
+        });
+        self.data.extend_from_slice(payload);
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.entries.clear();
+        self.channels.clear();
+        self.first = 0;
+    }
+
+    fn get(&self, index: usize) -> MessageRef<'_> {
+        let entry = &self.entries[index];
+        MessageRef {
+            channel: &self.channels[entry.channel as usize],
+            payload: &self.data[entry.start..entry.start + entry.len],
+            kind: entry.kind,
+            connection_id: self.connection_id,
+            received_ns: entry.received_ns,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = MessageRef<'_>> + '_ {
+        (self.first..self.entries.len()).map(move |index| self.get(index))
+    }
+
+    /// Moves the first `count` remaining messages into `into` (which is cleared first),
+    /// copying their bytes.
+    fn split_front(&mut self, count: usize, into: &mut Chunk) {
+        into.clear();
+        into.connection_id = self.connection_id;
+        let end = self.first + count;
+        for index in self.first..end {
+            let message = self.get(index);
+            into.push(message.channel, message.payload, message.received_ns);
+        }
+        self.first = end;
+    }
+}
+
+/// Messages taken from the pool in one call of [`crate::Pool::recv_into`], read in
+/// place: no allocation and no copy per message. Reusing one batch across calls hands
+/// its buffers back to the pool for the workers to fill again.
+#[derive(Debug, Default)]
+pub struct MessageBatch {
+    chunks: Vec<Chunk>,
+    len: usize,
+}
+
+impl MessageBatch {
+    /// An empty batch.
+    pub fn new() -> MessageBatch {
+        MessageBatch::default()
+    }
+
+    /// Number of messages.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No messages.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The messages, in the order they were queued.
+    pub fn iter(&self) -> impl Iterator<Item = MessageRef<'_>> + '_ {
+        self.chunks.iter().flat_map(Chunk::iter)
+    }
+
+    /// Forgets every message (the next `recv_into` does this itself).
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.len = 0;
+    }
+}
+
+/// One message of a [`MessageBatch`], borrowed from it.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    channel: &'a Arc<str>,
+    payload: &'a [u8],
+    kind: MessageKind,
+    connection_id: u64,
+    received_ns: u64,
+}
+
+impl<'a> MessageRef<'a> {
+    /// The channel it arrived on (empty when the codec names none).
+    pub fn channel(&self) -> &'a str {
+        self.channel
+    }
+
+    /// The payload as the codec produced it.
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+
+    /// What it is.
+    pub fn kind(&self) -> MessageKind {
+        self.kind
+    }
+
+    /// The connection that received it.
+    pub fn connection_id(&self) -> u64 {
+        self.connection_id
+    }
+
+    /// `CLOCK_REALTIME` nanoseconds when the worker read the frame.
+    pub fn received_ns(&self) -> u64 {
+        self.received_ns
+    }
+
+    /// An owned copy.
+    pub fn to_message(&self) -> Message {
+        Message {
+            channel: Arc::clone(self.channel),
+            payload: self.payload.to_vec(),
+            kind: self.kind,
+            connection_id: self.connection_id,
+            received_ns: self.received_ns,
+        }
+    }
+}
+
 /// Counters of the queue, for stats.
 #[derive(Debug, Default)]
 pub(crate) struct QueueCounters {
@@ -57,8 +241,49 @@ pub(crate) struct QueueCounters {
 }
 
 struct QueueState {
-    messages: VecDeque<Message>,
+    chunks: VecDeque<Chunk>,
+    /// Messages queued (the sum of the chunks' lengths).
+    len: usize,
+    spare: Vec<Chunk>,
     closed: bool,
+}
+
+impl QueueState {
+    fn spare(&mut self) -> Chunk {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    fn recycle(&mut self, mut chunk: Chunk) {
+        if self.spare.len() < MAX_SPARE_CHUNKS && chunk.data.capacity() <= MAX_SPARE_BYTES {
+            chunk.clear();
+            self.spare.push(chunk);
+        }
+    }
+
+    fn enqueue(&mut self, chunk: Chunk) {
+        self.len += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+
+    /// Drops up to `count` of the oldest messages; returns how many.
+    fn drop_oldest(&mut self, mut count: usize) -> usize {
+        let mut dropped = 0;
+        while count > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let here = front.len().min(count);
+            front.first += here;
+            count -= here;
+            dropped += here;
+            if front.is_empty() {
+                let chunk = self.chunks.pop_front().expect("front exists");
+                self.recycle(chunk);
+            }
+        }
+        self.len -= dropped;
+        dropped
+    }
 }
 
 /// The bounded multi-producer queue with a readiness fd.
@@ -96,7 +321,9 @@ impl ConsumerQueue {
         let ready_fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(ConsumerQueue {
             state: Mutex::new(QueueState {
-                messages: VecDeque::with_capacity(capacity.min(4096)),
+                chunks: VecDeque::new(),
+                len: 0,
+                spare: Vec::new(),
                 closed: false,
             }),
             not_empty: Condvar::new(),
@@ -114,77 +341,80 @@ impl ConsumerQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.state.lock().messages.len()
+        self.state.lock().len
     }
 
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Pushes a batch, applying the overflow policy. With `block`, waits for room
-    /// until the queue is closed.
-    pub fn push_batch(&self, batch: &mut Vec<Message>) -> PushOutcome {
+    /// Pushes a chunk, applying the overflow policy; `chunk` comes back empty (a spare
+    /// from the queue, ready to fill). With `block`, waits for room until the queue is
+    /// closed.
+    pub fn push_chunk(&self, chunk: &mut Chunk) -> PushOutcome {
         let mut outcome = PushOutcome::default();
-        if batch.is_empty() {
+        let count = chunk.len();
+        if count == 0 {
             return outcome;
         }
-        let count = batch.len() as u64;
         let mut state = self.state.lock();
-        let was_empty = state.messages.is_empty();
+        let was_empty = state.len == 0;
+        if state.closed {
+            outcome.closed = true;
+            chunk.clear();
+            return outcome;
+        }
         match self.overflow {
-            Overflow::Block => {
-                let mut pending = batch.drain(..);
-                loop {
-                    if state.closed {
-                        outcome.closed = true;
-                        break;
-                    }
-                    let room = self.capacity - state.messages.len();
-                    let mut moved = 0;
-                    for message in pending.by_ref().take(room) {
-                        state.messages.push_back(message);
-                        moved += 1;
-                    }
-                    if moved > 0 {
-                        self.signal_not_empty(&state, was_empty);
-                    }
-                    if pending.len() == 0 {
-                        break;
-                    }
-                    let started = Instant::now();
-                    self.not_full.wait(&mut state);
-                    outcome.blocked += started.elapsed();
-                }
-                // Anything left (queue closed) is discarded with the iterator.
-            }
-            Overflow::DropOldest => {
+            Overflow::Block => loop {
                 if state.closed {
                     outcome.closed = true;
-                    batch.clear();
-                } else {
-                    for message in batch.drain(..) {
-                        if state.messages.len() == self.capacity {
-                            state.messages.pop_front();
-                            outcome.dropped += 1;
-                        }
-                        state.messages.push_back(message);
-                    }
+                    // Whatever did not fit is discarded with the queue.
+                    chunk.clear();
+                    break;
+                }
+                let room = self.capacity - state.len;
+                if room >= chunk.len() {
+                    let spare = state.spare();
+                    let full = std::mem::replace(chunk, spare);
+                    state.enqueue(full);
+                    self.signal_not_empty(&state, was_empty);
+                    break;
+                }
+                if room > 0 {
+                    let mut part = state.spare();
+                    chunk.split_front(room, &mut part);
+                    state.enqueue(part);
                     self.signal_not_empty(&state, was_empty);
                 }
+                let started = Instant::now();
+                self.not_full.wait(&mut state);
+                outcome.blocked += started.elapsed();
+            },
+            Overflow::DropOldest => {
+                let incoming = chunk.len();
+                if incoming > self.capacity {
+                    chunk.first += incoming - self.capacity;
+                    outcome.dropped += (incoming - self.capacity) as u64;
+                }
+                let excess = (state.len + chunk.len()).saturating_sub(self.capacity);
+                outcome.dropped += state.drop_oldest(excess) as u64;
+                let spare = state.spare();
+                let full = std::mem::replace(chunk, spare);
+                state.enqueue(full);
+                self.signal_not_empty(&state, was_empty);
             }
             Overflow::DropNewest => {
-                if state.closed {
-                    outcome.closed = true;
-                    batch.clear();
+                let room = self.capacity - state.len;
+                let accepted = room.min(chunk.len());
+                outcome.dropped = (chunk.len() - accepted) as u64;
+                if accepted > 0 {
+                    chunk.entries.truncate(chunk.first + accepted);
+                    let spare = state.spare();
+                    let full = std::mem::replace(chunk, spare);
+                    state.enqueue(full);
+                    self.signal_not_empty(&state, was_empty);
                 } else {
-                    let room = self.capacity - state.messages.len();
-                    let accepted = room.min(batch.len());
-                    outcome.dropped = (batch.len() - accepted) as u64;
-                    state.messages.extend(batch.drain(..accepted));
-                    batch.clear();
-                    if accepted > 0 {
-                        self.signal_not_empty(&state, was_empty);
-                    }
+                    chunk.clear();
                 }
             }
         }
@@ -192,7 +422,7 @@ impl ConsumerQueue {
         if !outcome.closed {
             self.counters
                 .pushed
-                .fetch_add(count - outcome.dropped, Ordering::Relaxed);
+                .fetch_add(count as u64 - outcome.dropped, Ordering::Relaxed);
         }
         self.counters
             .dropped
@@ -204,7 +434,7 @@ impl ConsumerQueue {
     }
 
     fn signal_not_empty(&self, state: &QueueState, was_empty: bool) {
-        if was_empty && !state.messages.is_empty() {
+        if was_empty && state.len > 0 {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full counter
             // (EAGAIN) still leaves the fd readable, which is all we need.
@@ -231,38 +461,111 @@ impl ConsumerQueue {
         }
     }
 
+    /// Waits up to `timeout` (forever with `None`) for a message. `Err(())` when the
+    /// queue is closed and empty.
+    fn wait_for_messages(
+        &self,
+        state: &mut parking_lot::MutexGuard<'_, QueueState>,
+        timeout: Option<Duration>,
+    ) -> Result<bool, ()> {
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        while state.len == 0 {
+            if state.closed {
+                return Err(());
+            }
+            match deadline {
+                Some(deadline) => {
+                    if self.not_empty.wait_until(state, deadline).timed_out() && state.len == 0 {
+                        return if state.closed { Err(()) } else { Ok(false) };
+                    }
+                }
+                None => self.not_empty.wait(state),
+            }
+        }
+        Ok(true)
+    }
+
+    /// After taking messages: the fd follows the queue, producers may go on.
+    fn taken(&self, mut state: parking_lot::MutexGuard<'_, QueueState>, taken: usize) {
+        state.len -= taken;
+        if state.len == 0 {
+            self.clear_ready_fd();
+        }
+        drop(state);
+        self.not_full.notify_all();
+    }
+
     /// Waits up to `timeout` for at least one message, then moves up to `max` into
-    /// `out`. Returns `Err(())` when the queue is closed and empty.
+    /// `out` as owned messages. Returns `Err(())` when the queue is closed and empty.
     pub fn pop_batch(
         &self,
         out: &mut Vec<Message>,
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<usize, ()> {
-        let deadline = timeout.map(|timeout| Instant::now() + timeout);
         let mut state = self.state.lock();
-        while state.messages.is_empty() {
-            if state.closed {
-                return Err(());
-            }
-            match deadline {
-                Some(deadline) => {
-                    if self.not_empty.wait_until(&mut state, deadline).timed_out()
-                        && state.messages.is_empty()
-                    {
-                        return if state.closed { Err(()) } else { Ok(0) };
-                    }
-                }
-                None => self.not_empty.wait(&mut state),
+        if !self.wait_for_messages(&mut state, timeout)? {
+            return Ok(0);
+        }
+        let take = max.min(state.len);
+        out.reserve(take);
+        let mut left = take;
+        while left > 0 {
+            let front = state.chunks.front_mut().expect("len counts queued chunks");
+            let here = front.len().min(left);
+            out.extend(front.iter().take(here).map(|message| message.to_message()));
+            front.first += here;
+            left -= here;
+            if front.is_empty() {
+                let chunk = state.chunks.pop_front().expect("front exists");
+                state.recycle(chunk);
             }
         }
-        let take = max.min(state.messages.len());
-        out.extend(state.messages.drain(..take));
-        if state.messages.is_empty() {
-            self.clear_ready_fd();
+        self.taken(state, take);
+        Ok(take)
+    }
+
+    /// Waits up to `timeout` for at least one message, then moves up to `max` into
+    /// `batch` (replacing what it held) without copying them.
+    pub fn pop_into(
+        &self,
+        batch: &mut MessageBatch,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize, ()> {
+        let mut state = self.state.lock();
+        for chunk in batch.chunks.drain(..) {
+            state.recycle(chunk);
         }
-        drop(state);
-        self.not_full.notify_all();
+        batch.len = 0;
+        if !self.wait_for_messages(&mut state, timeout)? {
+            return Ok(0);
+        }
+        let take = max.min(state.len);
+        let mut left = take;
+        while left > 0 {
+            let front_len = state
+                .chunks
+                .front()
+                .expect("len counts queued chunks")
+                .len();
+            if front_len <= left {
+                let chunk = state.chunks.pop_front().expect("front exists");
+                left -= front_len;
+                batch.chunks.push(chunk);
+            } else {
+                let mut part = state.spare();
+                state
+                    .chunks
+                    .front_mut()
+                    .expect("front exists")
+                    .split_front(left, &mut part);
+                batch.chunks.push(part);
+                left = 0;
+            }
+        }
+        batch.len = take;
+        self.taken(state, take);
         Ok(take)
     }
 
@@ -296,8 +599,18 @@ mod tests {
             payload: vec![n],
             kind: MessageKind::Data,
             connection_id: 1,
-            received_ns: 0,
+            received_ns: u64::from(n) * 10,
         }
+    }
+
+    fn chunk(range: std::ops::Range<u8>) -> Chunk {
+        let channel: Arc<str> = Arc::from("c");
+        let mut chunk = Chunk::default();
+        chunk.set_connection(1);
+        for n in range {
+            chunk.push(&channel, &[n], u64::from(n) * 10);
+        }
+        chunk
     }
 
     fn fd_readable(queue: &ConsumerQueue) -> bool {
@@ -310,11 +623,21 @@ mod tests {
         unsafe { libc::poll(&mut pollfd, 1, 0) == 1 }
     }
 
+    fn drain(queue: &ConsumerQueue) -> Vec<Message> {
+        let mut out = Vec::new();
+        queue
+            .pop_batch(&mut out, 1000, Some(Duration::ZERO))
+            .unwrap();
+        out
+    }
+
     #[test]
     fn fd_is_readable_exactly_while_messages_are_queued() {
         let queue = ConsumerQueue::new(8, Overflow::Block).unwrap();
         assert!(!fd_readable(&queue));
-        queue.push_batch(&mut vec![message(1), message(2)]);
+        let mut pushed = chunk(1..3);
+        queue.push_chunk(&mut pushed);
+        assert!(pushed.is_empty(), "the pushed chunk comes back empty");
         assert!(fd_readable(&queue));
         let mut out = Vec::new();
         assert_eq!(queue.pop_batch(&mut out, 1, Some(Duration::ZERO)), Ok(1));
@@ -326,22 +649,24 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest() {
-        let queue = ConsumerQueue::new(2, Overflow::DropOldest).unwrap();
-        let outcome = queue.push_batch(&mut (1..=5).map(message).collect());
-        assert_eq!(outcome.dropped, 3);
-        let mut out = Vec::new();
-        queue.pop_batch(&mut out, 10, Some(Duration::ZERO)).unwrap();
-        assert_eq!(out, vec![message(4), message(5)]);
+        let queue = ConsumerQueue::new(3, Overflow::DropOldest).unwrap();
+        assert_eq!(queue.push_chunk(&mut chunk(1..3)).dropped, 0);
+        // Two queued + three new in a queue of three: the two oldest go.
+        assert_eq!(queue.push_chunk(&mut chunk(3..6)).dropped, 2);
+        assert_eq!(queue.len(), 3);
+        assert_eq!(drain(&queue), vec![message(3), message(4), message(5)]);
+        // A chunk larger than the whole queue keeps only its newest messages.
+        assert_eq!(queue.push_chunk(&mut chunk(10..15)).dropped, 2);
+        assert_eq!(drain(&queue), vec![message(12), message(13), message(14)]);
     }
 
     #[test]
     fn drop_newest_keeps_the_oldest() {
         let queue = ConsumerQueue::new(2, Overflow::DropNewest).unwrap();
-        let outcome = queue.push_batch(&mut (1..=5).map(message).collect());
+        let outcome = queue.push_chunk(&mut chunk(1..6));
         assert_eq!(outcome.dropped, 3);
-        let mut out = Vec::new();
-        queue.pop_batch(&mut out, 10, Some(Duration::ZERO)).unwrap();
-        assert_eq!(out, vec![message(1), message(2)]);
+        assert_eq!(queue.push_chunk(&mut chunk(6..7)).dropped, 1);
+        assert_eq!(drain(&queue), vec![message(1), message(2)]);
     }
 
     #[test]
@@ -352,8 +677,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut blocked = Duration::ZERO;
                 for start in (0..100u8).step_by(10) {
-                    let mut batch = (start..start + 10).map(message).collect();
-                    blocked += queue.push_batch(&mut batch).blocked;
+                    blocked += queue.push_chunk(&mut chunk(start..start + 10)).blocked;
                 }
                 blocked
             })
@@ -370,6 +694,53 @@ mod tests {
     }
 
     #[test]
+    fn pop_into_reads_in_place_across_chunks_and_splits_the_last() {
+        let queue = ConsumerQueue::new(100, Overflow::Block).unwrap();
+        queue.push_chunk(&mut chunk(0..4));
+        let other: Arc<str> = Arc::from("other");
+        let mut mixed = Chunk::default();
+        mixed.set_connection(2);
+        mixed.push(&other, b"x", 7);
+        mixed.push(&other, b"yy", 8);
+        mixed.push(&Arc::from("third"), b"", 9);
+        queue.push_chunk(&mut mixed);
+        let mut batch = MessageBatch::new();
+        assert_eq!(queue.pop_into(&mut batch, 6, Some(Duration::ZERO)), Ok(6));
+        let seen: Vec<(String, Vec<u8>, u64, u64)> = batch
+            .iter()
+            .map(|m| {
+                (
+                    m.channel().to_string(),
+                    m.payload().to_vec(),
+                    m.connection_id(),
+                    m.received_ns(),
+                )
+            })
+            .collect();
+        assert_eq!(seen.len(), 6);
+        assert_eq!(seen[0], ("c".into(), vec![0], 1, 0));
+        assert_eq!(seen[3], ("c".into(), vec![3], 1, 30));
+        assert_eq!(seen[4], ("other".into(), b"x".to_vec(), 2, 7));
+        assert_eq!(seen[5], ("other".into(), b"yy".to_vec(), 2, 8));
+        assert_eq!(
+            queue.len(),
+            1,
+            "the split chunk keeps its last message queued"
+        );
+        // The next call recycles the batch's buffers and takes the rest.
+        assert_eq!(queue.pop_into(&mut batch, 6, Some(Duration::ZERO)), Ok(1));
+        let last = batch.iter().next().unwrap();
+        assert_eq!(
+            (last.channel(), last.payload(), last.received_ns()),
+            ("third", &b""[..], 9)
+        );
+        assert_eq!(last.to_message().channel.as_ref(), "third");
+        assert!(!fd_readable(&queue));
+        assert_eq!(queue.pop_into(&mut batch, 6, Some(Duration::ZERO)), Ok(0));
+        assert!(batch.is_empty());
+    }
+
+    #[test]
     fn close_wakes_a_blocked_consumer() {
         let queue = Arc::new(ConsumerQueue::new(4, Overflow::Block).unwrap());
         let consumer = {
@@ -378,5 +749,6 @@ mod tests {
         };
         queue.close();
         assert_eq!(consumer.join().unwrap(), Err(()));
+        assert!(queue.push_chunk(&mut chunk(0..2)).closed);
     }
 }

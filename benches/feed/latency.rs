@@ -1,6 +1,6 @@
 //! Latency at a fixed rate: from the feed server's `write` (the `ts_ns` stamped in
 //! each frame, `CLOCK_REALTIME`) to the moment the consumer holds the message, on the
-//! same host clock. The pool's consumer blocks in `recv_batch` like a normal user; the
+//! same host clock. The pool's consumer blocks in `recv_into` like a normal user; the
 //! baseline is a blocking tungstenite read loop.
 
 use std::net::TcpStream;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tungstenite::Message as WsMessage;
-use wirepool::{Message, Pool};
+use wirepool::{MessageBatch, Pool};
 
 use crate::frames::{ts_ns_of, unix_ns};
 use crate::meter::{quantile, CpuClock, Window};
@@ -90,7 +90,7 @@ impl Samples {
     }
 }
 
-/// The pool (one connection, `codec`), consumer blocking in `recv_batch`.
+/// The pool (one connection, `codec`), consumer blocking in `recv_into`.
 pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result<Value, String> {
     let feed = format!("{url}?rate={rate}");
     let config = pool_config(&[feed], codec, 1)?;
@@ -100,13 +100,12 @@ pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result
     pool.subscribe("c0")
         .map_err(|err| format!("subscribe: {err}"))?;
     let mut samples = Samples::new(window);
-    let mut batch: Vec<Message> = Vec::with_capacity(4096);
+    let mut batch = MessageBatch::new();
     let started = Instant::now();
     loop {
-        batch.clear();
         let count = pool
-            .recv_batch(&mut batch, 4096, Some(Duration::from_millis(200)))
-            .map_err(|err| format!("recv_batch: {err}"))?;
+            .recv_into(&mut batch, 4096, Some(Duration::from_millis(200)))
+            .map_err(|err| format!("recv_into: {err}"))?;
         let now_ns = unix_ns();
         if count == 0 {
             if started.elapsed() > window.warmup + window.measure + Duration::from_secs(15) {
@@ -120,14 +119,14 @@ pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result
         if !counting {
             continue;
         }
-        for message in &batch {
-            let Some(sent_ns) = ts_ns_of(&message.payload) else {
+        for message in batch.iter() {
+            let Some(sent_ns) = ts_ns_of(message.payload()) else {
                 continue;
             };
             samples.total.push(now_ns.saturating_sub(sent_ns));
             samples
                 .wire
-                .push(message.received_ns.saturating_sub(sent_ns));
+                .push(message.received_ns().saturating_sub(sent_ns));
         }
     }
     let gaps = pool.stats().sequence_gaps;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tungstenite::Message as WsMessage;
-use wirepool::{Config, Message, Pool};
+use wirepool::{Config, MessageBatch, Pool};
 
 use crate::frames::{seq_of, ts_ns_of};
 use crate::meter::{Meter, Window};
@@ -147,7 +147,7 @@ pub fn pool_config(urls: &[String], codec: &str, connections: u32) -> Result<Con
 }
 
 /// The pool through its Rust API: `connections` connections, one channel each,
-/// drained with `recv_batch` in batches of up to 4096.
+/// drained with `recv_into` (read in place) in batches of up to 4096.
 pub fn pool_throughput(
     url: &str,
     codec: &str,
@@ -164,17 +164,16 @@ pub fn pool_throughput(
     }
     let mut meter = Meter::new(window);
     let mut check = SeqCheck::default();
-    let mut batch: Vec<Message> = Vec::with_capacity(4096);
+    let mut batch = MessageBatch::new();
     let mut bytes = 0u64;
     let mut checksum = 0u64;
     let mut connections_seen = HashSet::new();
     let mut last_connection = u64::MAX;
     let mut last_data = Instant::now();
     loop {
-        batch.clear();
         let count = pool
-            .recv_batch(&mut batch, 4096, Some(Duration::from_millis(200)))
-            .map_err(|err| format!("recv_batch: {err}"))?;
+            .recv_into(&mut batch, 4096, Some(Duration::from_millis(200)))
+            .map_err(|err| format!("recv_into: {err}"))?;
         if count == 0 {
             if last_data.elapsed() > STALL {
                 return Err(format!("no data for {STALL:?}; stats: {:?}", pool.stats()));
@@ -183,19 +182,20 @@ pub fn pool_throughput(
         }
         last_data = Instant::now();
         let measuring = meter.measuring();
-        for message in &batch {
+        for message in batch.iter() {
+            let payload = message.payload();
             if measuring {
-                bytes += message.payload.len() as u64;
+                bytes += payload.len() as u64;
                 // Messages come in runs per connection: the set is touched per run.
-                if message.connection_id != last_connection {
-                    last_connection = message.connection_id;
+                if message.connection_id() != last_connection {
+                    last_connection = message.connection_id();
                     connections_seen.insert(last_connection);
                 }
             }
             if codec == "raw" {
-                check.check(message.connection_id, &message.payload);
+                check.check(message.connection_id(), payload);
             } else {
-                checksum = checksum.wrapping_add(ts_ns_of(&message.payload).unwrap_or(0));
+                checksum = checksum.wrapping_add(ts_ns_of(payload).unwrap_or(0));
             }
         }
         if meter.batch(count) {

@@ -106,6 +106,82 @@ impl Drop for EpochTicker {
     }
 }
 
+/// An engine with one compiled module, shared by every pool of the process that loads
+/// the same module bytes under the same memory limit: compiling takes about 100 ms,
+/// instantiating well under one. Its epoch ticker runs while some pool uses it.
+struct Compiled {
+    engine: Engine,
+    module: Module,
+    ticker: Mutex<std::sync::Weak<EpochTicker>>,
+}
+
+/// Most compiled modules kept for reuse (the oldest unused one goes first).
+const COMPILED_CACHE: usize = 8;
+
+/// The process's compiled modules: (module bytes, memory limit, compiled).
+static COMPILED: Mutex<Vec<(Arc<[u8]>, usize, Arc<Compiled>)>> = Mutex::new(Vec::new());
+
+impl Compiled {
+    /// The compiled module for `bytes`, from the cache or compiled now.
+    fn get(bytes: &[u8], name: &str, limits: &CodecLimits) -> Result<Arc<Compiled>> {
+        let mut cache = COMPILED.lock();
+        if let Some(at) = cache.iter().position(|(cached, memory, _)| {
+            **cached == *bytes && *memory == limits.max_memory_bytes
+        }) {
+            // Most recently used last.
+            let entry = cache.remove(at);
+            let compiled = Arc::clone(&entry.2);
+            cache.push(entry);
+            return Ok(compiled);
+        }
+        // Compiled under the lock: two pools loading one codec at once compile it once.
+        let compiled = Arc::new(Compiled::compile(bytes, name, limits)?);
+        if cache.len() == COMPILED_CACHE {
+            cache.remove(0);
+        }
+        cache.push((
+            Arc::from(bytes),
+            limits.max_memory_bytes,
+            Arc::clone(&compiled),
+        ));
+        Ok(compiled)
+    }
+
+    fn compile(bytes: &[u8], name: &str, limits: &CodecLimits) -> Result<Compiled> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        // Codecs start small; a modest reservation keeps 1000 idle instances cheap in
+        // address space while allowing growth up to the memory limit.
+        config.memory_reservation(
+            (limits.max_memory_bytes as u64).clamp(1 << 20, 1 << 32) + (64 << 10),
+        );
+        config.memory_guard_size(64 << 10);
+        config.memory_reservation_for_growth(1 << 20);
+        config.max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&config)
+            .map_err(|err| Error::Codec(format!("{name}: creating the engine: {err:#}")))?;
+        let module = Module::new(&engine, bytes)
+            .map_err(|err| Error::Codec(format!("{name}: not a valid module: {err:#}")))?;
+        check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
+        Ok(Compiled {
+            engine,
+            module,
+            ticker: Mutex::new(std::sync::Weak::new()),
+        })
+    }
+
+    /// The engine's epoch ticker, started if no pool holds it.
+    fn ticker(&self) -> Result<Arc<EpochTicker>> {
+        let mut slot = self.ticker.lock();
+        if let Some(ticker) = slot.upgrade() {
+            return Ok(ticker);
+        }
+        let ticker = Arc::new(EpochTicker::start(self.engine.clone())?);
+        *slot = Arc::downgrade(&ticker);
+        Ok(ticker)
+    }
+}
+
 /// One compiled codec, shared by every connection of a pool.
 pub(crate) struct CodecRuntime {
     engine: Engine,
@@ -115,7 +191,7 @@ pub(crate) struct CodecRuntime {
     // Guards the auth token handed to new instances (replaced by token rotation).
     token: parking_lot::Mutex<Vec<u8>>,
     name: String,
-    _ticker: EpochTicker,
+    _ticker: Arc<EpochTicker>,
 }
 
 /// The exports every codec must have, with their exact signatures.
@@ -287,22 +363,8 @@ impl CodecRuntime {
         config_json: Vec<u8>,
         token: Vec<u8>,
     ) -> Result<CodecRuntime> {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        // Codecs start small; a modest reservation keeps 1000 idle instances cheap in
-        // address space while allowing growth up to the memory limit.
-        config.memory_reservation(
-            (limits.max_memory_bytes as u64).clamp(1 << 20, 1 << 32) + (64 << 10),
-        );
-        config.memory_guard_size(64 << 10);
-        config.memory_reservation_for_growth(1 << 20);
-        config.max_wasm_stack(512 * 1024);
-        let engine = Engine::new(&config)
-            .map_err(|err| Error::Codec(format!("{name}: creating the engine: {err:#}")))?;
-        let module = Module::new(&engine, bytes)
-            .map_err(|err| Error::Codec(format!("{name}: not a valid module: {err:#}")))?;
-        check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
-
+        let compiled = Compiled::get(bytes, name, &limits)?;
+        let (engine, module) = (compiled.engine.clone(), &compiled.module);
         let mut linker: Linker<HostState> = Linker::new(&engine);
         linker
             .func_wrap(
@@ -314,9 +376,9 @@ impl CodecRuntime {
             )
             .map_err(|err| Error::Codec(format!("{name}: linking wirepool.log: {err:#}")))?;
         let instance_pre = linker
-            .instantiate_pre(&module)
+            .instantiate_pre(module)
             .map_err(|err| Error::Codec(format!("{name}: {err:#}")))?;
-        let ticker = EpochTicker::start(engine.clone())?;
+        let ticker = compiled.ticker()?;
         let runtime = CodecRuntime {
             engine,
             instance_pre,

@@ -129,3 +129,39 @@ fn raw_codec_passes_frames_through() {
         .all(|record| record.0 == kind::DATA && record.2 == "raw"));
     assert_eq!(records[1].3, "text");
 }
+
+#[test]
+fn pools_loading_one_codec_share_its_compiled_module_and_ticker() {
+    // Unusual limits give this test a cache entry of its own.
+    let config = CodecConfig {
+        max_memory_mb: 13,
+        ..CodecConfig::default()
+    };
+    let source = CodecSource::Builtin(BuiltinCodec::Raw);
+    let first = CodecRuntime::load(&source, &config, None).expect("loads");
+    let second = CodecRuntime::load(&source, &config, Some("token")).expect("loads again");
+    assert!(
+        Arc::ptr_eq(&first._ticker, &second._ticker),
+        "one engine, one epoch ticker"
+    );
+    assert!(Engine::same(&first.engine, &second.engine), "compiled once");
+    let ticker = Arc::downgrade(&first._ticker);
+    // Both instances still work, each with its own store.
+    let mut a = first.instantiate(1).expect("instance");
+    let mut b = second.instantiate(2).expect("instance");
+    assert_eq!(owned(a.open().expect("open"))[0].0, kind::READY);
+    assert_eq!(owned(b.open().expect("open"))[0].0, kind::READY);
+    drop((a, b, first, second));
+    assert!(
+        ticker.upgrade().is_none(),
+        "the ticker thread stops with the last pool using the engine"
+    );
+    // A different memory limit is a different engine.
+    let other = CodecConfig {
+        max_memory_mb: 14,
+        ..CodecConfig::default()
+    };
+    let third = CodecRuntime::load(&source, &config, None).expect("loads");
+    let fourth = CodecRuntime::load(&source, &other, None).expect("loads");
+    assert!(!Engine::same(&third.engine, &fourth.engine));
+}

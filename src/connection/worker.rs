@@ -28,7 +28,7 @@ use crate::codec::{kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBat
 use crate::config::{Config, WsUrl};
 use crate::error::{Error, Result, TimeoutPhase};
 use crate::pool::{Event as PoolEvent, EventLog, PoolCounters, RequestTable, SharedData};
-use crate::queue::{ConsumerQueue, Message, MessageKind};
+use crate::queue::{Chunk, ConsumerQueue};
 
 /// Stack of a worker thread. Wasm runs on it too (`max_wasm_stack` is smaller).
 const WORKER_STACK: usize = 1024 * 1024;
@@ -128,7 +128,7 @@ fn run(
         channels: HashMap::new(),
         next_stale_check: None,
         frames: FrameBatch::default(),
-        outgoing: Vec::new(),
+        outgoing: Chunk::default(),
         opened_at: Instant::now(),
         next_ping: None,
         ping_outstanding_since: None,
@@ -211,7 +211,8 @@ struct Link {
     /// Next time per-channel staleness is checked.
     next_stale_check: Option<Instant>,
     frames: FrameBatch,
-    outgoing: Vec<Message>,
+    /// Decoded data waiting to be handed to the consumer queue.
+    outgoing: Chunk,
     opened_at: Instant,
     next_ping: Option<Instant>,
     ping_outstanding_since: Option<Instant>,
@@ -362,7 +363,7 @@ impl Link {
             })?;
             transport::wrap_tls(tcp, &server.parsed.host, tls)?
         } else {
-            Stream::Plain(tcp)
+            Stream::plain(tcp)
         };
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
@@ -395,7 +396,7 @@ impl Link {
                     let stream = mid.get_ref().get_ref();
                     let wants_write = match stream {
                         Stream::Tls(tls) => tls.conn.wants_write(),
-                        Stream::Plain(_) => false,
+                        Stream::Plain(..) => false,
                     };
                     transport::wait_socket(
                         &self.poller,
@@ -738,8 +739,9 @@ impl Link {
     }
 
     /// Acts on a codec's output records.
-    fn apply_with_time(&mut self, records: Records<'_>, received_ns: u64) -> Result<(), Ended> {
+    fn apply_with_time(&mut self, records: Records<'_>, mut received_ns: u64) -> Result<(), Ended> {
         let mut data_now: Option<Instant> = None;
+        let mut last_channel: Option<Arc<str>> = None;
         for record in records.iter() {
             match record.kind {
                 kind::SEND_TEXT | kind::SEND_BINARY => {
@@ -766,19 +768,20 @@ impl Link {
                     }
                 }
                 kind::DATA => {
-                    let now = *data_now.get_or_insert_with(Instant::now);
-                    let channel = self.intern(record.channel, now);
-                    self.outgoing.push(Message {
-                        channel,
-                        payload: record.payload.to_vec(),
-                        kind: MessageKind::Data,
-                        connection_id: self.id,
-                        received_ns: if received_ns == 0 {
-                            unix_ns()
-                        } else {
-                            received_ns
-                        },
-                    });
+                    // Consecutive records of one channel (the usual case) skip the
+                    // channel table: freshness was stamped by the first of the run.
+                    let same =
+                        matches!(&last_channel, Some(last) if last.as_bytes() == record.channel);
+                    if !same {
+                        let now = *data_now.get_or_insert_with(Instant::now);
+                        last_channel = Some(self.intern(record.channel, now));
+                    }
+                    if received_ns == 0 {
+                        received_ns = unix_ns();
+                    }
+                    if let Some(channel) = &last_channel {
+                        self.outgoing.push(channel, record.payload, received_ns);
+                    }
                 }
                 kind::RESPONSE | kind::REQUEST_ERROR => {
                     let request_id = record.id as u64;
@@ -936,13 +939,13 @@ impl Link {
     /// Hands the decoded batch to the consumer queue.
     fn deliver(&mut self) {
         let count = self.outgoing.len() as u64;
+        self.outgoing.set_connection(self.id);
         let counters = &self.context.counters;
         // Counted before the push, so a consumer never sees more than the stats say.
         counters
             .messages_received
             .fetch_add(count, Ordering::Relaxed);
-        let outcome = self.context.queue.push_batch(&mut self.outgoing);
-        self.outgoing.clear();
+        let outcome = self.context.queue.push_chunk(&mut self.outgoing);
         if outcome.dropped > 0 {
             counters
                 .dropped

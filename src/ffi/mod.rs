@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::pool::{Pool, RequestOptions};
-use crate::queue::Message;
+use crate::queue::MessageBatch;
 use crate::Config;
 
 /// Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up.
@@ -71,7 +71,7 @@ pub struct wirepool_pool {
 /// A reusable batch of received messages (opaque).
 pub struct wirepool_batch {
     capacity: usize,
-    received: Vec<Message>,
+    received: MessageBatch,
     messages: Vec<wirepool_message>,
     data: Vec<u8>,
 }
@@ -409,10 +409,9 @@ pub unsafe extern "C" fn wirepool_pool_poll(
         let pool = unsafe { arg(pool, "pool") }?;
         let batch = unsafe { arg_mut(batch, "batch") }?;
         let out_count = out(out_count, "out_count")?;
-        batch.received.clear();
         let count = pool
             .pool
-            .recv_batch(
+            .recv_into(
                 &mut batch.received,
                 batch.capacity,
                 Some(Duration::from_millis(u64::from(timeout_ms))),
@@ -643,7 +642,7 @@ pub unsafe extern "C" fn wirepool_batch_new(
         }
         let batch = Box::new(wirepool_batch {
             capacity,
-            received: Vec::with_capacity(capacity),
+            received: MessageBatch::new(),
             messages: Vec::with_capacity(capacity),
             data: Vec::new(),
         });
@@ -699,22 +698,32 @@ pub unsafe extern "C" fn wirepool_batch_data(
 }
 
 impl wirepool_batch {
-    /// Lays the received messages out as C structs over one data buffer.
+    /// Lays the received messages out as C structs over one data buffer. A run of
+    /// messages on one channel shares one copy of the channel name.
     fn fill(&mut self) {
         self.messages.clear();
         self.data.clear();
         let total: usize = self
             .received
             .iter()
-            .map(|message| message.channel.len() + message.payload.len())
+            .map(|message| message.payload().len())
             .sum();
-        self.data.reserve(total);
+        self.data.reserve(total + 64);
         let mut offsets = Vec::with_capacity(self.received.len());
-        for message in &self.received {
-            let channel_offset = self.data.len();
-            self.data.extend_from_slice(message.channel.as_bytes());
+        let mut last_channel: Option<(*const u8, usize)> = None;
+        for message in self.received.iter() {
+            let channel = message.channel();
+            let channel_offset = match last_channel {
+                Some((name, offset)) if std::ptr::eq(name, channel.as_ptr()) => offset,
+                _ => {
+                    let offset = self.data.len();
+                    self.data.extend_from_slice(channel.as_bytes());
+                    last_channel = Some((channel.as_ptr(), offset));
+                    offset
+                }
+            };
             let payload_offset = self.data.len();
-            self.data.extend_from_slice(&message.payload);
+            self.data.extend_from_slice(message.payload());
             offsets.push((channel_offset, payload_offset));
         }
         // Pointers are taken only now that the buffer no longer moves.
@@ -726,13 +735,13 @@ impl wirepool_batch {
             self.messages.push(wirepool_message {
                 channel: channel.cast(),
                 payload,
-                channel_len: message.channel.len(),
-                payload_len: message.payload.len(),
+                channel_len: message.channel().len(),
+                payload_len: message.payload().len(),
                 channel_offset,
                 payload_offset,
-                connection_id: message.connection_id,
-                received_ns: message.received_ns,
-                kind: message.kind as u32,
+                connection_id: message.connection_id(),
+                received_ns: message.received_ns(),
+                kind: message.kind() as u32,
                 reserved: 0,
             });
         }

@@ -40,7 +40,7 @@ use crate::connection::{
     ServerTarget, WorkerContext,
 };
 use crate::error::{Error, Result, TimeoutPhase};
-use crate::queue::{ConsumerQueue, Message};
+use crate::queue::{ConsumerQueue, Message, MessageBatch};
 use health::{HealthInputs, HealthState};
 use requests::Abandoned;
 use servers::{choose_server, BreakerChange, ServerState};
@@ -633,6 +633,26 @@ impl Pool {
         self.inner
             .queue
             .pop_batch(out, max, timeout)
+            .map_err(|()| Error::Closed)
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for at least one message, then
+    /// moves up to `max` queued messages into `batch`, replacing what it held. The
+    /// messages are read in place ([`MessageBatch::iter`]): nothing is allocated or
+    /// copied per message, and the batch's previous buffers go back to the workers.
+    /// The fastest way to drain a busy feed. Returns how many (0 on timeout).
+    pub fn recv_into(
+        &self,
+        batch: &mut MessageBatch,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        if max == 0 {
+            return Err(Error::InvalidArgument("max must be at least 1".into()));
+        }
+        self.inner
+            .queue
+            .pop_into(batch, max, timeout)
             .map_err(|()| Error::Closed)
     }
 

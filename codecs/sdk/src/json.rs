@@ -112,20 +112,25 @@ impl<'a> Value<'a> {
             Some((b'-', rest)) => (true, rest),
             _ => (false, self.raw),
         };
-        let mut value: i64 = 0;
+        // Up to 19 decimal digits always fit in a u64, so the loop needs no overflow
+        // checks (checked i64 arithmetic pulls 128-bit helpers into wasm32 code, and
+        // this runs for every frame with a sequence number).
+        if digits.is_empty() || digits.len() > 19 {
+            return None;
+        }
+        let mut value: u64 = 0;
         for &digit in digits {
-            if !digit.is_ascii_digit() {
+            let digit = digit.wrapping_sub(b'0');
+            if digit > 9 {
                 return None;
             }
-            let digit = i64::from(digit - b'0');
-            value = value.checked_mul(10)?;
-            value = if negative {
-                value.checked_sub(digit)?
-            } else {
-                value.checked_add(digit)?
-            };
+            value = value * 10 + u64::from(digit);
         }
-        Some(value)
+        if negative {
+            (value <= 1 << 63).then(|| (value as i64).wrapping_neg())
+        } else {
+            i64::try_from(value).ok()
+        }
     }
 
     /// `true` or `false`; `None` for other kinds.

@@ -294,6 +294,12 @@ fn integers_convert_only_when_integral_and_in_range() {
     assert_eq!(number("9223372036854775807"), Some(i64::MAX));
     assert_eq!(number("-9223372036854775808"), Some(i64::MIN));
     assert_eq!(number("9223372036854775808"), None);
+    assert_eq!(number("-9223372036854775809"), None);
+    assert_eq!(number("-0"), Some(0));
+    assert_eq!(number("9999999999999999999"), None, "19 digits, past i64");
+    assert_eq!(number("18446744073709551616"), None, "20 digits");
+    assert_eq!(number("123456789012345678901234567890"), None);
+    assert_eq!(number("\"12\""), None, "a string is not a number");
     assert_eq!(number("1.0"), None);
     assert_eq!(number("1e2"), None);
 }
@@ -322,3 +328,4 @@ fn strings_of_every_length_find_their_end() {
         }
     }
 }
+
