@@ -397,9 +397,20 @@ fn token_rotation_is_make_before_break_and_a_bad_token_keeps_the_old_sessions() 
         .expect_err("the venue refuses the new token");
     assert!(err.to_string().contains("old sessions kept"), "{err}");
     let longest_gap = watcher.join().expect("watcher");
+    let events: Vec<String> = pool
+        .events(Duration::ZERO)
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {:?} {:?} {:?}",
+                e.ts_ms, e.kind, e.connection_id, e.channel, e.message
+            )
+        })
+        .collect();
     assert!(
         longest_gap < Duration::from_millis(250),
-        "data stopped for {longest_gap:?} during rotation"
+        "data stopped for {longest_gap:?} during rotation; events:\n{}",
+        events.join("\n")
     );
     std::thread::sleep(Duration::from_millis(200));
     let after: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();

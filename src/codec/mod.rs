@@ -118,8 +118,11 @@ struct Compiled {
 /// Most compiled modules kept for reuse (the oldest unused one goes first).
 const COMPILED_CACHE: usize = 8;
 
-/// The process's compiled modules: (module bytes, memory limit, compiled).
-static COMPILED: Mutex<Vec<(Arc<[u8]>, usize, Arc<Compiled>)>> = Mutex::new(Vec::new());
+/// One cached module: its bytes, the memory limit it was compiled for, the result.
+type CompiledEntry = (Arc<[u8]>, usize, Arc<Compiled>);
+
+/// The process's compiled modules, least recently used first.
+static COMPILED: Mutex<Vec<CompiledEntry>> = Mutex::new(Vec::new());
 
 impl Compiled {
     /// The compiled module for `bytes`, from the cache or compiled now.
