@@ -294,9 +294,12 @@ wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
                                           struct wirepool_bytes **out_value);
 
 /*
- Re-authenticates every connection with `token`, make-before-break; waits until
- done. When the venue refuses the new token the old sessions keep running and the
- result is `WIREPOOL_ERR_REMOTE` with the reason in `wirepool_last_error`.
+ Re-authenticates every connection with `token`, make-before-break: each old
+ session keeps delivering until its replacement's channels are confirmed, so data
+ does not stop (around the hand-over a channel may briefly deliver from both).
+ Waits until every replacement is ready. When the venue refuses the new token the
+ old sessions keep running and the result is `WIREPOOL_ERR_REMOTE` with the reason
+ in `wirepool_last_error`.
  */
 wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const char *token);
 

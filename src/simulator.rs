@@ -106,6 +106,9 @@ pub struct SimulatorConfig {
     /// Client connections served at once at most; more are accepted and dropped at
     /// once. Defaults to none (no limit).
     pub max_connections: Option<usize>,
+    /// How long a venue takes to confirm a subscription: the `subscribed` reply and the
+    /// channel's first data come this long after the request. Defaults to zero.
+    pub subscribe_delay: Duration,
 }
 
 impl Default for SimulatorConfig {
@@ -117,6 +120,7 @@ impl Default for SimulatorConfig {
             token: None,
             tls: None,
             max_connections: None,
+            subscribe_delay: Duration::ZERO,
         }
     }
 }
@@ -132,6 +136,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.is_some())
             .field("max_connections", &self.max_connections)
+            .field("subscribe_delay", &self.subscribe_delay)
             .finish()
     }
 }
@@ -969,10 +974,20 @@ impl Session {
                 let Some(channel) = channel else {
                     return self.send_error(message_id, "subscribe needs a \"channel\" string");
                 };
+                let delay = self.shared.config.subscribe_delay;
+                let confirmed_at = Instant::now() + delay;
                 if !self.feeds.iter().any(|feed| feed.channel == channel) {
-                    self.feeds.push(Feed::new(channel, Instant::now()));
+                    self.feeds.push(Feed::new(channel, confirmed_at));
                 }
-                self.send(frame_text("subscribed", Some(channel), message_id, None))
+                let reply = frame_text("subscribed", Some(channel), message_id, None);
+                if delay.is_zero() || self.delayed.len() >= MAX_DELAYED_REPLIES {
+                    return self.send(reply);
+                }
+                self.delayed.push(Delayed {
+                    due: confirmed_at,
+                    frame: reply,
+                });
+                Ok(())
             }
             "unsubscribe" => {
                 let Some(channel) = channel else {
@@ -1592,6 +1607,32 @@ mod tests {
                 return reply;
             }
         }
+    }
+
+    #[test]
+    fn a_subscribe_delay_holds_the_reply_and_the_data_back() {
+        let _guard = watchdog("subscribe delay", Duration::from_secs(30));
+        let delay = Duration::from_millis(300);
+        let sim = start(SimulatorConfig {
+            subscribe_delay: delay,
+            ..rate(500.0)
+        });
+        let mut ws = connect(&sim);
+        let asked = Instant::now();
+        send(
+            &mut ws,
+            r#"{"type":"subscribe","channel":"ticker.1","messageId":"s1"}"#,
+        );
+        let (frame, text) = recv_text(&mut ws);
+        assert!(
+            asked.elapsed() >= delay,
+            "reply after {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(frame["type"], "subscribed", "the reply comes first: {text}");
+        let (frame, text) = recv_text(&mut ws);
+        assert_eq!(frame["type"], "data", "{text}");
+        assert_eq!(frame["channel"], "ticker.1", "{text}");
     }
 
     #[test]

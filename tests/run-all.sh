@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says how long the run has taken so far, so a slow CI machine shows where.
+step() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 step "rustfmt"
 cargo fmt --all -- --check
@@ -34,4 +35,4 @@ bindings/cpp/run_example.sh
 step "quick benchmark (every bench path, short windows; targets are reported, not asserted)"
 benches/run.sh --quick
 
-printf '\nall checks passed\n'
+printf '\nall checks passed in %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))

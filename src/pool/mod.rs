@@ -790,9 +790,13 @@ impl Pool {
     }
 
     /// Re-authenticates every connection with `token`, make-before-break: each
-    /// connection gets a replacement with the new token, and is drained only once its
-    /// replacement is ready and carries its channels. If the venue refuses the new
-    /// token the old sessions keep running and the error says why.
+    /// connection gets a replacement with the new token, which takes over its requests
+    /// and channels once ready; the old session keeps delivering until the venue has
+    /// confirmed every channel on the replacement (or `request_timeout_ms` passes),
+    /// then drains. Returns once every replacement is ready. Around the hand-over a
+    /// channel may briefly deliver from both sessions (each message says which). If
+    /// the venue refuses the new token the old sessions keep running and the error
+    /// says why.
     pub fn set_token(&self, token: &str) -> Result<()> {
         self.check_open()?;
         let (reply, receiver) = crossbeam_channel::bounded(1);
@@ -910,6 +914,15 @@ struct Rotation {
     reply: Sender<Result<()>>,
 }
 
+/// A token-rotation replacement that took over an old session's channels: the old
+/// session keeps delivering until the new one confirms every channel it took (or the
+/// deadline passes), then it drains. Make before break.
+struct Handover {
+    new: u64,
+    old: u64,
+    deadline: Instant,
+}
+
 /// One of the `min_connections` places the pool keeps filled.
 struct Slot {
     connection: Option<u64>,
@@ -963,6 +976,8 @@ struct PoolThread {
     /// Connections being scaled away: no new work; closed once their requests are
     /// answered or the deadline passes.
     draining: Vec<(u64, Instant)>,
+    /// Old sessions still delivering while their replacements subscribe.
+    handovers: Vec<Handover>,
     last_scaling: Option<Instant>,
     next_scaling_check: Instant,
     next_connection_id: u64,
@@ -993,6 +1008,7 @@ impl PoolThread {
             idle_since: None,
             suspended: false,
             draining: Vec::new(),
+            handovers: Vec::new(),
             rotation: None,
             last_scaling: None,
             next_scaling_check: Instant::now(),
@@ -1014,6 +1030,7 @@ impl PoolThread {
         loop {
             self.suspend_if_idle();
             self.autoscale();
+            self.finish_handovers();
             self.finish_draining();
             self.start_due_slots();
             self.reset_stable_backoffs();
@@ -1242,7 +1259,9 @@ impl PoolThread {
             .draining
             .iter()
             .map(|_| Instant::now() + Duration::from_millis(50));
+        let handovers = self.handovers.iter().map(|handover| handover.deadline);
         retries
+            .chain(handovers)
             .chain(stabilising)
             .chain(breakers)
             .chain(idle)
@@ -1293,7 +1312,9 @@ impl PoolThread {
         self.publish_connections();
     }
 
-    /// A replacement session is ready: it takes over the old one's slot and channels.
+    /// A replacement session is ready: it takes over the old one's slot, its requests
+    /// and its channels. The old session keeps delivering until the new one has
+    /// confirmed every channel (see `finish_handovers`).
     fn swap_in(&mut self, new: u64, old: u64) {
         if let Some(slot) = self
             .slots
@@ -1309,10 +1330,23 @@ impl PoolThread {
             .filter(|(_, placement)| placement.owner == Some(old))
             .map(|(channel, _)| Arc::clone(channel))
             .collect();
+        // No new requests go to the old session; it answers those it has.
+        self.ready.retain(|id| *id != old);
+        self.inner.requests.remove_route(old);
+        let mut moved = false;
         for channel in moving {
-            self.assign(&channel, new);
+            moved |= self.assign(&channel, new);
         }
-        self.drain(old);
+        if moved {
+            let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
+            self.handovers.push(Handover {
+                new,
+                old,
+                deadline: Instant::now() + timeout,
+            });
+        } else {
+            self.drain(old);
+        }
         let finished = self
             .rotation
             .as_ref()
@@ -1434,6 +1468,82 @@ impl PoolThread {
         let deadline = Instant::now() + Duration::from_millis(self.inner.config.request_timeout_ms);
         self.draining.push((connection_id, deadline));
         self.publish_readiness();
+    }
+
+    /// Drains each old session whose replacement has confirmed every channel it took
+    /// over, or whose deadline passed (the replacement is then on its own).
+    fn finish_handovers(&mut self) {
+        if self.handovers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut done = Vec::new();
+        for (index, handover) in self.handovers.iter().enumerate() {
+            let unconfirmed = self
+                .desired
+                .values()
+                .filter(|placement| placement.owner == Some(handover.new) && !placement.confirmed)
+                .count();
+            if unconfirmed == 0 {
+                done.push(index);
+            } else if now >= handover.deadline {
+                self.inner
+                    .events
+                    .push(
+                        Event::new("error")
+                            .connection(handover.new)
+                            .message(format!(
+                            "token rotation: {unconfirmed} channel(s) unconfirmed at the deadline; \
+                             closing connection {} anyway",
+                            handover.old
+                        )),
+                    );
+                done.push(index);
+            }
+        }
+        for index in done.into_iter().rev() {
+            let handover = self.handovers.remove(index);
+            self.drain(handover.old);
+        }
+    }
+
+    /// A connection in a handover closed. If it was the replacement, the old session
+    /// takes its slot and its work back (its channels are placed again by the caller);
+    /// if it was the old one, there is nothing left to hand over.
+    fn end_handover(&mut self, closed: u64) {
+        let Some(index) = self
+            .handovers
+            .iter()
+            .position(|handover| handover.new == closed || handover.old == closed)
+        else {
+            return;
+        };
+        let handover = self.handovers.remove(index);
+        if handover.new != closed {
+            return;
+        }
+        let Some(path) = self
+            .connections
+            .get(&handover.old)
+            .map(|handle| handle.command_path())
+        else {
+            return;
+        };
+        if let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|slot| slot.connection == Some(closed))
+        {
+            slot.connection = Some(handover.old);
+        }
+        self.inner.requests.add_route(handover.old, path);
+        self.ready.push(handover.old);
+        self.inner
+            .events
+            .push(Event::new("error").connection(closed).message(format!(
+                "token rotation: the replacement closed; connection {} carries on",
+                handover.old
+            )));
     }
 
     fn finish_draining(&mut self) {
@@ -1667,6 +1777,7 @@ impl PoolThread {
                     self.rotation_failed(&outcome.reason);
                 }
                 self.ready.retain(|id| *id != connection_id);
+                self.end_handover(connection_id);
                 if let Some(mut handle) = self.connections.remove(&connection_id) {
                     handle.join();
                     // A session that never became ready, or was refused, is a failure

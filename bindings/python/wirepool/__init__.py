@@ -832,9 +832,11 @@ class Pool(_Handle):
             self._exit()
 
     def set_token(self, token: str) -> None:
-        """Re-authenticates every connection with ``token``, make-before-break (no gap
-        in subscribed data). If the venue refuses it, the old sessions keep running and
-        ``RemoteError`` says why."""
+        """Re-authenticates every connection with ``token``, make-before-break: each
+        old session keeps delivering until its replacement's channels are confirmed, so
+        subscribed data does not stop (around the hand-over a channel may briefly
+        deliver from both; ``Message.connection_id`` tells them apart). If the venue
+        refuses it, the old sessions keep running and ``RemoteError`` says why."""
         if not isinstance(token, str):
             raise TypeError(f"token must be a str, not {type(token).__name__}")
         if "\0" in token:
