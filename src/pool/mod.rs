@@ -1331,8 +1331,7 @@ impl PoolThread {
             .map(|(channel, _)| Arc::clone(channel))
             .collect();
         // No new requests go to the old session; it answers those it has.
-        self.ready.retain(|id| *id != old);
-        self.inner.requests.remove_route(old);
+        self.stop_routing(old);
         let mut moved = false;
         for channel in moving {
             moved |= self.assign(&channel, new);
@@ -1457,8 +1456,7 @@ impl PoolThread {
     /// Moves a connection's channels elsewhere and stops routing to it; it closes
     /// once its requests are answered.
     fn drain(&mut self, connection_id: u64) {
-        self.ready.retain(|id| *id != connection_id);
-        self.inner.requests.remove_route(connection_id);
+        self.stop_routing(connection_id);
         for placement in self.desired.values_mut() {
             if placement.owner == Some(connection_id) {
                 *placement = Placement::default();
@@ -1473,37 +1471,34 @@ impl PoolThread {
     /// Drains each old session whose replacement has confirmed every channel it took
     /// over, or whose deadline passed (the replacement is then on its own).
     fn finish_handovers(&mut self) {
-        if self.handovers.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let mut done = Vec::new();
-        for (index, handover) in self.handovers.iter().enumerate() {
-            let unconfirmed = self
-                .desired
+        let desired = &self.desired;
+        let events = &self.inner.events;
+        let mut finished = Vec::new();
+        self.handovers.retain(|handover| {
+            let unconfirmed = desired
                 .values()
                 .filter(|placement| placement.owner == Some(handover.new) && !placement.confirmed)
                 .count();
-            if unconfirmed == 0 {
-                done.push(index);
-            } else if now >= handover.deadline {
-                self.inner
-                    .events
-                    .push(
-                        Event::new("error")
-                            .connection(handover.new)
-                            .message(format!(
+            if unconfirmed > 0 && now < handover.deadline {
+                return true;
+            }
+            if unconfirmed > 0 {
+                events.push(
+                    Event::new("error")
+                        .connection(handover.new)
+                        .message(format!(
                             "token rotation: {unconfirmed} channel(s) unconfirmed at the deadline; \
                              closing connection {} anyway",
                             handover.old
                         )),
-                    );
-                done.push(index);
+                );
             }
-        }
-        for index in done.into_iter().rev() {
-            let handover = self.handovers.remove(index);
-            self.drain(handover.old);
+            finished.push(handover.old);
+            false
+        });
+        for old in finished {
+            self.drain(old);
         }
     }
 
@@ -1522,13 +1517,9 @@ impl PoolThread {
         if handover.new != closed {
             return;
         }
-        let Some(path) = self
-            .connections
-            .get(&handover.old)
-            .map(|handle| handle.command_path())
-        else {
+        if self.start_routing(handover.old).is_none() {
             return;
-        };
+        }
         if let Some(slot) = self
             .slots
             .iter_mut()
@@ -1536,8 +1527,6 @@ impl PoolThread {
         {
             slot.connection = Some(handover.old);
         }
-        self.inner.requests.add_route(handover.old, path);
-        self.ready.push(handover.old);
         self.inner
             .events
             .push(Event::new("error").connection(closed).message(format!(
@@ -1858,15 +1847,27 @@ impl PoolThread {
         }
     }
 
-    fn connection_ready(&mut self, connection_id: u64) {
-        let Some(handle) = self.connections.get(&connection_id) else {
-            return;
-        };
+    /// Routes new requests (and channel placements) to a live connection; returns its
+    /// server index, or none when the connection is gone.
+    fn start_routing(&mut self, connection_id: u64) -> Option<usize> {
+        let handle = self.connections.get(&connection_id)?;
         self.inner
             .requests
             .add_route(connection_id, handle.command_path());
         self.ready.push(connection_id);
-        let server_index = handle.server_index;
+        Some(handle.server_index)
+    }
+
+    /// No new requests or channels go to this connection; it answers those it has.
+    fn stop_routing(&mut self, connection_id: u64) {
+        self.ready.retain(|id| *id != connection_id);
+        self.inner.requests.remove_route(connection_id);
+    }
+
+    fn connection_ready(&mut self, connection_id: u64) {
+        let Some(server_index) = self.start_routing(connection_id) else {
+            return;
+        };
         if let Some(change) = self.servers[server_index].succeeded() {
             self.breaker_event(server_index, change);
         }
