@@ -2,16 +2,13 @@
 //! fault proxy (reset, clean close, refuse, blackhole, latency, throttle), with and
 //! without TLS, across two servers.
 
-#[path = "support/fault_proxy.rs"]
-mod fault_proxy;
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fault_proxy::{Fault, FaultProxy};
-use support::{wait_for_event, wait_until, watchdog};
+use crate::fault_proxy::{Fault, FaultProxy};
+use crate::support;
+use crate::support::{wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Event, HealthLevel, Pool, RequestOptions};
 

@@ -1,13 +1,11 @@
 //! The engine end to end against the feed simulator on loopback: subscriptions,
 //! requests, unsubscribe, reconnect and re-subscribe, shutdown.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::{wait_for_event, wait_until, watchdog};
+use crate::support::{wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
 

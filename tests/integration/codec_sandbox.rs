@@ -1,12 +1,10 @@
 //! A codec that traps, loops forever or hoards memory takes down only its own
 //! connection; the pool replaces it and the other connection keeps delivering.
 
-mod support;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use support::{wait_for_event, watchdog, ScriptServer};
+use crate::support::{wait_for_event, watchdog, ScriptServer};
 use wirepool::{Config, Pool};
 
 fn compile_wat(name: &str) -> PathBuf {

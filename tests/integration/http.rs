@@ -2,14 +2,13 @@
 //! connection admin endpoints, run-time config, Prometheus metrics, bearer-token
 //! auth, error replies, and clients that misbehave.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::support;
+use crate::support::watchdog;
 use serde_json::{json, Value};
-use support::watchdog;
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Pool, RequestOptions};
 

@@ -1,12 +1,11 @@
 //! `wss://` through rustls, trusting a private CA given in `tls.ca_file`.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{wait_for_event, watchdog, write_temp};
+use crate::support;
+use crate::support::{wait_for_event, watchdog, write_temp};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Pool, RequestOptions};
 

@@ -1,14 +1,12 @@
 //! The C ABI as a C caller uses it, including misuse: NULL handles, bad UTF-8, bad
 //! config, each giving an error code and a message, never a crash.
 
-mod support;
-
 use std::ffi::{c_char, CStr};
 use std::net::SocketAddr;
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use support::{last_error, open_pool, watchdog};
+use crate::support::{last_error, open_pool, watchdog};
 use wirepool::ffi::*;
 use wirepool::simulator::{Simulator, SimulatorConfig};
 

@@ -1,14 +1,12 @@
 //! Operations: leases idle a pool and restore it, shared state gates `pool_ready`,
 //! run-time reconfiguration, and the daemon's graceful shutdown.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{wait_for_event, wait_until, watchdog, write_temp};
+use crate::support::{wait_for_event, wait_until, watchdog, write_temp};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Pool, PoolSettings};
 
