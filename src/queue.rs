@@ -4,7 +4,8 @@
 //! one buffer) under one lock; consumers take chunks whole and hand the buffers back, so
 //! the steady state allocates and frees nothing per message. An eventfd
 //! mirrors "the queue is not empty" so C and Python callers can wait with epoll,
-//! select or asyncio. With `block` overflow a full queue makes the pushing worker wait
+//! select or asyncio; it is kept up to date only once somebody has asked for it, so a
+//! consumer that never polls the fd costs no system calls per batch. With `block` overflow a full queue makes the pushing worker wait
 //! (nothing accepted is lost); the wait time is returned so the worker can pause its
 //! liveness clocks and report a slow consumer.
 
@@ -246,6 +247,8 @@ struct QueueState {
     len: usize,
     spare: Vec<Chunk>,
     closed: bool,
+    /// The fd was handed out: pushes and takes keep it in step with `len`.
+    fd_armed: bool,
 }
 
 impl QueueState {
@@ -325,6 +328,7 @@ impl ConsumerQueue {
                 len: 0,
                 spare: Vec::new(),
                 closed: false,
+                fd_armed: false,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
@@ -335,8 +339,17 @@ impl ConsumerQueue {
         })
     }
 
-    /// The fd that is readable while messages are queued.
+    /// The fd that is readable while messages are queued (and once closed). Until
+    /// the first call the fd is not written, saving two system calls per batch for
+    /// consumers that never wait on it; the first call brings it up to date.
     pub fn fd(&self) -> RawFd {
+        let mut state = self.state.lock();
+        if !state.fd_armed {
+            state.fd_armed = true;
+            if state.len > 0 || state.closed {
+                self.write_ready_fd();
+            }
+        }
         self.ready_fd.as_raw_fd()
     }
 
@@ -434,19 +447,23 @@ impl ConsumerQueue {
     }
 
     fn signal_not_empty(&self, state: &QueueState, was_empty: bool) {
-        if was_empty && state.len > 0 {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full counter
-            // (EAGAIN) still leaves the fd readable, which is all we need.
-            unsafe {
-                libc::write(
-                    self.ready_fd.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                );
-            }
+        if was_empty && state.len > 0 && state.fd_armed {
+            self.write_ready_fd();
         }
         self.not_empty.notify_all();
+    }
+
+    fn write_ready_fd(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full counter
+        // (EAGAIN) still leaves the fd readable, which is all we need.
+        unsafe {
+            libc::write(
+                self.ready_fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
     }
 
     fn clear_ready_fd(&self) {
@@ -488,7 +505,7 @@ impl ConsumerQueue {
     /// After taking messages: the fd follows the queue, producers may go on.
     fn taken(&self, mut state: parking_lot::MutexGuard<'_, QueueState>, taken: usize) {
         state.len -= taken;
-        if state.len == 0 {
+        if state.len == 0 && state.fd_armed {
             self.clear_ready_fd();
         }
         drop(state);
@@ -574,15 +591,7 @@ impl ConsumerQueue {
         let mut state = self.state.lock();
         state.closed = true;
         // Make the fd readable so select/epoll callers notice the close.
-        let one: u64 = 1;
-        // SAFETY: as in signal_not_empty.
-        unsafe {
-            libc::write(
-                self.ready_fd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
+        self.write_ready_fd();
         drop(state);
         self.not_empty.notify_all();
         self.not_full.notify_all();
@@ -645,6 +654,21 @@ mod tests {
         assert_eq!(queue.pop_batch(&mut out, 8, Some(Duration::ZERO)), Ok(1));
         assert!(!fd_readable(&queue));
         assert_eq!(out, vec![message(1), message(2)]);
+    }
+
+    #[test]
+    fn fd_asked_for_late_is_readable_at_once_and_follows_the_queue_after() {
+        let queue = ConsumerQueue::new(8, Overflow::Block).unwrap();
+        queue.push_chunk(&mut chunk(1..3));
+        // Nobody held the fd while the messages came: asking for it brings it up to date.
+        assert!(fd_readable(&queue));
+        assert_eq!(drain(&queue), vec![message(1), message(2)]);
+        assert!(!fd_readable(&queue));
+        queue.push_chunk(&mut chunk(3..4));
+        assert!(fd_readable(&queue));
+        assert_eq!(drain(&queue), vec![message(3)]);
+        queue.close();
+        assert!(fd_readable(&queue), "a closed queue wakes fd waiters");
     }
 
     #[test]

@@ -130,16 +130,39 @@ fn raw_codec_passes_frames_through() {
     assert_eq!(records[1].3, "text");
 }
 
+/// The raw codec's module with a custom section appended: the same code, bytes of
+/// their own, so a test gets a compiled-module cache entry no other test shares.
+fn raw_module_tagged(tag: &str) -> Vec<u8> {
+    let mut bytes = builtin::module_bytes(BuiltinCodec::Raw).to_vec();
+    let name = tag.as_bytes();
+    bytes.push(0); // custom section
+    bytes.push(u8::try_from(name.len() + 1).expect("short tag"));
+    bytes.push(u8::try_from(name.len()).expect("short tag"));
+    bytes.extend_from_slice(name);
+    bytes
+}
+
+fn load_bytes(bytes: &[u8], max_memory_mb: usize) -> CodecRuntime {
+    let limits = CodecLimits {
+        max_call: Duration::from_millis(100),
+        max_memory_bytes: max_memory_mb << 20,
+    };
+    CodecRuntime::from_bytes(
+        bytes,
+        "tagged raw codec",
+        limits,
+        b"null".to_vec(),
+        Vec::new(),
+    )
+    .expect("loads")
+}
+
 #[test]
 fn pools_loading_one_codec_share_its_compiled_module_and_ticker() {
-    // Unusual limits give this test a cache entry of its own.
-    let config = CodecConfig {
-        max_memory_mb: 13,
-        ..CodecConfig::default()
-    };
-    let source = CodecSource::Builtin(BuiltinCodec::Raw);
-    let first = CodecRuntime::load(&source, &config, None).expect("loads");
-    let second = CodecRuntime::load(&source, &config, Some("token")).expect("loads again");
+    let bytes = raw_module_tagged("wirepool-test-shared-module");
+    // Memory limits belong to each instance's store, not to the compiled module.
+    let first = load_bytes(&bytes, 13);
+    let second = load_bytes(&bytes, 14);
     assert!(
         Arc::ptr_eq(&first._ticker, &second._ticker),
         "one engine, one epoch ticker"
@@ -156,12 +179,8 @@ fn pools_loading_one_codec_share_its_compiled_module_and_ticker() {
         ticker.upgrade().is_none(),
         "the ticker thread stops with the last pool using the engine"
     );
-    // A different memory limit is a different engine.
-    let other = CodecConfig {
-        max_memory_mb: 14,
-        ..CodecConfig::default()
-    };
-    let third = CodecRuntime::load(&source, &config, None).expect("loads");
-    let fourth = CodecRuntime::load(&source, &other, None).expect("loads");
+    // Other bytes are another module.
+    let third = load_bytes(&bytes, 13);
+    let fourth = load_bytes(&raw_module_tagged("wirepool-test-other-module"), 13);
     assert!(!Engine::same(&third.engine, &fourth.engine));
 }

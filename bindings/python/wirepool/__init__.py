@@ -188,6 +188,15 @@ def library_path() -> Optional[str]:
 # --- messages ----------------------------------------------------------------------------
 
 
+try:
+    # The C descriptor namedtuple's fields use: a third faster to read than a property.
+    from collections import _tuplegetter as _field  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover (CPython has it since 3.8)
+
+    def _field(index: int, doc: str) -> Any:
+        return property(_itemgetter(index), doc=doc)
+
+
 class Message(tuple):
     """One received subscription message: an immutable named tuple of
 
@@ -213,11 +222,11 @@ class Message(tuple):
     ) -> "Message":
         return _tuple_new(cls, (channel, payload, kind, connection_id, received_ns))
 
-    channel: str = property(_itemgetter(0), doc="The channel it arrived on.")  # type: ignore[assignment]
-    payload: bytes = property(_itemgetter(1), doc="The payload bytes.")  # type: ignore[assignment]
-    kind: str = property(_itemgetter(2), doc='What it is ("data").')  # type: ignore[assignment]
-    connection_id: int = property(_itemgetter(3), doc="The connection that read it.")  # type: ignore[assignment]
-    received_ns: int = property(_itemgetter(4), doc="Wall-clock ns when read.")  # type: ignore[assignment]
+    channel: str = _field(0, "The channel it arrived on.")  # type: ignore[assignment]
+    payload: bytes = _field(1, "The payload bytes.")  # type: ignore[assignment]
+    kind: str = _field(2, 'What it is ("data").')  # type: ignore[assignment]
+    connection_id: int = _field(3, "The connection that read it.")  # type: ignore[assignment]
+    received_ns: int = _field(4, "Wall-clock ns when read.")  # type: ignore[assignment]
 
     def __getnewargs__(self) -> tuple:
         return tuple(self)
