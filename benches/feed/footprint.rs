@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use wirepool::{Config, Pool, PoolSettings};
 
-use crate::meter::{quantile, rss_by_mapping, rss_bytes, thread_count};
+use crate::meter::{heap_in_use_bytes, quantile, rss_by_mapping, rss_bytes, thread_count};
 
 fn config(url: &str, ca_file: Option<&str>, min: u32, max: u32) -> Result<Config, String> {
     let mut config = json!({
@@ -130,6 +130,7 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
         .map_err(|err| format!("wait_ready: {err}"))?;
     std::thread::sleep(Duration::from_millis(200));
     let rss_one = rss_bytes();
+    let heap_one = heap_in_use_bytes();
     let settings = pool.settings();
     pool.reconfigure(PoolSettings {
         min_connections: connections,
@@ -151,6 +152,7 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     // Let every worker reach its idle wait.
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_bytes();
+    let heap_after = heap_in_use_bytes();
     let threads_after = thread_count();
     let largest: Vec<Value> = rss_by_mapping()
         .into_iter()
@@ -173,6 +175,9 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
         "rss_after_mb": rss_after as f64 / mib,
         "rss_mb_per_1000_idle": all / f64::from(connections) * 1000.0 / mib,
         "rss_mb_per_1000_idle_marginal": marginal / f64::from(connections - 1) * 1000.0 / mib,
+        "heap_in_use_kb_per_connection": heap_after.saturating_sub(heap_one) as f64
+            / f64::from(connections - 1)
+            / 1024.0,
         "first_connection_mb": rss_one.saturating_sub(rss_before) as f64 / mib,
         "threads_added": threads_after.saturating_sub(threads_before),
         "all_ready_ms": ready_after.as_secs_f64() * 1000.0,

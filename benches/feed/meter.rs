@@ -180,6 +180,14 @@ pub fn rss_bytes() -> u64 {
     pages * page
 }
 
+/// Bytes the process's malloc has handed out and not taken back (glibc `mallinfo2`),
+/// all arenas: beside RSS, it tells live heap objects from arena slack.
+pub fn heap_in_use_bytes() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
+}
+
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |dir| dir.count())

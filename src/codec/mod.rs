@@ -149,19 +149,37 @@ impl Compiled {
         config.epoch_interruption(true);
         // The whole 32-bit index space is reserved (address space only, nothing
         // resident) with a guard region after it, so cranelift elides the bounds
-        // check on every load and store: the codec's hot loops run at about twice
-        // the speed of explicitly checked code. 1000 connections reserve 4 TiB of
-        // the 128 TiB user address space. The memory limit is enforced by the
-        // store's limiter, not by the reservation.
+        // check on every load and store (measured: the json codec's throughput on one
+        // connection rose 10 to 15 %). 1000 connections reserve 4 TiB of the 128 TiB
+        // user address space. The memory limit is enforced by each store's limiter,
+        // not by the reservation.
         config.memory_reservation(1 << 32);
         config.memory_guard_size(32 << 20);
         config.memory_reservation_for_growth(0);
         config.max_wasm_stack(512 * 1024);
-        let engine = Engine::new(&config)
-            .map_err(|err| Error::Codec(format!("{name}: creating the engine: {err:#}")))?;
-        let module = Module::new(&engine, bytes)
+        let engine_error =
+            |err: wasmtime::Error| Error::Codec(format!("{name}: creating the engine: {err:#}"));
+        let compiler = Engine::new(&config).map_err(engine_error)?;
+        let module = Module::new(&compiler, bytes)
             .map_err(|err| Error::Codec(format!("{name}: not a valid module: {err:#}")))?;
         check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
+        // The compiling engine keeps cranelift's scratch buffers for its next compile
+        // (about 2 MB); the pools only ever run this module. So the compiled code moves
+        // to an engine that never compiles, the compiler goes, and the freed heap goes
+        // back to the system.
+        let image = module.serialize().map_err(|err| {
+            Error::Codec(format!("{name}: serialising the compiled module: {err:#}"))
+        })?;
+        drop((module, compiler));
+        let engine = Engine::new(&config).map_err(engine_error)?;
+        // SAFETY: `image` is what `serialize` produced a moment ago in this process,
+        // for an engine with this very configuration: exactly what `deserialize`
+        // requires (it still checks the engine and the image's format).
+        let module = unsafe { Module::deserialize(&engine, &image) }
+            .map_err(|err| Error::Codec(format!("{name}: loading the compiled module: {err:#}")))?;
+        drop(image);
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         Ok(Compiled {
             engine,
             module,

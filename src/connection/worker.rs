@@ -118,7 +118,9 @@ fn run(
         server_index,
         commands,
         poller: waker,
-        events: Events::new(),
+        // One socket and the poller's own wake-up: a few slots do (the default
+        // 1024 would be 12 KiB of heap per connection).
+        events: Events::with_capacity(std::num::NonZeroUsize::new(4).expect("non-zero")),
         stats: Arc::clone(&stats),
         ws: None,
         ready: false,
