@@ -7,7 +7,8 @@
 //! copied: a [`Value`] borrows its bytes from the input, and a string is unescaped
 //! (into a caller's scratch buffer) only when asked and only when it has escapes.
 //!
-//! The scanner is iterative: nesting is tracked in a 128-bit stack, so hostile input
+//! The scanner is iterative: nesting is tracked in a 128-bit stack (two 64-bit words:
+//! 128-bit shifts would call helper functions in wasm32 code), so hostile input
 //! cannot overflow the call stack; containers nested deeper than [`MAX_DEPTH`] are an
 //! error.
 //!
@@ -163,7 +164,7 @@ pub fn scan<'a>(
     values.fill(None);
     let b = input;
     // Bit `d` set: the container at depth `d + 1` is an array.
-    let mut arrays: u128 = 0;
+    let mut arrays = [0u64; MAX_DEPTH / 64];
     let mut depth: usize = 0;
     // (key index, value start) of the top-level member being read.
     let mut capture: Option<(usize, usize)> = None;
@@ -188,10 +189,11 @@ pub fn scan<'a>(
                     return Err(error(i, "nested deeper than 128 levels"));
                 }
                 let is_array = open == b'[';
+                let (word, bit) = (depth / 64, 1u64 << (depth % 64));
                 if is_array {
-                    arrays |= 1 << depth;
+                    arrays[word] |= bit;
                 } else {
-                    arrays &= !(1 << depth);
+                    arrays[word] &= !bit;
                 }
                 depth += 1;
                 i = skip_whitespace(b, i + 1);
@@ -234,7 +236,7 @@ pub fn scan<'a>(
                     Err(error(i, "unexpected data after the value"))
                 };
             }
-            let in_array = arrays >> (depth - 1) & 1 == 1;
+            let in_array = arrays[(depth - 1) / 64] >> ((depth - 1) % 64) & 1 == 1;
             match (b.get(i), in_array) {
                 (Some(b','), true) => {
                     i = skip_whitespace(b, i + 1);
@@ -409,13 +411,41 @@ fn match_escaped_name(name: &[u8], keys: &[&[u8]]) -> Option<usize> {
     find_name(&buffer[..len], keys)
 }
 
-/// The index of `name` in `keys`. Names are short: an inline byte loop beats a call to
-/// `memcmp`, which matters since this runs for every top-level member.
+/// The index of `name` in `keys`. Names are short and this runs for every top-level
+/// member: a plain loop comparing lengths first, then eight bytes at a time, beats
+/// iterator adaptors (not inlined in wasm32 code) and calls to `memcmp`.
 #[inline(always)]
 fn find_name(name: &[u8], keys: &[&[u8]]) -> Option<usize> {
-    keys.iter().position(|key| {
-        key.len() == name.len() && key.iter().zip(name).all(|(left, right)| left == right)
-    })
+    let mut index = 0;
+    while index < keys.len() {
+        let key = keys[index];
+        if key.len() == name.len() && same_bytes(key, name) {
+            return Some(index);
+        }
+        index += 1;
+    }
+    None
+}
+
+/// Whether two slices of the same length hold the same bytes.
+#[inline(always)]
+fn same_bytes(left: &[u8], right: &[u8]) -> bool {
+    let mut i = 0;
+    while let (Some(a), Some(b)) = (left.get(i..i + 8), right.get(i..i + 8)) {
+        let a = u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+        let b = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        if a != b {
+            return false;
+        }
+        i += 8;
+    }
+    while let (Some(a), Some(b)) = (left.get(i), right.get(i)) {
+        if a != b {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Scans the string starting with the quote at `i`; returns the index after the

@@ -173,6 +173,30 @@ fn nesting_is_limited_to_max_depth() {
 }
 
 #[test]
+fn arrays_and_objects_alternate_correctly_at_every_depth() {
+    // Depths 1..=128 alternate object and array, so both words of the nesting stack
+    // (depths up to 64 and beyond) must remember which closer each level needs.
+    let mut text = String::new();
+    for depth in 0..MAX_DEPTH {
+        text.push_str(if depth % 2 == 0 { "{\"k\":" } else { "[" });
+    }
+    text.push('1');
+    for depth in (0..MAX_DEPTH).rev() {
+        text.push(if depth % 2 == 0 { '}' } else { ']' });
+    }
+    assert_eq!(validate(text.as_bytes()), Ok(Kind::Object));
+    // The wrong closer for the innermost array (depth 128, in the second word).
+    let wrong = text.replacen("1]", "1}", 1);
+    let position = wrong.find("1}").unwrap() + 1;
+    let err = validate(wrong.as_bytes()).unwrap_err();
+    assert_eq!(err.offset, position);
+    let mut swapped = text.clone().into_bytes();
+    let last_array_closer = text.rfind(']').unwrap();
+    swapped[last_array_closer] = b'}';
+    assert!(validate(&swapped).is_err(), "a '}}' closing the array at depth 2");
+}
+
+#[test]
 fn hostile_nesting_fails_cleanly() {
     let objects = "{\"a\":".repeat(100_000);
     assert!(validate(objects.as_bytes()).is_err());
