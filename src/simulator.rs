@@ -1841,17 +1841,16 @@ mod tests {
             }
         }
         let ids: Vec<&str> = order.iter().map(|(id, _)| id.as_str()).collect();
+        // The echo sent after the delayed request overtakes it: a delayed reply does
+        // not hold the others back (checked by order, not by a wall-clock bound that a
+        // stalled CI machine could miss).
         assert_eq!(ids, ["s", "e1", "d1"]);
-        assert!(
-            order[1].1 < Duration::from_millis(250),
-            "echo waited: {order:?}"
-        );
         assert!(
             order[2].1 >= Duration::from_millis(300),
             "delay too short: {order:?}"
         );
         assert!(
-            order[2].1 < Duration::from_secs(2),
+            order[2].1 < Duration::from_secs(10),
             "delay too long: {order:?}"
         );
         assert!(data_during_delay >= 5, "data stopped during the delay");
@@ -2183,7 +2182,8 @@ mod tests {
         let started = Instant::now();
         sim.shutdown();
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+        // Well under the 5 s handshake timeout a stalled client could otherwise hold it to.
+        assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
         reader.join().expect("clients saw close frames");
         drop(stalled);
     }
@@ -2196,7 +2196,7 @@ mod tests {
         let mut ws = connect(&sim);
         let started = Instant::now();
         drop(sim);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(started.elapsed() < Duration::from_secs(3));
         expect_close(&mut ws);
         assert!(TcpStream::connect(addr).is_err(), "still listening");
     }
@@ -2348,7 +2348,7 @@ mod tests {
         });
         let started = Instant::now();
         sim.shutdown();
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(started.elapsed() < Duration::from_secs(3));
         expect_close(&mut ws);
     }
 

@@ -806,7 +806,7 @@ fn a_slow_request_body_does_not_hold_up_other_requests() {
         let started = Instant::now();
         assert_eq!(get(addr, "/health").status, 200);
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(5),
             "/health took {:?} while a body was trickling in",
             started.elapsed()
         );
@@ -861,7 +861,7 @@ fn a_client_that_never_reads_its_replies_does_not_block_others() {
         assert_eq!(get(addr, "/health").status, 200);
         assert_eq!(get(addr, "/metrics").status, 200);
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(5),
             "replies took {:?} next to a client that does not read",
             started.elapsed()
         );
