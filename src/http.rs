@@ -20,9 +20,9 @@
 //! replies go out in order anyway); its further requests wait in its lane, so a slow
 //! or hostile client costs one thread, as it already does inside tiny_http.
 //!
-//! Request bodies are limited to 64 KiB (413 beyond). A request that declares an
-//! absurd body (over 16 MiB) is left unanswered and never released, because tiny_http
-//! would allocate the whole declared size to discard it (see `DROP_SAFE_BODY_BYTES`).
+//! Request bodies are limited to 64 KiB (413 beyond, whatever `Content-Length` a
+//! request declares: the unread rest is discarded on its transfer thread through a
+//! bounded buffer, thanks to the one fix in `vendor/tiny_http`).
 //!
 //! [`HealthServer::stop`] wakes the handler thread (`Server::unblock`) and joins it;
 //! transfer threads still waiting on a slow client finish on their own, and
@@ -58,12 +58,6 @@ const BUFFERED_BODY_BYTES: usize = 1024;
 /// Replies up to this size fit in a fresh socket's send buffer (16 KiB by default on
 /// Linux), so writing one to a connection that carries no other reply never blocks.
 const INLINE_REPLY_BYTES: usize = 4 * 1024;
-/// tiny_http discards an unread body by allocating a buffer of the whole unread
-/// remainder at once, when the request is dropped or its body reader meets EOF; a
-/// lying `Content-Length` of terabytes would abort the process. A request declaring
-/// more than this is never read nor dropped: it is leaked (a socket and a tiny_http
-/// thread) and the client gets no reply.
-const DROP_SAFE_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// How long the handler thread sleeps without requests; `stop` wakes it at once.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How long a transfer thread waits for the handler thread's reply.
@@ -234,17 +228,6 @@ impl Handler {
     fn serve(&mut self, mut request: Request) {
         let head = Head::of(&request);
         log::debug!("health port: {} {}", head.method, head.path);
-        if head
-            .declared_body
-            .is_some_and(|length| length > DROP_SAFE_BODY_BYTES)
-        {
-            log::warn!(
-                "health port: ignoring a request that declares a {}-byte body",
-                head.declared_body.unwrap_or(0)
-            );
-            std::mem::forget(request);
-            return;
-        }
         let reply = match self.admit(&head) {
             Err(reply) => reply,
             Ok(endpoint) if endpoint.takes_body() && !head.body_in_memory => {
@@ -897,7 +880,7 @@ fn respond(request: Request, reply: Reply) {
 
 /// Finishes a job on a transfer thread, so a slow client blocks only that thread:
 /// reading the body, writing the reply, and tiny_http's discarding of any unread
-/// body (at most `DROP_SAFE_BODY_BYTES`) when the request is dropped.
+/// body when the request is dropped.
 fn transfer(job: Job, notices: &Sender<Notice>, server: &Weak<Server>) {
     let Job { mut request, work } = job;
     let reply = match work {
