@@ -366,19 +366,26 @@ fn stale_data_is_reported_and_resumed() {
     assert_eq!(pool.stats().reconnects, 0, "reconnect_on_stale is off");
 }
 
-#[test]
-fn reset_over_tls_reconnects() {
-    let _guard = watchdog("tls reset", Duration::from_secs(60));
+/// A TLS simulator behind a fault proxy and a one-connection pool trusting its test CA
+/// (written to `ca_name` in the temp dir).
+fn tls_pool_behind_proxy(ca_name: &str) -> (Simulator, FaultProxy, Pool) {
     let (ca_pem, server_config) = support::test_pki();
     let sim = simulator(Some(server_config));
     let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let ca_file = support::write_temp("resilience-ca.pem", &ca_pem);
+    let ca_file = support::write_temp(ca_name, &ca_pem);
     let url = format!("wss://localhost:{}", proxy.local_addr().port());
     let pool = pool(
         &[url],
         1,
         serde_json::json!({"tls": {"ca_file": ca_file, "roots": "none"}}),
     );
+    (sim, proxy, pool)
+}
+
+#[test]
+fn reset_over_tls_reconnects() {
+    let _guard = watchdog("tls reset", Duration::from_secs(60));
+    let (_sim, proxy, pool) = tls_pool_behind_proxy("resilience-ca.pem");
     pool.subscribe("ticker.0").expect("subscribe");
     let first = first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
     proxy.set_fault(Fault::Reset);
@@ -389,16 +396,7 @@ fn reset_over_tls_reconnects() {
 #[test]
 fn clean_close_and_blackhole_over_tls_are_detected_and_recovered() {
     let _guard = watchdog("tls faults", Duration::from_secs(60));
-    let (ca_pem, server_config) = support::test_pki();
-    let sim = simulator(Some(server_config));
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let ca_file = support::write_temp("resilience-tls-faults-ca.pem", &ca_pem);
-    let url = format!("wss://localhost:{}", proxy.local_addr().port());
-    let pool = pool(
-        &[url],
-        1,
-        serde_json::json!({"tls": {"ca_file": ca_file, "roots": "none"}}),
-    );
+    let (_sim, proxy, pool) = tls_pool_behind_proxy("resilience-tls-faults-ca.pem");
     pool.subscribe("ticker.2").expect("subscribe");
     let mut seen = vec![first_message_on(
         &pool,
