@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 # Each step says how long the run has taken so far, so a slow CI machine shows where.
 step() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
-step "rustfmt"
+step "rustfmt (the engine, and the codecs' own workspace)"
 cargo fmt --all -- --check
+(cd codecs && cargo fmt --all -- --check)
 
 # clippy-driver compiles the workspace's own crates (library, CLI, tests, benches) with
 # clippy's lints, warnings as errors: what `cargo clippy --all-targets -- -D warnings`

@@ -132,6 +132,61 @@ impl<'a> Iterator for RecordIter<'a> {
 mod tests {
     use super::*;
 
+    /// `(code, NAME)` of each row of the table under `heading` in
+    /// `docs/codec-abi.md` whose first cell is a number.
+    fn documented(heading: &str) -> Vec<(i64, String)> {
+        let doc = include_str!("../../docs/codec-abi.md");
+        let section = doc
+            .split("\n## ")
+            .find(|section| section.starts_with(heading))
+            .unwrap_or_else(|| panic!("docs/codec-abi.md has no section {heading:?}"));
+        section
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split('|').map(str::trim).skip(1);
+                let code = cells.next()?.parse().ok()?;
+                Some((code, cells.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn record_kinds_and_ops_match_the_documented_abi() {
+        let kinds = [
+            (kind::SEND_TEXT, "SEND_TEXT"),
+            (kind::SEND_BINARY, "SEND_BINARY"),
+            (kind::READY, "READY"),
+            (kind::DATA, "DATA"),
+            (kind::RESPONSE, "RESPONSE"),
+            (kind::REQUEST_ERROR, "REQUEST_ERROR"),
+            (kind::SUBSCRIBED, "SUBSCRIBED"),
+            (kind::UNSUBSCRIBED, "UNSUBSCRIBED"),
+            (kind::ERROR, "ERROR"),
+            (kind::HEARTBEAT, "HEARTBEAT"),
+            (kind::SHARED, "SHARED"),
+            (kind::SEQUENCE_GAP, "SEQUENCE_GAP"),
+            (kind::AUTH_FAILED, "AUTH_FAILED"),
+            (kind::MALFORMED, "MALFORMED"),
+            (kind::SUBSCRIBE_ERROR, "SUBSCRIBE_ERROR"),
+        ]
+        .map(|(code, name)| (i64::from(code), name.to_string()));
+        // The kinds table is the one after the record layout table in its section.
+        let documented_kinds: Vec<_> = documented("Output records")
+            .into_iter()
+            .filter(|(_, name)| name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        assert_eq!(documented_kinds, kinds);
+        let ops = [
+            (op::SUBSCRIBE, "SUBSCRIBE"),
+            (op::UNSUBSCRIBE, "UNSUBSCRIBE"),
+            (op::REQUEST, "REQUEST"),
+            (op::HEARTBEAT, "HEARTBEAT"),
+            (op::CANCEL, "CANCEL"),
+        ]
+        .map(|(code, name)| (i64::from(code), name.to_string()));
+        assert_eq!(documented("Outbound commands"), ops);
+    }
+
     fn record(kind: u32, id: i64, channel: &[u8], payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&kind.to_le_bytes());

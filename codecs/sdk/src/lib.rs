@@ -248,3 +248,65 @@ macro_rules! export_codec {
         };
     };
 }
+
+#[cfg(test)]
+mod abi_tests {
+    use super::{kind, Op};
+
+    /// `(code, NAME)` of each row under `heading` in `docs/codec-abi.md` (the engine's
+    /// side checks the same tables) whose cells are a number and an upper-case name.
+    fn documented(heading: &str) -> Vec<(i64, String)> {
+        let doc = include_str!("../../../docs/codec-abi.md");
+        let section = doc
+            .split("\n## ")
+            .find(|section| section.starts_with(heading))
+            .unwrap_or_else(|| panic!("docs/codec-abi.md has no section {heading:?}"));
+        section
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split('|').map(str::trim).skip(1);
+                let code = cells.next()?.parse().ok()?;
+                let name = cells.next()?;
+                name.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_')
+                    .then(|| (code, name.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn record_kinds_and_op_codes_match_the_documented_abi() {
+        let kinds = [
+            (kind::SEND_TEXT, "SEND_TEXT"),
+            (kind::SEND_BINARY, "SEND_BINARY"),
+            (kind::READY, "READY"),
+            (kind::DATA, "DATA"),
+            (kind::RESPONSE, "RESPONSE"),
+            (kind::REQUEST_ERROR, "REQUEST_ERROR"),
+            (kind::SUBSCRIBED, "SUBSCRIBED"),
+            (kind::UNSUBSCRIBED, "UNSUBSCRIBED"),
+            (kind::ERROR, "ERROR"),
+            (kind::HEARTBEAT, "HEARTBEAT"),
+            (kind::SHARED, "SHARED"),
+            (kind::SEQUENCE_GAP, "SEQUENCE_GAP"),
+            (kind::AUTH_FAILED, "AUTH_FAILED"),
+            (kind::MALFORMED, "MALFORMED"),
+            (kind::SUBSCRIBE_ERROR, "SUBSCRIBE_ERROR"),
+        ]
+        .map(|(code, name)| (i64::from(code), name.to_string()));
+        assert_eq!(documented("Output records"), kinds);
+        let ops = [
+            (Op::Subscribe, "SUBSCRIBE"),
+            (Op::Unsubscribe, "UNSUBSCRIBE"),
+            (Op::Request, "REQUEST"),
+            (Op::Heartbeat, "HEARTBEAT"),
+            (Op::Cancel, "CANCEL"),
+        ]
+        .map(|(op, name)| (i64::from(op.code()), name.to_string()));
+        assert_eq!(documented("Outbound commands"), ops);
+        for (code, _) in &ops {
+            let code = i32::try_from(*code).expect("small");
+            assert_eq!(Op::from_code(code).code(), code, "op {code} round-trips");
+        }
+    }
+}

@@ -193,7 +193,10 @@ fn arrays_and_objects_alternate_correctly_at_every_depth() {
     let mut swapped = text.clone().into_bytes();
     let last_array_closer = text.rfind(']').unwrap();
     swapped[last_array_closer] = b'}';
-    assert!(validate(&swapped).is_err(), "a '}}' closing the array at depth 2");
+    assert!(
+        validate(&swapped).is_err(),
+        "a '}}' closing the array at depth 2"
+    );
 }
 
 #[test]
@@ -352,4 +355,3 @@ fn strings_of_every_length_find_their_end() {
         }
     }
 }
-
