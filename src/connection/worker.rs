@@ -556,6 +556,9 @@ impl Link {
         let mut received_ns = 0u64;
         let mut more = false;
         let mut peer_closed: Option<String> = None;
+        // A read error ends the session, but only after the frames read before it
+        // are decoded and delivered: they were accepted from the wire.
+        let mut read_failed: Option<Error> = None;
         loop {
             let ws = self.ws()?;
             match ws.read() {
@@ -594,7 +597,10 @@ impl Link {
                 Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
                     break
                 }
-                Err(err) => return Err(Ended::Failed(read_error(err))),
+                Err(err) => {
+                    read_failed = Some(read_error(err));
+                    break;
+                }
             }
             if self.frames.is_full() {
                 more = true;
@@ -606,11 +612,16 @@ impl Link {
                 "the server closed the connection ({detail})"
             )))
         };
+        let ended = |peer_closed: Option<String>, read_failed: Option<Error>| match (
+            read_failed,
+            peer_closed,
+        ) {
+            (Some(err), _) => Err(Ended::Failed(err)),
+            (None, Some(detail)) => Err(closed_error(detail)),
+            (None, None) => Ok(more),
+        };
         if self.frames.is_empty() {
-            return match peer_closed {
-                Some(detail) => Err(closed_error(detail)),
-                None => Ok(more),
-            };
+            return ended(peer_closed, read_failed);
         }
         let frame_count = self.frames.len() as u64;
         self.stats
@@ -635,10 +646,7 @@ impl Link {
         }
         let records = codec.decode(&self.frames)?;
         self.apply_with_time(records, received_ns)?;
-        match peer_closed {
-            Some(detail) => Err(closed_error(detail)),
-            None => Ok(more),
-        }
+        ended(peer_closed, read_failed)
     }
 
     fn run_timers(

@@ -348,3 +348,46 @@ fn close_sends_close_frames_and_fails_waiting_requests() {
         "the server still sees open connections"
     );
 }
+
+#[test]
+fn frames_read_just_before_a_connection_reset_are_still_delivered() {
+    let _guard = watchdog("frames before reset", Duration::from_secs(60));
+    const FRAMES: usize = 300;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}", listener.local_addr().expect("address"));
+    let (go, start) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        let mut ws = tungstenite::accept(tcp).expect("handshake");
+        start.recv().expect("go");
+        // Every frame in one write, then a reset: the client's kernel holds the data and
+        // then the RST, so its worker reads the frames and meets the error in one go.
+        for index in 0..FRAMES {
+            ws.write(tungstenite::Message::text(format!("frame {index}")))
+                .expect("queue a frame");
+        }
+        ws.flush().expect("write the frames");
+        socket2::SockRef::from(ws.get_ref())
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger 0");
+        drop(ws);
+    });
+    let pool = pool_for(&url, 1, serde_json::json!({"codec": {"builtin": "raw"}}));
+    go.send(()).expect("server waits");
+    server.join().expect("server");
+    let mut payloads = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while payloads.len() < FRAMES && Instant::now() < deadline {
+        if let Some(message) = pool.recv(Some(Duration::from_millis(100))).expect("open") {
+            payloads.push(String::from_utf8(message.payload).expect("text"));
+        }
+    }
+    let expected: Vec<String> = (0..FRAMES).map(|index| format!("frame {index}")).collect();
+    assert_eq!(
+        payloads.len(),
+        FRAMES,
+        "frames lost to the reset; first missing: {:?}",
+        expected.iter().find(|frame| !payloads.contains(frame))
+    );
+    assert_eq!(payloads, expected);
+}
