@@ -434,6 +434,173 @@ fn a_batch_yields_records_in_frame_order() {
     );
 }
 
+#[test]
+fn fast_path_reads_the_usual_data_frame_and_declines_the_rest() {
+    let seq = Some(&b"seq"[..]);
+    let frame = br#"{"type":"data","channel":"c0","seq":-7,"payload":{"a":[1,"x"]}}"#;
+    let data = usual_data_frame(frame, seq).expect("the usual shape");
+    assert_eq!(data.channel, b"c0");
+    assert_eq!(data.sequence, Some(-7));
+    assert_eq!(data.payload, br#"{"a":[1,"x"]}"#);
+    let without_seq = br#"{"type":"data","channel":"c0","payload":1}"#;
+    let data = usual_data_frame(without_seq, seq).expect("no sequence member");
+    assert_eq!((data.sequence, data.payload), (None, &b"1"[..]));
+    for other in [
+        &br#"{"type":"data", "channel":"c0","payload":1}"#[..],
+        br#"{"channel":"c0","type":"data","payload":1}"#,
+        br#"{"type":"data","channel":"c\u0030","payload":1}"#,
+        br#"{"type":"data","channel":"c0","seq":1.5,"payload":1}"#,
+        br#"{"type":"data","channel":"c0","payload":1,"messageId":"r1"}"#,
+        br#"{"type":"data","channel":"c0","payload":{"a":}}"#,
+        br#"{"type":"data","channel":"c0","payload":1 }"#,
+    ] {
+        assert!(
+            usual_data_frame(other, seq).is_none(),
+            "{}",
+            String::from_utf8_lossy(other)
+        );
+    }
+}
+
+/// Decodes each frame (one call each) with the fast path as `init` set it and with the
+/// general path only; both must emit the same records, in the same order, and keep the
+/// same sequence state.
+fn assert_paths_agree(config: &str, frames: &[Vec<u8>]) -> usize {
+    let mut fast = ready_codec(config);
+    let mut general = ready_codec(config);
+    general.codec.fast_path = false;
+    let mut taken = 0;
+    let field = fast.codec.options.sequence_field.clone();
+    for frame in frames {
+        if fast.codec.fast_path && usual_data_frame(frame, field.as_deref()).is_some() {
+            taken += 1;
+        }
+        let by_fast = fast.decode_text(&[frame]).expect("decode never fails");
+        let by_general = general.decode_text(&[frame]).expect("decode never fails");
+        assert_eq!(
+            by_fast,
+            by_general,
+            "config {config}, frame {:?}",
+            String::from_utf8_lossy(frame)
+        );
+    }
+    taken
+}
+
+fn usual_frames() -> Vec<Vec<u8>> {
+    let channels = [
+        r#""c0""#,
+        r#""""#,
+        r#""trades.BTC-USD""#,
+        r#""a b~\u007f""#,
+        r#""ch\u0030""#,
+        r#""é""#,
+        r#""x\"y""#,
+    ];
+    let sequences = [
+        None,
+        Some("1"),
+        Some("2"),
+        Some("0"),
+        Some("-1"),
+        Some("-0"),
+        Some("01"),
+        Some("1.5"),
+        Some("1e3"),
+        Some("123456789012345678"),
+        Some("1234567890123456789"),
+        Some("99999999999999999999"),
+        Some(r#""5""#),
+        Some("null"),
+        Some("-"),
+    ];
+    let payloads = [
+        r#"{"ts_ns":1,"pad":"xx"}"#,
+        "[]",
+        r#"[1,2,{"a":null}]"#,
+        r#""s""#,
+        r#""esc\n\u00e9""#,
+        "1",
+        "-2.5e3",
+        "true",
+        "null",
+        "{}",
+        r#"{"a":}"#,
+        "{",
+        "[1,]",
+        "nul",
+        r#""unterminated"#,
+        " 1",
+        "1 ",
+        r#"{"a":1}}"#,
+        r#"{"a":1},"x":2"#,
+        r#"1,"seq":9"#,
+        "",
+    ];
+    let mut frames = Vec::new();
+    for channel in channels {
+        for sequence in sequences {
+            for payload in payloads {
+                let seq = sequence.map_or(String::new(), |value| format!(r#","seq":{value}"#));
+                frames.push(
+                    format!(r#"{{"type":"data","channel":{channel}{seq},"payload":{payload}}}"#)
+                        .into_bytes(),
+                );
+            }
+        }
+    }
+    frames
+}
+
+#[test]
+fn fast_path_agrees_with_the_general_path_on_usual_frames_and_their_cousins() {
+    let frames = usual_frames();
+    for config in [
+        "{}",
+        r#"{"sequence_field":"n"}"#,
+        r#"{"sequence_field":null}"#,
+        r#"{"sequence_field":"payload"}"#,
+        r#"{"sequence_field":"channel"}"#,
+    ] {
+        assert_paths_agree(config, &frames);
+    }
+    // And the fast path does take the usual ones.
+    assert!(assert_paths_agree("{}", &frames) >= 200);
+}
+
+#[test]
+fn fast_path_agrees_with_the_general_path_on_every_truncation_and_byte_change() {
+    let bases = [
+        &br#"{"type":"data","channel":"c0","seq":41,"payload":{"ts_ns":17,"pad":"xy"}}"#[..],
+        br#"{"type":"data","channel":"c0","payload":[1,"a",null]}"#,
+    ];
+    let replacements = [
+        b'"', b'\\', b' ', b'}', b'{', b',', b':', b'0', b'9', b'-', b'.', b'a', 0x00, 0x1f, 0x7f,
+        0xc3, 0xff,
+    ];
+    for base in bases {
+        let mut frames = Vec::new();
+        // A good frame first, so sequence state exists for the mutations to disturb.
+        frames.push(base.to_vec());
+        for end in 0..base.len() {
+            frames.push(base[..end].to_vec());
+        }
+        for at in 0..base.len() {
+            for &byte in &replacements {
+                let mut changed = base.to_vec();
+                changed[at] = byte;
+                frames.push(changed);
+                // Inserted, too.
+                let mut inserted = base.to_vec();
+                inserted.insert(at, byte);
+                frames.push(inserted);
+            }
+        }
+        assert_paths_agree("{}", &frames);
+        assert_paths_agree(r#"{"sequence_field":"seq"}"#, &frames);
+    }
+}
+
 /// Host-side speed of the data path: `cargo test --release -- --ignored --nocapture`.
 #[test]
 #[ignore]
