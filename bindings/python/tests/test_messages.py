@@ -176,3 +176,69 @@ def test_concurrent_consumers_each_get_distinct_messages(pool):
     for stream, seqs in by_stream.items():
         seqs.sort()
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{stream}: a message was lost"
+
+
+class _Names:
+    """What `Pool._decode` uses of a pool: its channel-name cache."""
+
+    def __init__(self):
+        self._channel_names = {}
+
+    _channel_name = wirepool.Pool._channel_name
+
+
+def _batch(rows):
+    """The struct array and data buffer the C batch fill would make for `rows` of
+    (channel, payload), one copy of the name per run, as `wirepool_batch_data` lays
+    them out."""
+    from wirepool import _ffi
+
+    data = bytearray()
+    structs = bytearray()
+    last = None
+    channel_offset = 0
+    for connection_id, (channel, payload) in enumerate(rows, start=1):
+        if channel != last:
+            channel_offset = len(data)
+            data += channel
+            last = channel
+        payload_offset = len(data)
+        data += payload
+        message = _ffi.wirepool_message(
+            channel_len=len(channel),
+            payload_len=len(payload),
+            channel_offset=channel_offset,
+            payload_offset=payload_offset,
+            connection_id=connection_id,
+            received_ns=1000 + connection_id,
+        )
+        structs += bytes(message)
+    return bytes(structs), bytes(data)
+
+
+def test_batches_decode_to_messages_with_their_channels_and_payloads():
+    rows = [
+        (b"a", b"1"),
+        (b"a", b"22"),
+        (b"bb", b"333"),
+        (b"a", b"4"),
+        # An empty name takes no bytes, and an empty payload neither: the next name
+        # then starts at the same offset as the empty one.
+        (b"", b""),
+        (b"cc", b"5"),
+        (b"", b"6"),
+        ("é".encode(), b""),
+    ]
+    raw, data = _batch(rows)
+    messages = wirepool.Pool._decode(_Names(), raw, data)
+    assert [(m.channel, m.payload) for m in messages] == [
+        (channel.decode(), payload) for channel, payload in rows
+    ]
+    assert [m.connection_id for m in messages] == list(range(1, len(rows) + 1))
+    assert [m.received_ns for m in messages] == [1001 + i for i in range(len(rows))]
+    assert {m.kind for m in messages} == {"data"}
+    # Without empty names, the offsets alone key the names.
+    rows = [(b"x", b"1"), (b"y", b"2"), (b"x", b"3")]
+    raw, data = _batch(rows)
+    messages = wirepool.Pool._decode(_Names(), raw, data)
+    assert [(m.channel, m.payload) for m in messages] == [("x", b"1"), ("y", b"2"), ("x", b"3")]

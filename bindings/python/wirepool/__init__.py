@@ -547,15 +547,24 @@ class Pool(_Handle):
         payload_ends = list(map(_add, payload_offsets, words[3::_WORDS].tolist()))
         payloads = list(map(data.__getitem__, map(slice, payload_offsets, payload_ends)))
         # A run of messages on one channel shares one copy of its name in `data`, so
-        # the distinct (offset, length) pairs are few.
+        # the distinct names are few, and each copy's offset alone tells it apart; but
+        # an empty name takes no bytes, so its offset may be another name's, and then
+        # the (offset, length) pairs are the keys.
         channel_offsets = words[4::_WORDS].tolist()
-        channel_spans = list(zip(channel_offsets, words[2::_WORDS].tolist()))
+        channel_lengths = words[2::_WORDS].tolist()
+        if 0 in channel_lengths:
+            keys: List[Any] = list(zip(channel_offsets, channel_lengths))
+            spans = {key: key for key in set(keys)}
+        else:
+            keys = channel_offsets
+            lengths = dict(zip(keys, channel_lengths))
+            spans = {offset: (offset, length) for offset, length in lengths.items()}
         names = {}
-        for offset, length in set(channel_spans):
-            key = data[offset : offset + length]
-            name = self._channel_names.get(key)
-            names[(offset, length)] = name if name is not None else self._channel_name(key)
-        channels = map(names.__getitem__, channel_spans)
+        for key, (offset, length) in spans.items():
+            raw_name = data[offset : offset + length]
+            name = self._channel_names.get(raw_name)
+            names[key] = name if name is not None else self._channel_name(raw_name)
+        channels = map(names.__getitem__, keys)
         kind_words = words[8::_WORDS].tolist()
         if any(kind_words):
             kinds = [_kind_name(word & 0xFFFFFFFF) for word in kind_words]
