@@ -178,8 +178,13 @@ impl Compiled {
         let module = unsafe { Module::deserialize(&engine, &image) }
             .map_err(|err| Error::Codec(format!("{name}: loading the compiled module: {err:#}")))?;
         drop(image);
+        // glibc keeps freed heap for reuse; hand it back (other C libraries have no
+        // such call, and need none).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(Compiled {
             engine,
             module,
