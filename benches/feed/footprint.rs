@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use wirepool::{Config, Pool, PoolSettings};
 
-use crate::meter::{heap_in_use_bytes, quantile, rss_by_mapping, rss_bytes, thread_count};
+use crate::meter::{
+    heap_in_use_bytes, mapping_count, quantile, rss_by_mapping, rss_bytes, thread_count,
+};
 
 fn config(url: &str, ca_file: Option<&str>, min: u32, max: u32) -> Result<Config, String> {
     let mut config = json!({
@@ -131,6 +133,7 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     std::thread::sleep(Duration::from_millis(200));
     let rss_one = rss_bytes();
     let heap_one = heap_in_use_bytes();
+    let mappings_one = mapping_count();
     let settings = pool.settings();
     pool.reconfigure(PoolSettings {
         min_connections: connections,
@@ -153,6 +156,7 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_bytes();
     let heap_after = heap_in_use_bytes();
+    let mappings_after = mapping_count();
     let threads_after = thread_count();
     let largest: Vec<Value> = rss_by_mapping()
         .into_iter()
@@ -175,6 +179,8 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
         "rss_after_mb": rss_after as f64 / mib,
         "rss_mb_per_1000_idle": all / f64::from(connections) * 1000.0 / mib,
         "rss_mb_per_1000_idle_marginal": marginal / f64::from(connections - 1) * 1000.0 / mib,
+        "mappings_per_connection": mappings_after.saturating_sub(mappings_one) as f64
+            / f64::from(connections - 1),
         "heap_in_use_kb_per_connection": heap_after.saturating_sub(heap_one) as f64
             / f64::from(connections - 1)
             / 1024.0,

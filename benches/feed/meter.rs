@@ -188,6 +188,12 @@ pub fn heap_in_use_bytes() -> u64 {
     (info.uordblks + info.hblkhd) as u64
 }
 
+/// Memory mappings of this process (`/proc/self/maps` lines): the kernel caps them per
+/// process (`vm.max_map_count`, 65530 by default).
+pub fn mapping_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map_or(0, |maps| maps.lines().count())
+}
+
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |dir| dir.count())
