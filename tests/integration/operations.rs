@@ -189,7 +189,8 @@ fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
         "daemon.toml",
         "[[servers]]\nurl = \"ws://127.0.0.1:1\"\n\n[auth]\ntoken = \"file-token\"\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wirepool"));
+    command
         .args(["run", "--config"])
         .arg(&config)
         .args(["--subscribe", "ticker.0", "--output", "jsonl"])
@@ -197,9 +198,22 @@ fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
         .env("WIREPOOL_TOKEN", "")
         .env("WIREPOOL_LOG", "trace")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("daemon starts");
+        .stderr(Stdio::piped());
+    // Started with a low soft limit on open files, as many shells give.
+    // SAFETY: the closure only calls getrlimit/setrlimit, which are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = limit.rlim_max.min(256);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("daemon starts");
     // Drain stderr on the side so a chatty log can never block the daemon.
     let mut stderr_pipe = child.stderr.take().expect("stderr");
     let stderr_reader = std::thread::spawn(move || {
@@ -216,6 +230,25 @@ fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
         assert!(value["payload"]["seq"].is_u64(), "{line}");
         assert!(value["connection_id"].is_u64());
     }
+    // The daemon raised its soft limit on open files to the hard limit (or to the
+    // kernel's cap when the hard limit is unlimited).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert!(
+        open_files[0] == open_files[1] || open_files[1] == "unlimited",
+        "soft limit not raised: {open_files:?}"
+    );
+    assert_ne!(
+        open_files[0], "256",
+        "soft limit not raised: {open_files:?}"
+    );
     // SAFETY: sending a signal to our own child process.
     let sent = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(sent, 0);
