@@ -107,8 +107,9 @@ impl Drop for EpochTicker {
 }
 
 /// An engine with one compiled module, shared by every pool of the process that loads
-/// the same module bytes (each instance's memory limit is its store's): compiling takes about 100 ms,
-/// instantiating well under one. Its epoch ticker runs while some pool uses it.
+/// the same module bytes (each instance's memory limit is its store's): compiling
+/// takes about 100 ms, instantiating well under one. Its epoch ticker runs while some
+/// pool uses it.
 struct Compiled {
     engine: Engine,
     module: Module,
