@@ -5,9 +5,10 @@
 //! the steady state allocates and frees nothing per message. An eventfd
 //! mirrors "the queue is not empty" so C and Python callers can wait with epoll,
 //! select or asyncio; it is kept up to date only once somebody has asked for it, so a
-//! consumer that never polls the fd costs no system calls per batch. With `block` overflow a full queue makes the pushing worker wait
-//! (nothing accepted is lost); the wait time is returned so the worker can pause its
-//! liveness clocks and report a slow consumer.
+//! consumer that never polls the fd costs no system calls per batch. With `block`
+//! overflow a full queue makes the pushing worker wait (nothing accepted is lost); the
+//! wait time is returned so the worker can pause its liveness clocks and report a slow
+//! consumer.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
