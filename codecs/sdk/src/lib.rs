@@ -253,26 +253,9 @@ macro_rules! export_codec {
 mod abi_tests {
     use super::{kind, Op};
 
-    /// `(code, NAME)` of each row under `heading` in `docs/codec-abi.md` (the engine's
-    /// side checks the same tables) whose cells are a number and an upper-case name.
-    fn documented(heading: &str) -> Vec<(i64, String)> {
-        let doc = include_str!("../../../docs/codec-abi.md");
-        let section = doc
-            .split("\n## ")
-            .find(|section| section.starts_with(heading))
-            .unwrap_or_else(|| panic!("docs/codec-abi.md has no section {heading:?}"));
-        section
-            .lines()
-            .filter_map(|line| {
-                let mut cells = line.split('|').map(str::trim).skip(1);
-                let code = cells.next()?.parse().ok()?;
-                let name = cells.next()?;
-                name.chars()
-                    .all(|c| c.is_ascii_uppercase() || c == '_')
-                    .then(|| (code, name.to_string()))
-            })
-            .collect()
-    }
+    include!("abi_table.rs");
+
+    const DOC: &str = include_str!("../../../docs/codec-abi.md");
 
     #[test]
     fn record_kinds_and_op_codes_match_the_documented_abi() {
@@ -294,7 +277,7 @@ mod abi_tests {
             (kind::SUBSCRIBE_ERROR, "SUBSCRIBE_ERROR"),
         ]
         .map(|(code, name)| (i64::from(code), name.to_string()));
-        assert_eq!(documented("Output records"), kinds);
+        assert_eq!(documented(DOC, "Output records"), kinds);
         let ops = [
             (Op::Subscribe, "SUBSCRIBE"),
             (Op::Unsubscribe, "UNSUBSCRIBE"),
@@ -303,7 +286,7 @@ mod abi_tests {
             (Op::Cancel, "CANCEL"),
         ]
         .map(|(op, name)| (i64::from(op.code()), name.to_string()));
-        assert_eq!(documented("Outbound commands"), ops);
+        assert_eq!(documented(DOC, "Outbound commands"), ops);
         for (code, _) in &ops {
             let code = i32::try_from(*code).expect("small");
             assert_eq!(Op::from_code(code).code(), code, "op {code} round-trips");
