@@ -47,3 +47,45 @@ pub use queue::{Message, MessageBatch, MessageKind, MessageRef};
 
 /// The library version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Raises this process's soft limit on open files to its hard limit (to the kernel's
+/// `fs.nr_open` when the hard limit is unlimited) and returns `(before, after)`.
+///
+/// Each connection holds four file descriptors (its socket, and its poller's epoll,
+/// wake-up and timer descriptors), so the common soft limit of 1024 stops a process
+/// near 250 connections with "Too many open files". The `wirepool` daemon calls this
+/// at start; a program linking the library decides for itself.
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    let mut wanted = limit.rlim_max;
+    if wanted == libc::RLIM_INFINITY {
+        wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if before >= wanted {
+        return Ok((before, before));
+    }
+    limit.rlim_cur = wanted;
+    // SAFETY: setrlimit reads the valid struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            err.kind(),
+            format!(
+                "the limit stays at {before} (about {} connections): raising it to {wanted} failed: {err}",
+                before / 4
+            ),
+        ));
+    }
+    Ok((before, wanted))
+}

@@ -98,29 +98,14 @@ pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value
     }))
 }
 
-/// Raises the open-files limit to its hard limit (each connection holds a socket and
-/// its poller's descriptors).
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 /// Resident memory added by a pool of `connections` idle, ready connections (json
 /// codec): threads, buffers, codec instances, the compiled module, all included. The
 /// pool starts with one connection (which pays the one-time costs: the compiled
 /// module, the code pages of wasmtime and cranelift, the pool's threads) and grows to
 /// `connections`, so the per-connection cost is reported apart as well.
 pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
-    raise_fd_limit();
+    // Best effort: a failure shows as connections that do not come up.
+    let _ = wirepool::raise_open_file_limit();
     let connections = connections.max(2);
     let idle_url = format!("{url}/feed?idle=1");
     let threads_before = thread_count();

@@ -169,40 +169,15 @@ fn init_logging(log_file: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-/// Each connection holds four file descriptors (its socket, and its poller's epoll,
-/// wake-up and timer descriptors), so the common soft limit of 1024 would stop a daemon
-/// near 250 connections with "Too many open files". Like other servers, the daemon
-/// raises its soft limit to the hard one (capped by the kernel's `fs.nr_open`).
+/// Like other servers, the daemon raises its soft limit on open files to the hard one
+/// (four descriptors per connection: see [`wirepool::raise_open_file_limit`]).
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the valid struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    let mut wanted = limit.rlim_max;
-    if wanted == libc::RLIM_INFINITY {
-        wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(1 << 20);
-    }
-    if limit.rlim_cur >= wanted {
-        return;
-    }
-    let before = limit.rlim_cur;
-    limit.rlim_cur = wanted;
-    // SAFETY: setrlimit reads the valid struct it is given.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-        log::info!("open file limit raised from {before} to {wanted}");
-    } else {
-        log::warn!(
-            "open file limit is {before}: about {} connections at most (raising it failed: {})",
-            before / 4,
-            std::io::Error::last_os_error()
-        );
+    match wirepool::raise_open_file_limit() {
+        Ok((before, after)) if after > before => {
+            log::info!("open file limit raised from {before} to {after}");
+        }
+        Ok(_) => {}
+        Err(err) => log::warn!("open file limit: {err}"),
     }
 }
 
