@@ -64,12 +64,18 @@ fn event_at(events: &[Event], kind: &str) -> Option<u64> {
         .map(|event| event.ts_ms)
 }
 
+/// A simulator behind a fault proxy and a one-connection pool through it.
+fn pool_behind_proxy(extra: serde_json::Value) -> (Simulator, FaultProxy, Pool) {
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(&[proxy.url()], 1, extra);
+    (sim, proxy, pool)
+}
+
 #[test]
 fn blackholed_connection_is_detected_by_missing_pongs_and_replaced() {
     let _guard = watchdog("blackhole", Duration::from_secs(60));
-    let sim = simulator(None);
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = pool(&[proxy.url()], 1, serde_json::json!({}));
+    let (_sim, proxy, pool) = pool_behind_proxy(serde_json::json!({}));
     pool.subscribe("ticker.0").expect("subscribe");
     let first = first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
     pool.events(Duration::ZERO);
@@ -99,9 +105,7 @@ fn blackholed_connection_is_detected_by_missing_pongs_and_replaced() {
 #[test]
 fn reset_and_clean_close_each_lead_to_a_reconnect_and_resubscribe() {
     let _guard = watchdog("reset/close", Duration::from_secs(60));
-    let sim = simulator(None);
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = pool(&[proxy.url()], 1, serde_json::json!({}));
+    let (_sim, proxy, pool) = pool_behind_proxy(serde_json::json!({}));
     pool.subscribe("ticker.1").expect("subscribe");
     let mut seen = vec![first_message_on(
         &pool,
@@ -205,16 +209,10 @@ fn channels_fail_over_to_another_server_within_250_ms_of_detection() {
 #[test]
 fn refused_connects_open_the_circuit_breaker_and_it_recovers() {
     let _guard = watchdog("breaker", Duration::from_secs(60));
-    let sim = simulator(None);
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = pool(
-        &[proxy.url()],
-        1,
-        serde_json::json!({
-            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout_ms": 300, "half_open_max_calls": 1},
-            "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
-        }),
-    );
+    let (_sim, proxy, pool) = pool_behind_proxy(serde_json::json!({
+        "circuit_breaker": {"failure_threshold": 3, "recovery_timeout_ms": 300, "half_open_max_calls": 1},
+        "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
+    }));
     proxy.set_fault(Fault::Refuse);
     proxy.set_fault(Fault::Reset);
     proxy.set_fault(Fault::Refuse);
@@ -252,9 +250,8 @@ fn refused_connects_open_the_circuit_breaker_and_it_recovers() {
 #[test]
 fn in_flight_requests_fail_with_connection_lost_unless_idempotent() {
     let _guard = watchdog("in-flight", Duration::from_secs(60));
-    let sim = simulator(None);
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = Arc::new(pool(&[proxy.url()], 1, serde_json::json!({})));
+    let (_sim, proxy, pool) = pool_behind_proxy(serde_json::json!({}));
+    let pool = Arc::new(pool);
     let slow = br#"{"op":"delay","ms":800}"#;
     let plain = {
         let pool = Arc::clone(&pool);
@@ -303,11 +300,7 @@ fn in_flight_requests_fail_with_connection_lost_unless_idempotent() {
 #[test]
 fn latency_and_throttle_slow_the_feed_but_do_not_break_it() {
     let _guard = watchdog("latency/throttle", Duration::from_secs(60));
-    let sim = simulator(None);
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = pool(
-        &[proxy.url()],
-        1,
+    let (_sim, proxy, pool) = pool_behind_proxy(
         serde_json::json!({"heartbeat": {"ping_interval_ms": 500, "pong_timeout_ms": 2000}}),
     );
     proxy.set_fault(Fault::Latency(Duration::from_millis(150)));
@@ -329,11 +322,7 @@ fn latency_and_throttle_slow_the_feed_but_do_not_break_it() {
 #[test]
 fn stale_data_is_reported_and_resumed() {
     let _guard = watchdog("stale", Duration::from_secs(60));
-    let sim = simulator(None);
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = pool(
-        &[proxy.url()],
-        1,
+    let (_sim, proxy, pool) = pool_behind_proxy(
         serde_json::json!({"heartbeat": {"ping_interval_ms": 0, "stale_after_ms": 300}}),
     );
     pool.subscribe("ticker.0").expect("subscribe");
