@@ -514,10 +514,7 @@ fn usual_data_frame<'a>(body: &'a [u8], sequence_field: Option<&[u8]>) -> Option
     const HEAD: &[u8] = br#"{"type":"data","channel":""#;
     const PAYLOAD: &[u8] = br#","payload":"#;
     let rest = body.strip_prefix(HEAD)?;
-    let name_len = rest
-        .iter()
-        .position(|&byte| !(0x20..0x80).contains(&byte) || byte == b'"' || byte == b'\\')?;
-    let (channel, rest) = rest.split_at(name_len);
+    let (channel, rest) = rest.split_at(json::plain_run_end(rest, 0));
     let mut rest = rest.strip_prefix(b"\"")?;
     let mut sequence = None;
     if let (Some(field), Some(after)) = (sequence_field, rest.strip_prefix(b",\"")) {

@@ -482,9 +482,10 @@ fn string(b: &[u8], i: usize) -> Result<(usize, bool), JsonError> {
 }
 
 /// The index of the first byte at or after `j` that is `"`, `\`, a control character
-/// or not ASCII; eight bytes at a time.
+/// or not ASCII (`b.len()` when there is none): where a run of string content that
+/// needs no unescaping or UTF-8 check ends. Eight bytes at a time.
 #[inline(always)]
-fn plain_run_end(b: &[u8], mut j: usize) -> usize {
+pub fn plain_run_end(b: &[u8], mut j: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     while let Some(word) = b.get(j..j + 8) {
