@@ -242,3 +242,27 @@ def test_batches_decode_to_messages_with_their_channels_and_payloads():
     raw, data = _batch(rows)
     messages = wirepool.Pool._decode(_Names(), raw, data)
     assert [(m.channel, m.payload) for m in messages] == [("x", b"1"), ("y", b"2"), ("x", b"3")]
+
+
+def test_building_a_batch_leaves_the_cyclic_collector_as_it_was():
+    # Collections wait while a batch is built (the messages cannot form cycles); the
+    # collector must come back as the caller left it, on or off.
+    import gc
+
+    raw, data = _batch([(b"ch", b"x" * 10)] * 2000)
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            messages = wirepool.Pool._decode(_Names(), raw, data)
+            assert len(messages) == 2000
+            assert gc.isenabled() is enabled
+        # Collections still happen afterwards: the messages are tracked objects, and a
+        # collection finds garbage cycles made meanwhile.
+        gc.enable()
+        cycle = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        (gc.enable if was else gc.disable)()
