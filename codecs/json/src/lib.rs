@@ -224,7 +224,7 @@ pub struct JsonCodec {
     /// Subscribe / unsubscribe command id → channel, until the venue answers.
     pending_commands: HashMap<i64, Vec<u8>, FastBuild>,
     /// Last sequence number seen per channel.
-    sequences: HashMap<Box<[u8]>, i64, FastBuild>,
+    sequences: Sequences,
     scratch: Scratch,
     /// Data frames of the usual shape take [`usual_data_frame`]; off when the sequence
     /// field shares a member's name, and in the tests that compare the two paths.
@@ -246,7 +246,7 @@ impl Codec for JsonCodec {
             awaiting_auth: false,
             pending_requests: HashSet::default(),
             pending_commands: HashMap::default(),
-            sequences: HashMap::default(),
+            sequences: Sequences::default(),
             scratch: Scratch::default(),
             fast_path,
         })
@@ -344,7 +344,7 @@ impl JsonCodec {
         if self.fast_path {
             if let Some(data) = usual_data_frame(body, sequence_field) {
                 if let Some(sequence) = data.sequence {
-                    check_sequence(&mut self.sequences, data.channel, sequence, out);
+                    self.sequences.check(data.channel, sequence, out);
                 }
                 return out.record(kind::DATA, 0, data.channel, data.payload);
             }
@@ -427,7 +427,7 @@ impl JsonCodec {
                     };
                 };
                 if let Some(sequence) = members[SEQUENCE].and_then(|value| value.as_i64()) {
-                    check_sequence(&mut self.sequences, channel, sequence, out);
+                    self.sequences.check(channel, sequence, out);
                 }
                 let data = payload.map_or(&b"null"[..], |value| value.raw());
                 out.record(kind::DATA, 0, channel, data);
@@ -467,7 +467,7 @@ impl JsonCodec {
                     return malformed(out, "confirmation without \"channel\"", None, body);
                 };
                 // A new subscription starts a new sequence.
-                self.sequences.remove(channel);
+                self.sequences.forget(channel);
                 out.record(record_kind, id, channel, b"");
             }
             FrameType::Pong => {
@@ -549,8 +549,12 @@ fn small_integer(text: &[u8]) -> Option<(i64, &[u8])> {
         (b'-', rest) => (true, rest),
         _ => (false, text),
     };
-    let count = digits.iter().position(|byte| !byte.is_ascii_digit())?;
-    if count == 0 || count > 18 || (digits[0] == b'0' && count > 1) || digits[count] != b',' {
+    let count = json::digits_end(digits, 0);
+    if count == 0
+        || count > 18
+        || (digits[0] == b'0' && count > 1)
+        || digits.get(count) != Some(&b',')
+    {
         return None;
     }
     let mut value: i64 = 0;
@@ -560,29 +564,85 @@ fn small_integer(text: &[u8]) -> Option<(i64, &[u8])> {
     Some((if negative { -value } else { value }, &digits[count..]))
 }
 
-/// Checks `sequence` against the last one seen on `channel`; the first one seen only
-/// sets the baseline.
-fn check_sequence(
-    sequences: &mut HashMap<Box<[u8]>, i64, FastBuild>,
-    channel: &[u8],
-    sequence: i64,
-    out: &mut Output,
-) {
-    match sequences.get_mut(channel) {
-        Some(last) => {
-            let expected = last.wrapping_add(1);
-            if sequence != expected {
-                out.begin(kind::SEQUENCE_GAP, 0, channel)
-                    .push(b"expected ")
-                    .push_i64(expected)
-                    .push(b", got ")
-                    .push_i64(sequence);
+/// The last sequence number seen per channel (at most [`MAX_TRACKED_CHANNELS`]).
+///
+/// A feed mostly comes in runs of one channel, so the slot of the channel seen last is
+/// kept at hand with a copy of its name: a frame of the same channel costs a compare of
+/// the name instead of hashing it and probing the table.
+#[derive(Default)]
+struct Sequences {
+    /// Channel → index into `last`.
+    slots: HashMap<Box<[u8]>, usize, FastBuild>,
+    last: Vec<i64>,
+    /// Slots of forgotten channels, for reuse.
+    free: Vec<usize>,
+    /// The channel seen last, and its slot (`None` when none is at hand).
+    recent: Vec<u8>,
+    recent_slot: Option<usize>,
+}
+
+impl Sequences {
+    /// Checks `sequence` against the last one seen on `channel`, emitting
+    /// `SEQUENCE_GAP` when it is not the next; the first one seen only sets the
+    /// baseline.
+    fn check(&mut self, channel: &[u8], sequence: i64, out: &mut Output) {
+        let slot = match self.recent_slot {
+            Some(slot)
+                if self.recent.len() == channel.len()
+                    && json::same_bytes(&self.recent, channel) =>
+            {
+                slot
             }
-            *last = sequence;
+            _ => match self.lookup(channel, sequence) {
+                Some(slot) => slot,
+                None => return,
+            },
+        };
+        let last = &mut self.last[slot];
+        let expected = last.wrapping_add(1);
+        if sequence != expected {
+            out.begin(kind::SEQUENCE_GAP, 0, channel)
+                .push(b"expected ")
+                .push_i64(expected)
+                .push(b", got ")
+                .push_i64(sequence);
         }
-        None => {
-            if sequences.len() < MAX_TRACKED_CHANNELS {
-                sequences.insert(channel.into(), sequence);
+        *last = sequence;
+    }
+
+    /// The slot of a known `channel`, made the recent one. A new channel gets a slot
+    /// with `sequence` as its baseline (if the table has room) and `None`.
+    fn lookup(&mut self, channel: &[u8], sequence: i64) -> Option<usize> {
+        let (slot, known) = match self.slots.get(channel) {
+            Some(&slot) => (slot, true),
+            None if self.slots.len() >= MAX_TRACKED_CHANNELS => return None,
+            None => {
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.last[slot] = sequence;
+                        slot
+                    }
+                    None => {
+                        self.last.push(sequence);
+                        self.last.len() - 1
+                    }
+                };
+                self.slots.insert(channel.into(), slot);
+                (slot, false)
+            }
+        };
+        self.recent.clear();
+        self.recent.extend_from_slice(channel);
+        self.recent_slot = Some(slot);
+        known.then_some(slot)
+    }
+
+    /// Forgets `channel`: its next sequence number is a new baseline.
+    fn forget(&mut self, channel: &[u8]) {
+        if let Some(slot) = self.slots.remove(channel) {
+            self.free.push(slot);
+            if self.recent_slot == Some(slot) {
+                self.recent_slot = None;
             }
         }
     }

@@ -323,6 +323,90 @@ fn sequence_gaps_are_reported_per_channel() {
 }
 
 #[test]
+fn sequence_tracking_matches_a_plain_table_through_switches_and_resubscriptions() {
+    // Runs of one channel, switches between names that share prefixes and lengths,
+    // resubscriptions (a new baseline) and jumps, checked against a plain map.
+    let names = ["a", "b", "ab", "ba", "abcdefghij", "abcdefghik", ""];
+    let mut codec = ready_codec("{}");
+    let mut model: HashMap<String, i64> = HashMap::new();
+    let mut next: HashMap<String, i64> = HashMap::new();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut random = move |below: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % below
+    };
+    let mut channel = names[0];
+    let mut gaps = 0;
+    for _ in 0..20_000 {
+        if random(8) == 0 {
+            channel = names[random(names.len() as u64) as usize];
+        }
+        if random(100) == 0 {
+            decode_one(
+                &mut codec,
+                &format!(r#"{{"type":"subscribed","channel":"{channel}"}}"#),
+            );
+            model.remove(channel);
+            // A venue restarts the numbering of a new subscription.
+            next.insert(channel.to_string(), 1 + random(1000) as i64);
+            continue;
+        }
+        let counter = next.entry(channel.to_string()).or_insert(1);
+        let sequence = if random(20) == 0 {
+            *counter + 1 + random(3) as i64
+        } else {
+            *counter
+        };
+        *counter = sequence + 1;
+        let expected = model
+            .insert(channel.to_string(), sequence)
+            .map(|last| last + 1);
+        let frame =
+            format!(r#"{{"type":"data","channel":"{channel}","seq":{sequence},"payload":0}}"#);
+        let records = codec.decode_text(&[frame.as_bytes()]).unwrap();
+        match expected {
+            Some(expected) if expected != sequence => {
+                gaps += 1;
+                assert_eq!(kinds(&records), [kind::SEQUENCE_GAP, kind::DATA], "{frame}");
+                assert_eq!(records[0].channel_text(), channel);
+                assert_eq!(
+                    records[0].text(),
+                    format!("expected {expected}, got {sequence}")
+                );
+            }
+            _ => assert_eq!(kinds(&records), [kind::DATA], "{frame}: no gap expected"),
+        }
+    }
+    assert!(gaps > 100, "the run made only {gaps} gaps");
+}
+
+#[test]
+fn at_most_max_tracked_channels_are_tracked_and_forgotten_ones_make_room() {
+    let mut codec = ready_codec("{}");
+    let data = |channel: usize, sequence: i64| {
+        format!(r#"{{"type":"data","channel":"c{channel}","seq":{sequence},"payload":0}}"#)
+    };
+    for channel in 0..MAX_TRACKED_CHANNELS {
+        decode_one(&mut codec, &data(channel, 1));
+    }
+    // One more channel is not tracked: its jumps go unreported.
+    let extra = MAX_TRACKED_CHANNELS;
+    decode_one(&mut codec, &data(extra, 1));
+    assert_eq!(decode_one(&mut codec, &data(extra, 5)).kind, kind::DATA);
+    // Tracked ones still are.
+    let gap = codec.decode_text(&[data(7, 3).as_bytes()]).unwrap();
+    assert_eq!(gap[0].text(), "expected 2, got 3");
+    // A resubscription frees a slot, which the new channel then takes.
+    decode_one(&mut codec, r#"{"type":"subscribed","channel":"c0"}"#);
+    decode_one(&mut codec, &data(extra, 6));
+    let gap = codec.decode_text(&[data(extra, 9).as_bytes()]).unwrap();
+    assert_eq!(kinds(&gap), [kind::SEQUENCE_GAP, kind::DATA]);
+    assert_eq!(gap[0].text(), "expected 7, got 9");
+}
+
+#[test]
 fn shared_state_and_channel_errors() {
     let mut codec = ready_codec("{}");
     let shared = decode_one(

@@ -355,3 +355,40 @@ fn strings_of_every_length_find_their_end() {
         }
     }
 }
+
+#[test]
+fn digit_runs_end_at_the_first_other_byte_wherever_it_stands() {
+    // Every byte value at every offset of a word, after runs of every length up to
+    // three words: the eight-at-a-time path must agree with the plain definition.
+    for run in 0..24 {
+        for stop in 0..=255u8 {
+            let mut text = vec![b'7'; run];
+            text.push(stop);
+            text.extend_from_slice(b"12345678");
+            let expected = text
+                .iter()
+                .position(|byte| !byte.is_ascii_digit())
+                .unwrap_or(text.len());
+            assert_eq!(
+                digits_end(&text, 0),
+                expected,
+                "run {run}, then byte {stop:#04x}"
+            );
+        }
+    }
+    assert_eq!(digits_end(b"0123456789", 0), 10);
+    assert_eq!(digits_end(b"", 0), 0);
+    // Numbers of every length still validate, and a stray byte after the digits is
+    // still found.
+    for len in 1..40 {
+        let digits = "9".repeat(len);
+        assert_eq!(validate(format!("[1{digits}]").as_bytes()), Ok(Kind::Array));
+        assert_eq!(
+            validate(format!("[1{digits}x]").as_bytes()),
+            Err(JsonError {
+                offset: 2 + len,
+                reason: "expected ',' or ']'"
+            })
+        );
+    }
+}
