@@ -392,3 +392,89 @@ fn digit_runs_end_at_the_first_other_byte_wherever_it_stands() {
         );
     }
 }
+
+#[test]
+fn the_flat_object_shortcut_accepts_only_what_the_full_scanner_accepts() {
+    // Objects of scalar members as feeds send them, plus the near misses around them
+    // (escapes, whitespace, bad numbers, nesting), then every truncation and every
+    // byte replaced by a byte that matters to JSON: wherever the shortcut says yes,
+    // the full scanner must say it is an object.
+    let members = [
+        r#""ts_ns":1764000000000000000"#,
+        r#""pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx""#,
+        r#""p":-0.5e-3"#,
+        r#""q":1E+2"#,
+        r#""ok":true"#,
+        r#""no":false"#,
+        r#""none":null"#,
+        r#""":"""#,
+        r#""s":"a\"b""#,
+        r#""u":"é""#,
+        r#""n":01"#,
+        r#""n":-"#,
+        r#""n":1."#,
+        r#""n":.5"#,
+        r#""t":tru"#,
+        r#""o":{}"#,
+        r#""a":[1,2]"#,
+        r#""w": 1"#,
+        r#"x:1"#,
+    ];
+    let mut texts = vec![
+        "{}".to_string(),
+        "{ }".to_string(),
+        "{".to_string(),
+        "}".to_string(),
+    ];
+    for (i, first) in members.iter().enumerate() {
+        texts.push(format!("{{{first}}}"));
+        for second in &members[i..] {
+            texts.push(format!("{{{first},{second}}}"));
+            texts.push(format!("{{{first},{second},{first}}}"));
+        }
+    }
+    let specials = [
+        b'"', b'\\', b':', b',', b'{', b'}', b'[', b']', b' ', b'\n', 0x01, 0x7f, 0xc3, 0x80, 0xff,
+        b'x', b'0', b'9', b'-', b'+', b'.', b'e', b't', b'n',
+    ];
+    let mut accepted = 0;
+    let mut check = |text: &[u8]| {
+        if flat_object(text) {
+            accepted += 1;
+            assert_eq!(
+                scan(text, &[], &mut []),
+                Ok(Kind::Object),
+                "the shortcut took {:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        assert_eq!(validate(text), scan(text, &[], &mut []));
+    };
+    for text in &texts {
+        let bytes = text.as_bytes();
+        check(bytes);
+        for end in 0..bytes.len() {
+            check(&bytes[..end]);
+        }
+        for at in 0..bytes.len() {
+            let mut changed = bytes.to_vec();
+            for &special in &specials {
+                changed[at] = special;
+                check(&changed);
+            }
+            let mut inserted = bytes.to_vec();
+            inserted.insert(at, b' ');
+            check(&inserted);
+        }
+    }
+    // The shortcut does take the usual shapes.
+    for usual in [
+        r#"{"ts_ns":1764000000000000000,"pad":"xxxx"}"#,
+        r#"{"id":123456789,"price":"64123.50","size":"0.0125","side":"buy","ts":1700000000123}"#,
+        r#"{"bid":-1.5e-3,"ok":true,"halted":false,"note":null,"":""}"#,
+        "{}",
+    ] {
+        assert!(flat_object(usual.as_bytes()), "{usual}");
+    }
+    assert!(accepted > 1000, "the shortcut took only {accepted} texts");
+}
