@@ -145,6 +145,10 @@ impl<'a> Value<'a> {
 }
 
 /// Checks that `input` is exactly one JSON value and returns its kind.
+///
+/// A flat object of scalar members without whitespace or escapes (most market-data
+/// payloads) is recognised by a shortcut; anything else goes to the full scanner, from
+/// the start, so an input that leaves the shortcut late is read up to twice.
 pub fn validate(input: &[u8]) -> Result<Kind, JsonError> {
     if flat_object(input) {
         return Ok(Kind::Object);
