@@ -22,3 +22,18 @@ fn documented(doc: &str, heading: &str) -> Vec<(i64, String)> {
         })
         .collect()
 }
+
+/// `[(code, NAME)]` of every record kind, in the document's order, with the codes taken
+/// from `$kind`, the module of `u32` constants of the side under test (each side keeps
+/// its own definitions; only the list of names is shared).
+macro_rules! record_kinds {
+    ($kind:ident) => {
+        record_kinds!(@ $kind SEND_TEXT SEND_BINARY READY DATA RESPONSE REQUEST_ERROR
+            SUBSCRIBED UNSUBSCRIBED ERROR HEARTBEAT SHARED SEQUENCE_GAP AUTH_FAILED
+            MALFORMED SUBSCRIBE_ERROR)
+    };
+    (@ $kind:ident $($name:ident)*) => {
+        [$(($kind::$name, stringify!($name))),*]
+            .map(|(code, name)| (i64::from(code), name.to_string()))
+    };
+}

@@ -259,24 +259,7 @@ mod abi_tests {
 
     #[test]
     fn record_kinds_and_op_codes_match_the_documented_abi() {
-        let kinds = [
-            (kind::SEND_TEXT, "SEND_TEXT"),
-            (kind::SEND_BINARY, "SEND_BINARY"),
-            (kind::READY, "READY"),
-            (kind::DATA, "DATA"),
-            (kind::RESPONSE, "RESPONSE"),
-            (kind::REQUEST_ERROR, "REQUEST_ERROR"),
-            (kind::SUBSCRIBED, "SUBSCRIBED"),
-            (kind::UNSUBSCRIBED, "UNSUBSCRIBED"),
-            (kind::ERROR, "ERROR"),
-            (kind::HEARTBEAT, "HEARTBEAT"),
-            (kind::SHARED, "SHARED"),
-            (kind::SEQUENCE_GAP, "SEQUENCE_GAP"),
-            (kind::AUTH_FAILED, "AUTH_FAILED"),
-            (kind::MALFORMED, "MALFORMED"),
-            (kind::SUBSCRIBE_ERROR, "SUBSCRIBE_ERROR"),
-        ]
-        .map(|(code, name)| (i64::from(code), name.to_string()));
+        let kinds = record_kinds!(kind);
         assert_eq!(documented(DOC, "Output records"), kinds);
         let ops = [
             (Op::Subscribe, "SUBSCRIBE"),
