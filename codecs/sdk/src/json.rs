@@ -181,23 +181,21 @@ fn flat_object(b: &[u8]) -> bool {
             return false;
         }
         i = end + 2;
-        i = match b.get(i) {
+        let value_end = match b.get(i) {
             Some(b'"') => {
                 let end = plain_run_end(b, i + 1);
-                if b.get(end) != Some(&b'"') {
-                    return false;
-                }
-                end + 1
+                (b.get(end) == Some(&b'"')).then_some(end + 1)
             }
-            Some(b'-' | b'0'..=b'9') => match number(b, i) {
-                Ok(end) => end,
-                Err(_) => return false,
-            },
-            Some(b't') if b.get(i..i + 4) == Some(b"true") => i + 4,
-            Some(b'f') if b.get(i..i + 5) == Some(b"false") => i + 5,
-            Some(b'n') if b.get(i..i + 4) == Some(b"null") => i + 4,
-            _ => return false,
+            Some(b'-' | b'0'..=b'9') => number(b, i).ok(),
+            Some(b't') => literal(b, i, b"true").ok(),
+            Some(b'f') => literal(b, i, b"false").ok(),
+            Some(b'n') => literal(b, i, b"null").ok(),
+            _ => None,
         };
+        let Some(end) = value_end else {
+            return false;
+        };
+        i = end;
         match b.get(i) {
             Some(b',') => i += 1,
             Some(b'}') => return i + 1 == n,
