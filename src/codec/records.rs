@@ -17,6 +17,7 @@ pub(crate) mod kind {
     pub const AUTH_FAILED: u32 = 13;
     pub const MALFORMED: u32 = 14;
     pub const SUBSCRIBE_ERROR: u32 = 15;
+    pub const PASSTHROUGH: u32 = 16;
 }
 
 /// Outbound operations (`docs/codec-abi.md`, "Outbound commands").

@@ -130,6 +130,7 @@ fn run(
         channels: HashMap::new(),
         next_stale_check: None,
         frames: FrameBatch::default(),
+        passthrough: None,
         outgoing: Chunk::default(),
         opened_at: Instant::now(),
         next_ping: None,
@@ -213,6 +214,9 @@ struct Link {
     /// Next time per-channel staleness is checked.
     next_stale_check: Option<Instant>,
     frames: FrameBatch,
+    /// The channel of data frames while the codec lets them pass through unchanged
+    /// (a `PASSTHROUGH` record): they go to the consumer without a decode call.
+    passthrough: Option<Box<[u8]>>,
     /// Decoded data waiting to be handed to the consumer queue.
     outgoing: Chunk,
     opened_at: Instant,
@@ -559,25 +563,23 @@ impl Link {
         // A read error ends the session, but only after the frames read before it
         // are decoded and delivered: they were accepted from the wire.
         let mut read_failed: Option<Error> = None;
+        // Passthrough frames of this batch, and their channel once it is needed.
+        let mut passed = 0usize;
+        let mut passed_bytes = 0usize;
+        let mut passed_channel: Option<Arc<str>> = None;
         loop {
             let ws = self.ws()?;
-            match ws.read() {
-                Ok(WsMessage::Text(text)) => {
-                    if received_ns == 0 {
-                        received_ns = unix_ns();
-                    }
-                    bytes += text.len() as u64;
-                    self.frames.push(text.as_bytes(), false);
+            let (body, binary) = match ws.read() {
+                Ok(WsMessage::Text(text)) => (text.into(), false),
+                Ok(WsMessage::Binary(data)) => (data, true),
+                Ok(WsMessage::Ping(_)) => {
+                    self.needs_flush = true;
+                    continue;
                 }
-                Ok(WsMessage::Binary(data)) => {
-                    if received_ns == 0 {
-                        received_ns = unix_ns();
-                    }
-                    bytes += data.len() as u64;
-                    self.frames.push(&data, true);
+                Ok(WsMessage::Pong(_)) => {
+                    self.ping_outstanding_since = None;
+                    continue;
                 }
-                Ok(WsMessage::Ping(_)) => self.needs_flush = true,
-                Ok(WsMessage::Pong(_)) => self.ping_outstanding_since = None,
                 Ok(WsMessage::Close(frame)) => {
                     // tungstenite queued our reply; try to get it out.
                     let _ = self.ws()?.flush();
@@ -593,7 +595,7 @@ impl Link {
                     peer_closed = Some(detail);
                     break;
                 }
-                Ok(WsMessage::Frame(_)) => {}
+                Ok(WsMessage::Frame(_)) => continue,
                 Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
                     break
                 }
@@ -601,8 +603,32 @@ impl Link {
                     read_failed = Some(read_error(err));
                     break;
                 }
+            };
+            if received_ns == 0 {
+                received_ns = unix_ns();
             }
-            if self.frames.is_full() {
+            bytes += body.len() as u64;
+            if self.passthrough.is_none() {
+                self.frames.push(&body, binary);
+                if self.frames.is_full() {
+                    more = true;
+                    break;
+                }
+                continue;
+            }
+            let channel = match &passed_channel {
+                Some(channel) => channel,
+                None => {
+                    let name = self.passthrough.take().unwrap_or_default();
+                    let channel = self.intern(&name, Instant::now());
+                    self.passthrough = Some(name);
+                    passed_channel.insert(channel)
+                }
+            };
+            self.outgoing.push(channel, &body, received_ns);
+            passed += 1;
+            passed_bytes += body.len();
+            if passed >= FrameBatch::MAX_FRAMES || passed_bytes >= FrameBatch::MAX_BYTES {
                 more = true;
                 break;
             }
@@ -620,10 +646,10 @@ impl Link {
             (None, Some(detail)) => Err(closed_error(detail)),
             (None, None) => Ok(more),
         };
-        if self.frames.is_empty() {
+        if self.frames.is_empty() && passed == 0 {
             return ended(peer_closed, read_failed);
         }
-        let frame_count = self.frames.len() as u64;
+        let frame_count = (self.frames.len() + passed) as u64;
         self.stats
             .messages_received
             .fetch_add(frame_count, Ordering::Relaxed);
@@ -644,8 +670,12 @@ impl Link {
             self.stats.stale.store(false, Ordering::Relaxed);
             self.context.events.push(self.event("resumed"));
         }
-        let records = codec.decode(&self.frames)?;
-        self.apply_with_time(records, received_ns)?;
+        if passed > 0 {
+            self.deliver();
+        } else {
+            let records = codec.decode(&self.frames)?;
+            self.apply_with_time(records, received_ns)?;
+        }
         ended(peer_closed, read_failed)
     }
 
@@ -851,6 +881,9 @@ impl Link {
                     self.context.events.push(event);
                 }
                 kind::HEARTBEAT => self.ping_outstanding_since = None,
+                kind::PASSTHROUGH => {
+                    self.passthrough = (!record.channel.is_empty()).then(|| record.channel.into());
+                }
                 kind::SHARED => {
                     let key = String::from_utf8_lossy(record.channel).into_owned();
                     self.context

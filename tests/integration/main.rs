@@ -17,5 +17,6 @@ mod codec_sandbox;
 mod engine;
 mod http;
 mod operations;
+mod passthrough;
 mod resilience;
 mod tls;

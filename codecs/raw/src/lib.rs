@@ -9,6 +9,10 @@
 //! - `subscribe_frame` / `unsubscribe_frame`: text frames sent for SUBSCRIBE /
 //!   UNSUBSCRIBE, with every `{channel}` replaced by the channel name as is. Without
 //!   them nothing is sent. SUBSCRIBED / UNSUBSCRIBED are reported at once either way.
+//! - `passthrough`: `true` (default) tells the engine, with a `PASSTHROUGH` record, that
+//!   inbound frames are data as they are, so it hands them to the consumer without a
+//!   decode call; `false` has every frame decoded here (same messages, slower). In
+//!   `fifo` mode passthrough is off while a request waits for its frame.
 
 use std::collections::VecDeque;
 
@@ -35,13 +39,15 @@ struct Options {
     request_mode: RequestMode,
     subscribe_frame: Option<Vec<u8>>,
     unsubscribe_frame: Option<Vec<u8>>,
+    passthrough: bool,
 }
 
-const OPTION_NAMES: [&[u8]; 4] = [
+const OPTION_NAMES: [&[u8]; 5] = [
     b"channel",
     b"request_mode",
     b"subscribe_frame",
     b"unsubscribe_frame",
+    b"passthrough",
 ];
 
 impl Options {
@@ -51,11 +57,12 @@ impl Options {
             request_mode: RequestMode::FireAndForget,
             subscribe_frame: None,
             unsubscribe_frame: None,
+            passthrough: true,
         };
         if config.iter().all(u8::is_ascii_whitespace) {
             return Ok(options);
         }
-        let mut values = [None; 4];
+        let mut values = [None; 5];
         let top = json::scan(config, &OPTION_NAMES, &mut values)
             .map_err(|err| Fatal::new(format!("config is not valid JSON: {err}")))?;
         match top {
@@ -97,6 +104,13 @@ impl Options {
                 };
             }
         }
+        if let Some(value) = values[4] {
+            options.passthrough = match value.kind() {
+                Kind::True => true,
+                Kind::False => false,
+                _ => return Err(Fatal::new("config: passthrough must be true or false")),
+            };
+        }
         Ok(options)
     }
 }
@@ -106,6 +120,20 @@ pub struct RawCodec {
     options: Options,
     /// Requests waiting for a frame, oldest first (`fifo` mode only).
     pending: VecDeque<i64>,
+    /// What the engine was last told: frames pass through without `decode`.
+    passing: bool,
+}
+
+impl RawCodec {
+    /// Tells the engine when frames may pass through (configured, and no request
+    /// waiting for one) and when they may not, if that changed.
+    fn sync_passthrough(&mut self, out: &mut Output) {
+        let wanted = self.options.passthrough && self.pending.is_empty();
+        if wanted != self.passing {
+            self.passing = wanted;
+            out.passthrough(if wanted { &self.options.channel } else { b"" });
+        }
+    }
 }
 
 impl Codec for RawCodec {
@@ -113,11 +141,13 @@ impl Codec for RawCodec {
         Ok(RawCodec {
             options: Options::parse(config)?,
             pending: VecDeque::new(),
+            passing: false,
         })
     }
 
     fn open(&mut self, out: &mut Output) -> Result<(), Fatal> {
         out.ready();
+        self.sync_passthrough(out);
         Ok(())
     }
 
@@ -128,6 +158,7 @@ impl Codec for RawCodec {
                 None => out.record(kind::DATA, 0, &self.options.channel, frame.body),
             }
         }
+        self.sync_passthrough(out);
         Ok(())
     }
 
@@ -167,6 +198,7 @@ impl Codec for RawCodec {
             }
             Op::Unknown(code) => log::warn(&format!("raw codec: ignoring unknown op {code}")),
         }
+        self.sync_passthrough(out);
         Ok(())
     }
 }
@@ -196,7 +228,8 @@ mod tests {
 
     fn codec(config: &str) -> Harness<RawCodec> {
         let (mut codec, _) = Harness::<RawCodec>::init(config.as_bytes(), b"token").expect("init");
-        assert_eq!(kinds(&codec.open().unwrap()), [kind::READY]);
+        let opened = codec.open().unwrap();
+        assert_eq!(opened[0].kind, kind::READY);
         codec
     }
 
@@ -219,6 +252,9 @@ mod tests {
         .unwrap();
         assert_eq!(custom.codec.options.channel, b"feed");
         assert_eq!(custom.codec.options.request_mode, RequestMode::Fifo);
+        assert!(custom.codec.options.passthrough, "on unless turned off");
+        let (off, _) = Harness::<RawCodec>::init(br#"{"passthrough":false}"#, b"").unwrap();
+        assert!(!off.codec.options.passthrough);
         assert_eq!(
             custom.codec.options.subscribe_frame.as_deref(),
             Some(&b"SUB {channel}"[..])
@@ -230,6 +266,8 @@ mod tests {
             r#"{"channel":1}"#,
             r#"{"request_mode":"lifo"}"#,
             r#"{"subscribe_frame":2}"#,
+            r#"{"passthrough":1}"#,
+            r#"{"passthrough":"yes"}"#,
         ] {
             assert!(
                 Harness::<RawCodec>::init(bad.as_bytes(), b"").is_err(),
@@ -279,8 +317,51 @@ mod tests {
     }
 
     #[test]
+    fn open_announces_passthrough_on_the_channel_unless_turned_off() {
+        let (mut on, _) = Harness::<RawCodec>::init(br#"{"channel":"feed"}"#, b"").unwrap();
+        let opened = on.open().unwrap();
+        assert_eq!(kinds(&opened), [kind::READY, kind::PASSTHROUGH]);
+        assert_eq!(opened[1].channel, b"feed");
+        let (mut off, _) = Harness::<RawCodec>::init(br#"{"passthrough":false}"#, b"").unwrap();
+        assert_eq!(kinds(&off.open().unwrap()), [kind::READY]);
+        // Turned off, it never comes up, not even around fifo requests.
+        let (mut fifo_off, _) =
+            Harness::<RawCodec>::init(br#"{"passthrough":false,"request_mode":"fifo"}"#, b"")
+                .unwrap();
+        assert_eq!(kinds(&fifo_off.open().unwrap()), [kind::READY]);
+        let sent = fifo_off.encode(Op::Request, 1, b"", b"q").unwrap();
+        assert_eq!(kinds(&sent), [kind::SEND_TEXT]);
+        let answered = fifo_off.decode_text(&[b"a"]).unwrap();
+        assert_eq!(kinds(&answered), [kind::RESPONSE]);
+    }
+
+    #[test]
+    fn fifo_requests_turn_passthrough_off_until_the_last_is_answered_or_cancelled() {
+        let mut codec = codec(r#"{"request_mode":"fifo","channel":"feed"}"#);
+        let first = codec.encode(Op::Request, 1, b"", b"q").unwrap();
+        assert_eq!(kinds(&first), [kind::SEND_TEXT, kind::PASSTHROUGH]);
+        assert!(first[1].channel.is_empty(), "off: the next frame is needed");
+        let second = codec.encode(Op::Request, 2, b"", b"q").unwrap();
+        assert_eq!(kinds(&second), [kind::SEND_TEXT], "already off");
+        let answered = codec.decode_text(&[b"a"]).unwrap();
+        assert_eq!(kinds(&answered), [kind::RESPONSE], "one still waits");
+        let rest = codec.decode_text(&[b"b", b"c"]).unwrap();
+        assert_eq!(
+            kinds(&rest),
+            [kind::RESPONSE, kind::DATA, kind::PASSTHROUGH],
+            "the frames of this batch are decoded, later ones may pass"
+        );
+        assert_eq!(rest[2].channel, b"feed");
+        let third = codec.encode(Op::Request, 3, b"", b"q").unwrap();
+        assert_eq!(kinds(&third), [kind::SEND_TEXT, kind::PASSTHROUGH]);
+        let cancelled = codec.encode(Op::Cancel, 3, b"", b"").unwrap();
+        assert_eq!(kinds(&cancelled), [kind::PASSTHROUGH]);
+        assert_eq!(cancelled[0].channel, b"feed");
+    }
+
+    #[test]
     fn fifo_requests_take_the_next_frames_in_order() {
-        let mut codec = codec(r#"{"request_mode":"fifo"}"#);
+        let mut codec = codec(r#"{"request_mode":"fifo","passthrough":false}"#);
         for id in [1, 2, 3] {
             let sent = codec.encode(Op::Request, id, b"", b"q").unwrap();
             assert_eq!(kinds(&sent), [kind::SEND_TEXT]);

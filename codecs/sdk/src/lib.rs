@@ -88,6 +88,9 @@ pub mod kind {
     pub const MALFORMED: u32 = 14;
     /// The venue refused a subscription: channel + reason + command id or 0.
     pub const SUBSCRIBE_ERROR: u32 = 15;
+    /// From now on inbound text and binary frames are data on this channel, unchanged
+    /// (the engine may skip `decode` for them); an empty channel ends it.
+    pub const PASSTHROUGH: u32 = 16;
 }
 
 /// An outbound operation (`docs/codec-abi.md`, "Outbound commands").

@@ -74,6 +74,15 @@ impl Output {
         self.record(kind::SEND_TEXT, 0, b"", text);
     }
 
+    /// `PASSTHROUGH`: from now on every inbound text or binary frame is one data
+    /// message on `channel`, unchanged, and the engine may deliver it without calling
+    /// `decode`. `decode` must still turn such frames into the same `DATA` records (an
+    /// engine may call it anyway). An empty `channel` ends passthrough: frames read
+    /// after this output go to `decode` again.
+    pub fn passthrough(&mut self, channel: &[u8]) {
+        self.record(kind::PASSTHROUGH, 0, channel, b"");
+    }
+
     /// Starts a `MALFORMED` record; write the reason into the returned writer.
     pub fn malformed(&mut self) -> RecordWriter<'_> {
         self.begin(kind::MALFORMED, 0, b"")

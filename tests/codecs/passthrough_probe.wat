@@ -1,0 +1,122 @@
+;; A codec that shows which path the engine took for each inbound frame: it breaks the
+;; PASSTHROUGH rule on purpose (its decode does NOT produce what passthrough would), so a
+;; test can tell frames the engine passed through from frames it decoded.
+;;
+;; - wirepool_open: READY, then PASSTHROUGH on channel "p".
+;; - wirepool_decode: one DATA record on channel "d" per frame, payload = the frame body.
+;; - wirepool_encode REQUEST (op 3): a 3-byte payload ("off") emits PASSTHROUGH with an
+;;   empty channel (off), a 2-byte payload ("on") PASSTHROUGH on "p"; then RESPONSE with
+;;   the request id and an empty body. Other ops emit nothing.
+(module
+  ;; Layout: the input buffer starts at 64 KiB; the output follows the input (8-aligned).
+  ;; wirepool_buffer grows the memory so the output has room for four times the input
+  ;; plus 64 bytes (a decode turns each 8-byte frame header into a 25-byte record
+  ;; header + channel; open and encode write at most 49 bytes).
+  (memory (export "memory") 2)
+  (global $input i32 (i32.const 0x10000))
+  (global $output (mut i32) (i32.const 0x10000))
+  (global $output_len (mut i32) (i32.const 0))
+
+  (func (export "wirepool_abi_version") (result i32)
+    (i32.const 1))
+
+  (func (export "wirepool_buffer") (param $size i32) (result i32)
+    (local $pages i32)
+    (if (i32.gt_u (local.get $size) (i32.const 0x800000))
+      (then (return (i32.const 0))))
+    (global.set $output
+      (i32.add (global.get $input)
+        (i32.and (i32.add (local.get $size) (i32.const 7)) (i32.const -8))))
+    (local.set $pages
+      (i32.shr_u
+        (i32.add
+          (i32.add (global.get $output)
+            (i32.add (i32.mul (local.get $size) (i32.const 4)) (i32.const 64)))
+          (i32.const 0xffff))
+        (i32.const 16)))
+    (if (i32.gt_u (local.get $pages) (memory.size))
+      (then
+        (if (i32.eq (memory.grow (i32.sub (local.get $pages) (memory.size))) (i32.const -1))
+          (then (return (i32.const 0))))))
+    (global.get $input))
+
+  ;; Writes a record header at $at.
+  (func $header (param $at i32) (param $kind i32) (param $channel_len i32)
+                (param $payload_len i32) (param $id i64)
+    (i32.store (local.get $at) (local.get $kind))
+    (i32.store offset=4 (local.get $at) (local.get $channel_len))
+    (i32.store offset=8 (local.get $at) (local.get $payload_len))
+    (i32.store offset=12 (local.get $at) (i32.const 0))
+    (i64.store offset=16 (local.get $at) (local.get $id)))
+
+  ;; PASSTHROUGH on "p" at $at; returns the bytes written.
+  (func $passthrough_on (param $at i32) (result i32)
+    (call $header (local.get $at) (i32.const 16) (i32.const 1) (i32.const 0) (i64.const 0))
+    (i32.store8 offset=24 (local.get $at) (i32.const 0x70))
+    (i32.const 25))
+
+  (func (export "wirepool_init") (param $config_len i32) (param $token_len i32) (result i32)
+    (global.set $output_len (i32.const 0))
+    (i32.const 0))
+
+  ;; READY, then PASSTHROUGH on "p".
+  (func (export "wirepool_open") (result i32)
+    (call $header (global.get $output) (i32.const 3) (i32.const 0) (i32.const 0) (i64.const 0))
+    (global.set $output_len
+      (i32.add (i32.const 24)
+        (call $passthrough_on (i32.add (global.get $output) (i32.const 24)))))
+    (i32.const 0))
+
+  ;; One DATA record on channel "d" per frame, payload = the frame body.
+  (func (export "wirepool_decode") (param $count i32) (param $total_len i32) (result i32)
+    (local $in i32)
+    (local $out i32)
+    (local $len i32)
+    (local $index i32)
+    (local.set $in (global.get $input))
+    (local.set $out (global.get $output))
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_u (local.get $index) (local.get $count)))
+        (local.set $len (i32.load (local.get $in)))
+        (call $header (local.get $out) (i32.const 4) (i32.const 1) (local.get $len) (i64.const 0))
+        (i32.store8 offset=24 (local.get $out) (i32.const 0x64))
+        (memory.copy
+          (i32.add (local.get $out) (i32.const 25))
+          (i32.add (local.get $in) (i32.const 8))
+          (local.get $len))
+        (local.set $out (i32.add (local.get $out) (i32.add (i32.const 25) (local.get $len))))
+        (local.set $in (i32.add (local.get $in) (i32.add (i32.const 8) (local.get $len))))
+        (local.set $index (i32.add (local.get $index) (i32.const 1)))
+        (br $next)))
+    (global.set $output_len (i32.sub (local.get $out) (global.get $output)))
+    (i32.const 0))
+
+  ;; REQUEST (op 3): "off" / "on" switch passthrough, then RESPONSE with the id.
+  (func (export "wirepool_encode") (param $op i32) (param $id i64) (param $channel_len i32)
+                                   (param $payload_len i32) (result i32)
+    (local $at i32)
+    (global.set $output_len (i32.const 0))
+    (if (i32.eq (local.get $op) (i32.const 3))
+      (then
+        (local.set $at (global.get $output))
+        (if (i32.eq (local.get $payload_len) (i32.const 3))
+          (then
+            (call $header (local.get $at) (i32.const 16) (i32.const 0) (i32.const 0) (i64.const 0))
+            (local.set $at (i32.add (local.get $at) (i32.const 24)))))
+        (if (i32.eq (local.get $payload_len) (i32.const 2))
+          (then
+            (local.set $at (i32.add (local.get $at) (call $passthrough_on (local.get $at))))))
+        (call $header (local.get $at) (i32.const 5) (i32.const 0) (i32.const 0) (local.get $id))
+        (global.set $output_len
+          (i32.sub (i32.add (local.get $at) (i32.const 24)) (global.get $output)))))
+    (i32.const 0))
+
+  (func (export "wirepool_tick") (param $now_ms i64) (result i32)
+    (global.set $output_len (i32.const 0))
+    (i32.const 0))
+
+  (func (export "wirepool_output") (result i64)
+    (i64.or
+      (i64.shl (i64.extend_i32_u (global.get $output)) (i64.const 32))
+      (i64.extend_i32_u (global.get $output_len)))))
