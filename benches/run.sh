@@ -119,6 +119,7 @@ for round in $(seq "$ROUNDS"); do
   step "throughput, round $round of $ROUNDS (flat-out feed, 100-byte messages)"
   measure raw_tungstenite "$FEED" tungstenite --url "$WS" "${WINDOW_ARGS[@]}"
   measure pool_raw_1 "$FEED" pool --url "$WS" --codec raw --connections 1 "${WINDOW_ARGS[@]}"
+  measure pool_raw_decode_1 "$FEED" pool --url "$WS" --codec raw-decode --connections 1 "${WINDOW_ARGS[@]}"
   measure pool_json_1 "$FEED" pool --url "$WS" --codec json --connections 1 "${WINDOW_ARGS[@]}"
   if [ "$HAVE_C" = 1 ]; then
     measure c_abi_batch "$C_CONSUMER" "$WS" "$WARMUP" "$WINDOW"

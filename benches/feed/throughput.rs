@@ -126,13 +126,16 @@ pub fn split_url(url: &str) -> Result<(String, String), String> {
     })
 }
 
-/// A pool config for the bench feed: `connections` connections, `codec` raw or json.
+/// A pool config for the bench feed: `connections` connections, `codec` raw (its
+/// default: frames pass through without a decode call), raw-decode (the raw codec with
+/// passthrough off: one codec call per batch and a record per frame) or json.
 pub fn pool_config(urls: &[String], codec: &str, connections: u32) -> Result<Config, String> {
     let codec_config = match codec {
         // The raw codec sends the subscribe frame it is given; the feed starts on it.
-        "raw" => json!({"builtin": "raw", "config": {
+        "raw" | "raw-decode" => json!({"builtin": "raw", "config": {
             "subscribe_frame": subscribe_frame("{channel}"),
             "unsubscribe_frame": r#"{"type":"unsubscribe","channel":"{channel}"}"#,
+            "passthrough": codec == "raw",
         }}),
         "json" => json!({"builtin": "json"}),
         other => return Err(format!("unknown codec {other}")),
@@ -192,7 +195,7 @@ pub fn pool_throughput(
                     connections_seen.insert(last_connection);
                 }
             }
-            if codec == "raw" {
+            if codec.starts_with("raw") {
                 check.check(message.connection_id(), payload);
             } else {
                 checksum = checksum.wrapping_add(ts_ns_of(payload).unwrap_or(0));
