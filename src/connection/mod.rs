@@ -7,6 +7,7 @@
 //! the consumer queue, and completes requests straight in the request table.
 
 mod rate_limit;
+mod stack;
 mod transport;
 mod worker;
 

@@ -22,6 +22,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message as WsMessage, WebSocket};
 
 use super::rate_limit::RateLimiter;
+use super::stack::StackTrim;
 use super::transport::{self, Stream, Wake, SOCKET_KEY};
 use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report};
 use crate::codec::{kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, Records};
@@ -144,6 +145,7 @@ fn run(
         outbound: VecDeque::new(),
         next_send_at: None,
         encoding_request: None,
+        stack: StackTrim::for_current_thread(),
     };
     let ended = match context.codec.instantiate(id) {
         Ok(codec) => link.session(codec),
@@ -234,6 +236,8 @@ struct Link {
     next_send_at: Option<Instant>,
     /// The request being encoded right now, if any.
     encoding_request: Option<u64>,
+    /// This thread's stack, for giving back the pages of its deep one-off calls.
+    stack: Option<StackTrim>,
 }
 
 impl Link {
@@ -258,6 +262,11 @@ impl Link {
             Ok(true) => {}
             Ok(false) => return Ended::Requested,
             Err(err) => return Ended::Failed(err),
+        }
+        // The handshake (and the codec's instantiation before it) were the deepest
+        // calls this thread makes: their pages go back.
+        if let Some(stack) = &self.stack {
+            stack.release_below_caller();
         }
         let _ = self.context.reports.send(Report::Connected {
             connection_id: self.id,
