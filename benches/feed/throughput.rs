@@ -206,7 +206,7 @@ pub fn pool_throughput(
         }
     }
     let stats = pool.stats();
-    let name = format!("pool_{codec}_{connections}");
+    let name = format!("pool_{}_{connections}", codec.replace('-', "_"));
     let mut result = meter.summary(&name);
     result["bytes"] = json!(bytes);
     result["checksum"] = json!(checksum);
