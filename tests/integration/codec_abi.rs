@@ -2,15 +2,7 @@
 
 use std::path::PathBuf;
 
-fn compile_wat(name: &str) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/codecs/{name}.wat"));
-    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
-    let dir = std::env::temp_dir().join(format!("wirepool-abi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("{name}.wasm"));
-    std::fs::write(&path, wasm).expect("write wasm");
-    path
-}
+use crate::support::compile_wat;
 
 fn check_error(name: &str) -> String {
     let path = compile_wat(name);

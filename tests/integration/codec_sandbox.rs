@@ -1,21 +1,10 @@
 //! A codec that traps, loops forever or hoards memory takes down only its own
 //! connection; the pool replaces it and the other connection keeps delivering.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::support::{wait_for_event, watchdog, ScriptServer};
+use crate::support::{compile_wat, wait_for_event, watchdog, ScriptServer};
 use wirepool::{Config, Pool};
-
-fn compile_wat(name: &str) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/codecs/{name}.wat"));
-    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
-    let dir = std::env::temp_dir().join(format!("wirepool-sandbox-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("{name}.wasm"));
-    std::fs::write(&path, wasm).expect("write wasm");
-    path
-}
 
 fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &str) {
     let _guard = watchdog("codec sandbox", Duration::from_secs(60));

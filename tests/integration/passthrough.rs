@@ -4,25 +4,14 @@
 //! must be the same either way.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tungstenite::{Message as WsMessage, WebSocket};
 
-use crate::support::watchdog;
+use crate::support::{compile_wat, watchdog};
 use wirepool::{Config, Message, Pool, RequestOptions};
-
-fn compile_wat(name: &str) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/codecs/{name}.wat"));
-    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
-    let dir = std::env::temp_dir().join(format!("wirepool-passthrough-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("{name}.wasm"));
-    std::fs::write(&path, wasm).expect("write wasm");
-    path
-}
 
 /// A one-connection WebSocket server on loopback that runs `script` on its connection.
 fn serve_one(

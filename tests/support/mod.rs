@@ -275,3 +275,16 @@ pub fn open_pool(url: &str) -> *mut wirepool::ffi::wirepool_pool {
     assert!(!pool.is_null());
     pool
 }
+
+/// Compiles `tests/codecs/{name}.wat` to a `.wasm` file in a per-process temp
+/// directory, and returns its path (for `codec.path`).
+pub fn compile_wat(name: &str) -> std::path::PathBuf {
+    let source = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/codecs/{name}.wat"));
+    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
+    let dir = std::env::temp_dir().join(format!("wirepool-wat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, wasm).expect("write wasm");
+    path
+}
