@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use wirepool::{Config, Pool, PoolSettings};
 
 use crate::meter::{
-    heap_in_use_bytes, mapping_count, quantile, rss_by_mapping, rss_bytes, thread_count,
+    heap_in_use_bytes, mapping_count, pss_bytes, quantile, rss_by_mapping, rss_bytes, thread_count,
 };
 
 fn config(url: &str, ca_file: Option<&str>, min: u32, max: u32) -> Result<Config, String> {
@@ -110,6 +110,7 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     let idle_url = format!("{url}/feed?idle=1");
     let threads_before = thread_count();
     let rss_before = rss_bytes();
+    let pss_before = pss_bytes();
     let started = Instant::now();
     let pool = Pool::new(config(&idle_url, None, 1, connections)?)
         .map_err(|err| format!("pool: {err}"))?;
@@ -140,6 +141,7 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     // Let every worker reach its idle wait.
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_bytes();
+    let pss_after = pss_bytes();
     let heap_after = heap_in_use_bytes();
     let mappings_after = mapping_count();
     let threads_after = thread_count();
@@ -164,6 +166,10 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
         "rss_after_mb": rss_after as f64 / mib,
         "rss_mb_per_1000_idle": all / f64::from(connections) * 1000.0 / mib,
         "rss_mb_per_1000_idle_marginal": marginal / f64::from(connections - 1) * 1000.0 / mib,
+        "pss_mb_per_1000_idle": pss_after.saturating_sub(pss_before) as f64
+            / f64::from(connections)
+            * 1000.0
+            / mib,
         "mappings_per_connection": mappings_after.saturating_sub(mappings_one) as f64
             / f64::from(connections - 1),
         "heap_in_use_kb_per_connection": heap_after.saturating_sub(heap_one) as f64

@@ -180,6 +180,24 @@ pub fn rss_bytes() -> u64 {
     pages * page
 }
 
+/// Proportional set size (`/proc/self/smaps_rollup`): resident memory with each page
+/// shared by n mappings counted 1/n times. A codec's data page, mapped from the module's
+/// memory image into every instance, counts once here but once per instance in RSS.
+pub fn pss_bytes() -> u64 {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// Bytes the process's malloc has handed out and not taken back (glibc `mallinfo2`),
 /// all arenas: beside RSS, it tells live heap objects from arena slack.
 pub fn heap_in_use_bytes() -> u64 {
