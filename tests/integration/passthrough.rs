@@ -3,26 +3,50 @@
 //! decoding the moment the codec says otherwise. The `raw` codec uses it; its messages
 //! must be the same either way.
 
-use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tungstenite::{Message as WsMessage, WebSocket};
 
-use crate::support::{compile_wat, watchdog};
+use crate::support::{compile_wat, test_pki, watchdog, write_temp};
 use wirepool::{Config, Message, Pool, RequestOptions};
 
+/// The server side's byte stream: plain TCP or rustls over it.
+trait Io: Read + Write + Send {}
+impl<T: Read + Write + Send> Io for T {}
+
+type ServerWs = WebSocket<Box<dyn Io>>;
+
 /// A one-connection WebSocket server on loopback that runs `script` on its connection.
-fn serve_one(
-    script: impl FnOnce(&mut WebSocket<TcpStream>) + Send + 'static,
+fn serve_one(script: impl FnOnce(&mut ServerWs) + Send + 'static) -> (String, JoinHandle<()>) {
+    serve_one_over(None, script)
+}
+
+/// [`serve_one`], over TLS with `tls` when given (`wss://localhost:port`).
+fn serve_one_over(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    script: impl FnOnce(&mut ServerWs) + Send + 'static,
 ) -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let url = format!("ws://{}", listener.local_addr().expect("address"));
+    let port = listener.local_addr().expect("address").port();
+    let url = match tls {
+        Some(_) => format!("wss://localhost:{port}"),
+        None => format!("ws://127.0.0.1:{port}"),
+    };
     let server = std::thread::spawn(move || {
         let (tcp, _) = listener.accept().expect("accept");
         tcp.set_nodelay(true).expect("nodelay");
-        let mut ws = tungstenite::accept(tcp).expect("handshake");
+        let stream: Box<dyn Io> = match tls {
+            Some(config) => Box::new(rustls::StreamOwned::new(
+                rustls::ServerConnection::new(config).expect("TLS session"),
+                tcp,
+            )),
+            None => Box::new(tcp),
+        };
+        let mut ws = tungstenite::accept(stream).expect("handshake");
         script(&mut ws);
         let _ = ws.close(None);
         let _ = ws.flush();
@@ -31,7 +55,7 @@ fn serve_one(
 }
 
 /// Writes every frame of `burst` and flushes.
-fn send_all(ws: &mut WebSocket<TcpStream>, burst: Vec<WsMessage>) {
+fn send_all(ws: &mut ServerWs, burst: Vec<WsMessage>) {
     for frame in burst {
         ws.write(frame).expect("queue a frame");
     }
@@ -39,17 +63,23 @@ fn send_all(ws: &mut WebSocket<TcpStream>, burst: Vec<WsMessage>) {
 }
 
 fn pool_with(url: &str, codec: serde_json::Value) -> Pool {
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": url}],
-            "pool": {"min_connections": 1, "max_connections": 1},
-            "codec": codec,
-            // The scripted servers accept one connection: a reconnect would hang the test.
-            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
-        })
-        .to_string(),
-    )
-    .expect("valid config");
+    pool_trusting(url, codec, None)
+}
+
+/// [`pool_with`], trusting only the CA in `ca_pem` when given.
+fn pool_trusting(url: &str, codec: serde_json::Value, ca_pem: Option<&str>) -> Pool {
+    let mut config = serde_json::json!({
+        "servers": [{"url": url}],
+        "pool": {"min_connections": 1, "max_connections": 1},
+        "codec": codec,
+        // The scripted servers accept one connection: a failure shows as a timeout.
+        "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
+    });
+    if let Some(ca_pem) = ca_pem {
+        let ca_file = write_temp("passthrough-ca.pem", ca_pem);
+        config["tls"] = serde_json::json!({"ca_file": ca_file, "roots": "none"});
+    }
+    let config = Config::from_json(&config.to_string()).expect("valid config");
     let pool = Pool::new(config).expect("pool opens");
     pool.wait_ready(Duration::from_secs(10))
         .expect("pool ready");
@@ -150,8 +180,12 @@ fn the_engine_passes_frames_through_exactly_while_the_codec_says_so() {
     server.join().expect("server");
 }
 
-/// Everything the raw codec delivers for a mixed script of frames.
-fn raw_messages(passthrough: bool) -> Vec<(String, Vec<u8>)> {
+/// Everything the raw codec delivers for a mixed script of frames, over TLS when
+/// `tls` is given.
+fn raw_messages(
+    passthrough: bool,
+    tls: Option<(String, Arc<rustls::ServerConfig>)>,
+) -> Vec<(String, Vec<u8>)> {
     let mut script = Vec::new();
     for index in 0..3000u32 {
         script.push(match index % 7 {
@@ -165,14 +199,16 @@ fn raw_messages(passthrough: bool) -> Vec<(String, Vec<u8>)> {
         }
     }
     let frames = script.clone();
-    let (url, server) = serve_one(move |ws| {
+    let (ca_pem, server_config) = tls.unzip();
+    let (url, server) = serve_one_over(server_config, move |ws| {
         send_all(ws, frames);
         // Read until the client goes away (answers its pings, sees its close).
         while ws.read().is_ok() {}
     });
-    let pool = pool_with(
+    let pool = pool_trusting(
         &url,
         serde_json::json!({"builtin": "raw", "config": {"channel": "feed", "passthrough": passthrough}}),
+        ca_pem.as_deref(),
     );
     let data_frames = script
         .iter()
@@ -199,7 +235,15 @@ fn raw_messages(passthrough: bool) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn raw_codec_messages_are_the_same_with_and_without_passthrough() {
     let _guard = watchdog("raw passthrough equivalence", Duration::from_secs(60));
-    assert_eq!(raw_messages(true), raw_messages(false));
+    assert_eq!(raw_messages(true, None), raw_messages(false, None));
+}
+
+#[test]
+fn raw_codec_passthrough_over_tls_delivers_every_frame_in_order() {
+    let _guard = watchdog("raw passthrough over TLS", Duration::from_secs(60));
+    // raw_messages checks every frame, in order, on the codec's channel.
+    let delivered = raw_messages(true, Some(test_pki()));
+    assert!(delivered.len() > 2000);
 }
 
 #[test]
