@@ -387,18 +387,21 @@ impl ConsumerQueue {
                     break;
                 }
                 let room = self.capacity - state.len;
+                // Taken afresh on each pass: while this producer waited, the consumer
+                // may have emptied the queue and cleared the fd.
+                let empty_now = state.len == 0;
                 if room >= chunk.len() {
                     let spare = state.spare();
                     let full = std::mem::replace(chunk, spare);
                     state.enqueue(full);
-                    self.signal_not_empty(&state, was_empty);
+                    self.signal_not_empty(&state, empty_now);
                     break;
                 }
                 if room > 0 {
                     let mut part = state.spare();
                     chunk.split_front(room, &mut part);
                     state.enqueue(part);
-                    self.signal_not_empty(&state, was_empty);
+                    self.signal_not_empty(&state, empty_now);
                 }
                 let started = Instant::now();
                 self.not_full.wait(&mut state);
@@ -716,6 +719,77 @@ mod tests {
         let blocked = producer.join().unwrap();
         assert!(blocked > Duration::ZERO, "a 4-slot queue must have blocked");
         assert_eq!(out, (0..100).map(message).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_consumer_that_waits_on_the_fd_gets_everything_from_a_blocked_producer() {
+        // The asyncio / epoll way: wait for the fd, then take what is there. A producer
+        // blocked on a full queue resumes after the consumer emptied it (and the fd went
+        // quiet): the fd must come back with what it then queues.
+        let queue = Arc::new(ConsumerQueue::new(4, Overflow::Block).unwrap());
+        queue.fd();
+        let producer = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                for start in (0..100u8).step_by(10) {
+                    queue.push_chunk(&mut chunk(start..start + 10));
+                }
+            })
+        };
+        let mut out = Vec::new();
+        while out.len() < 100 {
+            let mut pollfd = libc::pollfd {
+                fd: queue.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
+            assert_eq!(
+                ready,
+                1,
+                "the fd stayed quiet with {} message(s) queued, {} taken",
+                queue.len(),
+                out.len()
+            );
+            queue
+                .pop_batch(&mut out, 3, Some(Duration::ZERO))
+                .expect("open");
+        }
+        producer.join().unwrap();
+        assert_eq!(out, (0..100).map(message).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_fd_comes_back_when_a_producer_resumes_into_an_emptied_queue() {
+        let queue = Arc::new(ConsumerQueue::new(4, Overflow::Block).unwrap());
+        queue.fd();
+        queue.push_chunk(&mut chunk(0..2));
+        // 2 of these 8 fit; the producer then waits for room.
+        let producer = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || queue.push_chunk(&mut chunk(2..10)))
+        };
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_for("the producer to fill the queue", &|| queue.len() == 4);
+        assert_eq!(drain(&queue).len(), 4);
+        // The producer resumes and queues the next 4 of its 6.
+        wait_for("the producer to resume", &|| queue.len() > 0);
+        assert!(
+            fd_readable(&queue),
+            "{} message(s) queued but the fd is quiet",
+            queue.len()
+        );
+        assert_eq!(drain(&queue).len(), 4);
+        producer.join().unwrap();
+        assert_eq!(drain(&queue).len(), 2);
+        assert!(!fd_readable(&queue));
     }
 
     #[test]
