@@ -11,7 +11,7 @@ import time
 import pytest
 
 import wirepool
-from conftest import assert_in_sequence, receive_at_least, wait_for_event
+from conftest import assert_in_sequence, config_for, receive_at_least, wait_for_event
 
 
 def test_recv_delivers_each_channel_in_order(pool):
@@ -144,6 +144,40 @@ def test_fileno_works_with_asyncio_add_reader(pool):
 
     batch = asyncio.run(first_batch())
     assert batch and batch[0].channel == "ticker.1"
+
+
+def test_asyncio_consumer_of_a_full_blocking_queue_is_woken_every_time(start_simulator, make_pool):
+    # A small `block` queue and a consumer that waits on the fd: the workers fill the
+    # queue and wait for room over and over; the fd must wake the consumer whenever
+    # messages wait, including after a worker resumed into a queue the consumer emptied.
+    simulator = start_simulator(rate=2000, channels=4)
+    pool = make_pool(config_for(simulator.url, queue={"capacity": 8, "overflow": "block"}))
+    pool.wait_ready(timeout=10.0)
+
+    async def consume(count):
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(pool.fileno(), readable.set)
+        got = []
+        try:
+            for channel in range(4):
+                pool.subscribe(f"ticker.{channel}")
+            while len(got) < count:
+                try:
+                    await asyncio.wait_for(readable.wait(), timeout=10.0)
+                except asyncio.TimeoutError:
+                    pytest.fail(f"the fd stayed quiet for 10 s after {len(got)} messages, "
+                                f"with {pool.stats()['queue_depth']} queued")
+                readable.clear()
+                got.extend(pool.recv_many(3, timeout=0))
+                await asyncio.sleep(0)
+        finally:
+            loop.remove_reader(pool.fileno())
+        return got
+
+    got = asyncio.run(consume(4000))
+    assert len(got) >= 4000
+    assert_in_sequence(got)
 
 
 def test_concurrent_consumers_each_get_distinct_messages(pool):
