@@ -576,9 +576,20 @@ impl Link {
         let mut passed = 0usize;
         let mut passed_bytes = 0usize;
         let mut passed_channel: Option<Arc<str>> = None;
+        // Every message read counts towards the bound, control frames too: a peer that
+        // floods pings must not keep the worker from its commands and timers.
+        let mut messages_read = 0usize;
         loop {
+            if messages_read >= FrameBatch::MAX_FRAMES {
+                more = true;
+                break;
+            }
             let ws = self.ws()?;
-            let (body, binary) = match ws.read() {
+            let read = ws.read();
+            if read.is_ok() {
+                messages_read += 1;
+            }
+            let (body, binary) = match read {
                 Ok(WsMessage::Text(text)) => (text.into(), false),
                 Ok(WsMessage::Binary(data)) => (data, true),
                 Ok(WsMessage::Ping(_)) => {
@@ -1112,6 +1123,11 @@ impl Link {
         let _ = ws.close(None);
         let deadline = Instant::now() + CLOSE_GRACE;
         loop {
+            // Checked before each read: a peer that keeps sending frames (or pings)
+            // instead of answering the close must not hold the close up.
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
             let Some(ws) = self.ws.as_mut() else {
                 return Ok(());
             };
@@ -1121,9 +1137,6 @@ impl Link {
                 Err(_) => return Ok(()),
             }
             let wants_write = ws.flush().is_err();
-            if Instant::now() >= deadline {
-                return Ok(());
-            }
             if transport::wait_socket(
                 &self.poller,
                 &mut self.events,

@@ -391,3 +391,56 @@ fn frames_read_just_before_a_connection_reset_are_still_delivered() {
     );
     assert_eq!(payloads, expected);
 }
+
+/// A server that never reads (so never sees the client's close) and writes `frame`
+/// as fast as it can until the client goes away.
+fn flooding_server(frame: tungstenite::Message) -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}", listener.local_addr().expect("address"));
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        let mut ws = tungstenite::accept(tcp).expect("handshake");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            // Many frames per flush keep the client's socket buffer full.
+            for _ in 0..1000 {
+                if ws.write(frame.clone()).is_err() {
+                    return;
+                }
+            }
+            if ws.flush().is_err() {
+                return;
+            }
+        }
+    });
+    (url, server)
+}
+
+#[test]
+fn close_finishes_even_when_the_server_ignores_it_and_keeps_sending() {
+    let _guard = watchdog("close against a flooding server", Duration::from_secs(60));
+    for frame in [
+        tungstenite::Message::text("x".repeat(64)),
+        tungstenite::Message::Ping(vec![1, 2, 3].into()),
+    ] {
+        let data = frame.is_text();
+        let what = if data { "data frames" } else { "pings" };
+        let (url, server) = flooding_server(frame);
+        let pool = pool_for(&url, 1, serde_json::json!({"codec": {"builtin": "raw"}}));
+        if data {
+            // The feed is flowing.
+            assert!(pool
+                .recv(Some(Duration::from_secs(10)))
+                .expect("open")
+                .is_some());
+        }
+        let started = Instant::now();
+        pool.close();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(10),
+            "close took {took:?} against a server that ignores the close handshake and sends {what}"
+        );
+        server.join().expect("server");
+    }
+}
