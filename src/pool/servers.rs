@@ -137,6 +137,13 @@ impl ServerState {
             self.ready_connections = self.ready_connections.saturating_sub(1);
         }
         if !failed {
+            // A trial closed by the pool before it was ready gave no verdict: it frees
+            // its place, or the half-open breaker would admit nothing ever again. (A
+            // connection that started before the breaker opened and ends this way frees
+            // a place it never took: at worst one trial more than configured.)
+            if let (false, Breaker::HalfOpen { trials }) = (was_ready, &mut self.breaker) {
+                *trials = trials.saturating_sub(1);
+            }
             return None;
         }
         self.consecutive_failures += 1;
@@ -285,6 +292,23 @@ mod tests {
             Some(BreakerChange::Opened)
         );
         assert_eq!(server.reopens_at(), Some(now + Duration::from_millis(1000)));
+    }
+
+    #[test]
+    fn a_trial_closed_by_request_before_ready_frees_its_place() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut server = ServerState::new("a".into(), 1);
+        server.breaker = Breaker::HalfOpen { trials: 0 };
+        server.attempt_started();
+        assert_eq!(server.admits(now, &config), (false, None));
+        // Closed by the pool (not a failure) before its session was ready.
+        assert_eq!(server.ended(false, false, now, &config), None);
+        assert_eq!(
+            server.admits(now, &config),
+            (true, None),
+            "a half-open breaker whose only trial was closed must admit another"
+        );
     }
 
     #[test]
