@@ -758,7 +758,9 @@ impl Pool {
     }
 
     /// Changes pool sizes and strategy at run time. A larger `min_connections` opens
-    /// connections at once; a smaller one closes the surplus.
+    /// connections at once (at the next lease when the pool idles); a smaller one
+    /// drains the surplus: their channels move at once, and each closes once its
+    /// requests in flight are answered (or `request_timeout_ms` passes).
     pub fn reconfigure(&self, settings: PoolSettings) -> Result<()> {
         self.ask(|reply| PoolCommand::Reconfigure(settings, reply))
     }
@@ -1126,16 +1128,17 @@ impl PoolThread {
         }
         *self.inner.settings.write() = settings;
         let wanted = settings.min_connections as usize;
-        while self.slots.len() < wanted {
+        // An idle pool keeps no slots: the next acquire opens `min_connections`.
+        while !self.suspended && self.slots.len() < wanted {
             self.slots.push(Slot::new());
         }
-        // Shrink from the newest slots; their channels fail over when they close.
+        // Shrink from the newest slots. Each surplus connection drains like a scale
+        // down: its channels move now and its requests in flight are answered before
+        // it closes (closing at once would fail them with `connection_lost`).
         while self.slots.len() > wanted {
             let Some(slot) = self.slots.pop() else { break };
             if let Some(id) = slot.connection {
-                if let Some(handle) = self.connections.get(&id) {
-                    let _ = handle.send(Command::Close);
-                }
+                self.drain(id);
             }
         }
         self.inner
@@ -1808,11 +1811,27 @@ impl PoolThread {
                     }
                 }
                 self.place_unowned();
-                if let Some(slot_index) = self
+                // A token-rotation replacement of this session is already on its way:
+                // it takes the slot now. Refilling the slot as well would leave it
+                // without a slot when ready: one connection more than wanted, forever.
+                let replacement = self.rotation.as_ref().and_then(|rotation| {
+                    rotation
+                        .pending
+                        .iter()
+                        .find(|(_, old)| **old == connection_id)
+                        .map(|(new, _)| *new)
+                });
+                let slot_index = self
                     .slots
                     .iter()
-                    .position(|slot| slot.connection == Some(connection_id))
-                {
+                    .position(|slot| slot.connection == Some(connection_id));
+                if let (Some(slot_index), Some(new)) = (slot_index, replacement) {
+                    let slot = &mut self.slots[slot_index];
+                    slot.connection = Some(new);
+                    slot.ready_since = None;
+                    // Closed by a failed rotation, it is refilled like a failure.
+                    slot.refill_after_close = true;
+                } else if let Some(slot_index) = slot_index {
                     let slot = &mut self.slots[slot_index];
                     slot.connection = None;
                     let stable = Duration::from_millis(self.inner.config.reconnect.stable_after_ms);

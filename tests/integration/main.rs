@@ -18,5 +18,6 @@ mod engine;
 mod http;
 mod operations;
 mod passthrough;
+mod pool_review;
 mod resilience;
 mod tls;

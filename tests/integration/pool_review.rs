@@ -1,0 +1,226 @@
+//! The pool thread under races: a circuit-breaker trial closed before it finished,
+//! run-time reconfiguration while the pool idles, and shrinking the pool while
+//! requests are in flight.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::fault_proxy::{Fault, FaultProxy};
+use crate::support::{wait_for_event, wait_until, watchdog};
+use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::{Config, Pool, RequestOptions};
+
+fn simulator() -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 50.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator")
+}
+
+fn pool(url: &str, extra: serde_json::Value) -> Pool {
+    let mut config = serde_json::json!({
+        "servers": [{"url": url}],
+        "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 50},
+        "connect_timeout_ms": 5000,
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            base.insert(key.clone(), value.clone());
+        }
+    }
+    let pool = Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool");
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    pool
+}
+
+#[test]
+fn a_half_open_trial_closed_through_the_api_does_not_wedge_the_breaker() {
+    let _guard = watchdog("half-open trial closed", Duration::from_secs(60));
+    let sim = simulator();
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(
+        &proxy.url(),
+        serde_json::json!({
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "circuit_breaker": {"failure_threshold": 1, "recovery_timeout_ms": 200, "half_open_max_calls": 1},
+        }),
+    );
+    proxy.set_fault(Fault::Reset);
+    proxy.set_fault(Fault::Refuse);
+    wait_for_event(&pool, Duration::from_secs(10), "circuit_open", |e| {
+        e.kind == "circuit_open"
+    });
+    // The trial connect reaches the proxy but its handshake never completes.
+    proxy.set_fault(Fault::Blackhole);
+    wait_for_event(&pool, Duration::from_secs(10), "circuit_half_open", |e| {
+        e.kind == "circuit_half_open"
+    });
+    let mut trial = None;
+    wait_until(&pool, Duration::from_secs(10), "a trial connection", || {
+        trial = pool.connections().first().map(|c| c.id);
+        trial.is_some()
+    });
+    let trial = trial.expect("trial");
+    pool.close_connection(trial).expect("close the trial");
+    wait_for_event(&pool, Duration::from_secs(10), "the trial closed", |e| {
+        e.kind == "closed" && e.connection_id == Some(trial)
+    });
+    proxy.set_fault(Fault::Pass);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().ready_connections == 0 && Instant::now() < deadline {
+        pool.events(Duration::from_millis(50));
+    }
+    assert_eq!(
+        pool.stats().ready_connections,
+        1,
+        "the server is back but the pool never reconnected; servers: {:?}",
+        pool.servers()
+    );
+}
+
+#[test]
+fn reconfigure_while_idle_opens_no_connection_until_the_next_lease() {
+    let _guard = watchdog("reconfigure idle", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({
+            "pool": {"min_connections": 2, "max_connections": 3},
+            "lease": {"idle_timeout_ms": 100},
+        }),
+    );
+    drop(pool.lease().expect("lease"));
+    wait_for_event(&pool, Duration::from_secs(10), "suspended", |e| {
+        e.kind == "suspended"
+    });
+    wait_until(&pool, Duration::from_secs(10), "no connections", || {
+        pool.connections().is_empty()
+    });
+    pool.events(Duration::ZERO);
+    let mut settings = pool.settings();
+    settings.max_connections = 4;
+    pool.reconfigure(settings).expect("reconfigure");
+    // A reconnect would start at once; a second is ample on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut kinds = Vec::new();
+    while Instant::now() < deadline {
+        kinds.extend(
+            pool.events(Duration::from_millis(100))
+                .into_iter()
+                .map(|e| e.kind),
+        );
+    }
+    assert!(
+        !kinds.contains(&"connecting") && pool.connections().is_empty(),
+        "an idle pool connected after a reconfigure; events {kinds:?}"
+    );
+    let _lease = pool.lease().expect("lease again");
+    wait_until(&pool, Duration::from_secs(10), "two ready", || {
+        pool.stats().ready_connections == 2
+    });
+    assert_eq!(pool.connections().len(), 2, "{:?}", pool.connections());
+}
+
+#[test]
+fn shrinking_the_pool_lets_requests_in_flight_on_the_removed_connection_finish() {
+    let _guard = watchdog("shrink in flight", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = Arc::new(pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 2, "max_connections": 2}}),
+    ));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                pool.request(
+                    br#"{"op":"delay","ms":1500}"#,
+                    RequestOptions {
+                        timeout: Some(Duration::from_secs(20)),
+                        idempotent: false,
+                    },
+                )
+            })
+        })
+        .collect();
+    // One request on each connection (requests go to the least busy one).
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "both connections busy",
+        || pool.stats().busy_connections == 2,
+    );
+    let mut settings = pool.settings();
+    settings.min_connections = 1;
+    pool.reconfigure(settings).expect("shrink");
+    for caller in callers {
+        let outcome = caller.join().expect("caller thread");
+        assert!(
+            outcome.is_ok(),
+            "a request in flight on the connection removed by the shrink failed: {outcome:?}"
+        );
+    }
+    wait_until(&pool, Duration::from_secs(10), "one connection", || {
+        pool.connections().len() == 1
+    });
+}
+
+#[test]
+fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
+    let _guard = watchdog("rotation old closed first", Duration::from_secs(60));
+    let sim = simulator();
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = Arc::new(pool(
+        &proxy.url(),
+        serde_json::json!({
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "auth": {"token": "old-token"},
+        }),
+    ));
+    let old = pool.connections()[0].id;
+    // The replacement's handshake and auth take several slow round trips; the old
+    // session's close gives up waiting for the peer after half a second.
+    proxy.set_fault(Fault::Latency(Duration::from_millis(400)));
+    pool.events(Duration::ZERO);
+    let rotation = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || pool.set_token("new-token"))
+    };
+    wait_for_event(&pool, Duration::from_secs(10), "token_rotation", |e| {
+        e.kind == "token_rotation"
+    });
+    pool.close_connection(old).expect("close the old session");
+    wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "the old session closed",
+        |e| e.kind == "closed" && e.connection_id == Some(old),
+    );
+    assert!(
+        !rotation.is_finished(),
+        "the replacement was ready before the old session closed: the race was not set up"
+    );
+    rotation
+        .join()
+        .expect("rotation thread")
+        .expect("rotation finished");
+    proxy.set_fault(Fault::Pass);
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "every connection ready",
+        || {
+            let connections = pool.connections();
+            !connections.is_empty() && connections.iter().all(|c| c.state == "ready")
+        },
+    );
+    let connections: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    assert_eq!(
+        connections.len(),
+        1,
+        "min_connections is 1, but the replacement and a refill of the old slot both live: {connections:?}"
+    );
+}
