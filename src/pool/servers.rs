@@ -123,8 +123,10 @@ impl ServerState {
         change
     }
 
-    /// A connection ended. `failed` when it never became ready, was refused
-    /// authentication, or died right after becoming ready.
+    /// A connection ended. `failed` when it never became ready (a server that accepts
+    /// and drops at once) or was refused authentication. A session that dies soon after
+    /// becoming ready is not a failure here; the reconnect backoff, which resets only
+    /// after `reconnect.stable_after_ms` of readiness, keeps it from a tight loop.
     pub fn ended(
         &mut self,
         was_ready: bool,
