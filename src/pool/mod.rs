@@ -985,7 +985,16 @@ struct PoolThread {
     next_connection_id: u64,
     next_command_id: u64,
     round_robin_next: usize,
+    /// Channels were added without an owner: placed once per pass of the loop.
+    placement_due: bool,
+    /// The published connection list and subscription counts are out of date:
+    /// rebuilt once per pass of the loop (or before a reply), not once per message.
+    publish_due: bool,
 }
+
+/// Most messages handled in one pass of the pool thread's loop before its per-pass
+/// work (placement, publishing, health, scaling), which scans every channel.
+const MAX_MESSAGES_PER_PASS: usize = 256;
 
 impl PoolThread {
     fn new(
@@ -1017,6 +1026,8 @@ impl PoolThread {
             next_connection_id: 1,
             next_command_id: 1,
             round_robin_next: 0,
+            placement_due: false,
+            publish_due: false,
         }
     }
 
@@ -1029,7 +1040,7 @@ impl PoolThread {
             self.mark_initialized();
         }
         self.publish_servers();
-        loop {
+        'passes: loop {
             self.suspend_if_idle();
             self.autoscale();
             self.finish_handovers();
@@ -1037,6 +1048,9 @@ impl PoolThread {
             self.start_due_slots();
             self.reset_stable_backoffs();
             self.assess_health();
+            // The messages of the last pass and the work above, placed and published
+            // before the thread waits again.
+            self.catch_up();
             let timeout = self
                 .next_timer()
                 .map(|at| at.saturating_duration_since(Instant::now()));
@@ -1045,33 +1059,86 @@ impl PoolThread {
                 .min(Duration::from_secs(1));
             select! {
                 recv(self.commands) -> command => match command {
-                    Ok(PoolCommand::Shutdown) | Err(_) => break,
-                    Ok(PoolCommand::Subscribe(channel)) => self.subscribe(channel),
-                    Ok(PoolCommand::Unsubscribe(channel)) => self.unsubscribe(channel),
-                    Ok(PoolCommand::CloseConnection(id, reply)) => {
-                        let _ = reply.send(self.close_connection(id));
+                    Ok(command) => {
+                        if !self.handle_command(command) {
+                            break 'passes;
+                        }
                     }
-                    Ok(PoolCommand::AddConnection(reply)) => {
-                        let _ = reply.send(self.add_slot());
-                    }
-                    Ok(PoolCommand::Reconfigure(settings, reply)) => {
-                        let _ = reply.send(self.reconfigure(settings));
-                    }
-                    Ok(PoolCommand::Acquire) => self.acquire(),
-                    Ok(PoolCommand::Release(reply)) => {
-                        let _ = reply.send(self.release());
-                    }
-                    Ok(PoolCommand::RotateToken(token, reply)) => self.rotate_token(token, reply),
+                    Err(_) => break 'passes,
                 },
                 recv(self.reports) -> report => {
                     if let Ok(report) = report {
                         self.handle_report(report);
                     }
                 },
-                default(timeout) => {}
+                default(timeout) => continue 'passes,
+            }
+            // Whatever else is waiting is handled in this pass too, so a burst (ten
+            // thousand subscriptions, their confirmations) costs one scan of the
+            // channels per pass instead of one per message.
+            for _ in 1..MAX_MESSAGES_PER_PASS {
+                let mut handled = false;
+                if let Ok(command) = self.commands.try_recv() {
+                    handled = true;
+                    if !self.handle_command(command) {
+                        break 'passes;
+                    }
+                }
+                if let Ok(report) = self.reports.try_recv() {
+                    handled = true;
+                    self.handle_report(report);
+                }
+                if !handled {
+                    break;
+                }
             }
         }
         self.shutdown();
+    }
+
+    /// Acts on a caller's command; `false` for shutdown. Replies go out after the
+    /// published state caught up, so a caller who got one reads fresh state.
+    fn handle_command(&mut self, command: PoolCommand) -> bool {
+        match command {
+            PoolCommand::Shutdown => return false,
+            PoolCommand::Subscribe(channel) => self.subscribe(channel),
+            PoolCommand::Unsubscribe(channel) => self.unsubscribe(channel),
+            PoolCommand::CloseConnection(id, reply) => {
+                let result = self.close_connection(id);
+                self.catch_up();
+                let _ = reply.send(result);
+            }
+            PoolCommand::AddConnection(reply) => {
+                let result = self.add_slot();
+                self.catch_up();
+                let _ = reply.send(result);
+            }
+            PoolCommand::Reconfigure(settings, reply) => {
+                let result = self.reconfigure(settings);
+                self.catch_up();
+                let _ = reply.send(result);
+            }
+            PoolCommand::Acquire => self.acquire(),
+            PoolCommand::Release(reply) => {
+                let result = self.release();
+                self.catch_up();
+                let _ = reply.send(result);
+            }
+            PoolCommand::RotateToken(token, reply) => self.rotate_token(token, reply),
+        }
+        true
+    }
+
+    /// Places new channels and publishes the connection list, if either is due.
+    fn catch_up(&mut self) {
+        if self.placement_due {
+            self.placement_due = false;
+            self.place_unowned();
+        }
+        if self.publish_due {
+            self.publish_due = false;
+            self.publish_connections_now();
+        }
     }
 
     fn close_connection(&mut self, connection_id: u64) -> Result<()> {
@@ -2035,8 +2102,8 @@ impl PoolThread {
             return;
         }
         self.desired.insert(channel, Placement::default());
-        self.place_unowned();
-        self.publish_connections();
+        self.placement_due = true;
+        self.publish_due = true;
     }
 
     fn unsubscribe(&mut self, channel: Arc<str>) {
@@ -2056,7 +2123,12 @@ impl PoolThread {
         self.publish_connections();
     }
 
-    fn publish_connections(&self) {
+    /// The published connection list and counts are rebuilt at the end of this pass.
+    fn publish_connections(&mut self) {
+        self.publish_due = true;
+    }
+
+    fn publish_connections_now(&self) {
         let mut by_owner: HashMap<u64, Vec<String>> = HashMap::new();
         let mut active = 0;
         for (channel, placement) in &self.desired {
@@ -2103,7 +2175,7 @@ impl PoolThread {
         }
         self.inner.readiness_changed.notify_all();
         self.ready.clear();
-        self.publish_connections();
+        self.publish_connections_now();
         self.assess_health();
         self.inner.events.push(Event::new("pool_closed"));
     }

@@ -18,6 +18,6 @@ mod engine;
 mod http;
 mod operations;
 mod passthrough;
-mod pool_review;
+mod pool_races;
 mod resilience;
 mod tls;

@@ -1,6 +1,7 @@
-//! The pool thread under races: a circuit-breaker trial closed before it finished,
-//! run-time reconfiguration while the pool idles, and shrinking the pool while
-//! requests are in flight.
+//! The pool thread under races and bursts: a circuit-breaker trial closed before it
+//! finished, run-time reconfiguration while the pool idles, shrinking the pool while
+//! requests are in flight, a token rotation racing a close, and a burst of thousands of
+//! subscriptions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -223,4 +224,62 @@ fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
         1,
         "min_connections is 1, but the replacement and a refill of the old slot both live: {connections:?}"
     );
+}
+
+#[test]
+fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_connection() {
+    let _guard = watchdog("subscription burst", Duration::from_secs(120));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 3, "max_connections": 3}}),
+    );
+    // One burst, handled many messages per pass of the pool thread: subscriptions,
+    // unsubscriptions of some of them, and a channel dropped and taken again.
+    const CHANNELS: usize = 6000;
+    for index in 0..CHANNELS {
+        pool.subscribe(&format!("instrument.{index}"))
+            .expect("subscribe");
+        if index % 3 == 0 {
+            pool.unsubscribe(&format!("instrument.{index}"))
+                .expect("unsubscribe");
+        }
+    }
+    pool.unsubscribe("instrument.1").expect("unsubscribe");
+    pool.subscribe("instrument.1").expect("subscribe again");
+    let wanted: std::collections::BTreeSet<String> = (0..CHANNELS)
+        .filter(|index| index % 3 != 0)
+        .map(|index| format!("instrument.{index}"))
+        .collect();
+    wait_until(
+        &pool,
+        Duration::from_secs(60),
+        "every channel confirmed",
+        || {
+            let stats = pool.stats();
+            stats.subscriptions == wanted.len() && stats.subscriptions_active == wanted.len()
+        },
+    );
+    let mut placed = std::collections::BTreeSet::new();
+    let connections = pool.connections();
+    assert_eq!(connections.len(), 3);
+    for connection in &connections {
+        assert!(
+            !connection.subscriptions.is_empty(),
+            "connection {} got no channel: the burst was not spread",
+            connection.id
+        );
+        for channel in &connection.subscriptions {
+            assert!(
+                placed.insert(channel.clone()),
+                "{channel} is placed on two connections"
+            );
+        }
+    }
+    assert_eq!(placed, wanted);
 }
