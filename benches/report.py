@@ -163,6 +163,8 @@ def main():
     summary["rss_mb_per_1000_idle_marginal"] = first("memory_idle", "rss_mb_per_1000_idle_marginal")
     summary["rss_mb_first_connection"] = first("memory_idle", "first_connection_mb")
     summary["pss_mb_per_1000_idle"] = first("memory_idle", "pss_mb_per_1000_idle")
+    summary["subscribe_burst_channels"] = first("subscribe_burst", "channels")
+    summary["subscribe_burst_all_confirmed_ms"] = first("subscribe_burst", "all_confirmed_ms")
     summary["memory_connections_measured"] = first("memory_idle", "connections")
     summary["memory_threads_added"] = first("memory_idle", "threads_added")
 
@@ -287,6 +289,12 @@ def verdicts(s):
         ("  per 1000 beyond the first connection", fmt(s.get("rss_mb_per_1000_idle_marginal"), "MB"), "", ""),
         ("  first connection (module, code pages)", fmt(s.get("rss_mb_first_connection"), "MB"), "", ""),
         ("  PSS per 1000 (shared pages counted once)", fmt(s.get("pss_mb_per_1000_idle"), "MB"), "", ""),
+        (
+            f"{s.get('subscribe_burst_channels')} subscriptions, all confirmed",
+            fmt(s.get("subscribe_burst_all_confirmed_ms"), "ms"),
+            "",
+            "",
+        ),
         ("C ABI batch polling (raw)", fmt_rate(s.get("c_abi_batch_msgs_per_s")), ">= 0.9x Rust API", ratio_verdict(s.get("c_abi_batch_msgs_per_s"), single_raw, 0.9)),
         ("Python wirepool recv_many (raw)", fmt_rate(python_wp), "> every client below", python_verdict),
         ("Python wirepool recv_many (json)", fmt_rate(s.get("python_wirepool_json_msgs_per_s")), "", ""),

@@ -23,11 +23,11 @@ RESULTS="$OUT/results.jsonl"
 if [ "$QUICK" = 1 ]; then
   WARMUP=0.2; WINDOW=0.5; ROUNDS=1
   LATENCY_WARMUP=0.3; LATENCY_WINDOW=1
-  CONNECT_SAMPLES=10; MEMORY_CONNECTIONS=200
+  CONNECT_SAMPLES=10; MEMORY_CONNECTIONS=200; SUBSCRIBE_CHANNELS=2000
 else
   WARMUP=1; WINDOW=2; ROUNDS=3
   LATENCY_WARMUP=0.5; LATENCY_WINDOW=3
-  CONNECT_SAMPLES=100; MEMORY_CONNECTIONS=1000
+  CONNECT_SAMPLES=100; MEMORY_CONNECTIONS=1000; SUBSCRIBE_CHANNELS=10000
 fi
 
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -154,6 +154,9 @@ measure connect_wss "$FEED" connect --url "$WSS" --ca "$CA" --samples "$CONNECT_
 
 step "resident memory of $MEMORY_CONNECTIONS idle connections"
 measure memory_idle "$FEED" memory --url "$WS" --connections "$MEMORY_CONNECTIONS"
+
+step "a burst of $SUBSCRIBE_CHANNELS subscriptions (built-in simulator, 3 connections)"
+measure subscribe_burst "$FEED" subscriptions --channels "$SUBSCRIBE_CHANNELS"
 
 kill "$FEED_PID" 2>/dev/null || true
 wait "$FEED_PID" 2>/dev/null || true

@@ -181,3 +181,59 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
         "largest_rss_groups": largest,
     }))
 }
+
+/// A burst of `channels` subscriptions on a pool of three connections to the built-in
+/// feed simulator (in this process, sending no data): the time until every one is
+/// confirmed by the venue and shown in the pool's stats. The pool thread handles such a
+/// burst many messages per pass, so the cost grows with the number of channels, not
+/// with its square.
+pub fn subscriptions(channels: u32) -> Result<Value, String> {
+    use wirepool::simulator::{Simulator, SimulatorConfig};
+    let simulator = Simulator::start(SimulatorConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .map_err(|err| format!("simulator: {err}"))?;
+    let config = Config::from_json(
+        &json!({
+            "servers": [{"url": simulator.url()}],
+            "pool": {"min_connections": 3, "max_connections": 3},
+        })
+        .to_string(),
+    )
+    .map_err(|err| format!("config: {err}"))?;
+    let pool = Pool::new(config).map_err(|err| format!("pool: {err}"))?;
+    pool.wait_ready(Duration::from_secs(10))
+        .map_err(|err| format!("wait_ready: {err}"))?;
+    let channels = channels as usize;
+    let started = Instant::now();
+    for index in 0..channels {
+        pool.subscribe(&format!("instrument.{index}"))
+            .map_err(|err| format!("subscribe: {err}"))?;
+    }
+    let queued = started.elapsed();
+    let deadline = started + Duration::from_secs(120);
+    loop {
+        let stats = pool.stats();
+        if stats.subscriptions_active == channels {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {channels} subscriptions confirmed after 120 s",
+                stats.subscriptions_active
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let confirmed = started.elapsed();
+    pool.close();
+    Ok(json!({
+        "measure": "subscribe_burst",
+        "channels": channels,
+        "connections": 3,
+        "queued_ms": queued.as_secs_f64() * 1000.0,
+        "all_confirmed_ms": confirmed.as_secs_f64() * 1000.0,
+    }))
+}

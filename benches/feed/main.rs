@@ -9,6 +9,7 @@
 //! feed latency --url WS --client pool-json|pool-raw|tungstenite --rate R [window]
 //! feed connect --url WS|WSS [--ca FILE] --samples N
 //! feed memory --url WS --connections N
+//! feed subscriptions --channels N         a burst of N subscriptions, until confirmed
 //! ```
 //! `window` is `--warmup SECONDS --seconds SECONDS`. The feed server's pid in
 //! `FEED_PID` lets a result include the server's CPU use.
@@ -129,6 +130,7 @@ fn run(command: &str, args: &Args) -> Result<serde_json::Value, String> {
             args.number("samples", 100)?,
         ),
         "memory" => footprint::memory(args.text("url")?, args.number("connections", 1000)?),
+        "subscriptions" => footprint::subscriptions(args.number("channels", 10_000)?),
         other => Err(format!("unknown command {other}")),
     }
 }
