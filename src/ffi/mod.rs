@@ -203,6 +203,14 @@ unsafe fn bytes<'a>(
     if len == 0 {
         return Ok(&[]);
     }
+    // No object is larger than isize::MAX bytes: such a length is a caller's mistake
+    // (typically a negative length cast to size_t), never a buffer to read.
+    if len > isize::MAX as usize {
+        return Err(fail(
+            WIREPOOL_ERR_INVALID_ARGUMENT,
+            &format!("{name}_len {len} is larger than any buffer can be"),
+        ));
+    }
     if pointer.is_null() {
         return Err(fail(
             WIREPOOL_ERR_NULL_ARGUMENT,
@@ -586,6 +594,14 @@ pub unsafe extern "C" fn wirepool_pool_request_batch(
         let out_codes = out(out_codes, "out_codes")?;
         if requests.is_null() {
             return Err(fail(WIREPOOL_ERR_NULL_ARGUMENT, "requests is NULL"));
+        }
+        // As in `bytes`: an array of `count` requests larger than isize::MAX bytes
+        // cannot exist.
+        if count > isize::MAX as usize / std::mem::size_of::<wirepool_request>() {
+            return Err(fail(
+                WIREPOOL_ERR_INVALID_ARGUMENT,
+                &format!("count {count} is larger than any array of requests can be"),
+            ));
         }
         // SAFETY: the caller promises `count` requests.
         let requests = unsafe { std::slice::from_raw_parts(requests, count) };

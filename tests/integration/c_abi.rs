@@ -313,3 +313,80 @@ fn subscribe_poll_request_and_close_through_the_c_abi() {
         wirepool_pool_free(pool);
     }
 }
+
+#[test]
+fn impossible_lengths_and_counts_are_rejected_before_anything_is_read() {
+    let _guard = watchdog("impossible lengths", Duration::from_secs(60));
+    // Nothing listens on port 1: the pool never gets ready, which does not matter here.
+    let pool = open_pool("ws://127.0.0.1:1");
+    let body = *b"{}";
+    // SAFETY: the lengths are the misuse under test (no object can be that large, e.g.
+    // a (size_t)-1 from a failed length computation); wirepool must reject them
+    // instead of reading past `body`. Every other pointer is valid.
+    unsafe {
+        let mut reply = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_request(pool, body.as_ptr(), usize::MAX, 100, 0, &mut reply),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
+            "{}",
+            last_error()
+        );
+        assert!(
+            last_error().contains("payload_len"),
+            "the error names the argument: {}",
+            last_error()
+        );
+        assert!(reply.is_null(), "out-parameter written on failure");
+
+        let request = wirepool_request {
+            payload: body.as_ptr(),
+            payload_len: usize::MAX,
+        };
+        let mut replies = [ptr::null_mut(); 1];
+        let mut codes = [wirepool_result::WIREPOOL_OK; 1];
+        assert_eq!(
+            wirepool_pool_request_batch(
+                pool,
+                &request,
+                1,
+                100,
+                0,
+                None,
+                ptr::null_mut(),
+                replies.as_mut_ptr(),
+                codes.as_mut_ptr(),
+            ),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
+            "{}",
+            last_error()
+        );
+        assert!(
+            last_error().contains("requests[0].payload"),
+            "the error names the request: {}",
+            last_error()
+        );
+
+        assert_eq!(
+            wirepool_pool_request_batch(
+                pool,
+                &request,
+                usize::MAX / 2,
+                100,
+                0,
+                None,
+                ptr::null_mut(),
+                replies.as_mut_ptr(),
+                codes.as_mut_ptr(),
+            ),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
+            "{}",
+            last_error()
+        );
+        assert!(
+            last_error().contains("count"),
+            "the error names the argument: {}",
+            last_error()
+        );
+        wirepool_pool_free(pool);
+    }
+}
