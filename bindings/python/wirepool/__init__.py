@@ -26,6 +26,7 @@ import gc
 import json
 import math
 import os
+import re
 import struct
 import sys
 import threading
@@ -355,8 +356,46 @@ def _check_timeout(timeout: Optional[float]) -> None:
         raise ValueError(f"timeout must be None or a non-negative number of seconds, not {timeout!r}")
 
 
+_MAX_MS = 0xFFFFFFFF  # the C ABI's timeouts are uint32_t milliseconds
+
+
 def _ms(seconds: float) -> int:
-    return min(0xFFFFFFFF, int(math.ceil(seconds * 1000.0)))
+    # Compared before converting: int(math.ceil(inf)) raises OverflowError, and
+    # math.inf is a natural way to say "no limit".
+    milliseconds = seconds * 1000.0
+    if milliseconds >= _MAX_MS:
+        return _MAX_MS
+    return int(math.ceil(milliseconds))
+
+
+def _timeout_error(code: int, timeout: float) -> WirepoolError:
+    """The TimeoutError of a wait made of slices: the library's message names the last
+    slice's length, so it is restated with the caller's ``timeout``."""
+    error = _error(code)
+    message = re.sub(r"timed out after \d+ ms", f"timed out after {_ms(timeout)} ms", str(error), count=1)
+    return type(error)(message, code)
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+
+def _body(payload: Any, name: str) -> bytes:
+    """A request body as bytes: bytes, any bytes-like object, or str (as UTF-8).
+
+    ``bytes(payload)`` is not used: it turns an int n into n NUL bytes and a list of
+    ints into their bytes, silently sending a body the caller never meant."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be bytes, a bytes-like object or str, not {type(payload).__name__}"
+        ) from None
+    with view:
+        return view.tobytes()
 
 
 # --- the pool ----------------------------------------------------------------------------
@@ -618,7 +657,8 @@ class Pool(_Handle):
                 if code != _ffi.WIREPOOL_ERR_TIMEOUT:
                     raise _error(code)
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise _error(code)
+                    assert timeout is not None
+                    raise _timeout_error(code, timeout)
                 if self._closing:
                     raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
         finally:
@@ -695,10 +735,7 @@ class Pool(_Handle):
         ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
         with an error, TimeoutError when no reply came in time.
         """
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        elif not isinstance(payload, bytes):
-            payload = bytes(payload)
+        payload = _body(payload, "payload")
         if timeout is None:
             timeout_ms = 0  # the pool's request_timeout_ms
         else:
@@ -731,7 +768,7 @@ class Pool(_Handle):
         reply or the exception for that request (not raised). Batch requests are
         idempotent. ``progress(done, total)`` is called after each completion; an
         exception it raises stops nothing and is re-raised once the batch is done."""
-        encoded = [p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in payloads]
+        encoded = [_body(p, f"payloads[{index}]") for index, p in enumerate(payloads)]
         count = len(encoded)
         if count == 0:
             return []
@@ -740,8 +777,12 @@ class Pool(_Handle):
         else:
             _check_timeout(timeout)
             timeout_ms = max(1, _ms(timeout))
-        if max_in_flight_per_connection < 1:
-            raise ValueError("max_in_flight_per_connection must be at least 1")
+        if not 1 <= max_in_flight_per_connection <= 0xFFFFFFFF:
+            # A uint32_t in C: larger values would wrap silently (2**32 to 0, the default).
+            raise ValueError(
+                f"max_in_flight_per_connection must be between 1 and {0xFFFFFFFF}, "
+                f"not {max_in_flight_per_connection!r}"
+            )
         buffers = [ctypes.create_string_buffer(p, len(p)) for p in encoded]
         requests = (_ffi.wirepool_request * count)(
             *[_ffi.wirepool_request(ctypes.cast(b, ctypes.c_void_p), len(p)) for b, p in zip(buffers, encoded)]

@@ -1,0 +1,68 @@
+"""Arguments a caller can get wrong or push to the edge: infinite timeouts, what a
+timeout error says, request bodies that are not bytes, limits beyond the C types."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+
+import wirepool
+from conftest import config_for
+
+
+@pytest.fixture
+def silent_listener():
+    """A loopback TCP listener that accepts connections but never answers the
+    WebSocket handshake, so a pool against it never gets ready."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield f"ws://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_infinite_timeouts_wait_instead_of_raising_overflow_error(pool):
+    pool.wait_ready(timeout=math.inf)
+    pool.subscribe("ticker.0")
+    assert pool.recv(timeout=math.inf) is not None
+    assert pool.recv_many(16, timeout=math.inf)
+    assert next(pool.messages(timeout=math.inf)) is not None
+    assert pool.events(timeout=math.inf), "connect events are queued"
+    reply = pool.request(b'{"op":"history","channel":"ticker.0","bars":2}', timeout=math.inf)
+    assert reply
+
+
+def test_wait_ready_timeout_names_the_callers_timeout_not_an_internal_slice(silent_listener, make_pool):
+    pool = make_pool(config_for(silent_listener))
+    with pytest.raises(wirepool.TimeoutError) as caught:
+        pool.wait_ready(timeout=1.5)
+    message = str(caught.value)
+    assert "1500 ms" in message, f"the message should say how long the caller waited: {message!r}"
+    assert "connections ready" in message, f"the library's detail is kept: {message!r}"
+
+
+@pytest.mark.parametrize("payload", [7, 0, True, None, 3.5, ["{}"]])
+def test_request_rejects_payloads_that_are_not_bytes_like(pool, payload):
+    # bytes(7) is seven NUL bytes: an int must not turn into a body of zeros.
+    with pytest.raises(TypeError, match="payload"):
+        pool.request(payload, timeout=5.0)
+
+
+def test_request_batch_rejects_payloads_that_are_not_bytes_like(pool):
+    with pytest.raises(TypeError, match=r"payloads\[1\]"):
+        pool.request_batch([b"{}", 7], timeout=5.0)
+
+
+def test_request_accepts_bytes_like_payloads(pool):
+    body = b'{"op":"history","channel":"ticker.0","bars":1}'
+    for payload in (body, bytearray(body), memoryview(body), body.decode()):
+        assert pool.request(payload, timeout=10.0)
+    assert all(isinstance(item, bytes) for item in pool.request_batch([bytearray(body), memoryview(body)], timeout=10.0))
+
+
+def test_request_batch_rejects_an_in_flight_limit_that_does_not_fit_the_c_type(pool):
+    # A uint32_t would silently wrap 2**32 to 0 (which means the default, 8).
+    with pytest.raises(ValueError, match="max_in_flight_per_connection"):
+        pool.request_batch([b"{}"], timeout=5.0, max_in_flight_per_connection=2**32)
