@@ -625,6 +625,15 @@ impl Config {
                 issue(key, "must be greater than 0".into());
             }
         }
+        // Linux takes TCP_KEEPIDLE in whole seconds, 1..=32767; anything else fails
+        // every connection attempt with EINVAL.
+        let keepalive_ms = self.heartbeat.tcp_keepalive_ms;
+        if keepalive_ms != 0 && !(1_000..=32_767_000).contains(&keepalive_ms) {
+            issue(
+                "heartbeat.tcp_keepalive_ms",
+                format!("{keepalive_ms} is not 0 (off) or between 1000 and 32767000"),
+            );
+        }
         let reconnect = &self.reconnect;
         if reconnect.max_delay_ms < reconnect.initial_delay_ms {
             issue(
@@ -689,6 +698,12 @@ impl Config {
         }
         if self.queue.capacity == 0 {
             issue("queue.capacity", "must be at least 1".into());
+        }
+        if self.health.admin_token.as_deref() == Some("") {
+            issue(
+                "health.admin_token",
+                "is empty; omit it to leave the admin endpoints open".into(),
+            );
         }
         if let Some(listen) = &self.health.listen {
             if listen.parse::<SocketAddr>().is_err() {
@@ -824,6 +839,39 @@ mod tests {
             })
         );
         assert!(parse_ws_url("x").is_err());
+    }
+
+    #[test]
+    fn tcp_keepalive_outside_what_linux_accepts_is_rejected() {
+        // Linux refuses TCP_KEEPIDLE outside 1..=32767 seconds, which failed every
+        // connection attempt at run time with "keepalive: Invalid argument".
+        for keepalive_ms in [1, 500, 999, 32_767_001, u64::MAX] {
+            let text = error_of(&format!(
+                r#"{{"servers":[{{"url":"ws://a:1"}}],"heartbeat":{{"tcp_keepalive_ms":{keepalive_ms}}}}}"#
+            ));
+            assert!(
+                text.contains(&format!("heartbeat.tcp_keepalive_ms: {keepalive_ms} ")),
+                "{text}"
+            );
+        }
+        for keepalive_ms in [0, 1_000, 10_000, 32_767_000] {
+            let json = format!(
+                r#"{{"servers":[{{"url":"ws://a:1"}}],"heartbeat":{{"tcp_keepalive_ms":{keepalive_ms}}}}}"#
+            );
+            assert!(
+                Config::from_json(&json).is_ok(),
+                "{keepalive_ms} is accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_admin_token_is_rejected_by_validation() {
+        // The health port refuses it at start; check-config must say so too.
+        let text = error_of(
+            r#"{"servers":[{"url":"ws://a:1"}],"health":{"listen":"127.0.0.1:0","admin_token":""}}"#,
+        );
+        assert!(text.contains("health.admin_token:"), "{text}");
     }
 
     #[test]
