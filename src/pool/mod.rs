@@ -807,11 +807,16 @@ impl Pool {
             .send(PoolCommand::RotateToken(token.to_string(), reply))
             .map_err(|_| Error::Closed)?;
         let wait = Duration::from_millis(self.inner.config.connect_timeout_ms) * 2;
-        receiver.recv_timeout(wait).map_err(|_| Error::Timeout {
-            phase: TimeoutPhase::Connect,
-            after: wait,
-            detail: "token rotation did not finish".into(),
-        })?
+        match receiver.recv_timeout(wait) {
+            Ok(outcome) => outcome,
+            // The pool closed while the rotation was under way: it dropped the reply.
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                phase: TimeoutPhase::Connect,
+                after: wait,
+                detail: "token rotation did not finish".into(),
+            }),
+        }
     }
 
     /// Gives back a lease taken with [`Pool::acquire`].

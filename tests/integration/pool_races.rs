@@ -283,3 +283,33 @@ fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_conne
     }
     assert_eq!(placed, wanted);
 }
+
+#[test]
+fn a_token_rotation_cut_short_by_close_says_the_pool_closed() {
+    let _guard = watchdog("rotation cut by close", Duration::from_secs(60));
+    let sim = simulator();
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = Arc::new(pool(
+        &proxy.url(),
+        serde_json::json!({
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "auth": {"token": "old-token"},
+        }),
+    ));
+    // Slow enough that the replacement is still connecting when the pool closes.
+    proxy.set_fault(Fault::Latency(Duration::from_millis(400)));
+    pool.events(Duration::ZERO);
+    let rotation = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || pool.set_token("new-token"))
+    };
+    wait_for_event(&pool, Duration::from_secs(10), "token_rotation", |e| {
+        e.kind == "token_rotation"
+    });
+    pool.close();
+    let outcome = rotation.join().expect("rotation thread");
+    assert!(
+        matches!(outcome, Err(wirepool::Error::Closed)),
+        "a rotation the close cut short must say the pool closed, got {outcome:?}"
+    );
+}
