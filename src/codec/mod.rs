@@ -30,6 +30,12 @@ pub const ABI_VERSION: i32 = 1;
 /// How often the epoch advances: the granularity of the per-call time budget.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Most elements in one of an instance's tables. Tables live in host memory (eight
+/// bytes an element), outside the linear memory the memory limit bounds, so without
+/// this one `table.grow` could take gigabytes; a codec compiled from Rust needs a few
+/// hundred.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
 /// Where a codec module comes from.
 #[derive(Debug, Clone)]
 pub(crate) enum CodecSource {
@@ -336,7 +342,9 @@ fn describe_call_error(export: &str, err: &wasmtime::Error, limits: &CodecLimits
         Some(trap) => format!("{export} trapped: {trap}"),
         None => {
             let text = format!("{err:#}");
-            if text.contains("memory") && text.contains("limit") {
+            if text.contains("growing table") {
+                format!("{export} grew a table past the {MAX_TABLE_ELEMENTS} element limit")
+            } else if text.contains("memory") && text.contains("limit") {
                 format!(
                     "{export} grew its memory past the {} MiB limit",
                     limits.max_memory_bytes >> 20
@@ -433,6 +441,7 @@ impl CodecRuntime {
             .instances(1)
             .memories(1)
             .tables(4)
+            .table_elements(MAX_TABLE_ELEMENTS)
             .trap_on_grow_failure(true)
             .build();
         let mut store = Store::new(
@@ -446,10 +455,16 @@ impl CodecRuntime {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.epoch_budget());
         let name = &self.name;
-        let instance = self
-            .instance_pre
-            .instantiate(&mut store)
-            .map_err(|err| Error::Codec(format!("{name}: instantiating: {err:#}")))?;
+        let instance = self.instance_pre.instantiate(&mut store).map_err(|err| {
+            // A trap here comes from the module's own code (its start function, its
+            // data and element segments): say what stopped it, like for any call.
+            let text = if err.downcast_ref::<Trap>().is_some() {
+                describe_call_error("instantiation", &err, &self.limits)
+            } else {
+                format!("instantiating: {err:#}")
+            };
+            Error::Codec(format!("{name}: {text}"))
+        })?;
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| Error::Codec(format!("{name}: memory export missing")))?;
@@ -485,8 +500,11 @@ impl CodecRuntime {
     /// A fresh, initialised instance for one connection.
     pub fn instantiate(&self, connection_id: u64) -> Result<CodecInstance> {
         let mut instance = self.raw_instance(connection_id)?;
+        // Copied out first: a guard in the call's arguments would hold the lock for the
+        // whole init call, one connection's init after another, rotation waiting.
+        let token = self.token.lock().clone();
         instance
-            .init(&self.config_json, &self.token.lock().clone())
+            .init(&self.config_json, &token)
             .map_err(|failure| Error::Codec(format!("{}: {}", self.name, failure.0)))?;
         Ok(instance)
     }

@@ -224,9 +224,21 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
     let channels: usize = args.number("channels", 8)?;
     let rate: f64 = args.number("rate", 2000.0)?;
     let duration: f64 = args.number("duration", 10.0)?;
-    if connections == 0 || channels == 0 || rate <= 0.0 || duration <= 0.0 {
-        return Err("--connections, --channels, --rate and --duration must be positive".into());
+    if connections == 0 || channels == 0 {
+        return Err("--connections and --channels must be at least 1".into());
     }
+    // NaN and infinity parse as numbers; neither is a rate or a duration.
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(format!(
+            "--rate: {rate} is not a positive, finite number of messages per second"
+        ));
+    }
+    let run_for = Duration::try_from_secs_f64(duration)
+        .ok()
+        .filter(|run_for| !run_for.is_zero())
+        .ok_or_else(|| {
+            format!("--duration: {duration} is not a positive, finite number of seconds")
+        })?;
     let stop = termination_flag()?;
     let simulator = Simulator::start(SimulatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -262,7 +274,6 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
     }
 
     let started = Instant::now();
-    let run_for = Duration::from_secs_f64(duration);
     let mut received = 0u64;
     let mut latencies_us: Vec<u64> = Vec::new();
     let mut last_seq: HashMap<(u64, Arc<str>), u64> = HashMap::new();

@@ -1,0 +1,64 @@
+//! The codec host and the daemon's command line against hostile input: a codec that
+//! hoards host memory outside its linear memory or loops at instantiation, and
+//! arguments that are numbers but not usable ones. Each gets a clear error, never a
+//! crash or a hang.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{compile_wat, watchdog};
+
+#[test]
+fn codec_growing_its_table_past_the_limit_fails_with_a_clear_error() {
+    let _guard = watchdog("table hog", Duration::from_secs(60));
+    let path = compile_wat("table_hog");
+    let err = wirepool::check_module_file(path.to_str().expect("UTF-8 path")).expect_err(
+        "a codec growing its table by 8 Mi elements (64 MiB of host memory) is refused",
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("wirepool_open") && text.contains("table"),
+        "the error should name the call and the table, got {text:?}"
+    );
+}
+
+#[test]
+fn codec_whose_start_function_never_returns_is_stopped_at_load() {
+    let _guard = watchdog("start loop", Duration::from_secs(60));
+    let path = compile_wat("start_loop");
+    let err = wirepool::check_module_file(path.to_str().expect("UTF-8 path"))
+        .expect_err("a start function that never returns is stopped by the time budget");
+    let text = err.to_string();
+    assert!(
+        text.contains("ran longer than"),
+        "the error should say the time budget stopped it, got {text:?}"
+    );
+}
+
+#[test]
+fn demo_refuses_numbers_it_cannot_use_with_a_clear_message() {
+    let _guard = watchdog("demo arguments", Duration::from_secs(60));
+    for (flag, value) in [
+        ("--duration", "nan"),
+        ("--duration", "inf"),
+        ("--duration", "1e30"),
+        ("--rate", "nan"),
+        ("--rate", "inf"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+            .args(["demo", flag, value])
+            .output()
+            .expect("wirepool runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "demo {flag} {value} should exit 2 (bad argument), got {:?}: {stderr}",
+            output.status
+        );
+        assert!(
+            stderr.contains(flag) && !stderr.contains("panicked"),
+            "demo {flag} {value} should name the option without panicking, got {stderr:?}"
+        );
+    }
+}
