@@ -344,7 +344,8 @@ fn describe_call_error(export: &str, err: &wasmtime::Error, limits: &CodecLimits
             let text = format!("{err:#}");
             if text.contains("growing table") {
                 format!("{export} grew a table past the {MAX_TABLE_ELEMENTS} element limit")
-            } else if text.contains("memory") && text.contains("limit") {
+            } else if text.contains("growing memory") {
+                // wasmtime: "forcing trap when growing memory to N bytes".
                 format!(
                     "{export} grew its memory past the {} MiB limit",
                     limits.max_memory_bytes >> 20

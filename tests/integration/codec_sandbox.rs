@@ -76,5 +76,8 @@ fn endless_loop_codec_is_stopped_by_its_time_budget() {
 
 #[test]
 fn memory_hog_codec_is_stopped_by_its_memory_limit() {
-    misbehaving_codec_loses_only_its_connection("memory_hog", "wirepool_decode");
+    misbehaving_codec_loses_only_its_connection(
+        "memory_hog",
+        "wirepool_decode grew its memory past the 16 MiB limit",
+    );
 }
