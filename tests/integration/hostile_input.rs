@@ -62,3 +62,26 @@ fn demo_refuses_numbers_it_cannot_use_with_a_clear_message() {
         );
     }
 }
+
+#[test]
+fn simulate_refuses_a_rate_it_cannot_use_with_a_clear_message() {
+    let _guard = watchdog("simulate arguments", Duration::from_secs(60));
+    for value in ["nan", "inf", "-5"] {
+        // Accepted, the simulator would run until killed: the watchdog fails the test.
+        let output = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+            .args(["simulate", "--listen", "127.0.0.1:0", "--rate", value])
+            .output()
+            .expect("wirepool runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "simulate --rate {value} should exit 2 (bad argument), got {:?}: {stderr}",
+            output.status
+        );
+        assert!(
+            stderr.contains("--rate"),
+            "the message names the option: {stderr}"
+        );
+    }
+}

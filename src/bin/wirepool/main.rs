@@ -457,9 +457,15 @@ fn simulate(args: &Args) -> Result<ExitCode, String> {
         .unwrap_or("127.0.0.1:9001")
         .parse()
         .map_err(|_| "--listen: expected an address like 127.0.0.1:9001".to_string())?;
+    let rate: f64 = args.number("rate", 10.0)?;
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err(format!(
+            "--rate: {rate} is not a finite number of messages per second per channel (0 or more)"
+        ));
+    }
     let config = SimulatorConfig {
         listen,
-        rate_per_channel: args.number("rate", 10.0)?,
+        rate_per_channel: rate,
         channels: args.number("channels", 8)?,
         token: args.get("token").map(str::to_string),
         ..SimulatorConfig::default()
