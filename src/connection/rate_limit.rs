@@ -26,6 +26,9 @@ impl RateLimiter {
     pub fn take(&self, now: Instant) -> Result<(), Instant> {
         let mut state = self.state.lock();
         let (tokens, last) = &mut *state;
+        // Callers read the clock before taking the lock: an instant older than the
+        // last one counts as the last one, or the time between would be paid twice.
+        let now = now.max(*last);
         let elapsed = now.saturating_duration_since(*last).as_secs_f64();
         *tokens = (*tokens + elapsed * self.per_second).min(self.per_second);
         *last = now;
@@ -57,5 +60,21 @@ mod tests {
             "{wait:?}"
         );
         assert!(limiter.take(start + Duration::from_millis(100)).is_ok());
+    }
+
+    #[test]
+    fn a_caller_with_an_older_clock_reading_does_not_earn_extra_tokens() {
+        // Connections to one server share the bucket, and each reads the clock before
+        // taking the lock: a thread may arrive with an instant older than the last one.
+        let limiter = RateLimiter::new(10);
+        let late = Instant::now() + Duration::from_secs(10);
+        for _ in 0..10 {
+            assert!(limiter.take(late).is_ok());
+        }
+        assert!(limiter.take(late - Duration::from_secs(1)).is_err());
+        assert!(
+            limiter.take(late).is_err(),
+            "the bucket was emptied at `late`: no time has passed since"
+        );
     }
 }

@@ -143,8 +143,10 @@ fn run(
         last_slow_report: None,
         needs_flush: false,
         outbound: VecDeque::new(),
+        last_written_request: None,
         next_send_at: None,
         encoding_request: None,
+        encoding_heartbeat: false,
         stack: StackTrim::for_current_thread(),
     };
     let ended = match context.codec.instantiate(id) {
@@ -164,6 +166,11 @@ fn run(
                 .message(text.clone()),
         );
     }
+    // Requests the rate limit still held were never written: they are not in flight,
+    // so the pool sends them on another connection instead of failing them.
+    for request_id in link.withdraw_unwritten(None) {
+        link.in_flight.remove(&request_id);
+    }
     let in_flight = std::mem::take(&mut link.in_flight);
     let was_ready = link.was_ready;
     link.shutdown_socket();
@@ -182,6 +189,14 @@ fn run(
         },
         in_flight,
     });
+}
+
+/// What an outbound frame was encoded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Command,
+    Request(u64),
+    Heartbeat,
 }
 
 /// One channel as this connection sees it.
@@ -230,12 +245,19 @@ struct Link {
     blocked_since_report: Duration,
     last_slow_report: Option<Instant>,
     needs_flush: bool,
-    /// Frames from the codec waiting for the rate limit.
-    outbound: VecDeque<WsMessage>,
+    /// Frames from the codec waiting for the rate limit, each with what it encodes:
+    /// a request still here was never written.
+    outbound: VecDeque<(Origin, WsMessage)>,
+    /// The request of the last frame written. The frames of one request are queued
+    /// together, so a request with frames still queued was partly written only if it
+    /// is this one.
+    last_written_request: Option<u64>,
     /// When the rate limit lets the next frame go.
     next_send_at: Option<Instant>,
     /// The request being encoded right now, if any.
     encoding_request: Option<u64>,
+    /// A heartbeat is being encoded right now.
+    encoding_heartbeat: bool,
     /// This thread's stack, for giving back the pages of its deep one-off calls.
     stack: Option<StackTrim>,
 }
@@ -554,6 +576,9 @@ impl Link {
             }
             Command::Cancel { request_id } => {
                 self.in_flight.remove(&request_id);
+                // Its caller has been told it timed out: frames the rate limit still
+                // holds must not reach the venue after that.
+                self.withdraw_unwritten(Some(request_id));
                 let records = codec.encode(op::CANCEL, request_id as i64, &[], &[])?;
                 self.apply(records)?;
             }
@@ -737,9 +762,18 @@ impl Link {
                     Err(err) => return Err(Ended::Failed(write_error(err))),
                 }
                 self.needs_flush = true;
-                if self.ready {
+                // One queued heartbeat is enough: with a rate limit slower than the
+                // ping interval they would pile up and hold back every command.
+                let heartbeat_queued = self
+                    .outbound
+                    .iter()
+                    .any(|(origin, _)| *origin == Origin::Heartbeat);
+                if self.ready && !heartbeat_queued {
                     let records = codec.encode(op::HEARTBEAT, 0, &[], &[])?;
-                    self.apply(records)?;
+                    self.encoding_heartbeat = true;
+                    let applied = self.apply(records);
+                    self.encoding_heartbeat = false;
+                    applied?;
                 }
             }
         }
@@ -799,7 +833,23 @@ impl Link {
     }
 
     /// Acts on a codec's output records.
-    fn apply_with_time(&mut self, records: Records<'_>, mut received_ns: u64) -> Result<(), Ended> {
+    fn apply_with_time(&mut self, records: Records<'_>, received_ns: u64) -> Result<(), Ended> {
+        let applied = self.apply_records(records, received_ns);
+        // Data decoded before a record that ends the session was accepted: it is
+        // delivered all the same.
+        if !self.outgoing.is_empty() {
+            self.deliver();
+        }
+        applied?;
+        // Outbound frames go out now, not at the next wake-up.
+        self.send_outbound()?;
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Applies the records in order, collecting data in `outgoing`; stops at the first
+    /// record that ends the session.
+    fn apply_records(&mut self, records: Records<'_>, mut received_ns: u64) -> Result<(), Ended> {
         let mut data_now: Option<Instant> = None;
         let mut last_channel: Option<Arc<str>> = None;
         for record in records.iter() {
@@ -813,7 +863,12 @@ impl Link {
                     } else {
                         WsMessage::binary(record.payload.to_vec())
                     };
-                    self.outbound.push_back(message);
+                    let origin = match self.encoding_request {
+                        Some(request_id) => Origin::Request(request_id),
+                        None if self.encoding_heartbeat => Origin::Heartbeat,
+                        None => Origin::Command,
+                    };
+                    self.outbound.push_back((origin, message));
                 }
                 kind::READY => {
                     if !self.ready {
@@ -951,12 +1006,6 @@ impl Link {
                 }
             }
         }
-        if !self.outgoing.is_empty() {
-            self.deliver();
-        }
-        // Outbound frames go out now, not at the next wake-up.
-        self.send_outbound()?;
-        self.flush()?;
         Ok(())
     }
 
@@ -966,16 +1015,20 @@ impl Link {
         let mut sent_bytes = 0u64;
         self.next_send_at = None;
         let limiter = self.context.rate_limiters[self.server_index].clone();
-        while let Some(message) = self.outbound.pop_front() {
+        while let Some((origin, message)) = self.outbound.pop_front() {
             if let Some(limiter) = &limiter {
                 if let Err(next) = limiter.take(Instant::now()) {
-                    self.outbound.push_front(message);
+                    self.outbound.push_front((origin, message));
                     self.next_send_at = Some(next);
                     break;
                 }
             }
             sent_messages += 1;
             sent_bytes += message.len() as u64;
+            self.last_written_request = match origin {
+                Origin::Request(request_id) => Some(request_id),
+                Origin::Command | Origin::Heartbeat => None,
+            };
             match self.ws()?.write(message) {
                 Ok(()) => {}
                 Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -997,6 +1050,23 @@ impl Link {
             counters.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Drops the queued frames of requests that have not been written at all (of
+    /// `only` that one, else of every request), and returns those requests.
+    fn withdraw_unwritten(&mut self, only: Option<u64>) -> HashSet<u64> {
+        let partly_written = self.last_written_request;
+        let mut withdrawn = HashSet::new();
+        self.outbound.retain(|(origin, _)| match origin {
+            Origin::Request(id)
+                if only.is_none_or(|only| only == *id) && Some(*id) != partly_written =>
+            {
+                withdrawn.insert(*id);
+                false
+            }
+            _ => true,
+        });
+        withdrawn
     }
 
     /// Hands the decoded batch to the consumer queue.
@@ -1022,6 +1092,10 @@ impl Link {
                 *sent += blocked;
             }
             self.last_data += blocked;
+            // Every channel's freshness was last stamped before the wait.
+            for channel in self.channels.values_mut() {
+                channel.last_data += blocked;
+            }
             self.stats
                 .blocked_ns
                 .fetch_add(blocked.as_nanos() as u64, Ordering::Relaxed);

@@ -22,3 +22,4 @@ mod passthrough;
 mod pool_races;
 mod resilience;
 mod tls;
+mod worker_faults;
