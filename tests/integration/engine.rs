@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::support::{wait_for_event, wait_until, watchdog};
+use crate::support::{pool_from, wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
 
@@ -20,18 +20,12 @@ fn simulator(rate_per_channel: f64) -> Simulator {
 }
 
 fn pool_for(url: &str, connections: u32, extra: serde_json::Value) -> Pool {
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "servers": [{"url": url}],
         "pool": {"min_connections": connections, "max_connections": connections},
         "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            base.insert(key.clone(), value.clone());
-        }
-    }
-    let config = Config::from_json(&config.to_string()).expect("valid config");
-    let pool = Pool::new(config).expect("pool opens");
+    let pool = pool_from(config, extra);
     pool.wait_ready(Duration::from_secs(10))
         .expect("pool ready");
     pool

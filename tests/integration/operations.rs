@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{wait_for_event, wait_until, watchdog, write_temp};
+use crate::support::{pool_from, wait_for_event, wait_until, watchdog, write_temp};
 use wirepool::simulator::{Simulator, SimulatorConfig};
-use wirepool::{Config, Error, Pool, PoolSettings};
+use wirepool::{Error, Pool, PoolSettings};
 
 fn simulator() -> Simulator {
     Simulator::start(SimulatorConfig {
@@ -21,17 +21,12 @@ fn simulator() -> Simulator {
 }
 
 fn pool(url: &str, extra: serde_json::Value) -> Pool {
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "servers": [{"url": url}],
         "pool": {"min_connections": 2, "max_connections": 3},
         "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            base.insert(key.clone(), value.clone());
-        }
-    }
-    Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool")
+    pool_from(config, extra)
 }
 
 fn next_on(pool: &Pool, channel: &str, timeout: Duration) -> wirepool::Message {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::fault_proxy::{Fault, FaultProxy};
-use crate::support::{wait_for_event, wait_until, watchdog};
+use crate::support::{pool_from, wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
-use wirepool::{Config, Pool, RequestOptions};
+use wirepool::{Pool, RequestOptions};
 
 fn simulator() -> Simulator {
     Simulator::start(SimulatorConfig {
@@ -22,17 +22,12 @@ fn simulator() -> Simulator {
 }
 
 fn pool(url: &str, extra: serde_json::Value) -> Pool {
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "servers": [{"url": url}],
         "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 50},
         "connect_timeout_ms": 5000,
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            base.insert(key.clone(), value.clone());
-        }
-    }
-    let pool = Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool");
+    let pool = pool_from(config, extra);
     pool.wait_ready(Duration::from_secs(10)).expect("ready");
     pool
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::fault_proxy::{Fault, FaultProxy};
 use crate::support;
-use crate::support::{wait_for_event, wait_until, watchdog};
+use crate::support::{pool_from, wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
-use wirepool::{Config, Error, Event, HealthLevel, Pool, RequestOptions};
+use wirepool::{Error, Event, HealthLevel, Pool, RequestOptions};
 
 fn simulator(tls: Option<Arc<rustls::ServerConfig>>) -> Simulator {
     Simulator::start(SimulatorConfig {
@@ -28,19 +28,14 @@ fn pool(servers: &[String], connections: u32, extra: serde_json::Value) -> Pool 
         .enumerate()
         .map(|(index, url)| serde_json::json!({"url": url, "id": format!("s{index}")}))
         .collect();
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "servers": servers,
         "pool": {"min_connections": connections, "max_connections": connections},
         "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
         "heartbeat": {"ping_interval_ms": 200, "pong_timeout_ms": 300},
         "connect_timeout_ms": 2000,
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            base.insert(key.clone(), value.clone());
-        }
-    }
-    let pool = Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool");
+    let pool = pool_from(config, extra);
     pool.wait_ready(Duration::from_secs(10)).expect("ready");
     pool
 }

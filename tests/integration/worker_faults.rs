@@ -13,20 +13,15 @@ use tungstenite::Message as WsMessage;
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Pool, RequestOptions};
 
-use crate::support::{wait_for_event, watchdog, ScriptServer};
+use crate::support::{pool_from, wait_for_event, watchdog, ScriptServer};
 
 fn pool_with(url: &str, extra: serde_json::Value) -> Pool {
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "servers": [{"url": url}],
         "pool": {"min_connections": 1, "max_connections": 1},
         "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            base.insert(key.clone(), value.clone());
-        }
-    }
-    let pool = Pool::new(Config::from_json(&config.to_string()).expect("config")).expect("pool");
+    let pool = pool_from(config, extra);
     pool.wait_ready(Duration::from_secs(10)).expect("ready");
     pool
 }

@@ -288,3 +288,15 @@ pub fn compile_wat(name: &str) -> std::path::PathBuf {
     std::fs::write(&path, wasm).expect("write wasm");
     path
 }
+
+/// Opens a pool from `config` with the top-level keys of `extra` put over it (the
+/// tests' way of starting from a default and changing a section or two).
+pub fn pool_from(mut config: serde_json::Value, extra: serde_json::Value) -> Pool {
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            base.insert(key.clone(), value.clone());
+        }
+    }
+    let config = wirepool::Config::from_json(&config.to_string()).expect("valid config");
+    Pool::new(config).expect("pool opens")
+}
