@@ -599,7 +599,6 @@ impl Link {
         let mut read_failed: Option<Error> = None;
         // Passthrough frames of this batch, and their channel once it is needed.
         let mut passed = 0usize;
-        let mut passed_bytes = 0usize;
         let mut passed_channel: Option<Arc<str>> = None;
         // Every message read counts towards the bound, control frames too: a peer that
         // floods pings must not keep the worker from its commands and timers.
@@ -672,8 +671,9 @@ impl Link {
             };
             self.outgoing.push(channel, &body, received_ns);
             passed += 1;
-            passed_bytes += body.len();
-            if passed >= FrameBatch::MAX_FRAMES || passed_bytes >= FrameBatch::MAX_BYTES {
+            // The count is bounded by `messages_read` above; `bytes` are all passed
+            // frames here (a batch is either all passed or all decoded).
+            if bytes >= FrameBatch::MAX_BYTES as u64 {
                 more = true;
                 break;
             }
