@@ -1110,28 +1110,30 @@ impl PoolThread {
             PoolCommand::Unsubscribe(channel) => self.unsubscribe(channel),
             PoolCommand::CloseConnection(id, reply) => {
                 let result = self.close_connection(id);
-                self.catch_up();
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             PoolCommand::AddConnection(reply) => {
                 let result = self.add_slot();
-                self.catch_up();
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             PoolCommand::Reconfigure(settings, reply) => {
                 let result = self.reconfigure(settings);
-                self.catch_up();
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             PoolCommand::Acquire => self.acquire(),
             PoolCommand::Release(reply) => {
                 let result = self.release();
-                self.catch_up();
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             PoolCommand::RotateToken(token, reply) => self.rotate_token(token, reply),
         }
         true
+    }
+
+    /// Replies to a caller once the published state caught up with what was done.
+    fn answer<T>(&mut self, reply: Sender<Result<T>>, result: Result<T>) {
+        self.catch_up();
+        let _ = reply.send(result);
     }
 
     /// Places new channels and publishes the connection list, if either is due.
