@@ -164,9 +164,18 @@ fn shrinking_the_pool_lets_requests_in_flight_on_the_removed_connection_finish()
     });
 }
 
-#[test]
-fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
-    let _guard = watchdog("rotation old closed first", Duration::from_secs(60));
+/// A one-connection pool (token "old-token") behind a proxy that delays every packet by
+/// 400 ms, with a rotation to "new-token" under way on a thread of its own.
+struct SlowRotation {
+    _sim: Simulator,
+    proxy: FaultProxy,
+    pool: Arc<Pool>,
+    /// The session being replaced.
+    old: u64,
+    rotation: std::thread::JoinHandle<wirepool::Result<()>>,
+}
+
+fn slow_rotation() -> SlowRotation {
     let sim = simulator();
     let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
     let pool = Arc::new(pool(
@@ -177,8 +186,6 @@ fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
         }),
     ));
     let old = pool.connections()[0].id;
-    // The replacement's handshake and auth take several slow round trips; the old
-    // session's close gives up waiting for the peer after half a second.
     proxy.set_fault(Fault::Latency(Duration::from_millis(400)));
     pool.events(Duration::ZERO);
     let rotation = {
@@ -188,6 +195,27 @@ fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
     wait_for_event(&pool, Duration::from_secs(10), "token_rotation", |e| {
         e.kind == "token_rotation"
     });
+    SlowRotation {
+        _sim: sim,
+        proxy,
+        pool,
+        old,
+        rotation,
+    }
+}
+
+#[test]
+fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
+    let _guard = watchdog("rotation old closed first", Duration::from_secs(60));
+    // The replacement's handshake and auth take several slow round trips; the old
+    // session's close gives up waiting for the peer after half a second.
+    let SlowRotation {
+        _sim,
+        proxy,
+        pool,
+        old,
+        rotation,
+    } = slow_rotation();
     pool.close_connection(old).expect("close the old session");
     wait_for_event(
         &pool,
@@ -282,25 +310,14 @@ fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_conne
 #[test]
 fn a_token_rotation_cut_short_by_close_says_the_pool_closed() {
     let _guard = watchdog("rotation cut by close", Duration::from_secs(60));
-    let sim = simulator();
-    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
-    let pool = Arc::new(pool(
-        &proxy.url(),
-        serde_json::json!({
-            "pool": {"min_connections": 1, "max_connections": 1},
-            "auth": {"token": "old-token"},
-        }),
-    ));
     // Slow enough that the replacement is still connecting when the pool closes.
-    proxy.set_fault(Fault::Latency(Duration::from_millis(400)));
-    pool.events(Duration::ZERO);
-    let rotation = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || pool.set_token("new-token"))
-    };
-    wait_for_event(&pool, Duration::from_secs(10), "token_rotation", |e| {
-        e.kind == "token_rotation"
-    });
+    let SlowRotation {
+        _sim,
+        proxy: _proxy,
+        pool,
+        rotation,
+        ..
+    } = slow_rotation();
     pool.close();
     let outcome = rotation.join().expect("rotation thread");
     assert!(
