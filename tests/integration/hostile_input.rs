@@ -35,6 +35,26 @@ fn codec_whose_start_function_never_returns_is_stopped_at_load() {
     );
 }
 
+/// Runs `wirepool ARGS` and checks it refused them as a bad argument (exit 2) with a
+/// message naming `flag`, not a panic.
+fn assert_refused(args: &[&str], flag: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+        .args(args)
+        .output()
+        .expect("wirepool runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "wirepool {args:?} should exit 2 (bad argument), got {:?}: {stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains(flag) && !stderr.contains("panicked"),
+        "wirepool {args:?} should name {flag} without panicking, got {stderr:?}"
+    );
+}
+
 #[test]
 fn demo_refuses_numbers_it_cannot_use_with_a_clear_message() {
     let _guard = watchdog("demo arguments", Duration::from_secs(60));
@@ -45,21 +65,7 @@ fn demo_refuses_numbers_it_cannot_use_with_a_clear_message() {
         ("--rate", "nan"),
         ("--rate", "inf"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_wirepool"))
-            .args(["demo", flag, value])
-            .output()
-            .expect("wirepool runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "demo {flag} {value} should exit 2 (bad argument), got {:?}: {stderr}",
-            output.status
-        );
-        assert!(
-            stderr.contains(flag) && !stderr.contains("panicked"),
-            "demo {flag} {value} should name the option without panicking, got {stderr:?}"
-        );
+        assert_refused(&["demo", flag, value], flag);
     }
 }
 
@@ -68,20 +74,9 @@ fn simulate_refuses_a_rate_it_cannot_use_with_a_clear_message() {
     let _guard = watchdog("simulate arguments", Duration::from_secs(60));
     for value in ["nan", "inf", "-5"] {
         // Accepted, the simulator would run until killed: the watchdog fails the test.
-        let output = Command::new(env!("CARGO_BIN_EXE_wirepool"))
-            .args(["simulate", "--listen", "127.0.0.1:0", "--rate", value])
-            .output()
-            .expect("wirepool runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "simulate --rate {value} should exit 2 (bad argument), got {:?}: {stderr}",
-            output.status
-        );
-        assert!(
-            stderr.contains("--rate"),
-            "the message names the option: {stderr}"
+        assert_refused(
+            &["simulate", "--listen", "127.0.0.1:0", "--rate", value],
+            "--rate",
         );
     }
 }
