@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -312,6 +312,9 @@ pub(crate) struct PushOutcome {
     pub dropped: u64,
     /// The queue was closed: messages were not accepted.
     pub closed: bool,
+    /// The wait for room was cut short (see [`ConsumerQueue::push_chunk_unless`]):
+    /// the messages left in the chunk were not pushed.
+    pub interrupted: bool,
 }
 
 impl ConsumerQueue {
@@ -365,7 +368,23 @@ impl ConsumerQueue {
     /// Pushes a chunk, applying the overflow policy; `chunk` comes back empty (a spare
     /// from the queue, ready to fill). With `block`, waits for room until the queue is
     /// closed.
+    #[cfg(test)]
     pub fn push_chunk(&self, chunk: &mut Chunk) -> PushOutcome {
+        self.push_chunk_unless(chunk, &AtomicBool::new(false), || false)
+    }
+
+    /// As [`push_chunk`](Self::push_chunk), but a wait for room (`block` overflow)
+    /// ends early once `interrupted()` is true, leaving in `chunk` what did not fit.
+    /// `waiting` is set for the length of each wait and checked before it: whoever
+    /// makes `interrupted()` true sets its condition first, then calls
+    /// [`wake_producers`](Self::wake_producers) if `waiting` is set, and the wake-up
+    /// cannot be lost.
+    pub fn push_chunk_unless(
+        &self,
+        chunk: &mut Chunk,
+        waiting: &AtomicBool,
+        interrupted: impl Fn() -> bool,
+    ) -> PushOutcome {
         let mut outcome = PushOutcome::default();
         let count = chunk.len();
         if count == 0 {
@@ -403,8 +422,19 @@ impl ConsumerQueue {
                     state.enqueue(part);
                     self.signal_not_empty(&state, empty_now);
                 }
+                // Pairs with the fence in the waker: either the condition is seen
+                // here or `waiting` is seen there (and its wake-up waits for the lock
+                // this wait releases).
+                waiting.store(true, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                if interrupted() {
+                    waiting.store(false, Ordering::Relaxed);
+                    outcome.interrupted = true;
+                    break;
+                }
                 let started = Instant::now();
                 self.not_full.wait(&mut state);
+                waiting.store(false, Ordering::Relaxed);
                 outcome.blocked += started.elapsed();
             },
             Overflow::DropOldest => {
@@ -435,11 +465,12 @@ impl ConsumerQueue {
                 }
             }
         }
+        let left = chunk.len();
         drop(state);
         if !outcome.closed {
             self.counters
                 .pushed
-                .fetch_add(count as u64 - outcome.dropped, Ordering::Relaxed);
+                .fetch_add((count - left) as u64 - outcome.dropped, Ordering::Relaxed);
         }
         self.counters
             .dropped
@@ -590,6 +621,14 @@ impl ConsumerQueue {
         Ok(take)
     }
 
+    /// Wakes producers waiting for room so they look at their interrupt condition
+    /// (see [`push_chunk_unless`](Self::push_chunk_unless)).
+    pub fn wake_producers(&self) {
+        // Taken so the wake-up cannot fall between a producer's check and its wait.
+        let _state = self.state.lock();
+        self.not_full.notify_all();
+    }
+
     /// Wakes every waiter; later pushes are refused, queued messages stay poppable.
     pub fn close(&self) {
         let mut state = self.state.lock();
@@ -719,6 +758,49 @@ mod tests {
         let blocked = producer.join().unwrap();
         assert!(blocked > Duration::ZERO, "a 4-slot queue must have blocked");
         assert_eq!(out, (0..100).map(message).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_interrupted_wait_keeps_what_did_not_fit_and_a_later_push_delivers_it() {
+        let queue = Arc::new(ConsumerQueue::new(4, Overflow::Block).unwrap());
+        let waiting = Arc::new(AtomicBool::new(false));
+        let command = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let (queue, waiting, command) = (
+                Arc::clone(&queue),
+                Arc::clone(&waiting),
+                Arc::clone(&command),
+            );
+            std::thread::spawn(move || {
+                let mut pending = chunk(0..6);
+                let outcome = queue
+                    .push_chunk_unless(&mut pending, &waiting, || command.load(Ordering::SeqCst));
+                (outcome, pending)
+            })
+        };
+        // The waker's side: the condition first, then the wake-up if it waits. Done
+        // as soon as the producer waits, and repeated while it runs: the wake-up may
+        // come before, during or after its wait starts, and is never lost.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !waiting.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the producer never waited");
+            std::thread::yield_now();
+        }
+        command.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if waiting.load(Ordering::Relaxed) {
+            queue.wake_producers();
+        }
+        let (outcome, mut pending) = producer.join().unwrap();
+        assert!(outcome.interrupted && !outcome.closed);
+        assert_eq!(pending.len(), 2, "what did not fit stays with the producer");
+        assert_eq!(queue.len(), 4);
+        assert_eq!(queue.counters.pushed.load(Ordering::Relaxed), 4);
+        let mut out = drain(&queue);
+        assert!(!queue.push_chunk(&mut pending).interrupted);
+        out.extend(drain(&queue));
+        assert_eq!(out, (0..6).map(message).collect::<Vec<_>>());
+        assert_eq!(queue.counters.pushed.load(Ordering::Relaxed), 6);
     }
 
     #[test]

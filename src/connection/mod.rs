@@ -12,7 +12,7 @@ mod transport;
 mod worker;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -24,6 +24,7 @@ pub(crate) use transport::tls_client_config;
 pub(crate) use worker::{ServerTarget, WorkerContext};
 
 use crate::error::{Error, Result};
+use crate::queue::ConsumerQueue;
 
 /// What the pool (or a caller) asks a worker to do.
 #[derive(Debug)]
@@ -182,13 +183,44 @@ impl ConnectionStats {
     }
 }
 
+/// How a command reaches its worker at once, wherever the worker waits: on its
+/// socket (the poller's wake-up) or for room in a full `block` queue.
+pub(crate) struct Waker {
+    pub poller: Poller,
+    /// Set while the worker waits for room in the consumer queue.
+    pub on_queue: AtomicBool,
+    queue: Arc<ConsumerQueue>,
+}
+
+impl Waker {
+    fn new(queue: Arc<ConsumerQueue>) -> Result<Waker> {
+        Ok(Waker {
+            poller: Poller::new().map_err(|err| Error::Io(format!("creating a poller: {err}")))?,
+            on_queue: AtomicBool::new(false),
+            queue,
+        })
+    }
+
+    /// Called after the command is in the channel.
+    fn notify(&self) {
+        // A failed notify only delays the command to the worker's next wake-up.
+        let _ = self.poller.notify();
+        // Pairs with the fence in `ConsumerQueue::push_chunk_unless`: either the
+        // worker sees the command before it waits, or this sees it waiting.
+        fence(Ordering::SeqCst);
+        if self.on_queue.load(Ordering::Relaxed) {
+            self.queue.wake_producers();
+        }
+    }
+}
+
 /// The pool's handle on one worker.
 pub(crate) struct ConnectionHandle {
     pub id: u64,
     pub server_index: usize,
     pub stats: Arc<ConnectionStats>,
     commands: Sender<Command>,
-    waker: Arc<Poller>,
+    waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -196,15 +228,14 @@ pub(crate) struct ConnectionHandle {
 #[derive(Clone)]
 pub(crate) struct CommandPath {
     commands: Sender<Command>,
-    waker: Arc<Poller>,
+    waker: Arc<Waker>,
 }
 
 impl CommandPath {
     /// Sends a command and wakes the worker. Fails when the worker has exited.
     pub fn send(&self, command: Command) -> std::result::Result<(), Command> {
         self.commands.send(command).map_err(|err| err.0)?;
-        // A failed notify only delays the command to the worker's next wake-up.
-        let _ = self.waker.notify();
+        self.waker.notify();
         Ok(())
     }
 }
@@ -217,8 +248,7 @@ impl ConnectionHandle {
         server_index: usize,
     ) -> Result<ConnectionHandle> {
         let (commands, receiver) = crossbeam_channel::unbounded();
-        let waker =
-            Arc::new(Poller::new().map_err(|err| Error::Io(format!("creating a poller: {err}")))?);
+        let waker = Arc::new(Waker::new(Arc::clone(&context.queue))?);
         let stats = Arc::new(ConnectionStats::default());
         let thread = worker::spawn(
             context,

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
-use polling::{Event, Events, Poller};
+use polling::{Event, Events};
 use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message as WsMessage, WebSocket};
@@ -24,7 +24,7 @@ use tungstenite::{Message as WsMessage, WebSocket};
 use super::rate_limit::RateLimiter;
 use super::stack::StackTrim;
 use super::transport::{self, Stream, Wake, SOCKET_KEY};
-use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report};
+use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report, Waker};
 use crate::codec::{kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, Records};
 use crate::config::{Config, WsUrl};
 use crate::error::{Error, Result, TimeoutPhase};
@@ -67,7 +67,7 @@ pub(super) fn spawn(
     id: u64,
     server_index: usize,
     commands: Receiver<Command>,
-    waker: Arc<Poller>,
+    waker: Arc<Waker>,
     stats: Arc<ConnectionStats>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -109,7 +109,7 @@ fn run(
     id: u64,
     server_index: usize,
     commands: Receiver<Command>,
-    waker: Arc<Poller>,
+    waker: Arc<Waker>,
     stats: Arc<ConnectionStats>,
 ) {
     let server = context.servers[server_index].id.clone();
@@ -118,7 +118,7 @@ fn run(
         id,
         server_index,
         commands,
-        poller: waker,
+        wake: waker,
         // One socket and the poller's own wake-up: a few slots do (the default
         // 1024 would be 12 KiB of heap per connection).
         events: Events::with_capacity(std::num::NonZeroUsize::new(4).expect("non-zero")),
@@ -133,6 +133,7 @@ fn run(
         frames: FrameBatch::default(),
         passthrough: None,
         outgoing: Chunk::default(),
+        outgoing_counted: 0,
         opened_at: Instant::now(),
         next_ping: None,
         ping_outstanding_since: None,
@@ -153,6 +154,9 @@ fn run(
         Ok(codec) => link.session(codec),
         Err(err) => Ended::Failed(err),
     };
+    // Data read before the session ended was accepted: it goes to the consumer (or
+    // with the queue, if the pool closes it) before the pool hears of the end.
+    link.deliver(false);
     let (reason, auth_failed, requested) = match &ended {
         Ended::Requested => ("closed by request".to_string(), false, true),
         Ended::Failed(err) => (err.to_string(), false, false),
@@ -215,7 +219,8 @@ struct Link {
     id: u64,
     server_index: usize,
     commands: Receiver<Command>,
-    poller: Arc<Poller>,
+    /// The socket's poller, and the flag that says this worker waits on the queue.
+    wake: Arc<Waker>,
     events: Events,
     stats: Arc<ConnectionStats>,
     ws: Option<WebSocket<Stream>>,
@@ -236,6 +241,9 @@ struct Link {
     passthrough: Option<Box<[u8]>>,
     /// Decoded data waiting to be handed to the consumer queue.
     outgoing: Chunk,
+    /// How many of `outgoing`'s messages are already counted as received (a push
+    /// cut short by a command leaves them there).
+    outgoing_counted: usize,
     opened_at: Instant,
     next_ping: Option<Instant>,
     ping_outstanding_since: Option<Instant>,
@@ -349,19 +357,19 @@ impl Link {
             // SAFETY: the socket is deleted from the poller before it is closed
             // (shutdown_socket / the error paths below), or closed with the poller
             // still alive, which epoll tolerates.
-            unsafe { self.poller.add(&tcp, Event::none(SOCKET_KEY)) }
+            unsafe { self.wake.poller.add(&tcp, Event::none(SOCKET_KEY)) }
                 .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
             loop {
                 if self.close_requested() {
-                    let _ = self.poller.delete(&tcp);
+                    let _ = self.wake.poller.delete(&tcp);
                     return Ok(false);
                 }
                 if Instant::now() >= deadline {
-                    let _ = self.poller.delete(&tcp);
+                    let _ = self.wake.poller.delete(&tcp);
                     return Err(timeout(format!("TCP connect to {addr} ({})", server.url)));
                 }
                 let wake = transport::wait_socket(
-                    &self.poller,
+                    &self.wake.poller,
                     &mut self.events,
                     &tcp,
                     false,
@@ -374,7 +382,7 @@ impl Link {
                         Ok(true) => break,
                         Ok(false) => continue,
                         Err(err) => {
-                            let _ = self.poller.delete(&tcp);
+                            let _ = self.wake.poller.delete(&tcp);
                             last_error = Some(err);
                             break;
                         }
@@ -420,11 +428,11 @@ impl Link {
                 }
                 Err(HandshakeError::Interrupted(mid)) => {
                     if self.close_requested() {
-                        let _ = self.poller.delete(mid.get_ref().get_ref());
+                        let _ = self.wake.poller.delete(mid.get_ref().get_ref());
                         return Ok(false);
                     }
                     if Instant::now() >= deadline {
-                        let _ = self.poller.delete(mid.get_ref().get_ref());
+                        let _ = self.wake.poller.delete(mid.get_ref().get_ref());
                         return Err(timeout(format!(
                             "TLS / WebSocket handshake with {}",
                             server.url
@@ -436,7 +444,7 @@ impl Link {
                         Stream::Plain(..) => false,
                     };
                     transport::wait_socket(
-                        &self.poller,
+                        &self.wake.poller,
                         &mut self.events,
                         stream,
                         true,
@@ -487,7 +495,15 @@ impl Link {
                     return self.close_gracefully();
                 }
             }
+            // Data still waiting for room in a full queue goes before anything new is
+            // read; a command cuts the wait short and is run first.
+            if !self.deliver(true) {
+                continue;
+            }
             let more = self.read_and_decode(codec)?;
+            if !self.deliver(true) {
+                continue;
+            }
             self.run_timers(codec, ready_deadline)?;
             if self.next_send_at.is_some_and(|at| Instant::now() >= at) {
                 self.send_outbound()?;
@@ -501,7 +517,7 @@ impl Link {
                 return Err(Ended::Failed(Error::Internal("no WebSocket".into())));
             };
             transport::wait_socket(
-                &self.poller,
+                &self.wake.poller,
                 &mut self.events,
                 ws.get_ref(),
                 true,
@@ -715,9 +731,7 @@ impl Link {
             self.stats.stale.store(false, Ordering::Relaxed);
             self.context.events.push(self.event("resumed"));
         }
-        if passed > 0 {
-            self.deliver();
-        } else {
+        if passed == 0 {
             let records = codec.decode(&self.frames)?;
             self.apply_with_time(records, received_ns)?;
         }
@@ -834,13 +848,9 @@ impl Link {
 
     /// Acts on a codec's output records.
     fn apply_with_time(&mut self, records: Records<'_>, received_ns: u64) -> Result<(), Ended> {
-        let applied = self.apply_records(records, received_ns);
-        // Data decoded before a record that ends the session was accepted: it is
-        // delivered all the same.
-        if !self.outgoing.is_empty() {
-            self.deliver();
-        }
-        applied?;
+        // Data goes to the consumer from the main loop (and, when a record ends the
+        // session, at the end of the worker: it was accepted all the same).
+        self.apply_records(records, received_ns)?;
         // Outbound frames go out now, not at the next wake-up.
         self.send_outbound()?;
         self.flush()?;
@@ -1069,16 +1079,28 @@ impl Link {
         withdrawn
     }
 
-    /// Hands the decoded batch to the consumer queue.
-    fn deliver(&mut self) {
-        let count = self.outgoing.len() as u64;
+    /// Hands the decoded data to the consumer queue. With `block` overflow and a full
+    /// queue this waits for room, and with `interruptible` a command for this worker
+    /// ends the wait: `false` then, with the rest left in `outgoing`.
+    fn deliver(&mut self, interruptible: bool) -> bool {
+        if self.outgoing.is_empty() {
+            return true;
+        }
+        let count = self.outgoing.len();
         self.outgoing.set_connection(self.id);
         let counters = &self.context.counters;
         // Counted before the push, so a consumer never sees more than the stats say.
         counters
             .messages_received
-            .fetch_add(count, Ordering::Relaxed);
-        let outcome = self.context.queue.push_chunk(&mut self.outgoing);
+            .fetch_add((count - self.outgoing_counted) as u64, Ordering::Relaxed);
+        let commands = &self.commands;
+        let outcome =
+            self.context
+                .queue
+                .push_chunk_unless(&mut self.outgoing, &self.wake.on_queue, || {
+                    interruptible && !commands.is_empty()
+                });
+        self.outgoing_counted = self.outgoing.len();
         if outcome.dropped > 0 {
             counters
                 .dropped
@@ -1117,6 +1139,7 @@ impl Link {
                 self.last_slow_report = Some(Instant::now());
             }
         }
+        self.outgoing.is_empty()
     }
 
     /// The interned name of a channel that just delivered data at `now`.
@@ -1212,7 +1235,7 @@ impl Link {
             }
             let wants_write = ws.flush().is_err();
             if transport::wait_socket(
-                &self.poller,
+                &self.wake.poller,
                 &mut self.events,
                 ws.get_ref(),
                 true,
@@ -1229,7 +1252,7 @@ impl Link {
     fn shutdown_socket(&mut self) {
         if let Some(ws) = self.ws.take() {
             let stream = ws.get_ref();
-            let _ = self.poller.delete(stream);
+            let _ = self.wake.poller.delete(stream);
             let _ = stream.tcp().shutdown(std::net::Shutdown::Both);
         }
     }

@@ -21,5 +21,6 @@ mod operations;
 mod passthrough;
 mod pool_races;
 mod resilience;
+mod slow_consumer;
 mod tls;
 mod worker_faults;

@@ -1,0 +1,283 @@
+//! A worker waiting for room in a full `block` queue (a consumer that stopped reading)
+//! still acts on its commands at once: subscriptions, requests and a close reach the
+//! venue while the consumer reads nothing, and nothing it had read is lost.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use wirepool::{Pool, RequestOptions};
+
+use crate::support::{pool_from, watchdog};
+
+/// What the venue read from the client, in order: text frames as they are, a close
+/// frame as `"<close>"`.
+type Received = Arc<Mutex<Vec<String>>>;
+
+/// A venue that floods every connection with `data` frames numbered from 0 (written by
+/// a thread of their own, so a client that stops reading blocks only that thread) and
+/// records what the client sends, read by another thread.
+struct FloodVenue {
+    addr: SocketAddr,
+    received: Received,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl FloodVenue {
+    fn start() -> FloodVenue {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let received: Received = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let received = Arc::clone(&received);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut threads = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream.set_nonblocking(false).expect("blocking");
+                            let Ok(ws) = tungstenite::accept(stream) else {
+                                continue;
+                            };
+                            // The client sends nothing before it has the handshake's
+                            // reply, so nothing is left in tungstenite's buffer.
+                            let stream = ws.into_inner();
+                            let reader = stream.try_clone().expect("clone");
+                            let (received, stop_reading) =
+                                (Arc::clone(&received), Arc::clone(&stop));
+                            threads.push(std::thread::spawn(move || {
+                                read_client_frames(reader, &received, &stop_reading)
+                            }));
+                            let stop_writing = Arc::clone(&stop);
+                            threads.push(std::thread::spawn(move || flood(stream, &stop_writing)));
+                        }
+                        Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(_) => break,
+                    }
+                }
+                for thread in threads {
+                    let _ = thread.join();
+                }
+            })
+        };
+        FloodVenue {
+            addr,
+            received,
+            stop,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    fn wait_for(&self, what: &str, predicate: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let received = self.received.lock().expect("lock").clone();
+            if received.iter().any(|frame| predicate(frame)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the venue never received {what} while the consumer was stalled; it got {received:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for FloodVenue {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+/// Writes numbered data frames (unmasked, as a server sends them) until told to stop
+/// or the client goes away.
+fn flood(mut stream: TcpStream, stop: &AtomicBool) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+    let mut n = 0u64;
+    let mut batch = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        batch.clear();
+        for _ in 0..64 {
+            let text = format!(r#"{{"type":"data","channel":"flood","payload":{{"n":{n}}}}}"#);
+            batch.extend_from_slice(&[0x81, text.len() as u8]);
+            batch.extend_from_slice(text.as_bytes());
+            n += 1;
+        }
+        let mut written = 0;
+        while written < batch.len() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match stream.write(&batch[written..]) {
+                Ok(0) => return,
+                Ok(k) => written += k,
+                Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Reads the client's (masked) frames and records them.
+fn read_client_frames(mut stream: TcpStream, received: &Mutex<Vec<String>>, stop: &AtomicBool) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(k) => buffer.extend_from_slice(&chunk[..k]),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                continue
+            }
+            Err(_) => return,
+        }
+        while let Some((opcode, payload, used)) = parse_masked_frame(&buffer) {
+            buffer.drain(..used);
+            let entry = match opcode {
+                0x1 => String::from_utf8_lossy(&payload).into_owned(),
+                0x8 => "<close>".to_string(),
+                _ => continue,
+            };
+            received.lock().expect("lock").push(entry);
+        }
+    }
+}
+
+/// One whole client frame at the front of `buffer`: (opcode, unmasked payload, bytes).
+fn parse_masked_frame(buffer: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if buffer.len() < 2 {
+        return None;
+    }
+    let opcode = buffer[0] & 0x0f;
+    let (len, mut at) = match buffer[1] & 0x7f {
+        126 => (
+            u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        short => (short as usize, 2),
+    };
+    let mask: [u8; 4] = buffer.get(at..at + 4)?.try_into().ok()?;
+    at += 4;
+    let payload = buffer.get(at..at + len)?;
+    let unmasked = payload
+        .iter()
+        .enumerate()
+        .map(|(i, byte)| byte ^ mask[i % 4])
+        .collect();
+    Some((opcode, unmasked, at + len))
+}
+
+/// A one-connection pool on `venue` with an 8-message `block` queue, stalled: the
+/// queue is full and the worker waits for room.
+fn stalled_pool(venue: &FloodVenue) -> Pool {
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": venue.url()}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "queue": {"capacity": 8, "overflow": "block"},
+            // No pings: the venue's writer does not answer them.
+            "heartbeat": {"ping_interval_ms": 0},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+        }),
+        serde_json::json!({}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool.stats().queue_depth < 8 {
+        assert!(Instant::now() < deadline, "the queue never filled up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The venue writes far faster than this: by now the worker holds more and waits.
+    std::thread::sleep(Duration::from_millis(200));
+    pool
+}
+
+/// Reads `connection`'s flood in order from 0 until `upto`, checking for gaps.
+fn read_flood_in_order(pool: &Pool, connection: u64, upto: u64) {
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next < upto {
+        assert!(
+            Instant::now() < deadline,
+            "only {next} of {upto} messages of connection {connection} arrived"
+        );
+        let Some(message) = pool.recv(Some(Duration::from_millis(100))).expect("open") else {
+            continue;
+        };
+        if message.connection_id != connection {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&message.payload).into_owned();
+        assert_eq!(
+            text,
+            format!(r#"{{"n":{next}}}"#),
+            "messages of connection {connection} out of order or lost"
+        );
+        next += 1;
+    }
+}
+
+#[test]
+fn a_worker_blocked_on_a_full_queue_still_sends_subscriptions_and_requests() {
+    let _guard = watchdog("blocked_worker_commands", Duration::from_secs(120));
+    let venue = FloodVenue::start();
+    let pool = Arc::new(stalled_pool(&venue));
+    let connection = pool.connections()[0].id;
+    pool.subscribe("late-channel").expect("subscribe");
+    venue.wait_for("the subscribe", |frame| frame.contains("late-channel"));
+    // The venue gets the order even though its reply waits behind the flood.
+    let caller = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || {
+            pool.request(
+                br#"{"order":"while-stalled"}"#,
+                RequestOptions {
+                    timeout: Some(Duration::from_secs(60)),
+                    idempotent: false,
+                },
+            )
+        })
+    };
+    venue.wait_for("the request", |frame| frame.contains("while-stalled"));
+    // Nothing was lost or reordered on the way: the consumer now reads the flood.
+    read_flood_in_order(&pool, connection, 5000);
+    pool.close();
+    let _ = caller.join().expect("caller thread");
+}
+
+#[test]
+fn a_worker_blocked_on_a_full_queue_closes_at_once_and_keeps_what_it_read() {
+    let _guard = watchdog("blocked_worker_close", Duration::from_secs(120));
+    let venue = FloodVenue::start();
+    let pool = stalled_pool(&venue);
+    let snapshot = pool.connections()[0].clone();
+    // The worker reads nothing more while it waits: this is what it has accepted.
+    let read = snapshot.messages_received;
+    assert!(read > 8, "the worker should hold more than the queue does");
+    pool.close_connection(snapshot.id).expect("close");
+    venue.wait_for("the close frame", |frame| frame == "<close>");
+    // Everything the worker had read before the close reaches the consumer, in order.
+    read_flood_in_order(&pool, snapshot.id, read);
+}
