@@ -138,8 +138,9 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let ready_after = started.elapsed();
-    // Let every worker reach its idle wait.
-    std::thread::sleep(Duration::from_millis(500));
+    // Idle: the workers have had nothing to do for longer than the quiet time after
+    // which they give their deeper stack pages back (2 s), and have waited since.
+    std::thread::sleep(Duration::from_millis(3500));
     let rss_after = rss_bytes();
     let pss_after = pss_bytes();
     let heap_after = heap_in_use_bytes();

@@ -7,6 +7,8 @@
 //! stay resident for the life of the thread: with a thousand connections, a few MB for
 //! nothing. [`StackTrim::release_below_caller`] drops them with `madvise(MADV_DONTNEED)`
 //! (the kernel hands back zeroed pages if the thread ever reaches that deep again).
+//! A connection that has been quiet for a while does the same before it waits, for the
+//! pages its last batch, command or timer touched.
 
 /// The calling thread's stack bounds, for trimming it.
 pub(crate) struct StackTrim {
@@ -15,6 +17,9 @@ pub(crate) struct StackTrim {
 }
 
 const PAGE: usize = 4096;
+
+/// Stack kept below the releasing frame: its callee (`madvise`) runs there.
+const MARGIN: usize = 1024;
 
 /// The most that is released below the caller's frame; deeper pages were never touched
 /// by a worker.
@@ -49,14 +54,15 @@ impl StackTrim {
         None
     }
 
-    /// Releases the stack pages below the caller's frame, keeping one page below it as
-    /// a margin (the red zone and this function's own frame live there).
+    /// Releases the stack pages below the caller's frame, keeping a margin below this
+    /// function's own frame for the `madvise` call it makes.
     #[inline(never)]
     pub(crate) fn release_below_caller(&self) {
         let marker = 0u8;
         let here = std::hint::black_box(&marker) as *const u8 as usize;
-        // This frame is below the caller's; one more page below it is kept.
-        let end = (here & !(PAGE - 1)).saturating_sub(PAGE);
+        // This frame is below the caller's; `madvise` and its wrapper need far less
+        // than the margin below it. The page holding the margin's end is kept.
+        let end = here.saturating_sub(MARGIN) & !(PAGE - 1);
         let start = end.saturating_sub(SPAN).max(self.floor);
         if start >= end {
             return;

@@ -35,6 +35,9 @@ use crate::queue::{Chunk, ConsumerQueue};
 const WORKER_STACK: usize = 1024 * 1024;
 /// How long a graceful close waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// A connection without inbound data or commands for this long gives its deeper stack
+/// pages back before each wait (at most once per wake-up, so about once a tick).
+const IDLE_STACK_TRIM: Duration = Duration::from_secs(2);
 /// Blocked time on a full queue worth a `slow_consumer` event.
 const SLOW_CONSUMER_REPORT: Duration = Duration::from_millis(100);
 
@@ -149,6 +152,8 @@ fn run(
         encoding_request: None,
         encoding_heartbeat: false,
         stack: StackTrim::for_current_thread(),
+        last_busy: Instant::now(),
+        stack_dirty: true,
     };
     let ended = match context.codec.instantiate(id) {
         Ok(codec) => link.session(codec),
@@ -268,6 +273,10 @@ struct Link {
     encoding_heartbeat: bool,
     /// This thread's stack, for giving back the pages of its deep one-off calls.
     stack: Option<StackTrim>,
+    /// Last time frames were read or a command was run.
+    last_busy: Instant,
+    /// The thread has done something since its stack was last trimmed.
+    stack_dirty: bool,
 }
 
 impl Link {
@@ -491,6 +500,7 @@ impl Link {
                     self.early_commands.push_back(command);
                     continue;
                 }
+                self.last_busy = Instant::now();
                 if self.run_command(codec, command)? {
                     return self.close_gracefully();
                 }
@@ -513,6 +523,7 @@ impl Link {
                 continue;
             }
             let deadline = self.next_deadline(ready_deadline);
+            self.trim_stack_if_idle();
             let Some(ws) = self.ws.as_ref() else {
                 return Err(Ended::Failed(Error::Internal("no WebSocket".into())));
             };
@@ -525,7 +536,23 @@ impl Link {
                 Some(deadline),
             )
             .map_err(|err| Error::Io(format!("waiting for the socket: {err}")))?;
+            self.stack_dirty = true;
         }
+    }
+
+    /// On a quiet connection, gives back the stack pages below the main loop that the
+    /// last wake-up touched (a batch, a codec call, a command): an idle connection
+    /// then keeps only the pages its wait needs. A busy one never pays for it, and a
+    /// quiet one pays one system call per wake-up and, on its next frame, a page fault
+    /// or two.
+    fn trim_stack_if_idle(&mut self) {
+        if !self.stack_dirty || self.last_busy.elapsed() < IDLE_STACK_TRIM {
+            return;
+        }
+        if let Some(stack) = &self.stack {
+            stack.release_below_caller();
+        }
+        self.stack_dirty = false;
     }
 
     fn next_deadline(&self, ready_deadline: Instant) -> Instant {
@@ -726,6 +753,7 @@ impl Link {
             .fetch_add(frame_count, Ordering::Relaxed);
         counters.bytes_received.fetch_add(bytes, Ordering::Relaxed);
         self.last_data = Instant::now();
+        self.last_busy = self.last_data;
         if self.stale {
             self.stale = false;
             self.stats.stale.store(false, Ordering::Relaxed);
