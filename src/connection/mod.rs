@@ -1,11 +1,12 @@
 //! One upstream connection: its thread, its socket, its session and its codec.
 //!
 //! The pool spawns a worker thread per connection and talks to it only through
-//! [`Command`]s (a crossbeam channel plus a poller wake-up, so a command is handled
+//! [`Command`]s (a crossbeam channel plus an eventfd wake-up on the worker's epoll set, so a command is handled
 //! at once even while the worker waits for inbound frames). The worker reports
 //! lifecycle changes back to the pool as [`Report`]s, pushes decoded data straight into
 //! the consumer queue, and completes requests straight in the request table.
 
+mod poll;
 mod rate_limit;
 mod stack;
 mod transport;
@@ -17,7 +18,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use polling::Poller;
 
 pub(crate) use rate_limit::RateLimiter;
 pub(crate) use transport::tls_client_config;
@@ -25,6 +25,7 @@ pub(crate) use worker::{ServerTarget, WorkerContext};
 
 use crate::error::{Error, Result};
 use crate::queue::ConsumerQueue;
+use poll::Poller;
 
 /// What the pool (or a caller) asks a worker to do.
 #[derive(Debug)]

@@ -1,25 +1,21 @@
 //! The byte stream under one WebSocket: TCP, or TLS over TCP through rustls.
 //!
-//! Sockets are non-blocking from the first byte: the worker waits on a
-//! `polling::Poller` that the pool can wake, so connect, TLS and WebSocket handshakes
-//! and the session itself all stay responsive to a close command.
+//! Sockets are non-blocking from the first byte: the worker waits on its own epoll set
+//! (`poll.rs`) that the pool can wake, so connect, TLS and WebSocket handshakes and the
+//! session itself all stay responsive to a close command.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use polling::{Event, Events, Poller};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::config::{TlsConfig, TlsRoots, WsUrl};
 use crate::error::{Error, Result};
-
-/// Poller key of the connection's socket.
-pub(crate) const SOCKET_KEY: usize = 1;
 
 /// TCP or TLS.
 pub(crate) enum Stream {
@@ -191,38 +187,6 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientCon
         }
     };
     Ok(Arc::new(config))
-}
-
-/// What interrupted a wait.
-pub(crate) enum Wake {
-    /// The socket may be ready.
-    Socket,
-    /// The poller was notified (a command arrived) or the wait timed out.
-    Other,
-}
-
-/// Waits for the socket to be readable and/or writable, a notify, or `deadline`.
-pub(crate) fn wait_socket(
-    poller: &Poller,
-    events: &mut Events,
-    socket: &impl AsFd,
-    readable: bool,
-    writable: bool,
-    deadline: Option<Instant>,
-) -> io::Result<Wake> {
-    poller.modify(socket, Event::new(SOCKET_KEY, readable, writable))?;
-    events.clear();
-    let timeout = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
-    match poller.wait(events, timeout) {
-        Ok(_) => {}
-        Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(Wake::Other),
-        Err(err) => return Err(err),
-    }
-    if events.iter().any(|event| event.key == SOCKET_KEY) {
-        Ok(Wake::Socket)
-    } else {
-        Ok(Wake::Other)
-    }
 }
 
 /// Resolves `url`'s host. Blocking DNS; IP literals and `localhost` resolve at once.

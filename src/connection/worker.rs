@@ -10,20 +10,21 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
-use polling::{Event, Events};
 use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message as WsMessage, WebSocket};
 
+use super::poll::Woken;
 use super::rate_limit::RateLimiter;
 use super::stack::StackTrim;
-use super::transport::{self, Stream, Wake, SOCKET_KEY};
+use super::transport::{self, Stream};
 use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report, Waker};
 use crate::codec::{kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, Records};
 use crate::config::{Config, WsUrl};
@@ -122,9 +123,6 @@ fn run(
         server_index,
         commands,
         wake: waker,
-        // One socket and the poller's own wake-up: a few slots do (the default
-        // 1024 would be 12 KiB of heap per connection).
-        events: Events::with_capacity(std::num::NonZeroUsize::new(4).expect("non-zero")),
         stats: Arc::clone(&stats),
         ws: None,
         ready: false,
@@ -226,7 +224,6 @@ struct Link {
     commands: Receiver<Command>,
     /// The socket's poller, and the flag that says this worker waits on the queue.
     wake: Arc<Waker>,
-    events: Events,
     stats: Arc<ConnectionStats>,
     ws: Option<WebSocket<Stream>>,
     ready: bool,
@@ -363,35 +360,30 @@ impl Link {
                     continue;
                 }
             };
-            // SAFETY: the socket is deleted from the poller before it is closed
-            // (shutdown_socket / the error paths below), or closed with the poller
-            // still alive, which epoll tolerates.
-            unsafe { self.wake.poller.add(&tcp, Event::none(SOCKET_KEY)) }
+            self.wake
+                .poller
+                .register(tcp.as_raw_fd())
                 .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
             loop {
                 if self.close_requested() {
-                    let _ = self.wake.poller.delete(&tcp);
+                    self.wake.poller.deregister(tcp.as_raw_fd());
                     return Ok(false);
                 }
                 if Instant::now() >= deadline {
-                    let _ = self.wake.poller.delete(&tcp);
+                    self.wake.poller.deregister(tcp.as_raw_fd());
                     return Err(timeout(format!("TCP connect to {addr} ({})", server.url)));
                 }
-                let wake = transport::wait_socket(
-                    &self.wake.poller,
-                    &mut self.events,
-                    &tcp,
-                    false,
-                    true,
-                    Some(deadline),
-                )
-                .map_err(|err| Error::Io(format!("waiting for {addr}: {err}")))?;
-                if let Wake::Socket = wake {
+                let woken = self
+                    .wake
+                    .poller
+                    .wait(Some(tcp.as_raw_fd()), false, true, Some(deadline))
+                    .map_err(|err| Error::Io(format!("waiting for {addr}: {err}")))?;
+                if woken == Woken::Socket {
                     match transport::finish_connect(&tcp, addr) {
                         Ok(true) => break,
                         Ok(false) => continue,
                         Err(err) => {
-                            let _ = self.wake.poller.delete(&tcp);
+                            self.wake.poller.deregister(tcp.as_raw_fd());
                             last_error = Some(err);
                             break;
                         }
@@ -437,11 +429,15 @@ impl Link {
                 }
                 Err(HandshakeError::Interrupted(mid)) => {
                     if self.close_requested() {
-                        let _ = self.wake.poller.delete(mid.get_ref().get_ref());
+                        self.wake
+                            .poller
+                            .deregister(mid.get_ref().get_ref().tcp().as_raw_fd());
                         return Ok(false);
                     }
                     if Instant::now() >= deadline {
-                        let _ = self.wake.poller.delete(mid.get_ref().get_ref());
+                        self.wake
+                            .poller
+                            .deregister(mid.get_ref().get_ref().tcp().as_raw_fd());
                         return Err(timeout(format!(
                             "TLS / WebSocket handshake with {}",
                             server.url
@@ -452,15 +448,15 @@ impl Link {
                         Stream::Tls(tls) => tls.conn.wants_write(),
                         Stream::Plain(..) => false,
                     };
-                    transport::wait_socket(
-                        &self.wake.poller,
-                        &mut self.events,
-                        stream,
-                        true,
-                        wants_write,
-                        Some(deadline),
-                    )
-                    .map_err(|err| Error::Io(format!("waiting for {}: {err}", server.url)))?;
+                    self.wake
+                        .poller
+                        .wait(
+                            Some(stream.tcp().as_raw_fd()),
+                            true,
+                            wants_write,
+                            Some(deadline),
+                        )
+                        .map_err(|err| Error::Io(format!("waiting for {}: {err}", server.url)))?;
                     attempt = mid.handshake();
                 }
             }
@@ -527,15 +523,15 @@ impl Link {
             let Some(ws) = self.ws.as_ref() else {
                 return Err(Ended::Failed(Error::Internal("no WebSocket".into())));
             };
-            transport::wait_socket(
-                &self.wake.poller,
-                &mut self.events,
-                ws.get_ref(),
-                true,
-                wants_write,
-                Some(deadline),
-            )
-            .map_err(|err| Error::Io(format!("waiting for the socket: {err}")))?;
+            self.wake
+                .poller
+                .wait(
+                    Some(ws.get_ref().tcp().as_raw_fd()),
+                    true,
+                    wants_write,
+                    Some(deadline),
+                )
+                .map_err(|err| Error::Io(format!("waiting for the socket: {err}")))?;
             self.stack_dirty = true;
         }
     }
@@ -1262,15 +1258,16 @@ impl Link {
                 Err(_) => return Ok(()),
             }
             let wants_write = ws.flush().is_err();
-            if transport::wait_socket(
-                &self.wake.poller,
-                &mut self.events,
-                ws.get_ref(),
-                true,
-                wants_write,
-                Some(deadline),
-            )
-            .is_err()
+            if self
+                .wake
+                .poller
+                .wait(
+                    Some(ws.get_ref().tcp().as_raw_fd()),
+                    true,
+                    wants_write,
+                    Some(deadline),
+                )
+                .is_err()
             {
                 return Ok(());
             }
@@ -1280,7 +1277,7 @@ impl Link {
     fn shutdown_socket(&mut self) {
         if let Some(ws) = self.ws.take() {
             let stream = ws.get_ref();
-            let _ = self.wake.poller.delete(stream);
+            self.wake.poller.deregister(stream.tcp().as_raw_fd());
             let _ = stream.tcp().shutdown(std::net::Shutdown::Both);
         }
     }

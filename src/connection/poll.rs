@@ -1,0 +1,278 @@
+//! The wait of a worker: its one socket and a wake-up, on epoll.
+//!
+//! A worker waits on exactly two things, its socket and a wake-up for commands, so this
+//! is epoll at its simplest: both registered level-triggered once, the socket's interest
+//! changed only when it changes (writable while a write is pending), and each wait one
+//! `epoll_wait` with a millisecond timeout. A general poller (the `polling` crate) re-arms
+//! a one-shot registration and a timerfd on every wait: three more system calls per
+//! wake-up, on the path of every message when the feed is not saturated.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The socket may be ready (or has an error or hang-up to report).
+    Socket,
+    /// A notify, a signal or the deadline.
+    Other,
+}
+
+const SOCKET: u64 = 0;
+const NOTIFY: u64 = 1;
+
+/// Bits of `Poller::interest`.
+const REGISTERED: u8 = 4;
+const READABLE: u8 = 1;
+const WRITABLE: u8 = 2;
+
+/// One worker's epoll set: its socket (at most one at a time) and a wake-up eventfd.
+pub(crate) struct Poller {
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    /// A notify is pending: later ones need not write the eventfd again.
+    notified: AtomicBool,
+    /// The socket's registration as epoll has it (only the worker changes it).
+    interest: AtomicU8,
+}
+
+fn check(result: libc::c_int, what: &str) -> io::Result<libc::c_int> {
+    if result < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(err.kind(), format!("{what}: {err}")));
+    }
+    Ok(result)
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Poller> {
+        // SAFETY: plain system calls; each result is checked before it is used and
+        // owned exactly once.
+        let (epoll, wake) = unsafe {
+            let epoll = check(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll_create1")?;
+            let epoll = OwnedFd::from_raw_fd(epoll);
+            let wake = check(
+                libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK),
+                "eventfd",
+            )?;
+            (epoll, OwnedFd::from_raw_fd(wake))
+        };
+        let poller = Poller {
+            epoll,
+            wake,
+            notified: AtomicBool::new(false),
+            interest: AtomicU8::new(0),
+        };
+        poller.control(
+            libc::EPOLL_CTL_ADD,
+            poller.wake.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            NOTIFY,
+        )?;
+        Ok(poller)
+    }
+
+    fn control(&self, op: libc::c_int, fd: RawFd, events: u32, key: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: key };
+        // SAFETY: `event` is a valid epoll_event for the call's duration; the fds are
+        // open (the caller's socket, our own epoll and eventfd).
+        check(
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) },
+            "epoll_ctl",
+        )?;
+        Ok(())
+    }
+
+    /// Adds the socket, with no interest yet.
+    pub fn register(&self, socket: RawFd) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, socket, 0, SOCKET)?;
+        self.interest.store(REGISTERED, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes the socket (before it is closed, or to give up on it).
+    pub fn deregister(&self, socket: RawFd) {
+        // Fails only if it was not registered, which is what was wanted.
+        let _ = self.control(libc::EPOLL_CTL_DEL, socket, 0, SOCKET);
+        self.interest.store(0, Ordering::Relaxed);
+    }
+
+    /// Wakes the worker's current or next wait.
+    pub fn notify(&self) -> io::Result<()> {
+        if self.notified.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd.
+        let written = unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        // EAGAIN means the counter is full: the fd is readable anyway.
+        if written < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+            self.notified.store(false, Ordering::Release);
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until the registered `socket` is readable and/or writable (as asked), a
+    /// notify, or `deadline`. The caller looks at its commands after every return:
+    /// a notify is consumed here, so that check is what makes it count.
+    pub fn wait(
+        &self,
+        socket: Option<RawFd>,
+        readable: bool,
+        writable: bool,
+        deadline: Option<Instant>,
+    ) -> io::Result<Woken> {
+        if let Some(socket) = socket {
+            let want = REGISTERED | (readable as u8 * READABLE) | (writable as u8 * WRITABLE);
+            if self.interest.load(Ordering::Relaxed) != want {
+                let mut events = 0u32;
+                if readable {
+                    events |= (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+                }
+                if writable {
+                    events |= libc::EPOLLOUT as u32;
+                }
+                self.control(libc::EPOLL_CTL_MOD, socket, events, SOCKET)?;
+                self.interest.store(want, Ordering::Relaxed);
+            }
+        }
+        let timeout = match deadline {
+            None => -1,
+            Some(deadline) => timeout_ms(deadline.saturating_duration_since(Instant::now())),
+        };
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // SAFETY: `ready` has room for the 2 events asked for.
+        let count =
+            unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ready.as_mut_ptr(), 2, timeout) };
+        if count < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(Woken::Other);
+            }
+            return Err(io::Error::new(err.kind(), format!("epoll_wait: {err}")));
+        }
+        let mut woken = Woken::Other;
+        for event in &ready[..count as usize] {
+            match event.u64 {
+                SOCKET => woken = Woken::Socket,
+                _ => self.clear_notify(),
+            }
+        }
+        Ok(woken)
+    }
+
+    fn clear_notify(&self) {
+        // Cleared before the eventfd is read: a notify from now on writes it again, so
+        // none is lost (at worst one wait returns at once for nothing).
+        self.notified.store(false, Ordering::Release);
+        let mut counter: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our own non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.wake.as_raw_fd(),
+                (&mut counter as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+}
+
+/// `epoll_wait`'s timeout for `left`: whole milliseconds, rounded up so a wait never
+/// ends before its deadline (and so never spins on a sub-millisecond remainder).
+fn timeout_ms(left: Duration) -> libc::c_int {
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    ms.min(libc::c_int::MAX as u128) as libc::c_int
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn a_wait_ends_on_data_on_a_notify_and_at_its_deadline() {
+        let poller = Arc::new(Poller::new().unwrap());
+        let (client, mut server) = pair();
+        let fd = client.as_raw_fd();
+        poller.register(fd).unwrap();
+        // Deadline: nothing to read, no notify.
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(30);
+        assert_eq!(
+            poller.wait(Some(fd), true, false, Some(deadline)).unwrap(),
+            Woken::Other
+        );
+        assert!(Instant::now() >= deadline, "returned before its deadline");
+        // Data: level-triggered, so it stays ready until read.
+        server.write_all(b"x").unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                poller.wait(Some(fd), true, false, None).unwrap(),
+                Woken::Socket
+            );
+        }
+        // Writable interest on a socket with room: at once.
+        assert_eq!(
+            poller.wait(Some(fd), false, true, None).unwrap(),
+            Woken::Socket
+        );
+        // A notify from another thread ends a wait with no deadline; several notifies
+        // before a wait end one wait, and the next waits again.
+        poller.deregister(fd);
+        let notifier = {
+            let poller = Arc::clone(&poller);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                poller.notify().unwrap();
+            })
+        };
+        assert_eq!(poller.wait(None, false, false, None).unwrap(), Woken::Other);
+        notifier.join().unwrap();
+        poller.notify().unwrap();
+        poller.notify().unwrap();
+        assert_eq!(
+            poller
+                .wait(
+                    None,
+                    false,
+                    false,
+                    Some(Instant::now() + Duration::from_secs(5))
+                )
+                .unwrap(),
+            Woken::Other
+        );
+        let deadline = Instant::now() + Duration::from_millis(20);
+        poller.wait(None, false, false, Some(deadline)).unwrap();
+        assert!(
+            Instant::now() >= deadline,
+            "a consumed notify woke a later wait"
+        );
+    }
+
+    #[test]
+    fn timeouts_round_up_to_whole_milliseconds() {
+        assert_eq!(timeout_ms(Duration::ZERO), 0);
+        assert_eq!(timeout_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(timeout_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(timeout_ms(Duration::from_secs(u64::MAX)), libc::c_int::MAX);
+    }
+}
