@@ -18,6 +18,11 @@ use std::hash::{BuildHasherDefault, Hasher};
 use wirepool_sdk::json::{self, Kind, Value};
 use wirepool_sdk::{export_codec, kind, log, Codec, Command, Fatal, Frames, Op, Output};
 
+/// An idle instance's heap stays on the page after its statics (see the SDK's `alloc`).
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: wirepool_sdk::alloc::CodecAllocator = wirepool_sdk::alloc::CodecAllocator::new();
+
 export_codec!(JsonCodec);
 
 /// How much of a bad frame a `MALFORMED` reason quotes.

@@ -7,7 +7,9 @@
 //! - the [`Output`] record writer behind `wirepool_output`, cleared before each call,
 //! - [`Frames`], the inbound frames of one `wirepool_decode` batch,
 //! - [`json`], a validating JSON scanner that allocates nothing,
-//! - [`log`], the optional `wirepool.log` import.
+//! - [`log`], the optional `wirepool.log` import,
+//! - [`alloc`], a small global allocator that keeps an idle instance's heap on as few
+//!   pages as possible (opt-in: `#[global_allocator]`).
 //!
 //! ```
 //! use wirepool_sdk::{export_codec, Codec, Command, Fatal, Frames, Output};
@@ -39,6 +41,8 @@
 //! The crate builds for the host too, so codecs can be unit-tested and measured with a
 //! plain `cargo test` through [`testing::Harness`]; the exports only exist on wasm32.
 
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+pub mod alloc;
 pub mod json;
 pub mod log;
 
