@@ -18,8 +18,10 @@ pub(crate) struct StackTrim {
 
 const PAGE: usize = 4096;
 
-/// Stack kept below the releasing frame: its callee (`madvise`) runs there.
-const MARGIN: usize = 1024;
+/// Stack kept below the releasing frame: its callee, glibc's `madvise` (a bare system
+/// call), runs there. A signal handler that runs after the call just faults in fresh
+/// pages.
+const MARGIN: usize = 256;
 
 /// The most that is released below the caller's frame; deeper pages were never touched
 /// by a worker.

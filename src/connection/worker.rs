@@ -116,47 +116,22 @@ fn run(
     waker: Arc<Waker>,
     stats: Arc<ConnectionStats>,
 ) {
-    let server = context.servers[server_index].id.clone();
-    let mut link = Link {
-        context: Arc::clone(&context),
-        id,
-        server_index,
-        commands,
-        wake: waker,
-        stats: Arc::clone(&stats),
-        ws: None,
-        ready: false,
-        was_ready: false,
-        early_commands: VecDeque::new(),
-        in_flight: HashSet::new(),
-        channels: HashMap::new(),
-        next_stale_check: None,
-        frames: FrameBatch::default(),
-        passthrough: None,
-        outgoing: Chunk::default(),
-        outgoing_counted: 0,
-        opened_at: Instant::now(),
-        next_ping: None,
-        ping_outstanding_since: None,
-        next_tick: None,
-        last_data: Instant::now(),
-        stale: false,
-        blocked_since_report: Duration::ZERO,
-        last_slow_report: None,
-        needs_flush: false,
-        outbound: VecDeque::new(),
-        last_written_request: None,
-        next_send_at: None,
-        encoding_request: None,
-        encoding_heartbeat: false,
-        stack: StackTrim::for_current_thread(),
-        last_busy: Instant::now(),
-        stack_dirty: true,
-    };
-    let ended = match context.codec.instantiate(id) {
+    // This frame stays on the stack for the thread's life: the work is in the calls.
+    let mut link = Link::new(context, id, server_index, commands, waker, stats);
+    let ended = match instantiate(&link.context, id) {
         Ok(codec) => link.session(codec),
         Err(err) => Ended::Failed(err),
     };
+    finish(link, ended);
+}
+
+/// After the session: hands over what was read, reports the end to the pool.
+#[inline(never)]
+fn finish(mut link: Box<Link>, ended: Ended) {
+    let context = Arc::clone(&link.context);
+    let stats = Arc::clone(&link.stats);
+    let id = link.id;
+    let server = link.server().id.clone();
     // Data read before the session ended was accepted: it goes to the consumer (or
     // with the queue, if the pool closes it) before the pool hears of the end.
     link.deliver(false);
@@ -184,7 +159,7 @@ fn run(
     stats.set_state(ConnectionState::Closed);
     // Dropping the receiver first makes later sends fail, so the pool re-routes
     // anything that never reached this worker.
-    let Link { commands, .. } = link;
+    let Link { commands, .. } = *link;
     drop(commands);
     let _ = context.reports.send(Report::Closed {
         connection_id: id,
@@ -276,7 +251,63 @@ struct Link {
     stack_dirty: bool,
 }
 
+/// The codec instance lives on the heap: the worker's stack frames stay small, and an
+/// idle worker's stack fits in fewer pages.
+#[inline(never)]
+fn instantiate(context: &WorkerContext, id: u64) -> Result<Box<CodecInstance>> {
+    context.codec.instantiate(id).map(Box::new)
+}
+
 impl Link {
+    /// On the heap, built in a frame of its own: the frames that stay on the stack
+    /// while the worker runs are the small ones.
+    #[inline(never)]
+    fn new(
+        context: Arc<WorkerContext>,
+        id: u64,
+        server_index: usize,
+        commands: Receiver<Command>,
+        waker: Arc<Waker>,
+        stats: Arc<ConnectionStats>,
+    ) -> Box<Link> {
+        Box::new(Link {
+            context,
+            id,
+            server_index,
+            commands,
+            wake: waker,
+            stats,
+            ws: None,
+            ready: false,
+            was_ready: false,
+            early_commands: VecDeque::new(),
+            in_flight: HashSet::new(),
+            channels: HashMap::new(),
+            next_stale_check: None,
+            frames: FrameBatch::default(),
+            passthrough: None,
+            outgoing: Chunk::default(),
+            outgoing_counted: 0,
+            opened_at: Instant::now(),
+            next_ping: None,
+            ping_outstanding_since: None,
+            next_tick: None,
+            last_data: Instant::now(),
+            stale: false,
+            blocked_since_report: Duration::ZERO,
+            last_slow_report: None,
+            needs_flush: false,
+            outbound: VecDeque::new(),
+            last_written_request: None,
+            next_send_at: None,
+            encoding_request: None,
+            encoding_heartbeat: false,
+            stack: StackTrim::for_current_thread(),
+            last_busy: Instant::now(),
+            stack_dirty: true,
+        })
+    }
+
     fn server(&self) -> &ServerTarget {
         &self.context.servers[self.server_index]
     }
@@ -287,7 +318,8 @@ impl Link {
             .server(&self.server().id)
     }
 
-    fn session(&mut self, mut codec: CodecInstance) -> Ended {
+    #[inline(never)]
+    fn session(&mut self, mut codec: Box<CodecInstance>) -> Ended {
         let config = Arc::clone(&self.context.config);
         let deadline = Instant::now() + Duration::from_millis(config.connect_timeout_ms);
         self.stats.set_state(ConnectionState::Connecting);
@@ -340,6 +372,7 @@ impl Link {
 
     /// TCP connect, TLS and WebSocket handshakes. `Ok(false)` when a close command
     /// arrived meanwhile.
+    #[inline(never)]
     fn connect(&mut self, deadline: Instant) -> Result<bool> {
         let server = self.server().clone();
         let connect_timeout = Duration::from_millis(self.context.config.connect_timeout_ms);
@@ -481,6 +514,13 @@ impl Link {
     }
 
     /// The main loop: until a close command (Ok) or a failure.
+    ///
+    /// It and the heavy steps it calls (connect, reading, commands, timers, close)
+    /// are not inlined into one another: only the small frames of `run`, `session`
+    /// and this loop stay on the stack while a worker waits, so with the trim of a
+    /// quiet connection an idle worker's stack is two pages (glibc's thread block
+    /// and TLS take the first 5 KB).
+    #[inline(never)]
     fn serve(&mut self, codec: &mut CodecInstance, ready_deadline: Instant) -> Result<(), Ended> {
         loop {
             // Commands first: they are what a caller is waiting on.
@@ -577,6 +617,7 @@ impl Link {
     }
 
     /// Runs one command; `Ok(true)` means close.
+    #[inline(never)]
     fn run_command(&mut self, codec: &mut CodecInstance, command: Command) -> Result<bool, Ended> {
         match command {
             Command::Close => return Ok(true),
@@ -627,6 +668,7 @@ impl Link {
 
     /// Reads every frame that is ready (bounded per call) and decodes them.
     /// `Ok(true)` when more may be waiting.
+    #[inline(never)]
     fn read_and_decode(&mut self, codec: &mut CodecInstance) -> Result<bool, Ended> {
         self.frames.clear();
         let mut bytes = 0u64;
@@ -762,6 +804,7 @@ impl Link {
         ended(peer_closed, read_failed)
     }
 
+    #[inline(never)]
     fn run_timers(
         &mut self,
         codec: &mut CodecInstance,
@@ -1236,6 +1279,7 @@ impl Link {
     }
 
     /// Sends a close frame and waits briefly for the peer's.
+    #[inline(never)]
     fn close_gracefully(&mut self) -> Result<(), Ended> {
         self.stats.set_state(ConnectionState::Closing);
         let Some(ws) = self.ws.as_mut() else {
