@@ -172,9 +172,6 @@ impl Poller {
     }
 
     fn clear_notify(&self) {
-        // Cleared before the eventfd is read: a notify from now on writes it again, so
-        // none is lost (at worst one wait returns at once for nothing).
-        self.notified.store(false, Ordering::Release);
         let mut counter: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our own non-blocking eventfd.
         unsafe {
@@ -184,6 +181,13 @@ impl Poller {
                 std::mem::size_of::<u64>(),
             );
         }
+        // Only now may the next notify write the eventfd again. The other order loses
+        // wake-ups: a notify between clearing and reading writes the fd, the read
+        // swallows that write, and the flag stays set, so every later notify skips
+        // its write while the worker sleeps. A notify that skips its write here is
+        // safe: its command was sent before it, and the worker looks at its commands
+        // after this wait returns.
+        self.notified.store(false, Ordering::Release);
     }
 }
 
@@ -266,6 +270,64 @@ mod tests {
             Instant::now() >= deadline,
             "a consumed notify woke a later wait"
         );
+    }
+
+    #[test]
+    fn no_notify_is_lost_however_notifies_and_wake_ups_interleave() {
+        // Two notifiers post work and notify, many times, each then waiting (within a
+        // generous limit) for the waiter to take its post; the waiter takes whatever
+        // is posted after each wake-up, as a worker drains its commands. A notify
+        // swallowed between a wake-up and the next wait leaves the waiter asleep.
+        use std::sync::atomic::AtomicU64;
+        const ROUNDS: u64 = 50_000;
+        let poller = Arc::new(Poller::new().unwrap());
+        let posted = Arc::new(AtomicU64::new(0));
+        let taken = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (poller, posted, taken, done) = (
+                Arc::clone(&poller),
+                Arc::clone(&posted),
+                Arc::clone(&taken),
+                Arc::clone(&done),
+            );
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    poller.wait(None, false, false, Some(deadline)).unwrap();
+                    taken.store(posted.load(Ordering::Acquire), Ordering::Release);
+                }
+            })
+        };
+        let notifiers: Vec<_> = (0..2)
+            .map(|_| {
+                let (poller, posted, taken) =
+                    (Arc::clone(&poller), Arc::clone(&posted), Arc::clone(&taken));
+                std::thread::spawn(move || {
+                    for _ in 0..ROUNDS {
+                        let mine = posted.fetch_add(1, Ordering::AcqRel) + 1;
+                        poller.notify().unwrap();
+                        let limit = Instant::now() + Duration::from_secs(5);
+                        while taken.load(Ordering::Acquire) < mine {
+                            assert!(
+                                Instant::now() < limit,
+                                "notify of post {mine} was lost: the waiter slept on"
+                            );
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let results: Vec<_> = notifiers.into_iter().map(|n| n.join()).collect();
+        done.store(true, Ordering::Release);
+        poller.notify().unwrap();
+        waiter.join().unwrap();
+        for result in results {
+            if let Err(panic) = result {
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 
     #[test]
