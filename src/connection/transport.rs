@@ -168,11 +168,19 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientCon
                 })?
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|err| Error::Config(format!("tls.client_cert: {cert_file}: {err}")))?;
+            if chain.is_empty() {
+                return Err(Error::Config(format!(
+                    "tls.client_cert: {cert_file}: no PEM certificate in it"
+                )));
+            }
             let key = PrivateKeyDer::from_pem_file(key_file)
                 .map_err(|err| Error::Config(format!("tls.client_key: {key_file}: {err}")))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|err| Error::Config(format!("tls.client_cert: {err}")))?
+            builder.with_client_auth_cert(chain, key).map_err(|err| {
+                Error::Config(format!(
+                    "tls.client_cert / tls.client_key: {cert_file} and {key_file} do not go \
+                     together: {err}"
+                ))
+            })?
         }
         (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {

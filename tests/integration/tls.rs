@@ -107,3 +107,164 @@ fn a_missing_ca_file_is_a_config_error_naming_the_key() {
     let err = Pool::new(config).expect_err("no certificate in it");
     assert!(err.to_string().contains("tls.ca_file"), "{err}");
 }
+
+/// A venue that wants a client certificate signed by its CA (mutual TLS), and the PEM
+/// files of such a certificate and its key, of a stranger's certificate, and of the CA.
+struct MutualPki {
+    server_config: Arc<rustls::ServerConfig>,
+    ca_file: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+    other_key: std::path::PathBuf,
+}
+
+fn mutual_pki() -> MutualPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wirepool mutual TLS CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().expect("server key");
+    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("server params")
+        .signed_by(&server_key, &issuer)
+        .expect("server cert");
+    let client_key = KeyPair::generate().expect("client key");
+    let client_cert = CertificateParams::new(vec!["trader-7".to_string()])
+        .expect("client params")
+        .signed_by(&client_key, &issuer)
+        .expect("client cert");
+    let other_key = KeyPair::generate().expect("another key");
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut client_roots = rustls::RootCertStore::empty();
+    client_roots.add(ca_cert.der().clone()).expect("CA root");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(client_roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .expect("client verifier");
+    let chain: Vec<CertificateDer<'static>> =
+        vec![server_cert.der().clone(), ca_cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+    let server_config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    MutualPki {
+        server_config: Arc::new(server_config),
+        ca_file: write_temp("mutual-ca.pem", &ca_cert.pem()),
+        client_cert: write_temp("client-cert.pem", &client_cert.pem()),
+        client_key: write_temp("client-key.pem", &client_key.serialize_pem()),
+        other_key: write_temp("other-key.pem", &other_key.serialize_pem()),
+    }
+}
+
+fn mutual_simulator(pki: &MutualPki) -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 200.0,
+        tls: Some(Arc::clone(&pki.server_config)),
+        ..SimulatorConfig::default()
+    })
+    .expect("mutual TLS simulator")
+}
+
+#[test]
+fn a_venue_that_wants_a_client_certificate_gets_the_configured_one() {
+    let _guard = watchdog("mutual tls", Duration::from_secs(60));
+    let pki = mutual_pki();
+    let sim = mutual_simulator(&pki);
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": sim.url()}],
+            "tls": {
+                "ca_file": pki.ca_file,
+                "roots": "none",
+                "client_cert": pki.client_cert,
+                "client_key": pki.client_key,
+            },
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let pool = Pool::new(config).expect("pool");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("ready with a client certificate");
+    pool.subscribe("ticker.0").expect("subscribe");
+    let message = pool
+        .recv(Some(Duration::from_secs(10)))
+        .expect("open")
+        .expect("data over mutual TLS");
+    assert_eq!(&*message.channel, "ticker.0");
+}
+
+#[test]
+fn without_its_client_certificate_the_venue_refuses_and_the_reason_says_tls() {
+    let _guard = watchdog("mutual tls refused", Duration::from_secs(60));
+    let pki = mutual_pki();
+    let sim = mutual_simulator(&pki);
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": sim.url()}],
+            "tls": {"ca_file": pki.ca_file, "roots": "none"},
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let pool = Pool::new(config).expect("pool");
+    let events = wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
+        event.kind == "closed"
+    });
+    let reason = events
+        .last()
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.starts_with("tls:") || reason.contains("handshake"),
+        "expected the TLS handshake to fail, got {reason:?}"
+    );
+    assert!(matches!(
+        pool.wait_ready(Duration::from_millis(100)),
+        Err(Error::Timeout { .. })
+    ));
+}
+
+#[test]
+fn a_client_key_that_does_not_match_the_certificate_is_a_config_error_naming_both() {
+    let pki = mutual_pki();
+    let pool_with = |cert: &std::path::Path, key: &std::path::Path| {
+        let config = Config::from_json(
+            &serde_json::json!({
+                "servers": [{"url": "wss://localhost:1"}],
+                "tls": {"client_cert": cert, "client_key": key},
+            })
+            .to_string(),
+        )
+        .expect("the files exist");
+        Pool::new(config).err().map(|err| err.to_string())
+    };
+    let err = pool_with(&pki.client_cert, &pki.other_key).expect("a key of another certificate");
+    assert!(
+        err.contains("tls.client_cert") && err.contains("tls.client_key"),
+        "{err}"
+    );
+    assert!(
+        err.contains("client-cert.pem") && err.contains("other-key.pem"),
+        "{err}"
+    );
+    // A key file with no key in it, and a certificate file with no certificate.
+    let err = pool_with(&pki.client_cert, &pki.client_cert).expect("no key in the key file");
+    assert!(err.contains("tls.client_key"), "{err}");
+    let err = pool_with(&pki.client_key, &pki.client_key).expect("no certificate");
+    assert!(err.contains("tls.client_cert"), "{err}");
+}
