@@ -51,9 +51,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Raises this process's soft limit on open files to its hard limit (to the kernel's
 /// `fs.nr_open` when the hard limit is unlimited) and returns `(before, after)`.
 ///
-/// Each connection holds four file descriptors (its socket, and its poller's epoll,
-/// wake-up and timer descriptors), so the common soft limit of 1024 stops a process
-/// near 250 connections with "Too many open files". The `wirepool` daemon calls this
+/// Each connection holds three file descriptors (its socket, and its worker's epoll
+/// and wake-up eventfd), so the common soft limit of 1024 stops a process near 330
+/// connections with "Too many open files". The `wirepool` daemon calls this
 /// at start; a program linking the library decides for itself.
 pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {

@@ -170,7 +170,7 @@ fn init_logging(log_file: Option<&str>) -> Result<(), String> {
 }
 
 /// Like other servers, the daemon raises its soft limit on open files to the hard one
-/// (four descriptors per connection: see [`wirepool::raise_open_file_limit`]).
+/// (three descriptors per connection: see [`wirepool::raise_open_file_limit`]).
 fn raise_open_file_limit() {
     match wirepool::raise_open_file_limit() {
         Ok((before, after)) if after > before => {
