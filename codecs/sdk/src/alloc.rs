@@ -22,7 +22,10 @@
 //!
 //! Only for single-threaded modules (no `atomics` feature), as every codec is.
 
-use core::alloc::{GlobalAlloc, Layout};
+#[cfg(target_arch = "wasm32")]
+use core::alloc::GlobalAlloc;
+use core::alloc::Layout;
+#[cfg(target_arch = "wasm32")]
 use core::cell::UnsafeCell;
 
 /// The smallest block: 16 bytes (`2^4`).
@@ -78,20 +81,25 @@ impl<M: Memory> Heap<M> {
             return core::ptr::null_mut();
         };
         let head = self.free[class];
-        if head != 0 {
+        // A free block is aligned to its size up to 4 KiB; a layout aligned beyond
+        // that takes a fresh block unless the head happens to suit it.
+        if head != 0 && head % layout.align() == 0 {
             // SAFETY: a free block of this class holds the next link in its first word.
             self.free[class] = unsafe { *(head as *const usize) };
             return head as *mut u8;
         }
-        self.bump(class)
+        self.bump(class, layout.align())
     }
 
-    unsafe fn bump(&mut self, class: usize) -> *mut u8 {
+    unsafe fn bump(&mut self, class: usize, align: usize) -> *mut u8 {
         if self.top == 0 {
             self.top = self.memory.base().next_multiple_of(1 << MIN_CLASS);
         }
         let size = 1usize << class;
-        let Some(start) = self.top.checked_next_multiple_of(block_align(class)) else {
+        let Some(start) = self
+            .top
+            .checked_next_multiple_of(block_align(class).max(align))
+        else {
             return core::ptr::null_mut();
         };
         let Some(end) = start.checked_add(size) else {
@@ -148,13 +156,26 @@ impl<M: Memory> Heap<M> {
             return ptr;
         }
         let at = ptr as usize;
+        if new < old {
+            // Shrinks where it is: the block keeps its front half as often as needed,
+            // and each half it lets go is a free block of its own size, aligned to it
+            // (the block was aligned to its old size, up to 4 KiB).
+            for class in new..old {
+                // SAFETY: [at + 2^class, at + 2^(class + 1)) is the caller's, and
+                // unused from now on.
+                unsafe { self.push(at + (1usize << class), class) };
+            }
+            return ptr;
+        }
         // The last block grows where it is when it is aligned for its new size (a
         // growing buffer, the common case), as far as the memory can grow.
-        if new > old && at + (1 << old) == self.top && at % block_align(new) == 0 {
-            let end = at + (1usize << new);
-            if end <= self.memory.end() || self.memory.grow(end - self.memory.end()) {
-                self.top = end;
-                return ptr;
+        if at + (1 << old) == self.top && at % block_align(new) == 0 {
+            // Checked: above 2 GiB on wasm32 the end of a 2 GiB block wraps.
+            if let Some(end) = at.checked_add(1usize << new) {
+                if end <= self.memory.end() || self.memory.grow(end - self.memory.end()) {
+                    self.top = end;
+                    return ptr;
+                }
             }
         }
         // SAFETY: as for `alloc` and `dealloc`; the copy stays inside both blocks.
@@ -184,7 +205,8 @@ impl Memory for WasmMemory {
     }
 
     fn end(&self) -> usize {
-        core::arch::wasm32::memory_size(0) * 65536
+        // 65536 pages (4 GiB) would wrap to 0 on wasm32.
+        core::arch::wasm32::memory_size(0).saturating_mul(65536)
     }
 
     fn grow(&mut self, bytes: usize) -> bool {
@@ -215,8 +237,9 @@ impl CodecAllocator {
 
 #[cfg(target_arch = "wasm32")]
 // SAFETY: blocks are never handed out twice (each is on at most one free list or in
-// use), are at least as large as asked and aligned to their size (up to 4 KiB, and
-// a layout aligned beyond that gets a block class of that size, so bumps align it).
+// use), are at least as large as asked and aligned to their size up to 4 KiB; a
+// layout aligned beyond that takes a free block only if it happens to be aligned
+// enough, else a fresh one bumped to its alignment.
 unsafe impl GlobalAlloc for CodecAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: single-threaded and not re-entered (see `Sync`).
@@ -364,6 +387,168 @@ mod tests {
             assert!(heap.alloc(layout(usize::MAX / 2, 1)).is_null());
             // And it still works afterwards.
             assert!(!heap.alloc(layout(1000, 8)).is_null());
+        }
+    }
+
+    /// Every block on a free list: aligned for its class, inside the heap, and disjoint
+    /// from every other free block and from `live` (start, class).
+    fn check_free_lists<M: Memory>(heap: &Heap<M>, live: &[(usize, usize)]) {
+        let mut blocks: Vec<(usize, usize)> = live.to_vec();
+        for (class, head) in heap.free.iter().enumerate() {
+            let mut at = *head;
+            while at != 0 {
+                assert_eq!(
+                    at % block_align(class),
+                    0,
+                    "free block {at:#x} of class {class} misaligned"
+                );
+                assert!(at + (1 << class) <= heap.top, "free block above top");
+                blocks.push((at, class));
+                at = unsafe { *(at as *const usize) };
+            }
+        }
+        blocks.sort();
+        for pair in blocks.windows(2) {
+            assert!(
+                pair[0].0 + (1 << pair[0].1) <= pair[1].0,
+                "blocks overlap: {pair:?}"
+            );
+        }
+    }
+
+    /// Passes: random alloc / realloc (in place, moved, shrunk) / dealloc with the layout
+    /// realloc returned, alignments up to 4096, in a memory that runs out now and then.
+    #[test]
+    fn random_reallocs_keep_blocks_disjoint_aligned_and_their_bytes() {
+        let mut heap = Heap::new(Region::new(2 << 20, 1000));
+        let mut live: Vec<(usize, Layout, u8)> = Vec::new();
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let check = |ptr: usize, l: Layout, fill: u8| {
+            let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, l.size()) };
+            assert!(
+                bytes.iter().all(|b| *b == fill),
+                "bytes lost at {ptr:#x} {l:?}"
+            );
+        };
+        let (mut nulls, mut in_place) = (0, 0);
+        for round in 0..30_000u32 {
+            let fill = round as u8;
+            let roll = next() % 8;
+            let size = if next() % 4 == 0 {
+                1 + (next() % 200_000) as usize
+            } else {
+                1 + (next() % 2000) as usize
+            };
+            if !live.is_empty() && roll < 3 {
+                let i = next() as usize % live.len();
+                let (ptr, l, old_fill) = live[i];
+                check(ptr, l, old_fill);
+                let moved = unsafe { heap.realloc(ptr as *mut u8, l, size) } as usize;
+                if moved == 0 {
+                    nulls += 1;
+                    check(ptr, l, old_fill);
+                    continue;
+                }
+                if moved == ptr && class_of(l) != class_of(layout(size, l.align())) {
+                    in_place += 1;
+                }
+                let nl = layout(size, l.align());
+                assert_eq!(moved % nl.align(), 0);
+                check(moved, layout(size.min(l.size()), 1), old_fill);
+                unsafe { std::ptr::write_bytes(moved as *mut u8, fill, size) };
+                live[i] = (moved, nl, fill);
+            } else if !live.is_empty() && (roll < 6 || live.len() > 200) {
+                let (ptr, l, f) = live.swap_remove(next() as usize % live.len());
+                check(ptr, l, f);
+                unsafe { heap.dealloc(ptr as *mut u8, l) };
+            } else {
+                let l = layout(size, 1 << (next() % 13));
+                let ptr = unsafe { heap.alloc(l) } as usize;
+                if ptr == 0 {
+                    nulls += 1;
+                    continue;
+                }
+                assert_eq!(ptr % l.align(), 0);
+                unsafe { std::ptr::write_bytes(ptr as *mut u8, fill, size) };
+                live.push((ptr, l, fill));
+            }
+            if round % 500 == 0 {
+                let blocks: Vec<_> = live
+                    .iter()
+                    .map(|(p, l, _)| (*p, class_of(*l).unwrap()))
+                    .collect();
+                check_free_lists(&heap, &blocks);
+            }
+        }
+        assert!(
+            nulls > 0 && in_place > 0,
+            "exercised out-of-memory ({nulls}) and in-place growth ({in_place})"
+        );
+    }
+
+    /// A layout aligned beyond 4 KiB gets a block aligned as asked, from the bump
+    /// pointer and from the free list alike (blocks are aligned to 4 KiB at most).
+    #[test]
+    fn alignments_above_4096_are_honoured() {
+        let mut heap = Heap::new(Region::new(1 << 20, 4096));
+        unsafe {
+            // top = start + 4096: aligned to 4096 but not to 8192.
+            let p = heap.alloc(layout(8192, 8192)) as usize;
+            assert!(p == 0 || p % 8192 == 0, "bump gave {p:#x} for align 8192");
+            // A class-13 block aligned to 4096 only, given back, must not serve align 8192.
+            let mut heap = Heap::new(Region::new(1 << 20, 4096));
+            let q = heap.alloc(layout(8192, 4096)) as usize;
+            assert_eq!(q % 8192, 4096);
+            heap.dealloc(q as *mut u8, layout(8192, 4096));
+            let r = heap.alloc(layout(100, 8192)) as usize;
+            assert!(
+                r == 0 || r % 8192 == 0,
+                "free list gave {r:#x} for align 8192"
+            );
+        }
+    }
+
+    /// A memory high in the address space that is never read or written: only the
+    /// arithmetic of the bump pointer and of realloc in place runs.
+    struct HighMemory {
+        base: usize,
+        end: usize,
+    }
+
+    impl Memory for HighMemory {
+        fn base(&self) -> usize {
+            self.base
+        }
+        fn end(&self) -> usize {
+            self.end
+        }
+        fn grow(&mut self, _: usize) -> bool {
+            false
+        }
+    }
+
+    /// The same arithmetic as on wasm32 with a heap above 2 GiB, where `at + 2^31`
+    /// would wrap, `top` drop near 0 and realloc claim a 2 GiB block in place.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn realloc_in_place_near_the_end_of_the_address_space_does_not_wrap() {
+        let mut heap = Heap::new(HighMemory {
+            base: usize::MAX - (1 << 30) + 1,
+            end: usize::MAX & !0xffff,
+        });
+        unsafe {
+            let a = heap.alloc(layout(4096, 1));
+            assert!(!a.is_null());
+            let top = heap.top;
+            let grown = heap.realloc(a, layout(4096, 1), 3 << 29);
+            assert!(grown.is_null(), "no room for 1.5 GiB");
+            assert_eq!(heap.top, top);
         }
     }
 }
