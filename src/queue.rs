@@ -370,11 +370,12 @@ impl ConsumerQueue {
     /// closed.
     #[cfg(test)]
     pub fn push_chunk(&self, chunk: &mut Chunk) -> PushOutcome {
-        self.push_chunk_unless(chunk, &AtomicBool::new(false), || false)
+        self.push_chunk_unless(chunk, &AtomicBool::new(false), None, || false)
     }
 
     /// As [`push_chunk`](Self::push_chunk), but a wait for room (`block` overflow)
-    /// ends early once `interrupted()` is true, leaving in `chunk` what did not fit.
+    /// ends early once `interrupted()` is true or at `deadline`, leaving in `chunk`
+    /// what did not fit.
     /// `waiting` is set for the length of each wait and checked before it: whoever
     /// makes `interrupted()` true sets its condition first, then calls
     /// [`wake_producers`](Self::wake_producers) if `waiting` is set, and the wake-up
@@ -383,6 +384,7 @@ impl ConsumerQueue {
         &self,
         chunk: &mut Chunk,
         waiting: &AtomicBool,
+        deadline: Option<Instant>,
         interrupted: impl Fn() -> bool,
     ) -> PushOutcome {
         let mut outcome = PushOutcome::default();
@@ -433,9 +435,19 @@ impl ConsumerQueue {
                     break;
                 }
                 let started = Instant::now();
-                self.not_full.wait(&mut state);
+                let timed_out = match deadline {
+                    Some(deadline) => self.not_full.wait_until(&mut state, deadline).timed_out(),
+                    None => {
+                        self.not_full.wait(&mut state);
+                        false
+                    }
+                };
                 waiting.store(false, Ordering::Relaxed);
                 outcome.blocked += started.elapsed();
+                if timed_out {
+                    outcome.interrupted = true;
+                    break;
+                }
             },
             Overflow::DropOldest => {
                 let incoming = chunk.len();
@@ -773,8 +785,9 @@ mod tests {
             );
             std::thread::spawn(move || {
                 let mut pending = chunk(0..6);
-                let outcome = queue
-                    .push_chunk_unless(&mut pending, &waiting, || command.load(Ordering::SeqCst));
+                let outcome = queue.push_chunk_unless(&mut pending, &waiting, None, || {
+                    command.load(Ordering::SeqCst)
+                });
                 (outcome, pending)
             })
         };

@@ -102,7 +102,9 @@ impl Poller {
 
     /// Wakes the worker's current or next wait.
     pub fn notify(&self) -> io::Result<()> {
-        if self.notified.swap(true, Ordering::AcqRel) {
+        // SeqCst, with the store in `clear_notify`: a notify that skips its write relies
+        // on the worker's look at its commands coming after the flag was seen set.
+        if self.notified.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         let one: u64 = 1;
@@ -187,7 +189,7 @@ impl Poller {
         // its write while the worker sleeps. A notify that skips its write here is
         // safe: its command was sent before it, and the worker looks at its commands
         // after this wait returns.
-        self.notified.store(false, Ordering::Release);
+        self.notified.store(false, Ordering::SeqCst);
     }
 }
 

@@ -39,6 +39,9 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// A connection without inbound data or commands for this long gives its deeper stack
 /// pages back before each wait (at most once per wake-up, so about once a tick).
 const IDLE_STACK_TRIM: Duration = Duration::from_secs(2);
+/// While waiting for room in the queue with a write pending on a full socket, how
+/// often the write is tried again.
+const WRITE_RETRY_WHILE_BLOCKED: Duration = Duration::from_millis(10);
 /// Blocked time on a full queue worth a `slow_consumer` event.
 const SLOW_CONSUMER_REPORT: Duration = Duration::from_millis(100);
 
@@ -397,6 +400,9 @@ impl Link {
                 .poller
                 .register(tcp.as_raw_fd())
                 .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
+            // Whether this address failed: an earlier one's error must not throw away
+            // a socket that connected (a host listening on only one of its addresses).
+            let mut failed = false;
             loop {
                 if self.close_requested() {
                     self.wake.poller.deregister(tcp.as_raw_fd());
@@ -418,12 +424,13 @@ impl Link {
                         Err(err) => {
                             self.wake.poller.deregister(tcp.as_raw_fd());
                             last_error = Some(err);
+                            failed = true;
                             break;
                         }
                     }
                 }
             }
-            if last_error.is_none() {
+            if !failed {
                 connected = Some(tcp);
                 break;
             }
@@ -542,19 +549,20 @@ impl Link {
                 }
             }
             // Data still waiting for room in a full queue goes before anything new is
-            // read; a command cuts the wait short and is run first.
-            if !self.deliver(true) {
-                continue;
+            // read; a command cuts the wait short and is run first, and frames the rate
+            // limit held (or the socket could not take yet) go out on time meanwhile.
+            if !self.outgoing.is_empty() {
+                self.send_due()?;
+                if !self.deliver(true) {
+                    continue;
+                }
             }
             let more = self.read_and_decode(codec)?;
             if !self.deliver(true) {
                 continue;
             }
             self.run_timers(codec, ready_deadline)?;
-            if self.next_send_at.is_some_and(|at| Instant::now() >= at) {
-                self.send_outbound()?;
-            }
-            let wants_write = self.flush()?;
+            let wants_write = self.send_due()?;
             if more {
                 continue;
             }
@@ -894,6 +902,15 @@ impl Link {
         Ok(())
     }
 
+    /// Writes what the rate limit now allows and flushes. `Ok(true)` while bytes
+    /// remain for a writable socket.
+    fn send_due(&mut self) -> Result<bool, Ended> {
+        if self.next_send_at.is_some_and(|at| Instant::now() >= at) {
+            self.send_outbound()?;
+        }
+        self.flush()
+    }
+
     /// Flushes pending writes. `Ok(true)` while bytes remain for a writable socket.
     fn flush(&mut self) -> Result<bool, Ended> {
         if !self.needs_flush {
@@ -1160,13 +1177,26 @@ impl Link {
         counters
             .messages_received
             .fetch_add((count - self.outgoing_counted) as u64, Ordering::Relaxed);
+        // A wait for room also ends when a frame the rate limit holds is due, or, with
+        // a write pending on a full socket, soon enough to retry it.
+        let deadline = if interruptible {
+            let retry_write = self
+                .needs_flush
+                .then(|| Instant::now() + WRITE_RETRY_WHILE_BLOCKED);
+            match (self.next_send_at, retry_write) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        } else {
+            None
+        };
         let commands = &self.commands;
-        let outcome =
-            self.context
-                .queue
-                .push_chunk_unless(&mut self.outgoing, &self.wake.on_queue, || {
-                    interruptible && !commands.is_empty()
-                });
+        let outcome = self.context.queue.push_chunk_unless(
+            &mut self.outgoing,
+            &self.wake.on_queue,
+            deadline,
+            || interruptible && !commands.is_empty(),
+        );
         self.outgoing_counted = self.outgoing.len();
         if outcome.dropped > 0 {
             counters

@@ -14,6 +14,7 @@ mod fault_proxy;
 mod c_abi;
 mod codec_abi;
 mod codec_sandbox;
+mod connect_addresses;
 mod engine;
 mod hostile_input;
 mod http;

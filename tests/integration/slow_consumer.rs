@@ -1,6 +1,7 @@
 //! A worker waiting for room in a full `block` queue (a consumer that stopped reading)
 //! still acts on its commands at once: subscriptions, requests and a close reach the
-//! venue while the consumer reads nothing, and nothing it had read is lost.
+//! venue while the consumer reads nothing (those the rate limit holds, when their turn
+//! comes), and nothing it had read is lost.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -189,9 +190,9 @@ fn parse_masked_frame(buffer: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
     Some((opcode, unmasked, at + len))
 }
 
-/// A one-connection pool on `venue` with an 8-message `block` queue, stalled: the
-/// queue is full and the worker waits for room.
-fn stalled_pool(venue: &FloodVenue) -> Pool {
+/// A one-connection pool on `venue` with an 8-message `block` queue (and the `extra`
+/// config sections), stalled: the queue is full and the worker waits for room.
+fn stalled_pool(venue: &FloodVenue, extra: serde_json::Value) -> Pool {
     let pool = pool_from(
         serde_json::json!({
             "servers": [{"url": venue.url()}],
@@ -201,7 +202,7 @@ fn stalled_pool(venue: &FloodVenue) -> Pool {
             "heartbeat": {"ping_interval_ms": 0},
             "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
         }),
-        serde_json::json!({}),
+        extra,
     );
     pool.wait_ready(Duration::from_secs(10)).expect("ready");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -243,7 +244,7 @@ fn read_flood_in_order(pool: &Pool, connection: u64, upto: u64) {
 fn a_worker_blocked_on_a_full_queue_still_sends_subscriptions_and_requests() {
     let _guard = watchdog("blocked_worker_commands", Duration::from_secs(120));
     let venue = FloodVenue::start();
-    let pool = Arc::new(stalled_pool(&venue));
+    let pool = Arc::new(stalled_pool(&venue, serde_json::json!({})));
     let connection = pool.connections()[0].id;
     pool.subscribe("late-channel").expect("subscribe");
     venue.wait_for("the subscribe", |frame| frame.contains("late-channel"));
@@ -271,7 +272,7 @@ fn a_worker_blocked_on_a_full_queue_still_sends_subscriptions_and_requests() {
 fn a_worker_blocked_on_a_full_queue_closes_at_once_and_keeps_what_it_read() {
     let _guard = watchdog("blocked_worker_close", Duration::from_secs(120));
     let venue = FloodVenue::start();
-    let pool = stalled_pool(&venue);
+    let pool = stalled_pool(&venue, serde_json::json!({}));
     let snapshot = pool.connections()[0].clone();
     // The worker reads nothing more while it waits: this is what it has accepted.
     let read = snapshot.messages_received;
@@ -280,4 +281,27 @@ fn a_worker_blocked_on_a_full_queue_closes_at_once_and_keeps_what_it_read() {
     venue.wait_for("the close frame", |frame| frame == "<close>");
     // Everything the worker had read before the close reaches the consumer, in order.
     read_flood_in_order(&pool, snapshot.id, read);
+}
+
+#[test]
+fn a_frame_held_by_the_rate_limit_goes_out_on_time_while_the_worker_waits_for_room() {
+    let _guard = watchdog("blocked_worker_rate_limit", Duration::from_secs(120));
+    let venue = FloodVenue::start();
+    // One frame a second: the second subscribe waits about a second for its turn.
+    let pool = stalled_pool(
+        &venue,
+        serde_json::json!({"rate_limit": {"messages_per_second": 1}}),
+    );
+    // By now the bucket has its one token back.
+    std::thread::sleep(Duration::from_millis(1200));
+    pool.subscribe("first-channel").expect("subscribe");
+    pool.subscribe("second-channel").expect("subscribe");
+    venue.wait_for("the first subscribe", |frame| {
+        frame.contains("first-channel")
+    });
+    // About a second later, with the consumer still reading nothing.
+    venue.wait_for("the subscribe the rate limit held", |frame| {
+        frame.contains("second-channel")
+    });
+    pool.close();
 }
