@@ -478,7 +478,16 @@ impl ConsumerQueue {
             }
         }
         let left = chunk.len();
+        // Room freed by the consumer wakes one waiting producer at a time (see
+        // `taken`); one that leaves room behind, or leaves without using it (a command
+        // or a deadline ended its wait), wakes the next. With a thousand workers
+        // blocked on a slow consumer, each pop then wakes one thread, not all.
+        let pass_on =
+            self.overflow == Overflow::Block && !state.closed && state.len < self.capacity;
         drop(state);
+        if pass_on {
+            self.not_full.notify_one();
+        }
         if !outcome.closed {
             self.counters
                 .pushed
@@ -556,7 +565,8 @@ impl ConsumerQueue {
             self.clear_ready_fd();
         }
         drop(state);
-        self.not_full.notify_all();
+        // One producer: it passes the turn on if it leaves room (`push_chunk_unless`).
+        self.not_full.notify_one();
     }
 
     /// Waits up to `timeout` for at least one message, then moves up to `max` into
@@ -770,6 +780,65 @@ mod tests {
         let blocked = producer.join().unwrap();
         assert!(blocked > Duration::ZERO, "a 4-slot queue must have blocked");
         assert_eq!(out, (0..100).map(message).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn many_blocked_producers_are_woken_in_turn_and_lose_nothing() {
+        // Room is handed to one waiting producer at a time, which passes it on: none
+        // may be left asleep while the consumer waits. Sixteen producers push
+        // chunks of assorted sizes into a 4-slot queue; a consumer takes 1 to 3 at a
+        // time. Every message arrives, each producer's in order.
+        const PRODUCERS: u8 = 16;
+        const CHUNKS: u8 = 60;
+        let queue = Arc::new(ConsumerQueue::new(4, Overflow::Block).unwrap());
+        let producers: Vec<_> = (0..PRODUCERS)
+            .map(|producer| {
+                let queue = Arc::clone(&queue);
+                std::thread::spawn(move || {
+                    let channel: Arc<str> = Arc::from(format!("p{producer}"));
+                    let mut n = 0u8;
+                    for round in 0..CHUNKS {
+                        let mut chunk = Chunk::default();
+                        chunk.set_connection(u64::from(producer));
+                        for _ in 0..1 + (round + producer) % 7 {
+                            chunk.push(&channel, &[n], 0);
+                            n = n.wrapping_add(1);
+                        }
+                        queue.push_chunk(&mut chunk);
+                    }
+                })
+            })
+            .collect();
+        let expected: usize = (0..PRODUCERS)
+            .map(|p| {
+                (0..CHUNKS)
+                    .map(|r| 1 + usize::from((r + p) % 7))
+                    .sum::<usize>()
+            })
+            .sum();
+        let mut next = vec![0u8; usize::from(PRODUCERS)];
+        let mut got = 0usize;
+        let mut out = Vec::new();
+        let mut take = 1;
+        while got < expected {
+            out.clear();
+            let popped = queue.pop_batch(&mut out, take, Some(Duration::from_secs(10)));
+            assert_eq!(
+                popped.map(|count| count > 0),
+                Ok(true),
+                "nothing came for 10 s with {got} of {expected} taken: a producer was left asleep"
+            );
+            for message in &out {
+                let producer = usize::from(message.channel[1..].parse::<u8>().unwrap());
+                assert_eq!(message.payload, vec![next[producer]], "order of {producer}");
+                next[producer] = next[producer].wrapping_add(1);
+            }
+            got += out.len();
+            take = take % 3 + 1;
+        }
+        for producer in producers {
+            producer.join().unwrap();
+        }
     }
 
     #[test]
