@@ -388,7 +388,15 @@ impl Link {
         let keepalive = Duration::from_millis(self.context.config.heartbeat.tcp_keepalive_ms);
         let mut last_error = None;
         let mut connected: Option<TcpStream> = None;
-        for addr in addrs {
+        let count = addrs.len();
+        for (index, addr) in addrs.into_iter().enumerate() {
+            // An address that neither connects nor fails (a dead route drops the SYN)
+            // gets its share of the time left, so the next one is still tried; the
+            // last one gets all that is left.
+            let now = Instant::now();
+            let share = deadline.saturating_duration_since(now) / (count - index) as u32;
+            let address_deadline = (now + share).min(deadline);
+            let last_address = index + 1 == count;
             let tcp = match transport::start_connect(addr, keepalive) {
                 Ok(tcp) => tcp,
                 Err(err) => {
@@ -408,14 +416,23 @@ impl Link {
                     self.wake.poller.deregister(tcp.as_raw_fd());
                     return Ok(false);
                 }
-                if Instant::now() >= deadline {
+                if Instant::now() >= address_deadline {
                     self.wake.poller.deregister(tcp.as_raw_fd());
-                    return Err(timeout(format!("TCP connect to {addr} ({})", server.url)));
+                    if last_address {
+                        return Err(timeout(format!("TCP connect to {addr} ({})", server.url)));
+                    }
+                    last_error = Some(Error::Io(format!(
+                        "TCP connect to {addr} ({}): no answer within {} ms, trying the next address",
+                        server.url,
+                        share.as_millis()
+                    )));
+                    failed = true;
+                    break;
                 }
                 let woken = self
                     .wake
                     .poller
-                    .wait(Some(tcp.as_raw_fd()), false, true, Some(deadline))
+                    .wait(Some(tcp.as_raw_fd()), false, true, Some(address_deadline))
                     .map_err(|err| Error::Io(format!("waiting for {addr}: {err}")))?;
                 if woken == Woken::Socket {
                     match transport::finish_connect(&tcp, addr) {

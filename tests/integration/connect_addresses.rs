@@ -1,60 +1,76 @@
 //! A host name with several addresses: the pool tries them in turn and keeps the
-//! first that connects, whatever the ones before it did.
+//! first that connects, whatever the ones before it did (refused, or silent).
+//!
+//! A host name with two addresses needs a hosts file naming it twice: each test re-runs
+//! itself in a private mount namespace (`unshare -rm`) with such a file bound over
+//! /etc/hosts, `dual.test` being 127.0.0.1 and 127.0.0.2; where that is not possible
+//! it says so and passes.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use socket2::{Domain, Protocol, Socket, Type};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 
 use crate::support::{pool_from, watchdog, write_temp};
 
-const DUAL_CHILD: &str = "WIREPOOL_REVIEW_DUAL_HOSTS_CHILD";
-const DUAL_TEST: &str =
-    "connect_addresses::a_host_whose_first_address_refuses_connects_on_the_next";
+const CHILD: &str = "WIREPOOL_DUAL_HOSTS_CHILD";
 
-/// A host name with two addresses needs a hosts file naming it twice. The test re-runs
-/// itself in a private mount namespace (`unshare -rm`) with such a file bound over
-/// /etc/hosts; where that is not possible it says so and passes.
-#[test]
-fn a_host_whose_first_address_refuses_connects_on_the_next() {
-    if std::env::var_os(DUAL_CHILD).is_none() {
-        let hosts = write_temp(
-            "dual-hosts",
-            "127.0.0.1 localhost\n127.0.0.1 dual.test\n127.0.0.2 dual.test\n",
-        );
-        let exe = std::env::current_exe().expect("test binary");
-        let status = std::process::Command::new("unshare")
-            .args([
-                "-rm",
-                "sh",
-                "-c",
-                r#"mount --bind "$1" /etc/hosts || exit 77; shift; exec "$@""#,
-                "sh",
-            ])
-            .arg(&hosts)
-            .arg(&exe)
-            .args(["--exact", DUAL_TEST, "--nocapture", "--test-threads=1"])
-            .env(DUAL_CHILD, "1")
-            .status();
-        match status {
-            Err(err) => eprintln!("{DUAL_TEST}: skipped (no unshare: {err})"),
-            Ok(status) if status.code() == Some(77) => {
-                eprintln!("{DUAL_TEST}: skipped (cannot bind a hosts file)")
-            }
-            Ok(status) => assert!(
-                status.success(),
-                "the pool did not connect to a host whose second address is up (see the \
-                 child's output above)"
-            ),
-        }
-        return;
+/// In the test process: runs `test` again in a namespace with the hosts file and
+/// checks that it passed; returns false. In that child: returns true.
+fn in_dual_hosts_namespace(test: &str) -> bool {
+    if std::env::var_os(CHILD).is_some() {
+        return true;
     }
-    let _guard = watchdog("dual_address_connect", Duration::from_secs(60));
+    let hosts = write_temp(
+        "dual-hosts",
+        "127.0.0.1 localhost\n127.0.0.1 dual.test\n127.0.0.2 dual.test\n",
+    );
+    let exe = std::env::current_exe().expect("test binary");
+    let status = std::process::Command::new("unshare")
+        .args([
+            "-rm",
+            "sh",
+            "-c",
+            r#"mount --bind "$1" /etc/hosts || exit 77; shift; exec "$@""#,
+            "sh",
+        ])
+        .arg(&hosts)
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .status();
+    match status {
+        Err(err) => eprintln!("{test}: skipped (no unshare: {err})"),
+        Ok(status) if status.code() == Some(77) => {
+            eprintln!("{test}: skipped (cannot bind a hosts file)")
+        }
+        Ok(status) => assert!(
+            status.success(),
+            "{test} failed in its namespace (see the child's output above)"
+        ),
+    }
+    false
+}
+
+fn dual_addresses() -> Vec<SocketAddr> {
     let addrs: Vec<SocketAddr> = ("dual.test", 0u16)
         .to_socket_addrs()
         .expect("dual.test resolves")
         .collect();
     assert!(addrs.len() >= 2, "dual.test: {addrs:?}");
+    addrs
+}
+
+#[test]
+fn a_host_whose_first_address_refuses_connects_on_the_next() {
+    if !in_dual_hosts_namespace(
+        "connect_addresses::a_host_whose_first_address_refuses_connects_on_the_next",
+    ) {
+        return;
+    }
+    let _guard = watchdog("dual_address_connect", Duration::from_secs(60));
+    let addrs = dual_addresses();
     // The venue listens on the second address only: the first refuses.
     let venue = Simulator::start(SimulatorConfig {
         listen: SocketAddr::new(addrs[1].ip(), 0),
@@ -83,6 +99,81 @@ fn a_host_whose_first_address_refuses_connects_on_the_next() {
     assert!(
         ready.is_ok(),
         "{addrs:?}: never ready although {} accepts connections ({ready:?}); events: {events:?}",
+        venue.local_addr()
+    );
+    pool.close();
+}
+
+/// A listener on `addr` whose accept queue is full and never drained: Linux drops
+/// further SYNs to it, so a connect there neither succeeds nor fails (a blackholed
+/// address, as with a dead IPv6 route). Returns the listener and the queued sockets.
+fn blackhole(addr: SocketAddr) -> (Socket, Vec<Socket>) {
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    listener.set_reuse_address(true).unwrap();
+    listener.bind(&addr.into()).expect("bind the blackhole");
+    listener.listen(0).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let client = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let _ = client.connect(&addr.into());
+        std::thread::sleep(Duration::from_millis(50));
+        let done = client.peer_addr().is_ok();
+        queued.push(client);
+        if !done {
+            // This one's SYN was dropped: the queue is full.
+            return (listener, queued);
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+/// The first address drops SYNs (a dead route); the second has the venue. The first
+/// gets its share of the connect timeout, then the second is tried.
+#[test]
+fn a_host_whose_first_address_drops_syns_connects_on_the_next() {
+    if !in_dual_hosts_namespace(
+        "connect_addresses::a_host_whose_first_address_drops_syns_connects_on_the_next",
+    ) {
+        return;
+    }
+    let _guard = watchdog("blackhole_first_address", Duration::from_secs(60));
+    let addrs = dual_addresses();
+    let venue = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::new(addrs[1].ip(), 0),
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let port = venue.local_addr().port();
+    let _hole = blackhole(SocketAddr::new(addrs[0].ip(), port));
+    assert!(
+        TcpStream::connect_timeout(
+            &SocketAddr::new(addrs[0].ip(), port),
+            Duration::from_millis(300)
+        )
+        .is_err(),
+        "the first address answers"
+    );
+    let started = Instant::now();
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": format!("ws://dual.test:{port}")}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "connect_timeout_ms": 1500,
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+        }),
+        serde_json::json!({}),
+    );
+    let ready = pool.wait_ready(Duration::from_secs(10));
+    let events: Vec<String> = pool
+        .events(Duration::ZERO)
+        .into_iter()
+        .map(|event| format!("{}({:?})", event.kind, event.message))
+        .collect();
+    assert!(
+        ready.is_ok(),
+        "{addrs:?}: not ready after {:?} although {} accepts connections; events: {events:?}",
+        started.elapsed(),
         venue.local_addr()
     );
     pool.close();
