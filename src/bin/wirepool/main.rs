@@ -263,8 +263,18 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
         simulator.url()
     );
     let pool = Pool::new(config).map_err(|err| err.to_string())?;
-    pool.wait_ready(Duration::from_secs(10))
-        .map_err(|err| format!("waiting for the pool: {err}"))?;
+    // In slices, so Ctrl-C works while the connections come up.
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        match pool.wait_ready(Duration::from_millis(100)) {
+            Ok(()) => break,
+            Err(wirepool::Error::Timeout { .. }) if Instant::now() < ready_by => {}
+            Err(err) => return Err(format!("waiting for the pool: {err}")),
+        }
+    }
     if let Some(addr) = pool.health_addr() {
         eprintln!("wirepool demo: health port on http://{addr}/health (also /metrics, /api/v1/pool/stats)");
     }
