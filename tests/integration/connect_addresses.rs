@@ -62,33 +62,26 @@ fn dual_addresses() -> Vec<SocketAddr> {
     addrs
 }
 
-#[test]
-fn a_host_whose_first_address_refuses_connects_on_the_next() {
-    if !in_dual_hosts_namespace(
-        "connect_addresses::a_host_whose_first_address_refuses_connects_on_the_next",
-    ) {
-        return;
-    }
-    let _guard = watchdog("dual_address_connect", Duration::from_secs(60));
-    let addrs = dual_addresses();
-    // The venue listens on the second address only: the first refuses.
-    let venue = Simulator::start(SimulatorConfig {
+/// The venue, listening on the second address of `dual.test` only.
+fn venue_on_the_second(addrs: &[SocketAddr]) -> Simulator {
+    Simulator::start(SimulatorConfig {
         listen: SocketAddr::new(addrs[1].ip(), 0),
         ..SimulatorConfig::default()
     })
-    .expect("simulator");
+    .expect("simulator")
+}
+
+/// A one-connection pool on `ws://dual.test:<venue's port>` becomes ready.
+fn assert_the_pool_connects(venue: &Simulator, extra: serde_json::Value) {
+    let started = Instant::now();
     let port = venue.local_addr().port();
-    assert!(
-        TcpStream::connect((addrs[0].ip(), port)).is_err(),
-        "something listens on the first address"
-    );
     let pool = pool_from(
         serde_json::json!({
             "servers": [{"url": format!("ws://dual.test:{port}")}],
             "pool": {"min_connections": 1, "max_connections": 1},
             "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
         }),
-        serde_json::json!({}),
+        extra,
     );
     let ready = pool.wait_ready(Duration::from_secs(10));
     let events: Vec<String> = pool
@@ -98,10 +91,28 @@ fn a_host_whose_first_address_refuses_connects_on_the_next() {
         .collect();
     assert!(
         ready.is_ok(),
-        "{addrs:?}: never ready although {} accepts connections ({ready:?}); events: {events:?}",
+        "not ready after {:?} although {} accepts connections ({ready:?}); events: {events:?}",
+        started.elapsed(),
         venue.local_addr()
     );
     pool.close();
+}
+
+#[test]
+fn a_host_whose_first_address_refuses_connects_on_the_next() {
+    if !in_dual_hosts_namespace(
+        "connect_addresses::a_host_whose_first_address_refuses_connects_on_the_next",
+    ) {
+        return;
+    }
+    let _guard = watchdog("dual_address_connect", Duration::from_secs(60));
+    let addrs = dual_addresses();
+    let venue = venue_on_the_second(&addrs);
+    assert!(
+        TcpStream::connect((addrs[0].ip(), venue.local_addr().port())).is_err(),
+        "something listens on the first address"
+    );
+    assert_the_pool_connects(&venue, serde_json::json!({}));
 }
 
 /// A listener on `addr` whose accept queue is full and never drained: Linux drops
@@ -139,11 +150,7 @@ fn a_host_whose_first_address_drops_syns_connects_on_the_next() {
     }
     let _guard = watchdog("blackhole_first_address", Duration::from_secs(60));
     let addrs = dual_addresses();
-    let venue = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::new(addrs[1].ip(), 0),
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator");
+    let venue = venue_on_the_second(&addrs);
     let port = venue.local_addr().port();
     let _hole = blackhole(SocketAddr::new(addrs[0].ip(), port));
     assert!(
@@ -154,27 +161,5 @@ fn a_host_whose_first_address_drops_syns_connects_on_the_next() {
         .is_err(),
         "the first address answers"
     );
-    let started = Instant::now();
-    let pool = pool_from(
-        serde_json::json!({
-            "servers": [{"url": format!("ws://dual.test:{port}")}],
-            "pool": {"min_connections": 1, "max_connections": 1},
-            "connect_timeout_ms": 1500,
-            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
-        }),
-        serde_json::json!({}),
-    );
-    let ready = pool.wait_ready(Duration::from_secs(10));
-    let events: Vec<String> = pool
-        .events(Duration::ZERO)
-        .into_iter()
-        .map(|event| format!("{}({:?})", event.kind, event.message))
-        .collect();
-    assert!(
-        ready.is_ok(),
-        "{addrs:?}: not ready after {:?} although {} accepts connections; events: {events:?}",
-        started.elapsed(),
-        venue.local_addr()
-    );
-    pool.close();
+    assert_the_pool_connects(&venue, serde_json::json!({"connect_timeout_ms": 1500}));
 }

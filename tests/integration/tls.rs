@@ -22,11 +22,11 @@ fn test_pki() -> TestPki {
     }
 }
 
-fn tls_simulator(pki: &TestPki) -> Simulator {
+fn tls_simulator(server_config: &Arc<rustls::ServerConfig>) -> Simulator {
     Simulator::start(SimulatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         rate_per_channel: 200.0,
-        tls: Some(Arc::clone(&pki.server_config)),
+        tls: Some(Arc::clone(server_config)),
         ..SimulatorConfig::default()
     })
     .expect("TLS simulator")
@@ -36,7 +36,7 @@ fn tls_simulator(pki: &TestPki) -> Simulator {
 fn connects_over_tls_with_a_private_ca_file() {
     let _guard = watchdog("tls", Duration::from_secs(60));
     let pki = test_pki();
-    let sim = tls_simulator(&pki);
+    let sim = tls_simulator(&pki.server_config);
     let url = sim.url();
     assert!(url.starts_with("wss://localhost:"), "{url}");
     let ca_file = write_temp("ca.pem", &pki.ca_pem);
@@ -67,7 +67,7 @@ fn connects_over_tls_with_a_private_ca_file() {
 fn an_untrusted_server_fails_with_a_tls_error() {
     let _guard = watchdog("tls untrusted", Duration::from_secs(60));
     let pki = test_pki();
-    let sim = tls_simulator(&pki);
+    let sim = tls_simulator(&pki.server_config);
     // Trust the bundled web roots only: the private CA is unknown.
     let config =
         Config::from_json(&serde_json::json!({"servers": [{"url": sim.url()}]}).to_string())
@@ -119,17 +119,10 @@ struct MutualPki {
 }
 
 fn mutual_pki() -> MutualPki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rcgen::{CertificateParams, KeyPair};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "wirepool mutual TLS CA");
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-    let issuer = Issuer::new(ca_params, ca_key);
+    let (ca_cert, issuer) = support::test_ca("wirepool mutual TLS CA");
     let server_key = KeyPair::generate().expect("server key");
     let server_cert = CertificateParams::new(vec!["localhost".to_string()])
         .expect("server params")
@@ -169,21 +162,11 @@ fn mutual_pki() -> MutualPki {
     }
 }
 
-fn mutual_simulator(pki: &MutualPki) -> Simulator {
-    Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel: 200.0,
-        tls: Some(Arc::clone(&pki.server_config)),
-        ..SimulatorConfig::default()
-    })
-    .expect("mutual TLS simulator")
-}
-
 #[test]
 fn a_venue_that_wants_a_client_certificate_gets_the_configured_one() {
     let _guard = watchdog("mutual tls", Duration::from_secs(60));
     let pki = mutual_pki();
-    let sim = mutual_simulator(&pki);
+    let sim = tls_simulator(&pki.server_config);
     let config = Config::from_json(
         &serde_json::json!({
             "servers": [{"url": sim.url()}],
@@ -212,7 +195,7 @@ fn a_venue_that_wants_a_client_certificate_gets_the_configured_one() {
 fn without_its_client_certificate_the_venue_refuses_and_the_reason_says_tls() {
     let _guard = watchdog("mutual tls refused", Duration::from_secs(60));
     let pki = mutual_pki();
-    let sim = mutual_simulator(&pki);
+    let sim = tls_simulator(&pki.server_config);
     let config = Config::from_json(
         &serde_json::json!({
             "servers": [{"url": sim.url()}],

@@ -209,20 +209,27 @@ pub fn fd_count() -> usize {
         .unwrap_or(0)
 }
 
-/// A private CA (PEM) and a rustls server configuration for `localhost` with a leaf
-/// certificate signed by it (webpki refuses a CA certificate used as the leaf).
-pub fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
+/// A private CA named `name`: its certificate, and the issuer that signs with it.
+pub fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "wirepool test CA");
+        .push(rcgen::DnType::CommonName, name);
     let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-    let issuer = Issuer::new(ca_params, ca_key);
+    (ca_cert, Issuer::new(ca_params, ca_key))
+}
+
+/// A private CA (PEM) and a rustls server configuration for `localhost` with a leaf
+/// certificate signed by it (webpki refuses a CA certificate used as the leaf).
+pub fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{CertificateParams, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let (ca_cert, issuer) = test_ca("wirepool test CA");
     let leaf_key = KeyPair::generate().expect("leaf key");
     let leaf_params = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
     let leaf_cert = leaf_params
