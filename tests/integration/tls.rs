@@ -32,6 +32,31 @@ fn tls_simulator(server_config: &Arc<rustls::ServerConfig>) -> Simulator {
     .expect("TLS simulator")
 }
 
+/// A pool on `config` that becomes ready and receives data on a subscription.
+fn ready_and_receiving(config: Config) -> Pool {
+    let pool = Pool::new(config).expect("pool");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("ready over TLS");
+    pool.subscribe("ticker.0").expect("subscribe");
+    let message = pool
+        .recv(Some(Duration::from_secs(10)))
+        .expect("open")
+        .expect("data over TLS");
+    assert_eq!(&*message.channel, "ticker.0");
+    pool
+}
+
+/// Why the pool's first connection closed, from its `closed` event.
+fn first_close_reason(pool: &Pool) -> String {
+    let events = wait_for_event(pool, Duration::from_secs(10), "closed", |event| {
+        event.kind == "closed"
+    });
+    events
+        .last()
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default()
+}
+
 #[test]
 fn connects_over_tls_with_a_private_ca_file() {
     let _guard = watchdog("tls", Duration::from_secs(60));
@@ -48,15 +73,7 @@ fn connects_over_tls_with_a_private_ca_file() {
         .to_string(),
     )
     .expect("config");
-    let pool = Pool::new(config).expect("pool");
-    pool.wait_ready(Duration::from_secs(10))
-        .expect("ready over TLS");
-    pool.subscribe("ticker.0").expect("subscribe");
-    let message = pool
-        .recv(Some(Duration::from_secs(10)))
-        .expect("open")
-        .expect("data over TLS");
-    assert_eq!(&*message.channel, "ticker.0");
+    let pool = ready_and_receiving(config);
     let reply = pool
         .request(br#"{"over":"tls"}"#, RequestOptions::default())
         .expect("request over TLS");
@@ -73,13 +90,7 @@ fn an_untrusted_server_fails_with_a_tls_error() {
         Config::from_json(&serde_json::json!({"servers": [{"url": sim.url()}]}).to_string())
             .expect("config");
     let pool = Pool::new(config).expect("pool");
-    let events = wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
-        event.kind == "closed"
-    });
-    let reason = events
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default();
+    let reason = first_close_reason(&pool);
     assert!(
         reason.starts_with("tls:"),
         "expected a TLS error, got {reason:?}"
@@ -180,15 +191,7 @@ fn a_venue_that_wants_a_client_certificate_gets_the_configured_one() {
         .to_string(),
     )
     .expect("config");
-    let pool = Pool::new(config).expect("pool");
-    pool.wait_ready(Duration::from_secs(10))
-        .expect("ready with a client certificate");
-    pool.subscribe("ticker.0").expect("subscribe");
-    let message = pool
-        .recv(Some(Duration::from_secs(10)))
-        .expect("open")
-        .expect("data over mutual TLS");
-    assert_eq!(&*message.channel, "ticker.0");
+    ready_and_receiving(config);
 }
 
 #[test]
@@ -205,13 +208,7 @@ fn without_its_client_certificate_the_venue_refuses_and_the_reason_says_tls() {
     )
     .expect("config");
     let pool = Pool::new(config).expect("pool");
-    let events = wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
-        event.kind == "closed"
-    });
-    let reason = events
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default();
+    let reason = first_close_reason(&pool);
     assert!(
         reason.starts_with("tls:") || reason.contains("handshake"),
         "expected the TLS handshake to fail, got {reason:?}"
