@@ -242,8 +242,20 @@ pub(crate) struct QueueCounters {
     pub pushed: AtomicU64,
 }
 
+/// Where one producer waits for room in a full `block` queue: its own condition
+/// variable, so room freed by the consumer wakes one producer at a time and a command
+/// wakes exactly its worker.
+#[derive(Default)]
+pub(crate) struct ProducerWait {
+    condvar: Condvar,
+    /// Set while the producer waits (see [`ConsumerQueue::push_chunk_unless`]).
+    pub waiting: AtomicBool,
+}
+
 struct QueueState {
     chunks: VecDeque<Chunk>,
+    /// Producers waiting for room, oldest first.
+    waiters: VecDeque<Arc<ProducerWait>>,
     /// Messages queued (the sum of the chunks' lengths).
     len: usize,
     spare: Vec<Chunk>,
@@ -255,6 +267,13 @@ struct QueueState {
 impl QueueState {
     fn spare(&mut self) -> Chunk {
         self.spare.pop().unwrap_or_default()
+    }
+
+    /// Wakes the producer that has waited longest, if any.
+    fn wake_one_producer(&mut self) {
+        if let Some(next) = self.waiters.pop_front() {
+            next.condvar.notify_one();
+        }
     }
 
     fn recycle(&mut self, mut chunk: Chunk) {
@@ -296,7 +315,6 @@ pub(crate) struct ConsumerQueue {
     // so "fd readable" and "queue non-empty" never disagree for long.
     state: Mutex<QueueState>,
     not_empty: Condvar,
-    not_full: Condvar,
     capacity: usize,
     overflow: Overflow,
     ready_fd: OwnedFd,
@@ -329,13 +347,13 @@ impl ConsumerQueue {
         Ok(ConsumerQueue {
             state: Mutex::new(QueueState {
                 chunks: VecDeque::new(),
+                waiters: VecDeque::new(),
                 len: 0,
                 spare: Vec::new(),
                 closed: false,
                 fd_armed: false,
             }),
             not_empty: Condvar::new(),
-            not_full: Condvar::new(),
             capacity,
             overflow,
             ready_fd,
@@ -370,20 +388,20 @@ impl ConsumerQueue {
     /// closed.
     #[cfg(test)]
     pub fn push_chunk(&self, chunk: &mut Chunk) -> PushOutcome {
-        self.push_chunk_unless(chunk, &AtomicBool::new(false), None, || false)
+        self.push_chunk_unless(chunk, &Arc::default(), None, || false)
     }
 
     /// As [`push_chunk`](Self::push_chunk), but a wait for room (`block` overflow)
     /// ends early once `interrupted()` is true or at `deadline`, leaving in `chunk`
     /// what did not fit.
-    /// `waiting` is set for the length of each wait and checked before it: whoever
+    /// `me.waiting` is set for the length of each wait and checked before it: whoever
     /// makes `interrupted()` true sets its condition first, then calls
-    /// [`wake_producers`](Self::wake_producers) if `waiting` is set, and the wake-up
+    /// [`wake_producer`](Self::wake_producer) if `waiting` is set, and the wake-up
     /// cannot be lost.
     pub fn push_chunk_unless(
         &self,
         chunk: &mut Chunk,
-        waiting: &AtomicBool,
+        me: &Arc<ProducerWait>,
         deadline: Option<Instant>,
         interrupted: impl Fn() -> bool,
     ) -> PushOutcome {
@@ -427,22 +445,28 @@ impl ConsumerQueue {
                 // Pairs with the fence in the waker: either the condition is seen
                 // here or `waiting` is seen there (and its wake-up waits for the lock
                 // this wait releases).
-                waiting.store(true, Ordering::Relaxed);
+                me.waiting.store(true, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
                 if interrupted() {
-                    waiting.store(false, Ordering::Relaxed);
+                    me.waiting.store(false, Ordering::Relaxed);
                     outcome.interrupted = true;
                     break;
                 }
+                state.waiters.push_back(Arc::clone(me));
                 let started = Instant::now();
                 let timed_out = match deadline {
-                    Some(deadline) => self.not_full.wait_until(&mut state, deadline).timed_out(),
+                    Some(deadline) => me.condvar.wait_until(&mut state, deadline).timed_out(),
                     None => {
-                        self.not_full.wait(&mut state);
+                        me.condvar.wait(&mut state);
                         false
                     }
                 };
-                waiting.store(false, Ordering::Relaxed);
+                me.waiting.store(false, Ordering::Relaxed);
+                // Still listed unless the consumer (or a producer) woke it by taking it
+                // off the list.
+                if let Some(at) = state.waiters.iter().position(|w| Arc::ptr_eq(w, me)) {
+                    state.waiters.remove(at);
+                }
                 outcome.blocked += started.elapsed();
                 if timed_out {
                     outcome.interrupted = true;
@@ -482,12 +506,10 @@ impl ConsumerQueue {
         // `taken`); one that leaves room behind, or leaves without using it (a command
         // or a deadline ended its wait), wakes the next. With a thousand workers
         // blocked on a slow consumer, each pop then wakes one thread, not all.
-        let pass_on =
-            self.overflow == Overflow::Block && !state.closed && state.len < self.capacity;
-        drop(state);
-        if pass_on {
-            self.not_full.notify_one();
+        if self.overflow == Overflow::Block && !state.closed && state.len < self.capacity {
+            state.wake_one_producer();
         }
+        drop(state);
         if !outcome.closed {
             self.counters
                 .pushed
@@ -564,9 +586,8 @@ impl ConsumerQueue {
         if state.len == 0 && state.fd_armed {
             self.clear_ready_fd();
         }
-        drop(state);
         // One producer: it passes the turn on if it leaves room (`push_chunk_unless`).
-        self.not_full.notify_one();
+        state.wake_one_producer();
     }
 
     /// Waits up to `timeout` for at least one message, then moves up to `max` into
@@ -643,12 +664,12 @@ impl ConsumerQueue {
         Ok(take)
     }
 
-    /// Wakes producers waiting for room so they look at their interrupt condition
+    /// Wakes `producer` if it waits for room, so it looks at its interrupt condition
     /// (see [`push_chunk_unless`](Self::push_chunk_unless)).
-    pub fn wake_producers(&self) {
-        // Taken so the wake-up cannot fall between a producer's check and its wait.
+    pub fn wake_producer(&self, producer: &ProducerWait) {
+        // Taken so the wake-up cannot fall between the producer's check and its wait.
         let _state = self.state.lock();
-        self.not_full.notify_all();
+        producer.condvar.notify_one();
     }
 
     /// Wakes every waiter; later pushes are refused, queued messages stay poppable.
@@ -657,9 +678,11 @@ impl ConsumerQueue {
         state.closed = true;
         // Make the fd readable so select/epoll callers notice the close.
         self.write_ready_fd();
+        for producer in state.waiters.drain(..) {
+            producer.condvar.notify_one();
+        }
         drop(state);
         self.not_empty.notify_all();
-        self.not_full.notify_all();
     }
 }
 
@@ -842,21 +865,56 @@ mod tests {
     }
 
     #[test]
+    fn close_wakes_every_blocked_producer_and_a_wake_up_reaches_only_its_own() {
+        let queue = Arc::new(ConsumerQueue::new(2, Overflow::Block).unwrap());
+        queue.push_chunk(&mut chunk(0..2));
+        let waits: Vec<Arc<ProducerWait>> = (0..3).map(|_| Arc::default()).collect();
+        let commands: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::default()).collect();
+        let producers: Vec<_> = (0..3)
+            .map(|index| {
+                let (queue, me, command) = (
+                    Arc::clone(&queue),
+                    Arc::clone(&waits[index]),
+                    Arc::clone(&commands[index]),
+                );
+                std::thread::spawn(move || {
+                    queue.push_chunk_unless(&mut chunk(10..12), &me, None, || {
+                        command.load(Ordering::SeqCst)
+                    })
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !waits.iter().all(|w| w.waiting.load(Ordering::SeqCst)) {
+            assert!(Instant::now() < deadline, "the producers never all waited");
+            std::thread::yield_now();
+        }
+        // A command for the first: it leaves, the others stay.
+        commands[0].store(true, Ordering::SeqCst);
+        queue.wake_producer(&waits[0]);
+        let mut producers = producers.into_iter();
+        let first = producers.next().unwrap().join().unwrap();
+        assert!(first.interrupted && !first.closed);
+        assert!(waits[1].waiting.load(Ordering::SeqCst) && waits[2].waiting.load(Ordering::SeqCst));
+        // The close releases the rest.
+        queue.close();
+        for producer in producers {
+            let outcome = producer.join().unwrap();
+            assert!(outcome.closed, "{outcome:?}");
+        }
+    }
+
+    #[test]
     fn an_interrupted_wait_keeps_what_did_not_fit_and_a_later_push_delivers_it() {
         let queue = Arc::new(ConsumerQueue::new(4, Overflow::Block).unwrap());
-        let waiting = Arc::new(AtomicBool::new(false));
+        let me = Arc::new(ProducerWait::default());
         let command = Arc::new(AtomicBool::new(false));
         let producer = {
-            let (queue, waiting, command) = (
-                Arc::clone(&queue),
-                Arc::clone(&waiting),
-                Arc::clone(&command),
-            );
+            let (queue, me, command) = (Arc::clone(&queue), Arc::clone(&me), Arc::clone(&command));
             std::thread::spawn(move || {
                 let mut pending = chunk(0..6);
-                let outcome = queue.push_chunk_unless(&mut pending, &waiting, None, || {
-                    command.load(Ordering::SeqCst)
-                });
+                let outcome = queue
+                    .push_chunk_unless(&mut pending, &me, None, || command.load(Ordering::SeqCst));
                 (outcome, pending)
             })
         };
@@ -864,14 +922,14 @@ mod tests {
         // as soon as the producer waits, and repeated while it runs: the wake-up may
         // come before, during or after its wait starts, and is never lost.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !waiting.load(Ordering::SeqCst) {
+        while !me.waiting.load(Ordering::SeqCst) {
             assert!(Instant::now() < deadline, "the producer never waited");
             std::thread::yield_now();
         }
         command.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if waiting.load(Ordering::Relaxed) {
-            queue.wake_producers();
+        if me.waiting.load(Ordering::Relaxed) {
+            queue.wake_producer(&me);
         }
         let (outcome, mut pending) = producer.join().unwrap();
         assert!(outcome.interrupted && !outcome.closed);

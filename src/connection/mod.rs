@@ -24,7 +24,7 @@ pub(crate) use transport::tls_client_config;
 pub(crate) use worker::{ServerTarget, WorkerContext};
 
 use crate::error::{Error, Result};
-use crate::queue::ConsumerQueue;
+use crate::queue::{ConsumerQueue, ProducerWait};
 use poll::Poller;
 
 /// What the pool (or a caller) asks a worker to do.
@@ -188,8 +188,9 @@ impl ConnectionStats {
 /// socket (the poller's wake-up) or for room in a full `block` queue.
 pub(crate) struct Waker {
     pub poller: Poller,
-    /// Set while the worker waits for room in the consumer queue.
-    pub on_queue: AtomicBool,
+    /// Where the worker waits for room in the consumer queue (its `waiting` flag is
+    /// set meanwhile).
+    pub on_queue: Arc<ProducerWait>,
     queue: Arc<ConsumerQueue>,
 }
 
@@ -197,7 +198,7 @@ impl Waker {
     fn new(queue: Arc<ConsumerQueue>) -> Result<Waker> {
         Ok(Waker {
             poller: Poller::new().map_err(|err| Error::Io(format!("creating a poller: {err}")))?,
-            on_queue: AtomicBool::new(false),
+            on_queue: Arc::default(),
             queue,
         })
     }
@@ -209,8 +210,8 @@ impl Waker {
         // Pairs with the fence in `ConsumerQueue::push_chunk_unless`: either the
         // worker sees the command before it waits, or this sees it waiting.
         fence(Ordering::SeqCst);
-        if self.on_queue.load(Ordering::Relaxed) {
-            self.queue.wake_producers();
+        if self.on_queue.waiting.load(Ordering::Relaxed) {
+            self.queue.wake_producer(&self.on_queue);
         }
     }
 }
