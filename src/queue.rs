@@ -250,6 +250,8 @@ pub(crate) struct ProducerWait {
     condvar: Condvar,
     /// Set while the producer waits (see [`ConsumerQueue::push_chunk_unless`]).
     pub waiting: AtomicBool,
+    /// In the queue's list of waiters (changed only under the queue's lock).
+    listed: AtomicBool,
 }
 
 struct QueueState {
@@ -272,6 +274,7 @@ impl QueueState {
     /// Wakes the producer that has waited longest, if any.
     fn wake_one_producer(&mut self) {
         if let Some(next) = self.waiters.pop_front() {
+            next.listed.store(false, Ordering::Relaxed);
             next.condvar.notify_one();
         }
     }
@@ -453,6 +456,7 @@ impl ConsumerQueue {
                     break;
                 }
                 state.waiters.push_back(Arc::clone(me));
+                me.listed.store(true, Ordering::Relaxed);
                 let started = Instant::now();
                 let timed_out = match deadline {
                     Some(deadline) => me.condvar.wait_until(&mut state, deadline).timed_out(),
@@ -462,10 +466,12 @@ impl ConsumerQueue {
                     }
                 };
                 me.waiting.store(false, Ordering::Relaxed);
-                // Still listed unless the consumer (or a producer) woke it by taking it
-                // off the list.
-                if let Some(at) = state.waiters.iter().position(|w| Arc::ptr_eq(w, me)) {
-                    state.waiters.remove(at);
+                // Still listed unless a pop, a producer passing the turn on, or the
+                // close woke it by taking it off the list (the common case: no search).
+                if me.listed.swap(false, Ordering::Relaxed) {
+                    if let Some(at) = state.waiters.iter().position(|w| Arc::ptr_eq(w, me)) {
+                        state.waiters.remove(at);
+                    }
                 }
                 outcome.blocked += started.elapsed();
                 if timed_out {
@@ -587,7 +593,9 @@ impl ConsumerQueue {
             self.clear_ready_fd();
         }
         // One producer: it passes the turn on if it leaves room (`push_chunk_unless`).
-        state.wake_one_producer();
+        if taken > 0 {
+            state.wake_one_producer();
+        }
     }
 
     /// Waits up to `timeout` for at least one message, then moves up to `max` into
@@ -679,6 +687,7 @@ impl ConsumerQueue {
         // Make the fd readable so select/epoll callers notice the close.
         self.write_ready_fd();
         for producer in state.waiters.drain(..) {
+            producer.listed.store(false, Ordering::Relaxed);
             producer.condvar.notify_one();
         }
         drop(state);
@@ -901,6 +910,121 @@ mod tests {
         for producer in producers {
             let outcome = producer.join().unwrap();
             assert!(outcome.closed, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn stress_block_no_stall_with_deadlines_commands_and_pops() {
+        // Steady producers (no deadline, never interrupted) share a 3-slot queue with
+        // noisy ones (sub-millisecond deadlines, commands sent with the waker's
+        // protocol) that give up what did not fit; the consumer takes 0 to 4 at a time.
+        // A stall shows as a pop that waits 2 s while a producer is still pushing.
+        const STEADY: usize = 4;
+        const NOISY: usize = 6;
+        const PER: usize = 3000;
+        for _round in 0..2 {
+            let queue = Arc::new(ConsumerQueue::new(3, Overflow::Block).unwrap());
+            let waits: Vec<Arc<ProducerWait>> =
+                (0..STEADY + NOISY).map(|_| Arc::default()).collect();
+            let commands: Vec<Arc<AtomicBool>> =
+                (0..STEADY + NOISY).map(|_| Arc::default()).collect();
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let producers: Vec<_> = (0..STEADY + NOISY)
+                .map(|index| {
+                    let (queue, me, command, done) = (
+                        Arc::clone(&queue),
+                        Arc::clone(&waits[index]),
+                        Arc::clone(&commands[index]),
+                        Arc::clone(&done),
+                    );
+                    std::thread::spawn(move || {
+                        let mut seed = 0x9e37_79b9_u32 ^ (index as u32 * 7919 + 1);
+                        let mut rand = move || {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 17;
+                            seed ^= seed << 5;
+                            seed
+                        };
+                        let mut sent = 0;
+                        while sent < PER {
+                            let n = (1 + rand() as usize % 4).min(PER - sent);
+                            sent += n;
+                            let mut pending = chunk(0..n as u8);
+                            if index < STEADY {
+                                queue.push_chunk_unless(&mut pending, &me, None, || false);
+                                assert!(pending.is_empty());
+                            } else {
+                                let deadline = (rand() % 2 == 0).then(|| {
+                                    Instant::now() + Duration::from_micros(u64::from(rand() % 200))
+                                });
+                                queue.push_chunk_unless(&mut pending, &me, deadline, || {
+                                    command.swap(false, Ordering::SeqCst)
+                                });
+                            }
+                        }
+                        done.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            let commander = {
+                let (queue, waits, commands, done) = (
+                    Arc::clone(&queue),
+                    waits.clone(),
+                    commands.clone(),
+                    Arc::clone(&done),
+                );
+                std::thread::spawn(move || {
+                    let mut i = 0usize;
+                    while done.load(Ordering::SeqCst) < STEADY + NOISY {
+                        // Steady producers get commands too: they must shrug them off.
+                        let target = i % (STEADY + NOISY);
+                        i += 1;
+                        commands[target].store(true, Ordering::SeqCst);
+                        fence(Ordering::SeqCst);
+                        if waits[target].waiting.load(Ordering::Relaxed) {
+                            queue.wake_producer(&waits[target]);
+                        }
+                        if i % 16 == 0 {
+                            std::thread::sleep(Duration::from_micros(30));
+                        }
+                    }
+                })
+            };
+            let mut out = Vec::new();
+            let mut batch = MessageBatch::default();
+            let mut i = 0usize;
+            loop {
+                i += 1;
+                if i % 97 == 0 {
+                    // max 0: a pop that frees nothing.
+                    let _ = queue.pop_into(&mut batch, 0, Some(Duration::from_millis(1)));
+                }
+                out.clear();
+                let finished = done.load(Ordering::SeqCst) == STEADY + NOISY;
+                let popped = queue
+                    .pop_batch(&mut out, 1 + i % 4, Some(Duration::from_secs(2)))
+                    .unwrap();
+                if popped == 0 {
+                    assert!(
+                        finished,
+                        "stall: nothing for 2 s, {} producers done; waiting: {:?}",
+                        done.load(Ordering::SeqCst),
+                        waits
+                            .iter()
+                            .map(|w| w.waiting.load(Ordering::SeqCst))
+                            .collect::<Vec<_>>()
+                    );
+                    break;
+                }
+                if i % 13 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            commander.join().unwrap();
+            for producer in producers {
+                producer.join().unwrap();
+            }
+            assert!(queue.state.lock().waiters.is_empty());
         }
     }
 
