@@ -566,9 +566,13 @@ impl Link {
                 }
             }
             // Data still waiting for room in a full queue goes before anything new is
-            // read; a command cuts the wait short and is run first, and frames the rate
-            // limit held (or the socket could not take yet) go out on time meanwhile.
+            // read; a command cuts the wait short and is run first, and heartbeats, and
+            // frames the rate limit held (or the socket could not take yet), go out on
+            // time meanwhile: a venue that wants pings from its clients keeps getting
+            // them from a worker whose consumer is slow. (The liveness clocks are moved
+            // past the time spent waiting, so no pong or staleness timeout fires for it.)
             if !self.outgoing.is_empty() {
+                self.run_timers(codec, ready_deadline)?;
                 self.send_due()?;
                 if !self.deliver(true) {
                     continue;
@@ -1194,16 +1198,21 @@ impl Link {
         counters
             .messages_received
             .fetch_add((count - self.outgoing_counted) as u64, Ordering::Relaxed);
-        // A wait for room also ends when a frame the rate limit holds is due, or, with
-        // a write pending on a full socket, soon enough to retry it.
+        // A wait for room also ends when a heartbeat, a tick or a frame the rate limit
+        // holds is due, or, with a write pending on a full socket, soon enough to retry.
         let deadline = if interruptible {
             let retry_write = self
                 .needs_flush
                 .then(|| Instant::now() + WRITE_RETRY_WHILE_BLOCKED);
-            match (self.next_send_at, retry_write) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
+            [
+                self.next_send_at,
+                retry_write,
+                self.next_ping,
+                self.next_tick,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
         } else {
             None
         };

@@ -15,7 +15,7 @@ use wirepool::{Pool, RequestOptions};
 use crate::support::{pool_from, watchdog};
 
 /// What the venue read from the client, in order: text frames as they are, a close
-/// frame as `"<close>"`.
+/// frame as `"<close>"`, a ping as `"<ping>"`.
 type Received = Arc<Mutex<Vec<String>>>;
 
 /// A venue that floods every connection with `data` frames numbered from 0 (written by
@@ -155,6 +155,7 @@ fn read_client_frames(mut stream: TcpStream, received: &Mutex<Vec<String>>, stop
             let entry = match opcode {
                 0x1 => String::from_utf8_lossy(&payload).into_owned(),
                 0x8 => "<close>".to_string(),
+                0x9 => "<ping>".to_string(),
                 _ => continue,
             };
             received.lock().expect("lock").push(entry);
@@ -304,4 +305,48 @@ fn a_frame_held_by_the_rate_limit_goes_out_on_time_while_the_worker_waits_for_ro
         frame.contains("second-channel")
     });
     pool.close();
+}
+
+#[test]
+fn a_worker_blocked_on_a_full_queue_keeps_sending_its_heartbeats() {
+    let _guard = watchdog("blocked_worker_heartbeats", Duration::from_secs(120));
+    let venue = FloodVenue::start();
+    // The venue never answers pings: the time spent waiting for room must not count
+    // against the pong timeout either.
+    let pool = stalled_pool(
+        &venue,
+        serde_json::json!({"heartbeat": {"ping_interval_ms": 200, "pong_timeout_ms": 60000}}),
+    );
+    let connection = pool.connections()[0].id;
+    let pings = || {
+        let frames = venue.received.lock().expect("lock");
+        let websocket = frames.iter().filter(|frame| *frame == "<ping>").count();
+        let application = frames
+            .iter()
+            .filter(|f| f.contains(r#""type":"ping""#))
+            .count();
+        (websocket, application)
+    };
+    // Pings (WebSocket, and the json codec's application ping) go on while the
+    // consumer reads nothing at all.
+    let before = pings();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = pings();
+        if now.0 >= before.0 + 2 && now.1 >= before.1 + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heartbeats stopped while the worker waited for room: {before:?} -> {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And the connection is still the same one, with nothing lost.
+    assert_eq!(
+        pool.connections()[0].id,
+        connection,
+        "the connection was replaced"
+    );
+    read_flood_in_order(&pool, connection, 2000);
 }
