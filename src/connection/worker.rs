@@ -386,7 +386,8 @@ impl Link {
         };
         let addrs = transport::resolve(&server.parsed)?;
         let keepalive = Duration::from_millis(self.context.config.heartbeat.tcp_keepalive_ms);
-        let mut last_error = None;
+        // Why each address tried so far failed, in order.
+        let mut failures: Vec<Error> = Vec::new();
         let mut connected: Option<TcpStream> = None;
         let count = addrs.len();
         for (index, addr) in addrs.into_iter().enumerate() {
@@ -400,7 +401,7 @@ impl Link {
             let tcp = match transport::start_connect(addr, keepalive) {
                 Ok(tcp) => tcp,
                 Err(err) => {
-                    last_error = Some(err);
+                    failures.push(err);
                     continue;
                 }
             };
@@ -419,9 +420,10 @@ impl Link {
                 if Instant::now() >= address_deadline {
                     self.wake.poller.deregister(tcp.as_raw_fd());
                     if last_address {
-                        return Err(timeout(format!("TCP connect to {addr} ({})", server.url)));
+                        let err = timeout(format!("TCP connect to {addr} ({})", server.url));
+                        return Err(after_earlier(err, &failures));
                     }
-                    last_error = Some(Error::Io(format!(
+                    failures.push(Error::Io(format!(
                         "TCP connect to {addr} ({}): no answer within {} ms, trying the next address",
                         server.url,
                         share.as_millis()
@@ -440,7 +442,7 @@ impl Link {
                         Ok(false) => continue,
                         Err(err) => {
                             self.wake.poller.deregister(tcp.as_raw_fd());
-                            last_error = Some(err);
+                            failures.push(err);
                             failed = true;
                             break;
                         }
@@ -455,8 +457,10 @@ impl Link {
         let tcp = match connected {
             Some(tcp) => tcp,
             None => {
-                return Err(last_error
-                    .unwrap_or_else(|| Error::Io(format!("connecting to {}: failed", server.url))))
+                let last = failures
+                    .pop()
+                    .unwrap_or_else(|| Error::Io(format!("connecting to {}: failed", server.url)));
+                return Err(after_earlier(last, &failures));
             }
         };
         self.stats.set_state(ConnectionState::Handshaking);
@@ -1380,6 +1384,28 @@ impl Link {
             self.wake.poller.deregister(stream.tcp().as_raw_fd());
             let _ = stream.tcp().shutdown(std::net::Shutdown::Both);
         }
+    }
+}
+
+/// The last address's error, saying how the addresses before it failed too.
+fn after_earlier(last: Error, earlier: &[Error]) -> Error {
+    if earlier.is_empty() {
+        return last;
+    }
+    let before: Vec<String> = earlier.iter().map(ToString::to_string).collect();
+    let before = before.join("; ");
+    match last {
+        Error::Io(text) => Error::Io(format!("{text} (before it: {before})")),
+        Error::Timeout {
+            phase,
+            after,
+            detail,
+        } => Error::Timeout {
+            phase,
+            after,
+            detail: format!("{detail} (before it: {before})"),
+        },
+        other => other,
     }
 }
 

@@ -163,3 +163,44 @@ fn a_host_whose_first_address_drops_syns_connects_on_the_next() {
     );
     assert_the_pool_connects(&venue, serde_json::json!({"connect_timeout_ms": 1500}));
 }
+
+/// Every address refuses: the reason names each of them, not only the last.
+#[test]
+fn when_every_address_fails_the_reason_names_each() {
+    if !in_dual_hosts_namespace("connect_addresses::when_every_address_fails_the_reason_names_each")
+    {
+        return;
+    }
+    let _guard = watchdog("every_address_fails", Duration::from_secs(60));
+    let addrs = dual_addresses();
+    // A port nothing listens on, on either address.
+    let port = std::net::TcpListener::bind((addrs[0].ip(), 0))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": format!("ws://dual.test:{port}")}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+        }),
+        serde_json::json!({}),
+    );
+    let events =
+        crate::support::wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
+            event.kind == "closed"
+        });
+    let reason = events
+        .last()
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default();
+    for addr in &addrs[..2] {
+        assert!(
+            reason.contains(&addr.ip().to_string()),
+            "the reason does not name {}: {reason}",
+            addr.ip()
+        );
+    }
+    pool.close();
+}
