@@ -203,16 +203,9 @@ fn timeout_ms(left: Duration) -> libc::c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connection::transport::tests::pair;
     use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
     use std::sync::Arc;
-
-    fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (client, server)
-    }
 
     #[test]
     fn a_wait_ends_on_data_on_a_notify_and_at_its_deadline() {

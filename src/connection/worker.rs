@@ -409,10 +409,10 @@ impl Link {
                 .poller
                 .register(tcp.as_raw_fd())
                 .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
-            // Whether this address failed: an earlier one's error must not throw away
-            // a socket that connected (a host listening on only one of its addresses).
-            let mut failed = false;
-            loop {
+            // This address's own failure, if any: an earlier one's error must not throw
+            // away a socket that connected (a host listening on only one of its
+            // addresses).
+            let failure = loop {
                 if self.close_requested() {
                     self.wake.poller.deregister(tcp.as_raw_fd());
                     return Ok(false);
@@ -423,13 +423,11 @@ impl Link {
                         let err = timeout(format!("TCP connect to {addr} ({})", server.url));
                         return Err(after_earlier(err, &failures));
                     }
-                    failures.push(Error::Io(format!(
+                    break Some(Error::Io(format!(
                         "TCP connect to {addr} ({}): no answer within {} ms, trying the next address",
                         server.url,
                         share.as_millis()
                     )));
-                    failed = true;
-                    break;
                 }
                 let woken = self
                     .wake
@@ -438,20 +436,21 @@ impl Link {
                     .map_err(|err| Error::Io(format!("waiting for {addr}: {err}")))?;
                 if woken == Woken::Socket {
                     match transport::finish_connect(&tcp, addr) {
-                        Ok(true) => break,
+                        Ok(true) => break None,
                         Ok(false) => continue,
                         Err(err) => {
                             self.wake.poller.deregister(tcp.as_raw_fd());
-                            failures.push(err);
-                            failed = true;
-                            break;
+                            break Some(err);
                         }
                     }
                 }
-            }
-            if !failed {
-                connected = Some(tcp);
-                break;
+            };
+            match failure {
+                None => {
+                    connected = Some(tcp);
+                    break;
+                }
+                Some(err) => failures.push(err),
             }
         }
         let tcp = match connected {

@@ -344,49 +344,32 @@ fn impossible_lengths_and_counts_are_rejected_before_anything_is_read() {
         };
         let mut replies = [ptr::null_mut(); 1];
         let mut codes = [wirepool_result::WIREPOOL_OK; 1];
-        assert_eq!(
-            wirepool_pool_request_batch(
-                pool,
-                &request,
-                1,
-                100,
-                0,
-                None,
-                ptr::null_mut(),
-                replies.as_mut_ptr(),
-                codes.as_mut_ptr(),
-            ),
-            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
-            "{}",
-            last_error()
-        );
-        assert!(
-            last_error().contains("requests[0].payload"),
-            "the error names the request: {}",
-            last_error()
-        );
-
-        assert_eq!(
-            wirepool_pool_request_batch(
-                pool,
-                &request,
-                usize::MAX / 2,
-                100,
-                0,
-                None,
-                ptr::null_mut(),
-                replies.as_mut_ptr(),
-                codes.as_mut_ptr(),
-            ),
-            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
-            "{}",
-            last_error()
-        );
-        assert!(
-            last_error().contains("count"),
-            "the error names the argument: {}",
-            last_error()
-        );
+        // A batch of `count` copies of `request` is refused, naming `what`.
+        let mut refused = |count: usize, what: &str| {
+            assert_eq!(
+                wirepool_pool_request_batch(
+                    pool,
+                    &request,
+                    count,
+                    100,
+                    0,
+                    None,
+                    ptr::null_mut(),
+                    replies.as_mut_ptr(),
+                    codes.as_mut_ptr(),
+                ),
+                wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
+                "{}",
+                last_error()
+            );
+            assert!(
+                last_error().contains(what),
+                "the error names {what}: {}",
+                last_error()
+            );
+        };
+        refused(1, "requests[0].payload");
+        refused(usize::MAX / 2, "count");
         wirepool_pool_free(pool);
     }
 }

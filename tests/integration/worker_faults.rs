@@ -26,6 +26,17 @@ fn pool_with(url: &str, extra: serde_json::Value) -> Pool {
     pool
 }
 
+/// The feed simulator on loopback: four channels at `rate_per_channel` msgs/s each.
+fn simulator(rate_per_channel: f64) -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel,
+        channels: 4,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator")
+}
+
 /// A JSON-protocol venue that records every text frame it receives, confirms
 /// subscriptions, echoes requests, and drops every open connection on demand.
 struct RecordingVenue {
@@ -158,13 +169,7 @@ fn serve(stream: TcpStream, frames: &Mutex<Vec<String>>, drop: &AtomicBool, stop
 #[test]
 fn a_blocked_push_does_not_make_subscribed_channels_stale() {
     let _guard = watchdog("blocked_push_channel_staleness", Duration::from_secs(90));
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel: 200.0,
-        channels: 4,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator");
+    let sim = simulator(200.0);
     let pool = pool_with(
         &sim.url(),
         serde_json::json!({
@@ -329,13 +334,7 @@ fn a_request_still_held_by_the_rate_limit_when_its_connection_dies_is_sent_again
 #[test]
 fn heartbeats_do_not_pile_up_behind_a_slow_rate_limit() {
     let _guard = watchdog("heartbeats_vs_rate_limit", Duration::from_secs(90));
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel: 20.0,
-        channels: 4,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator");
+    let sim = simulator(20.0);
     // Ten application heartbeats a second against one outbound frame a second.
     let pool = pool_with(
         &sim.url(),
