@@ -2,22 +2,10 @@
 //! requests, unsubscribe, reconnect and re-subscribe, shutdown.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::support::{pool_from, wait_for_event, wait_until, watchdog};
-use wirepool::simulator::{Simulator, SimulatorConfig};
+use crate::support::{pool_from, simulator, wait_for_event, wait_until, watchdog};
 use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
-
-fn simulator(rate_per_channel: f64) -> Simulator {
-    Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel,
-        channels: 4,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator starts")
-}
 
 fn pool_for(url: &str, connections: u32, extra: serde_json::Value) -> Pool {
     let config = serde_json::json!({

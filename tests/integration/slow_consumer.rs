@@ -4,15 +4,14 @@
 //! comes), and nothing it had read is lost.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use wirepool::{Pool, RequestOptions};
 
-use crate::support::{pool_from, watchdog};
+use crate::support::{pool_from, watchdog, Acceptor};
 
 /// What the venue read from the client, in order: text frames as they are, a close
 /// frame as `"<close>"`, a ping as `"<ping>"`.
@@ -22,64 +21,34 @@ type Received = Arc<Mutex<Vec<String>>>;
 /// a thread of their own, so a client that stops reading blocks only that thread) and
 /// records what the client sends, read by another thread.
 struct FloodVenue {
-    addr: SocketAddr,
+    acceptor: Acceptor,
     received: Received,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
 }
 
 impl FloodVenue {
     fn start() -> FloodVenue {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
         let received: Received = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
             let received = Arc::clone(&received);
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut threads = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            stream.set_nonblocking(false).expect("blocking");
-                            let Ok(ws) = tungstenite::accept(stream) else {
-                                continue;
-                            };
-                            // The client sends nothing before it has the handshake's
-                            // reply, so nothing is left in tungstenite's buffer.
-                            let stream = ws.into_inner();
-                            let reader = stream.try_clone().expect("clone");
-                            let (received, stop_reading) =
-                                (Arc::clone(&received), Arc::clone(&stop));
-                            threads.push(std::thread::spawn(move || {
-                                read_client_frames(reader, &received, &stop_reading)
-                            }));
-                            let stop_writing = Arc::clone(&stop);
-                            threads.push(std::thread::spawn(move || flood(stream, &stop_writing)));
-                        }
-                        Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(_) => break,
-                    }
-                }
-                for thread in threads {
-                    let _ = thread.join();
-                }
+            Acceptor::start(move |stream, stop| {
+                let Ok(ws) = tungstenite::accept(stream) else {
+                    return;
+                };
+                // The client sends nothing before it has the handshake's reply, so
+                // nothing is left in tungstenite's buffer.
+                let stream = ws.into_inner();
+                let reader = stream.try_clone().expect("clone");
+                std::thread::scope(|scope| {
+                    scope.spawn(|| read_client_frames(reader, &received, stop));
+                    flood(stream, stop);
+                });
             })
         };
-        FloodVenue {
-            addr,
-            received,
-            stop,
-            acceptor: Some(acceptor),
-        }
+        FloodVenue { acceptor, received }
     }
 
     fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+        self.acceptor.url()
     }
 
     fn wait_for(&self, what: &str, predicate: impl Fn(&str) -> bool) {
@@ -94,15 +63,6 @@ impl FloodVenue {
                 "the venue never received {what} while the consumer was stalled; it got {received:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for FloodVenue {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
         }
     }
 }

@@ -3,17 +3,15 @@
 //! out), heartbeats behind a slow rate limit, data decoded before a fatal record.
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tungstenite::Message as WsMessage;
-use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Pool, RequestOptions};
 
-use crate::support::{pool_from, wait_for_event, watchdog, ScriptServer};
+use crate::support::{pool_from, simulator, wait_for_event, watchdog, Acceptor, ScriptServer};
 
 fn pool_with(url: &str, extra: serde_json::Value) -> Pool {
     let config = serde_json::json!({
@@ -26,73 +24,31 @@ fn pool_with(url: &str, extra: serde_json::Value) -> Pool {
     pool
 }
 
-/// The feed simulator on loopback: four channels at `rate_per_channel` msgs/s each.
-fn simulator(rate_per_channel: f64) -> Simulator {
-    Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel,
-        channels: 4,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator")
-}
-
 /// A JSON-protocol venue that records every text frame it receives, confirms
 /// subscriptions, echoes requests, and drops every open connection on demand.
 struct RecordingVenue {
-    addr: SocketAddr,
+    acceptor: Acceptor,
     frames: Arc<Mutex<Vec<String>>>,
     drop_connections: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
 }
 
 impl RecordingVenue {
     fn start() -> RecordingVenue {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
         let frames = Arc::new(Mutex::new(Vec::new()));
         let drop_connections = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
-            let frames = Arc::clone(&frames);
-            let drop_connections = Arc::clone(&drop_connections);
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut clients = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let frames = Arc::clone(&frames);
-                            let drop_connections = Arc::clone(&drop_connections);
-                            let stop = Arc::clone(&stop);
-                            clients.push(std::thread::spawn(move || {
-                                serve(stream, &frames, &drop_connections, &stop)
-                            }));
-                        }
-                        Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(_) => break,
-                    }
-                }
-                for client in clients {
-                    let _ = client.join();
-                }
-            })
+            let (frames, drop_connections) = (Arc::clone(&frames), Arc::clone(&drop_connections));
+            Acceptor::start(move |stream, stop| serve(stream, &frames, &drop_connections, stop))
         };
         RecordingVenue {
-            addr,
+            acceptor,
             frames,
             drop_connections,
-            stop,
-            acceptor: Some(acceptor),
         }
     }
 
     fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+        self.acceptor.url()
     }
 
     fn frames(&self) -> Vec<String> {
@@ -108,15 +64,6 @@ impl RecordingVenue {
                 self.frames()
             );
             std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for RecordingVenue {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
         }
     }
 }

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tungstenite::Message as WsMessage;
+use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Event, Pool};
 
 /// Aborts the test process if a test hangs past `limit`, so CI fails instead of
@@ -80,39 +81,33 @@ pub fn wait_until(pool: &Pool, timeout: Duration, what: &str, mut condition: imp
     assert!(condition(), "expected {what} within {timeout:?}");
 }
 
-/// A WebSocket server for non-JSON test codecs: every connection gets a `tick N`
-/// text frame every 20 ms; `poison_one` sends a frame starting with `X` to exactly
-/// one open connection.
-pub struct ScriptServer {
-    addr: SocketAddr,
+/// A loopback listener whose thread accepts connections until stopped, handing each to
+/// `serve` on a thread of its own (with the stop flag, which `serve` should watch).
+/// Dropping it stops the accepting and joins every thread.
+pub struct Acceptor {
+    pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
-    poison: Arc<Mutex<usize>>,
-    threads: Vec<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
-impl ScriptServer {
-    pub fn start() -> ScriptServer {
+impl Acceptor {
+    pub fn start(serve: impl Fn(TcpStream, &AtomicBool) + Send + Sync + 'static) -> Acceptor {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
         let addr = listener.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let poison = Arc::new(Mutex::new(0usize));
+        let serve = Arc::new(serve);
         let accept_stop = Arc::clone(&stop);
-        let accept_count = Arc::clone(&accepted);
-        let accept_poison = Arc::clone(&poison);
-        let acceptor = std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut clients = Vec::new();
             while !accept_stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        accept_count.fetch_add(1, Ordering::Relaxed);
-                        let stop = Arc::clone(&accept_stop);
-                        let poison = Arc::clone(&accept_poison);
-                        clients.push(std::thread::spawn(move || serve(stream, stop, poison)));
+                        let _ = stream.set_nonblocking(false);
+                        let (serve, stop) = (Arc::clone(&serve), Arc::clone(&accept_stop));
+                        clients.push(std::thread::spawn(move || serve(stream, &stop)));
                     }
                     Err(err) if err.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -124,17 +119,54 @@ impl ScriptServer {
                 let _ = client.join();
             }
         });
-        ScriptServer {
+        Acceptor {
             addr,
             stop,
-            accepted,
-            poison,
-            threads: vec![acceptor],
+            thread: Some(thread),
         }
     }
 
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A WebSocket server for non-JSON test codecs: every connection gets a `tick N`
+/// text frame every 20 ms; `poison_one` sends a frame starting with `X` to exactly
+/// one open connection.
+pub struct ScriptServer {
+    acceptor: Acceptor,
+    accepted: Arc<AtomicUsize>,
+    poison: Arc<Mutex<usize>>,
+}
+
+impl ScriptServer {
+    pub fn start() -> ScriptServer {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let poison = Arc::new(Mutex::new(0usize));
+        let (count, script_poison) = (Arc::clone(&accepted), Arc::clone(&poison));
+        let acceptor = Acceptor::start(move |stream, stop| {
+            count.fetch_add(1, Ordering::Relaxed);
+            serve(stream, stop, &script_poison)
+        });
+        ScriptServer {
+            acceptor,
+            accepted,
+            poison,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.acceptor.url()
     }
 
     pub fn accepted(&self) -> usize {
@@ -147,16 +179,7 @@ impl ScriptServer {
     }
 }
 
-impl Drop for ScriptServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(stream: TcpStream, stop: Arc<AtomicBool>, poison: Arc<Mutex<usize>>) {
+fn serve(stream: TcpStream, stop: &AtomicBool, poison: &Mutex<usize>) {
     let _ = stream.set_nodelay(true);
     let Ok(mut ws) = tungstenite::accept(stream) else {
         return;
@@ -200,6 +223,17 @@ pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|dir| dir.count())
         .unwrap_or(0)
+}
+
+/// The feed simulator on loopback: four channels at `rate_per_channel` msgs/s each.
+pub fn simulator(rate_per_channel: f64) -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel,
+        channels: 4,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator starts")
 }
 
 /// Open file descriptors of this process.
