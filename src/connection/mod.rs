@@ -1,8 +1,9 @@
 //! One upstream connection: its thread, its socket, its session and its codec.
 //!
 //! The pool spawns a worker thread per connection and talks to it only through
-//! [`Command`]s (a crossbeam channel plus an eventfd wake-up on the worker's epoll set, so a command is handled
-//! at once even while the worker waits for inbound frames). The worker reports
+//! [`Command`]s (a crossbeam channel plus a wake-up, so a command is handled at once
+//! whether the worker waits for inbound frames or for room in the consumer queue: see
+//! [`Waker`]). The worker reports
 //! lifecycle changes back to the pool as [`Report`]s, pushes decoded data straight into
 //! the consumer queue, and completes requests straight in the request table.
 
