@@ -47,7 +47,9 @@ build_into() {
   local sources="$1" out="$2" name
   # Paths in panic locations would otherwise embed where the sources, the registry and
   # the toolchain happen to live.
-  export RUSTFLAGS="--remap-path-prefix=$sources=/wirepool/codecs --remap-path-prefix=$cargo_home=/cargo --remap-path-prefix=$sysroot=/rustc"
+  # The shadow stack's bounds are exported so that the engine can give its pages back
+  # while a connection is idle (docs/codec-abi.md, "Optional exports").
+  export RUSTFLAGS="--remap-path-prefix=$sources=/wirepool/codecs --remap-path-prefix=$cargo_home=/cargo --remap-path-prefix=$sysroot=/rustc -C link-arg=--export=__stack_low -C link-arg=--export=__stack_high"
   for name in "${codecs[@]}"; do
     (cd "$sources/$name" && cargo build --quiet --release --locked --target "$target" --target-dir "$sources/$name/target")
     cp "$sources/$name/target/$target/release/wirepool_codec_$name.wasm" "$out/$name.wasm"

@@ -36,6 +36,15 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// hundred.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// Optional exports: the bounds of the codec's shadow stack (wasm-ld defines both;
+/// `--export=__stack_low --export=__stack_high` exports them), which holds nothing
+/// between calls. An idle connection gives its pages back (docs/codec-abi.md).
+const STACK_LOW: &str = "__stack_low";
+const STACK_HIGH: &str = "__stack_high";
+
+/// Host page size the stack release works in.
+const PAGE: usize = 4096;
+
 /// Where a codec module comes from.
 #[derive(Debug, Clone)]
 pub(crate) enum CodecSource {
@@ -292,6 +301,7 @@ fn check_shape(module: &Module) -> std::result::Result<(), String> {
         }
         None => return Err("does not export memory".into()),
     }
+    check_stack_exports(module)?;
     for (name, params, results) in required_exports() {
         match module.get_export(name) {
             Some(ExternType::Func(func)) => {
@@ -316,6 +326,42 @@ fn check_shape(module: &Module) -> std::result::Result<(), String> {
                     signature_text(&params, &results)
                 ))
             }
+        }
+    }
+    Ok(())
+}
+
+/// The optional shadow-stack exports (`__stack_low`, `__stack_high`): both or
+/// neither, each an immutable `i32` global.
+fn check_stack_exports(module: &Module) -> std::result::Result<(), String> {
+    let low = module.get_export(STACK_LOW);
+    let high = module.get_export(STACK_HIGH);
+    match (&low, &high) {
+        (None, None) => return Ok(()),
+        (Some(_), None) | (None, Some(_)) => {
+            let (has, lacks) = if low.is_some() {
+                (STACK_LOW, STACK_HIGH)
+            } else {
+                (STACK_HIGH, STACK_LOW)
+            };
+            return Err(format!(
+                "exports {has} but not {lacks}: a shadow stack is declared by both or neither"
+            ));
+        }
+        _ => {}
+    }
+    for (name, ty) in [(STACK_LOW, low), (STACK_HIGH, high)] {
+        match ty {
+            Some(ExternType::Global(global))
+                if matches!(global.content(), ValType::I32)
+                    && global.mutability() == wasmtime::Mutability::Const => {}
+            Some(other) => {
+                return Err(format!(
+                    "export {name} is {}, expected an immutable i32 global",
+                    describe_extern(&other)
+                ))
+            }
+            None => unreachable!("both present"),
         }
     }
     Ok(())
@@ -469,6 +515,8 @@ impl CodecRuntime {
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| Error::Codec(format!("{name}: memory export missing")))?;
+        let stack = shadow_stack(&instance, &mut store, &memory)
+            .map_err(|text| Error::Codec(format!("{name}: {text}")))?;
         macro_rules! typed {
             ($export:literal) => {
                 instance
@@ -487,6 +535,8 @@ impl CodecRuntime {
             output: typed!("wirepool_output"),
             store,
             memory,
+            stack,
+            stack_used: false,
             limits: self.limits,
             epoch_budget: self.epoch_budget(),
         })
@@ -509,6 +559,36 @@ impl CodecRuntime {
             .map_err(|failure| Error::Codec(format!("{}: {}", self.name, failure.0)))?;
         Ok(instance)
     }
+}
+
+/// The whole host pages of the codec's declared shadow stack, as offsets into its
+/// memory, or `None` if it declares none (or one smaller than a page).
+fn shadow_stack(
+    instance: &wasmtime::Instance,
+    store: &mut Store<HostState>,
+    memory: &Memory,
+) -> std::result::Result<Option<std::ops::Range<usize>>, String> {
+    let mut bound = |name: &str| {
+        instance.get_global(&mut *store, name).map(|global| {
+            global
+                .get(&mut *store)
+                .i32()
+                .map(|value| value as u32 as usize)
+        })
+    };
+    let (Some(Some(low)), Some(Some(high))) = (bound(STACK_LOW), bound(STACK_HIGH)) else {
+        // Checked at load: both or neither, each an i32.
+        return Ok(None);
+    };
+    let size = memory.data_size(&*store);
+    if low > high || high > size {
+        return Err(format!(
+            "{STACK_LOW} ({low:#x}) and {STACK_HIGH} ({high:#x}) are not a range inside its \
+             memory ({size:#x} bytes)"
+        ));
+    }
+    let pages = low.next_multiple_of(PAGE)..high & !(PAGE - 1);
+    Ok((pages.start < pages.end).then_some(pages))
 }
 
 fn codec_log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) {
@@ -554,6 +634,10 @@ impl std::fmt::Display for CodecFailure {
 pub(crate) struct CodecInstance {
     store: Store<HostState>,
     memory: Memory,
+    /// Whole pages of the shadow stack the codec declares, if any.
+    stack: Option<std::ops::Range<usize>>,
+    /// A call has run since the stack was last released.
+    stack_used: bool,
     abi_version: TypedFunc<(), i32>,
     buffer: TypedFunc<i32, i32>,
     init: TypedFunc<(i32, i32), i32>,
@@ -569,8 +653,46 @@ pub(crate) struct CodecInstance {
 type CallResult<T> = std::result::Result<T, CodecFailure>;
 
 impl CodecInstance {
-    fn abi_version(&mut self) -> Result<i32> {
+    /// Before each call: a fresh time budget, and the stack marked as used.
+    fn arm(&mut self) {
         self.store.set_epoch_deadline(self.epoch_budget);
+        self.stack_used = true;
+    }
+
+    /// Gives the pages of the codec's shadow stack back to the system, if it declares
+    /// one and a call has run since the last time: between calls it holds nothing,
+    /// and a page the next call touches comes back zeroed. For idle connections (one
+    /// page each, most of the time: its top).
+    pub fn release_stack(&mut self) {
+        if !std::mem::take(&mut self.stack_used) {
+            return;
+        }
+        let Some(pages) = self.stack.clone() else {
+            return;
+        };
+        let data = self.memory.data_mut(&mut self.store);
+        let base = data.as_mut_ptr() as usize;
+        if pages.end > data.len() || base % PAGE != 0 {
+            return;
+        }
+        // Elsewhere MADV_DONTNEED need not zero the pages.
+        #[cfg(target_os = "linux")]
+        // SAFETY: [base + start, base + end) lies inside the memory we hold `&mut`
+        // to, on whole pages (the memory is page-aligned): no call is running, so
+        // the shadow stack holds nothing, and MADV_DONTNEED on wasmtime's private
+        // mappings only makes those bytes read back as zeros (or as the module's
+        // initial image, for a page a data segment shares), like a write would.
+        unsafe {
+            libc::madvise(
+                (base + pages.start) as *mut libc::c_void,
+                pages.end - pages.start,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+
+    fn abi_version(&mut self) -> Result<i32> {
+        self.arm();
         self.abi_version.call(&mut self.store, ()).map_err(|err| {
             Error::Codec(describe_call_error(
                 "wirepool_abi_version",
@@ -584,7 +706,7 @@ impl CodecInstance {
     fn input(&mut self, len: usize) -> CallResult<&mut [u8]> {
         let size = i32::try_from(len)
             .map_err(|_| CodecFailure(format!("input of {len} bytes is too large")))?;
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let ptr = self.buffer.call(&mut self.store, size).map_err(|err| {
             CodecFailure(describe_call_error("wirepool_buffer", &err, &self.limits))
         })?;
@@ -611,7 +733,7 @@ impl CodecInstance {
         if code != 0 {
             return Err(CodecFailure(format!("{export} returned error code {code}")));
         }
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let packed = self.output.call(&mut self.store, ()).map_err(|err| {
             CodecFailure(describe_call_error("wirepool_output", &err, &self.limits))
         })?;
@@ -634,7 +756,7 @@ impl CodecInstance {
         let input = self.input(config.len() + token.len())?;
         input[..config.len()].copy_from_slice(config);
         input[config.len()..].copy_from_slice(token);
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let code = self
             .init
             .call(&mut self.store, (config.len() as i32, token.len() as i32));
@@ -643,7 +765,7 @@ impl CodecInstance {
 
     /// The WebSocket is open.
     pub fn open(&mut self) -> CallResult<Records<'_>> {
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let code = self.open.call(&mut self.store, ());
         self.finish("wirepool_open", code)
     }
@@ -652,7 +774,7 @@ impl CodecInstance {
     pub fn decode(&mut self, frames: &FrameBatch) -> CallResult<Records<'_>> {
         let input = self.input(frames.bytes.len())?;
         input.copy_from_slice(&frames.bytes);
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let code = self.decode.call(
             &mut self.store,
             (frames.count as i32, frames.bytes.len() as i32),
@@ -675,7 +797,7 @@ impl CodecInstance {
         let input = self.input(channel.len() + payload.len())?;
         input[..channel.len()].copy_from_slice(channel);
         input[channel.len()..].copy_from_slice(payload);
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let code = self
             .encode
             .call(&mut self.store, (operation, id, channel_len, payload_len));
@@ -684,7 +806,7 @@ impl CodecInstance {
 
     /// The periodic tick.
     pub fn tick(&mut self, now_ms: i64) -> CallResult<Records<'_>> {
-        self.store.set_epoch_deadline(self.epoch_budget);
+        self.arm();
         let code = self.tick.call(&mut self.store, now_ms);
         self.finish("wirepool_tick", code)
     }
@@ -743,8 +865,15 @@ pub fn check_module_file(path: &str) -> Result<String> {
         .open()
         .map_err(|failure| Error::Codec(format!("{path}: {failure}")))?;
     let count = records.count();
+    let stack = match &instance.stack {
+        Some(pages) => format!(
+            "its shadow stack ({} KiB) is given back while idle",
+            (pages.end - pages.start) / 1024
+        ),
+        None => "no shadow stack declared (__stack_low/__stack_high, docs/codec-abi.md)".into(),
+    };
     Ok(format!(
-        "{path}: codec ABI v{ABI_VERSION} ok (init and open succeeded, open emitted {count} record(s))"
+        "{path}: codec ABI v{ABI_VERSION} ok (init and open succeeded, open emitted {count} record(s)); {stack}"
     ))
 }
 

@@ -184,3 +184,188 @@ fn pools_loading_one_codec_share_its_compiled_module_and_ticker() {
     let fourth = load_bytes(&raw_module_tagged("wirepool-test-other-module"), 13);
     assert!(!Engine::same(&third.engine, &fourth.engine));
 }
+
+/// Resident pages of the codec memory's byte range `range` (whole pages), by mincore.
+fn resident_pages(instance: &mut CodecInstance, range: std::ops::Range<usize>) -> usize {
+    let base = instance.memory.data_mut(&mut instance.store).as_mut_ptr() as usize;
+    let pages = (range.end - range.start) / PAGE;
+    let mut flags = vec![0u8; pages];
+    // SAFETY: the range lies inside the codec's memory mapping (checked by the caller
+    // against its size) and `flags` has a byte per page.
+    let rc = unsafe {
+        libc::mincore(
+            (base + range.start) as *mut libc::c_void,
+            range.end - range.start,
+            flags.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    flags.iter().filter(|flag| **flag & 1 == 1).count()
+}
+
+fn data_frames(count: usize) -> FrameBatch {
+    let mut frames = FrameBatch::default();
+    for seq in 1..=count {
+        let frame = format!(
+            r#"{{"type":"data","channel":"c0","seq":{seq},"payload":{{"px":{seq}.5,"nested":[{{"a":[1,2,{{"b":"x"}}]}}]}}}}"#
+        );
+        frames.push(frame.as_bytes(), false);
+    }
+    frames
+}
+
+#[test]
+fn an_idle_codec_gives_its_shadow_stack_back_and_carries_on() {
+    for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
+        let runtime = runtime(builtin, None);
+        let mut instance = runtime.instantiate(1).expect("instance");
+        let stack = instance
+            .stack
+            .clone()
+            .expect("the built-in codecs declare their shadow stack");
+        assert!(stack.end <= instance.memory.data_size(&instance.store));
+        instance.open().expect("open");
+        let first = owned(instance.decode(&data_frames(50)).expect("decode"));
+        let touched = resident_pages(&mut instance, stack.clone());
+        assert!(
+            touched >= 1,
+            "{builtin:?}: a call touches the top of its stack"
+        );
+
+        instance.release_stack();
+        assert_eq!(
+            resident_pages(&mut instance, stack.clone()),
+            0,
+            "{builtin:?}: every page of the stack is given back"
+        );
+        // The codec's state lives elsewhere: the same frames again decode the same way
+        // for raw, and for json the sequence numbers carry on from where they were.
+        let again = owned(
+            instance
+                .decode(&data_frames(50))
+                .expect("decode after release"),
+        );
+        let data = |records: &[(u32, i64, String, String)]| {
+            records
+                .iter()
+                .filter(|record| record.0 == kind::DATA)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(data(&first).len(), 50, "{builtin:?}: {first:?}");
+        assert_eq!(data(&first), data(&again), "{builtin:?}");
+        if builtin == BuiltinCodec::Json {
+            let kinds: Vec<u32> = again.iter().map(|record| record.0).collect();
+            assert!(
+                kinds.contains(&kind::SEQUENCE_GAP),
+                "json still knows the last sequence number (50, then 1 again): {again:?}"
+            );
+        } else {
+            assert_eq!(first, again);
+        }
+        let more = owned(
+            instance
+                .encode(op::SUBSCRIBE, 9, b"c9", b"")
+                .expect("encode after release"),
+        );
+        assert_eq!(more.len(), 1, "{builtin:?}: {more:?}");
+
+        // Nothing ran since: nothing to give back, and nothing is.
+        instance.release_stack();
+        assert!(!instance.stack_used);
+        let touched = resident_pages(&mut instance, stack.clone());
+        instance.release_stack();
+        assert_eq!(resident_pages(&mut instance, stack.clone()), touched);
+    }
+}
+
+/// A module with a memory of `pages` wasm pages and the given globals (WAT text).
+fn module_with(globals: &str, pages: u32) -> (Engine, Module) {
+    let wat = format!(r#"(module (memory (export "memory") {pages}) {globals})"#);
+    let engine = Engine::default();
+    let bytes = wat::parse_str(wat).expect("valid WAT");
+    let module = Module::new(&engine, bytes).expect("valid module");
+    (engine, module)
+}
+
+#[test]
+fn a_declared_shadow_stack_must_be_two_immutable_i32_globals() {
+    let low = r#"(global (export "__stack_low") i32 (i32.const 0))"#;
+    let high = r#"(global (export "__stack_high") i32 (i32.const 0x10000))"#;
+    let (_, module) = module_with(&format!("{low} {high}"), 2);
+    check_stack_exports(&module).expect("both, immutable i32");
+    let (_, module) = module_with("", 2);
+    check_stack_exports(&module).expect("neither");
+
+    let (_, module) = module_with(low, 2);
+    let text = check_stack_exports(&module).expect_err("one without the other");
+    assert!(
+        text.contains("exports __stack_low but not __stack_high"),
+        "{text}"
+    );
+    let (_, module) = module_with(high, 2);
+    let text = check_stack_exports(&module).expect_err("one without the other");
+    assert!(
+        text.contains("exports __stack_high but not __stack_low"),
+        "{text}"
+    );
+
+    let mutable = r#"(global (export "__stack_high") (mut i32) (i32.const 0x10000))"#;
+    let (_, module) = module_with(&format!("{low} {mutable}"), 2);
+    let text = check_stack_exports(&module).expect_err("mutable");
+    assert!(
+        text.contains("export __stack_high is a global, expected an immutable i32 global"),
+        "{text}"
+    );
+    let wide = r#"(global (export "__stack_low") i64 (i64.const 0))"#;
+    let (_, module) = module_with(&format!("{wide} {high}"), 2);
+    let text = check_stack_exports(&module).expect_err("i64");
+    assert!(
+        text.contains("export __stack_low is a global, expected an immutable i32 global"),
+        "{text}"
+    );
+    let function = r#"(func (export "__stack_low"))"#;
+    let (_, module) = module_with(&format!("{function} {high}"), 2);
+    let text = check_stack_exports(&module).expect_err("a function");
+    assert!(
+        text.contains("export __stack_low is a function () -> ()"),
+        "{text}"
+    );
+}
+
+/// The stack range `shadow_stack` reads from an instance of a module with these bounds.
+fn stack_of(
+    low: u32,
+    high: u32,
+    pages: u32,
+) -> std::result::Result<Option<std::ops::Range<usize>>, String> {
+    let globals = format!(
+        r#"(global (export "__stack_low") i32 (i32.const {low})) (global (export "__stack_high") i32 (i32.const {high}))"#
+    );
+    let (engine, module) = module_with(&globals, pages);
+    let mut store = Store::new(
+        &engine,
+        HostState {
+            limits: StoreLimitsBuilder::new().build(),
+            connection_id: 0,
+        },
+    );
+    let instance = wasmtime::Instance::new(&mut store, &module, &[]).expect("instance");
+    let memory = instance.get_memory(&mut store, "memory").expect("memory");
+    shadow_stack(&instance, &mut store, &memory)
+}
+
+#[test]
+fn a_shadow_stack_is_released_in_whole_pages_inside_the_memory() {
+    assert_eq!(stack_of(0, 0x10000, 1), Ok(Some(0..0x10000)));
+    // Partial pages at either end are kept: they may hold other data.
+    assert_eq!(stack_of(100, 0xf800, 1), Ok(Some(0x1000..0xf000)));
+    assert_eq!(stack_of(0x1100, 0x1f00, 1), Ok(None), "less than a page");
+    let text = stack_of(0x2000, 0x1000, 1).expect_err("inverted");
+    assert!(
+        text.contains("__stack_low (0x2000) and __stack_high (0x1000) are not a range"),
+        "{text}"
+    );
+    let text = stack_of(0, 0x20000, 1).expect_err("past the memory");
+    assert!(text.contains("inside its memory (0x10000 bytes)"), "{text}");
+}

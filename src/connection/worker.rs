@@ -591,7 +591,7 @@ impl Link {
                 continue;
             }
             let deadline = self.next_deadline(ready_deadline);
-            self.trim_stack_if_idle();
+            self.trim_stack_if_idle(codec);
             let Some(ws) = self.ws.as_ref() else {
                 return Err(Ended::Failed(Error::Internal("no WebSocket".into())));
             };
@@ -609,17 +609,19 @@ impl Link {
     }
 
     /// On a quiet connection, gives back the stack pages below the main loop that the
-    /// last wake-up touched (a batch, a codec call, a command): an idle connection
-    /// then keeps only the pages its wait needs. A busy one never pays for it, and a
-    /// quiet one pays one system call per wake-up and, on its next frame, a page fault
-    /// or two.
-    fn trim_stack_if_idle(&mut self) {
+    /// last wake-up touched (a batch, a codec call, a command), and the codec's shadow
+    /// stack if it declares one and was called since: an idle connection then keeps
+    /// only the pages its wait needs. A busy one never pays for it, and a quiet one
+    /// pays a system call per wake-up (two after a codec call) and, on its next frame,
+    /// a page fault or two.
+    fn trim_stack_if_idle(&mut self, codec: &mut CodecInstance) {
         if !self.stack_dirty || self.last_busy.elapsed() < IDLE_STACK_TRIM {
             return;
         }
         if let Some(stack) = &self.stack {
             stack.release_below_caller();
         }
+        codec.release_stack();
         self.stack_dirty = false;
     }
 

@@ -20,6 +20,10 @@ fn builtin_codecs_pass_the_check() {
         let report = wirepool::check_module_file(path.to_str().expect("utf-8"))
             .unwrap_or_else(|err| panic!("{name}.wasm: {err}"));
         assert!(report.contains("ok"), "{report}");
+        assert!(
+            report.contains("its shadow stack (1024 KiB) is given back while idle"),
+            "{report}"
+        );
     }
 }
 
@@ -57,4 +61,16 @@ fn garbage_is_not_a_module() {
     std::fs::write(&path, b"definitely not wasm").expect("write");
     let err = wirepool::check_module_file(path.to_str().expect("utf-8")).expect_err("garbage");
     assert!(err.to_string().contains("not a valid module"), "{err}");
+}
+
+#[test]
+fn a_codec_that_declares_no_shadow_stack_passes_and_is_told_how() {
+    let path = compile_wat("passthrough_probe");
+    let report = wirepool::check_module_file(path.to_str().expect("utf-8 path"))
+        .unwrap_or_else(|err| panic!("passthrough_probe: {err}"));
+    assert!(report.contains("ok"), "{report}");
+    assert!(
+        report.contains("no shadow stack declared (__stack_low/__stack_high"),
+        "{report}"
+    );
 }
