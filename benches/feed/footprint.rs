@@ -98,11 +98,12 @@ pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value
     }))
 }
 
-/// Resident memory added by a pool of `connections` idle, ready connections (json
-/// codec): threads, buffers, codec instances, the compiled module, all included. The
-/// pool starts with one connection (which pays the one-time costs: the compiled
-/// module, the code pages of wasmtime and cranelift, the pool's threads) and grows to
-/// `connections`, so the per-connection cost is reported apart as well.
+/// Resident memory of `connections` idle, ready connections (json codec): threads,
+/// buffers, codec instances, all included. Measured in steps: the process before the
+/// pool; the pool with no connection (its one-time costs: the compiled module and the
+/// code pages compiling touched, the pool's threads); one connection; all of them.
+/// The headline is what the connections add to the pool; the pool's own cost and the
+/// sum of both are reported beside it.
 pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     // Best effort: a failure shows as connections that do not come up.
     let _ = wirepool::raise_open_file_limit();
@@ -112,31 +113,37 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     let rss_before = rss_bytes();
     let pss_before = pss_bytes();
     let started = Instant::now();
-    let pool = Pool::new(config(&idle_url, None, 1, connections)?)
+    let pool = Pool::new(config(&idle_url, None, 0, connections)?)
         .map_err(|err| format!("pool: {err}"))?;
-    pool.wait_ready(Duration::from_secs(10))
-        .map_err(|err| format!("wait_ready: {err}"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_pool = rss_bytes();
+    let pss_pool = pss_bytes();
+    let grow = |count: u32| -> Result<(), String> {
+        let settings = pool.settings();
+        pool.reconfigure(PoolSettings {
+            min_connections: count,
+            max_connections: connections,
+            ..settings
+        })
+        .map_err(|err| format!("reconfigure: {err}"))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pool.stats().ready_connections < count as usize {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "only {} of {count} connections ready after 120 s",
+                    pool.stats().ready_connections
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    grow(1)?;
     std::thread::sleep(Duration::from_millis(200));
     let rss_one = rss_bytes();
     let heap_one = heap_in_use_bytes();
     let mappings_one = mapping_count();
-    let settings = pool.settings();
-    pool.reconfigure(PoolSettings {
-        min_connections: connections,
-        max_connections: connections,
-        ..settings
-    })
-    .map_err(|err| format!("reconfigure: {err}"))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pool.stats().ready_connections < connections as usize {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {connections} connections ready after 120 s",
-                pool.stats().ready_connections
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    grow(connections)?;
     let ready_after = started.elapsed();
     // Idle: the workers have had nothing to do for longer than the quiet time after
     // which they give their deeper stack pages back (2 s), and have waited since.
@@ -156,27 +163,27 @@ pub fn memory(url: &str, connections: u32) -> Result<Value, String> {
     let ready = pool.stats().ready_connections;
     pool.close();
     let mib = (1 << 20) as f64;
-    let all = rss_after.saturating_sub(rss_before) as f64;
-    let marginal = rss_after.saturating_sub(rss_one) as f64;
+    let per_1000 = |bytes: u64, count: u32| bytes as f64 / f64::from(count) * 1000.0 / mib;
     Ok(json!({
         "measure": "memory_idle",
         "connections": connections,
         "ready_connections": ready,
         "rss_before_mb": rss_before as f64 / mib,
+        "rss_pool_mb": rss_pool as f64 / mib,
         "rss_one_connection_mb": rss_one as f64 / mib,
         "rss_after_mb": rss_after as f64 / mib,
-        "rss_mb_per_1000_idle": all / f64::from(connections) * 1000.0 / mib,
-        "rss_mb_per_1000_idle_marginal": marginal / f64::from(connections - 1) * 1000.0 / mib,
-        "pss_mb_per_1000_idle": pss_after.saturating_sub(pss_before) as f64
-            / f64::from(connections)
-            * 1000.0
-            / mib,
+        "rss_mb_per_1000_idle": per_1000(rss_after.saturating_sub(rss_pool), connections),
+        "rss_mb_per_1000_idle_marginal": per_1000(rss_after.saturating_sub(rss_one), connections - 1),
+        "rss_mb_per_1000_idle_all_included": per_1000(rss_after.saturating_sub(rss_before), connections),
+        "pss_mb_per_1000_idle": per_1000(pss_after.saturating_sub(pss_pool), connections),
+        "pool_mb": rss_pool.saturating_sub(rss_before) as f64 / mib,
+        "pool_pss_mb": pss_pool.saturating_sub(pss_before) as f64 / mib,
+        "first_connection_mb": rss_one.saturating_sub(rss_pool) as f64 / mib,
         "mappings_per_connection": mappings_after.saturating_sub(mappings_one) as f64
             / f64::from(connections - 1),
         "heap_in_use_kb_per_connection": heap_after.saturating_sub(heap_one) as f64
             / f64::from(connections - 1)
             / 1024.0,
-        "first_connection_mb": rss_one.saturating_sub(rss_before) as f64 / mib,
         "threads_added": threads_after.saturating_sub(threads_before),
         "all_ready_ms": ready_after.as_secs_f64() * 1000.0,
         "largest_rss_groups": largest,
