@@ -7,6 +7,7 @@
 //! a codec that traps, loops or hoards memory fails only that connection.
 
 mod builtin;
+mod engine_config;
 mod records;
 
 use std::sync::Arc;
@@ -123,11 +124,14 @@ impl Drop for EpochTicker {
 
 /// An engine with one compiled module, shared by every pool of the process that loads
 /// the same module bytes (each instance's memory limit is its store's): compiling
-/// takes about 100 ms, instantiating well under one. Its epoch ticker runs while some
-/// pool uses it.
+/// takes about 100 ms (and touches some 9 MB of compiler code pages), loading a
+/// built-in codec's precompiled artifact about 1 ms, instantiating well under one.
+/// Its epoch ticker runs while some pool uses it.
 struct Compiled {
     engine: Engine,
     module: Module,
+    /// Loaded from the artifact `build.rs` made (a built-in codec), not compiled here.
+    from_artifact: bool,
     ticker: Mutex<std::sync::Weak<EpochTicker>>,
 }
 
@@ -141,8 +145,9 @@ type CompiledEntry = (Arc<[u8]>, Arc<Compiled>);
 static COMPILED: Mutex<Vec<CompiledEntry>> = Mutex::new(Vec::new());
 
 impl Compiled {
-    /// The compiled module for `bytes`, from the cache or compiled now.
-    fn get(bytes: &[u8], name: &str) -> Result<Arc<Compiled>> {
+    /// The compiled module for `bytes`, from the cache, from `precompiled` (what
+    /// `build.rs` compiled from these bytes), or compiled now.
+    fn get(bytes: &[u8], name: &str, precompiled: Option<&[u8]>) -> Result<Arc<Compiled>> {
         let mut cache = COMPILED.lock();
         if let Some(at) = cache.iter().position(|(cached, _)| **cached == *bytes) {
             // Most recently used last.
@@ -152,7 +157,14 @@ impl Compiled {
             return Ok(compiled);
         }
         // Compiled under the lock: two pools loading one codec at once compile it once.
-        let compiled = Arc::new(Compiled::compile(bytes, name)?);
+        let started = std::time::Instant::now();
+        let compiled = Arc::new(Compiled::load(bytes, name, precompiled)?);
+        log::debug!(
+            target: "wirepool::codec",
+            "{name}: {} in {:.1} ms",
+            if compiled.from_artifact { "loaded precompiled" } else { "compiled" },
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         if cache.len() == COMPILED_CACHE {
             cache.remove(0);
         }
@@ -160,21 +172,33 @@ impl Compiled {
         Ok(compiled)
     }
 
-    fn compile(bytes: &[u8], name: &str) -> Result<Compiled> {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        // The whole 32-bit index space is reserved (address space only, nothing
-        // resident) with a guard region after it, so cranelift elides the bounds
-        // check on every load and store (measured: the json codec's throughput on one
-        // connection rose 10 to 15 %). 1000 connections reserve 4 TiB of the 128 TiB
-        // user address space. The memory limit is enforced by each store's limiter,
-        // not by the reservation.
-        config.memory_reservation(1 << 32);
-        config.memory_guard_size(32 << 20);
-        config.memory_reservation_for_growth(0);
-        config.max_wasm_stack(512 * 1024);
+    fn load(bytes: &[u8], name: &str, precompiled: Option<&[u8]>) -> Result<Compiled> {
+        let config = engine_config::engine_config();
         let engine_error =
             |err: wasmtime::Error| Error::Codec(format!("{name}: creating the engine: {err:#}"));
+        if let Some(artifact) = precompiled {
+            let engine = Engine::new(&config).map_err(engine_error)?;
+            // SAFETY: `artifact` was made by `Engine::precompile_module` in build.rs
+            // from these module bytes, with this wasmtime and this engine
+            // configuration, and is part of this library: what `deserialize` requires.
+            // It checks the rest itself: wasmtime's version, the configuration, and
+            // that this CPU has every feature the code was compiled for.
+            match unsafe { Module::deserialize(&engine, artifact) } {
+                Ok(module) => {
+                    check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
+                    return Ok(Compiled {
+                        engine,
+                        module,
+                        from_artifact: true,
+                        ticker: Mutex::new(std::sync::Weak::new()),
+                    });
+                }
+                Err(err) => log::info!(
+                    target: "wirepool::codec",
+                    "{name}: the precompiled module does not fit this machine ({err:#}); compiling it"
+                ),
+            }
+        }
         let compiler = Engine::new(&config).map_err(engine_error)?;
         let module = Module::new(&compiler, bytes)
             .map_err(|err| Error::Codec(format!("{name}: not a valid module: {err:#}")))?;
@@ -204,6 +228,7 @@ impl Compiled {
         Ok(Compiled {
             engine,
             module,
+            from_artifact: false,
             ticker: Mutex::new(std::sync::Weak::new()),
         })
     }
@@ -411,11 +436,16 @@ impl CodecRuntime {
         codec_config: &CodecConfig,
         token: Option<&str>,
     ) -> Result<CodecRuntime> {
-        let bytes = match source {
-            CodecSource::Builtin(builtin) => builtin::module_bytes(*builtin).to_vec(),
-            CodecSource::File(path) => {
-                std::fs::read(path).map_err(|err| Error::Codec(format!("reading {path}: {err}")))?
-            }
+        let (bytes, precompiled) = match source {
+            CodecSource::Builtin(builtin) => (
+                builtin::module_bytes(*builtin).to_vec(),
+                builtin::precompiled(*builtin),
+            ),
+            CodecSource::File(path) => (
+                std::fs::read(path)
+                    .map_err(|err| Error::Codec(format!("reading {path}: {err}")))?,
+                None,
+            ),
         };
         let limits = CodecLimits {
             max_call: Duration::from_millis(codec_config.max_call_ms.max(1)),
@@ -427,6 +457,7 @@ impl CodecRuntime {
             .map_err(|err| Error::Codec(format!("serialising codec.config: {err}")))?;
         Self::from_bytes(
             &bytes,
+            precompiled,
             &source.describe(),
             limits,
             config_json,
@@ -436,12 +467,13 @@ impl CodecRuntime {
 
     fn from_bytes(
         bytes: &[u8],
+        precompiled: Option<&[u8]>,
         name: &str,
         limits: CodecLimits,
         config_json: Vec<u8>,
         token: Vec<u8>,
     ) -> Result<CodecRuntime> {
-        let compiled = Compiled::get(bytes, name)?;
+        let compiled = Compiled::get(bytes, name, precompiled)?;
         let (engine, module) = (compiled.engine.clone(), &compiled.module);
         let mut linker: Linker<HostState> = Linker::new(&engine);
         linker

@@ -149,6 +149,7 @@ fn load_bytes(bytes: &[u8], max_memory_mb: usize) -> CodecRuntime {
     };
     CodecRuntime::from_bytes(
         bytes,
+        None,
         "tagged raw codec",
         limits,
         b"null".to_vec(),
@@ -368,4 +369,47 @@ fn a_shadow_stack_is_released_in_whole_pages_inside_the_memory() {
     );
     let text = stack_of(0, 0x20000, 1).expect_err("past the memory");
     assert!(text.contains("inside its memory (0x10000 bytes)"), "{text}");
+}
+
+#[test]
+fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
+    for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
+        let bytes = builtin::module_bytes(builtin);
+        let Some(artifact) = builtin::precompiled(builtin) else {
+            assert!(
+                option_env!("WIREPOOL_NO_PRECOMPILE").is_some(),
+                "build.rs precompiled {builtin:?} (see its cargo warnings)"
+            );
+            continue;
+        };
+        // Straight from the artifact (not the process's cache, which another test
+        // may have filled by compiling the same bytes).
+        let compiled = Compiled::load(bytes, "built-in", Some(artifact)).expect("loads");
+        assert!(
+            compiled.from_artifact,
+            "{builtin:?}: the artifact fits the machine it was built on"
+        );
+        // And the runtime a pool gets works like a compiled one.
+        let runtime = runtime(builtin, None);
+        let mut instance = runtime.instantiate(1).expect("instance");
+        assert_eq!(owned(instance.open().expect("open"))[0].0, kind::READY);
+        let records = owned(instance.decode(&data_frames(3)).expect("decode"));
+        assert_eq!(
+            records
+                .iter()
+                .filter(|record| record.0 == kind::DATA)
+                .count(),
+            3,
+            "{builtin:?}: {records:?}"
+        );
+    }
+}
+
+#[test]
+fn an_artifact_that_does_not_load_falls_back_to_compiling() {
+    let bytes = builtin::module_bytes(BuiltinCodec::Json);
+    let compiled = Compiled::load(bytes, "json", Some(b"not a compiled module at all"))
+        .expect("compiled instead");
+    assert!(!compiled.from_artifact);
+    assert!(compiled.module.get_export("wirepool_decode").is_some());
 }
