@@ -43,9 +43,6 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const STACK_LOW: &str = "__stack_low";
 const STACK_HIGH: &str = "__stack_high";
 
-/// Host page size the stack release works in.
-const PAGE: usize = 4096;
-
 /// Where a codec module comes from.
 #[derive(Debug, Clone)]
 pub(crate) enum CodecSource {
@@ -619,7 +616,8 @@ fn shadow_stack(
              memory ({size:#x} bytes)"
         ));
     }
-    let pages = low.next_multiple_of(PAGE)..high & !(PAGE - 1);
+    let page = crate::connection::page_size();
+    let pages = low.next_multiple_of(page)..high & !(page - 1);
     Ok((pages.start < pages.end).then_some(pages))
 }
 
@@ -704,7 +702,7 @@ impl CodecInstance {
         };
         let data = self.memory.data_mut(&mut self.store);
         let base = data.as_mut_ptr() as usize;
-        if pages.end > data.len() || base % PAGE != 0 {
+        if pages.end > data.len() || base % crate::connection::page_size() != 0 {
             return;
         }
         // Elsewhere MADV_DONTNEED need not zero the pages.

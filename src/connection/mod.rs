@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 
 pub(crate) use rate_limit::RateLimiter;
+pub(crate) use stack::page_size;
 pub(crate) use transport::tls_client_config;
 pub(crate) use worker::{ServerTarget, WorkerContext};
 

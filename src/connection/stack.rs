@@ -14,9 +14,20 @@
 pub(crate) struct StackTrim {
     /// Lowest address of the usable stack (above the guard page).
     floor: usize,
+    /// The system's page size.
+    page: usize,
 }
 
-const PAGE: usize = 4096;
+/// The system's page size: every range given to `madvise` is made of whole pages of
+/// it (the kernel would round a length up, into live memory).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size)
+        .ok()
+        .filter(|size| size.is_power_of_two())
+        .unwrap_or(4096)
+}
 
 /// Stack kept below the releasing frame: its callee, glibc's `madvise` (a bare system
 /// call), runs there. A signal handler that runs after the call just faults in fresh
@@ -49,7 +60,8 @@ impl StackTrim {
             }
             // glibc reports the guard inside [addr, addr + size); stay above it.
             Some(StackTrim {
-                floor: addr as usize + guard.next_multiple_of(PAGE),
+                floor: addr as usize + guard.next_multiple_of(page_size()),
+                page: page_size(),
             })
         }
         #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
@@ -64,7 +76,7 @@ impl StackTrim {
         let here = std::hint::black_box(&marker) as *const u8 as usize;
         // This frame is below the caller's; `madvise` and its wrapper need far less
         // than the margin below it. The page holding the margin's end is kept.
-        let end = here.saturating_sub(MARGIN) & !(PAGE - 1);
+        let end = here.saturating_sub(MARGIN) & !(self.page - 1);
         let start = end.saturating_sub(SPAN).max(self.floor);
         if start >= end {
             return;
@@ -82,6 +94,8 @@ impl StackTrim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PAGE: usize = 4096;
 
     /// Touches `depth` bytes of stack below the caller, and returns a value that
     /// depends on all of them (so the writes are not optimised away).
