@@ -1,10 +1,14 @@
 //! Compiles the built-in codecs (`codecs/*.wasm`) ahead of time into `OUT_DIR`, with
 //! the engine configuration the library uses (`src/codec/engine_config.rs`), so a pool
 //! with a built-in codec loads it without compiling: no ~100 ms compile at the first
-//! `Pool::new` of a process, and none of the ~9 MB of compiler code pages it touches.
-//! The library checks each artifact against the machine it runs on and compiles the
-//! module itself when it does not fit (another CPU, or a cross build: then nothing is
-//! precompiled here).
+//! `Pool::new` of a process, and none of the ~6 MB of compiler code pages it touches.
+//!
+//! The code is compiled for this machine's CPU (as the library would at run time). The
+//! library hands each artifact to wasmtime, which checks that it fits (wasmtime's
+//! version and build, the configuration, the CPU's features), and compiles the module
+//! itself when it does not: run on another CPU, or linked into a program whose wasmtime
+//! has other features. Nothing is precompiled in a cross build or with
+//! `WIREPOOL_NO_PRECOMPILE=1`.
 
 use std::path::{Path, PathBuf};
 
@@ -21,45 +25,58 @@ fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let host = std::env::var("HOST").unwrap_or_default();
     let target = std::env::var("TARGET").unwrap_or_default();
-    let skip = if host != target {
+    let opted_out = std::env::var("WIREPOOL_NO_PRECOMPILE")
+        .is_ok_and(|value| !value.is_empty() && value != "0");
+    let mut skipped = if host != target {
         Some(format!("a cross build ({host} -> {target})"))
-    } else if std::env::var_os("WIREPOOL_NO_PRECOMPILE").is_some() {
+    } else if opted_out {
         Some("WIREPOOL_NO_PRECOMPILE is set".to_string())
     } else {
         None
     };
-    let engine = match skip {
-        None => {
-            match wasmtime::Engine::new(&engine_config::engine_config()) {
-                Ok(engine) => Some(engine),
-                Err(err) => {
-                    println!("cargo:warning=built-in codecs not precompiled: creating the engine: {err:#}");
-                    None
-                }
+    let engine = match skipped {
+        None => match wasmtime::Engine::new(&engine_config::engine_config()) {
+            Ok(engine) => Some(engine),
+            Err(err) => {
+                skipped = Some(format!("creating the engine: {err:#}"));
+                None
             }
-        }
+        },
         Some(_) => None,
     };
     for name in CODECS {
         let source = Path::new("codecs").join(format!("{name}.wasm"));
         println!("cargo:rerun-if-changed={}", source.display());
-        let artifact = engine.as_ref().and_then(|engine| {
-            let wasm = std::fs::read(&source)
-                .unwrap_or_else(|err| panic!("reading {}: {err}", source.display()));
-            match engine.precompile_module(&wasm) {
-                Ok(artifact) => Some(artifact),
+        let wasm = std::fs::read(&source)
+            .unwrap_or_else(|err| panic!("reading {}: {err}", source.display()));
+        let artifact = match &engine {
+            Some(engine) => match engine.precompile_module(&wasm) {
+                Ok(artifact) => artifact,
                 Err(err) => {
-                    println!("cargo:warning=codecs/{name}.wasm not precompiled: {err:#}");
-                    None
+                    skipped = Some(format!("codecs/{name}.wasm: {err:#}"));
+                    Vec::new()
                 }
-            }
-        });
-        // Empty: the library compiles this module when it is first used.
-        let path = out.join(format!("{name}.cwasm"));
-        std::fs::write(&path, artifact.unwrap_or_default())
-            .unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
+            },
+            // Empty: the library compiles this module when it is first used.
+            None => Vec::new(),
+        };
+        // The library embeds these very bytes beside the artifact made from them (one
+        // read: a module rebuilt during the build cannot pair with an older artifact).
+        for (file, bytes) in [
+            (format!("{name}.wasm"), &wasm),
+            (format!("{name}.cwasm"), &artifact),
+        ] {
+            let path = out.join(file);
+            std::fs::write(&path, bytes)
+                .unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
+        }
     }
-    if let Some(why) = skip {
-        println!("cargo:warning=built-in codecs not precompiled: {why}; they are compiled when first used");
+    if let Some(why) = &skipped {
+        println!("cargo:warning=built-in codecs not precompiled ({why}); they are compiled when first used");
     }
+    // For the tests: why there is no artifact, or nothing.
+    println!(
+        "cargo:rustc-env=WIREPOOL_NOT_PRECOMPILED={}",
+        skipped.unwrap_or_default().replace(['\n', '\r'], " ")
+    );
 }

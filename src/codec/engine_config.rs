@@ -16,5 +16,9 @@ pub(crate) fn engine_config() -> wasmtime::Config {
     config.memory_guard_size(32 << 20);
     config.memory_reservation_for_growth(0);
     config.max_wasm_stack(512 * 1024);
+    // Fixed, not read from WASMTIME_BACKTRACE_DETAILS (the default): a precompiled
+    // module loads only into an engine with the same setting, and the codecs carry no
+    // debug information to show anyway.
+    config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
     config
 }

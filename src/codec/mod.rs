@@ -144,7 +144,11 @@ static COMPILED: Mutex<Vec<CompiledEntry>> = Mutex::new(Vec::new());
 impl Compiled {
     /// The compiled module for `bytes`, from the cache, from `precompiled` (what
     /// `build.rs` compiled from these bytes), or compiled now.
-    fn get(bytes: &[u8], name: &str, precompiled: Option<&[u8]>) -> Result<Arc<Compiled>> {
+    fn get(
+        bytes: &[u8],
+        name: &str,
+        precompiled: Option<builtin::Precompiled>,
+    ) -> Result<Arc<Compiled>> {
         let mut cache = COMPILED.lock();
         if let Some(at) = cache.iter().position(|(cached, _)| **cached == *bytes) {
             // Most recently used last.
@@ -169,18 +173,17 @@ impl Compiled {
         Ok(compiled)
     }
 
-    fn load(bytes: &[u8], name: &str, precompiled: Option<&[u8]>) -> Result<Compiled> {
+    fn load(
+        bytes: &[u8],
+        name: &str,
+        precompiled: Option<builtin::Precompiled>,
+    ) -> Result<Compiled> {
         let config = engine_config::engine_config();
         let engine_error =
             |err: wasmtime::Error| Error::Codec(format!("{name}: creating the engine: {err:#}"));
         if let Some(artifact) = precompiled {
             let engine = Engine::new(&config).map_err(engine_error)?;
-            // SAFETY: `artifact` was made by `Engine::precompile_module` in build.rs
-            // from these module bytes, with this wasmtime and this engine
-            // configuration, and is part of this library: what `deserialize` requires.
-            // It checks the rest itself: wasmtime's version, the configuration, and
-            // that this CPU has every feature the code was compiled for.
-            match unsafe { Module::deserialize(&engine, artifact) } {
+            match deserialize(&engine, artifact) {
                 Ok(module) => {
                     check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
                     return Ok(Compiled {
@@ -190,9 +193,11 @@ impl Compiled {
                         ticker: Mutex::new(std::sync::Weak::new()),
                     });
                 }
-                Err(err) => log::info!(
+                Err(err) => log::warn!(
                     target: "wirepool::codec",
-                    "{name}: the precompiled module does not fit this machine ({err:#}); compiling it"
+                    "{name}: the module precompiled when this library was built does not fit \
+                     here ({err:#}); compiling it instead (about 100 ms and 6 MB, once per \
+                     process)"
                 ),
             }
         }
@@ -353,6 +358,18 @@ fn check_shape(module: &Module) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Loads a built-in codec's precompiled artifact into `engine`.
+fn deserialize(engine: &Engine, artifact: builtin::Precompiled) -> wasmtime::Result<Module> {
+    // SAFETY: a `Precompiled` holds unmodified output of `Engine::precompile_module`
+    // (build.rs made it, and it is embedded in this library): the bytes `deserialize`
+    // requires. Whether it fits this engine is wasmtime's own check, which refuses
+    // any mismatch: wasmtime's version, the target, cranelift's settings, a CPU
+    // feature the code uses that this CPU lacks, every tunable, and wasm features
+    // beyond this engine's. (build.rs's wasmtime is a build of its own: a program
+    // whose wasmtime has more features gets a refusal, and compiles.)
+    unsafe { Module::deserialize(engine, artifact.bytes()) }
+}
+
 /// The optional shadow-stack exports (`__stack_low`, `__stack_high`): both or
 /// neither, each an immutable `i32` global.
 fn check_stack_exports(module: &Module) -> std::result::Result<(), String> {
@@ -377,6 +394,16 @@ fn check_stack_exports(module: &Module) -> std::result::Result<(), String> {
             Some(ExternType::Global(global))
                 if matches!(global.content(), ValType::I32)
                     && global.mutability() == wasmtime::Mutability::Const => {}
+            Some(ExternType::Global(global)) => {
+                let mutability = match global.mutability() {
+                    wasmtime::Mutability::Const => "an immutable",
+                    wasmtime::Mutability::Var => "a mutable",
+                };
+                return Err(format!(
+                    "export {name} is {mutability} {} global, expected an immutable i32 global",
+                    global.content()
+                ));
+            }
             Some(other) => {
                 return Err(format!(
                     "export {name} is {}, expected an immutable i32 global",
@@ -464,7 +491,7 @@ impl CodecRuntime {
 
     fn from_bytes(
         bytes: &[u8],
-        precompiled: Option<&[u8]>,
+        precompiled: Option<builtin::Precompiled>,
         name: &str,
         limits: CodecLimits,
         config_json: Vec<u8>,
@@ -895,12 +922,23 @@ pub fn check_module_file(path: &str) -> Result<String> {
         .open()
         .map_err(|failure| Error::Codec(format!("{path}: {failure}")))?;
     let count = records.count();
-    let stack = match &instance.stack {
-        Some(pages) => format!(
+    let declared = runtime
+        .instance_pre
+        .module()
+        .get_export(STACK_LOW)
+        .is_some();
+    let stack = match (&instance.stack, declared) {
+        (Some(pages), _) if cfg!(target_os = "linux") => format!(
             "its shadow stack ({} KiB) is given back while idle",
             (pages.end - pages.start) / 1024
         ),
-        None => "no shadow stack declared (__stack_low/__stack_high, docs/codec-abi.md)".into(),
+        (Some(_), _) => "its shadow stack is declared (given back while idle on Linux only)".into(),
+        (None, true) => {
+            "its declared shadow stack holds no whole page: nothing to give back".into()
+        }
+        (None, false) => {
+            "no shadow stack declared (__stack_low/__stack_high, docs/codec-abi.md)".into()
+        }
     };
     Ok(format!(
         "{path}: codec ABI v{ABI_VERSION} ok (init and open succeeded, open emitted {count} record(s)); {stack}"
