@@ -288,7 +288,7 @@ def verdicts(s):
             "<= 30 MB",
             limit_verdict(s.get("rss_mb_per_1000_idle"), 30),
         ),
-        ("  the pool itself, once (compiled codec, code pages)", fmt(s.get("rss_mb_pool"), "MB"), "", ""),
+        ("  the pool itself, once (codec module, code pages)", fmt(s.get("rss_mb_pool"), "MB"), "", ""),
         (
             "  the pool and 1000 idle conns, all included",
             fmt(s.get("rss_mb_pool_and_1000_idle"), "MB"),
