@@ -36,9 +36,14 @@ fn millis(samples: &mut [u64]) -> (f64, f64) {
 pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value, String> {
     let idle_url = format!("{url}/feed?idle=1");
     let mut connection_ns = Vec::with_capacity(samples);
+    let first_pool_new;
     {
+        // The process's first pool: it loads the codec (a built-in one from the
+        // artifact build.rs made, or compiled) and starts the pool's threads.
+        let started = Instant::now();
         let pool = Pool::new(config(&idle_url, ca_file, 1, samples as u32 + 1)?)
             .map_err(|err| format!("pool: {err}"))?;
+        first_pool_new = started.elapsed();
         pool.wait_ready(Duration::from_secs(10))
             .map_err(|err| format!("wait_ready: {err}"))?;
         pool.events(Duration::ZERO);
@@ -95,6 +100,7 @@ pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value
         "cold_p99_ms": cold_p99,
         "pool_new_median_ms": new_median,
         "pool_new_p99_ms": new_p99,
+        "first_pool_new_ms": first_pool_new.as_secs_f64() * 1000.0,
     }))
 }
 
