@@ -5,7 +5,7 @@
 //! ```text
 //! feed serve --ready-file FILE            the feed server (plain + TLS), until killed
 //! feed tungstenite --url WS [window]      baseline: blocking tungstenite read loop
-//! feed pool --url WS --codec raw|raw-decode|json --connections N [window]
+//! feed pool --url WS --codec raw|raw-decode|json|json-file --connections N [window]
 //! feed latency --url WS --client pool-json|pool-raw|tungstenite --rate R [window]
 //! feed connect --url WS|WSS [--ca FILE] --samples N
 //! feed memory --url WS --connections N

@@ -128,7 +128,9 @@ pub fn split_url(url: &str) -> Result<(String, String), String> {
 
 /// A pool config for the bench feed: `connections` connections, `codec` raw (its
 /// default: frames pass through without a decode call), raw-decode (the raw codec with
-/// passthrough off: one codec call per batch and a record per frame) or json.
+/// passthrough off: one codec call per batch and a record per frame), json, or
+/// json-file (the json codec loaded from its file, so compiled at start rather than
+/// precompiled by build.rs: for comparing the two).
 pub fn pool_config(urls: &[String], codec: &str, connections: u32) -> Result<Config, String> {
     let codec_config = match codec {
         // The raw codec sends the subscribe frame it is given; the feed starts on it.
@@ -138,6 +140,8 @@ pub fn pool_config(urls: &[String], codec: &str, connections: u32) -> Result<Con
             "passthrough": codec == "raw",
         }}),
         "json" => json!({"builtin": "json"}),
+        // The same module from its file: compiled in this process, not precompiled.
+        "json-file" => json!({"path": concat!(env!("CARGO_MANIFEST_DIR"), "/codecs/json.wasm")}),
         other => return Err(format!("unknown codec {other}")),
     };
     let servers: Vec<Value> = urls.iter().map(|url| json!({"url": url})).collect();
