@@ -3,12 +3,15 @@
 //! with a built-in codec loads it without compiling: no ~100 ms compile at the first
 //! `Pool::new` of a process, and none of the ~6 MB of compiler code pages it touches.
 //!
-//! The code is compiled for this machine's CPU (as the library would at run time). The
-//! library hands each artifact to wasmtime, which checks that it fits (wasmtime's
-//! version and build, the configuration, the CPU's features), and compiles the module
-//! itself when it does not: run on another CPU, or linked into a program whose wasmtime
-//! has other features. Nothing is precompiled in a cross build or with
-//! `WIREPOOL_NO_PRECOMPILE=1`.
+//! Two artifacts per codec: one for this machine's CPU (what the library would compile
+//! at run time), and on x86-64 a portable one without AVX-512 and AVX-VNNI (the codecs
+//! are scalar code; measured 2-3 % slower for `json` on this machine), which also loads
+//! on CPUs without them (AMD before Zen 4, most laptops). The library hands them to
+//! wasmtime in that order; wasmtime checks that one fits (its version and build, the
+//! configuration, every CPU feature the code may use), and the library compiles the
+//! module itself when none does: on a CPU older than the build's (one without AVX2,
+//! say), or linked into a program whose wasmtime has other features. Nothing is
+//! precompiled in a cross build or with `WIREPOOL_NO_PRECOMPILE=1`.
 
 use std::path::{Path, PathBuf};
 
@@ -34,41 +37,45 @@ fn main() {
     } else {
         None
     };
-    let engine = match skipped {
-        None => match wasmtime::Engine::new(&engine_config::engine_config()) {
-            Ok(engine) => Some(engine),
-            Err(err) => {
-                skipped = Some(format!("creating the engine: {err:#}"));
-                None
+    // This CPU's engine, and the portable one (x86-64 only).
+    let mut engines = Vec::new();
+    if skipped.is_none() {
+        let mut portable = engine_config::engine_config();
+        for flag in engine_config::LEFT_OUT_OF_ARTIFACTS_X86 {
+            // SAFETY: turning a CPU feature off only keeps cranelift from using it.
+            unsafe {
+                portable.cranelift_flag_set(flag, "false");
             }
-        },
-        Some(_) => None,
-    };
+        }
+        let mut configs = vec![("cwasm", engine_config::engine_config())];
+        if target.starts_with("x86_64") {
+            configs.push(("portable.cwasm", portable));
+        }
+        for (extension, config) in configs {
+            match wasmtime::Engine::new(&config) {
+                Ok(engine) => engines.push((extension, engine)),
+                Err(err) => skipped = Some(format!("creating the engine: {err:#}")),
+            }
+        }
+    }
     for name in CODECS {
         let source = Path::new("codecs").join(format!("{name}.wasm"));
         println!("cargo:rerun-if-changed={}", source.display());
         let wasm = std::fs::read(&source)
             .unwrap_or_else(|err| panic!("reading {}: {err}", source.display()));
-        let artifact = match &engine {
-            Some(engine) => match engine.precompile_module(&wasm) {
-                Ok(artifact) => artifact,
-                Err(err) => {
+        // The library embeds these very bytes beside the artifacts made from them (one
+        // read: a module rebuilt during the build cannot pair with an older artifact).
+        write(&out.join(format!("{name}.wasm")), &wasm);
+        for extension in ["cwasm", "portable.cwasm"] {
+            let artifact = match engines.iter().find(|(made, _)| *made == extension) {
+                Some((_, engine)) => engine.precompile_module(&wasm).unwrap_or_else(|err| {
                     skipped = Some(format!("codecs/{name}.wasm: {err:#}"));
                     Vec::new()
-                }
-            },
-            // Empty: the library compiles this module when it is first used.
-            None => Vec::new(),
-        };
-        // The library embeds these very bytes beside the artifact made from them (one
-        // read: a module rebuilt during the build cannot pair with an older artifact).
-        for (file, bytes) in [
-            (format!("{name}.wasm"), &wasm),
-            (format!("{name}.cwasm"), &artifact),
-        ] {
-            let path = out.join(file);
-            std::fs::write(&path, bytes)
-                .unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
+                }),
+                // Empty: nothing to try.
+                None => Vec::new(),
+            };
+            write(&out.join(format!("{name}.{extension}")), &artifact);
         }
     }
     if let Some(why) = &skipped {
@@ -79,4 +86,8 @@ fn main() {
         "cargo:rustc-env=WIREPOOL_NOT_PRECOMPILED={}",
         skipped.unwrap_or_default().replace(['\n', '\r'], " ")
     );
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
 }

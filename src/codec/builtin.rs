@@ -8,8 +8,14 @@ use crate::config::BuiltinCodec;
 
 static JSON_CODEC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/json.wasm"));
 static RAW_CODEC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/raw.wasm"));
-static JSON_PRECOMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/json.cwasm"));
-static RAW_PRECOMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/raw.cwasm"));
+static JSON_PRECOMPILED: [&[u8]; 2] = [
+    include_bytes!(concat!(env!("OUT_DIR"), "/json.cwasm")),
+    include_bytes!(concat!(env!("OUT_DIR"), "/json.portable.cwasm")),
+];
+static RAW_PRECOMPILED: [&[u8]; 2] = [
+    include_bytes!(concat!(env!("OUT_DIR"), "/raw.cwasm")),
+    include_bytes!(concat!(env!("OUT_DIR"), "/raw.portable.cwasm")),
+];
 
 /// Why build.rs precompiled nothing (empty when it did), for the tests.
 #[cfg(test)]
@@ -45,12 +51,17 @@ pub(crate) fn module_bytes(builtin: BuiltinCodec) -> &'static [u8] {
     }
 }
 
-/// The artifact `build.rs` compiled from [`module_bytes`] with this library's wasmtime
-/// and engine configuration, or `None` if it compiled none.
-pub(crate) fn precompiled(builtin: BuiltinCodec) -> Option<Precompiled> {
-    let artifact = match builtin {
-        BuiltinCodec::Json => JSON_PRECOMPILED,
-        BuiltinCodec::Raw => RAW_PRECOMPILED,
+/// The artifacts `build.rs` compiled from [`module_bytes`] with this library's wasmtime
+/// and engine configuration, in the order to try them: for the build machine's CPU,
+/// then (x86-64) without AVX-512 and AVX-VNNI. Empty if it compiled none.
+pub(crate) fn precompiled(builtin: BuiltinCodec) -> Vec<Precompiled> {
+    let artifacts = match builtin {
+        BuiltinCodec::Json => &JSON_PRECOMPILED,
+        BuiltinCodec::Raw => &RAW_PRECOMPILED,
     };
-    (!artifact.is_empty()).then_some(Precompiled(artifact))
+    artifacts
+        .iter()
+        .filter(|artifact| !artifact.is_empty())
+        .map(|artifact| Precompiled(artifact))
+        .collect()
 }

@@ -22,3 +22,17 @@ pub(crate) fn engine_config() -> wasmtime::Config {
     config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
     config
 }
+
+/// x86-64 features build.rs compiles the built-in codecs without (cranelift's setting
+/// names): cranelift uses them for SIMD only, which the codecs do not use, and leaving
+/// them out lets one artifact load on CPUs that lack them.
+#[allow(dead_code)] // build.rs and the tests
+pub(crate) const LEFT_OUT_OF_ARTIFACTS_X86: [&str; 7] = [
+    "has_avx512bitalg",
+    "has_avx512dq",
+    "has_avx512vl",
+    "has_avx512vbmi",
+    "has_avx512f",
+    "has_avx512vnni",
+    "has_avx_vnni",
+];

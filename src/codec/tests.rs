@@ -149,7 +149,7 @@ fn load_bytes(bytes: &[u8], max_memory_mb: usize) -> CodecRuntime {
     };
     CodecRuntime::from_bytes(
         bytes,
-        None,
+        &[],
         "tagged raw codec",
         limits,
         b"null".to_vec(),
@@ -383,7 +383,8 @@ fn a_shadow_stack_is_released_in_whole_pages_inside_the_memory() {
 fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
     for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
         let bytes = builtin::module_bytes(builtin);
-        let Some(artifact) = builtin::precompiled(builtin) else {
+        let artifacts = builtin::precompiled(builtin);
+        let Some(&artifact) = artifacts.first() else {
             assert!(
                 !builtin::NOT_PRECOMPILED.is_empty(),
                 "build.rs says why it precompiled nothing"
@@ -406,7 +407,7 @@ fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
         }
         // Straight from the artifact (not the process's cache, which another test
         // may have filled by compiling the same bytes).
-        let compiled = Compiled::load(bytes, "built-in", Some(artifact)).expect("loads");
+        let compiled = Compiled::load(bytes, "built-in", &[artifact]).expect("loads");
         assert!(compiled.from_artifact, "{builtin:?}");
         // And the runtime a pool gets works like a compiled one.
         let runtime = runtime(builtin, None);
@@ -438,7 +439,83 @@ fn an_artifact_made_for_another_configuration_is_refused_and_the_module_compiled
     let engine = Engine::new(&engine_config::engine_config()).expect("engine");
     let err = deserialize(&engine, artifact).expect_err("another configuration");
     assert!(format!("{err:#}").contains("epoch"), "{err:#}");
-    let compiled = Compiled::load(bytes, "json", Some(artifact)).expect("compiled instead");
+    let compiled = Compiled::load(bytes, "json", &[artifact]).expect("compiled instead");
     assert!(!compiled.from_artifact);
     assert!(compiled.module.get_export("wirepool_decode").is_some());
+}
+
+/// A CPU without AVX-512 or AVX-VNNI, as wasmtime's feature detection sees it.
+fn without_avx512(feature: &str) -> Option<bool> {
+    if feature.starts_with("avx512") || feature.contains("vnni") {
+        return Some(false);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(std::arch::is_x86_feature_detected!("avx2") && feature_detected(feature))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn feature_detected(feature: &str) -> bool {
+    match feature {
+        "sse3" => std::arch::is_x86_feature_detected!("sse3"),
+        "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
+        "sse4.1" => std::arch::is_x86_feature_detected!("sse4.1"),
+        "sse4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
+        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
+        "avx" => std::arch::is_x86_feature_detected!("avx"),
+        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+        "fma" => std::arch::is_x86_feature_detected!("fma"),
+        "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
+        "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
+        "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
+        "cmpxchg16b" => std::arch::is_x86_feature_detected!("cmpxchg16b"),
+        _ => false,
+    }
+}
+
+#[test]
+fn the_artifacts_load_on_a_cpu_without_avx512() {
+    // The engine the library makes on such a CPU: cranelift's own detection finds no
+    // AVX-512 there either.
+    let mut config = engine_config::engine_config();
+    // SAFETY: the engine only loads modules here; nothing runs. (It also reports
+    // fewer features than this CPU has, never more.)
+    unsafe {
+        config.detect_host_feature(without_avx512);
+        if cfg!(target_arch = "x86_64") {
+            for flag in engine_config::LEFT_OUT_OF_ARTIFACTS_X86 {
+                config.cranelift_flag_set(flag, "false");
+            }
+        }
+    }
+    let engine = Engine::new(&config).expect("engine");
+    for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
+        let artifacts = builtin::precompiled(builtin);
+        if artifacts.is_empty() {
+            eprintln!("not checked: {}", builtin::NOT_PRECOMPILED);
+            continue;
+        }
+        if !cfg!(target_arch = "x86_64") {
+            continue;
+        }
+        assert_eq!(artifacts.len(), 2, "{builtin:?}: native and portable");
+        // The portable one loads: only a CPU feature older than AVX-512 that this CPU
+        // lacks may refuse it.
+        if let Err(err) = deserialize(&engine, artifacts[1]) {
+            let text = format!("{err:#}");
+            assert!(
+                !text.contains("avx512") && !text.contains("vnni"),
+                "{builtin:?}: {text}"
+            );
+            eprintln!("not checked: built for another CPU: {text}");
+            continue;
+        }
+        // The library tries them in turn, and takes it where the first does not fit.
+        first_fitting(&engine, &artifacts).expect("one of them fits");
+    }
 }
