@@ -3,15 +3,15 @@
 //! with a built-in codec loads it without compiling: no ~100 ms compile at the first
 //! `Pool::new` of a process, and none of the ~6 MB of compiler code pages it touches.
 //!
-//! Two artifacts per codec: one for this machine's CPU (what the library would compile
-//! at run time), and on x86-64 a portable one without AVX-512 and AVX-VNNI (the codecs
-//! are scalar code; measured 2-3 % slower for `json` on this machine), which also loads
-//! on CPUs without them (AMD before Zen 4, most laptops). The library hands them to
-//! wasmtime in that order; wasmtime checks that one fits (its version and build, the
-//! configuration, every CPU feature the code may use), and the library compiles the
-//! module itself when none does: on a CPU older than the build's (one without AVX2,
-//! say), or linked into a program whose wasmtime has other features. Nothing is
-//! precompiled in a cross build or with `WIREPOOL_NO_PRECOMPILE=1`.
+//! The code is compiled for this machine's CPU, except on x86-64 without AVX-512 and
+//! AVX-VNNI: cranelift uses those for SIMD only, which the built-in codecs do not use
+//! (a test checks they validate without it), so the code is the same and the artifact
+//! also loads on CPUs without them (AMD before Zen 4, most laptops). The library hands
+//! it to wasmtime, which checks that it fits (its version and build, the configuration,
+//! every CPU feature the code may use), and compiles the module itself when it does
+//! not: on a CPU older than the build's (one without AVX2, say), or linked into a
+//! program whose wasmtime has other features. Nothing is precompiled in a cross build
+//! or with `WIREPOOL_NO_PRECOMPILE=1`.
 
 use std::path::{Path, PathBuf};
 
@@ -37,49 +37,45 @@ fn main() {
     } else {
         None
     };
-    // This CPU's engine, and the portable one (x86-64 only).
-    let mut engines = Vec::new();
-    if skipped.is_none() {
-        let mut portable = engine_config::engine_config();
+    let mut config = engine_config::engine_config();
+    if target.starts_with("x86_64") {
         for flag in engine_config::LEFT_OUT_OF_ARTIFACTS_X86 {
             // SAFETY: turning a CPU feature off only keeps cranelift from using it.
             unsafe {
-                portable.cranelift_flag_set(flag, "false");
-            }
-        }
-        let mut configs = vec![("cwasm", engine_config::engine_config())];
-        if target.starts_with("x86_64") {
-            configs.push(("portable.cwasm", portable));
-        }
-        for (extension, config) in configs {
-            match wasmtime::Engine::new(&config) {
-                Ok(engine) => engines.push((extension, engine)),
-                Err(err) => skipped = Some(format!("creating the engine: {err:#}")),
+                config.cranelift_flag_set(flag, "false");
             }
         }
     }
+    let engine = match skipped {
+        None => match wasmtime::Engine::new(&config) {
+            Ok(engine) => Some(engine),
+            Err(err) => {
+                skipped = Some(format!("creating the engine: {err:#}"));
+                None
+            }
+        },
+        Some(_) => None,
+    };
     for name in CODECS {
         let source = Path::new("codecs").join(format!("{name}.wasm"));
         println!("cargo:rerun-if-changed={}", source.display());
         let wasm = std::fs::read(&source)
             .unwrap_or_else(|err| panic!("reading {}: {err}", source.display()));
-        // The library embeds these very bytes beside the artifacts made from them (one
+        let artifact = match &engine {
+            Some(engine) => engine.precompile_module(&wasm).unwrap_or_else(|err| {
+                skipped = Some(format!("codecs/{name}.wasm: {err:#}"));
+                Vec::new()
+            }),
+            // Empty: the library compiles this module when it is first used.
+            None => Vec::new(),
+        };
+        // The library embeds these very bytes beside the artifact made from them (one
         // read: a module rebuilt during the build cannot pair with an older artifact).
         write(&out.join(format!("{name}.wasm")), &wasm);
-        for extension in ["cwasm", "portable.cwasm"] {
-            let artifact = match engines.iter().find(|(made, _)| *made == extension) {
-                Some((_, engine)) => engine.precompile_module(&wasm).unwrap_or_else(|err| {
-                    skipped = Some(format!("codecs/{name}.wasm: {err:#}"));
-                    Vec::new()
-                }),
-                // Empty: nothing to try.
-                None => Vec::new(),
-            };
-            write(&out.join(format!("{name}.{extension}")), &artifact);
-        }
+        write(&out.join(format!("{name}.cwasm")), &artifact);
     }
     if let Some(why) = &skipped {
-        println!("cargo:warning=built-in codecs not precompiled ({why}); they are compiled when first used");
+        println!("cargo:warning=built-in codecs not (all) precompiled ({why}); they are compiled when first used");
     }
     // For the tests: why there is no artifact, or nothing.
     println!(

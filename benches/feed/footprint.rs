@@ -31,8 +31,9 @@ fn millis(samples: &mut [u64]) -> (f64, f64) {
 /// Two timings per scheme, `samples` times each (json codec, idle feed):
 /// - `connection`: one more connection on a running pool (`open_connection` until its
 ///   `ready` event): thread, codec instance, TCP, TLS, WebSocket handshake, codec open;
-/// - `cold`: `Pool::new` + `wait_ready` for a one-connection pool, which also compiles
-///   the codec module and starts the pool's threads (`pool_new` is that first part).
+/// - `cold`: `Pool::new` + `wait_ready` for a one-connection pool, which also starts
+///   the pool's threads (`pool_new` is that first part; the codec module is loaded
+///   once per process, timed as `first_pool_new`, one sample).
 pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value, String> {
     let idle_url = format!("{url}/feed?idle=1");
     let mut connection_ns = Vec::with_capacity(samples);
@@ -106,8 +107,8 @@ pub fn connect(url: &str, ca_file: Option<&str>, samples: usize) -> Result<Value
 
 /// Resident memory of `connections` idle, ready connections (json codec): threads,
 /// buffers, codec instances, all included. Measured in steps: the process before the
-/// pool; the pool with no connection (its one-time costs: the compiled module and the
-/// code pages compiling touched, the pool's threads); one connection; all of them.
+/// pool; the pool with no connection (its one-time costs: the codec module, the code
+/// pages the pool runs, its threads); one connection; all of them.
 /// The headline is what the connections add to the pool; the pool's own cost and the
 /// sum of both are reported beside it.
 pub fn memory(url: &str, connections: u32) -> Result<Value, String> {

@@ -1,21 +1,16 @@
 //! The codecs shipped inside the library, built from `codecs/json` and `codecs/raw`
 //! (`codecs/build.sh`; the committed `.wasm` files are checked against their sources
 //! in CI where the wasm32 target is installed), and compiled ahead of time by
-//! `build.rs` for the machine the library is built on. Both come from `OUT_DIR`, where
-//! build.rs put the module bytes it compiled beside the artifact it made of them.
+//! `build.rs` (for the build machine's CPU; on x86-64 without AVX-512 and AVX-VNNI, so
+//! that CPUs without them load it too). Both come from `OUT_DIR`, where build.rs put
+//! the module bytes it compiled beside the artifact it made of them.
 
 use crate::config::BuiltinCodec;
 
 static JSON_CODEC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/json.wasm"));
 static RAW_CODEC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/raw.wasm"));
-static JSON_PRECOMPILED: [&[u8]; 2] = [
-    include_bytes!(concat!(env!("OUT_DIR"), "/json.cwasm")),
-    include_bytes!(concat!(env!("OUT_DIR"), "/json.portable.cwasm")),
-];
-static RAW_PRECOMPILED: [&[u8]; 2] = [
-    include_bytes!(concat!(env!("OUT_DIR"), "/raw.cwasm")),
-    include_bytes!(concat!(env!("OUT_DIR"), "/raw.portable.cwasm")),
-];
+static JSON_PRECOMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/json.cwasm"));
+static RAW_PRECOMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/raw.cwasm"));
 
 /// Why build.rs precompiled nothing (empty when it did), for the tests.
 #[cfg(test)]
@@ -51,17 +46,13 @@ pub(crate) fn module_bytes(builtin: BuiltinCodec) -> &'static [u8] {
     }
 }
 
-/// The artifacts `build.rs` compiled from [`module_bytes`] with this library's wasmtime
-/// and engine configuration, in the order to try them: for the build machine's CPU,
-/// then (x86-64) without AVX-512 and AVX-VNNI. Empty if it compiled none.
-pub(crate) fn precompiled(builtin: BuiltinCodec) -> Vec<Precompiled> {
-    let artifacts = match builtin {
-        BuiltinCodec::Json => &JSON_PRECOMPILED,
-        BuiltinCodec::Raw => &RAW_PRECOMPILED,
+/// The artifact `build.rs` compiled from [`module_bytes`] with this library's wasmtime
+/// and engine configuration (for the build machine's CPU, on x86-64 without AVX-512
+/// and AVX-VNNI), or `None` if it compiled none.
+pub(crate) fn precompiled(builtin: BuiltinCodec) -> Option<Precompiled> {
+    let artifact = match builtin {
+        BuiltinCodec::Json => JSON_PRECOMPILED,
+        BuiltinCodec::Raw => RAW_PRECOMPILED,
     };
-    artifacts
-        .iter()
-        .filter(|artifact| !artifact.is_empty())
-        .map(|artifact| Precompiled(artifact))
-        .collect()
+    (!artifact.is_empty()).then_some(Precompiled(artifact))
 }

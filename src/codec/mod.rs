@@ -142,12 +142,12 @@ type CompiledEntry = (Arc<[u8]>, Arc<Compiled>);
 static COMPILED: Mutex<Vec<CompiledEntry>> = Mutex::new(Vec::new());
 
 impl Compiled {
-    /// The compiled module for `bytes`, from the cache, from the first of `precompiled`
-    /// (what `build.rs` compiled from these bytes) that fits, or compiled now.
+    /// The compiled module for `bytes`, from the cache, from `precompiled` (what
+    /// `build.rs` compiled from these bytes) if it fits, or compiled now.
     fn get(
         bytes: &[u8],
         name: &str,
-        precompiled: &[builtin::Precompiled],
+        precompiled: Option<builtin::Precompiled>,
     ) -> Result<Arc<Compiled>> {
         let mut cache = COMPILED.lock();
         if let Some(at) = cache.iter().position(|(cached, _)| **cached == *bytes) {
@@ -173,13 +173,17 @@ impl Compiled {
         Ok(compiled)
     }
 
-    fn load(bytes: &[u8], name: &str, precompiled: &[builtin::Precompiled]) -> Result<Compiled> {
+    fn load(
+        bytes: &[u8],
+        name: &str,
+        precompiled: Option<builtin::Precompiled>,
+    ) -> Result<Compiled> {
         let config = engine_config::engine_config();
         let engine_error =
             |err: wasmtime::Error| Error::Codec(format!("{name}: creating the engine: {err:#}"));
-        if !precompiled.is_empty() {
+        if let Some(artifact) = precompiled {
             let engine = Engine::new(&config).map_err(engine_error)?;
-            match first_fitting(&engine, precompiled) {
+            match deserialize(&engine, artifact) {
                 Ok(module) => {
                     check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
                     return Ok(Compiled {
@@ -189,10 +193,10 @@ impl Compiled {
                         ticker: Mutex::new(std::sync::Weak::new()),
                     });
                 }
-                Err(refusals) => log::warn!(
+                Err(err) => log::warn!(
                     target: "wirepool::codec",
-                    "{name}: the modules precompiled when this library was built do not fit \
-                     here ({refusals}); compiling it instead (about 100 ms and 6 MB, once per \
+                    "{name}: the module precompiled when this library was built does not fit \
+                     here ({err:#}); compiling it instead (about 100 ms and 6 MB, once per \
                      process)"
                 ),
             }
@@ -354,21 +358,6 @@ fn check_shape(module: &Module) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The first of `artifacts` that `engine` accepts, or why each was refused.
-fn first_fitting(
-    engine: &Engine,
-    artifacts: &[builtin::Precompiled],
-) -> std::result::Result<Module, String> {
-    let mut refusals = Vec::new();
-    for artifact in artifacts {
-        match deserialize(engine, *artifact) {
-            Ok(module) => return Ok(module),
-            Err(err) => refusals.push(format!("{err:#}")),
-        }
-    }
-    Err(refusals.join("; "))
-}
-
 /// Loads a built-in codec's precompiled artifact into `engine`.
 fn deserialize(engine: &Engine, artifact: builtin::Precompiled) -> wasmtime::Result<Module> {
     // SAFETY: a `Precompiled` holds unmodified output of `Engine::precompile_module`
@@ -479,7 +468,7 @@ impl CodecRuntime {
             CodecSource::File(path) => (
                 std::fs::read(path)
                     .map_err(|err| Error::Codec(format!("reading {path}: {err}")))?,
-                Vec::new(),
+                None,
             ),
         };
         let limits = CodecLimits {
@@ -492,7 +481,7 @@ impl CodecRuntime {
             .map_err(|err| Error::Codec(format!("serialising codec.config: {err}")))?;
         Self::from_bytes(
             &bytes,
-            &precompiled,
+            precompiled,
             &source.describe(),
             limits,
             config_json,
@@ -502,7 +491,7 @@ impl CodecRuntime {
 
     fn from_bytes(
         bytes: &[u8],
-        precompiled: &[builtin::Precompiled],
+        precompiled: Option<builtin::Precompiled>,
         name: &str,
         limits: CodecLimits,
         config_json: Vec<u8>,

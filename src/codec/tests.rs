@@ -149,7 +149,7 @@ fn load_bytes(bytes: &[u8], max_memory_mb: usize) -> CodecRuntime {
     };
     CodecRuntime::from_bytes(
         bytes,
-        &[],
+        None,
         "tagged raw codec",
         limits,
         b"null".to_vec(),
@@ -383,8 +383,7 @@ fn a_shadow_stack_is_released_in_whole_pages_inside_the_memory() {
 fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
     for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
         let bytes = builtin::module_bytes(builtin);
-        let artifacts = builtin::precompiled(builtin);
-        let Some(&artifact) = artifacts.first() else {
+        let Some(artifact) = builtin::precompiled(builtin) else {
             assert!(
                 !builtin::NOT_PRECOMPILED.is_empty(),
                 "build.rs says why it precompiled nothing"
@@ -407,7 +406,7 @@ fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
         }
         // Straight from the artifact (not the process's cache, which another test
         // may have filled by compiling the same bytes).
-        let compiled = Compiled::load(bytes, "built-in", &[artifact]).expect("loads");
+        let compiled = Compiled::load(bytes, "built-in", Some(artifact)).expect("loads");
         assert!(compiled.from_artifact, "{builtin:?}");
         // And the runtime a pool gets works like a compiled one.
         let runtime = runtime(builtin, None);
@@ -439,7 +438,7 @@ fn an_artifact_made_for_another_configuration_is_refused_and_the_module_compiled
     let engine = Engine::new(&engine_config::engine_config()).expect("engine");
     let err = deserialize(&engine, artifact).expect_err("another configuration");
     assert!(format!("{err:#}").contains("epoch"), "{err:#}");
-    let compiled = Compiled::load(bytes, "json", &[artifact]).expect("compiled instead");
+    let compiled = Compiled::load(bytes, "json", Some(artifact)).expect("compiled instead");
     assert!(!compiled.from_artifact);
     assert!(compiled.module.get_export("wirepool_decode").is_some());
 }
@@ -495,27 +494,32 @@ fn the_artifacts_load_on_a_cpu_without_avx512() {
     }
     let engine = Engine::new(&config).expect("engine");
     for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
-        let artifacts = builtin::precompiled(builtin);
-        if artifacts.is_empty() {
+        let Some(artifact) = builtin::precompiled(builtin) else {
             eprintln!("not checked: {}", builtin::NOT_PRECOMPILED);
             continue;
-        }
-        if !cfg!(target_arch = "x86_64") {
-            continue;
-        }
-        assert_eq!(artifacts.len(), 2, "{builtin:?}: native and portable");
-        // The portable one loads: only a CPU feature older than AVX-512 that this CPU
-        // lacks may refuse it.
-        if let Err(err) = deserialize(&engine, artifacts[1]) {
+        };
+        if let Err(err) = deserialize(&engine, artifact) {
+            // Only a CPU feature older than AVX-512 that this CPU lacks may refuse it.
             let text = format!("{err:#}");
             assert!(
                 !text.contains("avx512") && !text.contains("vnni"),
                 "{builtin:?}: {text}"
             );
             eprintln!("not checked: built for another CPU: {text}");
-            continue;
         }
-        // The library tries them in turn, and takes it where the first does not fit.
-        first_fitting(&engine, &artifacts).expect("one of them fits");
+    }
+}
+
+#[test]
+fn the_built_in_codecs_use_no_simd_so_leaving_out_avx512_changes_no_code() {
+    // cranelift uses AVX-512 and AVX-VNNI for vector types only: with no SIMD in the
+    // codecs, the artifacts build.rs makes without them hold the same code.
+    let mut config = engine_config::engine_config();
+    config.wasm_relaxed_simd(false);
+    config.wasm_simd(false);
+    let engine = Engine::new(&config).expect("engine");
+    for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
+        Module::validate(&engine, builtin::module_bytes(builtin))
+            .unwrap_or_else(|err| panic!("{builtin:?} uses SIMD: {err:#}"));
     }
 }
