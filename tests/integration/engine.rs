@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::support::{pool_from, simulator, wait_for_event, wait_until, watchdog};
+use crate::support::{
+    pool_from, request_in_background, simulator, wait_for_event, wait_until, watchdog,
+};
 use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
 
 fn pool_for(url: &str, connections: u32, extra: serde_json::Value) -> Pool {
@@ -292,18 +294,8 @@ fn close_sends_close_frames_and_fails_waiting_requests() {
     let _guard = watchdog("close", Duration::from_secs(60));
     let sim = simulator(10.0);
     let pool = std::sync::Arc::new(pool_for(&sim.url(), 2, serde_json::json!({})));
-    let waiter = {
-        let pool = std::sync::Arc::clone(&pool);
-        std::thread::spawn(move || {
-            pool.request(
-                br#"{"op":"ignore"}"#,
-                RequestOptions {
-                    timeout: Some(Duration::from_secs(30)),
-                    ..RequestOptions::default()
-                },
-            )
-        })
-    };
+    let waiter =
+        request_in_background(&pool, br#"{"op":"ignore"}"#, Duration::from_secs(30), false);
     wait_until(&pool, Duration::from_secs(10), "request in flight", || {
         pool.stats().pending_requests == 1
     });

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{pool_from, wait_for_event, wait_until, watchdog, write_temp};
+use crate::support::{
+    pool_from, request_in_background, wait_for_event, wait_until, watchdog, write_temp,
+};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Error, Pool, PoolSettings};
 
@@ -323,16 +325,12 @@ fn load_scales_the_pool_up_and_an_idle_pool_back_down_with_draining() {
     // Sixteen slow requests at once: more pending work than one connection should carry.
     let workers: Vec<_> = (0..16)
         .map(|_| {
-            let pool = std::sync::Arc::clone(&pool);
-            std::thread::spawn(move || {
-                pool.request(
-                    br#"{"op":"delay","ms":1500}"#,
-                    wirepool::RequestOptions {
-                        timeout: Some(Duration::from_secs(20)),
-                        idempotent: true,
-                    },
-                )
-            })
+            request_in_background(
+                &pool,
+                br#"{"op":"delay","ms":1500}"#,
+                Duration::from_secs(20),
+                true,
+            )
         })
         .collect();
     wait_for_event(&pool, Duration::from_secs(10), "scale_up", |e| {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::fault_proxy::{Fault, FaultProxy};
-use crate::support::{pool_from, wait_for_event, wait_until, watchdog};
+use crate::support::{pool_from, request_in_background, wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
-use wirepool::{Pool, RequestOptions};
+use wirepool::Pool;
 
 fn simulator() -> Simulator {
     Simulator::start(SimulatorConfig {
@@ -130,16 +130,12 @@ fn shrinking_the_pool_lets_requests_in_flight_on_the_removed_connection_finish()
     ));
     let callers: Vec<_> = (0..2)
         .map(|_| {
-            let pool = Arc::clone(&pool);
-            std::thread::spawn(move || {
-                pool.request(
-                    br#"{"op":"delay","ms":1500}"#,
-                    RequestOptions {
-                        timeout: Some(Duration::from_secs(20)),
-                        idempotent: false,
-                    },
-                )
-            })
+            request_in_background(
+                &pool,
+                br#"{"op":"delay","ms":1500}"#,
+                Duration::from_secs(20),
+                false,
+            )
         })
         .collect();
     // One request on each connection (requests go to the least busy one).

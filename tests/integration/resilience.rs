@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::fault_proxy::{Fault, FaultProxy};
 use crate::support;
-use crate::support::{pool_from, wait_for_event, wait_until, watchdog};
+use crate::support::{pool_from, request_in_background, wait_for_event, wait_until, watchdog};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Error, Event, HealthLevel, Pool, RequestOptions};
 
@@ -248,30 +248,8 @@ fn in_flight_requests_fail_with_connection_lost_unless_idempotent() {
     let (_sim, proxy, pool) = pool_behind_proxy(serde_json::json!({}));
     let pool = Arc::new(pool);
     let slow = br#"{"op":"delay","ms":800}"#;
-    let plain = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            pool.request(
-                slow,
-                RequestOptions {
-                    timeout: Some(Duration::from_secs(10)),
-                    idempotent: false,
-                },
-            )
-        })
-    };
-    let retried = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            pool.request(
-                slow,
-                RequestOptions {
-                    timeout: Some(Duration::from_secs(10)),
-                    idempotent: true,
-                },
-            )
-        })
-    };
+    let plain = request_in_background(&pool, slow, Duration::from_secs(10), false);
+    let retried = request_in_background(&pool, slow, Duration::from_secs(10), true);
     wait_until(
         &pool,
         Duration::from_secs(5),

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wirepool::{Pool, RequestOptions};
+use wirepool::Pool;
 
-use crate::support::{pool_from, watchdog, Acceptor};
+use crate::support::{pool_from, request_in_background, watchdog, Acceptor};
 
 /// What the venue read from the client, in order: text frames as they are, a close
 /// frame as `"<close>"`, a ping as `"<ping>"`.
@@ -210,18 +210,12 @@ fn a_worker_blocked_on_a_full_queue_still_sends_subscriptions_and_requests() {
     pool.subscribe("late-channel").expect("subscribe");
     venue.wait_for("the subscribe", |frame| frame.contains("late-channel"));
     // The venue gets the order even though its reply waits behind the flood.
-    let caller = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            pool.request(
-                br#"{"order":"while-stalled"}"#,
-                RequestOptions {
-                    timeout: Some(Duration::from_secs(60)),
-                    idempotent: false,
-                },
-            )
-        })
-    };
+    let caller = request_in_background(
+        &pool,
+        br#"{"order":"while-stalled"}"#,
+        Duration::from_secs(60),
+        false,
+    );
     venue.wait_for("the request", |frame| frame.contains("while-stalled"));
     // Nothing was lost or reordered on the way: the consumer now reads the flood.
     read_flood_in_order(&pool, connection, 5000);

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tungstenite::Message as WsMessage;
 use wirepool::{Config, Error, Pool, RequestOptions};
 
-use crate::support::{pool_from, simulator, wait_for_event, watchdog, Acceptor, ScriptServer};
+use crate::support::{
+    pool_from, request_in_background, simulator, wait_for_event, watchdog, Acceptor, ScriptServer,
+};
 
 fn pool_with(url: &str, extra: serde_json::Value) -> Pool {
     let config = serde_json::json!({
@@ -236,18 +238,12 @@ fn a_request_still_held_by_the_rate_limit_when_its_connection_dies_is_sent_again
         pool.subscribe(channel).expect("subscribe");
     }
     venue.wait_for_frame("the first subscribe", |frame| frame.contains("subscribe"));
-    let caller = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            pool.request(
-                br#"{"marker":"never-written"}"#,
-                RequestOptions {
-                    timeout: Some(Duration::from_secs(30)),
-                    idempotent: false,
-                },
-            )
-        })
-    };
+    let caller = request_in_background(
+        &pool,
+        br#"{"marker":"never-written"}"#,
+        Duration::from_secs(30),
+        false,
+    );
     // Handed to the worker, which holds it behind the queued subscribes.
     let deadline = Instant::now() + Duration::from_secs(20);
     while pool.stats().pending_requests == 0 {

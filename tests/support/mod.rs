@@ -330,6 +330,26 @@ pub fn compile_wat(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// `pool.request(payload)` with this timeout on a thread of its own (for tests that
+/// need the request pending while they do something else); join it for the result.
+pub fn request_in_background(
+    pool: &Arc<Pool>,
+    payload: &'static [u8],
+    timeout: Duration,
+    idempotent: bool,
+) -> JoinHandle<wirepool::Result<Vec<u8>>> {
+    let pool = Arc::clone(pool);
+    std::thread::spawn(move || {
+        pool.request(
+            payload,
+            wirepool::RequestOptions {
+                timeout: Some(timeout),
+                idempotent,
+            },
+        )
+    })
+}
+
 /// Opens a pool from `config` with the top-level keys of `extra` put over it (the
 /// tests' way of starting from a default and changing a section or two).
 pub fn pool_from(mut config: serde_json::Value, extra: serde_json::Value) -> Pool {
