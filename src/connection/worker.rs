@@ -77,10 +77,11 @@ pub(super) fn spawn(
     waker: Arc<Waker>,
     stats: Arc<ConnectionStats>,
 ) -> Result<JoinHandle<()>> {
+    let link = Link::new(context, id, server_index, commands, waker, stats);
     std::thread::Builder::new()
         .name(format!("wirepool-conn-{id}"))
         .stack_size(WORKER_STACK)
-        .spawn(move || run(context, id, server_index, commands, waker, stats))
+        .spawn(move || run(link))
         .map_err(|err| Error::Io(format!("spawning the thread of connection {id}: {err}")))
 }
 
@@ -111,17 +112,10 @@ impl From<CodecFailure> for Ended {
     }
 }
 
-fn run(
-    context: Arc<WorkerContext>,
-    id: u64,
-    server_index: usize,
-    commands: Receiver<Command>,
-    waker: Arc<Waker>,
-    stats: Arc<ConnectionStats>,
-) {
+fn run(mut link: Box<Link>) {
     // This frame stays on the stack for the thread's life: the work is in the calls.
-    let mut link = Link::new(context, id, server_index, commands, waker, stats);
-    let ended = match instantiate(&link.context, id) {
+    link.stack = StackTrim::for_current_thread();
+    let ended = match instantiate(&link.context, link.id) {
         Ok(codec) => link.session(codec),
         Err(err) => Ended::Failed(err),
     };
@@ -262,9 +256,9 @@ fn instantiate(context: &WorkerContext, id: u64) -> Result<Box<CodecInstance>> {
 }
 
 impl Link {
-    /// On the heap, built in a frame of its own: the frames that stay on the stack
-    /// while the worker runs are the small ones.
-    #[inline(never)]
+    /// On the heap, built by the thread that spawns the worker: the frames that stay
+    /// on the worker's stack while it runs are the small ones. The worker sets `stack`
+    /// (its own stack's bounds) when it starts.
     fn new(
         context: Arc<WorkerContext>,
         id: u64,
@@ -305,7 +299,7 @@ impl Link {
             next_send_at: None,
             encoding_request: None,
             encoding_heartbeat: false,
-            stack: StackTrim::for_current_thread(),
+            stack: None,
             last_busy: Instant::now(),
             stack_dirty: true,
         })
