@@ -30,6 +30,7 @@ mod codec;
 pub mod config;
 mod connection;
 mod error;
+mod eventfd;
 pub mod ffi;
 mod http;
 mod pool;

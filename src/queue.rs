@@ -11,7 +11,7 @@
 //! consumer.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::Overflow;
+use crate::eventfd::EventFd;
 
 /// What a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,7 +321,7 @@ pub(crate) struct ConsumerQueue {
     not_empty: Condvar,
     capacity: usize,
     overflow: Overflow,
-    ready_fd: OwnedFd,
+    ready_fd: EventFd,
     pub counters: QueueCounters,
 }
 
@@ -340,13 +341,7 @@ pub(crate) struct PushOutcome {
 
 impl ConsumerQueue {
     pub fn new(capacity: usize, overflow: Overflow) -> std::io::Result<ConsumerQueue> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let ready_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ready_fd = EventFd::new()?;
         Ok(ConsumerQueue {
             state: Mutex::new(QueueState {
                 chunks: VecDeque::new(),
@@ -538,28 +533,8 @@ impl ConsumerQueue {
     }
 
     fn write_ready_fd(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full counter
-        // (EAGAIN) still leaves the fd readable, which is all we need.
-        unsafe {
-            libc::write(
-                self.ready_fd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
-    }
-
-    fn clear_ready_fd(&self) {
-        let mut value: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a valid u64 from our own non-blocking fd.
-        unsafe {
-            libc::read(
-                self.ready_fd.as_raw_fd(),
-                (&mut value as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
+        // Best effort: it fails only with a bad descriptor, which this one is not.
+        let _ = self.ready_fd.signal();
     }
 
     /// Waits up to `timeout` (forever with `None`) for a message. `Err(())` when the
@@ -590,7 +565,7 @@ impl ConsumerQueue {
     fn taken(&self, mut state: parking_lot::MutexGuard<'_, QueueState>, taken: usize) {
         state.len -= taken;
         if state.len == 0 && state.fd_armed {
-            self.clear_ready_fd();
+            self.ready_fd.clear();
         }
         // One producer: it passes the turn on if it leaves room (`push_chunk_unless`).
         if taken > 0 {

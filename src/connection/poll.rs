@@ -12,6 +12,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::eventfd::EventFd;
+
 /// What ended a wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Woken {
@@ -32,7 +34,7 @@ const WRITABLE: u8 = 2;
 /// One worker's epoll set: its socket (at most one at a time) and a wake-up eventfd.
 pub(crate) struct Poller {
     epoll: OwnedFd,
-    wake: OwnedFd,
+    wake: EventFd,
     /// A notify is pending: later ones need not write the eventfd again.
     notified: AtomicBool,
     /// The socket's registration as epoll has it (only the worker changes it).
@@ -49,17 +51,13 @@ fn check(result: libc::c_int, what: &str) -> io::Result<libc::c_int> {
 
 impl Poller {
     pub fn new() -> io::Result<Poller> {
-        // SAFETY: plain system calls; each result is checked before it is used and
+        // SAFETY: a plain system call; its result is checked before it is used and
         // owned exactly once.
-        let (epoll, wake) = unsafe {
+        let epoll = unsafe {
             let epoll = check(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll_create1")?;
-            let epoll = OwnedFd::from_raw_fd(epoll);
-            let wake = check(
-                libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK),
-                "eventfd",
-            )?;
-            (epoll, OwnedFd::from_raw_fd(wake))
+            OwnedFd::from_raw_fd(epoll)
         };
+        let wake = EventFd::new()?;
         let poller = Poller {
             epoll,
             wake,
@@ -107,21 +105,11 @@ impl Poller {
         if self.notified.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd.
-        let written = unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-        // EAGAIN means the counter is full: the fd is readable anyway.
-        if written < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+        let signalled = self.wake.signal();
+        if signalled.is_err() {
             self.notified.store(false, Ordering::Release);
-            return Err(io::Error::last_os_error());
         }
-        Ok(())
+        signalled
     }
 
     /// Waits until the registered `socket` is readable and/or writable (as asked), a
@@ -174,15 +162,7 @@ impl Poller {
     }
 
     fn clear_notify(&self) {
-        let mut counter: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.wake.as_raw_fd(),
-                (&mut counter as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
+        self.wake.clear();
         // Only now may the next notify write the eventfd again. The other order loses
         // wake-ups: a notify between clearing and reading writes the fd, the read
         // swallows that write, and the flag stays set, so every later notify skips
