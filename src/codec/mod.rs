@@ -181,17 +181,12 @@ impl Compiled {
         let config = engine_config::engine_config();
         let engine_error =
             |err: wasmtime::Error| Error::Codec(format!("{name}: creating the engine: {err:#}"));
+        let engine = Engine::new(&config).map_err(engine_error)?;
         if let Some(artifact) = precompiled {
-            let engine = Engine::new(&config).map_err(engine_error)?;
             match deserialize(&engine, artifact) {
                 Ok(module) => {
                     check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
-                    return Ok(Compiled {
-                        engine,
-                        module,
-                        from_artifact: true,
-                        ticker: Mutex::new(std::sync::Weak::new()),
-                    });
+                    return Ok(Compiled::new(engine, module, true));
                 }
                 Err(err) => log::warn!(
                     target: "wirepool::codec",
@@ -201,7 +196,7 @@ impl Compiled {
                 ),
             }
         }
-        let compiler = Engine::new(&config).map_err(engine_error)?;
+        let compiler = engine;
         let module = Module::new(&compiler, bytes)
             .map_err(|err| Error::Codec(format!("{name}: not a valid module: {err:#}")))?;
         check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
@@ -227,12 +222,16 @@ impl Compiled {
         unsafe {
             libc::malloc_trim(0);
         }
-        Ok(Compiled {
+        Ok(Compiled::new(engine, module, false))
+    }
+
+    fn new(engine: Engine, module: Module, from_artifact: bool) -> Compiled {
+        Compiled {
             engine,
             module,
-            from_artifact: false,
+            from_artifact,
             ticker: Mutex::new(std::sync::Weak::new()),
-        })
+        }
     }
 
     /// The engine's epoch ticker, started if no pool holds it.

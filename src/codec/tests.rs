@@ -450,7 +450,7 @@ fn without_avx512(feature: &str) -> Option<bool> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        Some(std::arch::is_x86_feature_detected!("avx2") && feature_detected(feature))
+        Some(feature_detected(feature))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
