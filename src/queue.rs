@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -323,6 +323,13 @@ pub(crate) struct ConsumerQueue {
     overflow: Overflow,
     ready_fd: EventFd,
     pub counters: QueueCounters,
+    /// How long a consumer finding the queue empty looks again before it sleeps
+    /// (`busy_poll.consumer_us`).
+    spin: Duration,
+    /// `len` and `closed` as last set under the lock, for a consumer spinning
+    /// without it (a spinner that took the lock would keep producers from it).
+    queued_hint: AtomicUsize,
+    closed_hint: AtomicBool,
 }
 
 /// What a push did.
@@ -356,7 +363,17 @@ impl ConsumerQueue {
             overflow,
             ready_fd,
             counters: QueueCounters::default(),
+            spin: Duration::ZERO,
+            queued_hint: AtomicUsize::new(0),
+            closed_hint: AtomicBool::new(false),
         })
+    }
+
+    /// Consumers finding the queue empty look again for up to `spin` before they
+    /// sleep (see [`BusyPollConfig`](crate::config::BusyPollConfig)).
+    pub fn with_spin(mut self, spin: Duration) -> ConsumerQueue {
+        self.spin = spin;
+        self
     }
 
     /// The fd that is readable while messages are queued (and once closed). Until
@@ -526,6 +543,7 @@ impl ConsumerQueue {
     }
 
     fn signal_not_empty(&self, state: &QueueState, was_empty: bool) {
+        self.queued_hint.store(state.len, Ordering::Release);
         if was_empty && state.len > 0 && state.fd_armed {
             self.write_ready_fd();
         }
@@ -545,6 +563,11 @@ impl ConsumerQueue {
         timeout: Option<Duration>,
     ) -> Result<bool, ()> {
         let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        if !self.spin.is_zero() && state.len == 0 && !state.closed {
+            let spin_until = Instant::now() + self.spin;
+            let until = deadline.map_or(spin_until, |deadline| deadline.min(spin_until));
+            parking_lot::MutexGuard::unlocked(state, || self.spin_until_queued(until));
+        }
         while state.len == 0 {
             if state.closed {
                 return Err(());
@@ -561,9 +584,21 @@ impl ConsumerQueue {
         Ok(true)
     }
 
+    /// Busy polling: looks without the lock until something is queued, the queue is
+    /// closed, or `until`, giving the CPU to any other runnable thread between looks.
+    fn spin_until_queued(&self, until: Instant) {
+        while self.queued_hint.load(Ordering::Acquire) == 0
+            && !self.closed_hint.load(Ordering::Acquire)
+            && Instant::now() < until
+        {
+            std::thread::yield_now();
+        }
+    }
+
     /// After taking messages: the fd follows the queue, producers may go on.
     fn taken(&self, mut state: parking_lot::MutexGuard<'_, QueueState>, taken: usize) {
         state.len -= taken;
+        self.queued_hint.store(state.len, Ordering::Relaxed);
         if state.len == 0 && state.fd_armed {
             self.ready_fd.clear();
         }
@@ -659,6 +694,7 @@ impl ConsumerQueue {
     pub fn close(&self) {
         let mut state = self.state.lock();
         state.closed = true;
+        self.closed_hint.store(true, Ordering::Release);
         // Make the fd readable so select/epoll callers notice the close.
         self.write_ready_fd();
         for producer in state.waiters.drain(..) {
@@ -1171,5 +1207,54 @@ mod tests {
         queue.close();
         assert_eq!(consumer.join().unwrap(), Err(()));
         assert!(queue.push_chunk(&mut chunk(0..2)).closed);
+    }
+
+    /// Busy polling: a spinning consumer (spin far longer than the test) still takes
+    /// a message pushed while it spins, sees a close, and keeps to its own timeout.
+    #[test]
+    fn a_spinning_consumer_ends_its_spin_on_a_push_a_close_or_its_timeout() {
+        let long_spin = Duration::from_secs(30);
+        let queue = Arc::new(
+            ConsumerQueue::new(4, Overflow::Block)
+                .unwrap()
+                .with_spin(long_spin),
+        );
+        let spinning = |queue: &Arc<ConsumerQueue>| {
+            let queue = Arc::clone(queue);
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut out = Vec::new();
+                let result = queue.pop_batch(&mut out, 4, None);
+                (result, out, started.elapsed())
+            })
+        };
+        let consumer = spinning(&queue);
+        // Whether the push lands before or during the spin, it must end it.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!queue.push_chunk(&mut chunk(7..9)).closed);
+        let (result, out, waited) = consumer.join().unwrap();
+        assert_eq!(result, Ok(2));
+        assert_eq!(out, vec![message(7), message(8)]);
+        assert!(
+            waited < long_spin / 2,
+            "the push did not end the spin: {waited:?}"
+        );
+
+        let started = Instant::now();
+        let timeout = Duration::from_millis(30);
+        assert_eq!(queue.pop_batch(&mut Vec::new(), 1, Some(timeout)), Ok(0));
+        let waited = started.elapsed();
+        assert!(waited >= timeout, "returned before its timeout: {waited:?}");
+        assert!(waited < long_spin / 2, "spun past its timeout: {waited:?}");
+
+        let consumer = spinning(&queue);
+        std::thread::sleep(Duration::from_millis(20));
+        queue.close();
+        let (result, _, waited) = consumer.join().unwrap();
+        assert_eq!(result, Err(()));
+        assert!(
+            waited < long_spin / 2,
+            "the close did not end the spin: {waited:?}"
+        );
     }
 }

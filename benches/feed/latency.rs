@@ -90,10 +90,26 @@ impl Samples {
     }
 }
 
-/// The pool (one connection, `codec`), consumer blocking in `recv_into`.
-pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result<Value, String> {
+/// Busy polling settings (`busy_poll` in the pool's config), in microseconds.
+#[derive(Clone, Copy, Default)]
+pub struct BusyPoll {
+    pub worker_us: u64,
+    pub consumer_us: u64,
+}
+
+/// The pool (one connection, `codec`), consumer blocking in `recv_into` like a
+/// normal user, after busy polling as `busy` says.
+pub fn pool_latency(
+    url: &str,
+    codec: &str,
+    rate: u64,
+    window: Window,
+    busy: BusyPoll,
+) -> Result<Value, String> {
     let feed = format!("{url}?rate={rate}");
-    let config = pool_config(&[feed], codec, 1)?;
+    let mut config = pool_config(&[feed], codec, 1)?;
+    config.busy_poll.worker_us = busy.worker_us;
+    config.busy_poll.consumer_us = busy.consumer_us;
     let pool = Pool::new(config).map_err(|err| format!("pool: {err}"))?;
     pool.wait_ready(Duration::from_secs(30))
         .map_err(|err| format!("wait_ready: {err}"))?;
@@ -102,9 +118,18 @@ pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result
     let mut samples = Samples::new(window);
     let mut batch = MessageBatch::new();
     let started = Instant::now();
+    let spin = std::env::var_os("BENCH_CONSUMER_SPIN").is_some();
     loop {
         let count = pool
-            .recv_into(&mut batch, 4096, Some(Duration::from_millis(200)))
+            .recv_into(
+                &mut batch,
+                4096,
+                Some(if spin {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(200)
+                }),
+            )
             .map_err(|err| format!("recv_into: {err}"))?;
         let now_ns = unix_ns();
         if count == 0 {
@@ -131,13 +156,27 @@ pub fn pool_latency(url: &str, codec: &str, rate: u64, window: Window) -> Result
     }
     let gaps = pool.stats().sequence_gaps;
     finish(pool, 1);
-    let mut result = samples.summary(&format!("latency_pool_{codec}"), rate);
+    let busy_suffix = if busy.worker_us + busy.consumer_us > 0 {
+        "_busy_poll"
+    } else {
+        ""
+    };
+    let mut result = samples.summary(&format!("latency_pool_{codec}{busy_suffix}"), rate);
     result["gaps"] = json!(gaps);
+    result["busy_poll_worker_us"] = json!(busy.worker_us);
+    result["busy_poll_consumer_us"] = json!(busy.consumer_us);
     Ok(result)
 }
 
-/// The baseline: a blocking tungstenite read loop on the same rate feed.
-pub fn tungstenite_latency(url: &str, rate: u64, window: Window) -> Result<Value, String> {
+/// The baseline: a blocking tungstenite read loop on the same rate feed. With `spin`,
+/// the socket is non-blocking and the loop never sleeps (one vCPU busy): the floor a
+/// receiver can reach on this machine, wake-ups taken out.
+pub fn tungstenite_latency(
+    url: &str,
+    rate: u64,
+    window: Window,
+    spin: bool,
+) -> Result<Value, String> {
     let (host_port, path) = split_url(url)?;
     let tcp = TcpStream::connect(&host_port).map_err(|err| format!("connect {url}: {err}"))?;
     tcp.set_nodelay(true).map_err(|err| err.to_string())?;
@@ -147,11 +186,26 @@ pub fn tungstenite_latency(url: &str, rate: u64, window: Window) -> Result<Value
         .map_err(|err| format!("handshake with {url}: {err}"))?;
     ws.send(WsMessage::text(subscribe_frame("c0")))
         .map_err(|err| format!("subscribe: {err}"))?;
+    if spin {
+        ws.get_ref()
+            .set_nonblocking(true)
+            .map_err(|err| err.to_string())?;
+    }
     let mut samples = Samples::new(window);
+    let started = Instant::now();
     loop {
         let text = match ws.read() {
             Ok(WsMessage::Text(text)) => text,
             Ok(_) => continue,
+            Err(tungstenite::Error::Io(err))
+                if spin && err.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                if started.elapsed() > window.warmup + window.measure + Duration::from_secs(15) {
+                    return Err("the rate feed stalled".into());
+                }
+                std::hint::spin_loop();
+                continue;
+            }
             Err(err) => return Err(format!("reading the rate feed: {err}")),
         };
         let now_ns = unix_ns();
@@ -164,5 +218,10 @@ pub fn tungstenite_latency(url: &str, rate: u64, window: Window) -> Result<Value
             }
         }
     }
-    Ok(samples.summary("latency_raw_tungstenite", rate))
+    let measure = if spin {
+        "latency_raw_tungstenite_spin"
+    } else {
+        "latency_raw_tungstenite"
+    };
+    Ok(samples.summary(measure, rate))
 }

@@ -6,7 +6,8 @@
 //! feed serve --ready-file FILE            the feed server (plain + TLS), until killed
 //! feed tungstenite --url WS [window]      baseline: blocking tungstenite read loop
 //! feed pool --url WS --codec raw|raw-decode|json|json-file --connections N [window]
-//! feed latency --url WS --client pool-json|pool-raw|tungstenite --rate R [window]
+//! feed latency --url WS --client pool-json|pool-raw|tungstenite[-spin] --rate R
+//!     [--worker-spin-us U] [--consumer-spin-us U] [window]   (busy_poll.worker_us, consumer_us)
 //! feed connect --url WS|WSS [--ca FILE] --samples N
 //! feed memory --url WS --connections N
 //! feed subscriptions --channels N         a burst of N subscriptions, until confirmed
@@ -111,16 +112,25 @@ fn run(command: &str, args: &Args) -> Result<serde_json::Value, String> {
         ),
         "latency" => {
             let rate = args.number("rate", 50_000)?;
+            let busy = latency::BusyPoll {
+                worker_us: args.number("worker-spin-us", 0)?,
+                consumer_us: args.number("consumer-spin-us", 0)?,
+            };
             match args.text("client")? {
-                "tungstenite" => {
-                    latency::tungstenite_latency(&args.feed_url()?, rate, args.window()?)
-                }
+                client @ ("tungstenite" | "tungstenite-spin") => latency::tungstenite_latency(
+                    &args.feed_url()?,
+                    rate,
+                    args.window()?,
+                    client == "tungstenite-spin",
+                ),
                 "pool-json" => {
-                    latency::pool_latency(&args.feed_url()?, "json", rate, args.window()?)
+                    latency::pool_latency(&args.feed_url()?, "json", rate, args.window()?, busy)
                 }
-                "pool-raw" => latency::pool_latency(&args.feed_url()?, "raw", rate, args.window()?),
+                "pool-raw" => {
+                    latency::pool_latency(&args.feed_url()?, "raw", rate, args.window()?, busy)
+                }
                 other => Err(format!(
-                    "--client {other}: expected tungstenite, pool-json or pool-raw"
+                    "--client {other}: expected tungstenite, tungstenite-spin, pool-json or pool-raw"
                 )),
             }
         }

@@ -112,6 +112,11 @@ impl Poller {
         signalled
     }
 
+    /// Whether a notify is waiting to be consumed (a command may be waiting).
+    pub fn notify_pending(&self) -> bool {
+        self.notified.load(Ordering::Acquire)
+    }
+
     /// Waits until the registered `socket` is readable and/or writable (as asked), a
     /// notify, or `deadline`. The caller looks at its commands after every return:
     /// a notify is consumed here, so that check is what makes it count.
@@ -171,6 +176,28 @@ impl Poller {
         // after this wait returns.
         self.notified.store(false, Ordering::SeqCst);
     }
+}
+
+/// Whether `socket` has something for a read: data, the peer's end of stream, or an
+/// error (the read reports the last two). Never blocks.
+pub fn has_input(socket: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: one byte of room at a valid address; MSG_PEEK leaves the data queued.
+    let got = unsafe {
+        libc::recv(
+            socket,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if got >= 0 {
+        return true;
+    }
+    !matches!(
+        io::Error::last_os_error().kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// `epoll_wait`'s timeout for `left`: whole milliseconds, rounded up so a wait never

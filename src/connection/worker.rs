@@ -21,7 +21,7 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message as WsMessage, WebSocket};
 
-use super::poll::Woken;
+use super::poll::{self, Woken};
 use super::rate_limit::RateLimiter;
 use super::stack::StackTrim;
 use super::transport::{self, Stream};
@@ -585,6 +585,9 @@ impl Link {
                 continue;
             }
             let deadline = self.next_deadline(ready_deadline);
+            if !wants_write && self.busy_poll(deadline) {
+                continue;
+            }
             self.trim_stack_if_idle(codec);
             let Some(ws) = self.ws.as_ref() else {
                 return Err(Ended::Failed(Error::Internal("no WebSocket".into())));
@@ -599,6 +602,34 @@ impl Link {
                 )
                 .map_err(|err| Error::Io(format!("waiting for the socket: {err}")))?;
             self.stack_dirty = true;
+        }
+    }
+
+    /// Busy polling (`busy_poll.worker_us`), once the socket ran dry and before the
+    /// worker sleeps: looks at the socket and for a command until either has
+    /// something, `deadline`, or the spin's time is up, giving the CPU to any other
+    /// runnable thread between looks. True when the socket has input (go and read
+    /// it); false when the worker should wait as usual.
+    fn busy_poll(&self, deadline: Instant) -> bool {
+        let spin = self.context.config.busy_poll.worker_us;
+        let Some(ws) = self.ws.as_ref().filter(|_| spin > 0) else {
+            return false;
+        };
+        let socket = ws.get_ref().tcp().as_raw_fd();
+        let until = deadline.min(Instant::now() + Duration::from_micros(spin));
+        loop {
+            // A notify is left to the wait below, which returns at once and consumes
+            // it (a pending notify would otherwise end every later spin at once).
+            if self.wake.poller.notify_pending() {
+                return false;
+            }
+            if poll::has_input(socket) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::yield_now();
         }
     }
 

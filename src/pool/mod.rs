@@ -274,7 +274,8 @@ impl Pool {
         };
         let queue = Arc::new(
             ConsumerQueue::new(config.queue.capacity, config.queue.overflow)
-                .map_err(|err| Error::Io(format!("creating the queue's eventfd: {err}")))?,
+                .map_err(|err| Error::Io(format!("creating the queue's eventfd: {err}")))?
+                .with_spin(Duration::from_micros(config.busy_poll.consumer_us)),
         );
         let (commands, command_receiver) = crossbeam_channel::unbounded();
         let (report_sender, reports) = crossbeam_channel::unbounded();

@@ -418,3 +418,59 @@ fn close_finishes_even_when_the_server_ignores_it_and_keeps_sending() {
         server.join().expect("server");
     }
 }
+
+/// Busy polling (worker and consumer spinning up to a second, the most allowed): data
+/// arrives complete and in order, and commands made while the worker spins on a quiet
+/// socket are run at once, not when the spin ends: each request below must be answered
+/// within a timeout shorter than the spin.
+#[test]
+fn busy_polling_delivers_in_order_and_runs_commands_while_it_spins() {
+    let _guard = watchdog("busy_polling", Duration::from_secs(90));
+    let sim = simulator(2_000.0);
+    let pool = pool_for(
+        &sim.url(),
+        1,
+        serde_json::json!({"busy_poll": {"worker_us": 1_000_000, "consumer_us": 1_000_000}}),
+    );
+    pool.subscribe("ticker.2").expect("subscribe");
+    let got = receive_on(&pool, "ticker.2", 1_000, Duration::from_secs(30));
+    for pair in got.windows(2) {
+        assert_eq!(
+            seq_of(&pair[1]),
+            seq_of(&pair[0]) + 1,
+            "lost or out of order"
+        );
+    }
+    pool.unsubscribe("ticker.2").expect("unsubscribe");
+    wait_until(&pool, Duration::from_secs(10), "unsubscribed", || {
+        pool.stats().subscriptions_active == 0
+    });
+    // The socket is quiet now: the worker spins for a second after each reply.
+    for index in 0..10 {
+        let body = format!(r#"{{"index":{index}}}"#);
+        let reply = pool
+            .request(
+                body.as_bytes(),
+                RequestOptions {
+                    timeout: Some(Duration::from_millis(400)),
+                    idempotent: false,
+                },
+            )
+            .unwrap_or_else(|err| panic!("request {index} while the worker spins: {err}"));
+        let reply: serde_json::Value = serde_json::from_slice(&reply).expect("JSON");
+        assert_eq!(reply["echo"]["index"], index);
+    }
+    // A receive keeps to its own timeout, however long the consumer may spin.
+    while pool.recv(Some(Duration::ZERO)).expect("open").is_some() {}
+    let started = Instant::now();
+    assert!(pool
+        .recv(Some(Duration::from_millis(50)))
+        .expect("open")
+        .is_none());
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(800),
+        "spun past its timeout: {waited:?}"
+    );
+    pool.close();
+}
