@@ -106,3 +106,9 @@ def test_failed_construction_leaves_nothing_to_close():
     with pytest.raises(wirepool.ConfigError):
         pool = wirepool.Pool({"bogus": 1})
         pool.close()  # never reached
+
+
+def test_busy_poll_over_a_second_names_the_key():
+    config = {"servers": [{"url": "ws://127.0.0.1:9"}], "busy_poll": {"consumer_us": 2_000_000}}
+    with pytest.raises(wirepool.ConfigError, match=r"busy_poll\.consumer_us"):
+        wirepool.Pool(config)

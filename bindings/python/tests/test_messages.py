@@ -300,3 +300,21 @@ def test_building_a_batch_leaves_the_cyclic_collector_as_it_was():
         assert gc.collect() >= 1
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_busy_polling_pool_delivers_in_order_and_keeps_to_the_callers_timeout(simulator, make_pool):
+    # Worker and consumer may spin up to a second (the most allowed) before sleeping.
+    pool = make_pool(config_for(simulator.url, busy_poll={"worker_us": 1_000_000, "consumer_us": 1_000_000}))
+    pool.wait_ready(timeout=10.0)
+    pool.subscribe("ticker.0")
+    received = receive_at_least(pool, 100)
+    assert_in_sequence(received)
+    pool.unsubscribe("ticker.0")
+    wait_for_event(pool, lambda event: event.get("type") == "unsubscribed")
+    while pool.recv_many(4096, timeout=0):
+        pass
+    started = time.monotonic()
+    assert pool.recv_many(1024, timeout=0.05) == []
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.8, f"recv_many(timeout=0.05) spun for {elapsed:.3f} s"
+    assert json.loads(pool.request(b'{"ping":1}', timeout=0.5)) == {"echo": {"ping": 1}}
