@@ -395,7 +395,7 @@ pub struct BusyPollConfig {
 
 /// The longest busy poll accepted: a second without input is a quiet feed, not a gap
 /// worth a CPU.
-pub const MAX_BUSY_POLL_US: u64 = 1_000_000;
+pub(crate) const MAX_BUSY_POLL_US: u64 = 1_000_000;
 
 /// The health/admin HTTP port.
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -265,6 +265,8 @@ struct QueueState {
     closed: bool,
     /// The fd was handed out: pushes and takes keep it in step with `len`.
     fd_armed: bool,
+    /// When a consumer last took messages (kept only when consumers spin).
+    last_taken: Option<Instant>,
 }
 
 impl QueueState {
@@ -357,6 +359,7 @@ impl ConsumerQueue {
                 spare: Vec::new(),
                 closed: false,
                 fd_armed: false,
+                last_taken: None,
             }),
             not_empty: Condvar::new(),
             capacity,
@@ -563,10 +566,14 @@ impl ConsumerQueue {
         timeout: Option<Duration>,
     ) -> Result<bool, ()> {
         let deadline = timeout.map(|timeout| Instant::now() + timeout);
-        if !self.spin.is_zero() && state.len == 0 && !state.closed {
-            let spin_until = Instant::now() + self.spin;
+        // Busy polling: only within `spin` of the last message taken, so a quiet
+        // queue, or a caller that waits in short slices, sleeps.
+        if let Some(last_taken) = state.last_taken.filter(|_| state.len == 0 && !state.closed) {
+            let spin_until = last_taken + self.spin;
             let until = deadline.map_or(spin_until, |deadline| deadline.min(spin_until));
-            parking_lot::MutexGuard::unlocked(state, || self.spin_until_queued(until));
+            if Instant::now() < until {
+                parking_lot::MutexGuard::unlocked(state, || self.spin_until_queued(until));
+            }
         }
         while state.len == 0 {
             if state.closed {
@@ -599,6 +606,9 @@ impl ConsumerQueue {
     fn taken(&self, mut state: parking_lot::MutexGuard<'_, QueueState>, taken: usize) {
         state.len -= taken;
         self.queued_hint.store(state.len, Ordering::Relaxed);
+        if taken > 0 && !self.spin.is_zero() {
+            state.last_taken = Some(Instant::now());
+        }
         if state.len == 0 && state.fd_armed {
             self.ready_fd.clear();
         }
@@ -1219,6 +1229,9 @@ mod tests {
                 .unwrap()
                 .with_spin(long_spin),
         );
+        // Consumers spin only within `spin` of the last message taken.
+        assert!(!queue.push_chunk(&mut chunk(1..2)).closed);
+        assert_eq!(queue.pop_batch(&mut Vec::new(), 4, None), Ok(1));
         let spinning = |queue: &Arc<ConsumerQueue>| {
             let queue = Arc::clone(queue);
             std::thread::spawn(move || {
@@ -1256,5 +1269,54 @@ mod tests {
             waited < long_spin / 2,
             "the close did not end the spin: {waited:?}"
         );
+    }
+
+    /// CPU time of the calling thread.
+    fn thread_cpu() -> Duration {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) },
+            0
+        );
+        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    }
+
+    /// A consumer spins (uses CPU while it waits) only within `spin` of the last
+    /// message it took: a queue that never had a message, or went quiet, and a caller
+    /// that waits in short slices, sleep.
+    #[test]
+    fn a_consumer_spins_only_within_its_spin_of_the_last_message_taken() {
+        let spin = Duration::from_millis(800);
+        let wait = Duration::from_millis(300);
+        let queue = ConsumerQueue::new(4, Overflow::Block)
+            .unwrap()
+            .with_spin(spin);
+        let cpu_of_a_wait = || {
+            let before = thread_cpu();
+            assert_eq!(queue.pop_batch(&mut Vec::new(), 1, Some(wait)), Ok(0));
+            thread_cpu() - before
+        };
+        // A sleep costs well under a millisecond of CPU; a spin, even one that busy
+        // tests on two cores leave a small share of a CPU, costs tens.
+        let slept = Duration::from_millis(5);
+        let never_took = cpu_of_a_wait();
+        assert!(
+            never_took < slept,
+            "spun with nothing ever taken: {never_took:?}"
+        );
+        assert!(!queue.push_chunk(&mut chunk(1..2)).closed);
+        assert_eq!(queue.pop_batch(&mut Vec::new(), 4, None), Ok(1));
+        let just_took = cpu_of_a_wait();
+        assert!(
+            just_took >= slept * 3,
+            "did not spin after a take: {just_took:?}"
+        );
+        std::thread::sleep(spin);
+        let gone_quiet = cpu_of_a_wait();
+        assert!(gone_quiet < slept, "spun on a quiet queue: {gone_quiet:?}");
     }
 }

@@ -1,7 +1,9 @@
 //! Latency at a fixed rate: from the feed server's `write` (the `ts_ns` stamped in
 //! each frame, `CLOCK_REALTIME`) to the moment the consumer holds the message, on the
-//! same host clock. The pool's consumer blocks in `recv_into` like a normal user; the
-//! baseline is a blocking tungstenite read loop.
+//! same host clock. The pool's consumer waits in `recv_into` like a normal user (with
+//! `--worker-spin-us`/`--consumer-spin-us`, the pool's `busy_poll` set: the worker and
+//! the consumer spin a while before they sleep); the baseline is a blocking tungstenite
+//! read loop, or with `tungstenite-spin` one on a non-blocking socket that never sleeps.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -97,7 +99,7 @@ pub struct BusyPoll {
     pub consumer_us: u64,
 }
 
-/// The pool (one connection, `codec`), consumer blocking in `recv_into` like a
+/// The pool (one connection, `codec`), consumer waiting in `recv_into` like a
 /// normal user, after busy polling as `busy` says.
 pub fn pool_latency(
     url: &str,
@@ -118,18 +120,9 @@ pub fn pool_latency(
     let mut samples = Samples::new(window);
     let mut batch = MessageBatch::new();
     let started = Instant::now();
-    let spin = std::env::var_os("BENCH_CONSUMER_SPIN").is_some();
     loop {
         let count = pool
-            .recv_into(
-                &mut batch,
-                4096,
-                Some(if spin {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(200)
-                }),
-            )
+            .recv_into(&mut batch, 4096, Some(Duration::from_millis(200)))
             .map_err(|err| format!("recv_into: {err}"))?;
         let now_ns = unix_ns();
         if count == 0 {

@@ -170,6 +170,8 @@ pub(crate) struct ConnectionStats {
     pub last_activity_ms: AtomicU64,
     /// No data for `heartbeat.stale_after_ms`.
     pub stale: AtomicBool,
+    /// The worker's OS thread id (0 until it starts).
+    pub thread_id: AtomicU64,
 }
 
 impl ConnectionStats {

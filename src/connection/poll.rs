@@ -179,25 +179,17 @@ impl Poller {
 }
 
 /// Whether `socket` has something for a read: data, the peer's end of stream, or an
-/// error (the read reports the last two). Never blocks.
+/// error. Never blocks, and leaves all three to the read (a peek with `recv` would
+/// take a pending error, so a reset would read as a plain end of stream).
 pub fn has_input(socket: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: one byte of room at a valid address; MSG_PEEK leaves the data queued.
-    let got = unsafe {
-        libc::recv(
-            socket,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+    let mut entry = libc::pollfd {
+        fd: socket,
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
     };
-    if got >= 0 {
-        return true;
-    }
-    !matches!(
-        io::Error::last_os_error().kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut entry, 1, 0) };
+    ready > 0 && entry.revents != 0
 }
 
 /// `epoll_wait`'s timeout for `left`: whole milliseconds, rounded up so a wait never

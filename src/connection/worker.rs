@@ -115,6 +115,9 @@ impl From<CodecFailure> for Ended {
 fn run(mut link: Box<Link>) {
     // This frame stays on the stack for the thread's life: the work is in the calls.
     link.stack = StackTrim::for_current_thread();
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    link.stats.thread_id.store(tid as u64, Ordering::Relaxed);
     let ended = match instantiate(&link.context, link.id) {
         Ok(codec) => link.session(codec),
         Err(err) => Ended::Failed(err),
@@ -242,7 +245,8 @@ struct Link {
     encoding_heartbeat: bool,
     /// This thread's stack, for giving back the pages of its deep one-off calls.
     stack: Option<StackTrim>,
-    /// Last time frames were read or a command was run.
+    /// Last time data frames were read or a command was run (the idle stack trim and
+    /// busy polling count from it).
     last_busy: Instant,
     /// The thread has done something since its stack was last trimmed.
     stack_dirty: bool,
@@ -606,28 +610,26 @@ impl Link {
     }
 
     /// Busy polling (`busy_poll.worker_us`), once the socket ran dry and before the
-    /// worker sleeps: looks at the socket and for a command until either has
-    /// something, `deadline`, or the spin's time is up, giving the CPU to any other
-    /// runnable thread between looks. True when the socket has input (go and read
-    /// it); false when the worker should wait as usual.
+    /// worker sleeps: for up to `worker_us` after its last frame or command (never
+    /// past `deadline`), looks at the socket and for a command, giving the CPU to any
+    /// other runnable thread between looks. A quiet connection does not spin. True
+    /// when the socket has input (go and read it); false when the worker should wait
+    /// as usual.
     fn busy_poll(&self, deadline: Instant) -> bool {
         let spin = self.context.config.busy_poll.worker_us;
         let Some(ws) = self.ws.as_ref().filter(|_| spin > 0) else {
             return false;
         };
+        let until = deadline.min(self.last_busy + Duration::from_micros(spin));
         let socket = ws.get_ref().tcp().as_raw_fd();
-        let until = deadline.min(Instant::now() + Duration::from_micros(spin));
         loop {
             // A notify is left to the wait below, which returns at once and consumes
             // it (a pending notify would otherwise end every later spin at once).
-            if self.wake.poller.notify_pending() {
+            if Instant::now() >= until || self.wake.poller.notify_pending() {
                 return false;
             }
             if poll::has_input(socket) {
                 return true;
-            }
-            if Instant::now() >= until {
-                return false;
             }
             std::thread::yield_now();
         }

@@ -81,6 +81,9 @@ pub struct ConnectionSnapshot {
     pub bytes_sent: u64,
     /// Milliseconds spent blocked on a full consumer queue.
     pub blocked_ms: u64,
+    /// The worker's OS thread id (Linux `gettid`; 0 until the thread starts): for
+    /// `taskset -p` (pinning a busy-polling worker to a core), `top -H`, `perf -t`.
+    pub thread_id: u64,
 }
 
 /// A lease on a pool (see [`Pool::lease`]); released when dropped.
@@ -863,6 +866,7 @@ impl Pool {
                     bytes_received: load(&stats.bytes_received),
                     bytes_sent: load(&stats.bytes_sent),
                     blocked_ms: load(&stats.blocked_ns) / 1_000_000,
+                    thread_id: load(&stats.thread_id),
                 }
             })
             .collect()

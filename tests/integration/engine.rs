@@ -474,3 +474,59 @@ fn busy_polling_delivers_in_order_and_runs_commands_while_it_spins() {
     );
     pool.close();
 }
+
+/// CPU time (user and system) of thread `tid` of this process so far.
+fn thread_cpu(tid: u64) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .unwrap_or_else(|err| panic!("/proc/self/task/{tid}/stat: {err}"));
+    // The fields after the name (in parentheses, and it may hold spaces) start with
+    // the third; utime and stime are the 14th and 15th.
+    let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// A busy-polling worker spins while its feed is live (gaps shorter than the spin) and
+/// sleeps once its connection has been quiet for longer than the spin: an idle
+/// connection does not burn a CPU on every timer wake-up.
+#[test]
+fn a_busy_polling_worker_spins_on_a_live_feed_and_sleeps_once_it_goes_quiet() {
+    let _guard = watchdog("busy_polling_idle", Duration::from_secs(90));
+    let sim = simulator(500.0);
+    let pool = pool_for(
+        &sim.url(),
+        1,
+        serde_json::json!({"busy_poll": {"worker_us": 300_000}}),
+    );
+    let tid = pool.connections()[0].thread_id;
+    assert!(tid > 0, "the worker's thread id is shown");
+    pool.subscribe("ticker.0").expect("subscribe");
+    receive_on(&pool, "ticker.0", 50, Duration::from_secs(10));
+    // Live: 2 ms between frames, well inside the 300 ms spin.
+    let window = Duration::from_millis(1500);
+    let before = thread_cpu(tid);
+    receive_on(&pool, "ticker.0", 1_000, Duration::from_secs(20));
+    let live = thread_cpu(tid) - before;
+    // A sleeping worker needs about 1 % of a CPU for this feed (20 ms in these 2 s);
+    // a spinning one takes whatever share of a core it is given.
+    assert!(
+        live >= Duration::from_millis(100),
+        "did not spin on a live feed: {live:?} in about 2 s"
+    );
+    pool.unsubscribe("ticker.0").expect("unsubscribe");
+    wait_until(&pool, Duration::from_secs(10), "unsubscribed", || {
+        pool.stats().subscriptions_active == 0
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let before = thread_cpu(tid);
+    std::thread::sleep(window);
+    let quiet = thread_cpu(tid) - before;
+    assert!(
+        quiet < Duration::from_millis(100),
+        "spun on a quiet connection: {quiet:?} in {window:?}"
+    );
+    pool.close();
+}
