@@ -266,7 +266,8 @@ wirepool_result wirepool_pool_stats_json(const struct wirepool_pool *pool,
 
 /*
  Waits up to `timeout_ms` for at least one event, then returns every queued event
- as a JSON array (`[]` on timeout).
+ as a JSON array (`[]` on timeout). Once the pool is closed it waits no more: the
+ shutdown's events (`pool_closed` last), then `WIREPOOL_ERR_CLOSED`.
  */
 wirepool_result wirepool_pool_events_json(const struct wirepool_pool *pool,
                                           uint32_t timeout_ms,
@@ -299,7 +300,7 @@ wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
  does not stop (around the hand-over a channel may briefly deliver from both).
  Waits until every replacement is ready. When the venue refuses the new token the
  old sessions keep running and the result is `WIREPOOL_ERR_REMOTE` with the reason
- in `wirepool_last_error`.
+ in `wirepool_last_error`. An empty token is `WIREPOOL_ERR_INVALID_ARGUMENT`.
  */
 wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const char *token);
 

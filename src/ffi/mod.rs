@@ -466,7 +466,8 @@ pub unsafe extern "C" fn wirepool_pool_stats_json(
 }
 
 /// Waits up to `timeout_ms` for at least one event, then returns every queued event
-/// as a JSON array (`[]` on timeout).
+/// as a JSON array (`[]` on timeout). Once the pool is closed it waits no more: the
+/// shutdown's events (`pool_closed` last), then `WIREPOOL_ERR_CLOSED`.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_events_json(
     pool: *const wirepool_pool,
@@ -479,6 +480,12 @@ pub unsafe extern "C" fn wirepool_pool_events_json(
         let events = pool
             .pool
             .events(Duration::from_millis(u64::from(timeout_ms)));
+        if events.is_empty() && pool.pool.events_finished() {
+            return Err(fail(
+                WIREPOOL_ERR_CLOSED,
+                "the pool is closed and its events were all taken",
+            ));
+        }
         let json = serde_json::to_vec(&events)
             .map_err(|err| fail(WIREPOOL_ERR_INTERNAL, &format!("serialising events: {err}")))?;
         // SAFETY: checked non-null above.
@@ -537,7 +544,7 @@ pub unsafe extern "C" fn wirepool_pool_shared_data(
 /// does not stop (around the hand-over a channel may briefly deliver from both).
 /// Waits until every replacement is ready. When the venue refuses the new token the
 /// old sessions keep running and the result is `WIREPOOL_ERR_REMOTE` with the reason
-/// in `wirepool_last_error`.
+/// in `wirepool_last_error`. An empty token is `WIREPOOL_ERR_INVALID_ARGUMENT`.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_set_token(
     pool: *const wirepool_pool,

@@ -77,6 +77,8 @@ impl Event {
 struct LogState {
     events: VecDeque<Event>,
     dropped: u64,
+    /// The pool has closed: no event comes after those queued.
+    closed: bool,
 }
 
 /// The bounded event queue.
@@ -92,6 +94,7 @@ impl EventLog {
             state: Mutex::new(LogState {
                 events: VecDeque::new(),
                 dropped: 0,
+                closed: false,
             }),
             arrived: Condvar::new(),
         }
@@ -115,16 +118,29 @@ impl EventLog {
         self.arrived.notify_all();
     }
 
-    /// Waits up to `timeout` for at least one event, then takes every queued event.
+    /// Waits up to `timeout` for at least one event, then takes every queued event;
+    /// returns at once once the log is closed.
     pub fn drain(&self, timeout: Duration) -> Vec<Event> {
         let deadline = Instant::now() + timeout;
         let mut state = self.state.lock();
-        while state.events.is_empty() {
+        while state.events.is_empty() && !state.closed {
             if self.arrived.wait_until(&mut state, deadline).timed_out() {
                 break;
             }
         }
         state.events.drain(..).collect()
+    }
+
+    /// No event comes after those queued now: waiting callers return at once.
+    pub fn close(&self) {
+        self.state.lock().closed = true;
+        self.arrived.notify_all();
+    }
+
+    /// Closed, and every event taken.
+    pub fn is_finished(&self) -> bool {
+        let state = self.state.lock();
+        state.closed && state.events.is_empty()
     }
 
     /// Events dropped because nobody drained them.

@@ -667,6 +667,7 @@ impl Pool {
     }
 
     /// Waits up to `timeout` for at least one event, then returns every queued one.
+    /// Once the pool is closed it waits no more: the shutdown's events, then nothing.
     pub fn events(&self, timeout: Duration) -> Vec<Event> {
         self.inner.events.drain(timeout)
     }
@@ -805,6 +806,13 @@ impl Pool {
     /// says why.
     pub fn set_token(&self, token: &str) -> Result<()> {
         self.check_open()?;
+        if token.is_empty() {
+            // Codecs read an empty token as "no authentication": the rotation would
+            // "succeed" and every later connection would be refused by the venue.
+            return Err(Error::InvalidArgument(
+                "token: empty; a token rotation needs the new credential".into(),
+            ));
+        }
         let (reply, receiver) = crossbeam_channel::bounded(1);
         self.inner
             .commands
@@ -881,13 +889,23 @@ impl Pool {
         if let Some(mut http) = http {
             http.stop();
         }
-        let thread = self.inner.thread.lock().take();
-        if let Some(thread) = thread {
+        // Held while joining: a close made meanwhile on another thread returns only
+        // once this one has joined every thread.
+        let mut thread = self.inner.thread.lock();
+        if let Some(thread) = thread.take() {
             let _ = self.inner.commands.send(PoolCommand::Shutdown);
             if thread.join().is_err() {
                 log::error!("the pool thread panicked");
             }
         }
+        drop(thread);
+        // Every event of the shutdown is queued by now.
+        self.inner.events.close();
+    }
+
+    /// Closed, and every event taken: [`Pool::events`] has nothing more to give.
+    pub(crate) fn events_finished(&self) -> bool {
+        self.inner.events.is_finished()
     }
 
     /// True once [`Pool::close`] has begun.

@@ -309,6 +309,36 @@ fn subscribe_poll_request_and_close_through_the_c_abi() {
             code = wirepool_pool_poll(pool, batch, 100, &mut count);
         }
         assert_eq!(code, wirepool_result::WIREPOOL_ERR_CLOSED);
+        // Events too: the shutdown's events (`pool_closed` last), then the close, at
+        // once, however long the caller would wait.
+        let mut kinds = Vec::new();
+        let started = Instant::now();
+        let code = loop {
+            let mut json = ptr::null_mut();
+            let code = wirepool_pool_events_json(pool, 30_000, &mut json);
+            if code != wirepool_result::WIREPOOL_OK {
+                break code;
+            }
+            let events: serde_json::Value =
+                serde_json::from_slice(&bytes_of(json)).expect("events JSON");
+            for event in events.as_array().expect("array") {
+                kinds.push(event["type"].as_str().unwrap_or("").to_string());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "events after close kept waiting"
+            );
+        };
+        assert_eq!(
+            code,
+            wirepool_result::WIREPOOL_ERR_CLOSED,
+            "{}",
+            last_error()
+        );
+        assert!(
+            kinds.last().map(String::as_str) == Some("pool_closed"),
+            "pool_closed is the last event: {kinds:?}"
+        );
         wirepool_batch_free(batch);
         wirepool_pool_free(pool);
     }

@@ -530,3 +530,27 @@ fn a_busy_polling_worker_spins_on_a_live_feed_and_sleeps_once_it_goes_quiet() {
     );
     pool.close();
 }
+
+/// Two closes at once: neither returns before every connection's thread was joined
+/// (the second used to return at once while the first was still joining).
+#[test]
+fn a_close_made_while_another_is_under_way_returns_only_once_all_is_joined() {
+    let _guard = watchdog("concurrent close", Duration::from_secs(60));
+    let sim = simulator(100.0);
+    let pool = pool_for(&sim.url(), 8, serde_json::json!({}));
+    assert_eq!(pool.connections().len(), 8);
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                barrier.wait();
+                pool.close();
+                let left = pool.connections();
+                assert!(
+                    left.is_empty(),
+                    "close returned with connections left: {left:?}"
+                );
+            });
+        }
+    });
+}

@@ -468,6 +468,11 @@ fn token_rotation_is_make_before_break_and_a_bad_token_keeps_the_old_sessions() 
         .set_token("wrong")
         .expect_err("the venue refuses the new token");
     assert!(err.to_string().contains("old sessions kept"), "{err}");
+    // An empty token would read as "no authentication" to the codec: refused at once.
+    match pool.set_token("") {
+        Err(Error::InvalidArgument(text)) => assert!(text.contains("empty"), "{text}"),
+        other => panic!("an empty token must be refused, got {other:?}"),
+    }
     // A bound far above a loopback hand-over but below a silent feed; generous because
     // a loaded CI machine can stall a thread for a few hundred milliseconds.
     let longest_gap = watcher.join().expect("watcher");

@@ -930,7 +930,8 @@ class Pool(_Handle):
         old session keeps delivering until its replacement's channels are confirmed, so
         subscribed data does not stop (around the hand-over a channel may briefly
         deliver from both; ``Message.connection_id`` tells them apart). If the venue
-        refuses it, the old sessions keep running and ``RemoteError`` says why."""
+        refuses it, the old sessions keep running and ``RemoteError`` says why. An
+        empty token raises ``InvalidArgumentError``."""
         if not isinstance(token, str):
             raise TypeError(f"token must be a str, not {type(token).__name__}")
         if "\0" in token:
