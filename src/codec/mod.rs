@@ -828,14 +828,20 @@ impl CodecInstance {
 
     /// Decodes frames already laid out by [`FrameBatch`].
     pub fn decode(&mut self, frames: &FrameBatch) -> CallResult<Records<'_>> {
-        let input = self.input(frames.bytes.len())?;
+        let (count, bytes) = (frames.count, frames.bytes.len());
+        let context = move |CodecFailure(text): CodecFailure| {
+            CodecFailure(format!(
+                "{text} (decoding {count} frame(s), {bytes} bytes in all; a codec's memory \
+                 limit, codec.max_memory_mb, bounds the messages it can take)"
+            ))
+        };
+        let input = self.input(bytes).map_err(context)?;
         input.copy_from_slice(&frames.bytes);
         self.arm();
-        let code = self.decode.call(
-            &mut self.store,
-            (frames.count as i32, frames.bytes.len() as i32),
-        );
-        self.finish("wirepool_decode", code)
+        let code = self
+            .decode
+            .call(&mut self.store, (count as i32, bytes as i32));
+        self.finish("wirepool_decode", code).map_err(context)
     }
 
     /// Encodes one outbound command.

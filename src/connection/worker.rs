@@ -472,6 +472,10 @@ impl Link {
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0)
+            // A server that stops reading while it sends pings would otherwise grow
+            // the queue of pongs without bound; past this, pongs coalesce and our own
+            // frames fail with "the server is not reading".
+            .max_write_buffer_size(max_write_buffer(&self.context.config))
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(16 << 20));
         let mut attempt =
@@ -1474,8 +1478,21 @@ fn read_error(err: tungstenite::Error) -> Error {
     }
 }
 
+/// What may wait to be written on one connection: the largest request frame twice
+/// over, and 1 MiB for everything else.
+fn max_write_buffer(config: &Config) -> usize {
+    crate::pool::max_request_bytes(config)
+        .saturating_mul(2)
+        .saturating_add(1 << 20)
+}
+
 fn write_error(err: tungstenite::Error) -> Error {
     match err {
+        tungstenite::Error::WriteBufferFull(_) => Error::Io(
+            "the server is not reading: the frames waiting to be written filled the \
+             connection's write buffer"
+                .into(),
+        ),
         tungstenite::Error::Io(io_err) => io_error(io_err, "writing"),
         other => Error::Protocol(format!("writing: {other}")),
     }

@@ -380,6 +380,20 @@ impl Pool {
             .map(|server| server.local_addr())
     }
 
+    /// A request body the codec can take: at most 1/16 of its memory limit (it holds
+    /// the body, the frame it makes of it and, for an echo, a reply as big).
+    fn check_payload(&self, payload: &[u8]) -> Result<()> {
+        let limit = max_request_bytes(&self.inner.config);
+        if payload.len() > limit {
+            return Err(Error::InvalidArgument(format!(
+                "payload: {} bytes, more than the {limit} a request may carry (1/16 of \
+                 codec.max_memory_mb); nothing was sent",
+                payload.len()
+            )));
+        }
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.closing.load(Ordering::Acquire) {
             Err(Error::Closed)
@@ -421,9 +435,7 @@ impl Pool {
     /// now or when one becomes ready, and again after every reconnect.
     pub fn subscribe(&self, channel: &str) -> Result<()> {
         self.check_open()?;
-        if channel.is_empty() {
-            return Err(Error::InvalidArgument("channel name is empty".into()));
-        }
+        check_channel(channel)?;
         self.inner
             .commands
             .send(PoolCommand::Subscribe(Arc::from(channel)))
@@ -433,9 +445,7 @@ impl Pool {
     /// Removes a channel from the desired subscriptions.
     pub fn unsubscribe(&self, channel: &str) -> Result<()> {
         self.check_open()?;
-        if channel.is_empty() {
-            return Err(Error::InvalidArgument("channel name is empty".into()));
-        }
+        check_channel(channel)?;
         self.inner
             .commands
             .send(PoolCommand::Unsubscribe(Arc::from(channel)))
@@ -448,6 +458,7 @@ impl Pool {
     /// venue is [`Error::Remote`] with its payload.
     pub fn request(&self, payload: &[u8], options: RequestOptions) -> Result<Vec<u8>> {
         self.check_open()?;
+        self.check_payload(payload)?;
         let timeout = options
             .timeout
             .unwrap_or(Duration::from_millis(self.inner.config.request_timeout_ms));
@@ -557,6 +568,10 @@ impl Pool {
                 let now = Instant::now();
                 if self.is_closed() {
                     results[next] = Some(Err(Error::Closed));
+                    done += 1;
+                    progress(done, total);
+                } else if let Err(err) = self.check_payload(&payload) {
+                    results[next] = Some(Err(err));
                     done += 1;
                     progress(done, total);
                 } else if let Err(err) =
@@ -928,6 +943,30 @@ impl std::fmt::Debug for Pool {
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
+}
+
+/// The longest channel name accepted (venues' names are a few dozen bytes; a name is
+/// sent again after every reconnect, so one the codec cannot encode would fail every
+/// connection).
+pub(crate) const MAX_CHANNEL_BYTES: usize = 64 * 1024;
+
+fn check_channel(channel: &str) -> Result<()> {
+    if channel.is_empty() {
+        return Err(Error::InvalidArgument("channel name is empty".into()));
+    }
+    if channel.len() > MAX_CHANNEL_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "channel name: {} bytes, more than the {MAX_CHANNEL_BYTES} accepted",
+            channel.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The largest request body accepted with `config`: 1/16 of the codec's memory.
+pub(crate) fn max_request_bytes(config: &Config) -> usize {
+    let memory = config.codec.max_memory_mb.saturating_mul(1 << 20);
+    usize::try_from(memory / 16).unwrap_or(usize::MAX)
 }
 
 /// Where one desired channel lives.

@@ -554,3 +554,56 @@ fn a_close_made_while_another_is_under_way_returns_only_once_all_is_joined() {
         }
     });
 }
+
+/// Bodies and channel names too big for the codec are refused before anything is
+/// sent (an 8 MB body used to kill its connection, and with `idempotent` the next
+/// one too; a huge channel name, re-sent after every reconnect, killed them all).
+#[test]
+fn requests_and_channels_too_big_for_the_codec_are_refused_up_front() {
+    let _guard = watchdog("too big", Duration::from_secs(60));
+    let sim = simulator(10.0);
+    let pool = pool_for(
+        &sim.url(),
+        1,
+        serde_json::json!({"codec": {"max_memory_mb": 16}}),
+    );
+    // 1/16 of 16 MiB: 1 MiB.
+    let mut body = br#"{"x":""#.to_vec();
+    body.resize((1 << 20) + 1 - 2, b'a');
+    body.extend_from_slice(br#""}"#);
+    assert_eq!(body.len(), (1 << 20) + 1);
+    match pool.request(&body, RequestOptions::default()) {
+        Err(Error::InvalidArgument(text)) => {
+            assert!(text.contains("1048577 bytes"), "{text}");
+            assert!(text.contains("nothing was sent"), "{text}");
+        }
+        other => panic!("an oversized body must be refused, got {other:?}"),
+    }
+    let results = pool.request_batch(
+        &[body.as_slice(), br#"{"ok":1}"#.as_slice()],
+        wirepool::BatchOptions::default(),
+        |_, _| {},
+    );
+    assert!(
+        matches!(results[0], Err(Error::InvalidArgument(_))),
+        "{:?}",
+        results[0]
+    );
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    let channel = "c".repeat(64 * 1024 + 1);
+    for outcome in [pool.subscribe(&channel), pool.unsubscribe(&channel)] {
+        match outcome {
+            Err(Error::InvalidArgument(text)) => assert!(text.contains("channel name"), "{text}"),
+            other => panic!("an oversized channel name must be refused, got {other:?}"),
+        }
+    }
+    // A body just under the limit goes through, on the connection it started with.
+    let mut fits = br#"{"x":""#.to_vec();
+    fits.resize((1 << 20) - 2, b'a');
+    fits.extend_from_slice(br#""}"#);
+    let reply = pool
+        .request(&fits, RequestOptions::default())
+        .expect("a body at the limit is answered");
+    assert!(reply.len() > fits.len());
+    assert_eq!(pool.stats().reconnects, 0, "no connection was lost");
+}

@@ -437,3 +437,103 @@ fn data_decoded_before_a_fatal_codec_record_is_delivered() {
         }
     }
 }
+
+/// A server that floods pings and never reads what we send (and sends a pong now and
+/// then, so the pong timeout never fires): the pongs we owe it wait in a write buffer
+/// of bounded size (they used to pile up without limit, gigabytes within a minute),
+/// and once it is full the session ends saying the server is not reading.
+#[test]
+fn a_server_that_floods_pings_and_never_reads_is_dropped_with_memory_bounded() {
+    let _guard = watchdog("ping flood", Duration::from_secs(90));
+    let acceptor = Acceptor::start(|stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let tcp = ws.get_mut();
+        let _ = tcp.set_write_timeout(Some(Duration::from_millis(200)));
+        let mut ping = vec![0x89u8, 125];
+        ping.extend_from_slice(&[b'p'; 125]);
+        let pings: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 64).collect();
+        let unsolicited_pong = [0x8Au8, 0];
+        let started = Instant::now();
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+            use std::io::Write;
+            match tcp
+                .write_all(&pings)
+                .and_then(|()| tcp.write_all(&unsolicited_pong))
+            {
+                Ok(()) => {}
+                Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let config = serde_json::json!({
+        "servers": [{"url": acceptor.url()}],
+        "pool": {"min_connections": 1, "max_connections": 1},
+        "heartbeat": {"ping_interval_ms": 100, "pong_timeout_ms": 60_000},
+        "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+    });
+    let pool = pool_from(config, serde_json::json!({}));
+    let seen = wait_for_event(
+        &pool,
+        Duration::from_secs(60),
+        "the flooding session's end",
+        |e| e.kind == "closed",
+    );
+    let text = seen
+        .last()
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default();
+    assert!(
+        text.contains("not reading"),
+        "the session ended with {text:?}"
+    );
+    pool.close();
+}
+
+/// A message too big for the codec's memory fails the connection with an error that
+/// says how big the batch was and which limit bounds it.
+#[test]
+fn a_message_too_big_for_the_codec_says_its_size_and_the_limit() {
+    let _guard = watchdog("too big for the codec", Duration::from_secs(60));
+    let acceptor = Acceptor::start(|stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let payload = "a".repeat(4 << 20);
+        let frame = format!(r#"{{"type":"data","channel":"big","payload":"{payload}"}}"#);
+        if ws.send(WsMessage::text(frame)).is_err() {
+            return;
+        }
+        let _ = ws
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(20)));
+        while !stop.load(Ordering::Relaxed) {
+            match ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(err))
+                    if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let config = serde_json::json!({
+        "servers": [{"url": acceptor.url()}],
+        "pool": {"min_connections": 1, "max_connections": 1},
+        "codec": {"max_memory_mb": 8},
+        "reconnect": {"initial_delay_ms": 200, "max_delay_ms": 1000},
+    });
+    let pool = pool_from(config, serde_json::json!({}));
+    let seen = wait_for_event(&pool, Duration::from_secs(30), "the codec's failure", |e| {
+        e.kind == "codec_failed" || e.kind == "closed"
+    });
+    let text = seen
+        .last()
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default();
+    assert!(text.contains("memory"), "{text}");
+    assert!(text.contains("decoding 1 frame(s), 4194"), "{text}");
+    assert!(text.contains("codec.max_memory_mb"), "{text}");
+    pool.close();
+}
