@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message as WsMessage, WebSocket};
 
@@ -774,6 +775,14 @@ impl Link {
                     // tungstenite queued our reply; try to get it out.
                     let _ = self.ws()?.flush();
                     let detail = match frame {
+                        // tungstenite puts this in place of a close code that is not
+                        // allowed on the wire (999, 1005, ...).
+                        Some(frame)
+                            if frame.code == CloseCode::Protocol
+                                && frame.reason.as_str() == "Protocol violation" =>
+                        {
+                            "code 1002 (or a close code not allowed on the wire)".into()
+                        }
                         Some(frame) if !frame.reason.is_empty() => {
                             format!("code {}, {}", u16::from(frame.code), frame.reason)
                         }
@@ -1445,10 +1454,20 @@ fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
     match err {
         tungstenite::Error::Io(io_err) => io_error(io_err, &format!("handshake with {url}")),
         tungstenite::Error::Tls(tls) => Error::Tls(format!("handshake with {url}: {tls}")),
-        tungstenite::Error::Http(response) => Error::Protocol(format!(
-            "handshake with {url}: the server answered HTTP {}",
-            response.status()
-        )),
+        tungstenite::Error::Http(response) => {
+            // A redirect says where to (wirepool does not follow it: the configured
+            // URL is the venue's contract).
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|value| value.to_str().ok())
+                .map(|location| format!(" (Location: {location})"))
+                .unwrap_or_default();
+            Error::Protocol(format!(
+                "handshake with {url}: the server answered HTTP {}{location}",
+                response.status()
+            ))
+        }
         other => Error::Protocol(format!("handshake with {url}: {other}")),
     }
 }
@@ -1472,6 +1491,11 @@ fn read_error(err: tungstenite::Error) -> Error {
         tungstenite::Error::Io(io_err) if io_err.kind() == io::ErrorKind::UnexpectedEof => {
             Error::Io("the server dropped the connection without a close frame".into())
         }
+        // tungstenite's name for a plain end of stream (FIN) before any close frame;
+        // a real reset reads "Connection reset by peer".
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => Error::Io("the server dropped the connection without a close frame".into()),
         tungstenite::Error::Io(io_err) => io_error(io_err, "reading"),
         tungstenite::Error::Protocol(protocol) => Error::Protocol(format!("reading: {protocol}")),
         other => Error::Protocol(format!("reading: {other}")),

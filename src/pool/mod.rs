@@ -1906,8 +1906,10 @@ impl PoolThread {
                 }
                 self.ready.retain(|id| *id != connection_id);
                 self.end_handover(connection_id);
+                let mut server_id = None;
                 if let Some(mut handle) = self.connections.remove(&connection_id) {
                     handle.join();
+                    server_id = Some(self.context.servers[handle.server_index].id.clone());
                     // A session that never became ready, or was refused, is a failure
                     // for the server's breaker; a pool-requested close is not.
                     let failed = !outcome.requested && (!outcome.was_ready || outcome.auth_failed);
@@ -1929,11 +1931,13 @@ impl PoolThread {
                 if outcome.auth_failed {
                     log::warn!("connection {connection_id}: {}", outcome.reason);
                 }
-                self.inner.events.push(
-                    Event::new("closed")
-                        .connection(connection_id)
-                        .message(outcome.reason.clone()),
-                );
+                let mut closed = Event::new("closed")
+                    .connection(connection_id)
+                    .message(outcome.reason.clone());
+                if let Some(server) = &server_id {
+                    closed = closed.server(server);
+                }
+                self.inner.events.push(closed);
                 // Fail over: every channel it carried goes to another ready connection now.
                 let orphans: Vec<Arc<str>> = self
                     .desired

@@ -135,29 +135,34 @@ fn reset_and_clean_close_each_lead_to_a_reconnect_and_resubscribe() {
     );
 }
 
-/// A reset is reported as a reset, whether the worker sleeps on its socket or busy
-/// polls it (a peek at the socket must not take the error the read reports).
+/// A reset is reported as a reset and a plain end of stream as one, whether the
+/// worker sleeps on its socket or busy polls it (a peek at the socket must not take
+/// the error the read reports), and the event names the server.
 #[test]
-fn a_reset_is_reported_as_a_reset_with_or_without_busy_polling() {
-    let _guard = watchdog("reset text", Duration::from_secs(60));
+fn a_reset_and_an_end_of_stream_are_reported_as_such_with_or_without_busy_polling() {
+    let _guard = watchdog("close texts", Duration::from_secs(60));
     for worker_us in [0, 1_000_000] {
-        let (_sim, proxy, pool) =
-            pool_behind_proxy(serde_json::json!({"busy_poll": {"worker_us": worker_us}}));
-        pool.subscribe("ticker.1").expect("subscribe");
-        first_message_on(&pool, "ticker.1", &[], Duration::from_secs(10));
-        proxy.set_fault(Fault::Reset);
-        let closed = wait_for_event(&pool, Duration::from_secs(10), "closed", |e| {
-            e.kind == "closed"
-        });
-        let text = closed
-            .last()
-            .and_then(|event| event.message.clone())
-            .unwrap_or_default();
-        assert!(
-            text.contains("reset by peer"),
-            "worker_us {worker_us}: the closed event says {text:?}"
-        );
-        pool.close();
+        for (fault, says) in [
+            (Fault::Reset, "reset by peer"),
+            (Fault::Close, "without a close frame"),
+        ] {
+            let (_sim, proxy, pool) =
+                pool_behind_proxy(serde_json::json!({"busy_poll": {"worker_us": worker_us}}));
+            pool.subscribe("ticker.1").expect("subscribe");
+            first_message_on(&pool, "ticker.1", &[], Duration::from_secs(10));
+            proxy.set_fault(fault);
+            let seen = wait_for_event(&pool, Duration::from_secs(10), "closed", |e| {
+                e.kind == "closed"
+            });
+            let closed = seen.last().expect("the closed event");
+            let text = closed.message.clone().unwrap_or_default();
+            assert!(
+                text.contains(says),
+                "worker_us {worker_us}: the closed event says {text:?}, not {says:?}"
+            );
+            assert_eq!(closed.server.as_deref(), Some("s0"), "{closed:?}");
+            pool.close();
+        }
     }
 }
 

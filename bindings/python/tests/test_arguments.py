@@ -3,7 +3,9 @@ timeout error says, request bodies that are not bytes, limits beyond the C types
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import socket
 
 import pytest
@@ -66,3 +68,33 @@ def test_request_batch_rejects_an_in_flight_limit_that_does_not_fit_the_c_type(p
     # A uint32_t would silently wrap 2**32 to 0 (which means the default, 8).
     with pytest.raises(ValueError, match="max_in_flight_per_connection"):
         pool.request_batch([b"{}"], timeout=5.0, max_in_flight_per_connection=2**32)
+
+
+@pytest.mark.parametrize("payloads", ["123", b"123", bytearray(b"12")])
+def test_request_batch_refuses_a_single_body_in_place_of_a_sequence(pool, payloads):
+    # Iterated, it would send each character or byte as a request of its own.
+    with pytest.raises(TypeError, match="sequence of request bodies"):
+        pool.request_batch(payloads)
+    assert json.loads(pool.request_batch([b'{"a":1}'])[0]) == {"echo": {"a": 1}}
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_signal_during_request_batch_is_raised_not_lost(silent_listener, make_pool):
+    # Without a progress function no Python runs inside the call: the signal's
+    # exception is raised when the batch returns (it was lost in a no-op callback).
+    pool = make_pool(config_for(silent_listener))
+
+    def interrupt(_signum, _frame):
+        raise _Interrupted("the signal's exception")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted):
+            pool.request_batch([b"{}", b"{}"], timeout=1.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -112,3 +112,21 @@ def test_busy_poll_over_a_second_names_the_key():
     config = {"servers": [{"url": "ws://127.0.0.1:9"}], "busy_poll": {"consumer_us": 2_000_000}}
     with pytest.raises(wirepool.ConfigError, match=r"busy_poll\.consumer_us"):
         wirepool.Pool(config)
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        (b"\xff{", "not UTF-8"),
+        ('{"servers": [{"url": "ws://a:1/\ud800"}]}', "not encodable as UTF-8"),
+        ({"servers": [{"url": "ws://127.0.0.1:9"}], "reconnect": {"jitter": float("nan")}}, "not representable as JSON"),
+    ],
+)
+def test_configs_python_cannot_turn_into_json_text_are_config_errors(config, says):
+    with pytest.raises(wirepool.ConfigError, match=says):
+        wirepool.Pool(config)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(wirepool.ConfigError, match="is a directory"):
+        wirepool.Pool(str(tmp_path))

@@ -13,7 +13,8 @@ A thin ctypes layer over ``libwirepool`` (the C ABI in ``include/wirepool.h``)::
 
 Blocking calls release the GIL while they wait inside the library, and waits longer
 than a fraction of a second are made of short waits, so Ctrl-C and ``close()`` from
-another thread interrupt them promptly. A ``Pool`` may be used from several threads
+another thread interrupt them promptly (``request`` and ``request_batch`` wait in one
+call: ``close()`` ends them at once, a Ctrl-C when they return). A ``Pool`` may be used from several threads
 at once.
 """
 
@@ -340,7 +341,9 @@ def _read_config_file(path: str) -> str:
 
 def _dump_config(document: Any, origin: str) -> str:
     try:
-        return json.dumps(document)
+        # NaN and infinities are not JSON: refused here, with Python's reason, rather
+        # than passed on as text the library can only call invalid JSON.
+        return json.dumps(document, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config: {origin}: not representable as JSON: {err}") from err
 
@@ -350,13 +353,18 @@ def _config_json(config: ConfigLike) -> str:
     if isinstance(config, Mapping):
         return _dump_config(dict(config), "dict")
     if isinstance(config, (bytes, bytearray)):
-        return bytes(config).decode("utf-8")
+        try:
+            return bytes(config).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config: not UTF-8: {err}") from err
     if isinstance(config, os.PathLike):
         return _read_config_file(os.fspath(config))
     if isinstance(config, str):
         text = config.lstrip()
         if text.startswith(("{", "[")):
             return config
+        if os.path.isdir(config):
+            raise ConfigError(f"config: {config}: is a directory, not a .json or .toml file")
         if config.lower().endswith((".json", ".toml")) or os.path.isfile(config):
             return _read_config_file(config)
         # Neither JSON-looking nor a file: the library reports why it is not valid JSON.
@@ -512,8 +520,12 @@ class Pool(_Handle):
         text = _config_json(config)
         if "\0" in text:
             raise ConfigError("config: the JSON text contains a NUL character")
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate in a str
+            raise ConfigError(f"config: not encodable as UTF-8: {err}") from err
         handle = _ffi.pool_p()
-        code = lib.wirepool_pool_new(text.encode("utf-8"), byref(handle))
+        code = lib.wirepool_pool_new(encoded, byref(handle))
         if code:
             raise _error(code)
         self._handle = handle
@@ -754,6 +766,9 @@ class Pool(_Handle):
         again on another connection when its connection dies; otherwise that raises
         ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
         with an error, TimeoutError when no reply came in time.
+
+        The request waits in one library call (the pool must be able to tell the venue
+        it was abandoned): a Ctrl-C takes effect when it returns, within ``timeout``.
         """
         payload = _body(payload, "payload")
         if timeout is None:
@@ -787,7 +802,17 @@ class Pool(_Handle):
         ``max_in_flight_per_connection`` per connection) and returns, in order, each
         reply or the exception for that request (not raised). Batch requests are
         idempotent. ``progress(done, total)`` is called after each completion; an
-        exception it raises stops nothing and is re-raised once the batch is done."""
+        exception it raises stops nothing and is re-raised once the batch is done.
+
+        The batch waits in one library call: a Ctrl-C takes effect when it returns
+        (within ``timeout``). With a ``progress`` function, one that arrives just as a
+        call to it begins is reported by ctypes as "Exception ignored" and lost (Python
+        gives a callback from C no way to pass it on)."""
+        if isinstance(payloads, (str, bytes, bytearray, memoryview)):
+            # Each character or byte would be sent as a request of its own.
+            raise TypeError(
+                f"payloads must be a sequence of request bodies, not a single {type(payloads).__name__}"
+            )
         encoded = [_body(p, f"payloads[{index}]") for index, p in enumerate(payloads)]
         count = len(encoded)
         if count == 0:
@@ -812,14 +837,17 @@ class Pool(_Handle):
         raised: List[BaseException] = []
 
         def on_progress(_user_data: Any, done: int, total: int) -> None:
-            if progress is None or raised:
-                return
+            # Everything inside the try: a Ctrl-C is delivered at the first line a
+            # callback runs, and one escaping it would be lost ("Exception ignored").
             try:
-                progress(done, total)
+                if not raised:
+                    progress(done, total)  # type: ignore[misc]
             except BaseException as error:  # kept and re-raised after the C call
                 raised.append(error)
 
-        callback = _ffi.progress_fn(on_progress)
+        # Without a progress function no Python runs during the call, so a Ctrl-C
+        # waits for its end instead of landing in a callback.
+        callback = _ffi.progress_fn(on_progress) if progress is not None else _ffi.progress_fn()
         handle = self._enter()
         try:
             code = lib.wirepool_pool_request_batch(
