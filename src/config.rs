@@ -346,6 +346,9 @@ pub struct QueueConfig {
     pub capacity: usize,
     /// What happens when it is full. Defaults to `block` (nothing accepted is lost).
     pub overflow: Overflow,
+    /// Payload bytes it holds at most (full by bytes counts as full); 0: no limit.
+    /// Defaults to 256 MiB. A message bigger than this passes alone.
+    pub max_bytes: usize,
 }
 
 impl Default for QueueConfig {
@@ -353,6 +356,7 @@ impl Default for QueueConfig {
         QueueConfig {
             capacity: 65_536,
             overflow: Overflow::Block,
+            max_bytes: 256 << 20,
         }
     }
 }

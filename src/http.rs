@@ -1104,6 +1104,11 @@ fn render_metrics(
         stats.queue_depth,
     );
     out.gauge(
+        "wirepool_queue_bytes",
+        "Payload bytes waiting in the consumer queue.",
+        stats.queue_bytes,
+    );
+    out.gauge(
         "wirepool_queue_capacity",
         "Capacity of the consumer queue.",
         stats.queue_capacity,

@@ -91,6 +91,38 @@ impl Chunk {
         self.first == self.entries.len()
     }
 
+    /// Payload bytes of the messages not yet taken (they lie back to back).
+    pub fn bytes(&self) -> usize {
+        match self.entries.get(self.first) {
+            Some(entry) => self.data.len() - entry.start,
+            None => 0,
+        }
+    }
+
+    /// Keeps only the first `count` messages not yet taken (and their bytes).
+    fn keep_first(&mut self, count: usize) {
+        self.entries.truncate(self.first + count);
+        let end = self
+            .entries
+            .last()
+            .map_or(0, |entry| entry.start + entry.len);
+        self.data.truncate(end);
+    }
+
+    /// How many of the first messages, at most `max_count`, fit in `budget` bytes.
+    fn fitting(&self, max_count: usize, budget: usize) -> usize {
+        let mut used = 0usize;
+        let mut count = 0;
+        for entry in &self.entries[self.first..] {
+            if count == max_count || used + entry.len > budget {
+                break;
+            }
+            used += entry.len;
+            count += 1;
+        }
+        count
+    }
+
     pub fn set_connection(&mut self, connection_id: u64) {
         self.connection_id = connection_id;
     }
@@ -261,6 +293,8 @@ struct QueueState {
     waiters: VecDeque<Arc<ProducerWait>>,
     /// Messages queued (the sum of the chunks' lengths).
     len: usize,
+    /// Their payload bytes.
+    bytes: usize,
     spare: Vec<Chunk>,
     closed: bool,
     /// The fd was handed out: pushes and takes keep it in step with `len`.
@@ -291,7 +325,18 @@ impl QueueState {
 
     fn enqueue(&mut self, chunk: Chunk) {
         self.len += chunk.len();
+        self.bytes += chunk.bytes();
         self.chunks.push_back(chunk);
+    }
+
+    /// Drops the oldest messages while `over` says the queue is over a limit (and
+    /// something is left to drop); returns how many.
+    fn drop_oldest_while(&mut self, mut over: impl FnMut(&QueueState) -> bool) -> usize {
+        let mut dropped = 0;
+        while self.len > 0 && over(self) {
+            dropped += self.drop_oldest(1);
+        }
+        dropped
     }
 
     /// Drops up to `count` of the oldest messages; returns how many.
@@ -302,9 +347,12 @@ impl QueueState {
                 break;
             };
             let here = front.len().min(count);
+            let before = front.bytes();
             front.first += here;
+            let after = front.bytes();
             count -= here;
             dropped += here;
+            self.bytes -= before - after;
             if front.is_empty() {
                 let chunk = self.chunks.pop_front().expect("front exists");
                 self.recycle(chunk);
@@ -322,6 +370,9 @@ pub(crate) struct ConsumerQueue {
     state: Mutex<QueueState>,
     not_empty: Condvar,
     capacity: usize,
+    /// Payload bytes the queue holds at most (`queue.max_bytes`; 0: no limit). A
+    /// chunk always goes into an empty queue, however big.
+    max_bytes: usize,
     overflow: Overflow,
     ready_fd: EventFd,
     pub counters: QueueCounters,
@@ -356,6 +407,7 @@ impl ConsumerQueue {
                 chunks: VecDeque::new(),
                 waiters: VecDeque::new(),
                 len: 0,
+                bytes: 0,
                 spare: Vec::new(),
                 closed: false,
                 fd_armed: false,
@@ -363,6 +415,7 @@ impl ConsumerQueue {
             }),
             not_empty: Condvar::new(),
             capacity,
+            max_bytes: usize::MAX,
             overflow,
             ready_fd,
             counters: QueueCounters::default(),
@@ -370,6 +423,43 @@ impl ConsumerQueue {
             queued_hint: AtomicUsize::new(0),
             closed_hint: AtomicBool::new(false),
         })
+    }
+
+    /// At most `max_bytes` of payload queued (0: no limit).
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> ConsumerQueue {
+        self.max_bytes = if max_bytes == 0 {
+            usize::MAX
+        } else {
+            max_bytes
+        };
+        self
+    }
+
+    /// Payload bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// The byte limit (`usize::MAX`: none).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// How many of `chunk`'s first messages fit: within `room` messages and the byte
+    /// limit, and at least one into an empty queue (so a message bigger than the
+    /// limit passes alone instead of waiting for ever).
+    fn fitting(&self, state: &QueueState, chunk: &Chunk, room: usize) -> usize {
+        let budget = self.max_bytes.saturating_sub(state.bytes);
+        if room >= chunk.len() && chunk.bytes() <= budget {
+            // The usual case, without a look at each message.
+            return chunk.len();
+        }
+        let fits = chunk.fitting(room, budget);
+        if fits == 0 && state.len == 0 && room > 0 {
+            1.min(chunk.len())
+        } else {
+            fits
+        }
     }
 
     /// Consumers finding the queue empty look again for up to `spin` before they
@@ -447,16 +537,17 @@ impl ConsumerQueue {
                 // Taken afresh on each pass: while this producer waited, the consumer
                 // may have emptied the queue and cleared the fd.
                 let empty_now = state.len == 0;
-                if room >= chunk.len() {
+                let fits = self.fitting(&state, chunk, room);
+                if fits == chunk.len() {
                     let spare = state.spare();
                     let full = std::mem::replace(chunk, spare);
                     state.enqueue(full);
                     self.signal_not_empty(&state, empty_now);
                     break;
                 }
-                if room > 0 {
+                if fits > 0 {
                     let mut part = state.spare();
-                    chunk.split_front(room, &mut part);
+                    chunk.split_front(fits, &mut part);
                     state.enqueue(part);
                     self.signal_not_empty(&state, empty_now);
                 }
@@ -502,6 +593,17 @@ impl ConsumerQueue {
                 }
                 let excess = (state.len + chunk.len()).saturating_sub(self.capacity);
                 outcome.dropped += state.drop_oldest(excess) as u64;
+                // Bytes: the incoming chunk's own oldest first if it alone is over the
+                // limit (its newest message stays), then the queue's.
+                while chunk.len() > 1 && chunk.bytes() > self.max_bytes {
+                    chunk.first += 1;
+                    outcome.dropped += 1;
+                }
+                let incoming_bytes = chunk.bytes();
+                let max_bytes = self.max_bytes;
+                outcome.dropped += state.drop_oldest_while(|state| {
+                    state.bytes.saturating_add(incoming_bytes) > max_bytes
+                }) as u64;
                 let spare = state.spare();
                 let full = std::mem::replace(chunk, spare);
                 state.enqueue(full);
@@ -509,10 +611,10 @@ impl ConsumerQueue {
             }
             Overflow::DropNewest => {
                 let room = self.capacity - state.len;
-                let accepted = room.min(chunk.len());
+                let accepted = self.fitting(&state, chunk, room);
                 outcome.dropped = (chunk.len() - accepted) as u64;
                 if accepted > 0 {
-                    chunk.entries.truncate(chunk.first + accepted);
+                    chunk.keep_first(accepted);
                     let spare = state.spare();
                     let full = std::mem::replace(chunk, spare);
                     state.enqueue(full);
@@ -546,7 +648,9 @@ impl ConsumerQueue {
     }
 
     fn signal_not_empty(&self, state: &QueueState, was_empty: bool) {
-        self.queued_hint.store(state.len, Ordering::Release);
+        if !self.spin.is_zero() {
+            self.queued_hint.store(state.len, Ordering::Release);
+        }
         if was_empty && state.len > 0 && state.fd_armed {
             self.write_ready_fd();
         }
@@ -603,11 +707,20 @@ impl ConsumerQueue {
     }
 
     /// After taking messages: the fd follows the queue, producers may go on.
-    fn taken(&self, mut state: parking_lot::MutexGuard<'_, QueueState>, taken: usize) {
+    fn taken(
+        &self,
+        mut state: parking_lot::MutexGuard<'_, QueueState>,
+        taken: usize,
+        taken_bytes: usize,
+    ) {
         state.len -= taken;
-        self.queued_hint.store(state.len, Ordering::Relaxed);
-        if taken > 0 && !self.spin.is_zero() {
-            state.last_taken = Some(Instant::now());
+        state.bytes -= taken_bytes;
+        // The hints serve spinning consumers only: others leave the line alone.
+        if !self.spin.is_zero() {
+            self.queued_hint.store(state.len, Ordering::Relaxed);
+            if taken > 0 {
+                state.last_taken = Some(Instant::now());
+            }
         }
         if state.len == 0 && state.fd_armed {
             self.ready_fd.clear();
@@ -633,18 +746,21 @@ impl ConsumerQueue {
         let take = max.min(state.len);
         out.reserve(take);
         let mut left = take;
+        let mut taken_bytes = 0;
         while left > 0 {
             let front = state.chunks.front_mut().expect("len counts queued chunks");
             let here = front.len().min(left);
             out.extend(front.iter().take(here).map(|message| message.to_message()));
+            let before = front.bytes();
             front.first += here;
+            taken_bytes += before - front.bytes();
             left -= here;
             if front.is_empty() {
                 let chunk = state.chunks.pop_front().expect("front exists");
                 state.recycle(chunk);
             }
         }
-        self.taken(state, take);
+        self.taken(state, take, taken_bytes);
         Ok(take)
     }
 
@@ -666,6 +782,7 @@ impl ConsumerQueue {
         }
         let take = max.min(state.len);
         let mut left = take;
+        let mut taken_bytes = 0;
         while left > 0 {
             let front_len = state
                 .chunks
@@ -675,6 +792,7 @@ impl ConsumerQueue {
             if front_len <= left {
                 let chunk = state.chunks.pop_front().expect("front exists");
                 left -= front_len;
+                taken_bytes += chunk.bytes();
                 batch.chunks.push(chunk);
             } else {
                 let mut part = state.spare();
@@ -683,12 +801,13 @@ impl ConsumerQueue {
                     .front_mut()
                     .expect("front exists")
                     .split_front(left, &mut part);
+                taken_bytes += part.bytes();
                 batch.chunks.push(part);
                 left = 0;
             }
         }
         batch.len = take;
-        self.taken(state, take);
+        self.taken(state, take, taken_bytes);
         Ok(take)
     }
 
@@ -1318,5 +1437,93 @@ mod tests {
         std::thread::sleep(spin);
         let gone_quiet = cpu_of_a_wait();
         assert!(gone_quiet < slept, "spun on a quiet queue: {gone_quiet:?}");
+    }
+
+    /// A chunk of `count` messages of `size` bytes each, numbered from `first`.
+    fn sized_chunk(first: u8, count: u8, size: usize) -> Chunk {
+        let channel: Arc<str> = Arc::from("c");
+        let mut chunk = Chunk::default();
+        chunk.set_connection(1);
+        for n in first..first + count {
+            chunk.push(&channel, &vec![n; size], u64::from(n));
+        }
+        chunk
+    }
+
+    fn firsts(messages: &[Message]) -> Vec<u8> {
+        messages.iter().map(|message| message.payload[0]).collect()
+    }
+
+    /// The byte limit holds for every policy, counts what pops take, and lets a
+    /// message bigger than the limit through alone into an empty queue.
+    #[test]
+    fn the_byte_limit_bounds_the_queue_under_every_policy() {
+        // Block: room for 100 messages, but 250 bytes: two 100-byte messages.
+        let queue = Arc::new(
+            ConsumerQueue::new(100, Overflow::Block)
+                .unwrap()
+                .with_max_bytes(250),
+        );
+        let producer = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                let outcome = queue.push_chunk(&mut sized_chunk(0, 5, 100));
+                assert!(!outcome.closed && outcome.dropped == 0);
+            })
+        };
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            assert!(queue.bytes() <= 250, "over the limit: {}", queue.bytes());
+            queue
+                .pop_batch(&mut got, 1, Some(Duration::from_secs(10)))
+                .unwrap();
+        }
+        producer.join().unwrap();
+        assert_eq!(firsts(&got), vec![0, 1, 2, 3, 4], "nothing lost, in order");
+        assert_eq!(queue.bytes(), 0);
+
+        // A message over the limit passes alone into the empty queue.
+        assert!(!queue.push_chunk(&mut sized_chunk(9, 1, 1000)).closed);
+        assert_eq!(queue.bytes(), 1000);
+        let mut batch = MessageBatch::new();
+        assert_eq!(queue.pop_into(&mut batch, 10, None), Ok(1));
+        assert_eq!(queue.bytes(), 0);
+
+        // Drop oldest: the newest that fit stay.
+        let queue = ConsumerQueue::new(100, Overflow::DropOldest)
+            .unwrap()
+            .with_max_bytes(250);
+        let mut first = sized_chunk(0, 2, 100);
+        assert_eq!(queue.push_chunk(&mut first).dropped, 0);
+        assert_eq!(queue.push_chunk(&mut sized_chunk(2, 2, 100)).dropped, 2);
+        assert_eq!(queue.bytes(), 200);
+        // A chunk alone over the limit keeps its newest messages that fit.
+        assert_eq!(queue.push_chunk(&mut sized_chunk(4, 4, 100)).dropped, 4);
+        assert_eq!(queue.bytes(), 200);
+        let mut out = Vec::new();
+        assert_eq!(queue.pop_batch(&mut out, 10, None), Ok(2));
+        assert_eq!(firsts(&out), vec![6, 7]);
+
+        // Drop newest: what does not fit is dropped.
+        let queue = ConsumerQueue::new(100, Overflow::DropNewest)
+            .unwrap()
+            .with_max_bytes(250);
+        assert_eq!(queue.push_chunk(&mut sized_chunk(0, 3, 100)).dropped, 1);
+        assert_eq!(queue.push_chunk(&mut sized_chunk(3, 1, 10)).dropped, 0);
+        assert_eq!(queue.push_chunk(&mut sized_chunk(4, 1, 100)).dropped, 1);
+        assert_eq!(queue.bytes(), 210);
+        let mut out = Vec::new();
+        assert_eq!(queue.pop_batch(&mut out, 10, None), Ok(3));
+        assert_eq!(firsts(&out), vec![0, 1, 3]);
+        assert_eq!(queue.bytes(), 0);
+
+        // Split takes keep the count right.
+        let queue = ConsumerQueue::new(100, Overflow::Block).unwrap();
+        queue.push_chunk(&mut sized_chunk(0, 4, 10));
+        let mut batch = MessageBatch::new();
+        assert_eq!(queue.pop_into(&mut batch, 3, None), Ok(3));
+        assert_eq!(queue.bytes(), 10);
+        assert_eq!(queue.pop_into(&mut batch, 3, None), Ok(1));
+        assert_eq!(queue.bytes(), 0);
     }
 }

@@ -278,7 +278,8 @@ impl Pool {
         let queue = Arc::new(
             ConsumerQueue::new(config.queue.capacity, config.queue.overflow)
                 .map_err(|err| Error::Io(format!("creating the queue's eventfd: {err}")))?
-                .with_spin(Duration::from_micros(config.busy_poll.consumer_us)),
+                .with_spin(Duration::from_micros(config.busy_poll.consumer_us))
+                .with_max_bytes(config.queue.max_bytes),
         );
         let (commands, command_receiver) = crossbeam_channel::unbounded();
         let (report_sender, reports) = crossbeam_channel::unbounded();
@@ -723,6 +724,7 @@ impl Pool {
             subscriptions,
             subscriptions_active,
             queue_depth: inner.queue.len(),
+            queue_bytes: inner.queue.bytes(),
             queue_capacity: inner.queue.capacity(),
             dropped_messages: load(&counters.dropped),
             blocked_ms: load(&counters.blocked_ns) / 1_000_000,
@@ -1525,7 +1527,9 @@ impl PoolThread {
         let ready = self.ready.len().max(1) as f64;
         let busy = self.inner.requests.busy_connections() as f64 / ready;
         let pending = self.inner.requests.pending() as f64 / (ready * 8.0);
-        let queue = self.inner.queue.len() as f64 / self.inner.queue.capacity().max(1) as f64;
+        let queue = &self.inner.queue;
+        let queue = (queue.len() as f64 / queue.capacity().max(1) as f64)
+            .max(queue.bytes() as f64 / queue.max_bytes().max(1) as f64);
         busy.max(pending).max(queue).min(1.0)
     }
 

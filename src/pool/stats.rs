@@ -151,6 +151,8 @@ pub struct PoolStats {
     pub subscriptions_active: usize,
     /// Messages waiting in the consumer queue.
     pub queue_depth: usize,
+    /// Their payload bytes (bounded by `queue.max_bytes`).
+    pub queue_bytes: usize,
     /// Capacity of the consumer queue.
     pub queue_capacity: usize,
     /// Messages dropped by the overflow policy.

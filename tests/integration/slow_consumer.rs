@@ -304,3 +304,43 @@ fn a_worker_blocked_on_a_full_queue_keeps_sending_its_heartbeats() {
     );
     read_flood_in_order(&pool, connection, 2000);
 }
+
+/// `queue.max_bytes` bounds the queue by payload bytes: with room for 100 000
+/// messages but 2000 bytes, a stalled consumer finds at most 2000 bytes queued (the
+/// flood's messages are about 10 bytes), and reading on loses nothing.
+#[test]
+fn the_queue_is_bounded_by_bytes_as_well_as_by_messages() {
+    let _guard = watchdog("queue bytes", Duration::from_secs(120));
+    let venue = FloodVenue::start();
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": venue.url()}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "queue": {"capacity": 100_000, "overflow": "block", "max_bytes": 2000},
+            "heartbeat": {"ping_interval_ms": 0},
+        }),
+        serde_json::json!({}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let connection = pool.connections()[0].id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool.stats().queue_depth < 100 {
+        assert!(Instant::now() < deadline, "the queue never filled up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The venue writes far faster than this: by now the worker waits for room.
+    std::thread::sleep(Duration::from_millis(200));
+    let stats = pool.stats();
+    assert!(
+        stats.queue_bytes <= 2000,
+        "{} bytes queued",
+        stats.queue_bytes
+    );
+    assert!(
+        stats.queue_depth < 1000,
+        "{} messages queued",
+        stats.queue_depth
+    );
+    read_flood_in_order(&pool, connection, 5000);
+    pool.close();
+}
