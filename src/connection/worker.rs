@@ -774,21 +774,7 @@ impl Link {
                 Ok(WsMessage::Close(frame)) => {
                     // tungstenite queued our reply; try to get it out.
                     let _ = self.ws()?.flush();
-                    let detail = match frame {
-                        // tungstenite puts this in place of a close code that is not
-                        // allowed on the wire (999, 1005, ...).
-                        Some(frame)
-                            if frame.code == CloseCode::Protocol
-                                && frame.reason.as_str() == "Protocol violation" =>
-                        {
-                            "code 1002 (or a close code not allowed on the wire)".into()
-                        }
-                        Some(frame) if !frame.reason.is_empty() => {
-                            format!("code {}, {}", u16::from(frame.code), frame.reason)
-                        }
-                        Some(frame) => format!("code {}", u16::from(frame.code)),
-                        None => "no code".into(),
-                    };
+                    let detail = close_detail(frame);
                     // Frames read before the close (an auth rejection, last data,
                     // replies) are decoded first.
                     peer_closed = Some(detail);
@@ -1483,6 +1469,8 @@ fn io_error(err: io::Error, context: &str) -> Error {
     }
 }
 
+#[cold]
+#[inline(never)]
 fn read_error(err: tungstenite::Error) -> Error {
     match err {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
@@ -1508,6 +1496,27 @@ fn max_write_buffer(config: &Config) -> usize {
     crate::pool::max_request_bytes(config)
         .saturating_mul(2)
         .saturating_add(1 << 20)
+}
+
+/// What the server's close frame said. Out of line: the read loop stays small.
+#[cold]
+#[inline(never)]
+fn close_detail(frame: Option<tungstenite::protocol::CloseFrame>) -> String {
+    match frame {
+        // tungstenite puts this in place of a close code that is not allowed on the
+        // wire (999, 1005, ...).
+        Some(frame)
+            if frame.code == CloseCode::Protocol
+                && frame.reason.as_str() == "Protocol violation" =>
+        {
+            "code 1002 (or a close code not allowed on the wire)".into()
+        }
+        Some(frame) if !frame.reason.is_empty() => {
+            format!("code {}, {}", u16::from(frame.code), frame.reason)
+        }
+        Some(frame) => format!("code {}", u16::from(frame.code)),
+        None => "no code".into(),
+    }
 }
 
 fn write_error(err: tungstenite::Error) -> Error {
