@@ -109,12 +109,14 @@ impl Chunk {
         self.data.truncate(end);
     }
 
-    /// How many of the first messages, at most `max_count`, fit in `budget` bytes.
+    /// How many of the first messages, at most `max_count`, start within `budget`
+    /// bytes (the one that crosses it is counted: the byte limit is soft by one
+    /// message, so a message bigger than the room left still gets its turn).
     fn fitting(&self, max_count: usize, budget: usize) -> usize {
         let mut used = 0usize;
         let mut count = 0;
         for entry in &self.entries[self.first..] {
-            if count == max_count || used + entry.len > budget {
+            if count == max_count || used >= budget {
                 break;
             }
             used += entry.len;
@@ -445,21 +447,17 @@ impl ConsumerQueue {
         self.max_bytes
     }
 
-    /// How many of `chunk`'s first messages fit: within `room` messages and the byte
-    /// limit, and at least one into an empty queue (so a message bigger than the
-    /// limit passes alone instead of waiting for ever).
+    /// How many of `chunk`'s first messages go in: within `room` messages, and while
+    /// the queue is under its byte limit (the message that crosses it goes in too, so
+    /// a message bigger than the room left, or than the limit, waits only for the
+    /// queue to be under the limit, not for it to be empty).
     fn fitting(&self, state: &QueueState, chunk: &Chunk, room: usize) -> usize {
         let budget = self.max_bytes.saturating_sub(state.bytes);
         if room >= chunk.len() && chunk.bytes() <= budget {
             // The usual case, without a look at each message.
             return chunk.len();
         }
-        let fits = chunk.fitting(room, budget);
-        if fits == 0 && state.len == 0 && room > 0 {
-            1.min(chunk.len())
-        } else {
-            fits
-        }
+        chunk.fitting(room, budget)
     }
 
     /// Consumers finding the queue empty look again for up to `spin` before they
@@ -514,6 +512,8 @@ impl ConsumerQueue {
         interrupted: impl Fn() -> bool,
     ) -> PushOutcome {
         let mut outcome = PushOutcome::default();
+        // Messages of `chunk` dropped (the rest of `outcome.dropped` were queued ones).
+        let mut incoming_dropped = 0u64;
         let count = chunk.len();
         if count == 0 {
             return outcome;
@@ -586,19 +586,20 @@ impl ConsumerQueue {
                 }
             },
             Overflow::DropOldest => {
+                // The incoming chunk's own oldest first if it alone is over a limit
+                // (its newest message stays), then the queue's.
                 let incoming = chunk.len();
                 if incoming > self.capacity {
                     chunk.first += incoming - self.capacity;
-                    outcome.dropped += (incoming - self.capacity) as u64;
+                    incoming_dropped += (incoming - self.capacity) as u64;
                 }
-                let excess = (state.len + chunk.len()).saturating_sub(self.capacity);
-                outcome.dropped += state.drop_oldest(excess) as u64;
-                // Bytes: the incoming chunk's own oldest first if it alone is over the
-                // limit (its newest message stays), then the queue's.
                 while chunk.len() > 1 && chunk.bytes() > self.max_bytes {
                     chunk.first += 1;
-                    outcome.dropped += 1;
+                    incoming_dropped += 1;
                 }
+                outcome.dropped += incoming_dropped;
+                let excess = (state.len + chunk.len()).saturating_sub(self.capacity);
+                outcome.dropped += state.drop_oldest(excess) as u64;
                 let incoming_bytes = chunk.bytes();
                 let max_bytes = self.max_bytes;
                 outcome.dropped += state.drop_oldest_while(|state| {
@@ -613,6 +614,7 @@ impl ConsumerQueue {
                 let room = self.capacity - state.len;
                 let accepted = self.fitting(&state, chunk, room);
                 outcome.dropped = (chunk.len() - accepted) as u64;
+                incoming_dropped = outcome.dropped;
                 if accepted > 0 {
                     chunk.keep_first(accepted);
                     let spare = state.spare();
@@ -636,7 +638,7 @@ impl ConsumerQueue {
         if !outcome.closed {
             self.counters
                 .pushed
-                .fetch_add((count - left) as u64 - outcome.dropped, Ordering::Relaxed);
+                .fetch_add((count - left) as u64 - incoming_dropped, Ordering::Relaxed);
         }
         self.counters
             .dropped
@@ -1473,7 +1475,8 @@ mod tests {
         };
         let mut got = Vec::new();
         while got.len() < 5 {
-            assert!(queue.bytes() <= 250, "over the limit: {}", queue.bytes());
+            // Soft by one message: at most the limit and one message beyond it.
+            assert!(queue.bytes() <= 350, "over the limit: {}", queue.bytes());
             queue
                 .pop_batch(&mut got, 1, Some(Duration::from_secs(10)))
                 .unwrap();
@@ -1482,7 +1485,7 @@ mod tests {
         assert_eq!(firsts(&got), vec![0, 1, 2, 3, 4], "nothing lost, in order");
         assert_eq!(queue.bytes(), 0);
 
-        // A message over the limit passes alone into the empty queue.
+        // A message over the limit goes in while the queue is under it.
         assert!(!queue.push_chunk(&mut sized_chunk(9, 1, 1000)).closed);
         assert_eq!(queue.bytes(), 1000);
         let mut batch = MessageBatch::new();
@@ -1504,18 +1507,28 @@ mod tests {
         assert_eq!(queue.pop_batch(&mut out, 10, None), Ok(2));
         assert_eq!(firsts(&out), vec![6, 7]);
 
-        // Drop newest: what does not fit is dropped.
+        // Drop newest: what arrives while the queue is at its limit is dropped (the
+        // message that crosses the limit is kept: it began under it).
         let queue = ConsumerQueue::new(100, Overflow::DropNewest)
             .unwrap()
             .with_max_bytes(250);
-        assert_eq!(queue.push_chunk(&mut sized_chunk(0, 3, 100)).dropped, 1);
-        assert_eq!(queue.push_chunk(&mut sized_chunk(3, 1, 10)).dropped, 0);
-        assert_eq!(queue.push_chunk(&mut sized_chunk(4, 1, 100)).dropped, 1);
-        assert_eq!(queue.bytes(), 210);
+        assert_eq!(queue.push_chunk(&mut sized_chunk(0, 4, 100)).dropped, 1);
+        assert_eq!(queue.bytes(), 300);
+        assert_eq!(queue.push_chunk(&mut sized_chunk(4, 1, 10)).dropped, 1);
         let mut out = Vec::new();
+        assert_eq!(queue.pop_batch(&mut out, 1, None), Ok(1));
+        assert_eq!(queue.push_chunk(&mut sized_chunk(5, 1, 100)).dropped, 0);
         assert_eq!(queue.pop_batch(&mut out, 10, None), Ok(3));
-        assert_eq!(firsts(&out), vec![0, 1, 3]);
+        assert_eq!(firsts(&out), vec![0, 1, 2, 5]);
         assert_eq!(queue.bytes(), 0);
+        // Messages pushed count those of the incoming chunk only.
+        let queue = ConsumerQueue::new(1000, Overflow::DropOldest)
+            .unwrap()
+            .with_max_bytes(100);
+        queue.push_chunk(&mut sized_chunk(0, 100, 1));
+        assert_eq!(queue.push_chunk(&mut sized_chunk(100, 1, 100)).dropped, 100);
+        assert_eq!(queue.counters.pushed.load(Ordering::Relaxed), 101);
+        assert_eq!(queue.counters.dropped.load(Ordering::Relaxed), 100);
 
         // Split takes keep the count right.
         let queue = ConsumerQueue::new(100, Overflow::Block).unwrap();
@@ -1525,5 +1538,59 @@ mod tests {
         assert_eq!(queue.bytes(), 10);
         assert_eq!(queue.pop_into(&mut batch, 3, None), Ok(1));
         assert_eq!(queue.bytes(), 0);
+    }
+
+    /// Under `block`, a message bigger than the room left is not starved by smaller
+    /// ones that keep the queue near its byte limit: it goes in as soon as the queue
+    /// is under the limit.
+    #[test]
+    fn a_big_message_is_not_starved_by_small_ones_under_the_byte_limit() {
+        let queue = Arc::new(
+            ConsumerQueue::new(1000, Overflow::Block)
+                .unwrap()
+                .with_max_bytes(1000),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let small: Vec<_> = (0..4)
+            .map(|_| {
+                let (queue, stop) = (Arc::clone(&queue), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let me = Arc::default();
+                        let deadline = Some(Instant::now() + Duration::from_millis(50));
+                        queue.push_chunk_unless(&mut sized_chunk(1, 1, 100), &me, deadline, || {
+                            false
+                        });
+                    }
+                })
+            })
+            .collect();
+        let big = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                queue.push_chunk(&mut sized_chunk(200, 1, 600))
+            })
+        };
+        let started = Instant::now();
+        let mut seen_big = false;
+        let mut out = Vec::new();
+        while !seen_big {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the big message starved"
+            );
+            out.clear();
+            queue
+                .pop_batch(&mut out, 1, Some(Duration::from_millis(100)))
+                .unwrap();
+            seen_big = out.iter().any(|message| message.payload.len() == 600);
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(!big.join().unwrap().closed);
+        queue.close();
+        for producer in small {
+            producer.join().unwrap();
+        }
     }
 }

@@ -231,6 +231,9 @@ struct Link {
     blocked_since_report: Duration,
     last_slow_report: Option<Instant>,
     needs_flush: bool,
+    /// Frames wait in `outbound` because the socket held back earlier ones: they go
+    /// when it takes writes again (tungstenite's buffer holds at most one of them).
+    outbound_blocked: bool,
     /// Frames from the codec waiting for the rate limit, each with what it encodes:
     /// a request still here was never written.
     outbound: VecDeque<(Origin, WsMessage)>,
@@ -299,6 +302,7 @@ impl Link {
             blocked_since_report: Duration::ZERO,
             last_slow_report: None,
             needs_flush: false,
+            outbound_blocked: false,
             outbound: VecDeque::new(),
             last_written_request: None,
             next_send_at: None,
@@ -957,7 +961,7 @@ impl Link {
     /// Writes what the rate limit now allows and flushes. `Ok(true)` while bytes
     /// remain for a writable socket.
     fn send_due(&mut self) -> Result<bool, Ended> {
-        if self.next_send_at.is_some_and(|at| Instant::now() >= at) {
+        if self.outbound_blocked || self.next_send_at.is_some_and(|at| Instant::now() >= at) {
             self.send_outbound()?;
         }
         self.flush()
@@ -1155,13 +1159,23 @@ impl Link {
         Ok(())
     }
 
-    /// Writes queued outbound frames, as far as the server's rate limit allows.
+    /// Writes queued outbound frames, as far as the server's rate limit allows and
+    /// the socket takes them: while it holds back earlier bytes, the rest wait here
+    /// (a burst of big requests would otherwise fill tungstenite's bounded buffer and
+    /// end a healthy session; and a request never written can go to another
+    /// connection if this one dies).
     fn send_outbound(&mut self) -> Result<(), Ended> {
         let mut sent_messages = 0u64;
         let mut sent_bytes = 0u64;
         self.next_send_at = None;
+        self.outbound_blocked = false;
         let limiter = self.context.rate_limiters[self.server_index].clone();
         while let Some((origin, message)) = self.outbound.pop_front() {
+            if self.needs_flush && self.flush()? {
+                self.outbound.push_front((origin, message));
+                self.outbound_blocked = true;
+                break;
+            }
             if let Some(limiter) = &limiter {
                 if let Err(next) = limiter.take(Instant::now()) {
                     self.outbound.push_front((origin, message));

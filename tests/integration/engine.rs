@@ -607,3 +607,34 @@ fn requests_and_channels_too_big_for_the_codec_are_refused_up_front() {
     assert!(reply.len() > fits.len());
     assert_eq!(pool.stats().reconnects, 0, "no connection was lost");
 }
+
+/// A burst of requests as big as allowed, on one connection, to a server that reads
+/// them all: the frames the socket cannot take yet wait in the worker, not in the
+/// bounded write buffer, so none of them ends the session (6 of 8 used to fail with
+/// "the server is not reading").
+#[test]
+fn a_burst_of_requests_as_big_as_allowed_goes_through_one_healthy_connection() {
+    let _guard = watchdog("big burst", Duration::from_secs(120));
+    let sim = simulator(10.0);
+    let pool = pool_for(&sim.url(), 1, serde_json::json!({}));
+    // 1/16 of the default 64 MiB, less room for the JSON around the string.
+    let mut body = br#"{"x":""#.to_vec();
+    body.resize((4 << 20) - 64, b'a');
+    body.extend_from_slice(br#""}"#);
+    let bodies = vec![body.as_slice(); 8];
+    let results = pool.request_batch(
+        &bodies,
+        wirepool::BatchOptions {
+            timeout: Some(Duration::from_secs(60)),
+            ..wirepool::BatchOptions::default()
+        },
+        |_, _| {},
+    );
+    for (index, result) in results.iter().enumerate() {
+        let reply = result
+            .as_ref()
+            .unwrap_or_else(|err| panic!("request {index}: {err}"));
+        assert!(reply.len() > body.len(), "request {index}: a short reply");
+    }
+    assert_eq!(pool.stats().reconnects, 0, "no connection was lost");
+}
