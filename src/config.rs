@@ -346,8 +346,8 @@ pub struct QueueConfig {
     pub capacity: usize,
     /// What happens when it is full. Defaults to `block` (nothing accepted is lost).
     pub overflow: Overflow,
-    /// Payload bytes it holds at most (full by bytes counts as full); 0: no limit.
-    /// Defaults to 256 MiB. A message bigger than this passes alone.
+    /// Payload bytes it holds, about (at or over it the queue is full; the message
+    /// that crosses it still goes in); 0: no limit. Defaults to 256 MiB.
     pub max_bytes: usize,
 }
 

@@ -99,6 +99,13 @@ impl Chunk {
         }
     }
 
+    /// Marks the next `count` messages taken; returns their payload bytes.
+    fn advance(&mut self, count: usize) -> usize {
+        let before = self.bytes();
+        self.first += count;
+        before - self.bytes()
+    }
+
     /// Keeps only the first `count` messages not yet taken (and their bytes).
     fn keep_first(&mut self, count: usize) {
         self.entries.truncate(self.first + count);
@@ -349,12 +356,9 @@ impl QueueState {
                 break;
             };
             let here = front.len().min(count);
-            let before = front.bytes();
-            front.first += here;
-            let after = front.bytes();
+            self.bytes -= front.advance(here);
             count -= here;
             dropped += here;
-            self.bytes -= before - after;
             if front.is_empty() {
                 let chunk = self.chunks.pop_front().expect("front exists");
                 self.recycle(chunk);
@@ -372,8 +376,8 @@ pub(crate) struct ConsumerQueue {
     state: Mutex<QueueState>,
     not_empty: Condvar,
     capacity: usize,
-    /// Payload bytes the queue holds at most (`queue.max_bytes`; 0: no limit). A
-    /// chunk always goes into an empty queue, however big.
+    /// Payload bytes the queue holds, about (`queue.max_bytes`; `usize::MAX`: no
+    /// limit): the message that crosses it still goes in (see `fitting`).
     max_bytes: usize,
     overflow: Overflow,
     ready_fd: EventFd,
@@ -442,9 +446,12 @@ impl ConsumerQueue {
         self.state.lock().bytes
     }
 
-    /// The byte limit (`usize::MAX`: none).
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+    /// How full the queue is, 0 to 1 (or a little over): by messages or by bytes,
+    /// whichever is fuller.
+    pub fn fill(&self) -> f64 {
+        let state = self.state.lock();
+        (state.len as f64 / self.capacity.max(1) as f64)
+            .max(state.bytes as f64 / self.max_bytes.max(1) as f64)
     }
 
     /// How many of `chunk`'s first messages go in: within `room` messages, and while
@@ -753,9 +760,7 @@ impl ConsumerQueue {
             let front = state.chunks.front_mut().expect("len counts queued chunks");
             let here = front.len().min(left);
             out.extend(front.iter().take(here).map(|message| message.to_message()));
-            let before = front.bytes();
-            front.first += here;
-            taken_bytes += before - front.bytes();
+            taken_bytes += front.advance(here);
             left -= here;
             if front.is_empty() {
                 let chunk = state.chunks.pop_front().expect("front exists");

@@ -1527,9 +1527,7 @@ impl PoolThread {
         let ready = self.ready.len().max(1) as f64;
         let busy = self.inner.requests.busy_connections() as f64 / ready;
         let pending = self.inner.requests.pending() as f64 / (ready * 8.0);
-        let queue = &self.inner.queue;
-        let queue = (queue.len() as f64 / queue.capacity().max(1) as f64)
-            .max(queue.bytes() as f64 / queue.max_bytes().max(1) as f64);
+        let queue = self.inner.queue.fill();
         busy.max(pending).max(queue).min(1.0)
     }
 
