@@ -626,7 +626,10 @@ impl Link {
     /// as usual.
     fn busy_poll(&self, deadline: Instant) -> bool {
         let spin = self.context.config.busy_poll.worker_us;
-        let Some(ws) = self.ws.as_ref().filter(|_| spin > 0) else {
+        if spin == 0 {
+            return false;
+        }
+        let Some(ws) = self.ws.as_ref() else {
             return false;
         };
         let until = deadline.min(self.last_busy + Duration::from_micros(spin));
@@ -1490,18 +1493,23 @@ fn read_error(err: tungstenite::Error) -> Error {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             Error::Io("the connection was closed".into())
         }
+        // An end of stream before any close frame: over TLS an UnexpectedEof, in
+        // plain TCP tungstenite's "reset without closing handshake" (a real reset
+        // reads "Connection reset by peer").
         tungstenite::Error::Io(io_err) if io_err.kind() == io::ErrorKind::UnexpectedEof => {
-            Error::Io("the server dropped the connection without a close frame".into())
+            dropped_without_close()
         }
-        // tungstenite's name for a plain end of stream (FIN) before any close frame;
-        // a real reset reads "Connection reset by peer".
         tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ) => Error::Io("the server dropped the connection without a close frame".into()),
+        ) => dropped_without_close(),
         tungstenite::Error::Io(io_err) => io_error(io_err, "reading"),
         tungstenite::Error::Protocol(protocol) => Error::Protocol(format!("reading: {protocol}")),
         other => Error::Protocol(format!("reading: {other}")),
     }
+}
+
+fn dropped_without_close() -> Error {
+    Error::Io("the server dropped the connection without a close frame".into())
 }
 
 /// What may wait to be written on one connection: the largest request frame twice
