@@ -555,6 +555,15 @@ fn a_close_made_while_another_is_under_way_returns_only_once_all_is_joined() {
     });
 }
 
+/// A JSON document of exactly `len` bytes (`{"x":"aaa…"}`).
+fn json_body(len: usize) -> Vec<u8> {
+    let mut body = br#"{"x":""#.to_vec();
+    body.resize(len - 2, b'a');
+    body.extend_from_slice(br#""}"#);
+    assert_eq!(body.len(), len);
+    body
+}
+
 /// Bodies and channel names too big for the codec are refused before anything is
 /// sent (an 8 MB body used to kill its connection, and with `idempotent` the next
 /// one too; a huge channel name, re-sent after every reconnect, killed them all).
@@ -568,10 +577,7 @@ fn requests_and_channels_too_big_for_the_codec_are_refused_up_front() {
         serde_json::json!({"codec": {"max_memory_mb": 16}}),
     );
     // 1/16 of 16 MiB: 1 MiB.
-    let mut body = br#"{"x":""#.to_vec();
-    body.resize((1 << 20) + 1 - 2, b'a');
-    body.extend_from_slice(br#""}"#);
-    assert_eq!(body.len(), (1 << 20) + 1);
+    let body = json_body((1 << 20) + 1);
     match pool.request(&body, RequestOptions::default()) {
         Err(Error::InvalidArgument(text)) => {
             assert!(text.contains("1048577 bytes"), "{text}");
@@ -598,9 +604,7 @@ fn requests_and_channels_too_big_for_the_codec_are_refused_up_front() {
         }
     }
     // A body just under the limit goes through, on the connection it started with.
-    let mut fits = br#"{"x":""#.to_vec();
-    fits.resize((1 << 20) - 2, b'a');
-    fits.extend_from_slice(br#""}"#);
+    let fits = json_body(1 << 20);
     let reply = pool
         .request(&fits, RequestOptions::default())
         .expect("a body at the limit is answered");
@@ -618,9 +622,7 @@ fn a_burst_of_requests_as_big_as_allowed_goes_through_one_healthy_connection() {
     let sim = simulator(10.0);
     let pool = pool_for(&sim.url(), 1, serde_json::json!({}));
     // 1/16 of the default 64 MiB, less room for the JSON around the string.
-    let mut body = br#"{"x":""#.to_vec();
-    body.resize((4 << 20) - 64, b'a');
-    body.extend_from_slice(br#""}"#);
+    let body = json_body((4 << 20) - 62);
     let bodies = vec![body.as_slice(); 8];
     let results = pool.request_batch(
         &bodies,
