@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 
-use crate::support::{pool_from, watchdog, write_temp};
+use crate::support::{last_message, pool_from, watchdog, write_temp};
 
 const CHILD: &str = "WIREPOOL_DUAL_HOSTS_CHILD";
 
@@ -191,10 +191,7 @@ fn when_every_address_fails_the_reason_names_each() {
         crate::support::wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
             event.kind == "closed"
         });
-    let reason = events
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default();
+    let reason = last_message(&events);
     for addr in &addrs[..2] {
         assert!(
             reason.contains(&addr.ip().to_string()),

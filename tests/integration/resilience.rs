@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::fault_proxy::{Fault, FaultProxy};
 use crate::support;
-use crate::support::{pool_from, request_in_background, wait_for_event, wait_until, watchdog};
+use crate::support::{
+    last_message, pool_from, request_in_background, wait_for_event, wait_until, watchdog,
+};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Error, Event, HealthLevel, Pool, RequestOptions};
 
@@ -81,10 +83,7 @@ fn blackholed_connection_is_detected_by_missing_pongs_and_replaced() {
         e.kind == "closed"
     });
     let detected_after = blackholed_at.elapsed();
-    let reason = events
-        .last()
-        .and_then(|e| e.message.clone())
-        .unwrap_or_default();
+    let reason = last_message(&events);
     assert!(reason.contains("no pong"), "closed because {reason:?}");
     // ping_interval 200 + pong_timeout 300, plus a margin for a loaded CI machine
     // (without the heartbeat, TCP would take minutes to notice).
@@ -404,10 +403,7 @@ fn clean_close_and_blackhole_over_tls_are_detected_and_recovered() {
             e.kind == "closed"
         });
         if fault == Fault::Blackhole {
-            let reason = events
-                .last()
-                .and_then(|e| e.message.clone())
-                .unwrap_or_default();
+            let reason = last_message(&events);
             assert!(reason.contains("no pong"), "{reason}");
         }
         proxy.set_fault(Fault::Pass);

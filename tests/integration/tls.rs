@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support;
-use crate::support::{wait_for_event, watchdog, write_temp};
+use crate::support::{last_message, wait_for_event, watchdog, write_temp};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Config, Error, Pool, RequestOptions};
 
@@ -51,10 +51,7 @@ fn first_close_reason(pool: &Pool) -> String {
     let events = wait_for_event(pool, Duration::from_secs(10), "closed", |event| {
         event.kind == "closed"
     });
-    events
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default()
+    last_message(&events)
 }
 
 #[test]

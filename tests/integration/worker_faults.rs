@@ -12,7 +12,8 @@ use tungstenite::Message as WsMessage;
 use wirepool::{Config, Error, Pool, RequestOptions};
 
 use crate::support::{
-    pool_from, request_in_background, simulator, wait_for_event, watchdog, Acceptor, ScriptServer,
+    last_message, pool_from, request_in_background, simulator, wait_for_event, watchdog, Acceptor,
+    ScriptServer,
 };
 
 fn pool_with(url: &str, extra: serde_json::Value) -> Pool {
@@ -418,10 +419,7 @@ fn data_decoded_before_a_fatal_codec_record_is_delivered() {
     let events = wait_for_event(&pool, Duration::from_secs(20), "codec_failed", |event| {
         event.kind == "codec_failed"
     });
-    let reason = events
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default();
+    let reason = last_message(&events);
     assert!(reason.contains("UTF-8"), "unexpected failure: {reason}");
     // Everything the worker accepted is queued by now; the replacement's ticks follow.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -481,10 +479,7 @@ fn a_server_that_floods_pings_and_never_reads_is_dropped_with_memory_bounded() {
         "the flooding session's end",
         |e| e.kind == "closed",
     );
-    let text = seen
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default();
+    let text = last_message(&seen);
     assert!(
         text.contains("not reading"),
         "the session ended with {text:?}"
@@ -528,10 +523,7 @@ fn a_message_too_big_for_the_codec_says_its_size_and_the_limit() {
     let seen = wait_for_event(&pool, Duration::from_secs(30), "the codec's failure", |e| {
         e.kind == "codec_failed" || e.kind == "closed"
     });
-    let text = seen
-        .last()
-        .and_then(|event| event.message.clone())
-        .unwrap_or_default();
+    let text = last_message(&seen);
     assert!(text.contains("memory"), "{text}");
     assert!(text.contains("decoding 1 frame(s), 4194"), "{text}");
     assert!(text.contains("codec.max_memory_mb"), "{text}");

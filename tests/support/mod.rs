@@ -69,6 +69,15 @@ pub fn wait_for_event(
     panic!("expected {what} within {timeout:?}; events seen: {kinds:?}");
 }
 
+/// The message of the last of `events` (as [`wait_for_event`] returns them, the
+/// matching one last), or "" when it has none.
+pub fn last_message(events: &[Event]) -> String {
+    events
+        .last()
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default()
+}
+
 /// Waits until `condition` holds, checking after each pool event (or every 50 ms).
 pub fn wait_until(pool: &Pool, timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
