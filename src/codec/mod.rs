@@ -760,6 +760,13 @@ impl CodecInstance {
 
     /// Asks the codec for an input buffer of `len` bytes and returns it.
     fn input(&mut self, len: usize) -> CallResult<&mut [u8]> {
+        let start = self.input_offset(len)?;
+        Ok(&mut self.memory.data_mut(&mut self.store)[start..start + len])
+    }
+
+    /// Asks the codec for an input buffer of `len` bytes; its offset in the memory,
+    /// checked to hold `len` bytes.
+    fn input_offset(&mut self, len: usize) -> CallResult<usize> {
         let size = i32::try_from(len)
             .map_err(|_| CodecFailure(format!("input of {len} bytes is too large")))?;
         self.arm();
@@ -772,10 +779,10 @@ impl CodecInstance {
             )));
         }
         let start = ptr as u32 as usize;
-        let data = self.memory.data_mut(&mut self.store);
+        let data = self.memory.data(&self.store);
         let end = start.checked_add(len).filter(|end| *end <= data.len());
         match end {
-            Some(end) => Ok(&mut data[start..end]),
+            Some(_) => Ok(start),
             None => Err(CodecFailure(format!(
                 "wirepool_buffer returned {start:#x}, which with {len} bytes lies outside its memory ({} bytes)",
                 data.len()
@@ -826,17 +833,58 @@ impl CodecInstance {
         self.finish("wirepool_open", code)
     }
 
-    /// Decodes frames already laid out by [`FrameBatch`].
-    pub fn decode(&mut self, frames: &FrameBatch) -> CallResult<Records<'_>> {
-        let (count, bytes) = (frames.count, frames.bytes.len());
-        let context = move |CodecFailure(text): CodecFailure| {
-            CodecFailure(format!(
-                "{text} (decoding {count} frame(s), {bytes} bytes in all; a codec's memory \
-                 limit, codec.max_memory_mb, bounds the messages it can take)"
-            ))
+    /// Adds a frame to `frames`, writing it straight into the codec's input buffer in
+    /// the ABI's decode layout (no copy on the host's side). The first frame of a batch
+    /// asks the codec for a buffer as big as the batches that filled one before
+    /// (doubling each time one did, up to [`FrameBatch::MAX_BYTES`]), so a quiet
+    /// connection's codec keeps a small buffer. `Ok(false)`: the frame does not fit
+    /// beside the frames already there; decode them, then add it to the next batch.
+    pub fn add_frame(
+        &mut self,
+        frames: &mut FrameBatch,
+        body: &[u8],
+        binary: bool,
+    ) -> CallResult<bool> {
+        let needed = FrameBatch::HEADER + body.len();
+        if frames.count == 0 {
+            let size = needed.max(frames.goal);
+            frames.start = self
+                .input_offset(size)
+                .map_err(|failure| frames.context(failure, 1, needed))?;
+            frames.capacity = size;
+            frames.used = 0;
+        } else if frames.used + needed > frames.capacity {
+            frames.goal = (frames.capacity * 2)
+                .max(frames.used + needed)
+                .min(FrameBatch::MAX_BYTES);
+            return Ok(false);
+        }
+        let at = frames.start + frames.used;
+        let data = self.memory.data_mut(&mut self.store);
+        // In range: the buffer was checked to hold `capacity` bytes, and nothing ran
+        // in the module since.
+        let Some(slot) = data.get_mut(at..at + needed) else {
+            return Err(CodecFailure(format!(
+                "the input buffer at {:#x} no longer fits its memory ({} bytes)",
+                frames.start,
+                data.len()
+            )));
         };
-        let input = self.input(bytes).map_err(context)?;
-        input.copy_from_slice(&frames.bytes);
+        let length = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        slot[..4].copy_from_slice(&length.to_le_bytes());
+        slot[4..8].copy_from_slice(&u32::from(binary).to_le_bytes());
+        slot[8..].copy_from_slice(body);
+        frames.used += needed;
+        frames.count += 1;
+        Ok(true)
+    }
+
+    /// Decodes the frames [`add_frame`](Self::add_frame) laid out, and empties `frames`.
+    pub fn decode(&mut self, frames: &mut FrameBatch) -> CallResult<Records<'_>> {
+        let (count, bytes) = (frames.count, frames.used);
+        frames.count = 0;
+        frames.used = 0;
+        let context = move |failure: CodecFailure| FrameBatch::context_of(failure, count, bytes);
         self.arm();
         let code = self
             .decode
@@ -874,11 +922,19 @@ impl CodecInstance {
     }
 }
 
-/// Inbound frames laid out in the ABI's decode format, reused between batches.
+/// The inbound frames of one decode call, laid out in the ABI's decode format in the
+/// codec's own input buffer by [`CodecInstance::add_frame`]; kept by the worker
+/// between batches, with the buffer size to ask for.
 #[derive(Default)]
 pub(crate) struct FrameBatch {
-    bytes: Vec<u8>,
+    /// The input buffer's offset in the codec's memory, and its size.
+    start: usize,
+    capacity: usize,
+    /// Bytes and frames written so far.
+    used: usize,
     count: usize,
+    /// The buffer size the next batch asks for.
+    goal: usize,
 }
 
 impl FrameBatch {
@@ -886,19 +942,16 @@ impl FrameBatch {
     pub(crate) const MAX_BYTES: usize = 256 * 1024;
     /// Most frames per decode call.
     pub(crate) const MAX_FRAMES: usize = 1024;
+    /// Each frame's length and flags before its body.
+    const HEADER: usize = 8;
 
-    pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.count = 0;
-    }
-
-    pub fn push(&mut self, body: &[u8], binary: bool) {
-        self.bytes
-            .extend_from_slice(&(body.len() as u32).to_le_bytes());
-        self.bytes
-            .extend_from_slice(&u32::from(binary).to_le_bytes());
-        self.bytes.extend_from_slice(body);
-        self.count += 1;
+    /// A batch whose first buffer holds `bytes` (frames and their headers).
+    #[cfg(test)]
+    pub fn with_goal(bytes: usize) -> FrameBatch {
+        FrameBatch {
+            goal: bytes,
+            ..FrameBatch::default()
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -906,11 +959,27 @@ impl FrameBatch {
     }
 
     pub fn is_full(&self) -> bool {
-        self.count >= Self::MAX_FRAMES || self.bytes.len() >= Self::MAX_BYTES
+        self.count >= Self::MAX_FRAMES || self.used >= Self::MAX_BYTES
     }
 
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    fn context(
+        &self,
+        failure: CodecFailure,
+        extra_count: usize,
+        extra_bytes: usize,
+    ) -> CodecFailure {
+        Self::context_of(failure, self.count + extra_count, self.used + extra_bytes)
+    }
+
+    fn context_of(CodecFailure(text): CodecFailure, count: usize, bytes: usize) -> CodecFailure {
+        CodecFailure(format!(
+            "{text} (decoding {count} frame(s), {bytes} bytes in all; a codec's memory \
+             limit, codec.max_memory_mb, bounds the messages it can take)"
+        ))
     }
 }
 

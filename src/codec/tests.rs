@@ -25,6 +25,22 @@ fn owned(records: Records<'_>) -> Vec<(u32, i64, String, String)> {
         .collect()
 }
 
+/// Lays `frames` out in the codec's input buffer, as a worker does, and decodes them
+/// in one call.
+fn decode_frames(
+    instance: &mut CodecInstance,
+    frames: &[(&[u8], bool)],
+) -> Vec<(u32, i64, String, String)> {
+    let total = frames.iter().map(|(body, _)| 8 + body.len()).sum();
+    let mut batch = FrameBatch::with_goal(total);
+    for (body, binary) in frames {
+        assert!(instance
+            .add_frame(&mut batch, body, *binary)
+            .expect("add_frame"));
+    }
+    owned(instance.decode(&mut batch).expect("decode"))
+}
+
 #[test]
 fn json_codec_is_ready_at_open_without_a_token() {
     let runtime = runtime(BuiltinCodec::Json, None);
@@ -47,10 +63,8 @@ fn json_codec_authenticates_first_when_a_token_is_set() {
     assert_eq!(frame["type"], "auth");
     assert_eq!(frame["token"], "s3cret\"x");
     let message_id = frame["messageId"].as_str().expect("messageId").to_string();
-    let mut frames = FrameBatch::default();
     let reply = format!(r#"{{"type":"data","messageId":"{message_id}","payload":{{"ok":true}}}}"#);
-    frames.push(reply.as_bytes(), false);
-    let records = owned(instance.decode(&frames).expect("decode"));
+    let records = decode_frames(&mut instance, &[(reply.as_bytes(), false)]);
     assert_eq!(records[0].0, kind::READY, "{records:?}");
 }
 
@@ -78,24 +92,27 @@ fn json_codec_round_trip_of_subscribe_data_and_request() {
     assert_eq!(frame["payload"], serde_json::json!({"op": "x"}));
     let request_message_id = frame["messageId"].as_str().expect("id").to_string();
 
-    let mut frames = FrameBatch::default();
-    frames.push(
-        br#"{"type":"subscribed","channel":"ticker.1","messageId":"s7"}"#,
-        false,
-    );
-    frames.push(
-        br#"{"type":"data","channel":"ticker.1","seq":1,"payload":{"p": 1.5}}"#,
-        false,
-    );
-    frames.push(
-        br#"{"type":"data","channel":"ticker.1","seq":3,"payload":[1,2]}"#,
-        false,
-    );
     let reply =
         format!(r#"{{"type":"data","messageId":"{request_message_id}","payload":{{"r":1}}}}"#);
-    frames.push(reply.as_bytes(), false);
-    frames.push(b"not json at all", false);
-    let records = owned(instance.decode(&frames).expect("decode"));
+    let records = decode_frames(
+        &mut instance,
+        &[
+            (
+                br#"{"type":"subscribed","channel":"ticker.1","messageId":"s7"}"#,
+                false,
+            ),
+            (
+                br#"{"type":"data","channel":"ticker.1","seq":1,"payload":{"p": 1.5}}"#,
+                false,
+            ),
+            (
+                br#"{"type":"data","channel":"ticker.1","seq":3,"payload":[1,2]}"#,
+                false,
+            ),
+            (reply.as_bytes(), false),
+            (b"not json at all", false),
+        ],
+    );
     let kinds: Vec<u32> = records.iter().map(|record| record.0).collect();
     assert!(kinds.contains(&kind::SUBSCRIBED), "{records:?}");
     let data: Vec<&(u32, i64, String, String)> = records
@@ -119,10 +136,10 @@ fn raw_codec_passes_frames_through() {
     let runtime = runtime(BuiltinCodec::Raw, None);
     let mut instance = runtime.instantiate(1).expect("instance");
     assert_eq!(owned(instance.open().expect("open"))[0].0, kind::READY);
-    let mut frames = FrameBatch::default();
-    frames.push(b"\x00\x01binary", true);
-    frames.push(b"text", false);
-    let records = owned(instance.decode(&frames).expect("decode"));
+    let records = decode_frames(
+        &mut instance,
+        &[(b"\x00\x01binary", true), (b"text", false)],
+    );
     assert_eq!(records.len(), 2);
     assert!(records
         .iter()
@@ -204,15 +221,23 @@ fn resident_pages(instance: &mut CodecInstance, range: std::ops::Range<usize>) -
     flags.iter().filter(|flag| **flag & 1 == 1).count()
 }
 
-fn data_frames(count: usize) -> FrameBatch {
-    let mut frames = FrameBatch::default();
-    for seq in 1..=count {
-        let frame = format!(
-            r#"{{"type":"data","channel":"c0","seq":{seq},"payload":{{"px":{seq}.5,"nested":[{{"a":[1,2,{{"b":"x"}}]}}]}}}}"#
-        );
-        frames.push(frame.as_bytes(), false);
-    }
-    frames
+/// `count` data frames of channel c0, sequence numbers from 1, decoded in one call.
+fn decode_data_frames(
+    instance: &mut CodecInstance,
+    count: usize,
+) -> Vec<(u32, i64, String, String)> {
+    let frames: Vec<String> = (1..=count)
+        .map(|seq| {
+            format!(
+                r#"{{"type":"data","channel":"c0","seq":{seq},"payload":{{"px":{seq}.5,"nested":[{{"a":[1,2,{{"b":"x"}}]}}]}}}}"#
+            )
+        })
+        .collect();
+    let frames: Vec<(&[u8], bool)> = frames
+        .iter()
+        .map(|frame| (frame.as_bytes(), false))
+        .collect();
+    decode_frames(instance, &frames)
 }
 
 #[test]
@@ -226,7 +251,7 @@ fn an_idle_codec_gives_its_shadow_stack_back_and_carries_on() {
             .expect("the built-in codecs declare their shadow stack");
         assert!(stack.end <= instance.memory.data_size(&instance.store));
         instance.open().expect("open");
-        let first = owned(instance.decode(&data_frames(50)).expect("decode"));
+        let first = decode_data_frames(&mut instance, 50);
         let touched = resident_pages(&mut instance, stack.clone());
         assert!(
             touched >= 1,
@@ -241,11 +266,7 @@ fn an_idle_codec_gives_its_shadow_stack_back_and_carries_on() {
         );
         // The codec's state lives elsewhere: the same frames again decode the same way
         // for raw, and for json the sequence numbers carry on from where they were.
-        let again = owned(
-            instance
-                .decode(&data_frames(50))
-                .expect("decode after release"),
-        );
+        let again = decode_data_frames(&mut instance, 50);
         let data = |records: &[(u32, i64, String, String)]| {
             records
                 .iter()
@@ -412,7 +433,7 @@ fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
         let runtime = runtime(builtin, None);
         let mut instance = runtime.instantiate(1).expect("instance");
         assert_eq!(owned(instance.open().expect("open"))[0].0, kind::READY);
-        let records = owned(instance.decode(&data_frames(3)).expect("decode"));
+        let records = decode_data_frames(&mut instance, 3);
         assert_eq!(
             records
                 .iter()
@@ -522,4 +543,83 @@ fn the_built_in_codecs_use_no_simd_so_leaving_out_avx512_changes_no_code() {
         Module::validate(&engine, builtin::module_bytes(builtin))
             .unwrap_or_else(|err| panic!("{builtin:?} uses SIMD: {err:#}"));
     }
+}
+
+/// Frames are laid out straight in the codec's input buffer. A batch's buffer is as
+/// big as the first frame the first time, and doubles each time a frame did not fit
+/// (that frame then starts the next batch), so a quiet connection's codec keeps a
+/// small buffer and a busy one gets large batches; a frame bigger than a whole batch
+/// goes alone. Every frame is decoded once, in order.
+#[test]
+fn frames_go_straight_into_the_codec_buffer_which_grows_with_the_batches() {
+    let runtime = runtime(BuiltinCodec::Json, None);
+    let mut instance = runtime.instantiate(1).expect("instance");
+    instance.open().expect("open");
+    let pads: Vec<usize> = (0..400usize)
+        .map(|i| {
+            if i == 300 {
+                FrameBatch::MAX_BYTES + 1000
+            } else {
+                (i * 53) % 300
+            }
+        })
+        .collect();
+    let frames: Vec<String> = pads
+        .iter()
+        .enumerate()
+        .map(|(i, pad)| {
+            format!(
+                r#"{{"type":"data","channel":"c0","seq":{},"payload":{{"i":{i},"pad":"{}"}}}}"#,
+                i + 1,
+                "p".repeat(*pad)
+            )
+        })
+        .collect();
+    let mut batch = FrameBatch::default();
+    let mut sizes = Vec::new();
+    let mut records = Vec::new();
+    let mut next = frames.iter();
+    let mut carried: Option<&String> = None;
+    while let Some(frame) = carried.take().or_else(|| next.next()) {
+        if instance
+            .add_frame(&mut batch, frame.as_bytes(), false)
+            .expect("add_frame")
+        {
+            continue;
+        }
+        assert!(!batch.is_empty(), "a frame always fits an empty batch");
+        sizes.push(batch.len());
+        records.extend(owned(instance.decode(&mut batch).expect("decode")));
+        assert!(batch.is_empty(), "decode empties the batch");
+        carried = Some(frame);
+    }
+    sizes.push(batch.len());
+    records.extend(owned(instance.decode(&mut batch).expect("decode")));
+
+    assert!(
+        records.iter().all(|record| record.0 == kind::DATA),
+        "no gap, nothing malformed: {:?}",
+        records.iter().find(|record| record.0 != kind::DATA)
+    );
+    let indexes: Vec<usize> = records
+        .iter()
+        .map(|record| {
+            let payload: serde_json::Value = serde_json::from_str(&record.3).expect("JSON");
+            assert_eq!(
+                payload["pad"].as_str().map(str::len),
+                Some(pads[payload["i"].as_u64().expect("i") as usize])
+            );
+            payload["i"].as_u64().expect("i") as usize
+        })
+        .collect();
+    assert_eq!(indexes, (0..frames.len()).collect::<Vec<_>>());
+    assert_eq!(
+        sizes[0], 1,
+        "the first buffer fits the first frame: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|size| *size > 100),
+        "the buffer grew with the batches: {sizes:?}"
+    );
+    assert_eq!(sizes.iter().sum::<usize>(), frames.len());
 }

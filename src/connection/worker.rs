@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Message as WsMessage, WebSocket};
+use tungstenite::{Bytes, Message as WsMessage, WebSocket};
 
 use super::poll::{self, Woken};
 use super::rate_limit::RateLimiter;
@@ -213,7 +213,10 @@ struct Link {
     channels: HashMap<Box<[u8]>, ChannelState>,
     /// Next time per-channel staleness is checked.
     next_stale_check: Option<Instant>,
+    /// The frames of the batch being read, in the codec's input buffer.
     frames: FrameBatch,
+    /// A frame read that did not fit the batch: the first of the next one.
+    carried: Option<(Bytes, bool)>,
     /// The channel of data frames while the codec lets them pass through unchanged
     /// (a `PASSTHROUGH` record): they go to the consumer without a decode call.
     passthrough: Option<Box<[u8]>>,
@@ -290,6 +293,7 @@ impl Link {
             channels: HashMap::new(),
             next_stale_check: None,
             frames: FrameBatch::default(),
+            carried: None,
             passthrough: None,
             outgoing: Chunk::default(),
             outgoing_counted: 0,
@@ -743,7 +747,6 @@ impl Link {
     /// `Ok(true)` when more may be waiting.
     #[inline(never)]
     fn read_and_decode(&mut self, codec: &mut CodecInstance) -> Result<bool, Ended> {
-        self.frames.clear();
         let mut bytes = 0u64;
         let mut received_ns = 0u64;
         let mut more = false;
@@ -762,46 +765,57 @@ impl Link {
                 more = true;
                 break;
             }
-            let ws = self.ws()?;
-            let read = ws.read();
-            if read.is_ok() {
-                messages_read += 1;
-            }
-            let (body, binary) = match read {
-                Ok(WsMessage::Text(text)) => (text.into(), false),
-                Ok(WsMessage::Binary(data)) => (data, true),
-                Ok(WsMessage::Ping(_)) => {
-                    self.needs_flush = true;
-                    continue;
-                }
-                Ok(WsMessage::Pong(_)) => {
-                    self.ping_outstanding_since = None;
-                    continue;
-                }
-                Ok(WsMessage::Close(frame)) => {
-                    // tungstenite queued our reply; try to get it out.
-                    let _ = self.ws()?.flush();
-                    let detail = close_detail(frame);
-                    // Frames read before the close (an auth rejection, last data,
-                    // replies) are decoded first.
-                    peer_closed = Some(detail);
-                    break;
-                }
-                Ok(WsMessage::Frame(_)) => continue,
-                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
-                    break
-                }
-                Err(err) => {
-                    read_failed = Some(read_error(err));
-                    break;
+            let (body, binary) = match self.carried.take() {
+                Some(frame) => frame,
+                None => {
+                    let read = self.ws()?.read();
+                    if read.is_ok() {
+                        messages_read += 1;
+                    }
+                    match read {
+                        Ok(WsMessage::Text(text)) => (text.into(), false),
+                        Ok(WsMessage::Binary(data)) => (data, true),
+                        Ok(WsMessage::Ping(_)) => {
+                            self.needs_flush = true;
+                            continue;
+                        }
+                        Ok(WsMessage::Pong(_)) => {
+                            self.ping_outstanding_since = None;
+                            continue;
+                        }
+                        Ok(WsMessage::Close(frame)) => {
+                            // tungstenite queued our reply; try to get it out.
+                            let _ = self.ws()?.flush();
+                            let detail = close_detail(frame);
+                            // Frames read before the close (an auth rejection, last
+                            // data, replies) are decoded first.
+                            peer_closed = Some(detail);
+                            break;
+                        }
+                        Ok(WsMessage::Frame(_)) => continue,
+                        Err(tungstenite::Error::Io(err))
+                            if err.kind() == io::ErrorKind::WouldBlock =>
+                        {
+                            break
+                        }
+                        Err(err) => {
+                            read_failed = Some(read_error(err));
+                            break;
+                        }
+                    }
                 }
             };
             if received_ns == 0 {
                 received_ns = unix_ns();
             }
-            bytes += body.len() as u64;
             if self.passthrough.is_none() {
-                self.frames.push(&body, binary);
+                if !codec.add_frame(&mut self.frames, &body, binary)? {
+                    // The codec's buffer is full: this frame starts the next batch.
+                    self.carried = Some((body, binary));
+                    more = true;
+                    break;
+                }
+                bytes += body.len() as u64;
                 if self.frames.is_full() {
                     more = true;
                     break;
@@ -817,6 +831,7 @@ impl Link {
                     passed_channel.insert(channel)
                 }
             };
+            bytes += body.len() as u64;
             self.outgoing.push(channel, &body, received_ns);
             passed += 1;
             // The count is bounded by `messages_read` above; `bytes` are all passed
@@ -865,7 +880,7 @@ impl Link {
             self.context.events.push(self.event("resumed"));
         }
         if passed == 0 {
-            let records = codec.decode(&self.frames)?;
+            let records = codec.decode(&mut self.frames)?;
             self.apply_with_time(records, received_ns)?;
         }
         ended(peer_closed, read_failed)

@@ -2,10 +2,11 @@
 //! requests, unsubscribe, reconnect and re-subscribe, shutdown.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    pool_from, request_in_background, simulator, wait_for_event, wait_until, watchdog,
+    pool_from, request_in_background, simulator, wait_for_event, wait_until, watchdog, Acceptor,
 };
 use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
 
@@ -639,4 +640,82 @@ fn a_burst_of_requests_as_big_as_allowed_goes_through_one_healthy_connection() {
         assert!(reply.len() > body.len(), "request {index}: a short reply");
     }
     assert_eq!(pool.stats().reconnects, 0, "no connection was lost");
+}
+
+/// A venue that writes one burst of `data` frames of very different sizes (a few
+/// bytes up to more than one decode batch holds) the moment the client connects,
+/// then waits: the worker reads them in batches laid out in the codec's own buffer,
+/// which starts small and grows, so frames that do not fit one batch start the next.
+/// Every frame arrives once, whole and in order.
+#[test]
+fn a_burst_of_frames_of_every_size_arrives_whole_and_in_order() {
+    let _guard = watchdog("burst of sizes", Duration::from_secs(120));
+    // Pad lengths: mostly small, with frames of 40 KB, 120 KB and 300 KB among them
+    // (a decode batch holds 256 KiB).
+    let pads: Vec<usize> = (0..3000usize)
+        .map(|i| match i % 250 {
+            17 => 40_000,
+            101 => 120_000,
+            199 => 300_000,
+            _ => (i * 37) % 700,
+        })
+        .collect();
+    let frames: Arc<Vec<String>> = Arc::new(
+        pads.iter()
+            .enumerate()
+            .map(|(i, pad)| {
+                format!(
+                    r#"{{"type":"data","channel":"burst","seq":{},"payload":{{"i":{i},"pad":"{}"}}}}"#,
+                    i + 1,
+                    "p".repeat(*pad)
+                )
+            })
+            .collect(),
+    );
+    let acceptor = {
+        let frames = Arc::clone(&frames);
+        Acceptor::start(move |stream, stop| {
+            let Ok(mut ws) = tungstenite::accept(stream) else {
+                return;
+            };
+            for frame in frames.iter() {
+                if ws
+                    .write(tungstenite::Message::text(frame.as_str()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if ws.flush().is_err() {
+                return;
+            }
+            let _ = ws
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_millis(50)));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match ws.read() {
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(err))
+                        if matches!(
+                            err.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    let pool = pool_for(&acceptor.url(), 1, serde_json::json!({}));
+    let got = receive_on(&pool, "burst", pads.len(), Duration::from_secs(60));
+    for (i, message) in got.iter().enumerate() {
+        let payload: serde_json::Value =
+            serde_json::from_slice(&message.payload).expect("payload is JSON");
+        assert_eq!(payload["i"], i, "message {i} out of order");
+        let pad = payload["pad"].as_str().expect("pad");
+        assert_eq!(pad.len(), pads[i], "message {i} cut or mixed up");
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.sequence_gaps, 0);
+    assert_eq!(stats.malformed_frames, 0);
+    assert_eq!(stats.reconnects, 0);
 }
