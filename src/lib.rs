@@ -34,6 +34,7 @@ mod eventfd;
 pub mod ffi;
 mod http;
 mod pool;
+mod prefetch;
 mod queue;
 pub mod simulator;
 

@@ -145,6 +145,20 @@ impl Chunk {
                 self.channels.len() - 1
             }
         };
+        // Chunks come back from the consumer's core: ask for the lines about to be
+        // written before the stores reach them.
+        crate::prefetch::for_write(
+            self.data
+                .as_ptr()
+                .wrapping_add(self.data.len() + crate::prefetch::AHEAD_BYTES),
+        );
+        crate::prefetch::for_write(
+            self.entries
+                .as_ptr()
+                .wrapping_add(self.entries.len())
+                .cast::<u8>()
+                .wrapping_add(crate::prefetch::AHEAD_BYTES / 2),
+        );
         self.entries.push(Entry {
             start: self.data.len(),
             len: payload.len(),
