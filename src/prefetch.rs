@@ -19,8 +19,14 @@ mod imp {
     fn detect() -> bool {
         // CPUID leaf 0x8000_0001, ECX bit 8: PREFETCHW (Intel's PRFCHW, AMD's
         // 3DNowPrefetch). Leaf 0x8000_0000 says whether that leaf exists.
-        let has = std::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
-            && std::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0;
+        // `__cpuid` is a safe function from Rust 1.94 on, unsafe before (the crate
+        // builds from 1.85).
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let has = unsafe {
+            std::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
+                && std::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0
+        };
         SUPPORTED.store(if has { 1 } else { 2 }, Ordering::Relaxed);
         has
     }

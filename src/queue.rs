@@ -146,19 +146,16 @@ impl Chunk {
             }
         };
         // Chunks come back from the consumer's core: ask for the lines about to be
-        // written before the stores reach them.
-        crate::prefetch::for_write(
-            self.data
-                .as_ptr()
-                .wrapping_add(self.data.len() + crate::prefetch::AHEAD_BYTES),
-        );
-        crate::prefetch::for_write(
-            self.entries
-                .as_ptr()
-                .wrapping_add(self.entries.len())
-                .cast::<u8>()
-                .wrapping_add(crate::prefetch::AHEAD_BYTES / 2),
-        );
+        // written before the stores reach them (inside the buffers only: a line past
+        // them may be another thread's).
+        let ahead = self.data.len() + crate::prefetch::AHEAD_BYTES;
+        if ahead < self.data.capacity() {
+            crate::prefetch::for_write(self.data.as_ptr().wrapping_add(ahead));
+        }
+        let ahead = self.entries.len() + crate::prefetch::AHEAD_BYTES / 2 / size_of::<Entry>();
+        if ahead < self.entries.capacity() {
+            crate::prefetch::for_write(self.entries.as_ptr().wrapping_add(ahead).cast());
+        }
         self.entries.push(Entry {
             start: self.data.len(),
             len: payload.len(),

@@ -861,11 +861,14 @@ impl CodecInstance {
         }
         let at = frames.start + frames.used;
         let data = self.memory.data_mut(&mut self.store);
-        // A batch is larger than the first-level cache: ask for the lines ahead.
-        crate::prefetch::for_write(
-            data.as_ptr()
-                .wrapping_add(at + needed + crate::prefetch::AHEAD_BYTES),
-        );
+        // A batch is larger than the first-level cache: ask for the lines ahead (in
+        // the buffer only).
+        if frames.used + needed + crate::prefetch::AHEAD_BYTES < frames.capacity {
+            crate::prefetch::for_write(
+                data.as_ptr()
+                    .wrapping_add(at + needed + crate::prefetch::AHEAD_BYTES),
+            );
+        }
         // In range: the buffer was checked to hold `capacity` bytes, and nothing ran
         // in the module since.
         let Some(slot) = data.get_mut(at..at + needed) else {

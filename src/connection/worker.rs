@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Bytes, Message as WsMessage, WebSocket};
+use tungstenite::{Message as WsMessage, WebSocket};
 
 use super::poll::{self, Woken};
 use super::rate_limit::RateLimiter;
@@ -215,8 +215,6 @@ struct Link {
     next_stale_check: Option<Instant>,
     /// The frames of the batch being read, in the codec's input buffer.
     frames: FrameBatch,
-    /// A frame read that did not fit the batch: the first of the next one.
-    carried: Option<(Bytes, bool)>,
     /// The channel of data frames while the codec lets them pass through unchanged
     /// (a `PASSTHROUGH` record): they go to the consumer without a decode call.
     passthrough: Option<Box<[u8]>>,
@@ -293,7 +291,6 @@ impl Link {
             channels: HashMap::new(),
             next_stale_check: None,
             frames: FrameBatch::default(),
-            carried: None,
             passthrough: None,
             outgoing: Chunk::default(),
             outgoing_counted: 0,
@@ -765,44 +762,37 @@ impl Link {
                 more = true;
                 break;
             }
-            let (body, binary) = match self.carried.take() {
-                Some(frame) => frame,
-                None => {
-                    let read = self.ws()?.read();
-                    if read.is_ok() {
-                        messages_read += 1;
-                    }
-                    match read {
-                        Ok(WsMessage::Text(text)) => (text.into(), false),
-                        Ok(WsMessage::Binary(data)) => (data, true),
-                        Ok(WsMessage::Ping(_)) => {
-                            self.needs_flush = true;
-                            continue;
-                        }
-                        Ok(WsMessage::Pong(_)) => {
-                            self.ping_outstanding_since = None;
-                            continue;
-                        }
-                        Ok(WsMessage::Close(frame)) => {
-                            // tungstenite queued our reply; try to get it out.
-                            let _ = self.ws()?.flush();
-                            let detail = close_detail(frame);
-                            // Frames read before the close (an auth rejection, last
-                            // data, replies) are decoded first.
-                            peer_closed = Some(detail);
-                            break;
-                        }
-                        Ok(WsMessage::Frame(_)) => continue,
-                        Err(tungstenite::Error::Io(err))
-                            if err.kind() == io::ErrorKind::WouldBlock =>
-                        {
-                            break
-                        }
-                        Err(err) => {
-                            read_failed = Some(read_error(err));
-                            break;
-                        }
-                    }
+            let read = self.ws()?.read();
+            if read.is_ok() {
+                messages_read += 1;
+            }
+            let (body, binary) = match read {
+                Ok(WsMessage::Text(text)) => (text.into(), false),
+                Ok(WsMessage::Binary(data)) => (data, true),
+                Ok(WsMessage::Ping(_)) => {
+                    self.needs_flush = true;
+                    continue;
+                }
+                Ok(WsMessage::Pong(_)) => {
+                    self.ping_outstanding_since = None;
+                    continue;
+                }
+                Ok(WsMessage::Close(frame)) => {
+                    // tungstenite queued our reply; try to get it out.
+                    let _ = self.ws()?.flush();
+                    let detail = close_detail(frame);
+                    // Frames read before the close (an auth rejection, last
+                    // data, replies) are decoded first.
+                    peer_closed = Some(detail);
+                    break;
+                }
+                Ok(WsMessage::Frame(_)) => continue,
+                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
+                    break
+                }
+                Err(err) => {
+                    read_failed = Some(read_error(err));
+                    break;
                 }
             };
             if received_ns == 0 {
@@ -810,10 +800,24 @@ impl Link {
             }
             if self.passthrough.is_none() {
                 if !codec.add_frame(&mut self.frames, &body, binary)? {
-                    // The codec's buffer is full: this frame starts the next batch.
-                    self.carried = Some((body, binary));
-                    more = true;
-                    break;
+                    // The codec's buffer is full: what it holds is decoded now, and
+                    // this frame starts the next batch, decoded before this call
+                    // returns (a frame read is never left over for later, when a
+                    // command or a timer could have ended the session).
+                    self.took_frames(codec, 0, bytes, received_ns)?;
+                    bytes = 0;
+                    if !codec.add_frame(&mut self.frames, &body, binary)? {
+                        return Err(Ended::Failed(Error::Internal(
+                            "the codec's input buffer refused a frame into an empty batch".into(),
+                        )));
+                    }
+                    if self.passthrough.is_some() {
+                        // The records just applied turned passthrough on: the frames
+                        // after this one pass, this one (read before) is decoded.
+                        bytes += body.len() as u64;
+                        more = true;
+                        break;
+                    }
                 }
                 bytes += body.len() as u64;
                 if self.frames.is_full() {
@@ -857,6 +861,19 @@ impl Link {
         if self.frames.is_empty() && passed == 0 {
             return ended(peer_closed, read_failed);
         }
+        self.took_frames(codec, passed, bytes, received_ns)?;
+        ended(peer_closed, read_failed)
+    }
+
+    /// Counts the frames just read (`passed` already handed over, the rest laid out in
+    /// the codec's buffer) and decodes those in the buffer.
+    fn took_frames(
+        &mut self,
+        codec: &mut CodecInstance,
+        passed: usize,
+        bytes: u64,
+        received_ns: u64,
+    ) -> Result<(), Ended> {
         let frame_count = (self.frames.len() + passed) as u64;
         self.stats
             .messages_received
@@ -879,11 +896,11 @@ impl Link {
             self.stats.stale.store(false, Ordering::Relaxed);
             self.context.events.push(self.event("resumed"));
         }
-        if passed == 0 {
+        if !self.frames.is_empty() {
             let records = codec.decode(&mut self.frames)?;
             self.apply_with_time(records, received_ns)?;
         }
-        ended(peer_closed, read_failed)
+        Ok(())
     }
 
     #[inline(never)]
