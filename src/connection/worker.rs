@@ -717,10 +717,27 @@ impl Link {
                 request_id,
                 payload,
             } => {
+                let records = match codec.encode(op::REQUEST, request_id as i64, &[], &payload) {
+                    Ok(records) => records,
+                    Err(failure) => {
+                        // The codec failed on this request before anything was
+                        // written: its caller hears so now, and it is not sent again
+                        // on another connection (the same codec would fail there
+                        // too). The session ends: the codec's state is broken.
+                        self.context.requests.complete(
+                            request_id,
+                            self.id,
+                            Err(Error::Codec(format!(
+                                "encoding the request failed, nothing was sent: {}",
+                                failure.0
+                            ))),
+                        );
+                        return Err(Ended::from(failure));
+                    }
+                };
                 // Marked before the frame goes out: a failure while writing it may or
                 // may not have delivered it, which is exactly "in flight".
                 self.in_flight.insert(request_id);
-                let records = codec.encode(op::REQUEST, request_id as i64, &[], &payload)?;
                 // A REQUEST_ERROR straight from encode is the codec refusing the body:
                 // nothing was sent, and it is the caller's error, not the venue's.
                 self.encoding_request = Some(request_id);

@@ -1,5 +1,6 @@
 ;; A codec that traps: a minimal working ABI v1 codec, except that wirepool_decode
-;; executes `unreachable` when a frame's body starts with 'X' (0x58).
+;; executes `unreachable` when a frame's body starts with 'X' (0x58), and
+;; wirepool_encode does when a request's payload does.
 ;;
 ;; Otherwise: wirepool_open emits READY; wirepool_encode SUBSCRIBE emits SUBSCRIBED with
 ;; the channel and the command id (other ops emit nothing); wirepool_decode emits one
@@ -91,6 +92,13 @@
   (func (export "wirepool_encode") (param $op i32) (param $id i64) (param $channel_len i32)
                                    (param $payload_len i32) (result i32)
     (global.set $output_len (i32.const 0))
+    ;; The misbehaviour under test: a request whose payload starts with 'X'.
+    (if (i32.and (i32.eq (local.get $op) (i32.const 3))
+                 (i32.gt_u (local.get $payload_len) (i32.const 0)))
+      (then
+        (if (i32.eq (i32.load8_u (i32.add (global.get $input) (local.get $channel_len)))
+                    (i32.const 0x58))
+          (then unreachable))))
     (if (i32.eq (local.get $op) (i32.const 1))
       (then
         (call $header (global.get $output) (i32.const 7) (local.get $channel_len) (i32.const 0)

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{compile_wat, wait_for_event, watchdog, ScriptServer};
-use wirepool::{Config, Pool};
+use wirepool::{Config, Error, Pool, RequestOptions};
 
 fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &str) {
     let _guard = watchdog("codec sandbox", Duration::from_secs(60));
@@ -80,4 +80,49 @@ fn memory_hog_codec_is_stopped_by_its_memory_limit() {
         "memory_hog",
         "wirepool_decode grew its memory past the 16 MiB limit",
     );
+}
+
+/// A request whose payload makes the codec trap while encoding it fails at once with
+/// a codec error saying nothing was sent, not "connection lost" (the venue never saw
+/// it), and, marked idempotent, it is not sent again on the other connection, where
+/// the same codec would trap too: one connection is lost and replaced, not two.
+#[test]
+fn a_request_the_codec_traps_on_fails_as_not_sent_and_costs_one_connection() {
+    let _guard = watchdog("encode trap", Duration::from_secs(60));
+    let server = ScriptServer::start();
+    let path = compile_wat("trap");
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "pool": {"min_connections": 2, "max_connections": 2},
+            "codec": {"path": path, "max_call_ms": 50, "max_memory_mb": 16},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
+        })
+        .to_string(),
+    )
+    .expect("valid config");
+    let pool = Pool::new(config).expect("pool opens");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("both connections ready");
+    let outcome = pool.request(
+        b"X marks the spot",
+        RequestOptions {
+            timeout: Some(Duration::from_secs(20)),
+            idempotent: true,
+        },
+    );
+    match outcome {
+        Err(Error::Codec(text)) => {
+            assert!(text.contains("nothing was sent"), "{text}");
+            assert!(text.contains("trapped"), "{text}");
+        }
+        other => panic!("expected a codec error saying nothing was sent, got {other:?}"),
+    }
+    wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "a replacement ready",
+        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
+    );
+    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
 }
