@@ -70,6 +70,9 @@ pub(crate) enum Report {
         connection_id: u64,
         channel: String,
         reason: String,
+        /// The codec itself failed encoding the subscription (and the connection is
+        /// ending), rather than the venue refusing it.
+        codec_failed: bool,
     },
     /// The codec reported shared state under `key`.
     Shared {

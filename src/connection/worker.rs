@@ -701,7 +701,24 @@ impl Link {
             } => {
                 self.track_channel(&channel, true);
                 let records =
-                    codec.encode(op::SUBSCRIBE, command_id as i64, channel.as_bytes(), &[])?;
+                    match codec.encode(op::SUBSCRIBE, command_id as i64, channel.as_bytes(), &[]) {
+                        Ok(records) => records,
+                        Err(failure) => {
+                            // The pool counts these per channel: a channel the codec
+                            // fails on wherever it goes must not take down every
+                            // connection in turn.
+                            let _ = self.context.reports.send(Report::SubscribeFailed {
+                                connection_id: self.id,
+                                channel: channel.to_string(),
+                                reason: format!(
+                                    "the codec failed while encoding the subscription: {}",
+                                    failure.0
+                                ),
+                                codec_failed: true,
+                            });
+                            return Err(Ended::from(failure));
+                        }
+                    };
                 self.apply(records)?;
             }
             Command::Unsubscribe {
@@ -1145,6 +1162,7 @@ impl Link {
                         connection_id: self.id,
                         channel,
                         reason,
+                        codec_failed: false,
                     });
                 }
                 kind::ERROR => {

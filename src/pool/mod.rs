@@ -976,7 +976,23 @@ pub(crate) fn max_request_bytes(config: &Config) -> usize {
 struct Placement {
     owner: Option<u64>,
     confirmed: bool,
+    /// Connections whose codec failed encoding this channel's subscription.
+    codec_failures: u32,
 }
+
+impl Placement {
+    /// On no connection (its own is gone or going); what the codec did with it stays.
+    fn unplace(&mut self) {
+        self.owner = None;
+        self.confirmed = false;
+    }
+}
+
+/// A channel whose subscription the codec failed to encode on this many connections is
+/// dropped from the desired set: the same codec would fail on it wherever it went,
+/// taking every connection down in turn. (One failure may be the connection's own: a
+/// time budget overrun on a loaded machine.)
+const MAX_SUBSCRIBE_CODEC_FAILURES: u32 = 2;
 
 /// A token rotation: replacement connection id -> the connection it replaces.
 struct Rotation {
@@ -1600,7 +1616,7 @@ impl PoolThread {
         self.stop_routing(connection_id);
         for placement in self.desired.values_mut() {
             if placement.owner == Some(connection_id) {
-                *placement = Placement::default();
+                placement.unplace();
             }
         }
         self.place_unowned();
@@ -1886,11 +1902,31 @@ impl PoolThread {
                 connection_id,
                 channel,
                 reason,
+                codec_failed,
             } => {
                 log::warn!("connection {connection_id}: subscribing {channel} failed: {reason}");
                 if let Some(placement) = self.desired.get_mut(channel.as_str()) {
                     if placement.owner == Some(connection_id) {
                         placement.confirmed = false;
+                    }
+                    if codec_failed {
+                        placement.codec_failures += 1;
+                        if placement.codec_failures >= MAX_SUBSCRIBE_CODEC_FAILURES {
+                            // Not re-placed when its connection's end is reported.
+                            self.desired.remove(channel.as_str());
+                            self.publish_connections();
+                            self.inner.events.push(
+                                Event::new("subscribe_failed")
+                                    .connection(connection_id)
+                                    .channel(channel.clone())
+                                    .message(format!(
+                                        "{reason}; the codec failed on this subscription on \
+                                         {MAX_SUBSCRIBE_CODEC_FAILURES} connections, so the \
+                                         channel is dropped from the subscriptions \
+                                         (subscribe again to retry)"
+                                    )),
+                            );
+                        }
                     }
                 }
             }
@@ -1949,7 +1985,7 @@ impl PoolThread {
                     .collect();
                 for channel in &orphans {
                     if let Some(placement) = self.desired.get_mut(channel) {
-                        *placement = Placement::default();
+                        placement.unplace();
                     }
                 }
                 self.place_unowned();

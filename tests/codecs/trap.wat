@@ -1,6 +1,6 @@
 ;; A codec that traps: a minimal working ABI v1 codec, except that wirepool_decode
 ;; executes `unreachable` when a frame's body starts with 'X' (0x58), and
-;; wirepool_encode does when a request's payload does.
+;; wirepool_encode does when a request's payload or a subscription's channel does.
 ;;
 ;; Otherwise: wirepool_open emits READY; wirepool_encode SUBSCRIBE emits SUBSCRIBED with
 ;; the channel and the command id (other ops emit nothing); wirepool_decode emits one
@@ -98,6 +98,12 @@
       (then
         (if (i32.eq (i32.load8_u (i32.add (global.get $input) (local.get $channel_len)))
                     (i32.const 0x58))
+          (then unreachable))))
+    ;; And a subscription whose channel starts with 'X'.
+    (if (i32.and (i32.eq (local.get $op) (i32.const 1))
+                 (i32.gt_u (local.get $channel_len) (i32.const 0)))
+      (then
+        (if (i32.eq (i32.load8_u (global.get $input)) (i32.const 0x58))
           (then unreachable))))
     (if (i32.eq (local.get $op) (i32.const 1))
       (then

@@ -126,3 +126,62 @@ fn a_request_the_codec_traps_on_fails_as_not_sent_and_costs_one_connection() {
     );
     assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
 }
+
+/// A channel whose subscription makes the codec trap is dropped from the subscriptions
+/// once the codec failed on it on two connections (one failure could be the
+/// connection's own), with a `subscribe_failed` event that says so: it does not go
+/// from connection to connection taking each down for ever. The pool then carries on
+/// with its other channels.
+#[test]
+fn a_channel_the_codec_traps_on_is_dropped_after_two_connections_fail_on_it() {
+    let _guard = watchdog("poison channel", Duration::from_secs(60));
+    let server = ScriptServer::start();
+    let path = compile_wat("trap");
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "pool": {"min_connections": 2, "max_connections": 2},
+            "codec": {"path": path, "max_call_ms": 50, "max_memory_mb": 16},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
+        })
+        .to_string(),
+    )
+    .expect("valid config");
+    let pool = Pool::new(config).expect("pool opens");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("both connections ready");
+    pool.subscribe("good").expect("subscribe");
+    pool.subscribe("Xbad").expect("subscribe");
+    let events = wait_for_event(
+        &pool,
+        Duration::from_secs(20),
+        "the bad channel dropped",
+        |event| {
+            event.kind == "subscribe_failed"
+                && event.channel.as_deref() == Some("Xbad")
+                && event
+                    .message
+                    .as_deref()
+                    .is_some_and(|text| text.contains("dropped"))
+        },
+    );
+    let text = events.last().and_then(|event| event.message.clone());
+    assert!(
+        text.as_deref().is_some_and(|text| text.contains("trapped")),
+        "{text:?}"
+    );
+    let failed = events
+        .iter()
+        .filter(|event| event.kind == "codec_failed")
+        .count();
+    assert!(failed <= 2, "{failed} connections failed on one channel");
+    // The pool recovers: both connections ready, the good channel confirmed, and
+    // nothing left of the bad one.
+    crate::support::wait_until(&pool, Duration::from_secs(20), "a healthy pool", || {
+        let stats = pool.stats();
+        stats.ready_connections == 2 && stats.subscriptions_active == 1
+    });
+    let stats = pool.stats();
+    assert_eq!(stats.subscriptions, 1, "{stats:?}");
+    assert!(server.accepted() <= 4, "{} connections", server.accepted());
+}
