@@ -988,10 +988,11 @@ impl Placement {
     }
 }
 
-/// A channel whose subscription the codec failed to encode on this many connections is
-/// dropped from the desired set: the same codec would fail on it wherever it went,
-/// taking every connection down in turn. (One failure may be the connection's own: a
-/// time budget overrun on a loaded machine.)
+/// A channel whose subscription the codec failed to encode on this many connections in
+/// a row (a confirmed subscription starts the count again) is dropped from the desired
+/// set: the same codec would fail on it wherever it went, taking every connection down
+/// in turn. (One failure may be the connection's own: a time budget overrun on a
+/// loaded machine.)
 const MAX_SUBSCRIBE_CODEC_FAILURES: u32 = 2;
 
 /// A token rotation: replacement connection id -> the connection it replaces.
@@ -1894,6 +1895,9 @@ impl PoolThread {
                 if let Some(placement) = self.desired.get_mut(channel.as_str()) {
                     if placement.owner == Some(connection_id) {
                         placement.confirmed = true;
+                        // A codec that failed on it once and then took it was not
+                        // failing because of the channel.
+                        placement.codec_failures = 0;
                     }
                 }
                 self.publish_connections();
