@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use crate::support::{compile_wat, wait_for_event, watchdog, ScriptServer};
 use wirepool::{Config, Error, Pool, RequestOptions};
 
-fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &str) {
-    let _guard = watchdog("codec sandbox", Duration::from_secs(60));
+/// A pool of two connections, both ready, to a script server, with the test codec
+/// `codec` (tests/codecs/<codec>.wat), a 50 ms call budget and 16 MiB of memory.
+fn two_connections_with(codec: &str) -> (ScriptServer, Pool) {
     let server = ScriptServer::start();
     let path = compile_wat(codec);
     let config = Config::from_json(
@@ -23,6 +24,12 @@ fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &st
     let pool = Pool::new(config).expect("pool opens");
     pool.wait_ready(Duration::from_secs(10))
         .expect("both connections ready");
+    (server, pool)
+}
+
+fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &str) {
+    let _guard = watchdog("codec sandbox", Duration::from_secs(60));
+    let (server, pool) = two_connections_with(codec);
     assert_eq!(server.accepted(), 2);
 
     server.poison_one();
@@ -89,21 +96,7 @@ fn memory_hog_codec_is_stopped_by_its_memory_limit() {
 #[test]
 fn a_request_the_codec_traps_on_fails_as_not_sent_and_costs_one_connection() {
     let _guard = watchdog("encode trap", Duration::from_secs(60));
-    let server = ScriptServer::start();
-    let path = compile_wat("trap");
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": server.url()}],
-            "pool": {"min_connections": 2, "max_connections": 2},
-            "codec": {"path": path, "max_call_ms": 50, "max_memory_mb": 16},
-            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
-        })
-        .to_string(),
-    )
-    .expect("valid config");
-    let pool = Pool::new(config).expect("pool opens");
-    pool.wait_ready(Duration::from_secs(10))
-        .expect("both connections ready");
+    let (server, pool) = two_connections_with("trap");
     let outcome = pool.request(
         b"X marks the spot",
         RequestOptions {
@@ -135,21 +128,7 @@ fn a_request_the_codec_traps_on_fails_as_not_sent_and_costs_one_connection() {
 #[test]
 fn a_channel_the_codec_traps_on_is_dropped_after_two_connections_fail_on_it() {
     let _guard = watchdog("poison channel", Duration::from_secs(60));
-    let server = ScriptServer::start();
-    let path = compile_wat("trap");
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": server.url()}],
-            "pool": {"min_connections": 2, "max_connections": 2},
-            "codec": {"path": path, "max_call_ms": 50, "max_memory_mb": 16},
-            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
-        })
-        .to_string(),
-    )
-    .expect("valid config");
-    let pool = Pool::new(config).expect("pool opens");
-    pool.wait_ready(Duration::from_secs(10))
-        .expect("both connections ready");
+    let (server, pool) = two_connections_with("trap");
     pool.subscribe("good").expect("subscribe");
     pool.subscribe("Xbad").expect("subscribe");
     let events = wait_for_event(
