@@ -850,7 +850,8 @@ impl CodecInstance {
             let size = needed.max(frames.goal);
             frames.start = self
                 .input_offset(size)
-                .map_err(|failure| frames.context(failure, 1, needed))?;
+                // The first frame of the batch: the batch is this frame.
+                .map_err(|failure| FrameBatch::context(failure, 1, needed))?;
             frames.capacity = size;
             frames.used = 0;
         } else if frames.used + needed > frames.capacity {
@@ -892,7 +893,7 @@ impl CodecInstance {
         let (count, bytes) = (frames.count, frames.used);
         frames.count = 0;
         frames.used = 0;
-        let context = move |failure: CodecFailure| FrameBatch::context_of(failure, count, bytes);
+        let context = move |failure: CodecFailure| FrameBatch::context(failure, count, bytes);
         self.arm();
         let code = self
             .decode
@@ -974,16 +975,8 @@ impl FrameBatch {
         self.count
     }
 
-    fn context(
-        &self,
-        failure: CodecFailure,
-        extra_count: usize,
-        extra_bytes: usize,
-    ) -> CodecFailure {
-        Self::context_of(failure, self.count + extra_count, self.used + extra_bytes)
-    }
-
-    fn context_of(CodecFailure(text): CodecFailure, count: usize, bytes: usize) -> CodecFailure {
+    /// `failure` with the size of the batch it happened on.
+    fn context(CodecFailure(text): CodecFailure, count: usize, bytes: usize) -> CodecFailure {
         CodecFailure(format!(
             "{text} (decoding {count} frame(s), {bytes} bytes in all; a codec's memory \
              limit, codec.max_memory_mb, bounds the messages it can take)"

@@ -845,16 +845,11 @@ impl Link {
                             "the codec's input buffer refused a frame into an empty batch".into(),
                         )));
                     }
-                    if self.passthrough.is_some() {
-                        // The records just applied turned passthrough on: the frames
-                        // after this one pass, this one (read before) is decoded.
-                        bytes += body.len() as u64;
-                        more = true;
-                        break;
-                    }
                 }
                 bytes += body.len() as u64;
-                if self.frames.is_full() {
+                // Passthrough can only have come on with records applied just above:
+                // the frames after this one pass, this one (read before) is decoded.
+                if self.frames.is_full() || self.passthrough.is_some() {
                     more = true;
                     break;
                 }
