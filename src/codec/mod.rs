@@ -812,7 +812,22 @@ impl CodecInstance {
                     data.len()
                 ))
             })?;
-        Records::new(bytes).map_err(CodecFailure)
+        Ok(Records::new(bytes))
+    }
+
+    /// [`finish`](Self::finish) with every record's framing checked before any is
+    /// acted on: for the calls whose output is small (all but decode's), so that a
+    /// codec failing there fails before anything it asked for happens.
+    fn finish_checked(
+        &mut self,
+        export: &str,
+        code: wasmtime::Result<i32>,
+    ) -> CallResult<Records<'_>> {
+        let records = self.finish(export, code)?;
+        match records.count() {
+            Ok(_) => Ok(records),
+            Err(err) => Err(CodecFailure(format!("{export}'s output: {err}"))),
+        }
     }
 
     fn init(&mut self, config: &[u8], token: &[u8]) -> CallResult<()> {
@@ -823,14 +838,14 @@ impl CodecInstance {
         let code = self
             .init
             .call(&mut self.store, (config.len() as i32, token.len() as i32));
-        self.finish("wirepool_init", code).map(|_| ())
+        self.finish_checked("wirepool_init", code).map(|_| ())
     }
 
     /// The WebSocket is open.
     pub fn open(&mut self) -> CallResult<Records<'_>> {
         self.arm();
         let code = self.open.call(&mut self.store, ());
-        self.finish("wirepool_open", code)
+        self.finish_checked("wirepool_open", code)
     }
 
     /// Adds a frame to `frames`, writing it straight into the codec's input buffer in
@@ -889,6 +904,8 @@ impl CodecInstance {
     }
 
     /// Decodes the frames [`add_frame`](Self::add_frame) laid out, and empties `frames`.
+    /// The records' framing is checked as they are iterated: those before a broken one
+    /// are good records of frames read from the wire, and are acted on.
     pub fn decode(&mut self, frames: &mut FrameBatch) -> CallResult<Records<'_>> {
         let (count, bytes) = (frames.count, frames.used);
         frames.count = 0;
@@ -920,14 +937,14 @@ impl CodecInstance {
         let code = self
             .encode
             .call(&mut self.store, (operation, id, channel_len, payload_len));
-        self.finish("wirepool_encode", code)
+        self.finish_checked("wirepool_encode", code)
     }
 
     /// The periodic tick.
     pub fn tick(&mut self, now_ms: i64) -> CallResult<Records<'_>> {
         self.arm();
         let code = self.tick.call(&mut self.store, now_ms);
-        self.finish("wirepool_tick", code)
+        self.finish_checked("wirepool_tick", code)
     }
 }
 
@@ -996,7 +1013,9 @@ pub fn check_module_file(path: &str) -> Result<String> {
     let records = instance
         .open()
         .map_err(|failure| Error::Codec(format!("{path}: {failure}")))?;
-    let count = records.count();
+    let count = records
+        .count()
+        .map_err(|err| Error::Codec(format!("{path}: wirepool_open's output: {err}")))?;
     let declared = runtime
         .instance_pre
         .module()

@@ -40,7 +40,10 @@ pub(crate) struct Record<'a> {
     pub payload: &'a [u8],
 }
 
-/// The records of one call, checked for framing up front.
+/// The records of one call. Each record's framing is checked as the iteration reaches
+/// it (a pass ahead would cost a dependent load per record over an output larger than
+/// the first-level cache); a record that runs past the end ends the iteration with an
+/// error, after the records before it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Records<'a> {
     bytes: &'a [u8],
@@ -53,33 +56,9 @@ fn read_u32(bytes: &[u8], at: usize) -> u32 {
 }
 
 impl<'a> Records<'a> {
-    /// Validates the framing of every record so iteration cannot fail.
-    pub fn new(bytes: &'a [u8]) -> Result<Records<'a>, String> {
-        let mut at = 0;
-        while at < bytes.len() {
-            if bytes.len() - at < HEADER_LEN {
-                return Err(format!(
-                    "output record at offset {at} is cut short ({} bytes, header needs {HEADER_LEN})",
-                    bytes.len() - at
-                ));
-            }
-            let channel_len = read_u32(bytes, at + 4) as usize;
-            let payload_len = read_u32(bytes, at + 8) as usize;
-            let end = (at + HEADER_LEN)
-                .checked_add(channel_len)
-                .and_then(|end| end.checked_add(payload_len));
-            match end {
-                Some(end) if end <= bytes.len() => at = end,
-                _ => {
-                    return Err(format!(
-                        "output record at offset {at} claims {channel_len} + {payload_len} bytes, \
-                         past the end of the output ({} bytes)",
-                        bytes.len()
-                    ))
-                }
-            }
-        }
-        Ok(Records { bytes })
+    /// The records in `bytes`, to be checked as they are read.
+    pub fn new(bytes: &'a [u8]) -> Records<'a> {
+        Records { bytes }
     }
 
     /// Iterates the records.
@@ -90,42 +69,58 @@ impl<'a> Records<'a> {
         }
     }
 
-    /// Number of records.
-    pub fn count(&self) -> usize {
-        self.iter().count()
+    /// Number of records, or the first framing error.
+    pub fn count(&self) -> Result<usize, String> {
+        self.iter()
+            .try_fold(0, |count, record| record.map(|_| count + 1))
     }
 }
 
-/// Iterator over [`Records`].
+/// Iterator over [`Records`]: a record, or the error that ends the iteration.
 pub(crate) struct RecordIter<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Iterator for RecordIter<'a> {
-    type Item = Record<'a>;
+    type Item = Result<Record<'a>, String>;
 
-    fn next(&mut self) -> Option<Record<'a>> {
+    fn next(&mut self) -> Option<Self::Item> {
         let bytes = self.bytes;
         let at = self.at;
-        if at + HEADER_LEN > bytes.len() {
+        if at >= bytes.len() {
             return None;
+        }
+        // Whatever happens below, this is the last look at a broken record.
+        self.at = bytes.len();
+        if bytes.len() - at < HEADER_LEN {
+            return Some(Err(format!(
+                "output record at offset {at} is cut short ({} bytes, header needs {HEADER_LEN})",
+                bytes.len() - at
+            )));
         }
         let kind = read_u32(bytes, at);
         let channel_len = read_u32(bytes, at + 4) as usize;
         let payload_len = read_u32(bytes, at + 8) as usize;
+        let channel_start = at + HEADER_LEN;
+        let payload_start = channel_start.saturating_add(channel_len);
+        let end = payload_start.saturating_add(payload_len);
+        if end > bytes.len() {
+            return Some(Err(format!(
+                "output record at offset {at} claims {channel_len} + {payload_len} bytes, \
+                 past the end of the output ({} bytes)",
+                bytes.len()
+            )));
+        }
         let mut id = [0u8; 8];
         id.copy_from_slice(&bytes[at + 16..at + 24]);
-        let channel_start = at + HEADER_LEN;
-        let payload_start = channel_start + channel_len;
-        let end = payload_start + payload_len;
         self.at = end;
-        Some(Record {
+        Some(Ok(Record {
             kind,
             id: i64::from_le_bytes(id),
             channel: &bytes[channel_start..payload_start],
             payload: &bytes[payload_start..end],
-        })
+        }))
     }
 }
 
@@ -169,8 +164,12 @@ mod tests {
     fn parses_consecutive_records() {
         let mut bytes = record(kind::DATA, 0, b"ticker.1", b"{\"p\":1}");
         bytes.extend(record(kind::RESPONSE, 42, b"", b"ok"));
-        let records = Records::new(&bytes).expect("well formed");
-        let all: Vec<_> = records.iter().collect();
+        let records = Records::new(&bytes);
+        assert_eq!(records.count(), Ok(2));
+        let all: Vec<_> = records
+            .iter()
+            .map(|record| record.expect("well formed"))
+            .collect();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].channel, b"ticker.1");
         assert_eq!(all[1].id, 42);
@@ -178,12 +177,31 @@ mod tests {
     }
 
     #[test]
-    fn rejects_lengths_past_the_end() {
-        let mut bytes = record(kind::DATA, 0, b"a", b"b");
+    fn a_broken_record_ends_the_records_after_those_before_it() {
+        let good = record(kind::DATA, 0, b"a", b"b");
+        let mut bytes = good.clone();
+        bytes.extend(record(kind::DATA, 0, b"c", b"d"));
         bytes.truncate(bytes.len() - 1);
-        let err = Records::new(&bytes).expect_err("cut short");
-        assert!(err.contains("past the end"), "{err}");
-        let err = Records::new(&[1, 2, 3]).expect_err("short header");
+        let mut records = Records::new(&bytes).iter();
+        assert_eq!(
+            records.next().map(|record| record.map(|r| r.payload)),
+            Some(Ok(&b"b"[..]))
+        );
+        let err = records.next().expect("an error").expect_err("cut short");
+        assert!(
+            err.contains("offset 26") && err.contains("past the end"),
+            "{err}"
+        );
+        assert!(records.next().is_none(), "nothing after the error");
+        assert!(Records::new(&bytes).count().is_err());
+
+        let err = Records::new(&[1, 2, 3]).count().expect_err("short header");
         assert!(err.contains("cut short"), "{err}");
+        // A length near 2^32 does not wrap around.
+        let mut huge = record(kind::DATA, 0, b"", b"x");
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = Records::new(&huge).count().expect_err("too long");
+        assert!(err.contains("4294967295"), "{err}");
+        assert_eq!(Records::new(&[]).count(), Ok(0));
     }
 }

@@ -15,6 +15,7 @@ fn owned(records: Records<'_>) -> Vec<(u32, i64, String, String)> {
     records
         .iter()
         .map(|record| {
+            let record = record.expect("well-formed records");
             (
                 record.kind,
                 record.id,

@@ -1067,6 +1067,11 @@ impl Link {
         let mut data_now: Option<Instant> = None;
         let mut last_channel: Option<Arc<str>> = None;
         for record in records.iter() {
+            let record = record.map_err(|err| {
+                Ended::Failed(Error::Codec(format!(
+                    "the codec's output is malformed: {err}"
+                )))
+            })?;
             match record.kind {
                 kind::SEND_TEXT | kind::SEND_BINARY => {
                     let message = if record.kind == kind::SEND_TEXT {

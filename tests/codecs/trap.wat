@@ -1,6 +1,9 @@
 ;; A codec that traps: a minimal working ABI v1 codec, except that wirepool_decode
 ;; executes `unreachable` when a frame's body starts with 'X' (0x58), and
 ;; wirepool_encode does when a request's payload or a subscription's channel does.
+;; With the config `"bad_output"`, decode does not trap on such a frame: it writes the
+;; frame's record as usual and, after the batch's records, a header whose payload
+;; length runs past the end of the output.
 ;;
 ;; Otherwise: wirepool_open emits READY; wirepool_encode SUBSCRIBE emits SUBSCRIBED with
 ;; the channel and the command id (other ops emit nothing); wirepool_decode emits one
@@ -14,6 +17,8 @@
   (global $input i32 (i32.const 0x10000))
   (global $output (mut i32) (i32.const 0x10000))
   (global $output_len (mut i32) (i32.const 0))
+  ;; The config was `"bad_output"` (checked by its second byte).
+  (global $bad_output (mut i32) (i32.const 0))
 
   (func (export "wirepool_abi_version") (result i32)
     (i32.const 1))
@@ -50,6 +55,10 @@
 
   (func (export "wirepool_init") (param $config_len i32) (param $token_len i32) (result i32)
     (global.set $output_len (i32.const 0))
+    (if (i32.gt_u (local.get $config_len) (i32.const 1))
+      (then
+        (global.set $bad_output
+          (i32.eq (i32.load8_u offset=1 (global.get $input)) (i32.const 0x62)))))
     (i32.const 0))
 
   ;; READY at once.
@@ -64,6 +73,7 @@
     (local $out i32)
     (local $len i32)
     (local $index i32)
+    (local $broken i32)
     (local.set $in (global.get $input))
     (local.set $out (global.get $output))
     (block $done
@@ -74,7 +84,9 @@
         (if (i32.gt_u (local.get $len) (i32.const 0))
           (then
             (if (i32.eq (i32.load8_u offset=8 (local.get $in)) (i32.const 0x58))
-              (then unreachable))))
+              (then
+                (if (i32.eqz (global.get $bad_output)) (then unreachable))
+                (local.set $broken (i32.const 1))))))
         (call $header (local.get $out) (i32.const 4) (i32.const 1) (local.get $len) (i64.const 0))
         (i32.store8 offset=24 (local.get $out) (i32.const 0x74))
         (memory.copy
@@ -85,6 +97,12 @@
         (local.set $in (i32.add (local.get $in) (i32.add (i32.const 8) (local.get $len))))
         (local.set $index (i32.add (local.get $index) (i32.const 1)))
         (br $next)))
+    ;; After the good records: a DATA header claiming 2 GiB of payload.
+    (if (local.get $broken)
+      (then
+        (call $header (local.get $out) (i32.const 4) (i32.const 0) (i32.const 0x7fffffff)
+          (i64.const 0))
+        (local.set $out (i32.add (local.get $out) (i32.const 24)))))
     (global.set $output_len (i32.sub (local.get $out) (global.get $output)))
     (i32.const 0))
 

@@ -9,13 +9,23 @@ use wirepool::{Config, Error, Pool, RequestOptions};
 /// A pool of two connections, both ready, to a script server, with the test codec
 /// `codec` (tests/codecs/<codec>.wat), a 50 ms call budget and 16 MiB of memory.
 fn two_connections_with(codec: &str) -> (ScriptServer, Pool) {
+    two_connections_configured(codec, serde_json::Value::Null)
+}
+
+/// [`two_connections_with`], the codec given `codec_config`.
+fn two_connections_configured(
+    codec: &str,
+    codec_config: serde_json::Value,
+) -> (ScriptServer, Pool) {
     let server = ScriptServer::start();
     let path = compile_wat(codec);
     let config = Config::from_json(
         &serde_json::json!({
             "servers": [{"url": server.url()}],
             "pool": {"min_connections": 2, "max_connections": 2},
-            "codec": {"path": path, "max_call_ms": 50, "max_memory_mb": 16},
+            "codec": {
+                "path": path, "config": codec_config, "max_call_ms": 50, "max_memory_mb": 16,
+            },
             "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
         })
         .to_string(),
@@ -87,6 +97,48 @@ fn memory_hog_codec_is_stopped_by_its_memory_limit() {
         "memory_hog",
         "wirepool_decode grew its memory past the 16 MiB limit",
     );
+}
+
+/// A decode whose output records do not add up fails the connection with an error that
+/// says so; the good records before the broken one (data read from the wire) are
+/// delivered first.
+#[test]
+fn malformed_output_from_decode_fails_the_connection_after_its_good_records() {
+    let _guard = watchdog("malformed output", Duration::from_secs(60));
+    let (server, pool) = two_connections_configured("trap", serde_json::json!("bad_output"));
+    server.poison_one();
+    let events = wait_for_event(&pool, Duration::from_secs(20), "codec_failed", |event| {
+        event.kind == "codec_failed"
+    });
+    let failed = events.last().expect("the codec_failed event");
+    let reason = failed.message.clone().unwrap_or_default();
+    assert!(
+        reason.contains("the codec's output is malformed")
+            && reason.contains("claims 0 + 2147483647 bytes, past the end of the output"),
+        "{reason}"
+    );
+    let dead = failed.connection_id.expect("names its connection");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut delivered = false;
+    while !delivered && Instant::now() < deadline {
+        if let Some(message) = pool
+            .recv(Some(Duration::from_millis(200)))
+            .expect("pool open")
+        {
+            delivered = message.connection_id == dead && message.payload == b"X marks the spot";
+        }
+    }
+    assert!(
+        delivered,
+        "the frame's own record, before the broken one, was not delivered"
+    );
+    wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "a replacement ready",
+        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
+    );
+    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
 }
 
 /// A request whose payload makes the codec trap while encoding it fails at once with

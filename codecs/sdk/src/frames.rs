@@ -1,6 +1,8 @@
 //! The inbound frames of one `wirepool_decode` call: `[u32 len][u32 flags][body]`
 //! back to back, `count` times (`docs/codec-abi.md`, "Inbound frames").
 
+use core::cell::Cell;
+
 use crate::Fatal;
 
 const HEADER_LEN: usize = 8;
@@ -15,11 +17,15 @@ pub struct Frame<'a> {
     pub binary: bool,
 }
 
-/// Iterator over the frames of one batch, whose framing was checked up front.
+/// Iterator over the frames of one batch. Every frame's bounds are checked as it is
+/// reached: a layout that does not hold the frames it claims ends the iteration early
+/// (and, for [`Frames::lazy`], says so through its flag); [`Frames::parse`] checks the
+/// whole layout up front instead.
 #[derive(Debug, Clone)]
 pub struct Frames<'a> {
     rest: &'a [u8],
     remaining: usize,
+    broken: Option<&'a Cell<bool>>,
 }
 
 fn read_u32(bytes: &[u8]) -> u32 {
@@ -59,7 +65,36 @@ impl<'a> Frames<'a> {
         Ok(Frames {
             rest: batch,
             remaining: count,
+            broken: None,
         })
+    }
+
+    /// The frames of `batch` without a pass over the layout first: the runtime's
+    /// decode, where a frame's header is read once, as the codec reaches it (a pass
+    /// ahead costs a dependent load per frame over a batch larger than the first-level
+    /// cache). `broken` is set when a frame runs past the end of `batch`, or bytes
+    /// follow the last one.
+    pub(crate) fn lazy(
+        batch: &'a [u8],
+        count: i32,
+        broken: &'a Cell<bool>,
+    ) -> Result<Frames<'a>, Fatal> {
+        let Ok(count) = usize::try_from(count) else {
+            return Err(Fatal::new("negative frame count"));
+        };
+        Ok(Frames {
+            rest: batch,
+            remaining: count,
+            broken: Some(broken),
+        })
+    }
+
+    fn break_off(&mut self) -> Option<Frame<'a>> {
+        self.remaining = 0;
+        if let Some(broken) = self.broken {
+            broken.set(true);
+        }
+        None
     }
 
     /// Frames not yet iterated.
@@ -81,12 +116,23 @@ impl<'a> Iterator for Frames<'a> {
             return None;
         }
         let rest = self.rest;
-        // `parse` checked every header and length, so these slices are in bounds.
-        let len = read_u32(&rest[0..4]) as usize;
-        let flags = read_u32(&rest[4..8]);
-        let (body, tail) = rest[HEADER_LEN..].split_at(len);
+        let Some(header) = rest.get(..HEADER_LEN) else {
+            return self.break_off();
+        };
+        let len = read_u32(&header[0..4]) as usize;
+        let flags = read_u32(&header[4..8]);
+        let after = &rest[HEADER_LEN..];
+        if len > after.len() {
+            return self.break_off();
+        }
+        let (body, tail) = after.split_at(len);
         self.rest = tail;
         self.remaining -= 1;
+        if self.remaining == 0 && !tail.is_empty() {
+            if let Some(broken) = self.broken {
+                broken.set(true);
+            }
+        }
         Some(Frame {
             body,
             binary: flags & FLAG_BINARY != 0,
@@ -160,5 +206,42 @@ mod tests {
             "body cut short"
         );
         assert!(Frames::parse(&batch, -1).is_err(), "negative count");
+    }
+
+    #[test]
+    fn lazy_frames_flag_a_layout_that_does_not_hold_them() {
+        let mut batch = Vec::new();
+        let frames = [
+            Frame {
+                body: b"first",
+                binary: false,
+            },
+            Frame {
+                body: b"second",
+                binary: true,
+            },
+        ];
+        let count = encode_batch(frames, &mut batch);
+        let read = |bytes: &[u8], count: i32| {
+            let broken = Cell::new(false);
+            let frames: Vec<Frame> = Frames::lazy(bytes, count, &broken)
+                .expect("count is not negative")
+                .collect();
+            (frames.len(), broken.get())
+        };
+        assert_eq!(read(&batch, count), (2, false), "a good layout");
+        assert_eq!(read(&batch, count + 1), (2, true), "one frame too many");
+        assert_eq!(read(&batch, count - 1), (1, true), "bytes left over");
+        assert_eq!(
+            read(&batch[..batch.len() - 1], count),
+            (1, true),
+            "body cut short"
+        );
+        assert_eq!(
+            read(&batch[..5 + 8 + 4], count),
+            (1, true),
+            "header cut short"
+        );
+        assert!(Frames::lazy(&batch, -1, &Cell::new(false)).is_err());
     }
 }
