@@ -20,7 +20,7 @@ use wasmtime::{
     StoreLimitsBuilder, Trap, TypedFunc, ValType,
 };
 
-pub(crate) use records::{kind, op, Records};
+pub(crate) use records::{kind, op, RecordIter, Records};
 
 use crate::config::{BuiltinCodec, CodecConfig};
 use crate::error::{Error, Result};

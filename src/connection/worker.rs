@@ -27,7 +27,9 @@ use super::rate_limit::RateLimiter;
 use super::stack::StackTrim;
 use super::transport::{self, Stream};
 use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report, Waker};
-use crate::codec::{kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, Records};
+use crate::codec::{
+    kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, RecordIter, Records,
+};
 use crate::config::{Config, WsUrl};
 use crate::error::{Error, Result, TimeoutPhase};
 use crate::pool::{Event as PoolEvent, EventLog, PoolCounters, RequestTable, SharedData};
@@ -1063,15 +1065,35 @@ impl Link {
 
     /// Applies the records in order, collecting data in `outgoing`; stops at the first
     /// record that ends the session.
-    fn apply_records(&mut self, records: Records<'_>, mut received_ns: u64) -> Result<(), Ended> {
+    fn apply_records(&mut self, records: Records<'_>, received_ns: u64) -> Result<(), Ended> {
+        let mut records = records.iter();
+        let applied = self.apply_each(&mut records, received_ns);
+        if applied.is_err() {
+            // A record that ended the session (an auth failure, say) came before a
+            // broken one: the codec failed all the same, and that is what ended it.
+            if let Some(err) = records.find_map(Result::err) {
+                return Err(malformed_output(err));
+            }
+        }
+        if let Err(Ended::AuthFailed(reason)) = &applied {
+            self.context
+                .events
+                .push(self.event("auth_failed").message(reason.clone()));
+        }
+        applied
+    }
+
+    /// [`Self::apply_records`]' loop: stops at the first record that ends the session
+    /// or is broken (only decode's output can be, the others are checked up front).
+    fn apply_each(
+        &mut self,
+        records: &mut RecordIter<'_>,
+        mut received_ns: u64,
+    ) -> Result<(), Ended> {
         let mut data_now: Option<Instant> = None;
         let mut last_channel: Option<Arc<str>> = None;
-        for record in records.iter() {
-            let record = record.map_err(|err| {
-                Ended::Failed(Error::Codec(format!(
-                    "the codec's output is malformed: {err}"
-                )))
-            })?;
+        for record in records {
+            let record = record.map_err(malformed_output)?;
             match record.kind {
                 kind::SEND_TEXT | kind::SEND_BINARY => {
                     let message = if record.kind == kind::SEND_TEXT {
@@ -1201,10 +1223,9 @@ impl Link {
                     );
                 }
                 kind::AUTH_FAILED => {
+                    // The event goes out from `apply_records`, once no broken record
+                    // follows.
                     let reason = String::from_utf8_lossy(record.payload).into_owned();
-                    self.context
-                        .events
-                        .push(self.event("auth_failed").message(reason.clone()));
                     return Err(Ended::AuthFailed(reason));
                 }
                 kind::MALFORMED => {
@@ -1499,6 +1520,14 @@ impl Link {
 }
 
 /// The last address's error, saying how the addresses before it failed too.
+/// A broken record in decode's output (the other calls' outputs are checked whole
+/// before any record is acted on).
+fn malformed_output(err: String) -> Ended {
+    Ended::Failed(Error::Codec(format!(
+        "wirepool_decode's output is malformed: {err}"
+    )))
+}
+
 fn after_earlier(last: Error, earlier: &[Error]) -> Error {
     if earlier.is_empty() {
         return last;

@@ -3,7 +3,8 @@
 ;; wirepool_encode does when a request's payload or a subscription's channel does.
 ;; With the config `"bad_output"`, decode does not trap on such a frame: it writes the
 ;; frame's record as usual and, after the batch's records, a header whose payload
-;; length runs past the end of the output.
+;; length runs past the end of the output; with `"auth_failed_then_bad_output"`, an
+;; AUTH_FAILED record before that header.
 ;;
 ;; Otherwise: wirepool_open emits READY; wirepool_encode SUBSCRIBE emits SUBSCRIBED with
 ;; the channel and the command id (other ops emit nothing); wirepool_decode emits one
@@ -17,7 +18,8 @@
   (global $input i32 (i32.const 0x10000))
   (global $output (mut i32) (i32.const 0x10000))
   (global $output_len (mut i32) (i32.const 0))
-  ;; The config was `"bad_output"` (checked by its second byte).
+  ;; 1: the config was `"bad_output"`; 2: `"auth_failed_then_bad_output"` (told apart
+  ;; by their second byte).
   (global $bad_output (mut i32) (i32.const 0))
 
   (func (export "wirepool_abi_version") (result i32)
@@ -57,8 +59,10 @@
     (global.set $output_len (i32.const 0))
     (if (i32.gt_u (local.get $config_len) (i32.const 1))
       (then
-        (global.set $bad_output
-          (i32.eq (i32.load8_u offset=1 (global.get $input)) (i32.const 0x62)))))
+        (if (i32.eq (i32.load8_u offset=1 (global.get $input)) (i32.const 0x62))
+          (then (global.set $bad_output (i32.const 1))))
+        (if (i32.eq (i32.load8_u offset=1 (global.get $input)) (i32.const 0x61))
+          (then (global.set $bad_output (i32.const 2))))))
     (i32.const 0))
 
   ;; READY at once.
@@ -97,7 +101,12 @@
         (local.set $in (i32.add (local.get $in) (i32.add (i32.const 8) (local.get $len))))
         (local.set $index (i32.add (local.get $index) (i32.const 1)))
         (br $next)))
-    ;; After the good records: a DATA header claiming 2 GiB of payload.
+    ;; After the good records: a DATA header claiming 2 GiB of payload (after an
+    ;; AUTH_FAILED record without a reason, in the second mode).
+    (if (i32.and (local.get $broken) (i32.eq (global.get $bad_output) (i32.const 2)))
+      (then
+        (call $header (local.get $out) (i32.const 13) (i32.const 0) (i32.const 0) (i64.const 0))
+        (local.set $out (i32.add (local.get $out) (i32.const 24)))))
     (if (local.get $broken)
       (then
         (call $header (local.get $out) (i32.const 4) (i32.const 0) (i32.const 0x7fffffff)

@@ -101,20 +101,30 @@ fn memory_hog_codec_is_stopped_by_its_memory_limit() {
 
 /// A decode whose output records do not add up fails the connection with an error that
 /// says so; the good records before the broken one (data read from the wire) are
-/// delivered first.
-#[test]
-fn malformed_output_from_decode_fails_the_connection_after_its_good_records() {
+/// delivered first. With `auth_failed_first`, a record that would end the session
+/// (AUTH_FAILED) comes before the broken one: the codec's failure is still what is
+/// reported (not an auth failure, which the circuit breaker would count against the
+/// server).
+fn malformed_output_fails_the_connection_after_its_good_records(auth_failed_first: bool) {
     let _guard = watchdog("malformed output", Duration::from_secs(60));
-    let (server, pool) = two_connections_configured("trap", serde_json::json!("bad_output"));
+    let mode = if auth_failed_first {
+        "auth_failed_then_bad_output"
+    } else {
+        "bad_output"
+    };
+    let (server, pool) = two_connections_configured("trap", serde_json::json!(mode));
     server.poison_one();
-    let events = wait_for_event(&pool, Duration::from_secs(20), "codec_failed", |event| {
-        event.kind == "codec_failed"
-    });
-    let failed = events.last().expect("the codec_failed event");
+    let events = wait_for_event(
+        &pool,
+        Duration::from_secs(20),
+        "the connection's end",
+        |event| event.kind == "codec_failed" || event.kind == "auth_failed",
+    );
+    let failed = events.last().expect("the event");
+    assert_eq!(failed.kind, "codec_failed", "{failed:?}");
     let reason = failed.message.clone().unwrap_or_default();
     assert!(
-        reason.contains("the codec's output is malformed")
-            && reason.contains("claims 0 + 2147483647 bytes, past the end of the output"),
+        reason.contains("claims 0 + 2147483647 bytes, past the end of the output"),
         "{reason}"
     );
     let dead = failed.connection_id.expect("names its connection");
@@ -139,6 +149,16 @@ fn malformed_output_from_decode_fails_the_connection_after_its_good_records() {
         |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
     );
     assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
+}
+
+#[test]
+fn malformed_output_from_decode_fails_the_connection_after_its_good_records() {
+    malformed_output_fails_the_connection_after_its_good_records(false);
+}
+
+#[test]
+fn malformed_output_after_an_auth_failure_is_still_the_codec_failing() {
+    malformed_output_fails_the_connection_after_its_good_records(true);
 }
 
 /// A request whose payload makes the codec trap while encoding it fails at once with

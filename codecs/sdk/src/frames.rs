@@ -17,15 +17,26 @@ pub struct Frame<'a> {
     pub binary: bool,
 }
 
-/// Iterator over the frames of one batch. Every frame's bounds are checked as it is
-/// reached: a layout that does not hold the frames it claims ends the iteration early
-/// (and, for [`Frames::lazy`], says so through its flag); [`Frames::parse`] checks the
-/// whole layout up front instead.
+/// Iterator over the frames of one batch. [`Frames::parse`] checks the whole layout
+/// up front. The runtime's decode reads each frame's header only as the codec reaches
+/// it ([`decode_batch`]): a layout that turns out not to hold the frames it claims
+/// then ends the iteration early, and the call fails once the codec returns. (The
+/// layout is the engine's: a broken one is an engine bug.)
 #[derive(Debug, Clone)]
 pub struct Frames<'a> {
     rest: &'a [u8],
     remaining: usize,
-    broken: Option<&'a Cell<bool>>,
+    count: usize,
+    broken: Option<&'a Cell<Option<Break>>>,
+}
+
+/// How a layout read lazily broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Break {
+    /// Frame `index` (from 0) runs past the end of the bytes given.
+    PastEnd { index: usize },
+    /// Bytes follow the last frame.
+    LeftOver { bytes: usize },
 }
 
 fn read_u32(bytes: &[u8]) -> u32 {
@@ -48,56 +59,56 @@ impl<'a> Frames<'a> {
                 .filter(|end| *end <= batch.len());
             match end {
                 Some(end) => at = end,
-                None => {
-                    return Err(Fatal::new(format!(
-                        "decode input: frame {index} of {count} runs past the {} bytes given",
-                        batch.len()
-                    )))
-                }
+                None => return Err(past_end(index, count, batch.len())),
             }
         }
         if at != batch.len() {
-            return Err(Fatal::new(format!(
-                "decode input: {count} frames end at byte {at}, but {} bytes were given",
-                batch.len()
-            )));
+            return Err(left_over(batch.len() - at, count, batch.len()));
         }
         Ok(Frames {
             rest: batch,
             remaining: count,
+            count,
             broken: None,
         })
     }
 
-    /// The frames of `batch` without a pass over the layout first: the runtime's
-    /// decode, where a frame's header is read once, as the codec reaches it (a pass
-    /// ahead costs a dependent load per frame over a batch larger than the first-level
-    /// cache). `broken` is set when a frame runs past the end of `batch`, or bytes
-    /// follow the last one.
-    pub(crate) fn lazy(
+    /// The frames of `batch`, each frame's bounds checked as the iteration reaches it
+    /// (a pass ahead costs a dependent load per frame, over a batch larger than the
+    /// first-level cache): `broken` records the first break. Up front, only what costs
+    /// nothing: the count is not negative, there are at least 8 bytes per frame, and no
+    /// frames means no bytes.
+    fn lazy(
         batch: &'a [u8],
         count: i32,
-        broken: &'a Cell<bool>,
+        broken: &'a Cell<Option<Break>>,
     ) -> Result<Frames<'a>, Fatal> {
         let Ok(count) = usize::try_from(count) else {
             return Err(Fatal::new("negative frame count"));
         };
+        if count
+            .checked_mul(HEADER_LEN)
+            .is_none_or(|least| least > batch.len())
+        {
+            return Err(Fatal::new(format!(
+                "decode input: {count} frames cannot fit in the {} bytes given (8 bytes of \
+                 header each)",
+                batch.len()
+            )));
+        }
+        if count == 0 && !batch.is_empty() {
+            return Err(left_over(batch.len(), 0, batch.len()));
+        }
         Ok(Frames {
             rest: batch,
             remaining: count,
+            count,
             broken: Some(broken),
         })
     }
 
-    fn break_off(&mut self) -> Option<Frame<'a>> {
-        self.remaining = 0;
-        if let Some(broken) = self.broken {
-            broken.set(true);
-        }
-        None
-    }
-
-    /// Frames not yet iterated.
+    /// Frames not yet iterated (as the engine counted them: a broken layout ends the
+    /// iteration before).
     pub fn len(&self) -> usize {
         self.remaining
     }
@@ -105,6 +116,50 @@ impl<'a> Frames<'a> {
     /// No frames left.
     pub fn is_empty(&self) -> bool {
         self.remaining == 0
+    }
+
+    fn break_off(&mut self, how: Break) -> Option<Frame<'a>> {
+        self.remaining = 0;
+        if let Some(broken) = self.broken {
+            if broken.get().is_none() {
+                broken.set(Some(how));
+            }
+        }
+        None
+    }
+}
+
+fn past_end(index: usize, count: usize, len: usize) -> Fatal {
+    Fatal::new(format!(
+        "decode input: frame {index} of {count} runs past the {len} bytes given"
+    ))
+}
+
+fn left_over(bytes: usize, count: usize, len: usize) -> Fatal {
+    Fatal::new(format!(
+        "decode input: {bytes} of the {len} bytes given are left after the {count} frames"
+    ))
+}
+
+/// `codec.decode` of the `count` frames laid out in `batch`, the way the runtime's
+/// `wirepool_decode` runs it (and the test harness, so that its tests take the same
+/// path): frames checked as they are reached, and a layout found broken fails the
+/// call, whatever the codec made of the frames before. Frames a codec does not
+/// iterate are not checked.
+pub(crate) fn decode_batch<C: crate::Codec>(
+    codec: &mut C,
+    batch: &[u8],
+    count: i32,
+    out: &mut crate::Output,
+) -> Result<(), Fatal> {
+    let broken = Cell::new(None);
+    let frames = Frames::lazy(batch, count, &broken)?;
+    let count = frames.count;
+    codec.decode(frames, out)?;
+    match broken.get() {
+        None => Ok(()),
+        Some(Break::PastEnd { index }) => Err(past_end(index, count, batch.len())),
+        Some(Break::LeftOver { bytes }) => Err(left_over(bytes, count, batch.len())),
     }
 }
 
@@ -116,21 +171,24 @@ impl<'a> Iterator for Frames<'a> {
             return None;
         }
         let rest = self.rest;
+        let index = self.count - self.remaining;
         let Some(header) = rest.get(..HEADER_LEN) else {
-            return self.break_off();
+            return self.break_off(Break::PastEnd { index });
         };
         let len = read_u32(&header[0..4]) as usize;
         let flags = read_u32(&header[4..8]);
         let after = &rest[HEADER_LEN..];
         if len > after.len() {
-            return self.break_off();
+            return self.break_off(Break::PastEnd { index });
         }
         let (body, tail) = after.split_at(len);
         self.rest = tail;
         self.remaining -= 1;
         if self.remaining == 0 && !tail.is_empty() {
             if let Some(broken) = self.broken {
-                broken.set(true);
+                if broken.get().is_none() {
+                    broken.set(Some(Break::LeftOver { bytes: tail.len() }));
+                }
             }
         }
         Some(Frame {
@@ -208,8 +266,31 @@ mod tests {
         assert!(Frames::parse(&batch, -1).is_err(), "negative count");
     }
 
+    /// A codec that collects what it is given.
+    struct Collect(Vec<(Vec<u8>, bool)>);
+
+    impl crate::Codec for Collect {
+        fn init(_: &[u8], _: &[u8], _: &mut crate::Output) -> Result<Collect, Fatal> {
+            Ok(Collect(Vec::new()))
+        }
+
+        fn open(&mut self, _: &mut crate::Output) -> Result<(), Fatal> {
+            Ok(())
+        }
+
+        fn decode(&mut self, frames: Frames<'_>, _: &mut crate::Output) -> Result<(), Fatal> {
+            self.0
+                .extend(frames.map(|frame| (frame.body.to_vec(), frame.binary)));
+            Ok(())
+        }
+
+        fn encode(&mut self, _: crate::Command<'_>, _: &mut crate::Output) -> Result<(), Fatal> {
+            Ok(())
+        }
+    }
+
     #[test]
-    fn lazy_frames_flag_a_layout_that_does_not_hold_them() {
+    fn a_lazily_read_layout_that_does_not_hold_its_frames_fails_the_call() {
         let mut batch = Vec::new();
         let frames = [
             Frame {
@@ -222,26 +303,44 @@ mod tests {
             },
         ];
         let count = encode_batch(frames, &mut batch);
-        let read = |bytes: &[u8], count: i32| {
-            let broken = Cell::new(false);
-            let frames: Vec<Frame> = Frames::lazy(bytes, count, &broken)
-                .expect("count is not negative")
-                .collect();
-            (frames.len(), broken.get())
+        let run = |bytes: &[u8], count: i32| {
+            let mut codec = Collect(Vec::new());
+            let result = decode_batch(&mut codec, bytes, count, &mut crate::Output::new());
+            (codec.0.len(), result.map_err(|fatal| fatal.0))
         };
-        assert_eq!(read(&batch, count), (2, false), "a good layout");
-        assert_eq!(read(&batch, count + 1), (2, true), "one frame too many");
-        assert_eq!(read(&batch, count - 1), (1, true), "bytes left over");
-        assert_eq!(
-            read(&batch[..batch.len() - 1], count),
-            (1, true),
-            "body cut short"
+        assert_eq!(run(&batch, count), (2, Ok(())), "a good layout");
+        let (seen, result) = run(&batch, count + 1);
+        assert_eq!(seen, 2, "the frames before the break are decoded");
+        let err = result.expect_err("one frame too many");
+        assert!(
+            err.contains("frame 2 of 3 runs past the 27 bytes given"),
+            "{err}"
         );
-        assert_eq!(
-            read(&batch[..5 + 8 + 4], count),
-            (1, true),
-            "header cut short"
+        let err = run(&batch, count - 1).1.expect_err("bytes left over");
+        assert!(
+            err.contains("14 of the 27 bytes given are left after the 1 frames"),
+            "{err}"
         );
-        assert!(Frames::lazy(&batch, -1, &Cell::new(false)).is_err());
+        let err = run(&batch[..batch.len() - 1], count)
+            .1
+            .expect_err("body cut short");
+        assert!(err.contains("frame 1 of 2 runs past"), "{err}");
+        let err = run(&batch[..5 + 8 + 4], count)
+            .1
+            .expect_err("header cut short");
+        assert!(err.contains("frame 1 of 2 runs past"), "{err}");
+        // Checked before the codec runs: no frames with bytes, too many frames for
+        // the bytes (a bogus count must not make a codec reserve for it), a negative
+        // count.
+        let err = run(&batch, 0).1.expect_err("no frames, bytes given");
+        assert!(err.contains("27 of the 27 bytes given are left"), "{err}");
+        assert_eq!(run(&[], 0), (0, Ok(())));
+        let (seen, result) = run(&batch, i32::MAX);
+        assert_eq!(seen, 0);
+        assert!(result.expect_err("too many").contains("cannot fit"));
+        assert!(run(&batch, -1)
+            .1
+            .expect_err("negative")
+            .contains("negative"));
     }
 }

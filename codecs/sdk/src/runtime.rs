@@ -7,9 +7,9 @@
 //! export is the only code touching the state while it runs; the `unsafe fn`s below
 //! state that contract and the macro's exports are their only callers.
 
-use core::cell::{Cell, UnsafeCell};
+use core::cell::UnsafeCell;
 
-use crate::{log, Codec, Command, Fatal, Frames, Op, Output};
+use crate::{log, Codec, Command, Fatal, Op, Output};
 
 /// Per-instance state of one codec module.
 pub struct Runtime<C> {
@@ -109,20 +109,12 @@ impl<C: Codec> Runtime<C> {
     pub unsafe fn decode(&self, count: i32, total_len: i32) -> i32 {
         let state = self.state();
         state.output.clear();
-        let broken = Cell::new(false);
         let result = match state.codec.as_mut() {
-            Some(codec) => input_pair(&state.input, total_len, 0)
-                .and_then(|(batch, _)| Frames::lazy(batch, count, &broken))
-                .and_then(|frames| codec.decode(frames, &mut state.output)),
+            Some(codec) => input_pair(&state.input, total_len, 0).and_then(|(batch, _)| {
+                crate::frames::decode_batch(codec, batch, count, &mut state.output)
+            }),
             None => Err(not_initialised()),
         };
-        // An engine bug: whatever the codec made of the frames before, the call fails.
-        let result = result.and_then(|()| match broken.get() {
-            true => Err(Fatal::new(format!(
-                "decode input: {count} frames do not fit the {total_len} bytes given"
-            ))),
-            false => Ok(()),
-        });
         status("wirepool_decode", result)
     }
 

@@ -2,7 +2,7 @@
 //! unit tests and speed measurements of codec crates (`cargo test`).
 
 use crate::frames::encode_batch;
-use crate::{Codec, Command, Fatal, Frame, Frames, Op, Output};
+use crate::{Codec, Command, Fatal, Frame, Op, Output};
 
 /// One output record, copied out of the [`Output`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,8 +124,7 @@ impl<C: Codec> Harness<C> {
     /// `wirepool_decode` of the batch laid out last; returns the output's length.
     pub fn decode_batch(&mut self, count: i32) -> Result<usize, Fatal> {
         self.output.clear();
-        let frames = Frames::parse(&self.batch, count)?;
-        self.codec.decode(frames, &mut self.output)?;
+        crate::frames::decode_batch(&mut self.codec, &self.batch, count, &mut self.output)?;
         Ok(self.output.as_bytes().len())
     }
 
