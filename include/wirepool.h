@@ -341,7 +341,8 @@ const struct wirepool_message *wirepool_batch_messages(const struct wirepool_bat
 
 /*
  All channel and payload bytes of the last poll in one buffer (the messages'
- offsets point into it); its length goes to `out_len` when not NULL.
+ offsets point into it); its length goes to `out_len` when not NULL. The payloads
+ come first, back to back in message order from offset 0; the channel names follow.
  */
 const uint8_t *wirepool_batch_data(const struct wirepool_batch *batch, size_t *out_len);
 

@@ -704,7 +704,8 @@ pub unsafe extern "C" fn wirepool_batch_messages(
 }
 
 /// All channel and payload bytes of the last poll in one buffer (the messages'
-/// offsets point into it); its length goes to `out_len` when not NULL.
+/// offsets point into it); its length goes to `out_len` when not NULL. The payloads
+/// come first, back to back in message order from offset 0; the channel names follow.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_batch_data(
     batch: *const wirepool_batch,
@@ -724,8 +725,10 @@ pub unsafe extern "C" fn wirepool_batch_data(
 }
 
 impl wirepool_batch {
-    /// Lays the received messages out as C structs over one data buffer. A run of
-    /// messages on one channel shares one copy of the channel name.
+    /// Lays the received messages out as C structs over one data buffer: the payloads
+    /// back to back in message order from its start, then the channel names, a run of
+    /// messages on one channel sharing one copy (so a binding can cut every payload
+    /// out of the buffer by their lengths alone, in one call).
     fn fill(&mut self) {
         self.messages.clear();
         self.data.clear();
@@ -735,7 +738,10 @@ impl wirepool_batch {
             .map(|message| message.payload().len())
             .sum();
         self.data.reserve(total + 64);
-        let mut offsets = Vec::with_capacity(self.received.len());
+        for message in self.received.iter() {
+            self.data.extend_from_slice(message.payload());
+        }
+        let mut channel_offsets = Vec::with_capacity(self.received.len());
         let mut last_channel: Option<(*const u8, usize)> = None;
         for message in self.received.iter() {
             let channel = message.channel();
@@ -748,14 +754,13 @@ impl wirepool_batch {
                     offset
                 }
             };
-            let payload_offset = self.data.len();
-            self.data.extend_from_slice(message.payload());
-            offsets.push((channel_offset, payload_offset));
+            channel_offsets.push(channel_offset);
         }
         // Pointers are taken only now that the buffer no longer moves.
         let base = self.data.as_ptr();
-        for (message, (channel_offset, payload_offset)) in self.received.iter().zip(offsets) {
-            // SAFETY: both offsets lie within `data` (computed above).
+        let mut payload_offset = 0;
+        for (message, channel_offset) in self.received.iter().zip(channel_offsets) {
+            // SAFETY: both offsets lie within `data` (laid out above).
             let (channel, payload) =
                 unsafe { (base.add(channel_offset), base.add(payload_offset)) };
             self.messages.push(wirepool_message {
@@ -770,6 +775,7 @@ impl wirepool_batch {
                 kind: message.kind() as u32,
                 reserved: 0,
             });
+            payload_offset += message.payload().len();
         }
     }
 }

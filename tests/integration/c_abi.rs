@@ -186,6 +186,17 @@ fn subscribe_poll_request_and_close_through_the_c_abi() {
             let mut data_len = 0usize;
             let data = wirepool_batch_data(batch, &mut data_len);
             let data = std::slice::from_raw_parts(data, data_len);
+            // The documented layout: payloads back to back from offset 0 in message
+            // order, then the channel names (one copy for this run of one channel).
+            let mut payload_end = 0;
+            for message in messages {
+                assert_eq!(message.payload_offset, payload_end);
+                payload_end += message.payload_len;
+            }
+            if count > 0 {
+                assert!(messages.iter().all(|m| m.channel_offset == payload_end));
+                assert_eq!(data_len, payload_end + b"ticker.3".len());
+            }
             for message in messages {
                 let channel =
                     std::slice::from_raw_parts(message.channel.cast::<u8>(), message.channel_len);

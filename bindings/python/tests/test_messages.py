@@ -223,21 +223,20 @@ class _Names:
 
 def _batch(rows):
     """The struct array and data buffer the C batch fill would make for `rows` of
-    (channel, payload), one copy of the name per run, as `wirepool_batch_data` lays
-    them out."""
+    (channel, payload), as `wirepool_batch_data` lays them out: the payloads back to
+    back from offset 0, then one copy of the name per run."""
     from wirepool import _ffi
 
-    data = bytearray()
+    data = bytearray(b"".join(payload for _, payload in rows))
     structs = bytearray()
     last = None
     channel_offset = 0
+    payload_offset = 0
     for connection_id, (channel, payload) in enumerate(rows, start=1):
         if channel != last:
             channel_offset = len(data)
             data += channel
             last = channel
-        payload_offset = len(data)
-        data += payload
         message = _ffi.wirepool_message(
             channel_len=len(channel),
             payload_len=len(payload),
@@ -246,6 +245,7 @@ def _batch(rows):
             connection_id=connection_id,
             received_ns=1000 + connection_id,
         )
+        payload_offset += len(payload)
         structs += bytes(message)
     return bytes(structs), bytes(data)
 

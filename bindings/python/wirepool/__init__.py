@@ -36,7 +36,7 @@ from ctypes import byref, c_int, c_size_t, sizeof, string_at
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from itertools import repeat as _repeat
-from operator import add as _add, itemgetter as _itemgetter
+from operator import itemgetter as _itemgetter
 
 from . import _ffi
 from ._ffi import lib
@@ -244,6 +244,20 @@ class Message(tuple):
 
 
 _tuple_new = tuple.__new__
+
+
+class _Formats(dict):
+    """`struct` format codes for payloads by length (``"90s"``), made once per length."""
+
+    def __missing__(self, length: int) -> str:
+        if len(self) >= _MAX_CACHED_FORMATS:
+            self.clear()
+        code = self[length] = f"{length}s"
+        return code
+
+
+_MAX_CACHED_FORMATS = 65536
+_PAYLOAD_FORMATS = _Formats()
 
 _KIND_NAMES = {_ffi.WIREPOOL_MESSAGE_DATA: "data"}
 
@@ -615,9 +629,10 @@ class Pool(_Handle):
         # Column by column, each column by a C loop: no Python code runs per message.
         words = memoryview(raw).cast("Q")
         count = len(words) // _WORDS
-        payload_offsets = words[5::_WORDS].tolist()
-        payload_ends = list(map(_add, payload_offsets, words[3::_WORDS].tolist()))
-        payloads = list(map(data.__getitem__, map(slice, payload_offsets, payload_ends)))
+        # The payloads lie back to back from the start of `data` (docs/c-api.md): one
+        # struct unpack cuts them all out, by a format of their lengths.
+        lengths = words[3::_WORDS].tolist()
+        payloads = struct.Struct("".join(map(_PAYLOAD_FORMATS.__getitem__, lengths))).unpack_from(data)
         # A run of messages on one channel shares one copy of its name in `data`, so
         # the distinct names are few, and each copy's offset alone tells it apart; but
         # an empty name takes no bytes, so its offset may be another name's, and then
