@@ -742,15 +742,23 @@ impl wirepool_batch {
             self.data.extend_from_slice(message.payload());
         }
         let mut channel_offsets = Vec::with_capacity(self.received.len());
-        let mut last_channel: Option<(*const u8, usize)> = None;
+        // The name of the run, and where its copy is. Connections keep names of their
+        // own: the same pointer is the usual case, equal bytes the rest.
+        let mut last_channel: Option<(&str, usize)> = None;
         for message in self.received.iter() {
             let channel = message.channel();
             let channel_offset = match last_channel {
-                Some((name, offset)) if std::ptr::eq(name, channel.as_ptr()) => offset,
+                Some((name, offset))
+                    if std::ptr::eq(name.as_ptr(), channel.as_ptr())
+                        && name.len() == channel.len()
+                        || name == channel =>
+                {
+                    offset
+                }
                 _ => {
                     let offset = self.data.len();
                     self.data.extend_from_slice(channel.as_bytes());
-                    last_channel = Some((channel.as_ptr(), offset));
+                    last_channel = Some((channel, offset));
                     offset
                 }
             };
@@ -810,4 +818,78 @@ pub unsafe extern "C" fn wirepool_bytes_free(bytes: *mut wirepool_bytes) {
             drop(unsafe { Box::from_raw(bytes) });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Overflow;
+    use crate::queue::{Chunk, ConsumerQueue};
+
+    /// The documented layout: payloads back to back from offset 0, then one copy of the
+    /// name per run of messages on one channel, whichever connection each came from.
+    #[test]
+    fn a_batch_holds_the_payloads_first_then_one_name_per_run() {
+        let queue = ConsumerQueue::new(64, Overflow::Block).expect("queue");
+        // Two connections, each with its own copy of the name "c".
+        let (mine, theirs, other) = (
+            Arc::<str>::from("c"),
+            Arc::<str>::from("c"),
+            Arc::from("dd"),
+        );
+        let chunks = [
+            (1, vec![(&mine, "a"), (&mine, "bb")]),
+            (2, vec![(&theirs, ""), (&other, "ccc"), (&theirs, "d")]),
+        ];
+        for (connection_id, messages) in chunks {
+            let mut chunk = Chunk::default();
+            for (channel, payload) in messages {
+                chunk.push(channel, payload.as_bytes(), 1);
+            }
+            chunk.set_connection(connection_id);
+            queue.push_chunk(&mut chunk);
+        }
+        let mut batch = wirepool_batch {
+            capacity: 16,
+            received: MessageBatch::new(),
+            messages: Vec::new(),
+            data: Vec::new(),
+        };
+        let taken = queue.pop_into(&mut batch.received, 16, Some(Duration::ZERO));
+        assert_eq!(taken, Ok(5));
+        batch.fill();
+        assert_eq!(batch.data, b"abbcccdcddc");
+        let layout: Vec<_> = batch
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.payload_offset,
+                    m.payload_len,
+                    m.channel_offset,
+                    m.channel_len,
+                )
+            })
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                (0, 1, 7, 1),
+                (1, 2, 7, 1),
+                (3, 0, 7, 1),
+                (3, 3, 8, 2),
+                (6, 1, 10, 1)
+            ]
+        );
+        let base = batch.data.as_ptr();
+        for message in &batch.messages {
+            assert_eq!(message.payload, base.wrapping_add(message.payload_offset));
+            assert_eq!(
+                message.channel.cast::<u8>(),
+                base.wrapping_add(message.channel_offset)
+            );
+        }
+    }
 }

@@ -256,8 +256,8 @@ def test_batches_decode_to_messages_with_their_channels_and_payloads():
         (b"a", b"22"),
         (b"bb", b"333"),
         (b"a", b"4"),
-        # An empty name takes no bytes, and an empty payload neither: the next name
-        # then starts at the same offset as the empty one.
+        # An empty name takes no bytes: the next name starts at the same offset as
+        # the empty one, so offsets alone cannot key the names.
         (b"", b""),
         (b"cc", b"5"),
         (b"", b"6"),
@@ -276,6 +276,37 @@ def test_batches_decode_to_messages_with_their_channels_and_payloads():
     raw, data = _batch(rows)
     messages = wirepool.Pool._decode(_Names(), raw, data)
     assert [(m.channel, m.payload) for m in messages] == [("x", b"1"), ("y", b"2"), ("x", b"3")]
+
+
+def test_a_batch_in_the_layout_of_older_libraries_still_decodes():
+    # Before the payloads came first, each run's name stood before its payloads; a
+    # binding newer than its library must not cut payloads at the wrong places.
+    from wirepool import _ffi
+
+    rows = [(b"ticker.1", b'{"seq":1}'), (b"ticker.2", b'{"seq":2}'), (b"ticker.2", b"")]
+    data = bytearray()
+    structs = bytearray()
+    last = None
+    for connection_id, (channel, payload) in enumerate(rows, start=1):
+        if channel != last:
+            channel_offset = len(data)
+            data += channel
+            last = channel
+        structs += bytes(
+            _ffi.wirepool_message(
+                channel_len=len(channel),
+                payload_len=len(payload),
+                channel_offset=channel_offset,
+                payload_offset=len(data),
+                connection_id=connection_id,
+                received_ns=1,
+            )
+        )
+        data += payload
+    messages = wirepool.Pool._decode(_Names(), bytes(structs), bytes(data))
+    assert [(m.channel, m.payload) for m in messages] == [
+        (channel.decode(), payload) for channel, payload in rows
+    ]
 
 
 def test_building_a_batch_leaves_the_cyclic_collector_as_it_was():

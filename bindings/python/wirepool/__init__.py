@@ -36,7 +36,7 @@ from ctypes import byref, c_int, c_size_t, sizeof, string_at
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from itertools import repeat as _repeat
-from operator import itemgetter as _itemgetter
+from operator import add as _add, itemgetter as _itemgetter
 
 from . import _ffi
 from ._ffi import lib
@@ -630,9 +630,18 @@ class Pool(_Handle):
         words = memoryview(raw).cast("Q")
         count = len(words) // _WORDS
         # The payloads lie back to back from the start of `data` (docs/c-api.md): one
-        # struct unpack cuts them all out, by a format of their lengths.
-        lengths = words[3::_WORDS].tolist()
-        payloads = struct.Struct("".join(map(_PAYLOAD_FORMATS.__getitem__, lengths))).unpack_from(data)
+        # struct unpack cuts them all out, by a format of their lengths. A library
+        # from before that layout is told by the first and last offsets: its payloads
+        # are sliced out one by one.
+        payload_lengths = words[3::_WORDS].tolist()
+        layout = struct.Struct("".join(map(_PAYLOAD_FORMATS.__getitem__, payload_lengths)))
+        last = (count - 1) * _WORDS
+        if words[5] == 0 and words[last + 5] + words[last + 3] == layout.size:
+            payloads: Sequence[bytes] = layout.unpack_from(data)
+        else:
+            offsets = words[5::_WORDS].tolist()
+            ends = map(_add, offsets, payload_lengths)
+            payloads = list(map(data.__getitem__, map(slice, offsets, ends)))
         # A run of messages on one channel shares one copy of its name in `data`, so
         # the distinct names are few, and each copy's offset alone tells it apart; but
         # an empty name takes no bytes, so its offset may be another name's, and then
@@ -644,8 +653,8 @@ class Pool(_Handle):
             spans = {key: key for key in set(keys)}
         else:
             keys = channel_offsets
-            lengths = dict(zip(keys, channel_lengths))
-            spans = {offset: (offset, length) for offset, length in lengths.items()}
+            by_offset = dict(zip(keys, channel_lengths))
+            spans = {offset: (offset, length) for offset, length in by_offset.items()}
         names = {}
         for key, (offset, length) in spans.items():
             raw_name = data[offset : offset + length]
