@@ -37,6 +37,17 @@ fn two_connections_configured(
     (server, pool)
 }
 
+/// The pool's third connection becomes ready, and only one was ever replaced.
+fn expect_one_replacement(server: &ScriptServer, pool: &Pool) {
+    wait_for_event(
+        pool,
+        Duration::from_secs(10),
+        "a replacement ready",
+        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
+    );
+    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
+}
+
 fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &str) {
     let _guard = watchdog("codec sandbox", Duration::from_secs(60));
     let (server, pool) = two_connections_with(codec);
@@ -71,13 +82,7 @@ fn misbehaving_codec_loses_only_its_connection(codec: &str, expected_reason: &st
         survivor_messages >= 5,
         "the other connection stopped delivering"
     );
-    wait_for_event(
-        &pool,
-        Duration::from_secs(10),
-        "a replacement ready",
-        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
-    );
-    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
+    expect_one_replacement(&server, &pool);
     assert!(!pool.is_closed());
 }
 
@@ -142,13 +147,7 @@ fn malformed_output_fails_the_connection_after_its_good_records(auth_failed_firs
         delivered,
         "the frame's own record, before the broken one, was not delivered"
     );
-    wait_for_event(
-        &pool,
-        Duration::from_secs(10),
-        "a replacement ready",
-        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
-    );
-    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
+    expect_one_replacement(&server, &pool);
 }
 
 #[test]
@@ -183,13 +182,7 @@ fn a_request_the_codec_traps_on_fails_as_not_sent_and_costs_one_connection() {
         }
         other => panic!("expected a codec error saying nothing was sent, got {other:?}"),
     }
-    wait_for_event(
-        &pool,
-        Duration::from_secs(10),
-        "a replacement ready",
-        |event| event.kind == "ready" && event.connection_id.is_some_and(|id| id > 2),
-    );
-    assert_eq!(server.accepted(), 3, "exactly one connection was replaced");
+    expect_one_replacement(&server, &pool);
 }
 
 /// A channel whose subscription makes the codec trap is dropped from the subscriptions
