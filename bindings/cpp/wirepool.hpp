@@ -366,8 +366,9 @@ public:
         return begin()[static_cast<std::ptrdiff_t>(i)];
     }
 
-    /// The batch's contiguous data area (channels and payloads; see
-    /// wirepool_message::channel_offset / payload_offset).
+    /// The batch's contiguous data area: the payloads back to back in message order
+    /// from its start, then the channel names (see wirepool_message::channel_offset /
+    /// payload_offset, and docs/c-api.md).
     [[nodiscard]] std::string_view data() const noexcept {
         if (raw_ == nullptr || count_ == 0) {
             return std::string_view();
