@@ -1519,7 +1519,6 @@ impl Link {
     }
 }
 
-/// The last address's error, saying how the addresses before it failed too.
 /// A broken record in decode's output (the other calls' outputs are checked whole
 /// before any record is acted on).
 fn malformed_output(err: String) -> Ended {
@@ -1528,6 +1527,7 @@ fn malformed_output(err: String) -> Ended {
     )))
 }
 
+/// The last address's error, saying how the addresses before it failed too.
 fn after_earlier(last: Error, earlier: &[Error]) -> Error {
     if earlier.is_empty() {
         return last;

@@ -118,13 +118,19 @@ impl<'a> Frames<'a> {
         self.remaining == 0
     }
 
-    fn break_off(&mut self, how: Break) -> Option<Frame<'a>> {
-        self.remaining = 0;
+    /// Records `how` the layout broke, unless an earlier break is on record.
+    fn note(&self, how: Break) {
         if let Some(broken) = self.broken {
             if broken.get().is_none() {
                 broken.set(Some(how));
             }
         }
+    }
+
+    /// Ends the iteration at a frame the layout does not hold.
+    fn break_off(&mut self, how: Break) -> Option<Frame<'a>> {
+        self.remaining = 0;
+        self.note(how);
         None
     }
 }
@@ -185,11 +191,7 @@ impl<'a> Iterator for Frames<'a> {
         self.rest = tail;
         self.remaining -= 1;
         if self.remaining == 0 && !tail.is_empty() {
-            if let Some(broken) = self.broken {
-                if broken.get().is_none() {
-                    broken.set(Some(Break::LeftOver { bytes: tail.len() }));
-                }
-            }
+            self.note(Break::LeftOver { bytes: tail.len() });
         }
         Some(Frame {
             body,
