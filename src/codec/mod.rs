@@ -43,6 +43,20 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const STACK_LOW: &str = "__stack_low";
 const STACK_HIGH: &str = "__stack_high";
 
+/// Optional export `(i32) -> ()`: called once before `wirepool_init` with the ABI v1
+/// extensions this engine understands, so that a codec uses them only where it may
+/// (an engine that predates the export never calls it: the codec uses none).
+const ENGINE_FEATURES_EXPORT: &str = "wirepool_engine_features";
+
+/// The extensions this engine understands (bits of `wirepool_engine_features`'
+/// argument, docs/codec-abi.md).
+pub(crate) mod feature {
+    /// `DATA_IN_INPUT` records in `wirepool_decode`'s output.
+    pub const DATA_IN_INPUT: i32 = 1;
+    /// All of the above.
+    pub const ALL: i32 = DATA_IN_INPUT;
+}
+
 /// Where a codec module comes from.
 #[derive(Debug, Clone)]
 pub(crate) enum CodecSource {
@@ -328,6 +342,18 @@ fn check_shape(module: &Module) -> std::result::Result<(), String> {
         None => return Err("does not export memory".into()),
     }
     check_stack_exports(module)?;
+    match module.get_export(ENGINE_FEATURES_EXPORT) {
+        None => {}
+        Some(ExternType::Func(func))
+            if same_types(&[ValType::I32], func.params()) && func.results().len() == 0 => {}
+        Some(other) => {
+            return Err(format!(
+                "export {ENGINE_FEATURES_EXPORT} is {}, expected a function (i32) -> () \
+                 (or no such export)",
+                describe_extern(&other)
+            ))
+        }
+    }
     for (name, params, results) in required_exports() {
         match module.get_export(name) {
             Some(ExternType::Func(func)) => {
@@ -579,8 +605,13 @@ impl CodecRuntime {
                     .map_err(|err| Error::Codec(format!("{name}: {}: {err:#}", $export)))?
             };
         }
+        let engine_features = match instance.get_func(&mut store, ENGINE_FEATURES_EXPORT) {
+            Some(_) => Some(typed!("wirepool_engine_features")),
+            None => None,
+        };
         Ok(CodecInstance {
             abi_version: typed!("wirepool_abi_version"),
+            engine_features,
             buffer: typed!("wirepool_buffer"),
             init: typed!("wirepool_init"),
             open: typed!("wirepool_open"),
@@ -695,6 +726,7 @@ pub(crate) struct CodecInstance {
     /// A call has run since the stack was last released.
     stack_used: bool,
     abi_version: TypedFunc<(), i32>,
+    engine_features: Option<TypedFunc<i32, ()>>,
     buffer: TypedFunc<i32, i32>,
     init: TypedFunc<(i32, i32), i32>,
     open: TypedFunc<(), i32>,
@@ -791,6 +823,17 @@ impl CodecInstance {
     }
 
     fn finish(&mut self, export: &str, code: wasmtime::Result<i32>) -> CallResult<Records<'_>> {
+        self.finish_with_input(export, code, None)
+    }
+
+    /// [`finish`](Self::finish) of a call whose input (`DATA_IN_INPUT` records point
+    /// into it) is at `input` in the codec's memory.
+    fn finish_with_input(
+        &mut self,
+        export: &str,
+        code: wasmtime::Result<i32>,
+        input: Option<std::ops::Range<usize>>,
+    ) -> CallResult<Records<'_>> {
         let code =
             code.map_err(|err| CodecFailure(describe_call_error(export, &err, &self.limits)))?;
         if code != 0 {
@@ -812,7 +855,10 @@ impl CodecInstance {
                     data.len()
                 ))
             })?;
-        Ok(Records::new(bytes))
+        // The input's range was checked to fit when the engine wrote it; the memory
+        // cannot shrink.
+        let input = input.map(|input| data.get(input).unwrap_or_default());
+        Ok(Records::new(bytes, input))
     }
 
     /// [`finish`](Self::finish) with every record's framing checked before any is
@@ -831,6 +877,18 @@ impl CodecInstance {
     }
 
     fn init(&mut self, config: &[u8], token: &[u8]) -> CallResult<()> {
+        if let Some(engine_features) = self.engine_features.clone() {
+            self.arm();
+            engine_features
+                .call(&mut self.store, feature::ALL)
+                .map_err(|err| {
+                    CodecFailure(describe_call_error(
+                        ENGINE_FEATURES_EXPORT,
+                        &err,
+                        &self.limits,
+                    ))
+                })?;
+        }
         let input = self.input(config.len() + token.len())?;
         input[..config.len()].copy_from_slice(config);
         input[config.len()..].copy_from_slice(token);
@@ -907,7 +965,7 @@ impl CodecInstance {
     /// The records' framing is checked as they are iterated: those before a broken one
     /// are good records of frames read from the wire, and are acted on.
     pub fn decode(&mut self, frames: &mut FrameBatch) -> CallResult<Records<'_>> {
-        let (count, bytes) = (frames.count, frames.used);
+        let (count, bytes, start) = (frames.count, frames.used, frames.start);
         frames.count = 0;
         frames.used = 0;
         let context = move |failure: CodecFailure| FrameBatch::context(failure, count, bytes);
@@ -915,7 +973,8 @@ impl CodecInstance {
         let code = self
             .decode
             .call(&mut self.store, (count as i32, bytes as i32));
-        self.finish("wirepool_decode", code).map_err(context)
+        self.finish_with_input("wirepool_decode", code, Some(start..start + bytes))
+            .map_err(context)
     }
 
     /// Encodes one outbound command.

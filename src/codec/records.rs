@@ -18,6 +18,7 @@ pub(crate) mod kind {
     pub const MALFORMED: u32 = 14;
     pub const SUBSCRIBE_ERROR: u32 = 15;
     pub const PASSTHROUGH: u32 = 16;
+    pub const DATA_IN_INPUT: u32 = 17;
 }
 
 /// Outbound operations (`docs/codec-abi.md`, "Outbound commands").
@@ -47,6 +48,7 @@ pub(crate) struct Record<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Records<'a> {
     bytes: &'a [u8],
+    input: Option<&'a [u8]>,
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> u32 {
@@ -56,15 +58,18 @@ fn read_u32(bytes: &[u8], at: usize) -> u32 {
 }
 
 impl<'a> Records<'a> {
-    /// The records in `bytes`, to be checked as they are read.
-    pub fn new(bytes: &'a [u8]) -> Records<'a> {
-        Records { bytes }
+    /// The records in `bytes`, to be checked as they are read; `input` is a decode
+    /// call's input, which `DATA_IN_INPUT` records point into (`None` for the other
+    /// calls, whose output may hold none).
+    pub fn new(bytes: &'a [u8], input: Option<&'a [u8]>) -> Records<'a> {
+        Records { bytes, input }
     }
 
     /// Iterates the records.
     pub fn iter(&self) -> RecordIter<'a> {
         RecordIter {
             bytes: self.bytes,
+            input: self.input,
             at: 0,
         }
     }
@@ -79,6 +84,7 @@ impl<'a> Records<'a> {
 /// Iterator over [`Records`]: a record, or the error that ends the iteration.
 pub(crate) struct RecordIter<'a> {
     bytes: &'a [u8],
+    input: Option<&'a [u8]>,
     at: usize,
 }
 
@@ -104,6 +110,42 @@ impl<'a> Iterator for RecordIter<'a> {
         let payload_len = read_u32(bytes, at + 8) as usize;
         let channel_start = at + HEADER_LEN;
         let payload_start = channel_start.saturating_add(channel_len);
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&bytes[at + 16..at + 24]);
+        let id = i64::from_le_bytes(id);
+        if kind == kind::DATA_IN_INPUT {
+            // The payload is in the call's input, at offset `id`.
+            if payload_start > bytes.len() {
+                return Some(Err(format!(
+                    "output record at offset {at} claims {channel_len} bytes of channel, \
+                     past the end of the output ({} bytes)",
+                    bytes.len()
+                )));
+            }
+            let Some(input) = self.input else {
+                return Some(Err(format!(
+                    "output record at offset {at} is DATA_IN_INPUT, which only \
+                     wirepool_decode may emit"
+                )));
+            };
+            let Some(payload) = usize::try_from(id)
+                .ok()
+                .and_then(|start| input.get(start..start.checked_add(payload_len)?))
+            else {
+                return Some(Err(format!(
+                    "DATA_IN_INPUT record at offset {at} points at {payload_len} bytes at \
+                     offset {id} of the call's input, which has {} bytes",
+                    input.len()
+                )));
+            };
+            self.at = payload_start;
+            return Some(Ok(Record {
+                kind: kind::DATA,
+                id: 0,
+                channel: &bytes[channel_start..payload_start],
+                payload,
+            }));
+        }
         let end = payload_start.saturating_add(payload_len);
         if end > bytes.len() {
             return Some(Err(format!(
@@ -112,12 +154,10 @@ impl<'a> Iterator for RecordIter<'a> {
                 bytes.len()
             )));
         }
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&bytes[at + 16..at + 24]);
         self.at = end;
         Some(Ok(Record {
             kind,
-            id: i64::from_le_bytes(id),
+            id,
             channel: &bytes[channel_start..payload_start],
             payload: &bytes[payload_start..end],
         }))
@@ -164,7 +204,7 @@ mod tests {
     fn parses_consecutive_records() {
         let mut bytes = record(kind::DATA, 0, b"ticker.1", b"{\"p\":1}");
         bytes.extend(record(kind::RESPONSE, 42, b"", b"ok"));
-        let records = Records::new(&bytes);
+        let records = Records::new(&bytes, None);
         assert_eq!(records.count(), Ok(2));
         let all: Vec<_> = records
             .iter()
@@ -182,7 +222,7 @@ mod tests {
         let mut bytes = good.clone();
         bytes.extend(record(kind::DATA, 0, b"c", b"d"));
         bytes.truncate(bytes.len() - 1);
-        let mut records = Records::new(&bytes).iter();
+        let mut records = Records::new(&bytes, None).iter();
         assert_eq!(
             records.next().map(|record| record.map(|r| r.payload)),
             Some(Ok(&b"b"[..]))
@@ -193,15 +233,105 @@ mod tests {
             "{err}"
         );
         assert!(records.next().is_none(), "nothing after the error");
-        assert!(Records::new(&bytes).count().is_err());
+        assert!(Records::new(&bytes, None).count().is_err());
 
-        let err = Records::new(&[1, 2, 3]).count().expect_err("short header");
+        let err = Records::new(&[1, 2, 3], None)
+            .count()
+            .expect_err("short header");
         assert!(err.contains("cut short"), "{err}");
         // A length near 2^32 does not wrap around.
         let mut huge = record(kind::DATA, 0, b"", b"x");
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        let err = Records::new(&huge).count().expect_err("too long");
+        let err = Records::new(&huge, None).count().expect_err("too long");
         assert!(err.contains("4294967295"), "{err}");
-        assert_eq!(Records::new(&[]).count(), Ok(0));
+        assert_eq!(Records::new(&[], None).count(), Ok(0));
+    }
+
+    /// A `DATA_IN_INPUT` record: its header and channel, nothing after.
+    fn data_in_input(channel: &[u8], offset: i64, len: u32) -> Vec<u8> {
+        let mut out = record(kind::DATA_IN_INPUT, offset, channel, b"");
+        out[8..12].copy_from_slice(&len.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn data_in_input_takes_its_payload_from_the_input_and_frames_as_header_and_channel() {
+        let input = b"\x05\0\0\0\0\0\0\0hello";
+        let mut bytes = data_in_input(b"t", 8, 5);
+        bytes.extend(data_in_input(b"u", 9, 0));
+        bytes.extend(record(kind::RESPONSE, 42, b"", b"ok"));
+        let all: Vec<_> = Records::new(&bytes, Some(&input[..]))
+            .iter()
+            .map(|record| record.expect("well formed"))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                Record {
+                    kind: kind::DATA,
+                    id: 0,
+                    channel: b"t",
+                    payload: b"hello"
+                },
+                Record {
+                    kind: kind::DATA,
+                    id: 0,
+                    channel: b"u",
+                    payload: b""
+                },
+                Record {
+                    kind: kind::RESPONSE,
+                    id: 42,
+                    channel: b"",
+                    payload: b"ok"
+                },
+            ]
+        );
+        // The payload's last byte is the input's last.
+        let bytes = data_in_input(b"t", 12, 1);
+        let last = Records::new(&bytes, Some(&input[..])).iter().next();
+        assert_eq!(
+            last.and_then(Result::ok).map(|r| r.payload),
+            Some(&b"o"[..])
+        );
+    }
+
+    #[test]
+    fn data_in_input_outside_the_input_or_outside_decode_is_broken_output() {
+        let input = [7u8; 16];
+        let broken = |bytes: &[u8], input: Option<&[u8]>| {
+            let mut records = Records::new(bytes, input).iter();
+            assert!(records.next().expect("the good record").is_ok());
+            let err = records.next().expect("an error").expect_err("broken");
+            assert!(records.next().is_none(), "nothing after the error");
+            err
+        };
+        let good = record(kind::DATA, 0, b"a", b"b");
+        for (offset, len) in [(16, 1), (10, 7), (-1, 1), (i64::MAX, 1), (0, u32::MAX)] {
+            let mut bytes = good.clone();
+            bytes.extend(data_in_input(b"t", offset, len));
+            let err = broken(&bytes, Some(&input));
+            assert!(
+                err.contains(&format!(
+                    "DATA_IN_INPUT record at offset 26 points at {len} bytes at offset {offset} \
+                     of the call's input, which has 16 bytes"
+                )),
+                "{err}"
+            );
+        }
+        let mut bytes = good.clone();
+        bytes.extend(data_in_input(b"t", 0, 1));
+        let err = broken(&bytes, None);
+        assert!(err.contains("only wirepool_decode may emit"), "{err}");
+        // The channel itself must fit the output.
+        let mut bytes = good.clone();
+        let mut cut = data_in_input(b"channel", 0, 1);
+        cut.truncate(cut.len() - 1);
+        bytes.extend(cut);
+        let err = broken(&bytes, Some(&input));
+        assert!(
+            err.contains("claims 7 bytes of channel, past the end"),
+            "{err}"
+        );
     }
 }

@@ -42,6 +42,77 @@ fn decode_frames(
     owned(instance.decode(&mut batch).expect("decode"))
 }
 
+/// The kinds of the last call's records as the codec wrote them (before the engine
+/// resolves `DATA_IN_INPUT` into `DATA`).
+fn written_kinds(instance: &mut CodecInstance) -> Vec<u32> {
+    let packed = instance
+        .output
+        .call(&mut instance.store, ())
+        .expect("wirepool_output") as u64;
+    let (ptr, len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+    let bytes = &instance.memory.data(&instance.store)[ptr..ptr + len];
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let kind = word(at);
+        kinds.push(kind);
+        let payload = if kind == kind::DATA_IN_INPUT {
+            0
+        } else {
+            word(at + 8)
+        };
+        at += 24 + word(at + 4) as usize + payload as usize;
+    }
+    kinds
+}
+
+/// The built-in codecs are told the engine understands `DATA_IN_INPUT` and point their
+/// data records into the frames (no copy in the codec), on the json codec's fast path
+/// and its general path alike; a payload that is not in the frame (json's `null` for a
+/// data frame without one) is copied.
+#[test]
+fn builtin_codecs_point_data_records_into_their_input() {
+    let json = runtime(BuiltinCodec::Json, None);
+    let mut instance = json.instantiate(1).expect("instance");
+    instance.open().expect("open");
+    let frames: [(&[u8], bool); 3] = [
+        (
+            br#"{"type":"data","channel":"a","seq":1,"payload":{"p":1}}"#,
+            false,
+        ),
+        (
+            br#"{ "payload" : [1, 2] , "channel":"b\u0062", "type":"data" }"#,
+            false,
+        ),
+        (br#"{"type":"data","channel":"c"}"#, false),
+    ];
+    let records = decode_frames(&mut instance, &frames);
+    let data = |channel: &str, payload: &str| (kind::DATA, 0, channel.into(), payload.into());
+    assert_eq!(
+        records,
+        [
+            data("a", r#"{"p":1}"#),
+            data("bb", "[1, 2]"),
+            data("c", "null")
+        ]
+    );
+    assert_eq!(
+        written_kinds(&mut instance),
+        [kind::DATA_IN_INPUT, kind::DATA_IN_INPUT, kind::DATA]
+    );
+
+    let raw = runtime(BuiltinCodec::Raw, None);
+    let mut instance = raw.instantiate(1).expect("instance");
+    instance.open().expect("open");
+    let records = decode_frames(&mut instance, &[(b"one", false), (b"\x00\x01", true)]);
+    assert_eq!(records, [data("raw", "one"), data("raw", "\u{0}\u{1}")]);
+    assert_eq!(
+        written_kinds(&mut instance),
+        [kind::DATA_IN_INPUT, kind::DATA_IN_INPUT]
+    );
+}
+
 #[test]
 fn json_codec_is_ready_at_open_without_a_token() {
     let runtime = runtime(BuiltinCodec::Json, None);

@@ -53,6 +53,44 @@ fn wrong_signature_is_named_with_the_expected_one() {
     assert!(text.contains("expected (i32, i32) -> (i32)"), "{text}");
 }
 
+/// `wirepool_engine_features` is optional, but if exported it must be `(i32) -> ()`;
+/// a module exporting it is called before init (`input_refs` fails init otherwise).
+#[test]
+fn engine_features_export_is_called_before_init_and_checked() {
+    let path = compile_wat("input_refs");
+    let report = wirepool::check_module_file(path.to_str().expect("utf-8"))
+        .unwrap_or_else(|err| panic!("input_refs: {err}"));
+    assert!(report.contains("ok"), "{report}");
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(root.join("tests/codecs/input_refs.wat")).expect("source");
+    let good = "(func (export \"wirepool_engine_features\") (param $features i32)\n    \
+                (global.set $features (local.get $features)))";
+    assert!(
+        source.contains(good),
+        "the test codec's export as this test expects it"
+    );
+    let bad = source.replace(
+        good,
+        "(func (export \"wirepool_engine_features\") (param $features i32) (result i32)\n    \
+         (global.set $features (local.get $features)) (i32.const 0))",
+    );
+    let wasm = wat::parse_str(&bad).expect("the variant compiles");
+    let dir = std::env::temp_dir().join(format!("wirepool-abi-features-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("features_with_result.wasm");
+    std::fs::write(&path, wasm).expect("write");
+    let text = wirepool::check_module_file(path.to_str().expect("utf-8"))
+        .expect_err("refused")
+        .to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        text.contains("export wirepool_engine_features is")
+            && text.contains("expected a function (i32) -> ()"),
+        "{text}"
+    );
+}
+
 #[test]
 fn garbage_is_not_a_module() {
     let dir = std::env::temp_dir().join(format!("wirepool-abi-garbage-{}", std::process::id()));

@@ -111,13 +111,25 @@ fn memory_hog_codec_is_stopped_by_its_memory_limit() {
 /// reported (not an auth failure, which the circuit breaker would count against the
 /// server).
 fn malformed_output_fails_the_connection_after_its_good_records(auth_failed_first: bool) {
-    let _guard = watchdog("malformed output", Duration::from_secs(60));
     let mode = if auth_failed_first {
         "auth_failed_then_bad_output"
     } else {
         "bad_output"
     };
-    let (server, pool) = two_connections_configured("trap", serde_json::json!(mode));
+    broken_output_fails_the_connection_after_its_good_records(
+        two_connections_configured("trap", serde_json::json!(mode)),
+        &["claims 0 + 2147483647 bytes, past the end of the output"],
+    );
+}
+
+/// The poisoned frame's decode output ends in a broken record: the connection fails
+/// with a codec error containing each of `expected`, after the frame's own good record was
+/// delivered, and only that connection is replaced.
+fn broken_output_fails_the_connection_after_its_good_records(
+    (server, pool): (ScriptServer, Pool),
+    expected: &[&str],
+) {
+    let _guard = watchdog("malformed output", Duration::from_secs(60));
     server.poison_one();
     let events = wait_for_event(
         &pool,
@@ -128,10 +140,9 @@ fn malformed_output_fails_the_connection_after_its_good_records(auth_failed_firs
     let failed = events.last().expect("the event");
     assert_eq!(failed.kind, "codec_failed", "{failed:?}");
     let reason = failed.message.clone().unwrap_or_default();
-    assert!(
-        reason.contains("claims 0 + 2147483647 bytes, past the end of the output"),
-        "{reason}"
-    );
+    for text in expected {
+        assert!(reason.contains(text), "{reason}");
+    }
     let dead = failed.connection_id.expect("names its connection");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut delivered = false;
@@ -158,6 +169,41 @@ fn malformed_output_from_decode_fails_the_connection_after_its_good_records() {
 #[test]
 fn malformed_output_after_an_auth_failure_is_still_the_codec_failing() {
     malformed_output_fails_the_connection_after_its_good_records(true);
+}
+
+/// A codec whose data records point into its input (`DATA_IN_INPUT`): it is told
+/// before `wirepool_init` that the engine understands them (its init fails otherwise,
+/// and no connection would be ready), each frame arrives whole on its channel, and a
+/// record pointing past the input fails the connection with an error that says so.
+#[test]
+fn data_records_pointing_into_the_input_deliver_the_frames_they_point_at() {
+    let (server, pool) = two_connections_with("input_refs");
+    let _guard = watchdog("input refs", Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ticks = 0;
+    while ticks < 20 && Instant::now() < deadline {
+        if let Some(message) = pool
+            .recv(Some(Duration::from_millis(200)))
+            .expect("pool open")
+        {
+            assert_eq!(&*message.channel, "t");
+            let text = String::from_utf8(message.payload).expect("UTF-8");
+            let number = text
+                .strip_prefix("tick ")
+                .unwrap_or_else(|| panic!("{text:?}"));
+            number.parse::<u64>().unwrap_or_else(|_| panic!("{text:?}"));
+            ticks += 1;
+        }
+    }
+    assert_eq!(ticks, 20, "the frames' messages were not delivered");
+    broken_output_fails_the_connection_after_its_good_records(
+        (server, pool),
+        &[
+            "DATA_IN_INPUT record at offset",
+            "points at 1 bytes at offset",
+            "of the call's input",
+        ],
+    );
 }
 
 /// A request whose payload makes the codec trap while encoding it fails at once with

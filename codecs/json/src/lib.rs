@@ -351,7 +351,7 @@ impl JsonCodec {
                 if let Some(sequence) = data.sequence {
                     self.sequences.check(data.channel, sequence, out);
                 }
-                return out.record(kind::DATA, 0, data.channel, data.payload);
+                return out.data(data.channel, data.payload);
             }
         }
         let mut names = [b"".as_slice(); 6];
@@ -435,7 +435,7 @@ impl JsonCodec {
                     self.sequences.check(channel, sequence, out);
                 }
                 let data = payload.map_or(&b"null"[..], |value| value.raw());
-                out.record(kind::DATA, 0, channel, data);
+                out.data(channel, data);
             }
             FrameType::Error => {
                 let reason = error_text(payload, body, &mut scratch.text);

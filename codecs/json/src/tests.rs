@@ -716,3 +716,66 @@ fn measure_decode_speed() {
         messages * frame.len() as f64 / elapsed.as_secs_f64() / 1e6,
     );
 }
+
+/// The kinds of the records as the codec wrote them (`DATA_IN_INPUT` unresolved).
+fn written_kinds(codec: &Harness<JsonCodec>) -> Vec<u32> {
+    let bytes = codec.output_bytes();
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        kinds.push(word(at));
+        let payload = if word(at) == kind::DATA_IN_INPUT {
+            0
+        } else {
+            word(at + 8)
+        };
+        at += 24 + (word(at + 4) + payload) as usize;
+    }
+    kinds
+}
+
+#[test]
+fn data_points_into_the_frames_only_for_an_engine_that_understands_it() {
+    let frames: [&[u8]; 4] = [
+        br#"{"type":"data","channel":"a","seq":1,"payload":{"p":1}}"#,
+        br#"{"payload":"x\"y","type":"data","channel":"b\u00e9"}"#,
+        br#"{"type":"data","channel":"c"}"#,
+        b"nonsense",
+    ];
+    let mut decoded = Vec::new();
+    for (features, data_kind) in [
+        (wirepool_sdk::feature::ALL, kind::DATA_IN_INPUT),
+        (0, kind::DATA),
+    ] {
+        let (mut codec, _) =
+            Harness::<JsonCodec>::init_with_features(features, b"", b"").expect("init");
+        codec.open().expect("open");
+        let records = codec.decode_text(&frames).expect("decode");
+        // `null` for the frame without a payload is not in the frame: copied.
+        assert_eq!(
+            written_kinds(&codec),
+            [data_kind, data_kind, kind::DATA, kind::MALFORMED],
+            "features {features}"
+        );
+        decoded.push(records);
+    }
+    assert_eq!(decoded[0], decoded[1], "the same records either way");
+    let data: Vec<(String, String)> = decoded[0][..3]
+        .iter()
+        .map(|record| {
+            (
+                String::from_utf8_lossy(&record.channel).into_owned(),
+                record.text(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        data,
+        [
+            ("a".into(), r#"{"p":1}"#.into()),
+            ("bé".into(), r#""x\"y""#.into()),
+            ("c".into(), "null".into())
+        ]
+    );
+}

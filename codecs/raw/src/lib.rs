@@ -160,7 +160,7 @@ impl Codec for RawCodec {
         for frame in frames {
             match self.pending.pop_front() {
                 Some(id) => out.record(kind::RESPONSE, id, b"", frame.body),
-                None => out.record(kind::DATA, 0, &self.options.channel, frame.body),
+                None => out.data(&self.options.channel, frame.body),
             }
         }
         self.sync_passthrough(out);

@@ -161,7 +161,10 @@ pub(crate) fn decode_batch<C: crate::Codec>(
     let broken = Cell::new(None);
     let frames = Frames::lazy(batch, count, &broken)?;
     let count = frames.count;
-    codec.decode(frames, out)?;
+    out.set_input(batch);
+    let decoded = codec.decode(frames, out);
+    out.set_input(&[]);
+    decoded?;
     match broken.get() {
         None => Ok(()),
         Some(Break::PastEnd { index }) => Err(past_end(index, count, batch.len())),

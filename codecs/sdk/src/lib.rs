@@ -1,7 +1,7 @@
 //! Shared plumbing for wirepool codecs, ABI v1 (`docs/codec-abi.md`).
 //!
 //! A codec implements [`Codec`] and hands its type to [`export_codec!`], which expands
-//! to the nine ABI exports. Everything the exports need lives here:
+//! to the ABI exports (`wirepool_engine_features` among them). Everything the exports need lives here:
 //!
 //! - the input buffer the engine writes into (`wirepool_buffer`),
 //! - the [`Output`] record writer behind `wirepool_output`, cleared before each call,
@@ -26,7 +26,7 @@
 //!     }
 //!     fn decode(&mut self, frames: Frames<'_>, out: &mut Output) -> Result<(), Fatal> {
 //!         for frame in frames {
-//!             out.record(wirepool_sdk::kind::DATA, 0, b"echo", frame.body);
+//!             out.data(b"echo", frame.body);
 //!         }
 //!         Ok(())
 //!     }
@@ -95,6 +95,20 @@ pub mod kind {
     /// From now on inbound text and binary frames are data on this channel, unchanged
     /// (the engine may skip `decode` for them); an empty channel ends it.
     pub const PASSTHROUGH: u32 = 16;
+    /// Subscription data whose message is `payload_len` bytes of the decode call's
+    /// input at offset `id` (the record carries the channel only); written by
+    /// [`Output::data`](crate::Output::data).
+    pub const DATA_IN_INPUT: u32 = 17;
+}
+
+/// Bits of `wirepool_engine_features`' argument: the ABI v1 extensions the engine
+/// understands (`docs/codec-abi.md`, "Engine features"). The runtime records them;
+/// [`Output::data`] uses `DATA_IN_INPUT` only if the engine gave it.
+pub mod feature {
+    /// `DATA_IN_INPUT` records in `wirepool_decode`'s output.
+    pub const DATA_IN_INPUT: i32 = 1;
+    /// Every extension this SDK knows (what the test harness's engine understands).
+    pub const ALL: i32 = DATA_IN_INPUT;
 }
 
 /// An outbound operation (`docs/codec-abi.md`, "Outbound commands").
@@ -216,6 +230,11 @@ macro_rules! export_codec {
             #[no_mangle]
             pub extern "C" fn wirepool_buffer(size: i32) -> i32 {
                 unsafe { RUNTIME.buffer(size) }
+            }
+
+            #[no_mangle]
+            pub extern "C" fn wirepool_engine_features(features: i32) {
+                unsafe { RUNTIME.engine_features(features) }
             }
 
             #[no_mangle]

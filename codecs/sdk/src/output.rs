@@ -11,6 +11,12 @@ const HEADER_LEN: usize = 24;
 #[derive(Debug, Default)]
 pub struct Output {
     bytes: Vec<u8>,
+    /// The address and length of the current call's input (decode's frames), which
+    /// [`Output::data`] may point into; empty outside decode.
+    input_start: usize,
+    input_len: usize,
+    /// The engine's `wirepool_engine_features` bits ([`crate::feature`]).
+    engine_features: i32,
 }
 
 fn header(kind: u32, id: i64, channel_len: usize, payload_len: usize) -> [u8; HEADER_LEN] {
@@ -26,7 +32,25 @@ fn header(kind: u32, id: i64, channel_len: usize, payload_len: usize) -> [u8; HE
 impl Output {
     /// An empty output.
     pub const fn new() -> Output {
-        Output { bytes: Vec::new() }
+        Output {
+            bytes: Vec::new(),
+            input_start: 0,
+            input_len: 0,
+            engine_features: 0,
+        }
+    }
+
+    /// Records what the engine understands (`wirepool_engine_features`).
+    pub(crate) fn set_engine_features(&mut self, features: i32) {
+        self.engine_features = features;
+    }
+
+    /// The input of the decode call about to run, which [`Output::data`] may point
+    /// into if the engine understands `DATA_IN_INPUT`; empty after the call.
+    pub(crate) fn set_input(&mut self, input: &[u8]) {
+        let allowed = self.engine_features & crate::feature::DATA_IN_INPUT != 0;
+        self.input_start = input.as_ptr() as usize;
+        self.input_len = if allowed { input.len() } else { 0 };
     }
 
     /// Drops every record, keeping the capacity.
@@ -47,6 +71,30 @@ impl Output {
             .extend_from_slice(&header(kind, id, channel.len(), payload.len()));
         self.bytes.extend_from_slice(channel);
         self.bytes.extend_from_slice(payload);
+    }
+
+    /// `DATA`: a message for the consumer on `channel`. In `decode`, a payload that
+    /// lies in the frames being decoded (a slice of a [`Frame`](crate::Frame)'s body)
+    /// is not copied if the engine understands `DATA_IN_INPUT`: the record points at
+    /// it, and the engine takes the bytes from there. Anything else is copied into a
+    /// `DATA` record, as [`Output::record`] does.
+    #[inline]
+    pub fn data(&mut self, channel: &[u8], payload: &[u8]) {
+        let offset = (payload.as_ptr() as usize).wrapping_sub(self.input_start);
+        // `offset < input_len`: never for an empty input (outside decode, or an engine
+        // without the extension), so an empty payload is copied there (nothing).
+        if offset < self.input_len && payload.len() <= self.input_len - offset {
+            self.bytes.reserve(HEADER_LEN + channel.len());
+            self.bytes.extend_from_slice(&header(
+                kind::DATA_IN_INPUT,
+                offset as i64,
+                channel.len(),
+                payload.len(),
+            ));
+            self.bytes.extend_from_slice(channel);
+        } else {
+            self.record(kind::DATA, 0, channel, payload);
+        }
     }
 
     /// Starts a record whose payload is written piece by piece; its length is filled
@@ -242,6 +290,44 @@ mod tests {
         let channel = bytes[24..24 + channel_len].to_vec();
         let payload = bytes[24 + channel_len..].to_vec();
         (kind, id, channel, payload)
+    }
+
+    #[test]
+    fn data_points_into_the_input_only_where_the_engine_allows_it() {
+        let input = *b"0123456789";
+        let elsewhere = *b"3456";
+        let mut out = Output::new();
+        // An engine that never called `wirepool_engine_features`: always a copy.
+        out.set_input(&input);
+        out.data(b"ch", &input[3..7]);
+        assert_eq!(
+            payload_of_single_record(&out),
+            (kind::DATA, 0, b"ch".to_vec(), b"3456".to_vec())
+        );
+
+        out.set_engine_features(crate::feature::ALL);
+        out.set_input(&input);
+        for (start, end) in [(3, 7), (0, 10), (9, 10), (0, 1), (4, 4)] {
+            out.clear();
+            out.data(b"ch", &input[start..end]);
+            let mut expected = header(kind::DATA_IN_INPUT, start as i64, 2, end - start).to_vec();
+            expected.extend_from_slice(b"ch");
+            assert_eq!(out.as_bytes(), expected, "{start}..{end}");
+        }
+        // Bytes outside the input (and the empty slice just past its end) are copied.
+        for payload in [&elsewhere[..], &input[10..], b"null"] {
+            out.clear();
+            out.data(b"ch", payload);
+            assert_eq!(
+                payload_of_single_record(&out),
+                (kind::DATA, 0, b"ch".to_vec(), payload.to_vec())
+            );
+        }
+        // After the call (an empty input), nothing points anywhere.
+        out.set_input(&[]);
+        out.clear();
+        out.data(b"ch", &input[3..7]);
+        assert_eq!(payload_of_single_record(&out).0, kind::DATA);
     }
 
     #[test]

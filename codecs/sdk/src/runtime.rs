@@ -70,6 +70,15 @@ impl<C: Codec> Runtime<C> {
         input.as_mut_ptr() as usize as i32
     }
 
+    /// `wirepool_engine_features(features)`: what the engine understands, called
+    /// before `wirepool_init` (by engines that know the export).
+    ///
+    /// # Safety
+    /// As for [`Runtime::state`].
+    pub unsafe fn engine_features(&self, features: i32) {
+        self.state().output.set_engine_features(features);
+    }
+
     /// `wirepool_init(config_len, token_len)`.
     ///
     /// # Safety

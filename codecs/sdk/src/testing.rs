@@ -34,6 +34,16 @@ impl Record {
 /// # Panics
 /// On bytes that are not whole, well-formed records.
 pub fn parse_records(bytes: &[u8]) -> Vec<Record> {
+    parse_records_of(bytes, &[])
+}
+
+/// [`parse_records`] of a decode call's output: a `DATA_IN_INPUT` record becomes the
+/// `DATA` record it stands for, its payload taken from `input` (the call's frames) as
+/// the engine does.
+///
+/// # Panics
+/// As [`parse_records`]; and on a `DATA_IN_INPUT` record pointing outside `input`.
+pub fn parse_records_of(bytes: &[u8], input: &[u8]) -> Vec<Record> {
     let mut records = Vec::new();
     let mut at = 0;
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
@@ -44,11 +54,30 @@ pub fn parse_records(bytes: &[u8]) -> Vec<Record> {
         assert_eq!(word(at + 12), 0, "reserved field of the record at {at}");
         let channel_start = at + 24;
         let payload_start = channel_start + channel_len;
+        let id = i64::from_le_bytes(bytes[at + 16..at + 24].try_into().expect("8 bytes"));
+        if word(at) == crate::kind::DATA_IN_INPUT {
+            assert!(
+                payload_start <= bytes.len(),
+                "record at {at} runs past the output"
+            );
+            let offset = usize::try_from(id).expect("DATA_IN_INPUT offset is not negative");
+            let payload = input
+                .get(offset..offset + payload_len)
+                .expect("DATA_IN_INPUT points into the input");
+            records.push(Record {
+                kind: crate::kind::DATA,
+                id: 0,
+                channel: bytes[channel_start..payload_start].to_vec(),
+                payload: payload.to_vec(),
+            });
+            at = payload_start;
+            continue;
+        }
         let end = payload_start + payload_len;
         assert!(end <= bytes.len(), "record at {at} runs past the output");
         records.push(Record {
             kind: word(at),
-            id: i64::from_le_bytes(bytes[at + 16..at + 24].try_into().expect("8 bytes")),
+            id,
             channel: bytes[channel_start..payload_start].to_vec(),
             payload: bytes[payload_start..end].to_vec(),
         });
@@ -67,9 +96,21 @@ pub struct Harness<C> {
 }
 
 impl<C: Codec> Harness<C> {
-    /// `wirepool_init`; returns the harness and init's records.
+    /// `wirepool_init` after an engine that understands every extension this SDK
+    /// knows ([`crate::feature::ALL`]); returns the harness and init's records.
     pub fn init(config: &[u8], token: &[u8]) -> Result<(Harness<C>, Vec<Record>), Fatal> {
+        Self::init_with_features(crate::feature::ALL, config, token)
+    }
+
+    /// `wirepool_init` after `wirepool_engine_features(features)` (0: an engine that
+    /// predates the export).
+    pub fn init_with_features(
+        features: i32,
+        config: &[u8],
+        token: &[u8],
+    ) -> Result<(Harness<C>, Vec<Record>), Fatal> {
         let mut output = Output::new();
+        output.set_engine_features(features);
         let codec = C::init(config, token, &mut output)?;
         let records = parse_records(output.as_bytes());
         Ok((
@@ -80,6 +121,12 @@ impl<C: Codec> Harness<C> {
             },
             records,
         ))
+    }
+
+    /// The last call's output as the engine receives it (a decode's `DATA_IN_INPUT`
+    /// records unresolved).
+    pub fn output_bytes(&self) -> &[u8] {
+        self.output.as_bytes()
     }
 
     /// `wirepool_open`.
@@ -103,7 +150,7 @@ impl<C: Codec> Harness<C> {
         frames: impl IntoIterator<Item = Frame<'f>>,
     ) -> Result<Vec<Record>, Fatal> {
         self.decode_raw(frames)?;
-        Ok(parse_records(self.output.as_bytes()))
+        Ok(parse_records_of(self.output.as_bytes(), &self.batch))
     }
 
     /// `wirepool_decode`, leaving the encoded records in place (for speed tests);
