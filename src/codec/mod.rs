@@ -52,9 +52,9 @@ const ENGINE_FEATURES_EXPORT: &str = "wirepool_engine_features";
 /// argument, docs/codec-abi.md).
 pub(crate) mod feature {
     /// `DATA_IN_INPUT` records in `wirepool_decode`'s output.
-    pub const DATA_IN_INPUT: i32 = 1;
+    pub(crate) const DATA_IN_INPUT: i32 = 1;
     /// All of the above.
-    pub const ALL: i32 = DATA_IN_INPUT;
+    pub(crate) const ALL: i32 = DATA_IN_INPUT;
 }
 
 /// Where a codec module comes from.
@@ -855,9 +855,18 @@ impl CodecInstance {
                     data.len()
                 ))
             })?;
-        // The input's range was checked to fit when the engine wrote it; the memory
-        // cannot shrink.
-        let input = input.map(|input| data.get(input).unwrap_or_default());
+        // The input's range was checked to fit when the engine wrote it, and a memory
+        // cannot shrink: a miss here is the engine's own fault, said as such.
+        let input = match input {
+            None => None,
+            Some(range) => Some(data.get(range.clone()).ok_or_else(|| {
+                CodecFailure(format!(
+                    "internal error: the input of {export} ({range:?}) no longer fits the \
+                     codec's memory ({} bytes)",
+                    data.len()
+                ))
+            })?),
+        };
         Ok(Records::new(bytes, input))
     }
 

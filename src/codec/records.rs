@@ -113,39 +113,6 @@ impl<'a> Iterator for RecordIter<'a> {
         let mut id = [0u8; 8];
         id.copy_from_slice(&bytes[at + 16..at + 24]);
         let id = i64::from_le_bytes(id);
-        if kind == kind::DATA_IN_INPUT {
-            // The payload is in the call's input, at offset `id`.
-            if payload_start > bytes.len() {
-                return Some(Err(format!(
-                    "output record at offset {at} claims {channel_len} bytes of channel, \
-                     past the end of the output ({} bytes)",
-                    bytes.len()
-                )));
-            }
-            let Some(input) = self.input else {
-                return Some(Err(format!(
-                    "output record at offset {at} is DATA_IN_INPUT, which only \
-                     wirepool_decode may emit"
-                )));
-            };
-            let Some(payload) = usize::try_from(id)
-                .ok()
-                .and_then(|start| input.get(start..start.checked_add(payload_len)?))
-            else {
-                return Some(Err(format!(
-                    "DATA_IN_INPUT record at offset {at} points at {payload_len} bytes at \
-                     offset {id} of the call's input, which has {} bytes",
-                    input.len()
-                )));
-            };
-            self.at = payload_start;
-            return Some(Ok(Record {
-                kind: kind::DATA,
-                id: 0,
-                channel: &bytes[channel_start..payload_start],
-                payload,
-            }));
-        }
         let end = payload_start.saturating_add(payload_len);
         if end > bytes.len() {
             return Some(Err(format!(
@@ -154,13 +121,64 @@ impl<'a> Iterator for RecordIter<'a> {
                 bytes.len()
             )));
         }
+        let channel = &bytes[channel_start..payload_start];
+        if kind == kind::DATA_IN_INPUT {
+            let message_len = read_u32(bytes, at + 12) as usize;
+            let record = self.in_input(at, id, channel, payload_len, message_len);
+            if record.is_ok() {
+                self.at = end;
+            }
+            return Some(record);
+        }
         self.at = end;
         Some(Ok(Record {
             kind,
             id,
-            channel: &bytes[channel_start..payload_start],
+            channel,
             payload: &bytes[payload_start..end],
         }))
+    }
+}
+
+impl<'a> RecordIter<'a> {
+    /// The `DATA` record a `DATA_IN_INPUT` record at output offset `at` stands for: its
+    /// message is `message_len` bytes of the call's input at offset `offset`.
+    fn in_input(
+        &self,
+        at: usize,
+        offset: i64,
+        channel: &'a [u8],
+        payload_len: usize,
+        message_len: usize,
+    ) -> Result<Record<'a>, String> {
+        let Some(input) = self.input else {
+            return Err(format!(
+                "output record at offset {at} is DATA_IN_INPUT, which only wirepool_decode \
+                 may emit"
+            ));
+        };
+        if payload_len != 0 {
+            return Err(format!(
+                "DATA_IN_INPUT record at output offset {at} carries {payload_len} payload \
+                 bytes (its message is in the input; payload_len must be 0)"
+            ));
+        }
+        let payload = usize::try_from(offset)
+            .ok()
+            .and_then(|start| input.get(start..start.checked_add(message_len)?))
+            .ok_or_else(|| {
+                format!(
+                    "DATA_IN_INPUT record at output offset {at} points at {message_len} \
+                     byte(s) from input offset {offset}, past the call's input ({} bytes)",
+                    input.len()
+                )
+            })?;
+        Ok(Record {
+            kind: kind::DATA,
+            id: 0,
+            channel,
+            payload,
+        })
     }
 }
 
@@ -186,6 +204,15 @@ mod tests {
         ]
         .map(|(code, name)| (i64::from(code), name.to_string()));
         assert_eq!(documented(DOC, "Outbound commands"), ops);
+    }
+
+    #[test]
+    fn engine_feature_bits_match_the_documented_abi() {
+        use crate::codec::feature;
+        assert_eq!(
+            documented(DOC, "Engine features"),
+            engine_features!(feature)
+        );
     }
 
     fn record(kind: u32, id: i64, channel: &[u8], payload: &[u8]) -> Vec<u8> {
@@ -247,15 +274,16 @@ mod tests {
         assert_eq!(Records::new(&[], None).count(), Ok(0));
     }
 
-    /// A `DATA_IN_INPUT` record: its header and channel, nothing after.
+    /// A `DATA_IN_INPUT` record: its header (the message's length at 12, no payload)
+    /// and channel.
     fn data_in_input(channel: &[u8], offset: i64, len: u32) -> Vec<u8> {
         let mut out = record(kind::DATA_IN_INPUT, offset, channel, b"");
-        out[8..12].copy_from_slice(&len.to_le_bytes());
+        out[12..16].copy_from_slice(&len.to_le_bytes());
         out
     }
 
     #[test]
-    fn data_in_input_takes_its_payload_from_the_input_and_frames_as_header_and_channel() {
+    fn data_in_input_takes_its_payload_from_the_input_and_frames_like_any_record() {
         let input = b"\x05\0\0\0\0\0\0\0hello";
         let mut bytes = data_in_input(b"t", 8, 5);
         bytes.extend(data_in_input(b"u", 9, 0));
@@ -313,8 +341,8 @@ mod tests {
             let err = broken(&bytes, Some(&input));
             assert!(
                 err.contains(&format!(
-                    "DATA_IN_INPUT record at offset 26 points at {len} bytes at offset {offset} \
-                     of the call's input, which has 16 bytes"
+                    "DATA_IN_INPUT record at output offset 26 points at {len} byte(s) from \
+                     input offset {offset}, past the call's input (16 bytes)"
                 )),
                 "{err}"
             );
@@ -329,9 +357,14 @@ mod tests {
         cut.truncate(cut.len() - 1);
         bytes.extend(cut);
         let err = broken(&bytes, Some(&input));
-        assert!(
-            err.contains("claims 7 bytes of channel, past the end"),
-            "{err}"
-        );
+        assert!(err.contains("claims 7 + 0 bytes, past the end"), "{err}");
+        // Payload bytes of its own are not allowed: the message is in the input.
+        let mut bytes = good.clone();
+        let mut carrying = data_in_input(b"t", 0, 1);
+        carrying[8..12].copy_from_slice(&1u32.to_le_bytes());
+        carrying.push(b'x');
+        bytes.extend(carrying);
+        let err = broken(&bytes, Some(&input));
+        assert!(err.contains("carries 1 payload bytes"), "{err}");
     }
 }

@@ -57,12 +57,7 @@ fn written_kinds(instance: &mut CodecInstance) -> Vec<u32> {
     while at < bytes.len() {
         let kind = word(at);
         kinds.push(kind);
-        let payload = if kind == kind::DATA_IN_INPUT {
-            0
-        } else {
-            word(at + 8)
-        };
-        at += 24 + word(at + 4) as usize + payload as usize;
+        at += 24 + (word(at + 4) + word(at + 8)) as usize;
     }
     kinds
 }

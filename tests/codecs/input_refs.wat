@@ -2,7 +2,7 @@
 ;; its input (docs/codec-abi.md, "Engine features" and "Output records"):
 ;;
 ;; - wirepool_engine_features: remembers its argument. wirepool_init fails (returns 7)
-;;   unless it was called with exactly 1 (DATA_IN_INPUT), so a connection becomes ready
+;;   unless it was called with bit 1 (DATA_IN_INPUT) set, so a connection becomes ready
 ;;   only if the engine said, before init, that it understands the extension.
 ;; - wirepool_open: READY.
 ;; - wirepool_decode: per frame, one DATA_IN_INPUT record on channel "t" pointing at the
@@ -17,7 +17,7 @@
   (global $input i32 (i32.const 0x10000))
   (global $output (mut i32) (i32.const 0x10000))
   (global $output_len (mut i32) (i32.const 0))
-  (global $features (mut i32) (i32.const -1))
+  (global $features (mut i32) (i32.const 0))
 
   (func (export "wirepool_abi_version") (result i32)
     (i32.const 1))
@@ -36,7 +36,7 @@
       (i32.shr_u
         (i32.add
           (i32.add (global.get $output)
-            (i32.add (i32.mul (local.get $size) (i32.const 4)) (i32.const 64)))
+            (i32.add (i32.mul (local.get $size) (i32.const 7)) (i32.const 64)))
           (i32.const 0xffff))
         (i32.const 16)))
     (if (i32.gt_u (local.get $pages) (memory.size))
@@ -54,9 +54,17 @@
     (i32.store offset=12 (local.get $at) (i32.const 0))
     (i64.store offset=16 (local.get $at) (local.get $id)))
 
+  ;; Writes a DATA_IN_INPUT record on channel "t" at $at: no payload bytes, the message's
+  ;; $len bytes at input offset $offset.
+  (func $reference (param $at i32) (param $offset i32) (param $len i32)
+    (call $header (local.get $at) (i32.const 17) (i32.const 1) (i32.const 0)
+      (i64.extend_i32_u (local.get $offset)))
+    (i32.store offset=12 (local.get $at) (local.get $len))
+    (i32.store8 offset=24 (local.get $at) (i32.const 0x74)))
+
   (func (export "wirepool_init") (param $config_len i32) (param $token_len i32) (result i32)
     (global.set $output_len (i32.const 0))
-    (if (result i32) (i32.eq (global.get $features) (i32.const 1))
+    (if (result i32) (i32.and (global.get $features) (i32.const 1))
       (then (i32.const 0))
       (else (i32.const 7))))
 
@@ -76,11 +84,10 @@
       (loop $next
         (br_if $done (i32.ge_u (local.get $index) (local.get $count)))
         (local.set $len (i32.load (local.get $in)))
-        ;; DATA_IN_INPUT (17) on "t": the body's offset from the input's start.
-        (call $header (local.get $out) (i32.const 17) (i32.const 1) (local.get $len)
-          (i64.extend_i32_u
-            (i32.add (i32.sub (local.get $in) (global.get $input)) (i32.const 8))))
-        (i32.store8 offset=24 (local.get $out) (i32.const 0x74))
+        ;; The body's offset from the input's start.
+        (call $reference (local.get $out)
+          (i32.add (i32.sub (local.get $in) (global.get $input)) (i32.const 8))
+          (local.get $len))
         (local.set $out (i32.add (local.get $out) (i32.const 25)))
         ;; The misbehaviour under test: after a frame starting with 'X', a record one
         ;; byte past the input.
@@ -88,9 +95,7 @@
           (then
             (if (i32.eq (i32.load8_u offset=8 (local.get $in)) (i32.const 0x58))
               (then
-                (call $header (local.get $out) (i32.const 17) (i32.const 1) (i32.const 1)
-                  (i64.extend_i32_u (local.get $total_len)))
-                (i32.store8 offset=24 (local.get $out) (i32.const 0x74))
+                (call $reference (local.get $out) (local.get $total_len) (i32.const 1))
                 (local.set $out (i32.add (local.get $out) (i32.const 25)))))))
         (local.set $in (i32.add (local.get $in) (i32.add (i32.const 8) (local.get $len))))
         (local.set $index (i32.add (local.get $index) (i32.const 1)))

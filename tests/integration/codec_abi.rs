@@ -54,7 +54,8 @@ fn wrong_signature_is_named_with_the_expected_one() {
 }
 
 /// `wirepool_engine_features` is optional, but if exported it must be `(i32) -> ()`;
-/// a module exporting it is called before init (`input_refs` fails init otherwise).
+/// a module exporting it is called before init (`input_refs` fails init otherwise),
+/// and a trap in it fails the instance with an error that names it.
 #[test]
 fn engine_features_export_is_called_before_init_and_checked() {
     let path = compile_wat("input_refs");
@@ -62,6 +63,29 @@ fn engine_features_export_is_called_before_init_and_checked() {
         .unwrap_or_else(|err| panic!("input_refs: {err}"));
     assert!(report.contains("ok"), "{report}");
 
+    let with_result = refused_variant(
+        "with_result",
+        "(func (export \"wirepool_engine_features\") (param $features i32) (result i32)\n    \
+         (global.set $features (local.get $features)) (i32.const 0))",
+    );
+    assert!(
+        with_result.contains("export wirepool_engine_features is")
+            && with_result.contains("expected a function (i32) -> ()"),
+        "{with_result}"
+    );
+    let trapping = refused_variant(
+        "trapping",
+        "(func (export \"wirepool_engine_features\") (param $features i32)\n    unreachable)",
+    );
+    assert!(
+        trapping.contains("wirepool_engine_features trapped"),
+        "{trapping}"
+    );
+}
+
+/// `tests/codecs/input_refs.wat` with its `wirepool_engine_features` replaced by
+/// `function`: the error `check_module_file` refuses it with.
+fn refused_variant(name: &str, function: &str) -> String {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("tests/codecs/input_refs.wat")).expect("source");
     let good = "(func (export \"wirepool_engine_features\") (param $features i32)\n    \
@@ -70,25 +94,20 @@ fn engine_features_export_is_called_before_init_and_checked() {
         source.contains(good),
         "the test codec's export as this test expects it"
     );
-    let bad = source.replace(
-        good,
-        "(func (export \"wirepool_engine_features\") (param $features i32) (result i32)\n    \
-         (global.set $features (local.get $features)) (i32.const 0))",
-    );
-    let wasm = wat::parse_str(&bad).expect("the variant compiles");
-    let dir = std::env::temp_dir().join(format!("wirepool-abi-features-{}", std::process::id()));
+    let wasm = wat::parse_str(source.replace(good, function)).expect("the variant compiles");
+    let dir = std::env::temp_dir().join(format!(
+        "wirepool-abi-features-{name}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("features_with_result.wasm");
+    let path = dir.join(format!("{name}.wasm"));
     std::fs::write(&path, wasm).expect("write");
-    let text = wirepool::check_module_file(path.to_str().expect("utf-8"))
-        .expect_err("refused")
-        .to_string();
+    let refused = wirepool::check_module_file(path.to_str().expect("utf-8"));
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        text.contains("export wirepool_engine_features is")
-            && text.contains("expected a function (i32) -> ()"),
-        "{text}"
-    );
+    match refused {
+        Ok(report) => panic!("the {name} variant should be refused, got: {report}"),
+        Err(err) => err.to_string(),
+    }
 }
 
 #[test]

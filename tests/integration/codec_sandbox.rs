@@ -199,9 +199,9 @@ fn data_records_pointing_into_the_input_deliver_the_frames_they_point_at() {
     broken_output_fails_the_connection_after_its_good_records(
         (server, pool),
         &[
-            "DATA_IN_INPUT record at offset",
-            "points at 1 bytes at offset",
-            "of the call's input",
+            "DATA_IN_INPUT record at output offset",
+            "points at 1 byte(s) from input offset",
+            "past the call's input",
         ],
     );
 }

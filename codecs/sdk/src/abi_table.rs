@@ -37,3 +37,17 @@ macro_rules! record_kinds {
             .map(|(code, name)| (i64::from(code), name.to_string()))
     };
 }
+
+/// `[(bit, NAME)]` of every engine feature (`wirepool_engine_features`), in the
+/// document's order, with the bits taken from `$feature`, the side's module of `i32`
+/// constants; and that side's `ALL`, checked to be every bit.
+macro_rules! engine_features {
+    ($feature:ident) => {
+        engine_features!(@ $feature DATA_IN_INPUT)
+    };
+    (@ $feature:ident $($name:ident)*) => {{
+        assert_eq!($feature::ALL, 0 $(| $feature::$name)*, "ALL is every feature");
+        [$(($feature::$name, stringify!($name))),*]
+            .map(|(bit, name)| (i64::from(bit), name.to_string()))
+    }};
+}

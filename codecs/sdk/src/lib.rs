@@ -301,4 +301,12 @@ mod abi_tests {
             assert_eq!(Op::from_code(code).code(), code, "op {code} round-trips");
         }
     }
+    #[test]
+    fn engine_feature_bits_match_the_documented_abi() {
+        use super::feature;
+        assert_eq!(
+            documented(DOC, "Engine features"),
+            engine_features!(feature)
+        );
+    }
 }

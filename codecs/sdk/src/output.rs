@@ -84,13 +84,12 @@ impl Output {
         // `offset < input_len`: never for an empty input (outside decode, or an engine
         // without the extension), so an empty payload is copied there (nothing).
         if offset < self.input_len && payload.len() <= self.input_len - offset {
+            // No payload bytes (so that any reader frames it like every record):
+            // the message's length goes in the field at 12, its offset in the id.
+            let mut header = header(kind::DATA_IN_INPUT, offset as i64, channel.len(), 0);
+            header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
             self.bytes.reserve(HEADER_LEN + channel.len());
-            self.bytes.extend_from_slice(&header(
-                kind::DATA_IN_INPUT,
-                offset as i64,
-                channel.len(),
-                payload.len(),
-            ));
+            self.bytes.extend_from_slice(&header);
             self.bytes.extend_from_slice(channel);
         } else {
             self.record(kind::DATA, 0, channel, payload);
@@ -310,7 +309,8 @@ mod tests {
         for (start, end) in [(3, 7), (0, 10), (9, 10), (0, 1), (4, 4)] {
             out.clear();
             out.data(b"ch", &input[start..end]);
-            let mut expected = header(kind::DATA_IN_INPUT, start as i64, 2, end - start).to_vec();
+            let mut expected = header(kind::DATA_IN_INPUT, start as i64, 2, 0).to_vec();
+            expected[12..16].copy_from_slice(&((end - start) as u32).to_le_bytes());
             expected.extend_from_slice(b"ch");
             assert_eq!(out.as_bytes(), expected, "{start}..{end}");
         }

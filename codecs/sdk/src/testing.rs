@@ -32,9 +32,10 @@ impl Record {
 /// Splits encoded records, checking the framing and the reserved field.
 ///
 /// # Panics
-/// On bytes that are not whole, well-formed records.
+/// On bytes that are not whole, well-formed records (a `DATA_IN_INPUT` record is not
+/// well-formed outside a decode's output).
 pub fn parse_records(bytes: &[u8]) -> Vec<Record> {
-    parse_records_of(bytes, &[])
+    parse(bytes, None)
 }
 
 /// [`parse_records`] of a decode call's output: a `DATA_IN_INPUT` record becomes the
@@ -44,25 +45,35 @@ pub fn parse_records(bytes: &[u8]) -> Vec<Record> {
 /// # Panics
 /// As [`parse_records`]; and on a `DATA_IN_INPUT` record pointing outside `input`.
 pub fn parse_records_of(bytes: &[u8], input: &[u8]) -> Vec<Record> {
+    parse(bytes, Some(input))
+}
+
+fn parse(bytes: &[u8], input: Option<&[u8]>) -> Vec<Record> {
     let mut records = Vec::new();
     let mut at = 0;
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     while at < bytes.len() {
         assert!(bytes.len() - at >= 24, "record header cut short at {at}");
+        let kind = word(at);
         let channel_len = word(at + 4) as usize;
         let payload_len = word(at + 8) as usize;
-        assert_eq!(word(at + 12), 0, "reserved field of the record at {at}");
         let channel_start = at + 24;
         let payload_start = channel_start + channel_len;
         let id = i64::from_le_bytes(bytes[at + 16..at + 24].try_into().expect("8 bytes"));
-        if word(at) == crate::kind::DATA_IN_INPUT {
+        if kind == crate::kind::DATA_IN_INPUT {
+            let input = input.expect("DATA_IN_INPUT only in a decode's output");
+            assert_eq!(
+                payload_len, 0,
+                "DATA_IN_INPUT record at {at} carries payload bytes"
+            );
             assert!(
                 payload_start <= bytes.len(),
                 "record at {at} runs past the output"
             );
             let offset = usize::try_from(id).expect("DATA_IN_INPUT offset is not negative");
-            let payload = input
-                .get(offset..offset + payload_len)
+            let payload = offset
+                .checked_add(word(at + 12) as usize)
+                .and_then(|end| input.get(offset..end))
                 .expect("DATA_IN_INPUT points into the input");
             records.push(Record {
                 kind: crate::kind::DATA,
@@ -73,10 +84,11 @@ pub fn parse_records_of(bytes: &[u8], input: &[u8]) -> Vec<Record> {
             at = payload_start;
             continue;
         }
+        assert_eq!(word(at + 12), 0, "reserved field of the record at {at}");
         let end = payload_start + payload_len;
         assert!(end <= bytes.len(), "record at {at} runs past the output");
         records.push(Record {
-            kind: word(at),
+            kind,
             id,
             channel: bytes[channel_start..payload_start].to_vec(),
             payload: bytes[payload_start..end].to_vec(),
