@@ -166,6 +166,47 @@ impl Poller {
         Ok(woken)
     }
 
+    /// While connecting: waits until one of `sockets` (connects in flight, none of
+    /// them registered) is writable or has failed, a notify, or `deadline`; returns
+    /// the indices of those that are, in order. A plain `poll`: the set changes from
+    /// wait to wait, and this happens once per connection.
+    pub fn wait_connecting(&self, sockets: &[RawFd], deadline: Instant) -> io::Result<Vec<usize>> {
+        let mut entries: Vec<libc::pollfd> = sockets
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        entries.push(libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let timeout = timeout_ms(deadline.saturating_duration_since(Instant::now()));
+        // SAFETY: `entries` is a valid array of `entries.len()` pollfds for the call.
+        let count =
+            unsafe { libc::poll(entries.as_mut_ptr(), entries.len() as libc::nfds_t, timeout) };
+        if count < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(Vec::new());
+            }
+            return Err(io::Error::new(err.kind(), format!("poll: {err}")));
+        }
+        let (wake, sockets) = entries.split_last().expect("the wake-up's entry");
+        if wake.revents != 0 {
+            self.clear_notify();
+        }
+        Ok(sockets
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.revents != 0)
+            .map(|(index, _)| index)
+            .collect())
+    }
+
     fn clear_notify(&self) {
         self.wake.clear();
         // Only now may the next notify write the eventfd again. The other order loses

@@ -4,6 +4,7 @@
 //! (`poll.rs`) that the pool can wake, so connect, TLS and WebSocket handshakes and the
 //! session itself all stay responsive to a close command.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -212,6 +213,27 @@ pub(crate) fn resolve(url: &WsUrl) -> Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
+/// The addresses in the order Happy Eyeballs tries them (RFC 8305, section 4): the
+/// resolver's first, then alternating between the address families, each family in
+/// the resolver's order. A host whose IPv6 addresses all sit on a dead route so gets
+/// its IPv4 address tried second, not after every IPv6 one.
+pub(crate) fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return addrs;
+    };
+    let first_is_v6 = first.is_ipv6();
+    let (mut same, mut other): (VecDeque<SocketAddr>, VecDeque<SocketAddr>) = addrs
+        .into_iter()
+        .partition(|addr| addr.is_ipv6() == first_is_v6);
+    let mut ordered = Vec::with_capacity(same.len() + other.len());
+    loop {
+        match (same.pop_front(), other.pop_front()) {
+            (None, None) => return ordered,
+            (one, two) => ordered.extend(one.into_iter().chain(two)),
+        }
+    }
+}
+
 /// Starts a non-blocking connect; completion is signalled by writability.
 pub(crate) fn start_connect(addr: SocketAddr, keepalive: Duration) -> Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
@@ -283,6 +305,22 @@ pub(crate) mod tests {
         let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (theirs, _) = listener.accept().unwrap();
         (ours, theirs)
+    }
+
+    #[test]
+    fn addresses_alternate_between_families_from_the_resolvers_first() {
+        let v6 = |n: u16| SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, n], 443));
+        let v4 = |n: u8| SocketAddr::from(([10, 0, 0, n], 443));
+        assert_eq!(
+            interleave_families(vec![v6(1), v6(2), v6(3), v4(1), v4(2)]),
+            [v6(1), v4(1), v6(2), v4(2), v6(3)]
+        );
+        assert_eq!(
+            interleave_families(vec![v4(1), v6(1), v6(2), v4(2)]),
+            [v4(1), v6(1), v4(2), v6(2)]
+        );
+        assert_eq!(interleave_families(vec![v4(1), v4(2)]), [v4(1), v4(2)]);
+        assert_eq!(interleave_families(Vec::new()), []);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,7 +22,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message as WsMessage, WebSocket};
 
-use super::poll::{self, Woken};
+use super::poll;
 use super::rate_limit::RateLimiter;
 use super::stack::StackTrim;
 use super::transport::{self, Stream};
@@ -37,6 +37,11 @@ use crate::queue::{Chunk, ConsumerQueue};
 
 /// Stack of a worker thread. Wasm runs on it too (`max_wasm_stack` is smaller).
 const WORKER_STACK: usize = 1024 * 1024;
+
+/// Happy Eyeballs' "connection attempt delay" (RFC 8305, section 5: 250 ms
+/// recommended): while no address has connected, the next is tried this long after
+/// the one before it.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// How long a graceful close waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// A connection without inbound data or commands for this long gives its deeper stack
@@ -390,84 +395,94 @@ impl Link {
             after: connect_timeout,
             detail,
         };
-        let addrs = transport::resolve(&server.parsed)?;
+        let addrs = transport::interleave_families(transport::resolve(&server.parsed)?);
         let keepalive = Duration::from_millis(self.context.config.heartbeat.tcp_keepalive_ms);
-        // Why each address tried so far failed, in order.
+        // Happy Eyeballs (RFC 8305, section 5): the addresses are tried in order, one
+        // more each `ATTEMPT_DELAY` while none has connected, or at once when one
+        // fails; attempts already started go on meanwhile, the first to connect wins
+        // and the others are closed. A dead route (SYNs dropped) so costs
+        // `ATTEMPT_DELAY`, not a share of the connect timeout.
         let mut failures: Vec<Error> = Vec::new();
-        let mut connected: Option<TcpStream> = None;
-        let count = addrs.len();
-        for (index, addr) in addrs.into_iter().enumerate() {
-            // An address that neither connects nor fails (a dead route drops the SYN)
-            // gets its share of the time left, so the next one is still tried; the
-            // last one gets all that is left.
-            let now = Instant::now();
-            let share = deadline.saturating_duration_since(now) / (count - index) as u32;
-            let address_deadline = (now + share).min(deadline);
-            let last_address = index + 1 == count;
-            let tcp = match transport::start_connect(addr, keepalive) {
-                Ok(tcp) => tcp,
-                Err(err) => {
-                    failures.push(err);
-                    continue;
-                }
-            };
-            self.wake
-                .poller
-                .register(tcp.as_raw_fd())
-                .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
-            // This address's own failure, if any: an earlier one's error must not throw
-            // away a socket that connected (a host listening on only one of its
-            // addresses).
-            let failure = loop {
-                if self.close_requested() {
-                    self.wake.poller.deregister(tcp.as_raw_fd());
-                    return Ok(false);
-                }
-                if Instant::now() >= address_deadline {
-                    self.wake.poller.deregister(tcp.as_raw_fd());
-                    if last_address {
-                        let err = timeout(format!("TCP connect to {addr} ({})", server.url));
-                        return Err(after_earlier(err, &failures));
-                    }
-                    break Some(Error::Io(format!(
-                        "TCP connect to {addr} ({}): no answer within {} ms, trying the next address",
-                        server.url,
-                        share.as_millis()
-                    )));
-                }
-                let woken = self
-                    .wake
-                    .poller
-                    .wait(Some(tcp.as_raw_fd()), false, true, Some(address_deadline))
-                    .map_err(|err| Error::Io(format!("waiting for {addr}: {err}")))?;
-                if woken == Woken::Socket {
-                    match transport::finish_connect(&tcp, addr) {
-                        Ok(true) => break None,
-                        Ok(false) => continue,
-                        Err(err) => {
-                            self.wake.poller.deregister(tcp.as_raw_fd());
-                            break Some(err);
-                        }
-                    }
-                }
-            };
-            match failure {
-                None => {
-                    connected = Some(tcp);
-                    break;
-                }
-                Some(err) => failures.push(err),
+        let mut attempts: Vec<(SocketAddr, TcpStream)> = Vec::new();
+        let mut next = 0;
+        let mut next_start = Instant::now();
+        let tcp = loop {
+            if self.close_requested() {
+                return Ok(false);
             }
-        }
-        let tcp = match connected {
-            Some(tcp) => tcp,
-            None => {
+            let now = Instant::now();
+            if now >= deadline {
+                let pending: Vec<String> =
+                    attempts.iter().map(|(addr, _)| addr.to_string()).collect();
+                let err = match pending.is_empty() {
+                    true => timeout(format!("TCP connect to {}", server.url)),
+                    false => timeout(format!(
+                        "TCP connect to {} ({})",
+                        pending.join(", "),
+                        server.url
+                    )),
+                };
+                return Err(after_earlier(err, &failures));
+            }
+            if next < addrs.len() && (attempts.is_empty() || now >= next_start) {
+                let addr = addrs[next];
+                next += 1;
+                match transport::start_connect(addr, keepalive) {
+                    Ok(tcp) => attempts.push((addr, tcp)),
+                    Err(err) => failures.push(err),
+                }
+                next_start = now + ATTEMPT_DELAY;
+                continue;
+            }
+            if attempts.is_empty() {
+                // Every address failed.
                 let last = failures
                     .pop()
                     .unwrap_or_else(|| Error::Io(format!("connecting to {}: failed", server.url)));
                 return Err(after_earlier(last, &failures));
             }
+            let until = match next < addrs.len() {
+                true => next_start.min(deadline),
+                false => deadline,
+            };
+            let sockets: Vec<RawFd> = attempts.iter().map(|(_, tcp)| tcp.as_raw_fd()).collect();
+            let ready = self
+                .wake
+                .poller
+                .wait_connecting(&sockets, until)
+                .map_err(|err| Error::Io(format!("waiting for a TCP connect: {err}")))?;
+            let mut failed = Vec::new();
+            let mut winner = None;
+            for index in ready {
+                let (addr, tcp) = &attempts[index];
+                match transport::finish_connect(tcp, *addr) {
+                    Ok(true) => {
+                        winner = Some(index);
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        failures.push(err);
+                        failed.push(index);
+                    }
+                }
+            }
+            if let Some(index) = winner {
+                // The attempts still in flight are closed with `attempts`.
+                break attempts.swap_remove(index).1;
+            }
+            for index in failed.iter().rev() {
+                attempts.remove(*index);
+            }
+            if !failed.is_empty() {
+                next_start = Instant::now();
+            }
         };
+        drop(attempts);
+        self.wake
+            .poller
+            .register(tcp.as_raw_fd())
+            .map_err(|err| Error::Io(format!("registering the socket: {err}")))?;
         self.stats.set_state(ConnectionState::Handshaking);
         let stream = if server.parsed.tls {
             let tls = self.context.tls.as_ref().ok_or_else(|| {

@@ -73,6 +73,11 @@ fn venue_on_the_second(addrs: &[SocketAddr]) -> Simulator {
 
 /// A one-connection pool on `ws://dual.test:<venue's port>` becomes ready.
 fn assert_the_pool_connects(venue: &Simulator, extra: serde_json::Value) {
+    assert_the_pool_connects_within(venue, extra, Duration::from_secs(10));
+}
+
+/// [`assert_the_pool_connects`] within `limit`.
+fn assert_the_pool_connects_within(venue: &Simulator, extra: serde_json::Value, limit: Duration) {
     let started = Instant::now();
     let port = venue.local_addr().port();
     let pool = pool_from(
@@ -83,7 +88,7 @@ fn assert_the_pool_connects(venue: &Simulator, extra: serde_json::Value) {
         }),
         extra,
     );
-    let ready = pool.wait_ready(Duration::from_secs(10));
+    let ready = pool.wait_ready(limit);
     let events: Vec<String> = pool
         .events(Duration::ZERO)
         .into_iter()
@@ -139,8 +144,10 @@ fn blackhole(addr: SocketAddr) -> (Socket, Vec<Socket>) {
     panic!("the accept queue of {addr} never filled");
 }
 
-/// The first address drops SYNs (a dead route); the second has the venue. The first
-/// gets its share of the connect timeout, then the second is tried.
+/// The first address drops SYNs (a dead route); the second has the venue. The second
+/// is tried while the first is still in flight (Happy Eyeballs), so the pool is ready
+/// long before the connect timeout: with 20 s, waiting for the first address (or for
+/// its half of the timeout, as before Happy Eyeballs) would take 10 s or more.
 #[test]
 fn a_host_whose_first_address_drops_syns_connects_on_the_next() {
     if !in_dual_hosts_namespace(
@@ -161,7 +168,56 @@ fn a_host_whose_first_address_drops_syns_connects_on_the_next() {
         .is_err(),
         "the first address answers"
     );
-    assert_the_pool_connects(&venue, serde_json::json!({"connect_timeout_ms": 1500}));
+    assert_the_pool_connects_within(
+        &venue,
+        serde_json::json!({"connect_timeout_ms": 20_000}),
+        Duration::from_secs(5),
+    );
+}
+
+/// The first address drops SYNs and the second refuses: the pool's error names both,
+/// the first as still unanswered at the connect timeout.
+#[test]
+fn a_silent_address_and_a_refusing_one_are_both_named() {
+    if !in_dual_hosts_namespace(
+        "connect_addresses::a_silent_address_and_a_refusing_one_are_both_named",
+    ) {
+        return;
+    }
+    let _guard = watchdog("blackhole_and_refused", Duration::from_secs(60));
+    let addrs = dual_addresses();
+    // A port free on the second address, blackholed on the first.
+    let port = std::net::TcpListener::bind((addrs[1].ip(), 0))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let _hole = blackhole(SocketAddr::new(addrs[0].ip(), port));
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": format!("ws://dual.test:{port}")}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+            "connect_timeout_ms": 800,
+        }),
+        serde_json::json!({}),
+    );
+    let events =
+        crate::support::wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
+            event.kind == "closed"
+        });
+    let reason = last_message(&events);
+    let silent = SocketAddr::new(addrs[0].ip(), port).to_string();
+    let refused = SocketAddr::new(addrs[1].ip(), port).to_string();
+    assert!(
+        reason.contains(&format!("TCP connect to {silent} (")),
+        "the reason does not name the silent {silent} as timed out: {reason}"
+    );
+    assert!(
+        reason.contains(&format!("connecting to {refused}: ")) && reason.contains("refused"),
+        "the reason does not name the refusing {refused}: {reason}"
+    );
+    pool.close();
 }
 
 /// Every address refuses: the reason names each of them, not only the last.
