@@ -167,10 +167,15 @@ impl Poller {
     }
 
     /// While connecting: waits until one of `sockets` (connects in flight, none of
-    /// them registered) is writable or has failed, a notify, or `deadline`; returns
-    /// the indices of those that are, in order. A plain `poll`: the set changes from
-    /// wait to wait, and this happens once per connection.
-    pub fn wait_connecting(&self, sockets: &[RawFd], deadline: Instant) -> io::Result<Vec<usize>> {
+    /// them registered) is writable or has failed, a notify, or `deadline` (no wait
+    /// once it has passed); returns the indices of those that are, in order, each
+    /// with whether poll reported a hang-up or an error for it. A plain `poll`: the
+    /// set changes from wait to wait, and this happens once per connection.
+    pub fn wait_connecting(
+        &self,
+        sockets: &[RawFd],
+        deadline: Instant,
+    ) -> io::Result<Vec<(usize, bool)>> {
         let mut entries: Vec<libc::pollfd> = sockets
             .iter()
             .map(|&fd| libc::pollfd {
@@ -203,7 +208,10 @@ impl Poller {
             .iter()
             .enumerate()
             .filter(|(_, entry)| entry.revents != 0)
-            .map(|(index, _)| index)
+            .map(|(index, entry)| {
+                let over = entry.revents & (libc::POLLHUP | libc::POLLERR) != 0;
+                (index, over)
+            })
             .collect())
     }
 

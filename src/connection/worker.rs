@@ -42,6 +42,20 @@ const WORKER_STACK: usize = 1024 * 1024;
 /// recommended): while no address has connected, the next is tried this long after
 /// the one before it.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The shortest attempt delay (RFC 8305, section 5: never under 10 ms).
+const MIN_ATTEMPT_DELAY: Duration = Duration::from_millis(10);
+
+/// The delay before the next address, with `left` until the connect deadline and
+/// `untried` addresses after the one just started: [`ATTEMPT_DELAY`], shortened so
+/// that each address still gets an equal turn before the deadline (the addresses of
+/// a host with many on a short timeout), but never under [`MIN_ATTEMPT_DELAY`].
+fn attempt_delay(left: Duration, untried: usize) -> Duration {
+    match u32::try_from(untried + 1) {
+        Ok(turns) if untried > 0 => (left / turns).clamp(MIN_ATTEMPT_DELAY, ATTEMPT_DELAY),
+        _ => ATTEMPT_DELAY,
+    }
+}
 /// How long a graceful close waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// A connection without inbound data or commands for this long gives its deeper stack
@@ -397,11 +411,12 @@ impl Link {
         };
         let addrs = transport::interleave_families(transport::resolve(&server.parsed)?);
         let keepalive = Duration::from_millis(self.context.config.heartbeat.tcp_keepalive_ms);
-        // Happy Eyeballs (RFC 8305, section 5): the addresses are tried in order, one
-        // more each `ATTEMPT_DELAY` while none has connected, or at once when one
+        // Happy Eyeballs (RFC 8305, section 5): the addresses are tried in order, the
+        // next one `ATTEMPT_DELAY` after the one before it while none has connected
+        // (less when the timeout would not leave each its turn), or at once when one
         // fails; attempts already started go on meanwhile, the first to connect wins
-        // and the others are closed. A dead route (SYNs dropped) so costs
-        // `ATTEMPT_DELAY`, not a share of the connect timeout.
+        // and the others are closed. A dead route (SYNs dropped) so costs the delay,
+        // not a share of the connect timeout.
         let mut failures: Vec<Error> = Vec::new();
         let mut attempts: Vec<(SocketAddr, TcpStream)> = Vec::new();
         let mut next = 0;
@@ -411,30 +426,22 @@ impl Link {
                 return Ok(false);
             }
             let now = Instant::now();
-            if now >= deadline {
-                let pending: Vec<String> =
-                    attempts.iter().map(|(addr, _)| addr.to_string()).collect();
-                let err = match pending.is_empty() {
-                    true => timeout(format!("TCP connect to {}", server.url)),
-                    false => timeout(format!(
-                        "TCP connect to {} ({})",
-                        pending.join(", "),
-                        server.url
-                    )),
-                };
-                return Err(after_earlier(err, &failures));
-            }
-            if next < addrs.len() && (attempts.is_empty() || now >= next_start) {
+            if next < addrs.len() && now < deadline && (attempts.is_empty() || now >= next_start) {
                 let addr = addrs[next];
                 next += 1;
                 match transport::start_connect(addr, keepalive) {
-                    Ok(tcp) => attempts.push((addr, tcp)),
-                    Err(err) => failures.push(err),
+                    Ok(tcp) => {
+                        attempts.push((addr, tcp));
+                        next_start = now + attempt_delay(deadline - now, addrs.len() - next);
+                    }
+                    Err(err) => {
+                        failures.push(err);
+                        next_start = now;
+                    }
                 }
-                next_start = now + ATTEMPT_DELAY;
                 continue;
             }
-            if attempts.is_empty() {
+            if attempts.is_empty() && next == addrs.len() {
                 // Every address failed.
                 let last = failures
                     .pop()
@@ -446,6 +453,7 @@ impl Link {
                 false => deadline,
             };
             let sockets: Vec<RawFd> = attempts.iter().map(|(_, tcp)| tcp.as_raw_fd()).collect();
+            // At the deadline this is a last look (no wait) at the attempts in flight.
             let ready = self
                 .wake
                 .poller
@@ -453,14 +461,22 @@ impl Link {
                 .map_err(|err| Error::Io(format!("waiting for a TCP connect: {err}")))?;
             let mut failed = Vec::new();
             let mut winner = None;
-            for index in ready {
+            for (index, hung_up) in ready {
                 let (addr, tcp) = &attempts[index];
                 match transport::finish_connect(tcp, *addr) {
                     Ok(true) => {
                         winner = Some(index);
                         break;
                     }
-                    Ok(false) => {}
+                    // Still connecting; unless poll said it is over, which Linux does
+                    // only with an error to take: never poll it again.
+                    Ok(false) if !hung_up => {}
+                    Ok(false) => {
+                        failures.push(Error::Io(format!(
+                            "connecting to {addr}: the connect ended without a connection"
+                        )));
+                        failed.push(index);
+                    }
                     Err(err) => {
                         failures.push(err);
                         failed.push(index);
@@ -476,6 +492,20 @@ impl Link {
             }
             if !failed.is_empty() {
                 next_start = Instant::now();
+            }
+            if Instant::now() >= deadline && (!attempts.is_empty() || next < addrs.len()) {
+                let mut detail = format!("TCP connect to {}", server.url);
+                if !attempts.is_empty() {
+                    let pending: Vec<String> =
+                        attempts.iter().map(|(addr, _)| addr.to_string()).collect();
+                    detail.push_str(&format!(": no answer from {}", pending.join(", ")));
+                }
+                if next < addrs.len() {
+                    let untried: Vec<String> =
+                        addrs[next..].iter().map(ToString::to_string).collect();
+                    detail.push_str(&format!("; not tried: {}", untried.join(", ")));
+                }
+                return Err(after_earlier(timeout(detail), &failures));
             }
         };
         drop(attempts);
@@ -1661,5 +1691,24 @@ fn write_error(err: tungstenite::Error) -> Error {
         ),
         tungstenite::Error::Io(io_err) => io_error(io_err, "writing"),
         other => Error::Protocol(format!("writing: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_delay_leaves_every_address_its_turn_within_bounds() {
+        let ms = Duration::from_millis;
+        // The last address: the usual delay (it only bounds the wait).
+        assert_eq!(attempt_delay(ms(5000), 0), ATTEMPT_DELAY);
+        // Plenty of time: the recommended 250 ms.
+        assert_eq!(attempt_delay(ms(5000), 3), ms(250));
+        // 500 ms for four more turns (this one and three after it): 125 ms each.
+        assert_eq!(attempt_delay(ms(500), 3), ms(125));
+        // Never under 10 ms, however short the time.
+        assert_eq!(attempt_delay(ms(20), 9), ms(10));
+        assert_eq!(attempt_delay(Duration::ZERO, 1), ms(10));
     }
 }

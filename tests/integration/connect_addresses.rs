@@ -210,8 +210,12 @@ fn a_silent_address_and_a_refusing_one_are_both_named() {
     let silent = SocketAddr::new(addrs[0].ip(), port).to_string();
     let refused = SocketAddr::new(addrs[1].ip(), port).to_string();
     assert!(
-        reason.contains(&format!("TCP connect to {silent} (")),
-        "the reason does not name the silent {silent} as timed out: {reason}"
+        reason.contains(&format!(
+            "connect timed out after 800 ms: TCP connect to ws://dual.test:{port}: no answer \
+             from {silent}"
+        )),
+        "the reason does not name the silent {silent} as still unanswered at the \
+         deadline: {reason}"
     );
     assert!(
         reason.contains(&format!("connecting to {refused}: ")) && reason.contains("refused"),
