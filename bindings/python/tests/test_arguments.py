@@ -98,3 +98,19 @@ def test_a_signal_during_request_batch_is_raised_not_lost(silent_listener, make_
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_integer_arguments_of_another_type_are_named(pool):
+    with pytest.raises(TypeError, match="max must be an int, not str"):
+        pool.recv_many("10")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max must be an int, not float"):
+        pool.recv_many(2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_in_flight_per_connection must be an int, not float"):
+        pool.request_batch([b"{}"], max_in_flight_per_connection=2.5)  # type: ignore[arg-type]
+
+
+def test_idempotent_must_be_a_bool(pool):
+    # A truthy "no" must never let a request be sent twice.
+    for value in ("no", 1, None):
+        with pytest.raises(TypeError, match="idempotent must be a bool"):
+            pool.request(b"{}", idempotent=value)  # type: ignore[arg-type]

@@ -127,6 +127,13 @@ def test_configs_python_cannot_turn_into_json_text_are_config_errors(config, say
         wirepool.Pool(config)
 
 
+def test_a_path_that_does_not_exist_is_named_not_parsed_as_json(tmp_path):
+    path = str(tmp_path / "pool-config.yml")
+    with pytest.raises(wirepool.ConfigError, match="is neither JSON text") as caught:
+        wirepool.Pool(path)
+    assert "pool-config.yml" in str(caught.value)
+
+
 def test_a_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(wirepool.ConfigError, match="is a directory"):
         wirepool.Pool(str(tmp_path))

@@ -32,6 +32,24 @@ def test_release_without_a_lease_is_an_invalid_argument(pool):
         pool.release()
 
 
+def test_a_pool_closed_inside_a_lease_block_does_not_mask_how_the_block_ended(pool):
+    class Mine(Exception):
+        pass
+
+    with pytest.raises(Mine):
+        with pool.lease():
+            pool.close()
+            raise Mine()
+    assert pool.closed
+
+
+def test_a_lease_block_that_closes_its_pool_ends_cleanly(pool):
+    with pool.lease():
+        pool.close()
+    with pytest.raises(wirepool.ClosedError):
+        pool.acquire()
+
+
 def test_idle_pool_suspends_and_acquire_restores_subscriptions(simulator, make_pool):
     pool = make_pool(config_for(simulator.url, lease={"idle_timeout_ms": 300}))
     pool.wait_ready(timeout=10.0)

@@ -26,6 +26,7 @@ import contextlib
 import gc
 import json
 import math
+import operator
 import os
 import re
 import struct
@@ -381,12 +382,26 @@ def _config_json(config: ConfigLike) -> str:
             raise ConfigError(f"config: {config}: is a directory, not a .json or .toml file")
         if config.lower().endswith((".json", ".toml")) or os.path.isfile(config):
             return _read_config_file(config)
-        # Neither JSON-looking nor a file: the library reports why it is not valid JSON.
-        return config
+        # Neither JSON-looking nor a file.
+        raise ConfigError(
+            f"config: {config!r} is neither JSON text (it does not start with {{ or [) nor "
+            "an existing .json or .toml file"
+        )
     raise TypeError(
         f"config must be a dict, a JSON string or a path to a .json/.toml file, "
         f"not {type(config).__name__}"
     )
+
+
+def _integer(value: Any, name: str) -> int:
+    """``value`` as an int (anything with ``__index__``; not a float or a str), or a
+    TypeError that names the parameter."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
 
 
 # --- timeouts ----------------------------------------------------------------------------
@@ -756,9 +771,10 @@ class Pool(_Handle):
         arrives) for the first, then takes every queued one up to ``max``. ``[]`` on
         timeout."""
         _check_timeout(timeout)
+        max = _integer(max, "max")  # noqa: A001
         if max < 1:
             raise ValueError(f"max must be at least 1, not {max!r}")
-        return self._receive(min(int(max), _ffi.MAX_BATCH_CAPACITY), timeout)
+        return self._receive(min(max, _ffi.MAX_BATCH_CAPACITY), timeout)
 
     def messages(self, timeout: Optional[float] = 1.0) -> Iterator[Message]:
         """Yields messages as they arrive; stops when none arrived for ``timeout``
@@ -800,6 +816,9 @@ class Pool(_Handle):
         else:
             _check_timeout(timeout)
             timeout_ms = max(1, _ms(timeout))
+        if not isinstance(idempotent, bool):
+            # A truthy "no" or 0.0 must not let an order be sent twice.
+            raise TypeError(f"idempotent must be a bool, not {type(idempotent).__name__}")
         flags = _ffi.WIREPOOL_REQUEST_IDEMPOTENT if idempotent else 0
         reply = _ffi.bytes_p()
         handle = self._enter()
@@ -846,6 +865,7 @@ class Pool(_Handle):
         else:
             _check_timeout(timeout)
             timeout_ms = max(1, _ms(timeout))
+        max_in_flight_per_connection = _integer(max_in_flight_per_connection, "max_in_flight_per_connection")
         if not 1 <= max_in_flight_per_connection <= 0xFFFFFFFF:
             # A uint32_t in C: larger values would wrap silently (2**32 to 0, the default).
             raise ValueError(
@@ -949,12 +969,18 @@ class Pool(_Handle):
 
     @contextlib.contextmanager
     def lease(self) -> Iterator["Pool"]:
-        """``with pool.lease(): ...`` holds a lease for the block."""
+        """``with pool.lease(): ...`` holds a lease for the block. A pool closed during
+        the block (by another thread, say) has no lease left to give back: the block
+        then ends as it would have (its own exception, if any, unchanged)."""
         self.acquire()
         try:
             yield self
         finally:
-            self.release()
+            try:
+                self.release()
+            except ClosedError:
+                if not self._closing:
+                    raise
 
     def shared_data(self, key: str) -> Optional[bytes]:
         """The shared state the codec reported under ``key`` (e.g. the simulator's
