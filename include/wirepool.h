@@ -312,7 +312,8 @@ wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const 
  result and `out_replies[i]` with its reply (or the venue's error payload on
  `WIREPOOL_ERR_REMOTE`; NULL otherwise), to be freed with `wirepool_bytes_free`.
  `progress` (may be NULL) is called after each completion. Returns `WIREPOOL_OK`
- when the batch ran, whatever the individual results.
+ when the batch ran, whatever the individual results. Why a request failed, beyond
+ its code: `wirepool_pool_request_batch_detailed`.
  */
 wirepool_result wirepool_pool_request_batch(const struct wirepool_pool *pool,
                                             const struct wirepool_request *requests,
@@ -323,6 +324,24 @@ wirepool_result wirepool_pool_request_batch(const struct wirepool_pool *pool,
                                             void *user_data,
                                             struct wirepool_bytes **out_replies,
                                             wirepool_result *out_codes);
+
+/*
+ `wirepool_pool_request_batch`, and, when `out_errors` is not NULL, `out_errors[i]`
+ set to the text of request `i`'s error when it failed (UTF-8, what
+ `wirepool_last_error` would say for a single request: why it timed out, what the
+ codec refused, ...), NULL when it succeeded; each to be freed with
+ `wirepool_bytes_free`.
+ */
+wirepool_result wirepool_pool_request_batch_detailed(const struct wirepool_pool *pool,
+                                                     const struct wirepool_request *requests,
+                                                     size_t count,
+                                                     uint32_t timeout_ms,
+                                                     uint32_t max_in_flight_per_connection,
+                                                     wirepool_progress_fn progress,
+                                                     void *user_data,
+                                                     struct wirepool_bytes **out_replies,
+                                                     wirepool_result *out_codes,
+                                                     struct wirepool_bytes **out_errors);
 
 /*
  Creates a batch that holds up to `capacity` messages.

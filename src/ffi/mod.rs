@@ -579,7 +579,8 @@ pub type wirepool_progress_fn =
 /// result and `out_replies[i]` with its reply (or the venue's error payload on
 /// `WIREPOOL_ERR_REMOTE`; NULL otherwise), to be freed with `wirepool_bytes_free`.
 /// `progress` (may be NULL) is called after each completion. Returns `WIREPOOL_OK`
-/// when the batch ran, whatever the individual results.
+/// when the batch ran, whatever the individual results. Why a request failed, beyond
+/// its code: `wirepool_pool_request_batch_detailed`.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_request_batch(
     pool: *const wirepool_pool,
@@ -591,6 +592,41 @@ pub unsafe extern "C" fn wirepool_pool_request_batch(
     user_data: *mut std::ffi::c_void,
     out_replies: *mut *mut wirepool_bytes,
     out_codes: *mut wirepool_result,
+) -> wirepool_result {
+    // SAFETY: the caller's promises, passed on unchanged.
+    unsafe {
+        wirepool_pool_request_batch_detailed(
+            pool,
+            requests,
+            count,
+            timeout_ms,
+            max_in_flight_per_connection,
+            progress,
+            user_data,
+            out_replies,
+            out_codes,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// `wirepool_pool_request_batch`, and, when `out_errors` is not NULL, `out_errors[i]`
+/// set to the text of request `i`'s error when it failed (UTF-8, what
+/// `wirepool_last_error` would say for a single request: why it timed out, what the
+/// codec refused, ...), NULL when it succeeded; each to be freed with
+/// `wirepool_bytes_free`.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_request_batch_detailed(
+    pool: *const wirepool_pool,
+    requests: *const wirepool_request,
+    count: usize,
+    timeout_ms: u32,
+    max_in_flight_per_connection: u32,
+    progress: wirepool_progress_fn,
+    user_data: *mut std::ffi::c_void,
+    out_replies: *mut *mut wirepool_bytes,
+    out_codes: *mut wirepool_result,
+    out_errors: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
     guard(|| {
         let pool = unsafe { arg(pool, "pool") }?;
@@ -637,15 +673,23 @@ pub unsafe extern "C" fn wirepool_pool_request_batch(
             }
         });
         for (index, result) in results.into_iter().enumerate() {
+            let detail = match (&result, out_errors.is_null()) {
+                (Err(err), false) => new_bytes(err.to_string().into_bytes()),
+                _ => std::ptr::null_mut(),
+            };
             let (code, reply) = match result {
                 Ok(reply) => (WIREPOOL_OK, new_bytes(reply)),
                 Err(Error::Remote { payload }) => (WIREPOOL_ERR_REMOTE, new_bytes(payload)),
                 Err(err) => (code_of(&err), std::ptr::null_mut()),
             };
-            // SAFETY: the caller provides `count` slots in each output array.
+            // SAFETY: the caller provides `count` slots in each output array
+            // (`out_errors` included when it is not NULL).
             unsafe {
                 *out_codes.add(index) = code;
                 *out_replies.add(index) = reply;
+                if !out_errors.is_null() {
+                    *out_errors.add(index) = detail;
+                }
             }
         }
         Ok(())

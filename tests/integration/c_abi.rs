@@ -414,3 +414,97 @@ fn impossible_lengths_and_counts_are_rejected_before_anything_is_read() {
         wirepool_pool_free(pool);
     }
 }
+
+/// `wirepool_pool_request_batch_detailed` says why each failed request failed (and
+/// nothing for a success); with a NULL `out_errors` it is the plain batch.
+#[test]
+fn a_detailed_batch_says_why_each_request_failed() {
+    let _guard = watchdog("detailed batch", Duration::from_secs(60));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = open_pool(&sim.url());
+    let bodies: [&[u8]; 3] = [b"{}", b"not json", br#"{"op":"fail"}"#];
+    let requests = bodies.map(|body| wirepool_request {
+        payload: body.as_ptr(),
+        payload_len: body.len(),
+    });
+    // SAFETY: `pool` is live; each output array has one slot per request.
+    unsafe {
+        assert_eq!(
+            wirepool_pool_wait_ready(pool, 10_000),
+            wirepool_result::WIREPOOL_OK,
+            "{}",
+            last_error()
+        );
+        let mut replies = [ptr::null_mut(); 3];
+        let mut codes = [wirepool_result::WIREPOOL_OK; 3];
+        let mut errors = [ptr::null_mut(); 3];
+        assert_eq!(
+            wirepool_pool_request_batch_detailed(
+                pool,
+                requests.as_ptr(),
+                3,
+                5_000,
+                0,
+                None,
+                ptr::null_mut(),
+                replies.as_mut_ptr(),
+                codes.as_mut_ptr(),
+                errors.as_mut_ptr(),
+            ),
+            wirepool_result::WIREPOOL_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            codes,
+            [
+                wirepool_result::WIREPOOL_OK,
+                wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
+                wirepool_result::WIREPOOL_ERR_REMOTE
+            ]
+        );
+        assert!(errors[0].is_null(), "no error text for a success");
+        let refused = String::from_utf8(bytes_of(errors[1])).expect("UTF-8");
+        assert!(
+            refused.contains("not valid JSON") && refused.contains("nothing was sent"),
+            "{refused}"
+        );
+        let remote = String::from_utf8(bytes_of(errors[2])).expect("UTF-8");
+        assert!(!remote.is_empty());
+        assert!(!bytes_of(replies[0]).is_empty(), "the reply");
+        assert!(replies[1].is_null());
+        assert!(
+            String::from_utf8_lossy(&bytes_of(replies[2])).contains("requested failure"),
+            "the venue's error payload"
+        );
+
+        // Without `out_errors`: the plain batch.
+        let mut codes = [wirepool_result::WIREPOOL_OK; 3];
+        assert_eq!(
+            wirepool_pool_request_batch_detailed(
+                pool,
+                requests.as_ptr(),
+                3,
+                5_000,
+                0,
+                None,
+                ptr::null_mut(),
+                replies.as_mut_ptr(),
+                codes.as_mut_ptr(),
+                ptr::null_mut(),
+            ),
+            wirepool_result::WIREPOOL_OK
+        );
+        assert_eq!(codes[1], wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT);
+        for reply in replies {
+            if !reply.is_null() {
+                wirepool_bytes_free(reply);
+            }
+        }
+        wirepool_pool_free(pool);
+    }
+}

@@ -114,6 +114,26 @@ def test_request_batch_returns_results_in_order_with_progress(pool):
     assert seen[-1] == (20, 20) and len(seen) == 20
 
 
+def test_request_batch_errors_say_which_request_and_why(pool):
+    results = pool.request_batch([b"{}", b"not json", b'{"op":"fail"}'], timeout=5.0)
+    assert not isinstance(results[0], Exception)
+    refused = results[1]
+    assert isinstance(refused, wirepool.InvalidArgumentError)
+    assert str(refused).startswith("payloads[1]: "), str(refused)
+    assert "not valid JSON" in str(refused) and "nothing was sent" in str(refused), str(refused)
+    remote = results[2]
+    assert isinstance(remote, wirepool.RemoteError)
+    assert str(remote).startswith("payloads[2]: "), str(remote)
+
+
+def test_request_batch_timeouts_say_why(make_pool):
+    # Nothing listens on port 1: no connection is ever ready.
+    pool = make_pool(config_for("ws://127.0.0.1:1"))
+    results = pool.request_batch([b"{}"], timeout=0.3)
+    assert isinstance(results[0], wirepool.TimeoutError), results
+    assert "no connection was ready" in str(results[0]), str(results[0])
+
+
 def test_request_batch_reraises_a_progress_callback_error(pool):
     def boom(done, total):
         raise RuntimeError("callback failed")

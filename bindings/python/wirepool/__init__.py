@@ -878,6 +878,7 @@ class Pool(_Handle):
         )
         replies = (_ffi.bytes_p * count)()
         codes = (_ffi.wirepool_result * count)()
+        details = (_ffi.bytes_p * count)()
         raised: List[BaseException] = []
 
         def on_progress(_user_data: Any, done: int, total: int) -> None:
@@ -894,9 +895,9 @@ class Pool(_Handle):
         callback = _ffi.progress_fn(on_progress) if progress is not None else _ffi.progress_fn()
         handle = self._enter()
         try:
-            code = lib.wirepool_pool_request_batch(
+            code = lib.wirepool_pool_request_batch_detailed(
                 handle, requests, count, timeout_ms, max_in_flight_per_connection,
-                callback, None, replies, codes,
+                callback, None, replies, codes, details,
             )
             if code:
                 raise _error(code)
@@ -906,10 +907,12 @@ class Pool(_Handle):
         for index in range(count):
             item_code = codes[index]
             reply = _ffi.take_bytes(replies[index]) if replies[index] else b""
+            detail = _ffi.take_bytes(details[index]).decode("utf-8", "replace") if details[index] else ""
             if item_code == _ffi.WIREPOOL_OK:
                 results.append(reply)
             else:
-                error = _ERROR_CLASSES.get(item_code, WirepoolError)(_ffi.result_text(item_code), item_code)
+                text = f"payloads[{index}]: {detail or _ffi.result_text(item_code)}"
+                error = _ERROR_CLASSES.get(item_code, WirepoolError)(text, item_code)
                 if isinstance(error, RemoteError):
                     error.payload = reply
                 results.append(error)

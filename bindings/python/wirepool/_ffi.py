@@ -223,6 +223,16 @@ _declare(
     [pool_p, POINTER(wirepool_request), c_size_t, c_uint32, c_uint32, progress_fn, c_void_p,
      POINTER(bytes_p), POINTER(wirepool_result)],
 )
+# wirepool_result wirepool_pool_request_batch_detailed(const wirepool_pool *pool,
+#     const wirepool_request *requests, size_t count, uint32_t timeout_ms,
+#     uint32_t max_in_flight_per_connection, wirepool_progress_fn progress, void *user_data,
+#     wirepool_bytes **out_replies, wirepool_result *out_codes, wirepool_bytes **out_errors);
+_declare(
+    "wirepool_pool_request_batch_detailed",
+    wirepool_result,
+    [pool_p, POINTER(wirepool_request), c_size_t, c_uint32, c_uint32, progress_fn, c_void_p,
+     POINTER(bytes_p), POINTER(wirepool_result), POINTER(bytes_p)],
+)
 # wirepool_result wirepool_batch_new(size_t capacity, wirepool_batch **out_batch);
 _declare("wirepool_batch_new", wirepool_result, [c_size_t, POINTER(batch_p)])
 # void wirepool_batch_free(wirepool_batch *batch);
@@ -258,6 +268,7 @@ DECLARED_FUNCTIONS = (
     "wirepool_pool_shared_data",
     "wirepool_pool_set_token",
     "wirepool_pool_request_batch",
+    "wirepool_pool_request_batch_detailed",
     "wirepool_batch_new",
     "wirepool_batch_free",
     "wirepool_batch_messages",
