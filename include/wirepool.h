@@ -300,7 +300,11 @@ wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
  does not stop (around the hand-over a channel may briefly deliver from both).
  Waits until every replacement is ready. When the venue refuses the new token the
  old sessions keep running and the result is `WIREPOOL_ERR_REMOTE` with the reason
- in `wirepool_last_error`. An empty token is `WIREPOOL_ERR_INVALID_ARGUMENT`.
+ in `wirepool_last_error`. An empty token is `WIREPOOL_ERR_INVALID_ARGUMENT`. Only
+ ready sessions are replaced: with none ready the token is just stored and the
+ result is `WIREPOOL_OK` at once (connections opened from then on use it, and the
+ venue's verdict arrives as their `auth_failed` events); a connection still
+ connecting keeps the token it started with.
  */
 wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const char *token);
 

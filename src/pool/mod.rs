@@ -820,7 +820,10 @@ impl Pool {
     /// then drains. Returns once every replacement is ready. Around the hand-over a
     /// channel may briefly deliver from both sessions (each message says which). If
     /// the venue refuses the new token the old sessions keep running and the error
-    /// says why.
+    /// says why. Only ready sessions are replaced: with none ready the token is just
+    /// stored and this returns at once (connections opened from then on use it, and
+    /// the venue's verdict arrives as their `auth_failed` events); a connection still
+    /// connecting keeps the token it started with.
     pub fn set_token(&self, token: &str) -> Result<()> {
         self.check_open()?;
         if token.is_empty() {

@@ -1012,7 +1012,10 @@ class Pool(_Handle):
         subscribed data does not stop (around the hand-over a channel may briefly
         deliver from both; ``Message.connection_id`` tells them apart). If the venue
         refuses it, the old sessions keep running and ``RemoteError`` says why. An
-        empty token raises ``InvalidArgumentError``."""
+        empty token raises ``InvalidArgumentError``. Only ready sessions are replaced:
+        with none ready the token is just stored and this returns at once (later
+        connections use it; the venue's verdict comes as their ``auth_failed``
+        events)."""
         if not isinstance(token, str):
             raise TypeError(f"token must be a str, not {type(token).__name__}")
         if "\0" in token:
