@@ -589,6 +589,12 @@ impl Config {
                     "must be at least 1".into(),
                 );
             }
+            if server.id.as_deref() == Some("") {
+                issue(
+                    &format!("servers[{index}].id"),
+                    "is empty; omit it for the default server-<index>".into(),
+                );
+            }
             let id = server_id(server, index);
             if !seen_ids.insert(id.clone()) {
                 issue(
@@ -784,7 +790,8 @@ pub(crate) fn parse_ws_url(url: &str) -> std::result::Result<WsUrl, String> {
     let uri: tungstenite::http::Uri = url
         .parse()
         .map_err(|err| format!("{url:?} is not a URL: {err}"))?;
-    let tls = match uri.scheme_str() {
+    let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+    let tls = match scheme.as_deref() {
         Some("ws") => false,
         Some("wss") => true,
         Some(other) => {
@@ -794,6 +801,15 @@ pub(crate) fn parse_ws_url(url: &str) -> std::result::Result<WsUrl, String> {
         }
         None => return Err(format!("{url:?} is relative; expected ws://host:port/...")),
     };
+    let authority = uri.authority().map_or("", |authority| authority.as_str());
+    if authority.contains('@') {
+        // tungstenite would not send them, and the URL is shown in events and logs.
+        return Err(format!(
+            "{} carries user info (user:password@); put credentials in auth.token, not \
+             in the URL (which events and logs show)",
+            redact_user_info(url)
+        ));
+    }
     let host = uri
         .host()
         .filter(|host| !host.is_empty())
@@ -802,8 +818,39 @@ pub(crate) fn parse_ws_url(url: &str) -> std::result::Result<WsUrl, String> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    // From the authority's text: `Uri::port` reads a port past 65535 as none at all.
+    let port_text = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed
+            .split_once(']')
+            .and_then(|(_, after)| after.strip_prefix(':')),
+        None => authority.rsplit_once(':').map(|(_, port)| port),
+    };
+    let port = match port_text {
+        None | Some("") => {
+            if tls {
+                443
+            } else {
+                80
+            }
+        }
+        Some(text) => match text.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                return Err(format!("{url:?} has port {text:?}; a port is 1 to 65535"))
+            }
+            Ok(port) => port,
+        },
+    };
     Ok(WsUrl { tls, host, port })
+}
+
+/// `url` with whatever precedes an `@` in its authority replaced by `***`.
+fn redact_user_info(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("\"{scheme}://***@{}\"", &rest[at + 1..]),
+        None => format!("{url:?}"),
+    }
 }
 
 fn issues_to_error(issues: Vec<ConfigIssue>) -> Error {
@@ -820,6 +867,12 @@ mod tests {
             Ok(_) => panic!("expected {json} to be rejected"),
             Err(err) => err.to_string(),
         }
+    }
+
+    #[test]
+    fn an_empty_server_id_is_refused() {
+        let text = error_of(r#"{"servers":[{"url":"ws://a:1","id":""}]}"#);
+        assert!(text.contains("servers[0].id: is empty"), "{text}");
     }
 
     #[test]
@@ -877,6 +930,31 @@ mod tests {
             })
         );
         assert!(parse_ws_url("x").is_err());
+        assert_eq!(
+            parse_ws_url("WSS://venue.example").map(|url| url.tls),
+            Ok(true)
+        );
+        for (url, says) in [
+            ("ws://127.0.0.1:99999", "port \"99999\""),
+            ("ws://127.0.0.1:65536", "port \"65536\""),
+            ("ws://127.0.0.1:0", "port \"0\""),
+        ] {
+            let err = parse_ws_url(url).expect_err(url);
+            assert!(err.contains(says) && err.contains("1 to 65535"), "{err}");
+        }
+        assert_eq!(
+            parse_ws_url("ws://127.0.0.1:65535").map(|url| url.port),
+            Ok(65535)
+        );
+        assert_eq!(
+            parse_ws_url("ws://[::1]:8080/x").map(|url| url.port),
+            Ok(8080)
+        );
+        assert_eq!(parse_ws_url("wss://[::1]/x").map(|url| url.port), Ok(443));
+        let err = parse_ws_url("wss://alice:hunter2@venue.example/ws").expect_err("user info");
+        assert!(err.contains("auth.token"), "{err}");
+        assert!(!err.contains("hunter2") && !err.contains("alice"), "{err}");
+        assert!(err.contains("wss://***@venue.example/ws"), "{err}");
     }
 
     #[test]

@@ -92,6 +92,17 @@ pub(crate) fn assess(inputs: &HealthInputs) -> (HealthLevel, Vec<String>) {
             vec!["idle: no lease held, connections closed until the next acquire".into()],
         );
     }
+    if inputs.ready == 0 && inputs.min_connections == 0 && inputs.subscriptions > 0 {
+        // Nothing opens a connection by itself: the subscriptions wait for one.
+        return (
+            HealthLevel::Unhealthy,
+            vec![format!(
+                "no connection is ready and pool.min_connections is 0: nothing serves the \
+                 {} subscription(s)",
+                inputs.subscriptions
+            )],
+        );
+    }
     if inputs.ready == 0 && inputs.min_connections > 0 {
         let hopeless = (inputs.servers > 0 && inputs.servers_open == inputs.servers)
             || (inputs.slots > 0 && inputs.slots_given_up == inputs.slots);

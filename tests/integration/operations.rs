@@ -176,6 +176,25 @@ fn reconfigure_grows_and_shrinks_the_pool() {
     };
     let err = pool.reconfigure(bad).expect_err("min > max");
     assert!(err.to_string().contains("pool.min_connections"), "{err}");
+    // None at all: the subscription is left unserved, and health says so (not 200).
+    pool.subscribe("ticker.0").expect("subscribe");
+    let none = PoolSettings {
+        min_connections: 0,
+        ..settings
+    };
+    pool.reconfigure(none).expect("min 0");
+    wait_until(&pool, Duration::from_secs(10), "no connection", || {
+        pool.connections().is_empty()
+    });
+    let health = pool.health();
+    assert_eq!(health.level, wirepool::HealthLevel::Unhealthy, "{health:?}");
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|reason| reason.contains("pool.min_connections is 0")),
+        "{health:?}"
+    );
 }
 
 #[test]
@@ -550,4 +569,79 @@ fn a_replacement_lost_during_token_rotation_hands_its_channels_back_to_the_old_s
     std::thread::sleep(Duration::from_millis(300));
     let ids: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
     assert_eq!(ids, [old], "no refill: the old session holds the slot");
+}
+
+/// logrotate's way: the log file is moved away and the daemon gets SIGHUP; it writes
+/// on in a new file at the same path, keeps running, and still stops cleanly on
+/// SIGTERM. A stray argument (a channel without `--subscribe`) is refused at start.
+#[test]
+fn daemon_reopens_its_log_file_on_sighup_and_refuses_stray_arguments() {
+    let _guard = watchdog("daemon sighup", Duration::from_secs(90));
+    let sim = simulator();
+    let config = write_temp(
+        "sighup.toml",
+        &format!("[[servers]]\nurl = \"{}\"\n", sim.url()),
+    );
+    let stray = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("ticker.0")
+        .output()
+        .expect("runs");
+    assert_eq!(stray.status.code(), Some(2), "{stray:?}");
+    let said = String::from_utf8_lossy(&stray.stderr);
+    assert!(said.contains("unexpected argument \"ticker.0\""), "{said}");
+
+    let log = write_temp("sighup.log", "");
+    let rotated = log.with_extension("log.1");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wirepool"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--log-file")
+        .arg(&log)
+        .env("WIREPOOL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let wait_for = |path: &std::path::Path, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let content = std::fs::read_to_string(path).unwrap_or_default();
+            if content.contains(text) {
+                return content;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never said {text:?}: {content}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(&log, "running; SIGINT or SIGTERM to stop");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    wait_for(&log, "SIGHUP: reopened the log file");
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "SIGHUP ended the daemon"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    // The shutdown went to the new file; the old one kept what it had.
+    wait_for(&log, "shutting down");
+    let old = std::fs::read_to_string(&rotated).expect("rotated log");
+    assert!(!old.contains("shutting down"), "{old}");
+    let _ = std::fs::remove_file(&rotated);
 }

@@ -61,6 +61,17 @@ impl Args {
         Ok(Args { flags, positional })
     }
 
+    /// For commands that take options only: an argument that is not one (a channel
+    /// given without `--subscribe`, say) is an error, not silently dropped.
+    fn options_only(self) -> Result<Args, String> {
+        match self.positional.first() {
+            None => Ok(self),
+            Some(arg) => Err(format!(
+                "unexpected argument {arg:?}: this command takes only --options (see --help)"
+            )),
+        }
+    }
+
     fn get(&self, name: &str) -> Option<&str> {
         self.flags
             .iter()
@@ -109,10 +120,13 @@ fn main() -> ExitCode {
             rest,
             &["connections", "channels", "rate", "duration", "health"],
         )
+        .and_then(Args::options_only)
         .and_then(|args| demo(&args)),
         "run" => Args::parse(rest, &["config", "subscribe", "output", "log-file"])
+            .and_then(Args::options_only)
             .and_then(|args| run(&args)),
         "simulate" => Args::parse(rest, &["listen", "rate", "channels", "token"])
+            .and_then(Args::options_only)
             .and_then(|args| simulate(&args)),
         "check-config" => Args::parse(rest, &[]).and_then(|args| check_config(&args)),
         "codec-check" => Args::parse(rest, &[]).and_then(|args| codec_check(&args)),
@@ -149,11 +163,8 @@ fn init_logging(log_file: Option<&str>) -> Result<(), String> {
     let config = builder.build();
     match log_file {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|err| format!("--log-file {path}: {err}"))?;
+            let file = LogFile::open(path).map_err(|err| format!("--log-file {path}: {err}"))?;
+            let _ = LOG_FILE.set(file.clone());
             simplelog::WriteLogger::init(level, config, file)
                 .map_err(|err| format!("logging: {err}"))?;
         }
@@ -167,6 +178,74 @@ fn init_logging(log_file: Option<&str>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The `--log-file` of `run`, reopened on SIGHUP (after logrotate moved it away).
+static LOG_FILE: std::sync::OnceLock<LogFile> = std::sync::OnceLock::new();
+
+/// A log file in append mode that can be reopened at its path while loggers hold it.
+#[derive(Clone)]
+struct LogFile {
+    path: String,
+    file: Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl LogFile {
+    fn open(path: &str) -> std::io::Result<LogFile> {
+        let file = Self::open_file(path)?;
+        Ok(LogFile {
+            path: path.to_string(),
+            file: Arc::new(std::sync::Mutex::new(file)),
+        })
+    }
+
+    fn open_file(path: &str) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    /// Opens the path afresh (a new file if the old one was moved away); on failure
+    /// the old file stays in use.
+    fn reopen(&self) -> std::io::Result<()> {
+        let file = Self::open_file(&self.path)?;
+        *self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = file;
+        Ok(())
+    }
+}
+
+impl Write for LogFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        file.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        file.flush()
+    }
+}
+
+/// SIGHUP: reopen `--log-file` (what logrotate's postrotate `kill -HUP` asks of a
+/// daemon); nothing else changes.
+fn reopen_log_file() {
+    match LOG_FILE.get() {
+        Some(file) => match file.reopen() {
+            Ok(()) => log::info!("SIGHUP: reopened the log file {}", file.path),
+            Err(err) => log::warn!("SIGHUP: reopening the log file {}: {err}", file.path),
+        },
+        None => log::info!("SIGHUP: no --log-file to reopen (logging to stderr)"),
+    }
 }
 
 /// Like other servers, the daemon raises its soft limit on open files to the hard one
@@ -407,15 +486,21 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             format!("config {path}:\n{}", lines.join("\n"))
         })?;
     let stop = termination_flag()?;
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .map_err(|err| format!("installing the SIGHUP handler: {err}"))?;
     let pool = Pool::new(config).map_err(|err| err.to_string())?;
     for channel in args.all("subscribe") {
         pool.subscribe(&channel).map_err(|err| err.to_string())?;
     }
-    log::info!("running; SIGINT or SIGTERM to stop");
+    log::info!("running; SIGINT or SIGTERM to stop, SIGHUP to reopen the log file");
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut batch: Vec<Message> = Vec::with_capacity(1024);
     while !stop.load(Ordering::Relaxed) {
+        if hangup.swap(false, Ordering::Relaxed) {
+            reopen_log_file();
+        }
         batch.clear();
         match pool.recv_batch(&mut batch, 1024, Some(Duration::from_millis(200))) {
             Ok(_) => {}
