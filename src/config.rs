@@ -464,56 +464,63 @@ impl Config {
 
     /// Like [`Config::from_file`], but returns every problem found.
     pub fn from_file_detailed(path: &Path) -> Result<Config, Vec<ConfigIssue>> {
+        let config = Config::from_file_unvalidated(path)?;
+        match config.validate() {
+            issues if issues.is_empty() => Ok(config),
+            issues => Err(issues),
+        }
+    }
+
+    /// A config file parsed (keys and types checked) but not yet validated: for
+    /// [`Config::with_env_overrides`], which validates what the overrides make of it
+    /// (a file without `servers` and a `WIREPOOL_URL`, say).
+    pub fn from_file_unvalidated(path: &Path) -> Result<Config, Vec<ConfigIssue>> {
         let text = std::fs::read_to_string(path).map_err(|err| {
             vec![ConfigIssue {
                 path: String::new(),
                 message: format!("cannot read {}: {err}", path.display()),
             }]
         })?;
-        match path.extension().and_then(|ext| ext.to_str()) {
-            Some("toml") => Config::from_toml_detailed(&text),
-            Some("json") => Config::from_json_detailed(&text),
-            _ => Err(vec![ConfigIssue {
-                path: String::new(),
-                message: format!(
-                    "{}: unknown config file type (expected .json or .toml)",
-                    path.display()
-                ),
-            }]),
-        }
+        let value = match path.extension().and_then(|ext| ext.to_str()) {
+            Some(ext) if ext.eq_ignore_ascii_case("toml") => toml_value(&text)?,
+            Some(ext) if ext.eq_ignore_ascii_case("json") => json_value(&text)?,
+            _ => {
+                return Err(vec![ConfigIssue {
+                    path: String::new(),
+                    message: format!(
+                        "{}: unknown config file type (expected .json or .toml)",
+                        path.display()
+                    ),
+                }])
+            }
+        };
+        Config::parse_value(value)
     }
 
     /// Like [`Config::from_json`], but returns every problem found.
     pub fn from_json_detailed(text: &str) -> Result<Config, Vec<ConfigIssue>> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
-            vec![ConfigIssue {
-                path: String::new(),
-                message: format!("invalid JSON: {err}"),
-            }]
-        })?;
-        Config::from_value(value)
+        Config::from_value(json_value(text)?)
     }
 
     /// Like [`Config::from_toml`], but returns every problem found.
     pub fn from_toml_detailed(text: &str) -> Result<Config, Vec<ConfigIssue>> {
-        let value: serde_json::Value = toml::from_str(text).map_err(|err| {
-            vec![ConfigIssue {
-                path: String::new(),
-                message: format!("invalid TOML: {}", err.to_string().trim_end()),
-            }]
-        })?;
-        Config::from_value(value)
+        Config::from_value(toml_value(text)?)
     }
 
-    /// Deserializes a JSON value and validates it.
-    pub fn from_value(value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|err| {
+    /// Deserializes a JSON value (keys and types) without validating it.
+    fn parse_value(value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
+        serde_path_to_error::deserialize(value).map_err(|err| {
             let path = err.path().to_string();
             vec![ConfigIssue {
                 path: if path == "." { String::new() } else { path },
                 message: err.into_inner().to_string(),
             }]
-        })?;
+        })
+    }
+
+    /// Deserializes a JSON value and validates it.
+    pub fn from_value(value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
+        let config = Config::parse_value(value)?;
         let issues = config.validate();
         if issues.is_empty() {
             Ok(config)
@@ -555,10 +562,29 @@ impl Config {
                 }
             }
         }
+        let mut overridden: Vec<(&str, &str)> = Vec::new();
         if let Some(listen) = lookup("WIREPOOL_HEALTH_LISTEN") {
             self.health.listen = Some(listen);
+            overridden.push(("health.listen", "WIREPOOL_HEALTH_LISTEN"));
         }
-        issues.extend(self.validate());
+        if lookup("WIREPOOL_URL").is_some() {
+            overridden.push(("servers[0].url", "WIREPOOL_URL"));
+        }
+        for (path, name) in [
+            ("pool.min_connections", "WIREPOOL_MIN_CONNECTIONS"),
+            ("pool.max_connections", "WIREPOOL_MAX_CONNECTIONS"),
+        ] {
+            if lookup(name).is_some() {
+                overridden.push((path, name));
+            }
+        }
+        // A value that came from the environment is named by its variable.
+        issues.extend(self.validate().into_iter().map(|mut issue| {
+            if let Some((_, name)) = overridden.iter().find(|(path, _)| *path == issue.path) {
+                issue.path = format!("${name} ({})", issue.path);
+            }
+            issue
+        }));
         if issues.is_empty() {
             Ok(self)
         } else {
@@ -769,6 +795,99 @@ impl Config {
     }
 }
 
+/// JSON config text as a value; a key given twice is an error (as in TOML), not "the
+/// last one wins".
+fn json_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
+    let NoDuplicateKeys(value) = serde_json::from_str(text).map_err(|err| {
+        vec![ConfigIssue {
+            path: String::new(),
+            message: format!("invalid JSON: {err}"),
+        }]
+    })?;
+    Ok(value)
+}
+
+/// TOML config text as a JSON value.
+fn toml_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
+    toml::from_str(text).map_err(|err| {
+        vec![ConfigIssue {
+            path: String::new(),
+            message: format!("invalid TOML: {}", err.to_string().trim_end()),
+        }]
+    })
+}
+
+/// A JSON value read with every object checked for a key given twice.
+struct NoDuplicateKeys(serde_json::Value);
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(NoDuplicateKeysVisitor)
+            .map(NoDuplicateKeys)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(value).map_or(serde_json::Value::Null, Into::into))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(NoDuplicateKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {key:?} given twice in one object"
+                )));
+            }
+            let NoDuplicateKeys(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(object.into())
+    }
+}
+
 /// The display name of server `index`.
 pub(crate) fn server_id(server: &ServerConfig, index: usize) -> String {
     server
@@ -867,6 +986,68 @@ mod tests {
             Ok(_) => panic!("expected {json} to be rejected"),
             Err(err) => err.to_string(),
         }
+    }
+
+    #[test]
+    fn a_json_key_given_twice_is_refused_with_its_place() {
+        let text = error_of("{\"servers\":[{\"url\":\"ws://a:1\",\n \"url\":\"ws://b:2\"}]}");
+        assert!(text.contains("key \"url\" given twice"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+        let text = error_of(r#"{"pool":{},"servers":[{"url":"ws://a:1"}],"pool":{}}"#);
+        assert!(text.contains("key \"pool\" given twice"), "{text}");
+        // The same key in two objects is fine.
+        Config::from_json(
+            r#"{"servers":[{"url":"ws://a:1","id":"a"},{"url":"ws://b:2","id":"b"}]}"#,
+        )
+        .expect("one url per server");
+    }
+
+    #[test]
+    fn environment_overrides_may_supply_what_the_file_lacks_and_are_named_when_wrong() {
+        let dir = std::env::temp_dir().join(format!("wirepool-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("no-servers.TOML");
+        std::fs::write(&path, "[pool]\nmin_connections = 2\nmax_connections = 4\n").expect("write");
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(var, _)| *var == name)
+                    .map(|(_, value)| value.to_string())
+            }
+        };
+        // The file alone has no server.
+        let issues = Config::from_file_detailed(&path).expect_err("no servers");
+        assert!(
+            issues.iter().any(|issue| issue.path == "servers"),
+            "{issues:?}"
+        );
+        // WIREPOOL_URL supplies it (and a .TOML extension is TOML).
+        let config = Config::from_file_unvalidated(&path)
+            .and_then(|config| {
+                config.with_env_overrides(env(&[("WIREPOOL_URL", "ws://127.0.0.1:9")]))
+            })
+            .expect("the environment completes the file");
+        assert_eq!(config.servers[0].url, "ws://127.0.0.1:9");
+        // A bad value from the environment is named by its variable.
+        let issues = Config::from_file_unvalidated(&path)
+            .and_then(|config| {
+                config.with_env_overrides(env(&[
+                    ("WIREPOOL_URL", "http://127.0.0.1:9"),
+                    ("WIREPOOL_MAX_CONNECTIONS", "1"),
+                ]))
+            })
+            .expect_err("bad overrides");
+        let paths: Vec<&str> = issues.iter().map(|issue| issue.path.as_str()).collect();
+        assert!(
+            paths.contains(&"$WIREPOOL_URL (servers[0].url)"),
+            "{issues:?}"
+        );
+        assert!(
+            paths.contains(&"$WIREPOOL_MAX_CONNECTIONS (pool.max_connections)")
+                || paths.contains(&"pool.min_connections"),
+            "{issues:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

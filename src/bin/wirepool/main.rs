@@ -479,7 +479,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     if output != "jsonl" && output != "none" {
         return Err(format!("--output: {output:?} is not jsonl or none"));
     }
-    let config = Config::from_file_detailed(Path::new(path))
+    // Validated once, after the environment's overrides: they may supply what the
+    // file lacks (a WIREPOOL_URL for a file without servers).
+    let config = Config::from_file_unvalidated(Path::new(path))
         .and_then(|config| config.with_env_overrides(|name| std::env::var(name).ok()))
         .map_err(|issues| {
             let lines: Vec<String> = issues.iter().map(|issue| format!("  {issue}")).collect();
