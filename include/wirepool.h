@@ -316,8 +316,9 @@ wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const 
  result and `out_replies[i]` with its reply (or the venue's error payload on
  `WIREPOOL_ERR_REMOTE`; NULL otherwise), to be freed with `wirepool_bytes_free`.
  `progress` (may be NULL) is called after each completion. Returns `WIREPOOL_OK`
- when the batch ran, whatever the individual results. Why a request failed, beyond
- its code: `wirepool_pool_request_batch_detailed`.
+ when the batch ran, whatever the individual results; on any other result no slot
+ of the output arrays was written. Why a request failed, beyond its code:
+ `wirepool_pool_request_batch_detailed`.
  */
 wirepool_result wirepool_pool_request_batch(const struct wirepool_pool *pool,
                                             const struct wirepool_request *requests,

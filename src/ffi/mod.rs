@@ -583,8 +583,9 @@ pub type wirepool_progress_fn =
 /// result and `out_replies[i]` with its reply (or the venue's error payload on
 /// `WIREPOOL_ERR_REMOTE`; NULL otherwise), to be freed with `wirepool_bytes_free`.
 /// `progress` (may be NULL) is called after each completion. Returns `WIREPOOL_OK`
-/// when the batch ran, whatever the individual results. Why a request failed, beyond
-/// its code: `wirepool_pool_request_batch_detailed`.
+/// when the batch ran, whatever the individual results; on any other result no slot
+/// of the output arrays was written. Why a request failed, beyond its code:
+/// `wirepool_pool_request_batch_detailed`.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_request_batch(
     pool: *const wirepool_pool,

@@ -4,7 +4,8 @@
 //!   every circuit closed.
 //! - `degraded`: serving, but with less margin: fewer ready connections than
 //!   `min_connections`, a subscription not yet active, or a circuit not closed.
-//! - `unhealthy`: no ready connection, while the pool still tries to connect.
+//! - `unhealthy`: no ready connection, while the pool still tries to connect (or, with
+//!   `min_connections` 0, while subscriptions wait and nothing opens one).
 //! - `critical`: no ready connection and no way to get one soon: every server's
 //!   circuit is open or every connection slot gave up, or the pool is closed.
 

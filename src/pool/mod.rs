@@ -261,7 +261,7 @@ impl Pool {
                 .map_err(|text| Error::Config(format!("servers[{index}].url: {text}")))?;
             servers.push(ServerTarget {
                 id: server_id(server, index),
-                url: server.url.clone(),
+                url: crate::config::normalized_url(&server.url),
                 parsed,
             });
         }

@@ -719,3 +719,16 @@ fn a_burst_of_frames_of_every_size_arrives_whole_and_in_order() {
     assert_eq!(stats.malformed_frames, 0);
     assert_eq!(stats.reconnects, 0);
 }
+
+/// A URL's scheme is case-insensitive: `WS://` connects (tungstenite itself wants
+/// `ws://`, so the pool hands it the URL with its scheme in lower case).
+#[test]
+fn an_upper_case_scheme_connects() {
+    let _guard = watchdog("upper-case scheme", Duration::from_secs(60));
+    let sim = simulator(50.0);
+    let url = sim.url().replacen("ws://", "WS://", 1);
+    assert!(url.starts_with("WS://"), "{url}");
+    let pool = pool_for(&url, 1, serde_json::json!({}));
+    pool.subscribe("ticker.0").expect("subscribe");
+    receive_on(&pool, "ticker.0", 3, Duration::from_secs(10));
+}

@@ -393,6 +393,12 @@ def _config_json(config: ConfigLike) -> str:
     )
 
 
+def _is_bool(value: Any) -> bool:
+    """A Python bool, or numpy's (flags often come out of pandas and numpy)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
 def _integer(value: Any, name: str) -> int:
     """``value`` as an int (anything with ``__index__``; not a float or a str), or a
     TypeError that names the parameter."""
@@ -816,10 +822,10 @@ class Pool(_Handle):
         else:
             _check_timeout(timeout)
             timeout_ms = max(1, _ms(timeout))
-        if not isinstance(idempotent, bool):
+        if not _is_bool(idempotent):
             # A truthy "no" or 0.0 must not let an order be sent twice.
             raise TypeError(f"idempotent must be a bool, not {type(idempotent).__name__}")
-        flags = _ffi.WIREPOOL_REQUEST_IDEMPOTENT if idempotent else 0
+        flags = _ffi.WIREPOOL_REQUEST_IDEMPOTENT if bool(idempotent) else 0
         reply = _ffi.bytes_p()
         handle = self._enter()
         try:

@@ -152,7 +152,14 @@ message_p = POINTER(wirepool_message)
 
 
 def _declare(name: str, restype, argtypes) -> None:
-    function = getattr(lib, name)
+    try:
+        function = getattr(lib, name)
+    except AttributeError:
+        raise ImportError(
+            f"wirepool: the library {getattr(lib, '_name', '?')} has no {name}: it is older "
+            "than this binding; rebuild it (cargo build --release --lib) or point "
+            "WIREPOOL_LIB at a current one"
+        ) from None
     function.restype = restype
     function.argtypes = argtypes
 

@@ -582,7 +582,10 @@ fn check_config(args: &Args) -> Result<ExitCode, String> {
     let [path] = args.positional.as_slice() else {
         return Err("usage: wirepool check-config FILE".into());
     };
-    match Config::from_file_detailed(Path::new(path)) {
+    // As `run` reads it: with the environment's overrides applied.
+    let checked = Config::from_file_unvalidated(Path::new(path))
+        .and_then(|config| config.with_env_overrides(|name| std::env::var(name).ok()));
+    match checked {
         Ok(_) => {
             println!("{path}: ok");
             Ok(ExitCode::SUCCESS)
