@@ -645,3 +645,36 @@ fn daemon_reopens_its_log_file_on_sighup_and_refuses_stray_arguments() {
     assert!(!old.contains("shutting down"), "{old}");
     let _ = std::fs::remove_file(&rotated);
 }
+
+/// The CLI says what is wrong with what it was given, and its version when asked.
+#[test]
+fn the_cli_names_bad_settings_and_tells_its_version() {
+    let wirepool = || Command::new(env!("CARGO_BIN_EXE_wirepool"));
+    let version = wirepool().arg("--version").output().expect("runs");
+    assert!(version.status.success(), "{version:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("wirepool {}", env!("CARGO_PKG_VERSION"))
+    );
+    let config = write_temp("cli.toml", "[[servers]]\nurl = \"ws://127.0.0.1:9\"\n");
+    let bad_level = wirepool()
+        .arg("check-config")
+        .arg(&config)
+        .env("WIREPOOL_LOG", "verbose")
+        .output()
+        .expect("runs");
+    assert_eq!(bad_level.status.code(), Some(2), "{bad_level:?}");
+    assert!(
+        String::from_utf8_lossy(&bad_level.stderr).contains("WIREPOOL_LOG=\"verbose\""),
+        "{bad_level:?}"
+    );
+    let no_channels = wirepool()
+        .args(["simulate", "--listen", "127.0.0.1:0", "--channels", "0"])
+        .output()
+        .expect("runs");
+    assert_eq!(no_channels.status.code(), Some(2), "{no_channels:?}");
+    assert!(
+        String::from_utf8_lossy(&no_channels.stderr).contains("--channels: 0"),
+        "{no_channels:?}"
+    );
+}

@@ -21,6 +21,7 @@ USAGE:
   wirepool simulate --listen ADDR [--rate MSGS_PER_S_PER_CHANNEL] [--channels N] [--token TOKEN]
   wirepool check-config FILE
   wirepool codec-check FILE.wasm
+  wirepool --version
 
 Environment for `run`: WIREPOOL_URL, WIREPOOL_TOKEN, WIREPOOL_MIN_CONNECTIONS,
 WIREPOOL_MAX_CONNECTIONS, WIREPOOL_HEALTH_LISTEN override the config file.
@@ -105,6 +106,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let rest = &raw[1..];
+    if command == "--version" || command == "-V" || command == "version" {
+        println!("wirepool {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     if rest.iter().any(|arg| arg == "--help" || arg == "-h") {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
@@ -154,7 +159,12 @@ fn init_logging(log_file: Option<&str>) -> Result<(), String> {
         Some("debug") => log::LevelFilter::Debug,
         Some("trace") => log::LevelFilter::Trace,
         Some("off") => log::LevelFilter::Off,
-        _ => log::LevelFilter::Warn,
+        None | Some("warn") | Some("") => log::LevelFilter::Warn,
+        Some(other) => {
+            return Err(format!(
+                "WIREPOOL_LOG={other:?} is not a log level (error, warn, info, debug, trace or off)"
+            ))
+        }
     };
     let mut builder = simplelog::ConfigBuilder::new();
     if level > log::LevelFilter::Info {
@@ -563,7 +573,10 @@ fn simulate(args: &Args) -> Result<ExitCode, String> {
     let config = SimulatorConfig {
         listen,
         rate_per_channel: rate,
-        channels: args.number("channels", 8)?,
+        channels: match args.number("channels", 8)? {
+            0 => return Err("--channels: 0; the simulator needs at least one channel".into()),
+            channels => channels,
+        },
         token: args.get("token").map(str::to_string),
         ..SimulatorConfig::default()
     };
