@@ -769,11 +769,17 @@ impl Config {
                 );
             }
         }
-        if self.health.admin_token.as_deref() == Some("") {
-            issue(
+        match self.health.admin_token.as_deref() {
+            Some("") => issue(
                 "health.admin_token",
                 "is empty; omit it to leave the admin endpoints open".into(),
-            );
+            ),
+            // A client's token is read without surrounding whitespace: never a match.
+            Some(token) if token.trim() != token => issue(
+                "health.admin_token",
+                "has whitespace around it, which no client's token can match".into(),
+            ),
+            _ => {}
         }
         if let Some(listen) = &self.health.listen {
             if listen.parse::<SocketAddr>().is_err() {
@@ -1198,6 +1204,13 @@ mod tests {
             r#"{"servers":[{"url":"ws://a:1"}],"health":{"listen":"127.0.0.1:0","admin_token":""}}"#,
         );
         assert!(text.contains("health.admin_token:"), "{text}");
+        let text = error_of(
+            r#"{"servers":[{"url":"ws://a:1"}],"health":{"listen":"127.0.0.1:0","admin_token":"s3cret\n"}}"#,
+        );
+        assert!(
+            text.contains("health.admin_token: has whitespace"),
+            "{text}"
+        );
     }
 
     #[test]
