@@ -508,14 +508,39 @@ impl Config {
     }
 
     /// Deserializes a JSON value (keys and types) without validating it.
-    fn parse_value(value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
-        serde_path_to_error::deserialize(value).map_err(|err| {
-            let path = err.path().to_string();
-            vec![ConfigIssue {
-                path: if path == "." { String::new() } else { path },
-                message: err.into_inner().to_string(),
-            }]
-        })
+    /// Every structural problem is reported, not only the first: a key found unknown
+    /// or of the wrong type is taken out and the rest read again (up to 50 problems; a
+    /// missing key or a bad array element ends the search, since taking it out would
+    /// make up problems that are not there).
+    fn parse_value(mut value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
+        let mut issues = Vec::new();
+        loop {
+            match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+                Ok(config) if issues.is_empty() => return Ok(config),
+                Ok(_) => return Err(issues),
+                Err(err) => {
+                    let segments: Vec<String> = err
+                        .path()
+                        .iter()
+                        .map(|segment| match segment {
+                            serde_path_to_error::Segment::Map { key } => key.clone(),
+                            _ => String::new(),
+                        })
+                        .collect();
+                    let path = err.path().to_string();
+                    let message = err.into_inner().to_string();
+                    let removable = !message.starts_with("missing field")
+                        && segments.last().is_some_and(|key| !key.is_empty());
+                    issues.push(ConfigIssue {
+                        path: if path == "." { String::new() } else { path },
+                        message,
+                    });
+                    if !removable || issues.len() >= 50 || !remove_key(&mut value, &segments) {
+                        return Err(issues);
+                    }
+                }
+            }
+        }
     }
 
     /// Deserializes a JSON value and validates it.
@@ -801,6 +826,29 @@ impl Config {
     }
 }
 
+/// Takes the key at `path` (object keys; an empty segment is an array element) out of
+/// `value`; false if it is not there.
+fn remove_key(value: &mut serde_json::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for segment in parents {
+        let next = match node {
+            serde_json::Value::Object(map) if !segment.is_empty() => map.get_mut(segment),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    match node {
+        serde_json::Value::Object(map) => map.remove(last).is_some(),
+        _ => false,
+    }
+}
+
 /// JSON config text as a value; a key given twice is an error (as in TOML), not "the
 /// last one wins".
 fn json_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
@@ -1063,6 +1111,25 @@ mod tests {
             "{issues:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_not_only_the_first() {
+        let issues = Config::from_json_detailed(
+            r#"{"servers":[{"url":"ws://a:1"}],"pool":{"min_connection":1,"strategy":7},
+                "heartbeat":{"ping_intervall_ms":5},"bogus":true}"#,
+        )
+        .expect_err("four problems");
+        let paths: Vec<&str> = issues.iter().map(|issue| issue.path.as_str()).collect();
+        for expected in [
+            "bogus",
+            "heartbeat.ping_intervall_ms",
+            "pool.min_connection",
+            "pool.strategy",
+        ] {
+            assert!(paths.contains(&expected), "{expected} not in {issues:?}");
+        }
+        assert_eq!(issues.len(), 4, "{issues:?}");
     }
 
     #[test]
