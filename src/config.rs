@@ -515,7 +515,7 @@ impl Config {
     fn parse_value(mut value: serde_json::Value) -> Result<Config, Vec<ConfigIssue>> {
         let mut issues = Vec::new();
         loop {
-            match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+            match serde_path_to_error::deserialize::<_, Config>(&value) {
                 Ok(config) if issues.is_empty() => return Ok(config),
                 Ok(_) => return Err(issues),
                 Err(err) => {
@@ -563,21 +563,33 @@ impl Config {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, Vec<ConfigIssue>> {
         let mut issues = Vec::new();
+        // The config paths the environment set, with their variables.
+        let mut overridden: Vec<(&str, &str)> = Vec::new();
         if let Some(url) = lookup("WIREPOOL_URL") {
             self.servers = vec![ServerConfig {
                 url,
                 id: None,
                 weight: 1,
             }];
+            overridden.push(("servers[0].url", "WIREPOOL_URL"));
         }
         if let Some(token) = lookup("WIREPOOL_TOKEN") {
             self.auth.token = Some(token);
         }
-        for (name, target) in [
-            ("WIREPOOL_MIN_CONNECTIONS", &mut self.pool.min_connections),
-            ("WIREPOOL_MAX_CONNECTIONS", &mut self.pool.max_connections),
+        for (path, name, target) in [
+            (
+                "pool.min_connections",
+                "WIREPOOL_MIN_CONNECTIONS",
+                &mut self.pool.min_connections,
+            ),
+            (
+                "pool.max_connections",
+                "WIREPOOL_MAX_CONNECTIONS",
+                &mut self.pool.max_connections,
+            ),
         ] {
             if let Some(text) = lookup(name) {
+                overridden.push((path, name));
                 match text.trim().parse::<u32>() {
                     Ok(value) => *target = value,
                     Err(_) => issues.push(ConfigIssue {
@@ -587,21 +599,9 @@ impl Config {
                 }
             }
         }
-        let mut overridden: Vec<(&str, &str)> = Vec::new();
         if let Some(listen) = lookup("WIREPOOL_HEALTH_LISTEN") {
             self.health.listen = Some(listen);
             overridden.push(("health.listen", "WIREPOOL_HEALTH_LISTEN"));
-        }
-        if lookup("WIREPOOL_URL").is_some() {
-            overridden.push(("servers[0].url", "WIREPOOL_URL"));
-        }
-        for (path, name) in [
-            ("pool.min_connections", "WIREPOOL_MIN_CONNECTIONS"),
-            ("pool.max_connections", "WIREPOOL_MAX_CONNECTIONS"),
-        ] {
-            if lookup(name).is_some() {
-                overridden.push((path, name));
-            }
         }
         // A value that came from the environment is named by its variable.
         issues.extend(self.validate().into_iter().map(|mut issue| {

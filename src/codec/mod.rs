@@ -857,16 +857,17 @@ impl CodecInstance {
             })?;
         // The input's range was checked to fit when the engine wrote it, and a memory
         // cannot shrink: a miss here is the engine's own fault, said as such.
-        let input = match input {
-            None => None,
-            Some(range) => Some(data.get(range.clone()).ok_or_else(|| {
-                CodecFailure(format!(
-                    "internal error: the input of {export} ({range:?}) no longer fits the \
-                     codec's memory ({} bytes)",
-                    data.len()
-                ))
-            })?),
-        };
+        let input = input
+            .map(|range| {
+                data.get(range.clone()).ok_or_else(|| {
+                    CodecFailure(format!(
+                        "internal error: the input of {export} ({range:?}) no longer fits \
+                         the codec's memory ({} bytes)",
+                        data.len()
+                    ))
+                })
+            })
+            .transpose()?;
         Ok(Records::new(bytes, input))
     }
 

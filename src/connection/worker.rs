@@ -56,6 +56,7 @@ fn attempt_delay(left: Duration, untried: usize) -> Duration {
         _ => ATTEMPT_DELAY,
     }
 }
+
 /// How long a graceful close waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// A connection without inbound data or commands for this long gives its deeper stack

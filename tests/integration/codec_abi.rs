@@ -1,13 +1,18 @@
 //! Codec modules are checked against ABI v1 at load, with errors that name the problem.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::support::compile_wat;
+use crate::support::{compile_wat, compile_wat_text, wat_source};
 
 fn check_error(name: &str) -> String {
-    let path = compile_wat(name);
+    refusal(&compile_wat(name), name)
+}
+
+/// The error `check_module_file` refuses the module at `path` with (`what` it is, for
+/// the failure message when it does not).
+fn refusal(path: &Path, what: &str) -> String {
     match wirepool::check_module_file(path.to_str().expect("utf-8 path")) {
-        Ok(report) => panic!("{name} should be refused, got: {report}"),
+        Ok(report) => panic!("{what} should be refused, got: {report}"),
         Err(err) => err.to_string(),
     }
 }
@@ -86,28 +91,18 @@ fn engine_features_export_is_called_before_init_and_checked() {
 /// `tests/codecs/input_refs.wat` with its `wirepool_engine_features` replaced by
 /// `function`: the error `check_module_file` refuses it with.
 fn refused_variant(name: &str, function: &str) -> String {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let source = std::fs::read_to_string(root.join("tests/codecs/input_refs.wat")).expect("source");
+    let source = wat_source("input_refs");
     let good = "(func (export \"wirepool_engine_features\") (param $features i32)\n    \
                 (global.set $features (local.get $features)))";
     assert!(
         source.contains(good),
         "the test codec's export as this test expects it"
     );
-    let wasm = wat::parse_str(source.replace(good, function)).expect("the variant compiles");
-    let dir = std::env::temp_dir().join(format!(
-        "wirepool-abi-features-{name}-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("{name}.wasm"));
-    std::fs::write(&path, wasm).expect("write");
-    let refused = wirepool::check_module_file(path.to_str().expect("utf-8"));
-    let _ = std::fs::remove_dir_all(&dir);
-    match refused {
-        Ok(report) => panic!("the {name} variant should be refused, got: {report}"),
-        Err(err) => err.to_string(),
-    }
+    let variant = compile_wat_text(
+        &format!("input_refs_{name}"),
+        &source.replace(good, function),
+    );
+    refusal(&variant, &format!("the {name} variant"))
 }
 
 #[test]

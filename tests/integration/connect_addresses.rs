@@ -187,26 +187,9 @@ fn a_silent_address_and_a_refusing_one_are_both_named() {
     let _guard = watchdog("blackhole_and_refused", Duration::from_secs(60));
     let addrs = dual_addresses();
     // A port free on the second address, blackholed on the first.
-    let port = std::net::TcpListener::bind((addrs[1].ip(), 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port(&addrs[1]);
     let _hole = blackhole(SocketAddr::new(addrs[0].ip(), port));
-    let pool = pool_from(
-        serde_json::json!({
-            "servers": [{"url": format!("ws://dual.test:{port}")}],
-            "pool": {"min_connections": 1, "max_connections": 1},
-            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
-            "connect_timeout_ms": 800,
-        }),
-        serde_json::json!({}),
-    );
-    let events =
-        crate::support::wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
-            event.kind == "closed"
-        });
-    let reason = last_message(&events);
+    let reason = why_a_connection_closed(port, serde_json::json!({"connect_timeout_ms": 800}));
     let silent = SocketAddr::new(addrs[0].ip(), port).to_string();
     let refused = SocketAddr::new(addrs[1].ip(), port).to_string();
     assert!(
@@ -221,7 +204,6 @@ fn a_silent_address_and_a_refusing_one_are_both_named() {
         reason.contains(&format!("connecting to {refused}: ")) && reason.contains("refused"),
         "the reason does not name the refusing {refused}: {reason}"
     );
-    pool.close();
 }
 
 /// Every address refuses: the reason names each of them, not only the last.
@@ -234,24 +216,7 @@ fn when_every_address_fails_the_reason_names_each() {
     let _guard = watchdog("every_address_fails", Duration::from_secs(60));
     let addrs = dual_addresses();
     // A port nothing listens on, on either address.
-    let port = std::net::TcpListener::bind((addrs[0].ip(), 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let pool = pool_from(
-        serde_json::json!({
-            "servers": [{"url": format!("ws://dual.test:{port}")}],
-            "pool": {"min_connections": 1, "max_connections": 1},
-            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
-        }),
-        serde_json::json!({}),
-    );
-    let events =
-        crate::support::wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
-            event.kind == "closed"
-        });
-    let reason = last_message(&events);
+    let reason = why_a_connection_closed(free_port(&addrs[0]), serde_json::json!({}));
     for addr in &addrs[..2] {
         assert!(
             reason.contains(&addr.ip().to_string()),
@@ -259,5 +224,32 @@ fn when_every_address_fails_the_reason_names_each() {
             addr.ip()
         );
     }
+}
+
+/// A port nothing listens on at `addr`'s IP (bound and released).
+fn free_port(addr: &SocketAddr) -> u16 {
+    std::net::TcpListener::bind((addr.ip(), 0))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The reason a one-connection pool on `ws://dual.test:<port>` (with `extra` config)
+/// gives for its first closed connection.
+fn why_a_connection_closed(port: u16, extra: serde_json::Value) -> String {
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": format!("ws://dual.test:{port}")}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200},
+        }),
+        extra,
+    );
+    let events =
+        crate::support::wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
+            event.kind == "closed"
+        });
     pool.close();
+    last_message(&events)
 }

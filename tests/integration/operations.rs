@@ -197,6 +197,25 @@ fn reconfigure_grows_and_shrinks_the_pool() {
     );
 }
 
+/// Sends the daemon `child` SIGTERM; it exits with status 0 within 10 s.
+fn terminate_cleanly(child: &mut std::process::Child) {
+    // SAFETY: sending a signal to our own child process.
+    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
+
 #[test]
 fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
     let _guard = watchdog("daemon", Duration::from_secs(90));
@@ -265,21 +284,7 @@ fn daemon_streams_jsonl_and_exits_cleanly_on_sigterm() {
         open_files[0], "256",
         "soft limit not raised: {open_files:?}"
     );
-    // SAFETY: sending a signal to our own child process.
-    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(sent, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "exit status {status:?}");
+    terminate_cleanly(&mut child);
     let stderr = stderr_reader.join().expect("stderr reader");
     assert!(stderr.contains("shutting down"), "{stderr}");
     assert!(
@@ -628,17 +633,7 @@ fn daemon_reopens_its_log_file_on_sighup_and_refuses_stray_arguments() {
         child.try_wait().expect("wait").is_none(),
         "SIGHUP ended the daemon"
     );
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "exit status {status:?}");
+    terminate_cleanly(&mut child);
     // The shutdown went to the new file; the old one kept what it had.
     wait_for(&log, "shutting down");
     let old = std::fs::read_to_string(&rotated).expect("rotated log");

@@ -329,9 +329,20 @@ pub fn open_pool(url: &str) -> *mut wirepool::ffi::wirepool_pool {
 /// Compiles `tests/codecs/{name}.wat` to a `.wasm` file in a per-process temp
 /// directory, and returns its path (for `codec.path`).
 pub fn compile_wat(name: &str) -> std::path::PathBuf {
+    compile_wat_text(name, &wat_source(name))
+}
+
+/// The text of `tests/codecs/<name>.wat`.
+pub fn wat_source(name: &str) -> String {
     let source = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("tests/codecs/{name}.wat"));
-    let wasm = wat::parse_file(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
+    std::fs::read_to_string(&source).unwrap_or_else(|err| panic!("{name}.wat: {err}"))
+}
+
+/// [`compile_wat`] of WAT text (a variant of a test codec, say), written as
+/// `<name>.wasm`.
+pub fn compile_wat_text(name: &str, text: &str) -> std::path::PathBuf {
+    let wasm = wat::parse_str(text).unwrap_or_else(|err| panic!("{name}.wat: {err}"));
     let dir = std::env::temp_dir().join(format!("wirepool-wat-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(format!("{name}.wasm"));

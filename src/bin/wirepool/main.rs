@@ -220,29 +220,25 @@ impl LogFile {
     /// the old file stays in use.
     fn reopen(&self) -> std::io::Result<()> {
         let file = Self::open_file(&self.path)?;
-        *self
-            .file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = file;
+        *self.file() = file;
         Ok(())
+    }
+
+    /// The file in use (a panic while it was held leaves it usable).
+    fn file(&self) -> std::sync::MutexGuard<'_, std::fs::File> {
+        self.file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl Write for LogFile {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.write(bytes)
+        self.file().write(bytes)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.flush()
+        self.file().flush()
     }
 }
 
