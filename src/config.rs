@@ -478,7 +478,7 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|err| {
             vec![ConfigIssue {
                 path: String::new(),
-                message: format!("cannot read {}: {err}", path.display()),
+                message: format!("{}: cannot read: {err}", path.display()),
             }]
         })?;
         let value = match path.extension().and_then(|ext| ext.to_str()) {
@@ -528,7 +528,7 @@ impl Config {
                         })
                         .collect();
                     let path = err.path().to_string();
-                    let message = err.into_inner().to_string();
+                    let message = plain_words(err.into_inner().to_string());
                     let removable = !message.starts_with("missing field")
                         && segments.last().is_some_and(|key| !key.is_empty());
                     issues.push(ConfigIssue {
@@ -861,14 +861,99 @@ fn json_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
     Ok(value)
 }
 
-/// TOML config text as a JSON value.
+/// TOML config text as a JSON value. TOML's `nan` and `inf`, which JSON cannot hold
+/// (they would become `null`, reported as a wrong type), are refused where they stand.
 fn toml_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
-    toml::from_str(text).map_err(|err| {
+    let value: toml::Value = toml::from_str(text).map_err(|err| {
         vec![ConfigIssue {
             path: String::new(),
             message: format!("invalid TOML: {}", err.to_string().trim_end()),
         }]
+    })?;
+    let mut issues = Vec::new();
+    non_finite_numbers(&value, String::new(), &mut issues);
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    serde_json::to_value(value).map_err(|err| {
+        vec![ConfigIssue {
+            path: String::new(),
+            message: format!("invalid TOML: {err}"),
+        }]
     })
+}
+
+/// Issues for the non-finite floats in `value` (at `path`, dotted as serde_path_to_error
+/// writes it).
+fn non_finite_numbers(value: &toml::Value, path: String, issues: &mut Vec<ConfigIssue>) {
+    match value {
+        toml::Value::Float(number) if !number.is_finite() => issues.push(ConfigIssue {
+            path,
+            message: format!("{number} is not a number any setting takes (finite numbers only)"),
+        }),
+        toml::Value::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                non_finite_numbers(item, format!("{path}[{index}]"), issues);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table {
+                let path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                non_finite_numbers(item, path, issues);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// serde's message for a value of the wrong type or range, in the words of the config's
+/// docs: `expected u32` names the range of whole numbers it means, and an integer too
+/// big for any (which JSON reading turns into a float) is said to be one.
+fn plain_words(message: String) -> String {
+    const RANGES: [(&str, &str); 5] = [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "expected u64",
+            "expected a whole number from 0 to 18446744073709551615",
+        ),
+        (
+            "expected usize",
+            "expected a whole number from 0 to 18446744073709551615",
+        ),
+        ("expected f64", "expected a number"),
+    ];
+    let Some((from, to)) = RANGES
+        .iter()
+        .find(|(from, _)| message.ends_with(from))
+        .copied()
+    else {
+        return message;
+    };
+    let mut message = message.replace(from, to);
+    // `invalid type: floating point `1.8446744073709552e19`, ...` for 2^64: a whole
+    // number, only too large.
+    if from != "expected f64" {
+        if let Some(float) = message
+            .strip_prefix("invalid type: floating point `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            if float
+                .parse::<f64>()
+                .is_ok_and(|x| x.fract() == 0.0 && x.abs() >= 1e15)
+            {
+                message = format!("invalid value: `{float}` is too large, {to}");
+            }
+        }
+    }
+    message
 }
 
 /// A JSON value read with every object checked for a key given twice.
@@ -1130,6 +1215,61 @@ mod tests {
             assert!(paths.contains(&expected), "{expected} not in {issues:?}");
         }
         assert_eq!(issues.len(), 4, "{issues:?}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_say_which_range_in_plain_words() {
+        for (value, expected) in [
+            (
+                "-1",
+                "pool.min_connections: invalid value: integer `-1`, expected a whole number \
+                 from 0 to 4294967295",
+            ),
+            (
+                "1.5",
+                "pool.min_connections: invalid type: floating point `1.5`, expected a whole \
+                 number from 0 to 4294967295",
+            ),
+            // 2^64: JSON reading makes it a float; it is said to be too large.
+            (
+                "18446744073709551616",
+                "pool.min_connections: invalid value: `1.8446744073709552e+19` is too large, \
+                 expected a whole number from 0 to 4294967295",
+            ),
+            (
+                "\"2\"",
+                "pool.min_connections: invalid type: string \"2\", expected a whole number \
+                 from 0 to 4294967295",
+            ),
+        ] {
+            let text = error_of(&format!(
+                r#"{{"servers":[{{"url":"ws://a:1"}}],"pool":{{"min_connections":{value}}}}}"#
+            ));
+            assert!(text.ends_with(expected), "{value}: {text}");
+        }
+        let text = error_of(r#"{"servers":[{"url":"ws://a:1"}],"reconnect":{"jitter":"x"}}"#);
+        assert!(
+            text.ends_with("reconnect.jitter: invalid type: string \"x\", expected a number"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn toml_nan_and_infinity_are_refused_where_they_stand() {
+        let issues = Config::from_toml_detailed(
+            "[[servers]]\nurl = \"ws://a:1\"\n[reconnect]\njitter = nan\n\
+             [[servers]]\nurl = \"ws://b:1\"\nweight = -inf\n",
+        )
+        .expect_err("nan and -inf");
+        let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "reconnect.jitter: NaN is not a number any setting takes (finite numbers only)",
+                "servers[1].weight: -inf is not a number any setting takes (finite numbers only)",
+            ],
+            "{issues:?}"
+        );
     }
 
     #[test]

@@ -528,7 +528,12 @@ fn connection_count(key: &str, value: &Value) -> Result<u32, String> {
     value
         .as_u64()
         .and_then(|count| u32::try_from(count).ok())
-        .ok_or_else(|| format!("{key}: {value} is not a non-negative integer"))
+        .ok_or_else(|| {
+            format!(
+                "{key}: {value} is not a whole number from 0 to {}",
+                u32::MAX
+            )
+        })
 }
 
 /// A connection as the admin API shows it: the snapshot, plus `last_activity`
@@ -575,7 +580,10 @@ fn parse_id(raw: &str) -> Result<u64, Reply> {
     raw.parse::<u64>().map_err(|_| {
         Reply::error(
             400,
-            format!("connection id {raw:?} is not a non-negative integer"),
+            format!(
+                "connection id {raw:?} is not a whole number from 0 to {}",
+                u64::MAX
+            ),
         )
     })
 }

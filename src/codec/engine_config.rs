@@ -20,6 +20,11 @@ pub(crate) fn engine_config() -> wasmtime::Config {
     // module loads only into an engine with the same setting, and the codecs carry no
     // debug information to show anyway.
     config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
+    // For profiling: wasmtime writes /tmp/perf-<pid>.map, which perf reads to name
+    // the codecs' functions. Not part of what an artifact must match.
+    if std::env::var_os("WIREPOOL_PERF_MAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
 

@@ -485,6 +485,12 @@ fn pool_config_changes_sizes_and_rejects_bad_input() {
         (ready_ids(addr).len() == 3).then_some(())
     });
 
+    let negative =
+        post_json(addr, "/api/v1/pool/config", &json!({"min_connections": -1})).error(400);
+    assert!(
+        negative.contains("min_connections: -1 is not a whole number from 0 to 4294967295"),
+        "{negative}"
+    );
     let inverted =
         post_json(addr, "/api/v1/pool/config", &json!({"min_connections": 6})).error(400);
     assert!(inverted.contains("min_connections"), "{inverted}");
@@ -768,6 +774,11 @@ fn unknown_paths_bad_ids_and_wrong_methods_get_json_errors() {
     let bad_id = get(addr, "/api/v1/connections/abc").error(400);
     assert!(bad_id.contains("abc"), "{bad_id}");
     http(addr, "DELETE", "/api/v1/connections/abc", &[], b"").error(400);
+    let too_big = get(addr, "/api/v1/connections/18446744073709551616").error(400);
+    assert!(
+        too_big.contains("is not a whole number from 0 to 18446744073709551615"),
+        "{too_big}"
+    );
 
     let wrong_method = http(addr, "PUT", "/health", &[], b"");
     wrong_method.error(405);

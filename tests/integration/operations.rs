@@ -663,6 +663,21 @@ fn the_cli_names_bad_settings_and_tells_its_version() {
         String::from_utf8_lossy(&bad_level.stderr).contains("WIREPOOL_LOG=\"verbose\""),
         "{bad_level:?}"
     );
+    // A file that cannot be read is named once, not twice.
+    let missing = std::env::temp_dir().join("wirepool-no-such-config.toml");
+    let unreadable = wirepool()
+        .arg("check-config")
+        .arg(&missing)
+        .output()
+        .expect("runs");
+    assert_eq!(unreadable.status.code(), Some(1), "{unreadable:?}");
+    let said = String::from_utf8_lossy(&unreadable.stdout);
+    assert_eq!(
+        said.matches(&*missing.to_string_lossy()).count(),
+        1,
+        "{unreadable:?}"
+    );
+    assert!(said.contains("cannot read"), "{said}");
     let no_channels = wirepool()
         .args(["simulate", "--listen", "127.0.0.1:0", "--channels", "0"])
         .output()

@@ -601,7 +601,13 @@ fn check_config(args: &Args) -> Result<ExitCode, String> {
         }
         Err(issues) => {
             for issue in issues {
-                println!("{path}: {issue}");
+                // Issues about the file itself (unreadable, of an unknown type) name it.
+                let issue = issue.to_string();
+                if issue.starts_with(&format!("{path}: ")) {
+                    println!("{issue}");
+                } else {
+                    println!("{path}: {issue}");
+                }
             }
             Ok(ExitCode::from(1))
         }
