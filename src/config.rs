@@ -159,6 +159,10 @@ pub struct ReconnectConfig {
     pub max_attempts: u32,
     /// A connection must stay ready this long before the backoff resets. Defaults to 5000.
     pub stable_after_ms: u64,
+    /// The longest `Retry-After` honoured: a server that refuses the WebSocket handshake
+    /// with one (HTTP 429, 503, ...) gets no new connection from the pool for that long,
+    /// at most this; 0 = ignore `Retry-After`. Defaults to 3600000 (an hour).
+    pub max_retry_after_ms: u64,
 }
 
 impl Default for ReconnectConfig {
@@ -171,6 +175,7 @@ impl Default for ReconnectConfig {
             jitter: 0.5,
             max_attempts: 0,
             stable_after_ms: 5_000,
+            max_retry_after_ms: 3_600_000,
         }
     }
 }
@@ -400,6 +405,9 @@ pub struct BusyPollConfig {
 /// The longest busy poll accepted: a second without input is a quiet feed, not a gap
 /// worth a CPU.
 pub(crate) const MAX_BUSY_POLL_US: u64 = 1_000_000;
+
+/// The most `reconnect.max_retry_after_ms` may be: a week.
+const MAX_RETRY_AFTER_MS: u64 = 7 * 24 * 3_600_000;
 
 /// The health/admin HTTP port.
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -719,6 +727,15 @@ impl Config {
             );
         }
         let reconnect = &self.reconnect;
+        if reconnect.max_retry_after_ms > MAX_RETRY_AFTER_MS {
+            issue(
+                "reconnect.max_retry_after_ms",
+                format!(
+                    "is {}: at most {MAX_RETRY_AFTER_MS} (a week)",
+                    reconnect.max_retry_after_ms
+                ),
+            );
+        }
         if reconnect.max_delay_ms < reconnect.initial_delay_ms {
             issue(
                 "reconnect.max_delay_ms",

@@ -1187,6 +1187,22 @@ fn render_metrics(
             server.consecutive_failures,
         );
     }
+    out.family(
+        "wirepool_server_retry_after_seconds",
+        "gauge",
+        "Seconds left of the wait a server asked for (Retry-After on a refused handshake); \
+         0 when none.",
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |now| u64::try_from(now.as_millis()).unwrap_or(u64::MAX));
+    for server in servers {
+        out.sample(
+            "wirepool_server_retry_after_seconds",
+            &[("server", &server.id)],
+            server.retry_after_until_ms.saturating_sub(now_ms) as f64 / 1_000.0,
+        );
+    }
     out.text
 }
 

@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
@@ -98,6 +99,9 @@ pub(crate) struct CloseOutcome {
     pub requested: bool,
     /// Why, for events and errors.
     pub reason: String,
+    /// The server refused the handshake asking for no new connections this long
+    /// (`Retry-After`, capped by `reconnect.max_retry_after_ms`).
+    pub retry_after: Option<Duration>,
 }
 
 /// Lifecycle of the socket, mirrored for stats.

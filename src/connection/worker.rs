@@ -178,6 +178,7 @@ fn finish(mut link: Box<Link>, ended: Ended) {
     }
     let in_flight = std::mem::take(&mut link.in_flight);
     let was_ready = link.was_ready;
+    let retry_after = link.retry_after;
     link.shutdown_socket();
     stats.set_state(ConnectionState::Closed);
     // Dropping the receiver first makes later sends fail, so the pool re-routes
@@ -191,6 +192,7 @@ fn finish(mut link: Box<Link>, ended: Ended) {
             auth_failed,
             requested,
             reason,
+            retry_after,
         },
         in_flight,
     });
@@ -226,6 +228,9 @@ struct Link {
     ws: Option<WebSocket<Stream>>,
     ready: bool,
     was_ready: bool,
+    /// How long the server asked for no new connections, when it refused the
+    /// handshake with a `Retry-After`.
+    retry_after: Option<Duration>,
     /// Commands that arrived before READY (they wait; nothing is sent before READY).
     early_commands: VecDeque<Command>,
     /// Requests written to the socket and not yet answered.
@@ -308,6 +313,7 @@ impl Link {
             ws: None,
             ready: false,
             was_ready: false,
+            retry_after: None,
             early_commands: VecDeque::new(),
             in_flight: HashSet::new(),
             channels: HashMap::new(),
@@ -541,6 +547,14 @@ impl Link {
                     return Ok(true);
                 }
                 Err(HandshakeError::Failure(err)) => {
+                    if let tungstenite::Error::Http(response) = &err {
+                        let most =
+                            Duration::from_millis(self.context.config.reconnect.max_retry_after_ms);
+                        // (A cap of 0 ignores Retry-After; a wait of 0 asks for none.)
+                        self.retry_after = retry_after(response.headers(), SystemTime::now())
+                            .map(|wait| wait.min(most))
+                            .filter(|wait| !wait.is_zero());
+                    }
                     return Err(handshake_error(err, &server.url));
                 }
                 Err(HandshakeError::Interrupted(mid)) => {
@@ -1608,13 +1622,31 @@ fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
                 .and_then(|value| value.to_str().ok())
                 .map(|location| format!(" (Location: {location})"))
                 .unwrap_or_default();
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok())
+                .map(|value| format!(" (Retry-After: {})", value.trim()))
+                .unwrap_or_default();
             Error::Protocol(format!(
-                "handshake with {url}: the server answered HTTP {}{location}",
+                "handshake with {url}: the server answered HTTP {}{location}{wait}",
                 response.status()
             ))
         }
         other => Error::Protocol(format!("handshake with {url}: {other}")),
     }
+}
+
+/// The wait a `Retry-After` header asks for (RFC 9110 10.2.3): whole seconds, or an
+/// HTTP date (a date already past asks for none). `None` when absent or unreadable.
+fn retry_after(headers: &tungstenite::http::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get("retry-after")?.to_str().ok()?.trim();
+    if !value.is_empty() && value.bytes().all(|byte| byte.is_ascii_digit()) {
+        // More digits than a u64 holds is a very long wait, not none.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn io_error(err: io::Error, context: &str) -> Error {
@@ -1698,6 +1730,38 @@ fn write_error(err: tungstenite::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let headers = |value: &str| {
+            let mut headers = tungstenite::http::HeaderMap::new();
+            headers.insert(
+                "Retry-After",
+                tungstenite::http::HeaderValue::from_str(value).expect("header value"),
+            );
+            headers
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        let read = |value: &str| retry_after(&headers(value), now);
+        assert_eq!(read("120"), Some(Duration::from_secs(120)));
+        assert_eq!(read(" 0 "), Some(Duration::ZERO));
+        // Too many digits for a u64: a very long wait (the config's cap applies later).
+        assert_eq!(
+            read("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        // An HTTP date: the time from now to then; a date already past asks for none.
+        assert_eq!(
+            read("Sun, 06 Nov 1994 08:51:37 GMT"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(read("Sun, 06 Nov 1994 08:00:00 GMT"), Some(Duration::ZERO));
+        // Anything else is no Retry-After at all.
+        for junk in ["", "soon", "-5", "1.5", "12 s"] {
+            assert_eq!(read(junk), None, "{junk:?}");
+        }
+        assert_eq!(retry_after(&tungstenite::http::HeaderMap::new(), now), None);
+    }
 
     #[test]
     fn the_attempt_delay_leaves_every_address_its_turn_within_bounds() {

@@ -1,13 +1,15 @@
 //! Health levels of a pool, the rules that set them, and a bounded history.
 //!
 //! - `healthy`: at least `min_connections` ready, every desired subscription active,
-//!   every circuit closed.
+//!   every circuit closed, no server holding connects off.
 //! - `degraded`: serving, but with less margin: fewer ready connections than
-//!   `min_connections`, a subscription not yet active, or a circuit not closed.
+//!   `min_connections`, a subscription not yet active, a circuit not closed, or a
+//!   server that asked for no new connections for now (`Retry-After`).
 //! - `unhealthy`: no ready connection, while the pool still tries to connect (or, with
 //!   `min_connections` 0, while subscriptions wait and nothing opens one).
 //! - `critical`: no ready connection and no way to get one soon: every server's
-//!   circuit is open or every connection slot gave up, or the pool is closed.
+//!   circuit is open or holds connects off (`Retry-After`), or every connection slot
+//!   gave up, or the pool is closed.
 
 use std::collections::VecDeque;
 
@@ -75,10 +77,18 @@ pub(crate) struct HealthInputs {
     pub subscriptions_active: usize,
     pub servers: usize,
     pub servers_open: usize,
+    /// Servers that asked for no new connections for now (`Retry-After`).
+    pub servers_held: usize,
+    /// Servers that admit no connection now (breaker open or held).
+    pub servers_shut: usize,
     pub servers_not_closed: usize,
     pub slots: usize,
     pub slots_given_up: usize,
     pub stale_connections: usize,
+}
+
+fn held_reason(servers: usize) -> String {
+    format!("{servers} server(s) asked for no new connections for now (Retry-After)")
 }
 
 /// Applies the rules.
@@ -105,10 +115,13 @@ pub(crate) fn assess(inputs: &HealthInputs) -> (HealthLevel, Vec<String>) {
         );
     }
     if inputs.ready == 0 && inputs.min_connections > 0 {
-        let hopeless = (inputs.servers > 0 && inputs.servers_open == inputs.servers)
+        let hopeless = (inputs.servers > 0 && inputs.servers_shut == inputs.servers)
             || (inputs.slots > 0 && inputs.slots_given_up == inputs.slots);
         if inputs.servers_open == inputs.servers && inputs.servers > 0 {
             reasons.push("every server's circuit breaker is open".into());
+        }
+        if inputs.servers_held > 0 {
+            reasons.push(held_reason(inputs.servers_held));
         }
         if inputs.slots_given_up == inputs.slots && inputs.slots > 0 {
             reasons.push("every connection gave up reconnecting (reconnect.max_attempts)".into());
@@ -138,6 +151,9 @@ pub(crate) fn assess(inputs: &HealthInputs) -> (HealthLevel, Vec<String>) {
             "{} server circuit breaker(s) not closed",
             inputs.servers_not_closed
         ));
+    }
+    if inputs.servers_held > 0 {
+        reasons.push(held_reason(inputs.servers_held));
     }
     if inputs.stale_connections > 0 {
         reasons.push(format!("{} connection(s) stale", inputs.stale_connections));
@@ -206,6 +222,8 @@ mod tests {
             subscriptions_active: 3,
             servers: 2,
             servers_open: 0,
+            servers_held: 0,
+            servers_shut: 0,
             servers_not_closed: 0,
             slots: 2,
             slots_given_up: 0,
@@ -231,10 +249,38 @@ mod tests {
         let critical = HealthInputs {
             ready: 0,
             servers_open: 2,
+            servers_shut: 2,
             servers_not_closed: 2,
             ..inputs()
         };
         assert_eq!(assess(&critical).0, HealthLevel::Critical);
+        // A server that asked for no connects (Retry-After) is named; with every
+        // server shut that way and none ready, nothing can serve.
+        let one_held = HealthInputs {
+            servers_held: 1,
+            servers_shut: 1,
+            ..inputs()
+        };
+        let (level, reasons) = assess(&one_held);
+        assert_eq!(level, HealthLevel::Degraded);
+        assert_eq!(
+            reasons,
+            vec!["1 server(s) asked for no new connections for now (Retry-After)".to_string()]
+        );
+        let all_shut = HealthInputs {
+            ready: 0,
+            servers_open: 1,
+            servers_not_closed: 1,
+            servers_held: 1,
+            servers_shut: 2,
+            ..inputs()
+        };
+        let (level, reasons) = assess(&all_shut);
+        assert_eq!(level, HealthLevel::Critical);
+        assert!(
+            reasons.iter().any(|reason| reason.contains("Retry-After")),
+            "{reasons:?}"
+        );
         let gave_up = HealthInputs {
             ready: 0,
             slots_given_up: 2,

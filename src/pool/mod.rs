@@ -1354,6 +1354,7 @@ impl PoolThread {
     }
 
     fn assess_health(&self) {
+        let now = Instant::now();
         let inputs = HealthInputs {
             closed: self.inner.closing.load(Ordering::Acquire),
             idle: self.suspended,
@@ -1366,6 +1367,16 @@ impl PoolThread {
                 .servers
                 .iter()
                 .filter(|server| server.reopens_at().is_some())
+                .count(),
+            servers_held: self
+                .servers
+                .iter()
+                .filter(|server| server.held_until.is_some_and(|until| until > now))
+                .count(),
+            servers_shut: self
+                .servers
+                .iter()
+                .filter(|server| server.shut_until(now).is_some())
                 .count(),
             servers_not_closed: self
                 .servers
@@ -1798,20 +1809,31 @@ impl PoolThread {
 
     fn start_connection(&mut self, slot_index: usize) {
         let Some(server_index) = self.pick_server() else {
-            // Every breaker is open: wait for the first to admit a trial.
+            // Every server is shut (breaker open, or asked for no connects with
+            // Retry-After): wait for the first to admit one.
+            let now = Instant::now();
             let reopen = self
                 .servers
                 .iter()
-                .filter_map(ServerState::reopens_at)
+                .filter_map(|server| server.shut_until(now))
                 .min()
-                .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+                .unwrap_or_else(|| now + Duration::from_millis(100));
             self.slots[slot_index].retry_at = Some(reopen);
             self.publish_servers();
+            let why = if self
+                .servers
+                .iter()
+                .any(|server| server.held_until.is_some())
+            {
+                "every server's circuit breaker is open or it asked for no connects (Retry-After)"
+            } else {
+                "every server's circuit breaker is open"
+            };
             self.inner
                 .events
                 .push(Event::new("reconnect_deferred").message(format!(
-                    "every server's circuit breaker is open; next attempt in {} ms",
-                    reopen.saturating_duration_since(Instant::now()).as_millis()
+                    "{why}; next attempt in {} ms",
+                    reopen.saturating_duration_since(now).as_millis()
                 )));
             return;
         };
@@ -1952,6 +1974,7 @@ impl PoolThread {
                 self.ready.retain(|id| *id != connection_id);
                 self.end_handover(connection_id);
                 let mut server_id = None;
+                let mut held = None;
                 if let Some(mut handle) = self.connections.remove(&connection_id) {
                     handle.join();
                     server_id = Some(self.context.servers[handle.server_index].id.clone());
@@ -1968,6 +1991,10 @@ impl PoolThread {
                     if let Some(change) = change {
                         self.breaker_event(server_index, change);
                     }
+                    if let Some(wait) = outcome.retry_after {
+                        self.servers[server_index].hold_off(Instant::now(), wait);
+                        held = Some(wait);
+                    }
                     self.publish_servers();
                 }
                 self.inner
@@ -1983,6 +2010,23 @@ impl PoolThread {
                     closed = closed.server(server);
                 }
                 self.inner.events.push(closed);
+                if let (Some(wait), Some(server)) = (held, &server_id) {
+                    let others = if self.servers.len() > 1 {
+                        "; the other servers take the connections meanwhile"
+                    } else {
+                        ""
+                    };
+                    self.inner.events.push(
+                        Event::new("rate_limited")
+                            .connection(connection_id)
+                            .server(server)
+                            .message(format!(
+                                "the server asked for no new connections for {} ms \
+                                 (Retry-After), and gets none before then{others}",
+                                wait.as_millis()
+                            )),
+                    );
+                }
                 // Fail over: every channel it carried goes to another ready connection now.
                 let orphans: Vec<Arc<str>> = self
                     .desired

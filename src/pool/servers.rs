@@ -38,6 +38,10 @@ pub(crate) struct ServerState {
     /// Live connections (any state) to this server.
     pub connections: usize,
     pub ready_connections: usize,
+    /// No connects before this: the server refused a handshake with `Retry-After`.
+    pub held_until: Option<Instant>,
+    /// The same as Unix milliseconds, for snapshots (0: none).
+    held_until_unix_ms: u64,
 }
 
 /// A breaker transition worth an event.
@@ -61,6 +65,9 @@ pub struct ServerSnapshot {
     pub connections: usize,
     /// Ready connections to it.
     pub ready_connections: usize,
+    /// Unix milliseconds until which it asked for no new connections (it refused a
+    /// handshake with `Retry-After`); 0 when it did not.
+    pub retry_after_until_ms: u64,
 }
 
 impl ServerState {
@@ -72,6 +79,8 @@ impl ServerState {
             consecutive_failures: 0,
             connections: 0,
             ready_connections: 0,
+            held_until: None,
+            held_until_unix_ms: 0,
         }
     }
 
@@ -82,6 +91,48 @@ impl ServerState {
             consecutive_failures: self.consecutive_failures,
             connections: self.connections,
             ready_connections: self.ready_connections,
+            retry_after_until_ms: if self.held_until.is_some() {
+                self.held_until_unix_ms
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The server asked for no new connections for `wait` (`Retry-After`): none start
+    /// before then. A longer hold already in place stays.
+    pub fn hold_off(&mut self, now: Instant, wait: Duration) {
+        let until = now + wait;
+        if self.held_until.is_some_and(|held| held >= until) {
+            return;
+        }
+        self.held_until = Some(until);
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.held_until_unix_ms = u64::try_from((unix_now + wait).as_millis()).unwrap_or(u64::MAX);
+    }
+
+    /// Whether a `Retry-After` hold keeps connects off at `now` (an expired one is
+    /// forgotten).
+    pub fn held(&mut self, now: Instant) -> bool {
+        match self.held_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.held_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// When this server admits a connection again, if it admits none now: an open
+    /// breaker's end or a `Retry-After` hold's, whichever is later.
+    pub fn shut_until(&self, now: Instant) -> Option<Instant> {
+        let held = self.held_until.filter(|until| *until > now);
+        match (self.reopens_at(), held) {
+            (Some(open), Some(held)) => Some(open.max(held)),
+            (open, held) => open.or(held),
         }
     }
 
@@ -92,6 +143,9 @@ impl ServerState {
         now: Instant,
         config: &CircuitBreakerConfig,
     ) -> (bool, Option<BreakerChange>) {
+        if self.held(now) {
+            return (false, None);
+        }
         match self.breaker {
             Breaker::Closed => (true, None),
             Breaker::Open { until } if now >= until => {
@@ -362,6 +416,42 @@ mod tests {
             (1600..=1990).contains(&heavy),
             "weight 9 of 10 picked {heavy} of 2000"
         );
+    }
+
+    #[test]
+    fn a_server_holding_connects_off_is_skipped_until_its_time() {
+        let config = breaker_config();
+        let now = Instant::now();
+        let mut list = servers(2);
+        list[0].hold_off(now, Duration::from_secs(30));
+        // A shorter hold does not cut a longer one short.
+        list[0].hold_off(now, Duration::from_secs(1));
+        assert_eq!(list[0].shut_until(now), Some(now + Duration::from_secs(30)));
+        assert!(list[0].snapshot().retry_after_until_ms > 0);
+        let mut cursor = 0;
+        for _ in 0..4 {
+            let (chosen, _) =
+                choose_server(&mut list, Strategy::RoundRobin, &mut cursor, &config, now);
+            assert_eq!(chosen, Some(1));
+        }
+        // Both held: none; the breaker of a held server is left as it is.
+        list[1].hold_off(now, Duration::from_secs(5));
+        let (chosen, changes) =
+            choose_server(&mut list, Strategy::Random, &mut cursor, &config, now);
+        assert_eq!((chosen, changes.len()), (None, 0));
+        // Once the hold is over, the server takes connections again and forgets it.
+        let later = now + Duration::from_secs(31);
+        let (chosen, _) =
+            choose_server(&mut list, Strategy::RoundRobin, &mut cursor, &config, later);
+        assert!(chosen.is_some());
+        assert_eq!(list[0].held_until, None);
+        assert_eq!(list[0].snapshot().retry_after_until_ms, 0);
+        // Held past the end of an open breaker: shut until the later of the two.
+        list[1].hold_off(now, Duration::from_secs(5));
+        list[1].breaker = Breaker::Open {
+            until: now + Duration::from_secs(2),
+        };
+        assert_eq!(list[1].shut_until(now), Some(now + Duration::from_secs(5)));
     }
 
     #[test]

@@ -669,6 +669,8 @@ fn metrics_are_prometheus_text() {
     assert_eq!(circuit.len(), 3, "one server, three states:\n{text}");
     assert_eq!(value("wirepool_circuit_state", &[("state", "closed")]), 1.0);
     assert_eq!(circuit.iter().map(|(_, _, v)| v).sum::<f64>(), 1.0);
+    // No server asked for a wait (Retry-After).
+    assert_eq!(value("wirepool_server_retry_after_seconds", &[]), 0.0);
 
     // The histogram is cumulative and ends with +Inf equal to _count.
     let buckets: Vec<(String, f64)> = samples

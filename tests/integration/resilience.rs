@@ -415,3 +415,213 @@ fn clean_close_and_blackhole_over_tls_are_detected_and_recovered() {
         ));
     }
 }
+
+/// A loopback gate in front of `upstream`: it reads each WebSocket upgrade request
+/// and refuses the first `refusals` with `answer` (an HTTP response), noting when each
+/// request came; the rest it passes through to `upstream` byte for byte.
+struct Gate {
+    acceptor: support::Acceptor,
+    requests: Arc<parking_lot::Mutex<Vec<Instant>>>,
+}
+
+impl Gate {
+    fn start(upstream: SocketAddr, refusals: usize, answer: String) -> Gate {
+        use std::io::{Read, Write};
+        let requests = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&requests);
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(refusals));
+        let acceptor = support::Acceptor::start(move |mut client, _stop| {
+            let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match client.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return,
+                }
+            }
+            seen.lock().push(Instant::now());
+            let refuse = left
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            if refuse {
+                let _ = client.write_all(answer.as_bytes());
+                return;
+            }
+            let _ = client.set_read_timeout(None);
+            let Ok(mut server) = std::net::TcpStream::connect(upstream) else {
+                return;
+            };
+            if server.write_all(&head).is_err() {
+                return;
+            }
+            let (Ok(mut server_reader), Ok(mut client_writer)) =
+                (server.try_clone(), client.try_clone())
+            else {
+                return;
+            };
+            let down =
+                std::thread::spawn(move || std::io::copy(&mut server_reader, &mut client_writer));
+            let _ = std::io::copy(&mut client, &mut server);
+            let _ = server.shutdown(std::net::Shutdown::Both);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = down.join();
+        });
+        Gate { acceptor, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/feed", self.acceptor.url())
+    }
+
+    fn requests(&self) -> Vec<Instant> {
+        self.requests.lock().clone()
+    }
+}
+
+/// A venue that refuses the handshake with `429 Too Many Requests` and `Retry-After`
+/// gets no new connection before that time, however short the reconnect backoff; the
+/// operator sees why (an event, the server's snapshot); then the pool connects.
+#[test]
+fn a_handshake_refused_with_retry_after_is_not_retried_before_then() {
+    let _guard = watchdog("retry_after", Duration::from_secs(60));
+    let sim = simulator(None);
+    let gate = Gate::start(
+        sim.local_addr(),
+        1,
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\n\r\n".into(),
+    );
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": gate.url(), "id": "venue"}],
+            "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
+            "health": {"listen": "127.0.0.1:0"},
+        }),
+        serde_json::json!({}),
+    );
+    let events = wait_for_event(&pool, Duration::from_secs(20), "rate_limited", |event| {
+        event.kind == "rate_limited"
+    });
+    let limited = events.last().expect("the event");
+    assert_eq!(limited.server.as_deref(), Some("venue"));
+    let text = last_message(&events);
+    assert!(
+        text.contains("2000 ms") && text.contains("Retry-After"),
+        "{text}"
+    );
+    // The refusal itself, with the venue's words, is the connection's end.
+    let closed = events
+        .iter()
+        .find(|event| event.kind == "closed")
+        .and_then(|event| event.message.clone())
+        .unwrap_or_default();
+    assert!(
+        closed.contains("429") && closed.contains("Retry-After: 2"),
+        "{closed}"
+    );
+    let held = pool.servers()[0].retry_after_until_ms;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        held > now_ms && held <= now_ms + 2_100,
+        "held until {held}, now {now_ms}"
+    );
+    // The metrics say how long is left.
+    let metrics = {
+        use std::io::{Read, Write};
+        let addr = pool.health_addr().expect("health port");
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        text
+    };
+    let left: f64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("wirepool_server_retry_after_seconds{server=\"venue\"} ")
+        })
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after gauge:\n{metrics}"));
+    assert!(left > 0.0 && left <= 2.0, "{left}");
+    pool.wait_ready(Duration::from_secs(20))
+        .expect("ready after the wait");
+    // Two upgrade requests: the refused one and, no sooner than asked, the next (a
+    // pool deaf to Retry-After would have tried again within 20 ms, over and over).
+    let requests = gate.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let waited = requests[1] - requests[0];
+    assert!(waited >= Duration::from_millis(1_950), "{waited:?}");
+    drop(pool);
+}
+
+/// With another server at hand, the connections go there while the refusing one
+/// holds them off (an HTTP date this time, and a 503); health says why.
+#[test]
+fn other_servers_take_the_connections_while_one_holds_them_off() {
+    let _guard = watchdog("retry_after_failover", Duration::from_secs(60));
+    let sim = simulator(None);
+    let gate = Gate::start(
+        sim.local_addr(),
+        usize::MAX,
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n",
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(86_400))
+        ),
+    );
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": gate.url(), "id": "busy"}, {"url": format!("{}/feed", sim.url()), "id": "spare"}],
+            "pool": {"min_connections": 1, "max_connections": 3},
+            "strategy": "round_robin",
+            "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20, "max_retry_after_ms": 60_000},
+        }),
+        serde_json::json!({}),
+    );
+    let events = wait_for_event(&pool, Duration::from_secs(20), "rate_limited", |event| {
+        event.kind == "rate_limited"
+    });
+    // The date is a day away: the wait is capped by reconnect.max_retry_after_ms.
+    let text = last_message(&events);
+    assert!(text.contains("60000 ms"), "{text}");
+    // The first connection goes to the spare server, and so do two more.
+    pool.wait_ready(Duration::from_secs(20))
+        .expect("ready on the spare");
+    let mut settings = pool.settings();
+    settings.min_connections = 3;
+    pool.reconfigure(settings).expect("three connections");
+    wait_until(
+        &pool,
+        Duration::from_secs(20),
+        "three ready connections",
+        || {
+            pool.servers()
+                .iter()
+                .map(|s| s.ready_connections)
+                .sum::<usize>()
+                == 3
+        },
+    );
+    let servers = pool.servers();
+    assert_eq!(servers[0].ready_connections, 0, "{servers:?}");
+    assert_eq!(servers[1].ready_connections, 3, "{servers:?}");
+    assert_eq!(gate.requests().len(), 1, "the held server was asked again");
+    let health = pool.health();
+    assert_eq!(health.level, HealthLevel::Degraded, "{health:?}");
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|reason| reason.contains("Retry-After")),
+        "{health:?}"
+    );
+    drop(pool);
+}
