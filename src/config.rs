@@ -126,6 +126,10 @@ pub struct PoolConfig {
     /// Shared-data keys (codec `SHARED` records, e.g. a schema) that must be present
     /// before `pool_ready` fires. Defaults to none.
     pub require_shared: Vec<String>,
+    /// A ready connection older than this (less up to a tenth, drawn per connection)
+    /// is replaced make before break, ahead of a venue's own session limit (24 hours
+    /// at some); 0 = never. Defaults to 0.
+    pub max_connection_age_ms: u64,
 }
 
 impl Default for PoolConfig {
@@ -137,6 +141,7 @@ impl Default for PoolConfig {
             scale_down_at: 0.2,
             scale_cooldown_ms: 5_000,
             require_shared: Vec::new(),
+            max_connection_age_ms: 0,
         }
     }
 }
@@ -405,6 +410,9 @@ pub struct BusyPollConfig {
 /// The longest busy poll accepted: a second without input is a quiet feed, not a gap
 /// worth a CPU.
 pub(crate) const MAX_BUSY_POLL_US: u64 = 1_000_000;
+
+/// The most `pool.max_connection_age_ms` may be: a year.
+const MAX_CONNECTION_AGE_MS: u64 = 365 * 24 * 3_600_000;
 
 /// The most `reconnect.max_retry_after_ms` may be: a week.
 const MAX_RETRY_AFTER_MS: u64 = 7 * 24 * 3_600_000;
@@ -724,6 +732,15 @@ impl Config {
             issue(
                 "heartbeat.tcp_keepalive_ms",
                 format!("{keepalive_ms} is not 0 (off) or between 1000 and 32767000"),
+            );
+        }
+        let age = self.pool.max_connection_age_ms;
+        if age != 0 && !(1_000..=MAX_CONNECTION_AGE_MS).contains(&age) {
+            issue(
+                "pool.max_connection_age_ms",
+                format!(
+                    "{age} is not 0 (never) or between 1000 and {MAX_CONNECTION_AGE_MS} (a year)"
+                ),
             );
         }
         let reconnect = &self.reconnect;

@@ -383,6 +383,10 @@ impl Handler {
                 Err(reply) => reply,
                 Ok(id) => close_connection(pool, id),
             },
+            Endpoint::RecycleConnection(raw_id) => match parse_id(raw_id) {
+                Err(reply) => reply,
+                Ok(id) => recycle_connection(pool, id),
+            },
             Endpoint::OpenConnection => match pool.open_connection() {
                 Ok(id) => Reply::json(201, &json!({ "id": id, "state": "connecting" }))
                     .with_header("Location", &format!("/api/v1/connections/{id}")),
@@ -576,6 +580,31 @@ fn close_connection(pool: &Pool, id: u64) -> Reply {
     }
 }
 
+fn recycle_connection(pool: &Pool, id: u64) -> Reply {
+    if !pool.connections().iter().any(|c| c.id == id) {
+        return no_such_connection(id);
+    }
+    match pool.recycle_connection(id) {
+        Ok(replacement) => Reply::json(
+            202,
+            &json!({
+                "id": id,
+                "replacement": replacement,
+                "message": format!(
+                    "connection {replacement} is opening to replace connection {id}; \
+                     {id} closes once {replacement} confirmed its channels"
+                ),
+            }),
+        )
+        .with_header("Location", &format!("/api/v1/connections/{replacement}")),
+        Err(Error::InvalidArgument(_)) if !pool.connections().iter().any(|c| c.id == id) => {
+            no_such_connection(id)
+        }
+        Err(Error::InvalidArgument(text)) => Reply::error(409, text),
+        Err(err) => unavailable(&err),
+    }
+}
+
 fn parse_id(raw: &str) -> Result<u64, Reply> {
     raw.parse::<u64>().map_err(|_| {
         Reply::error(
@@ -701,6 +730,8 @@ enum Resource {
     Connections,
     /// `/api/v1/connections/{id}`, the id as given.
     Connection(String),
+    /// `/api/v1/connections/{id}/recycle`, the id as given.
+    Recycle(String),
     Servers,
     Metrics,
 }
@@ -717,6 +748,12 @@ impl Resource {
             "/api/v1/servers" => Resource::Servers,
             _ => {
                 let id = path.strip_prefix("/api/v1/connections/")?;
+                if let Some(id) = id.strip_suffix("/recycle") {
+                    if id.is_empty() || id.contains('/') {
+                        return None;
+                    }
+                    return Some(Resource::Recycle(id.to_string()));
+                }
                 if id.is_empty() || id.contains('/') {
                     return None;
                 }
@@ -730,6 +767,7 @@ impl Resource {
         match self {
             Resource::PoolConfig | Resource::Connections => "GET, HEAD, POST",
             Resource::Connection(_) => "GET, HEAD, DELETE",
+            Resource::Recycle(_) => "POST",
             _ => "GET, HEAD",
         }
     }
@@ -745,6 +783,7 @@ impl Resource {
             (Resource::Connections, Verb::Post) => Endpoint::OpenConnection,
             (Resource::Connection(id), Verb::Get) => Endpoint::GetConnection(id.clone()),
             (Resource::Connection(id), Verb::Delete) => Endpoint::CloseConnection(id.clone()),
+            (Resource::Recycle(id), Verb::Post) => Endpoint::RecycleConnection(id.clone()),
             (Resource::Servers, Verb::Get) => Endpoint::Servers,
             (Resource::Metrics, Verb::Get) => Endpoint::Metrics,
             _ => return None,
@@ -764,6 +803,7 @@ enum Endpoint {
     /// The id as given; checked when answering.
     GetConnection(String),
     CloseConnection(String),
+    RecycleConnection(String),
     OpenConnection,
     Servers,
     Metrics,
@@ -774,7 +814,10 @@ impl Endpoint {
     fn mutates(&self) -> bool {
         matches!(
             self,
-            Endpoint::SetConfig | Endpoint::OpenConnection | Endpoint::CloseConnection(_)
+            Endpoint::SetConfig
+                | Endpoint::OpenConnection
+                | Endpoint::CloseConnection(_)
+                | Endpoint::RecycleConnection(_)
         )
     }
 

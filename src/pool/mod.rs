@@ -146,6 +146,8 @@ enum PoolCommand {
     Release(Sender<Result<()>>),
     /// Re-authenticate every connection with a new token, make-before-break.
     RotateToken(String, Sender<Result<()>>),
+    /// Replace one ready connection make-before-break; the replacement's id.
+    Recycle(u64, Sender<Result<u64>>),
     Shutdown,
 }
 
@@ -769,6 +771,16 @@ impl Pool {
         self.ask(|reply| PoolCommand::CloseConnection(connection_id, reply))
     }
 
+    /// Replaces a ready connection make before break: a new connection is opened (to
+    /// a server the strategy picks), takes over its channels, requests and slot once
+    /// ready, and the old one keeps delivering until the new one confirmed every
+    /// channel, then closes once its requests are answered. No data gap (a few
+    /// messages may arrive twice, once from each). Returns the new connection's id;
+    /// `recycled` or `recycle_failed` events follow.
+    pub fn recycle_connection(&self, connection_id: u64) -> Result<u64> {
+        self.ask(|reply| PoolCommand::Recycle(connection_id, reply))
+    }
+
     /// Opens one more connection, up to `max_connections`. Returns its id.
     pub fn open_connection(&self) -> Result<u64> {
         self.ask(PoolCommand::AddConnection)
@@ -1005,9 +1017,19 @@ struct Rotation {
     reply: Sender<Result<()>>,
 }
 
-/// A token-rotation replacement that took over an old session's channels: the old
-/// session keeps delivering until the new one confirms every channel it took (or the
-/// deadline passes), then it drains. Make before break.
+/// A connection replacing a ready one outside a token rotation (recycled for its age,
+/// or through the API): make before break, as a rotation does.
+struct Replacement {
+    old: u64,
+    /// Why, for events.
+    why: String,
+    /// For its age (`pool.max_connection_age_ms`): tried again if it fails.
+    aged: bool,
+}
+
+/// A replacement (of a token rotation or a recycle) that took over an old session's
+/// channels: the old session keeps delivering until the new one confirms every channel
+/// it took (or the deadline passes), then it drains. Make before break.
 struct Handover {
     new: u64,
     old: u64,
@@ -1064,6 +1086,13 @@ struct PoolThread {
     suspended: bool,
     /// A token rotation under way.
     rotation: Option<Rotation>,
+    /// Recycles under way: replacement id -> what it replaces.
+    replacements: HashMap<u64, Replacement>,
+    /// When each ready connection is due to be recycled (`pool.max_connection_age_ms`),
+    /// and how many replacements for it failed so far.
+    recycle_due: HashMap<u64, (Instant, u32)>,
+    /// Failed replacements of a connection due for its age whose replacement is under way.
+    recycle_failures: HashMap<u64, u32>,
     /// Connections being scaled away: no new work; closed once their requests are
     /// answered or the deadline passes.
     draining: Vec<(u64, Instant)>,
@@ -1110,6 +1139,9 @@ impl PoolThread {
             draining: Vec::new(),
             handovers: Vec::new(),
             rotation: None,
+            replacements: HashMap::new(),
+            recycle_due: HashMap::new(),
+            recycle_failures: HashMap::new(),
             last_scaling: None,
             next_scaling_check: Instant::now(),
             next_connection_id: 1,
@@ -1135,6 +1167,7 @@ impl PoolThread {
             self.finish_handovers();
             self.finish_draining();
             self.start_due_slots();
+            self.recycle_aged();
             self.reset_stable_backoffs();
             self.assess_health();
             // The messages of the last pass and the work above, placed and published
@@ -1210,6 +1243,10 @@ impl PoolThread {
                 self.answer(reply, result);
             }
             PoolCommand::RotateToken(token, reply) => self.rotate_token(token, reply),
+            PoolCommand::Recycle(id, reply) => {
+                let result = self.recycle(id, "through the API".into(), false);
+                self.answer(reply, result);
+            }
         }
         true
     }
@@ -1432,8 +1469,10 @@ impl PoolThread {
             .iter()
             .map(|_| Instant::now() + Duration::from_millis(50));
         let handovers = self.handovers.iter().map(|handover| handover.deadline);
+        let recycles = self.recycle_due.values().map(|(at, _)| *at);
         retries
             .chain(handovers)
+            .chain(recycles)
             .chain(stabilising)
             .chain(breakers)
             .chain(idle)
@@ -1552,6 +1591,108 @@ impl PoolThread {
         }));
     }
 
+    /// Replaces the ready connection `old` make before break: a new connection (to a
+    /// server the strategy picks) takes its slot, requests and channels once ready, and
+    /// `old` keeps delivering until the new one confirmed its channels, then drains.
+    fn recycle(&mut self, old: u64, why: String, aged: bool) -> Result<u64> {
+        if !self.connections.contains_key(&old) {
+            return Err(Error::InvalidArgument(format!(
+                "no connection with id {old}"
+            )));
+        }
+        if !self.ready.contains(&old) {
+            return Err(Error::InvalidArgument(format!(
+                "connection {old} is not ready (only a ready connection is recycled; close \
+                 it instead)"
+            )));
+        }
+        let replaced = self.replacements.values().any(|r| r.old == old)
+            || self
+                .rotation
+                .as_ref()
+                .is_some_and(|rotation| rotation.pending.values().any(|o| *o == old));
+        if replaced {
+            return Err(Error::InvalidArgument(format!(
+                "connection {old} is already being replaced"
+            )));
+        }
+        let server_index = self.pick_server().ok_or_else(|| {
+            Error::Io("no server admits a connection now (circuit open or Retry-After)".into())
+        })?;
+        let id = self.next_connection_id;
+        self.next_connection_id += 1;
+        let handle = ConnectionHandle::spawn(Arc::clone(&self.context), id, server_index)?;
+        self.servers[server_index].attempt_started();
+        self.connections.insert(id, handle);
+        self.inner.events.push(
+            Event::new("recycling")
+                .connection(old)
+                .server(&self.context.servers[server_index].id)
+                .message(format!(
+                    "replacing it with connection {id} ({why}), make before break"
+                )),
+        );
+        self.replacements.insert(id, Replacement { old, why, aged });
+        self.publish_connections();
+        self.publish_servers();
+        Ok(id)
+    }
+
+    /// Starts the replacement of every connection past `pool.max_connection_age_ms`.
+    fn recycle_aged(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(u64, u32)> = self
+            .recycle_due
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(id, (_, failures))| (*id, *failures))
+            .collect();
+        for (old, failures) in due {
+            let max_age = self.inner.config.pool.max_connection_age_ms;
+            let why = format!("pool.max_connection_age_ms {max_age} reached");
+            if let Err(err) = self.recycle(old, why, true) {
+                if self.connections.contains_key(&old) && self.ready.contains(&old) {
+                    // Tried again later; the connection serves meanwhile.
+                    let delay = backoff::reconnect_delay(
+                        &self.inner.config.reconnect,
+                        failures + 1,
+                        fastrand::f64(),
+                    );
+                    self.recycle_due.insert(old, (now + delay, failures + 1));
+                    log::warn!("connection {old}: recycling deferred: {err}");
+                } else {
+                    self.recycle_due.remove(&old);
+                }
+            } else {
+                // Not due again: its replacement is under way (if that fails, a retry
+                // is scheduled from here).
+                self.recycle_due.remove(&old);
+                self.recycle_failures.insert(old, failures);
+            }
+        }
+    }
+
+    /// A replacement closed before it was ready: the old connection carries on, and
+    /// one due for its age is tried again after a backoff.
+    fn recycle_failed(&mut self, replacement: &Replacement, reason: &str) {
+        self.inner.events.push(
+            Event::new("recycle_failed")
+                .connection(replacement.old)
+                .message(format!(
+                    "its replacement ({}) failed, so it carries on: {reason}",
+                    replacement.why
+                )),
+        );
+        let failures = self.recycle_failures.remove(&replacement.old).unwrap_or(0) + 1;
+        let alive = self.connections.contains_key(&replacement.old);
+        if replacement.aged && alive {
+            let delay =
+                backoff::reconnect_delay(&self.inner.config.reconnect, failures, fastrand::f64());
+            self.recycle_due
+                .insert(replacement.old, (Instant::now() + delay, failures));
+        }
+    }
+
     /// Load in 0..1: the highest of busy ready connections, pending requests per
     /// ready connection (8 counts as full) and consumer queue fill.
     fn load(&self) -> f64 {
@@ -1628,6 +1769,7 @@ impl PoolThread {
     /// Moves a connection's channels elsewhere and stops routing to it; it closes
     /// once its requests are answered.
     fn drain(&mut self, connection_id: u64) {
+        self.recycle_due.remove(&connection_id);
         self.stop_routing(connection_id);
         for placement in self.desired.values_mut() {
             if placement.owner == Some(connection_id) {
@@ -1660,7 +1802,7 @@ impl PoolThread {
                     Event::new("error")
                         .connection(handover.new)
                         .message(format!(
-                            "token rotation: {unconfirmed} channel(s) unconfirmed at the deadline; \
+                            "handover: {unconfirmed} channel(s) unconfirmed at the deadline; \
                              closing connection {} anyway",
                             handover.old
                         )),
@@ -1702,7 +1844,7 @@ impl PoolThread {
         self.inner
             .events
             .push(Event::new("error").connection(closed).message(format!(
-                "token rotation: the replacement closed; connection {} carries on",
+                "handover: the replacement closed; connection {} carries on",
                 handover.old
             )));
     }
@@ -1908,9 +2050,24 @@ impl PoolThread {
                     .rotation
                     .as_mut()
                     .and_then(|rotation| rotation.pending.remove(&connection_id));
-                match replaces {
-                    Some(old) => self.swap_in(connection_id, old),
-                    None => self.connection_ready(connection_id),
+                let recycled = self.replacements.remove(&connection_id);
+                match (replaces, recycled) {
+                    (Some(old), _) => self.swap_in(connection_id, old),
+                    (None, Some(replacement)) => {
+                        self.recycle_due.remove(&replacement.old);
+                        self.recycle_failures.remove(&replacement.old);
+                        self.inner.events.push(
+                            Event::new("recycled")
+                                .connection(connection_id)
+                                .message(format!(
+                                    "took over from connection {} ({}); it closes once this \
+                                     one confirmed its channels",
+                                    replacement.old, replacement.why
+                                )),
+                        );
+                        self.swap_in(connection_id, replacement.old);
+                    }
+                    (None, None) => self.connection_ready(connection_id),
                 }
             }
             Report::Subscribed {
@@ -1970,6 +2127,10 @@ impl PoolThread {
                     .is_some_and(|rotation| rotation.pending.contains_key(&connection_id))
                 {
                     self.rotation_failed(&outcome.reason);
+                }
+                self.recycle_due.remove(&connection_id);
+                if let Some(replacement) = self.replacements.remove(&connection_id) {
+                    self.recycle_failed(&replacement, &outcome.reason);
                 }
                 self.ready.retain(|id| *id != connection_id);
                 self.end_handover(connection_id);
@@ -2043,13 +2204,22 @@ impl PoolThread {
                 // A token-rotation replacement of this session is already on its way:
                 // it takes the slot now. Refilling the slot as well would leave it
                 // without a slot when ready: one connection more than wanted, forever.
-                let replacement = self.rotation.as_ref().and_then(|rotation| {
-                    rotation
-                        .pending
-                        .iter()
-                        .find(|(_, old)| **old == connection_id)
-                        .map(|(new, _)| *new)
-                });
+                let replacement = self
+                    .rotation
+                    .as_ref()
+                    .and_then(|rotation| {
+                        rotation
+                            .pending
+                            .iter()
+                            .find(|(_, old)| **old == connection_id)
+                            .map(|(new, _)| *new)
+                    })
+                    .or_else(|| {
+                        self.replacements
+                            .iter()
+                            .find(|(_, replacement)| replacement.old == connection_id)
+                            .map(|(new, _)| *new)
+                    });
                 let slot_index = self
                     .slots
                     .iter()
@@ -2116,6 +2286,14 @@ impl PoolThread {
         let Some(server_index) = self.start_routing(connection_id) else {
             return;
         };
+        let max_age = self.inner.config.pool.max_connection_age_ms;
+        if max_age > 0 {
+            // Up to a tenth earlier, drawn per connection, so connections opened
+            // together are not all replaced together.
+            let age = Duration::from_millis(max_age).mul_f64(1.0 - 0.1 * fastrand::f64());
+            self.recycle_due
+                .insert(connection_id, (Instant::now() + age, 0));
+        }
         if let Some(change) = self.servers[server_index].succeeded() {
             self.breaker_event(server_index, change);
         }

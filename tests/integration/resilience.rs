@@ -625,3 +625,166 @@ fn other_servers_take_the_connections_while_one_holds_them_off() {
     );
     drop(pool);
 }
+
+/// Waits for `old` to close and checks it was make before break: `new` had its
+/// subscription to `channel` confirmed while `old` was still open (and delivering),
+/// and `new` delivers on it. Returns the events seen.
+fn handed_over(pool: &Pool, old: u64, new: u64, channel: &str) -> Vec<Event> {
+    let events = wait_for_event(
+        pool,
+        Duration::from_secs(20),
+        "the old one closed",
+        |event| event.kind == "closed" && event.connection_id == Some(old),
+    );
+    let confirmed = events.iter().position(|event| {
+        event.kind == "subscribed"
+            && event.connection_id == Some(new)
+            && event.channel.as_deref() == Some(channel)
+    });
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|event| format!("{}({:?})", event.kind, event.connection_id))
+        .collect();
+    assert!(
+        confirmed.is_some_and(|at| at < events.len() - 1),
+        "connection {new} was not subscribed before connection {old} closed: {kinds:?}"
+    );
+    let from = first_message_on(pool, channel, &[old], Duration::from_secs(10));
+    assert_eq!(from, new);
+    events
+}
+
+/// A connection recycled through the API is replaced make before break: the new one
+/// delivers while the old one still does, takes over the channels and the slot, and
+/// the old one then closes; the pool ends with one connection, as configured.
+#[test]
+fn a_recycled_connection_hands_over_before_it_closes() {
+    let _guard = watchdog("recycle", Duration::from_secs(60));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 2000.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = pool(
+        &[sim.url()],
+        1,
+        serde_json::json!({"health": {"listen": "127.0.0.1:0"}}),
+    );
+    pool.subscribe("ticker.0").expect("subscribe");
+    let old = pool.connections()[0].id;
+    first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
+    // Not a connection: said so, and nothing starts.
+    let err = pool
+        .recycle_connection(old + 100)
+        .expect_err("no such connection");
+    assert!(err.to_string().contains("no connection with id"), "{err}");
+    let new = pool.recycle_connection(old).expect("recycle");
+    assert_ne!(new, old);
+    // Asked twice: already under way.
+    let err = pool.recycle_connection(old).expect_err("twice");
+    assert!(err.to_string().contains("already being replaced"), "{err}");
+    let mut events = wait_for_event(&pool, Duration::from_secs(20), "recycling", |event| {
+        event.kind == "recycling"
+    });
+    events.extend(handed_over(&pool, old, new, "ticker.0"));
+    let kinds: Vec<&str> = events.iter().map(|event| event.kind).collect();
+    let at = |kind: &str| kinds.iter().position(|k| *k == kind);
+    assert!(
+        at("recycling") < at("recycled") && at("recycled") < at("closed"),
+        "{kinds:?}"
+    );
+    wait_until(&pool, Duration::from_secs(10), "one connection", || {
+        pool.connections().len() == 1
+    });
+    let connections = pool.connections();
+    assert_eq!(connections[0].id, new, "{connections:?}");
+    assert_eq!(
+        connections[0].subscriptions,
+        ["ticker.0"],
+        "{connections:?}"
+    );
+    // Over HTTP too (202, the replacement's id, its Location); a connection that is
+    // not ready cannot be recycled (409).
+    let addr = pool.health_addr().expect("health port");
+    let post = |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        text
+    };
+    let reply = post(&format!("/api/v1/connections/{new}/recycle"));
+    assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
+    let body: serde_json::Value =
+        serde_json::from_str(reply.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    let third = body["replacement"].as_u64().expect("replacement id");
+    assert!(
+        reply.contains(&format!("/api/v1/connections/{third}")),
+        "{reply}"
+    );
+    let again = post(&format!("/api/v1/connections/{third}/recycle"));
+    assert!(
+        again.starts_with("HTTP/1.1 409") && again.contains("not ready"),
+        "{again}"
+    );
+    let unknown = post("/api/v1/connections/999999/recycle");
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    handed_over(&pool, new, third, "ticker.0");
+}
+
+/// `pool.max_connection_age_ms` recycles each connection near its age, make before
+/// break; a replacement that cannot connect leaves the old connection serving, and
+/// it is tried again later.
+#[test]
+fn connections_past_their_age_are_recycled_and_a_failed_replacement_keeps_the_old() {
+    let _guard = watchdog("recycle_age", Duration::from_secs(60));
+    let (_sim, proxy, pool) = pool_behind_proxy(serde_json::json!({
+        "pool": {"min_connections": 1, "max_connections": 1, "max_connection_age_ms": 1500},
+        "reconnect": {"initial_delay_ms": 100, "max_delay_ms": 200},
+    }));
+    pool.subscribe("ticker.0").expect("subscribe");
+    let old = pool.connections()[0].id;
+    let ready_at = Instant::now();
+    let events = wait_for_event(&pool, Duration::from_secs(20), "recycling", |event| {
+        event.kind == "recycling"
+    });
+    let waited = ready_at.elapsed();
+    // Never later than its age; at most a tenth earlier (and the wait above began
+    // after it was ready).
+    assert!(waited <= Duration::from_millis(1_500 + 1_000), "{waited:?}");
+    assert!(
+        last_message(&events).contains("pool.max_connection_age_ms"),
+        "{events:?}"
+    );
+    let events = wait_for_event(&pool, Duration::from_secs(20), "recycled", |event| {
+        event.kind == "recycled"
+    });
+    let new = events
+        .last()
+        .and_then(|event| event.connection_id)
+        .expect("id");
+    handed_over(&pool, old, new, "ticker.0");
+    // New connections are now refused: the next recycle fails and the connection
+    // that serves carries on.
+    proxy.set_fault(Fault::Refuse);
+    wait_for_event(&pool, Duration::from_secs(20), "recycle_failed", |event| {
+        event.kind == "recycle_failed" && event.connection_id == Some(new)
+    });
+    let connections = pool.connections();
+    assert!(
+        connections.iter().any(|c| c.id == new && c.ready),
+        "{connections:?}"
+    );
+    first_message_on(&pool, "ticker.0", &[], Duration::from_secs(5));
+    // Tried again after the backoff, and this time it goes through.
+    proxy.set_fault(Fault::Pass);
+    wait_for_event(&pool, Duration::from_secs(20), "recycled again", |event| {
+        event.kind == "recycled"
+    });
+}
