@@ -498,7 +498,10 @@ impl Config {
             }]
         })?;
         let value = match path.extension().and_then(|ext| ext.to_str()) {
-            Some(ext) if ext.eq_ignore_ascii_case("toml") => toml_value(&text)?,
+            Some(ext) if ext.eq_ignore_ascii_case("toml") => {
+                let (value, issues) = toml_value(&text)?;
+                return with_issues(issues, Config::parse_value(value));
+            }
             Some(ext) if ext.eq_ignore_ascii_case("json") => json_value(&text)?,
             _ => {
                 return Err(vec![ConfigIssue {
@@ -520,7 +523,8 @@ impl Config {
 
     /// Like [`Config::from_toml`], but returns every problem found.
     pub fn from_toml_detailed(text: &str) -> Result<Config, Vec<ConfigIssue>> {
-        Config::from_value(toml_value(text)?)
+        let (value, issues) = toml_value(text)?;
+        with_issues(issues, Config::from_value(value))
     }
 
     /// Deserializes a JSON value (keys and types) without validating it.
@@ -895,49 +899,78 @@ fn json_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
     Ok(value)
 }
 
-/// TOML config text as a JSON value. TOML's `nan` and `inf`, which JSON cannot hold
-/// (they would become `null`, reported as a wrong type), are refused where they stand.
-fn toml_value(text: &str) -> Result<serde_json::Value, Vec<ConfigIssue>> {
-    let value: toml::Value = toml::from_str(text).map_err(|err| {
+/// TOML config text as a JSON value, with issues found on the way. TOML's `nan` and
+/// `inf`, which JSON cannot hold (they would become `null`, reported as a wrong type),
+/// are issues where they stand, and taken out so the rest is read and reported too.
+fn toml_value(text: &str) -> Result<(serde_json::Value, Vec<ConfigIssue>), Vec<ConfigIssue>> {
+    let mut value: toml::Value = toml::from_str(text).map_err(|err| {
         vec![ConfigIssue {
             path: String::new(),
             message: format!("invalid TOML: {}", err.to_string().trim_end()),
         }]
     })?;
     let mut issues = Vec::new();
-    non_finite_numbers(&value, String::new(), &mut issues);
-    if !issues.is_empty() {
-        return Err(issues);
-    }
-    serde_json::to_value(value).map_err(|err| {
+    take_non_finite_numbers(&mut value, String::new(), &mut issues);
+    let value = serde_json::to_value(value).map_err(|err| {
         vec![ConfigIssue {
             path: String::new(),
             message: format!("invalid TOML: {err}"),
         }]
-    })
+    })?;
+    Ok((value, issues))
+}
+
+/// `first` and then the issues of `rest`: an error when there are any.
+fn with_issues<T>(
+    first: Vec<ConfigIssue>,
+    rest: Result<T, Vec<ConfigIssue>>,
+) -> Result<T, Vec<ConfigIssue>> {
+    match rest {
+        Ok(value) if first.is_empty() => Ok(value),
+        Ok(_) => Err(first),
+        Err(more) => Err(first.into_iter().chain(more).collect()),
+    }
 }
 
 /// Issues for the non-finite floats in `value` (at `path`, dotted as serde_path_to_error
-/// writes it).
-fn non_finite_numbers(value: &toml::Value, path: String, issues: &mut Vec<ConfigIssue>) {
+/// writes it); each is taken out of its table (an array element becomes 0, keeping
+/// the places of the others).
+fn take_non_finite_numbers(value: &mut toml::Value, path: String, issues: &mut Vec<ConfigIssue>) {
+    let issue = |path: String, number: f64| ConfigIssue {
+        path,
+        message: format!("{number} is not a number any setting takes (finite numbers only)"),
+    };
     match value {
-        toml::Value::Float(number) if !number.is_finite() => issues.push(ConfigIssue {
-            path,
-            message: format!("{number} is not a number any setting takes (finite numbers only)"),
-        }),
         toml::Value::Array(items) => {
-            for (index, item) in items.iter().enumerate() {
-                non_finite_numbers(item, format!("{path}[{index}]"), issues);
+            for (index, item) in items.iter_mut().enumerate() {
+                let path = format!("{path}[{index}]");
+                match item {
+                    toml::Value::Float(number) if !number.is_finite() => {
+                        issues.push(issue(path, *number));
+                        *item = toml::Value::Float(0.0);
+                    }
+                    _ => take_non_finite_numbers(item, path, issues),
+                }
             }
         }
         toml::Value::Table(table) => {
-            for (key, item) in table {
+            let mut taken = Vec::new();
+            for (key, item) in table.iter_mut() {
                 let path = if path.is_empty() {
                     key.clone()
                 } else {
                     format!("{path}.{key}")
                 };
-                non_finite_numbers(item, path, issues);
+                match item {
+                    toml::Value::Float(number) if !number.is_finite() => {
+                        issues.push(issue(path, *number));
+                        taken.push(key.clone());
+                    }
+                    _ => take_non_finite_numbers(item, path, issues),
+                }
+            }
+            for key in taken {
+                table.remove(&key);
             }
         }
         _ => {}
@@ -945,49 +978,56 @@ fn non_finite_numbers(value: &toml::Value, path: String, issues: &mut Vec<Config
 }
 
 /// serde's message for a value of the wrong type or range, in the words of the config's
-/// docs: `expected u32` names the range of whole numbers it means, and an integer too
-/// big for any (which JSON reading turns into a float) is said to be one.
+/// docs: `expected u32` names the range of whole numbers it means, and a whole number
+/// out of every integer's range (which JSON reading turns into a float) is said to be
+/// too large or negative.
 fn plain_words(message: String) -> String {
-    const RANGES: [(&str, &str); 5] = [
-        ("expected u16", "expected a whole number from 0 to 65535"),
+    const RANGES: [(&str, &str, f64); 5] = [
+        (
+            "expected u16",
+            "expected a whole number from 0 to 65535",
+            65535.0,
+        ),
         (
             "expected u32",
             "expected a whole number from 0 to 4294967295",
+            4294967295.0,
         ),
         (
             "expected u64",
             "expected a whole number from 0 to 18446744073709551615",
+            18446744073709551615.0,
         ),
         (
             "expected usize",
             "expected a whole number from 0 to 18446744073709551615",
+            18446744073709551615.0,
         ),
-        ("expected f64", "expected a number"),
+        ("expected f64", "expected a number", f64::INFINITY),
     ];
-    let Some((from, to)) = RANGES
+    let Some((from, to, max)) = RANGES
         .iter()
-        .find(|(from, _)| message.ends_with(from))
+        .find(|(from, _, _)| message.ends_with(from))
         .copied()
     else {
         return message;
     };
-    let mut message = message.replace(from, to);
-    // `invalid type: floating point `1.8446744073709552e19`, ...` for 2^64: a whole
-    // number, only too large.
-    if from != "expected f64" {
-        if let Some(float) = message
-            .strip_prefix("invalid type: floating point `")
-            .and_then(|rest| rest.split('`').next())
-        {
-            if float
-                .parse::<f64>()
-                .is_ok_and(|x| x.fract() == 0.0 && x.abs() >= 1e15)
-            {
-                message = format!("invalid value: `{float}` is too large, {to}");
-            }
+    let message = message.replace(from, to);
+    // `invalid type: floating point `1.8446744073709552e19`, ...` for 2^64 (or -2^63-1):
+    // a whole number, only out of range. A fraction, or a whole number written as a
+    // float within the range, keeps serde's words (it is a float).
+    let out_of_range = message
+        .strip_prefix("invalid type: floating point `")
+        .and_then(|rest| rest.split('`').next())
+        .and_then(|text| Some((text, text.parse::<f64>().ok()?)))
+        .filter(|(_, value)| value.fract() == 0.0);
+    match out_of_range {
+        Some((text, value)) if value > max => {
+            format!("invalid value: `{text}` is too large, {to}")
         }
+        Some((text, value)) if value < 0.0 => format!("invalid value: `{text}` is negative, {to}"),
+        _ => message,
     }
-    message
 }
 
 /// A JSON value read with every object checked for a key given twice.
@@ -1271,6 +1311,17 @@ mod tests {
                  expected a whole number from 0 to 4294967295",
             ),
             (
+                "-9223372036854775809",
+                "pool.min_connections: invalid value: `-9.223372036854776e+18` is negative, \
+                 expected a whole number from 0 to 4294967295",
+            ),
+            // Written as a float within the range: a float, as serde says.
+            (
+                "1e3",
+                "pool.min_connections: invalid type: floating point `1000.0`, expected a \
+                 whole number from 0 to 4294967295",
+            ),
+            (
                 "\"2\"",
                 "pool.min_connections: invalid type: string \"2\", expected a whole number \
                  from 0 to 4294967295",
@@ -1295,6 +1346,18 @@ mod tests {
              [[servers]]\nurl = \"ws://b:1\"\nweight = -inf\n",
         )
         .expect_err("nan and -inf");
+        // Reported with every other issue, not instead of them.
+        let mixed = Config::from_toml_detailed(
+            "[[servers]]\nurl = \"ws://a:1\"\n[pool]\nmin_connections = -1\n\
+             [reconnect]\njitter = nan\n",
+        )
+        .expect_err("two issues");
+        let paths: Vec<&str> = mixed.iter().map(|issue| issue.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["reconnect.jitter", "pool.min_connections"],
+            "{mixed:?}"
+        );
         let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
         assert_eq!(
             text,

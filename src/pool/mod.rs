@@ -736,6 +736,7 @@ impl Pool {
             requests_failed: load(&counters.requests_failed),
             shared_keys: inner.shared_data.keys(),
             events_dropped: inner.events.dropped(),
+            pool_thread_id: load(&counters.pool_thread_id),
             scale_ups: load(&counters.scale_ups),
             scale_downs: load(&counters.scale_downs),
             load: f64::from_bits(load(&counters.load_bits)),
@@ -870,7 +871,17 @@ impl Pool {
 
     /// Each server with its circuit breaker state.
     pub fn servers(&self) -> Vec<ServerSnapshot> {
-        self.inner.servers.read().clone()
+        let mut servers = self.inner.servers.read().clone();
+        // Published when the hold began: once it is over, it is none.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |now| u64::try_from(now.as_millis()).unwrap_or(u64::MAX));
+        for server in &mut servers {
+            if server.retry_after_until_ms <= now_ms {
+                server.retry_after_until_ms = 0;
+            }
+        }
+        servers
     }
 
     /// The health level with its reasons and recent history (see `HealthLevel` for
@@ -1153,6 +1164,12 @@ impl PoolThread {
     }
 
     fn run(mut self) {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.inner
+            .counters
+            .pool_thread_id
+            .store(tid as u64, Ordering::Relaxed);
         let min = self.inner.config.pool.min_connections as usize;
         for _ in 0..min {
             self.slots.push(Slot::new());
@@ -1303,9 +1320,9 @@ impl PoolThread {
         self.slots.push(Slot::new());
         let index = self.slots.len() - 1;
         self.start_connection(index);
-        self.slots[index]
-            .connection
-            .ok_or_else(|| Error::Io("no server admits a connection now (circuit open)".into()))
+        self.slots[index].connection.ok_or_else(|| {
+            Error::Io("no server admits a connection now (circuit open or Retry-After)".into())
+        })
     }
 
     fn reconfigure(&mut self, settings: PoolSettings) -> Result<()> {
@@ -1459,7 +1476,15 @@ impl PoolThread {
             .iter()
             .filter(|slot| slot.failures > 0)
             .filter_map(|slot| slot.ready_since.map(|since| since + stable));
-        let breakers = self.servers.iter().filter_map(ServerState::reopens_at);
+        // Only breakers still to reopen: one whose time is past is acted on when a slot
+        // next needs a server (its retry is a timer of its own), and as a timer it
+        // would make this thread spin.
+        let now = Instant::now();
+        let breakers = self
+            .servers
+            .iter()
+            .filter_map(ServerState::reopens_at)
+            .filter(|at| *at > now);
         let idle = self.idle_deadline();
         let scaling = (self.inner.settings.read().max_connections
             > self.inner.settings.read().min_connections)
@@ -1492,10 +1517,22 @@ impl PoolThread {
         }
         let old_token = self.context.codec.replace_token(token.into_bytes());
         let mut pending = HashMap::new();
+        let mut skipped = 0;
         for old in self.ready.clone() {
-            let Some(server_index) = self.connections.get(&old).map(|h| h.server_index) else {
+            let Some(mut server_index) = self.connections.get(&old).map(|h| h.server_index) else {
                 continue;
             };
+            // Its server asked for no new connections (Retry-After): another one, if
+            // any admits; otherwise the session keeps its token until it reconnects.
+            if self.servers[server_index].held(Instant::now()) {
+                match self.pick_server() {
+                    Some(other) => server_index = other,
+                    None => {
+                        skipped += 1;
+                        continue;
+                    }
+                }
+            }
             let id = self.next_connection_id;
             self.next_connection_id += 1;
             match ConnectionHandle::spawn(Arc::clone(&self.context), id, server_index) {
@@ -1507,10 +1544,20 @@ impl PoolThread {
                 Err(err) => log::warn!("token rotation: starting a connection: {err}"),
             }
         }
-        self.inner.events.push(
-            Event::new("token_rotation")
-                .message(format!("re-authenticating {} connection(s)", pending.len())),
-        );
+        let skipped = if skipped > 0 {
+            format!(
+                "; {skipped} keep the old token until they reconnect (no server admits a \
+                 connection now: Retry-After)"
+            )
+        } else {
+            String::new()
+        };
+        self.inner
+            .events
+            .push(Event::new("token_rotation").message(format!(
+                "re-authenticating {} connection(s){skipped}",
+                pending.len()
+            )));
         if pending.is_empty() {
             let _ = reply.send(Ok(()));
             return;
@@ -1954,10 +2001,16 @@ impl PoolThread {
             // Every server is shut (breaker open, or asked for no connects with
             // Retry-After): wait for the first to admit one.
             let now = Instant::now();
+            // A server that is not shut (a half-open breaker with every trial under
+            // way) may admit one soon: looked at again in 100 ms.
             let reopen = self
                 .servers
                 .iter()
-                .filter_map(|server| server.shut_until(now))
+                .map(|server| {
+                    server
+                        .shut_until(now)
+                        .unwrap_or(now + Duration::from_millis(100))
+                })
                 .min()
                 .unwrap_or_else(|| now + Duration::from_millis(100));
             self.slots[slot_index].retry_at = Some(reopen);
@@ -2023,8 +2076,21 @@ impl PoolThread {
                 )));
             return;
         }
-        let delay = backoff::reconnect_delay(reconnect, slot.failures, fastrand::f64());
-        slot.retry_at = Some(Instant::now() + delay);
+        let mut delay = backoff::reconnect_delay(reconnect, slot.failures, fastrand::f64());
+        // Every server shut (breakers open, Retry-After): the attempt waits for the
+        // first to admit one, and says so here rather than in a deferral after it.
+        let now = Instant::now();
+        let admits_at = self
+            .servers
+            .iter()
+            .map(|server| server.shut_until(now))
+            .collect::<Option<Vec<Instant>>>()
+            .and_then(|times| times.into_iter().min());
+        if let Some(at) = admits_at {
+            delay = delay.max(at.saturating_duration_since(now));
+        }
+        let slot = &mut self.slots[slot_index];
+        slot.retry_at = Some(now + delay);
         let mut event = Event::new("reconnecting");
         if let Some(server_index) = slot.server_index {
             event = event.server(&self.context.servers[server_index].id);
@@ -2153,8 +2219,9 @@ impl PoolThread {
                         self.breaker_event(server_index, change);
                     }
                     if let Some(wait) = outcome.retry_after {
-                        self.servers[server_index].hold_off(Instant::now(), wait);
-                        held = Some(wait);
+                        let now = Instant::now();
+                        let until = self.servers[server_index].hold_off(now, wait);
+                        held = Some(until.saturating_duration_since(now));
                     }
                     self.publish_servers();
                 }

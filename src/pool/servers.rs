@@ -91,7 +91,7 @@ impl ServerState {
             consecutive_failures: self.consecutive_failures,
             connections: self.connections,
             ready_connections: self.ready_connections,
-            retry_after_until_ms: if self.held_until.is_some() {
+            retry_after_until_ms: if self.held_until.is_some_and(|until| until > Instant::now()) {
                 self.held_until_unix_ms
             } else {
                 0
@@ -100,17 +100,18 @@ impl ServerState {
     }
 
     /// The server asked for no new connections for `wait` (`Retry-After`): none start
-    /// before then. A longer hold already in place stays.
-    pub fn hold_off(&mut self, now: Instant, wait: Duration) {
+    /// before then. A longer hold already in place stays. Returns the hold's end.
+    pub fn hold_off(&mut self, now: Instant, wait: Duration) -> Instant {
         let until = now + wait;
-        if self.held_until.is_some_and(|held| held >= until) {
-            return;
+        if let Some(held) = self.held_until.filter(|held| *held >= until) {
+            return held;
         }
         self.held_until = Some(until);
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         self.held_until_unix_ms = u64::try_from((unix_now + wait).as_millis()).unwrap_or(u64::MAX);
+        until
     }
 
     /// Whether a `Retry-After` hold keeps connects off at `now` (an expired one is

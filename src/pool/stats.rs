@@ -9,6 +9,8 @@ use serde::Serialize;
 /// Totals that outlive individual connections; workers add to them per batch.
 #[derive(Debug, Default)]
 pub(crate) struct PoolCounters {
+    /// The pool thread's Linux thread id (set when it starts).
+    pub pool_thread_id: AtomicU64,
     pub frames_received: AtomicU64,
     pub messages_received: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -171,6 +173,9 @@ pub struct PoolStats {
     pub shared_keys: Vec<String>,
     /// Events dropped because nobody read them.
     pub events_dropped: u64,
+    /// The pool thread's Linux thread id, for `taskset -p`, `top -H` or `perf -t`
+    /// (each connection's worker has its own: `thread_id` in the connection list).
+    pub pool_thread_id: u64,
     /// Connections added by auto-scaling.
     pub scale_ups: u64,
     /// Connections drained by auto-scaling.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    pool_from, request_in_background, simulator, wait_for_event, wait_until, watchdog, Acceptor,
+    pool_from, request_in_background, simulator, thread_cpu, wait_for_event, wait_until, watchdog,
+    Acceptor,
 };
 use wirepool::{Config, Error, Message, Pool, RequestOptions, TimeoutPhase};
 
@@ -474,20 +475,6 @@ fn busy_polling_delivers_in_order_and_runs_commands_while_it_spins() {
         "spun past its timeout: {waited:?}"
     );
     pool.close();
-}
-
-/// CPU time (user and system) of thread `tid` of this process so far.
-fn thread_cpu(tid: u64) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
-        .unwrap_or_else(|err| panic!("/proc/self/task/{tid}/stat: {err}"));
-    // The fields after the name (in parentheses, and it may hold spaces) start with
-    // the third; utime and stime are the 14th and 15th.
-    let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
-    let fields: Vec<&str> = after_name.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf reads a constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / per_second)
 }
 
 /// A busy-polling worker spins while its feed is live (gaps shorter than the spin) and

@@ -563,6 +563,58 @@ fn a_handshake_refused_with_retry_after_is_not_retried_before_then() {
     drop(pool);
 }
 
+/// While a server holds connects off (Retry-After) past the end of its open circuit
+/// breaker, the pool thread waits instead of spinning: a breaker time already past
+/// is no timer. And a slot waiting for that server is told the real wait.
+#[test]
+fn a_hold_past_an_open_breaker_does_not_make_the_pool_thread_spin() {
+    let _guard = watchdog("retry_after_spin", Duration::from_secs(60));
+    let sim = simulator(None);
+    let gate = Gate::start(
+        sim.local_addr(),
+        usize::MAX,
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n".into(),
+    );
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": gate.url(), "id": "venue"}],
+            "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
+            "circuit_breaker": {"failure_threshold": 1, "recovery_timeout_ms": 100},
+        }),
+        serde_json::json!({}),
+    );
+    let events = wait_for_event(
+        &pool,
+        Duration::from_secs(20),
+        "the next attempt",
+        |event| event.kind == "reconnecting",
+    );
+    // The slot's next attempt is when the hold ends, not the backoff's 10-20 ms.
+    let text = last_message(&events);
+    let wait_ms: u64 = text
+        .rsplit(" in ")
+        .next()
+        .and_then(|rest| rest.strip_suffix(" ms"))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!((29_000..=30_000).contains(&wait_ms), "{text}");
+    // Within the second watched, the breaker's 100 ms pass; the pool thread idles.
+    let tid = pool.stats().pool_thread_id;
+    assert_ne!(tid, 0);
+    let before = support::thread_cpu(tid);
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        pool.events(Duration::from_millis(100));
+    }
+    let used = support::thread_cpu(tid) - before;
+    assert!(
+        used < Duration::from_millis(300),
+        "the pool thread used {used:?} of 1 s"
+    );
+    assert_eq!(gate.requests().len(), 1);
+    drop(pool);
+}
+
 /// With another server at hand, the connections go there while the refusing one
 /// holds them off (an HTTP date this time, and a 503); health says why.
 #[test]

@@ -381,3 +381,17 @@ pub fn pool_from(mut config: serde_json::Value, extra: serde_json::Value) -> Poo
     let config = wirepool::Config::from_json(&config.to_string()).expect("valid config");
     Pool::new(config).expect("pool opens")
 }
+
+/// CPU time (user and system) of thread `tid` of this process so far.
+pub fn thread_cpu(tid: u64) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .unwrap_or_else(|err| panic!("/proc/self/task/{tid}/stat: {err}"));
+    // The fields after the name (in parentheses, and it may hold spaces) start with
+    // the third; utime and stime are the 14th and 15th.
+    let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
