@@ -20,7 +20,10 @@
 //! `{"op":"history","channel":C,"bars":N}` gives N one-minute bars (C defaults to
 //! `ticker.0`, N to 100 and is capped at 10 000; the same bars every time); `{"op":"fail"}` an error; `{"op":"ignore"}` nothing, ever;
 //! `{"op":"delay","ms":N}` the echo after N ms without holding up anything else;
-//! `{"op":"instruments"}` the universe `ticker.0 .. ticker.N-1`; `{"op":"close"}`
+//! `{"op":"instruments"}` the universe `ticker.0 .. ticker.N-1`;
+//! `{"op":"maintenance","ms":N}` answers `{"closes_in_ms":N}`, sends the notice
+//! `{"type":"reconnect","payload":"maintenance: ..."}` and closes the session N ms later
+//! (as venues announce a restart); `{"op":"close"}`
 //! closes the connection with a close frame; anything else comes back as
 //! `{"echo":P}`, with P exactly as the client wrote it. With a token configured the
 //! first frame must be `{"type":"auth","token":T,"messageId":M}`.
@@ -705,12 +708,16 @@ impl Feed {
     }
 }
 
-/// A reply held back by `{"op":"delay"}`.
+/// A reply held back by `{"op":"delay"}`, or the end of a session announced by
+/// `{"op":"maintenance"}`.
 struct Delayed {
     due: Instant,
+    /// What to send then (nothing when empty).
     frame: String,
     /// A subscription confirmed by this reply: its data starts once the reply is sent.
     starts_feed: Option<String>,
+    /// The session closes then (with a close frame).
+    closes: bool,
 }
 
 /// One client connection after its handshake, served by its own thread.
@@ -795,6 +802,9 @@ impl Session {
             let more_output = self.send_due_data(now)?;
             self.send_due_replies(now)?;
             self.write_blocked = self.flush()?;
+            if self.closing {
+                return self.close_gracefully();
+            }
             if more_input || (more_output && !self.write_blocked) {
                 continue;
             }
@@ -903,10 +913,13 @@ impl Session {
         self.delayed = later;
         due.sort_by_key(|delayed| delayed.due);
         for delayed in due {
-            self.send(delayed.frame)?;
+            if !delayed.frame.is_empty() {
+                self.send(delayed.frame)?;
+            }
             if let Some(channel) = delayed.starts_feed {
                 self.start_feed(&channel);
             }
+            self.closing |= delayed.closes;
         }
         Ok(())
     }
@@ -996,6 +1009,7 @@ impl Session {
                     due: Instant::now() + delay,
                     frame: reply,
                     starts_feed: Some(channel.to_string()),
+                    closes: false,
                 });
                 Ok(())
             }
@@ -1091,6 +1105,34 @@ impl Session {
                 return Ok(());
             }
             Some("instruments") => instruments_payload(self.shared.config.channels),
+            Some("maintenance") => {
+                if self.delayed.len() >= MAX_DELAYED_REPLIES {
+                    return self.send_error(Some(message_id), "too many delayed requests");
+                }
+                let delay = payload
+                    .get("ms")
+                    .and_then(Value::as_u64)
+                    .map_or(Duration::ZERO, Duration::from_millis)
+                    .min(MAX_DELAY);
+                let ms = delay.as_millis();
+                let notice = format!(
+                    r#"{{"type":"reconnect","payload":"maintenance: this session closes in {ms} ms"}}"#
+                );
+                self.send(frame_text(
+                    "data",
+                    None,
+                    Some(message_id),
+                    Some(&format!(r#"{{"closes_in_ms":{ms}}}"#)),
+                ))?;
+                self.send(notice)?;
+                self.delayed.push(Delayed {
+                    due: Instant::now() + delay,
+                    frame: String::new(),
+                    starts_feed: None,
+                    closes: true,
+                });
+                return Ok(());
+            }
             Some("delay") => {
                 if self.delayed.len() >= MAX_DELAYED_REPLIES {
                     return self.send_error(Some(message_id), "too many delayed requests");
@@ -1105,6 +1147,7 @@ impl Session {
                     due: Instant::now() + delay,
                     frame,
                     starts_feed: None,
+                    closes: false,
                 });
                 return Ok(());
             }

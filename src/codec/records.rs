@@ -19,6 +19,7 @@ pub(crate) mod kind {
     pub const SUBSCRIBE_ERROR: u32 = 15;
     pub const PASSTHROUGH: u32 = 16;
     pub const DATA_IN_INPUT: u32 = 17;
+    pub const RECONNECT: u32 = 18;
 }
 
 /// Outbound operations (`docs/codec-abi.md`, "Outbound commands").

@@ -79,6 +79,12 @@ pub(crate) enum Report {
     Shared {
         key: String,
     },
+    /// The codec said the venue will end this session (a `RECONNECT` record): replace
+    /// it make before break.
+    ReconnectAsked {
+        connection_id: u64,
+        reason: String,
+    },
     /// The worker has ended; its thread is about to exit.
     Closed {
         connection_id: u64,

@@ -231,6 +231,8 @@ struct Link {
     /// How long the server asked for no new connections, when it refused the
     /// handshake with a `Retry-After`.
     retry_after: Option<Duration>,
+    /// The codec passed on the venue's notice that the session will end.
+    reconnect_asked: bool,
     /// Commands that arrived before READY (they wait; nothing is sent before READY).
     early_commands: VecDeque<Command>,
     /// Requests written to the socket and not yet answered.
@@ -314,6 +316,7 @@ impl Link {
             ready: false,
             was_ready: false,
             retry_after: None,
+            reconnect_asked: false,
             early_commands: VecDeque::new(),
             in_flight: HashSet::new(),
             channels: HashMap::new(),
@@ -1270,6 +1273,17 @@ impl Link {
                         .events
                         .push(self.event("shared").channel(key.clone()));
                     let _ = self.context.reports.send(Report::Shared { key });
+                }
+                kind::RECONNECT => {
+                    // Once per connection, and only once it serves: the pool replaces
+                    // a ready connection.
+                    if self.ready && !self.reconnect_asked {
+                        self.reconnect_asked = true;
+                        let _ = self.context.reports.send(Report::ReconnectAsked {
+                            connection_id: self.id,
+                            reason: String::from_utf8_lossy(record.payload).into_owned(),
+                        });
+                    }
                 }
                 kind::SEQUENCE_GAP => {
                     self.context

@@ -1034,8 +1034,17 @@ struct Replacement {
     old: u64,
     /// Why, for events.
     why: String,
-    /// For its age (`pool.max_connection_age_ms`): tried again if it fails.
-    aged: bool,
+    /// Tried again if it fails (for its age, or at the venue's word; not one asked
+    /// for through the API, whose caller hears of the failure).
+    retry: bool,
+}
+
+/// A recycle to start at `at` (see `PoolThread::recycle_due`).
+struct DueRecycle {
+    at: Instant,
+    /// Replacements that failed so far (for the retry's backoff).
+    failures: u32,
+    why: String,
 }
 
 /// A replacement (of a token rotation or a recycle) that took over an old session's
@@ -1099,11 +1108,11 @@ struct PoolThread {
     rotation: Option<Rotation>,
     /// Recycles under way: replacement id -> what it replaces.
     replacements: HashMap<u64, Replacement>,
-    /// When each ready connection is due to be recycled (`pool.max_connection_age_ms`),
-    /// and how many replacements for it failed so far.
-    recycle_due: HashMap<u64, (Instant, u32)>,
-    /// Failed replacements of a connection due for its age whose replacement is under way.
-    recycle_failures: HashMap<u64, u32>,
+    /// Recycles to start: each ready connection's age limit
+    /// (`pool.max_connection_age_ms`), and retries of failed replacements.
+    recycle_due: HashMap<u64, DueRecycle>,
+    /// For a retried recycle whose replacement is under way: its failures so far and why.
+    recycle_failures: HashMap<u64, (u32, String)>,
     /// Connections being scaled away: no new work; closed once their requests are
     /// answered or the deadline passes.
     draining: Vec<(u64, Instant)>,
@@ -1494,7 +1503,7 @@ impl PoolThread {
             .iter()
             .map(|_| Instant::now() + Duration::from_millis(50));
         let handovers = self.handovers.iter().map(|handover| handover.deadline);
-        let recycles = self.recycle_due.values().map(|(at, _)| *at);
+        let recycles = self.recycle_due.values().map(|due| due.at);
         retries
             .chain(handovers)
             .chain(recycles)
@@ -1641,7 +1650,7 @@ impl PoolThread {
     /// Replaces the ready connection `old` make before break: a new connection (to a
     /// server the strategy picks) takes its slot, requests and channels once ready, and
     /// `old` keeps delivering until the new one confirmed its channels, then drains.
-    fn recycle(&mut self, old: u64, why: String, aged: bool) -> Result<u64> {
+    fn recycle(&mut self, old: u64, why: String, retry: bool) -> Result<u64> {
         if !self.connections.contains_key(&old) {
             return Err(Error::InvalidArgument(format!(
                 "no connection with id {old}"
@@ -1679,65 +1688,105 @@ impl PoolThread {
                     "replacing it with connection {id} ({why}), make before break"
                 )),
         );
-        self.replacements.insert(id, Replacement { old, why, aged });
+        self.replacements
+            .insert(id, Replacement { old, why, retry });
         self.publish_connections();
         self.publish_servers();
         Ok(id)
     }
 
-    /// Starts the replacement of every connection past `pool.max_connection_age_ms`.
+    /// Starts the recycles that are due: connections past `pool.max_connection_age_ms`,
+    /// and retries.
     fn recycle_aged(&mut self) {
         let now = Instant::now();
-        let due: Vec<(u64, u32)> = self
+        let due: Vec<u64> = self
             .recycle_due
             .iter()
-            .filter(|(_, (at, _))| *at <= now)
-            .map(|(id, (_, failures))| (*id, *failures))
+            .filter(|(_, due)| due.at <= now)
+            .map(|(id, _)| *id)
             .collect();
-        for (old, failures) in due {
-            let max_age = self.inner.config.pool.max_connection_age_ms;
-            let why = format!("pool.max_connection_age_ms {max_age} reached");
-            if let Err(err) = self.recycle(old, why, true) {
-                if self.connections.contains_key(&old) && self.ready.contains(&old) {
-                    // Tried again later; the connection serves meanwhile.
-                    let delay = backoff::reconnect_delay(
-                        &self.inner.config.reconnect,
-                        failures + 1,
-                        fastrand::f64(),
-                    );
-                    self.recycle_due.insert(old, (now + delay, failures + 1));
-                    log::warn!("connection {old}: recycling deferred: {err}");
-                } else {
-                    self.recycle_due.remove(&old);
-                }
-            } else {
-                // Not due again: its replacement is under way (if that fails, a retry
-                // is scheduled from here).
-                self.recycle_due.remove(&old);
-                self.recycle_failures.insert(old, failures);
+        for old in due {
+            if let Some(due) = self.recycle_due.remove(&old) {
+                self.recycle_or_retry(old, due.why, due.failures);
             }
         }
     }
 
-    /// A replacement closed before it was ready: the old connection carries on, and
-    /// one due for its age is tried again after a backoff.
+    /// Recycles `old`, or, when that cannot start now (no server admits a
+    /// connection), tries again after the reconnect backoff while `old` serves.
+    fn recycle_or_retry(&mut self, old: u64, why: String, failures: u32) {
+        if self.replacements.values().any(|r| r.old == old) {
+            // Already under way (through the API, or for its age).
+            return;
+        }
+        match self.recycle(old, why.clone(), true) {
+            Ok(_) => {
+                self.recycle_due.remove(&old);
+                self.recycle_failures.insert(old, (failures, why));
+            }
+            Err(err) if self.ready.contains(&old) => {
+                let delay = backoff::reconnect_delay(
+                    &self.inner.config.reconnect,
+                    failures + 1,
+                    fastrand::f64(),
+                );
+                self.inner
+                    .events
+                    .push(
+                        Event::new("recycle_failed")
+                            .connection(old)
+                            .message(format!(
+                                "{why}: {err}; it carries on, and is tried again in {} ms",
+                                delay.as_millis()
+                            )),
+                    );
+                self.recycle_due.insert(
+                    old,
+                    DueRecycle {
+                        at: Instant::now() + delay,
+                        failures: failures + 1,
+                        why,
+                    },
+                );
+            }
+            Err(err) => log::debug!("connection {old}: not recycled ({why}): {err}"),
+        }
+    }
+
+    /// A replacement closed before it was ready: the old connection carries on, and a
+    /// recycle that is retried is tried again after a backoff.
     fn recycle_failed(&mut self, replacement: &Replacement, reason: &str) {
+        let (failures, why) = self
+            .recycle_failures
+            .remove(&replacement.old)
+            .unwrap_or((0, replacement.why.clone()));
+        let alive = self.ready.contains(&replacement.old);
+        let retry = if replacement.retry && alive {
+            let delay = backoff::reconnect_delay(
+                &self.inner.config.reconnect,
+                failures + 1,
+                fastrand::f64(),
+            );
+            self.recycle_due.insert(
+                replacement.old,
+                DueRecycle {
+                    at: Instant::now() + delay,
+                    failures: failures + 1,
+                    why,
+                },
+            );
+            format!("; tried again in {} ms", delay.as_millis())
+        } else {
+            String::new()
+        };
         self.inner.events.push(
             Event::new("recycle_failed")
                 .connection(replacement.old)
                 .message(format!(
-                    "its replacement ({}) failed, so it carries on: {reason}",
+                    "its replacement ({}) failed, so it carries on: {reason}{retry}",
                     replacement.why
                 )),
         );
-        let failures = self.recycle_failures.remove(&replacement.old).unwrap_or(0) + 1;
-        let alive = self.connections.contains_key(&replacement.old);
-        if replacement.aged && alive {
-            let delay =
-                backoff::reconnect_delay(&self.inner.config.reconnect, failures, fastrand::f64());
-            self.recycle_due
-                .insert(replacement.old, (Instant::now() + delay, failures));
-        }
     }
 
     /// Load in 0..1: the highest of busy ready connections, pending requests per
@@ -2108,6 +2157,13 @@ impl PoolThread {
                 log::debug!("shared data {key:?} updated");
                 self.publish_readiness();
             }
+            Report::ReconnectAsked {
+                connection_id,
+                reason,
+            } => {
+                let why = format!("the venue said the session will end: {reason}");
+                self.recycle_or_retry(connection_id, why, 0);
+            }
             Report::Connected { connection_id } => {
                 log::debug!("connection {connection_id}: connected, session starting");
             }
@@ -2195,6 +2251,7 @@ impl PoolThread {
                     self.rotation_failed(&outcome.reason);
                 }
                 self.recycle_due.remove(&connection_id);
+                self.recycle_failures.remove(&connection_id);
                 if let Some(replacement) = self.replacements.remove(&connection_id) {
                     self.recycle_failed(&replacement, &outcome.reason);
                 }
@@ -2358,8 +2415,14 @@ impl PoolThread {
             // Up to a tenth earlier, drawn per connection, so connections opened
             // together are not all replaced together.
             let age = Duration::from_millis(max_age).mul_f64(1.0 - 0.1 * fastrand::f64());
-            self.recycle_due
-                .insert(connection_id, (Instant::now() + age, 0));
+            self.recycle_due.insert(
+                connection_id,
+                DueRecycle {
+                    at: Instant::now() + age,
+                    failures: 0,
+                    why: format!("pool.max_connection_age_ms {max_age} reached"),
+                },
+            );
         }
         if let Some(change) = self.servers[server_index].succeeded() {
             self.breaker_event(server_index, change);

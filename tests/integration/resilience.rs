@@ -840,3 +840,46 @@ fn connections_past_their_age_are_recycled_and_a_failed_replacement_keeps_the_ol
         event.kind == "recycled"
     });
 }
+
+/// A venue that announces the end of a session (the json codec's `reconnect` notice,
+/// here the simulator's maintenance) gets the connection replaced make before break:
+/// the pool has moved, and closed the old session itself, before the venue would.
+#[test]
+fn a_venues_reconnect_notice_moves_the_connection_before_the_venue_closes_it() {
+    let _guard = watchdog("reconnect_notice", Duration::from_secs(60));
+    let sim = simulator(None);
+    let pool = pool(&[sim.url()], 1, serde_json::json!({}));
+    pool.subscribe("ticker.0").expect("subscribe");
+    first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
+    let old = pool.connections()[0].id;
+    let reply = pool
+        .request(
+            br#"{"op":"maintenance","ms":5000}"#,
+            RequestOptions::default(),
+        )
+        .expect("maintenance announced");
+    assert_eq!(reply, br#"{"closes_in_ms":5000}"#);
+    let events = wait_for_event(&pool, Duration::from_secs(20), "recycling", |event| {
+        event.kind == "recycling" && event.connection_id == Some(old)
+    });
+    let text = last_message(&events);
+    assert!(
+        text.contains("the venue said the session will end: maintenance"),
+        "{text}"
+    );
+    let events = wait_for_event(&pool, Duration::from_secs(20), "recycled", |event| {
+        event.kind == "recycled"
+    });
+    let new = events
+        .last()
+        .and_then(|event| event.connection_id)
+        .expect("id");
+    let events = handed_over(&pool, old, new, "ticker.0");
+    // Closed by the pool (a drain), not by the venue's close 5 s later.
+    let closed = last_message(&events);
+    assert_eq!(closed, "closed by request");
+    wait_until(&pool, Duration::from_secs(10), "one connection", || {
+        pool.connections().len() == 1
+    });
+    assert_eq!(pool.connections()[0].id, new);
+}

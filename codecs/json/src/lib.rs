@@ -98,6 +98,7 @@ enum FrameType {
     Unsubscribed,
     Pong,
     Shared,
+    Reconnect,
     Other,
 }
 
@@ -110,6 +111,7 @@ impl FrameType {
             b"unsubscribed" => FrameType::Unsubscribed,
             b"pong" => FrameType::Pong,
             b"shared" => FrameType::Shared,
+            b"reconnect" => FrameType::Reconnect,
             _ => FrameType::Other,
         }
     }
@@ -489,6 +491,12 @@ impl JsonCodec {
                 };
                 let value = payload.map_or(&b"null"[..], |value| value.raw());
                 out.record(kind::SHARED, 0, key, value);
+            }
+            FrameType::Reconnect => {
+                // The venue's notice that this session will end: the pool moves to a
+                // new connection before it does.
+                let reason = error_text(payload, body, &mut scratch.text);
+                out.record(kind::RECONNECT, 0, b"", reason);
             }
             FrameType::Other => malformed(
                 out,

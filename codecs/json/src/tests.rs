@@ -430,6 +430,29 @@ fn shared_state_and_channel_errors() {
 }
 
 #[test]
+fn a_reconnect_notice_asks_the_pool_to_move_with_the_venues_words() {
+    let mut codec = ready_codec("{}");
+    for (frame, reason) in [
+        (
+            r#"{"type":"reconnect","payload":"maintenance at 02:00"}"#,
+            "maintenance at 02:00",
+        ),
+        (
+            r#"{"type":"reconnect","payload":{"in_ms":500}}"#,
+            r#"{"in_ms":500}"#,
+        ),
+        (r#"{"type":"reconnect"}"#, r#"{"type":"reconnect"}"#),
+    ] {
+        let notice = decode_one(&mut codec, frame);
+        assert_eq!(
+            (notice.kind, notice.channel_text(), notice.text()),
+            (kind::RECONNECT, String::new(), reason.into()),
+            "{frame}"
+        );
+    }
+}
+
+#[test]
 fn bad_frames_are_malformed_never_fatal() {
     let mut codec = ready_codec("{}");
     let deep = "[".repeat(10_000);

@@ -30,7 +30,7 @@ macro_rules! record_kinds {
     ($kind:ident) => {
         record_kinds!(@ $kind SEND_TEXT SEND_BINARY READY DATA RESPONSE REQUEST_ERROR
             SUBSCRIBED UNSUBSCRIBED ERROR HEARTBEAT SHARED SEQUENCE_GAP AUTH_FAILED
-            MALFORMED SUBSCRIBE_ERROR PASSTHROUGH DATA_IN_INPUT)
+            MALFORMED SUBSCRIBE_ERROR PASSTHROUGH DATA_IN_INPUT RECONNECT)
     };
     (@ $kind:ident $($name:ident)*) => {
         [$(($kind::$name, stringify!($name))),*]

@@ -99,6 +99,9 @@ pub mod kind {
     /// input at offset `id` (the record carries the channel only); written by
     /// [`Output::data`](crate::Output::data).
     pub const DATA_IN_INPUT: u32 = 17;
+    /// The venue announced that this session will end (maintenance, an upgrade): the
+    /// pool replaces the connection make before break; payload = reason.
+    pub const RECONNECT: u32 = 18;
 }
 
 /// Bits of `wirepool_engine_features`' argument: the ABI v1 extensions the engine
