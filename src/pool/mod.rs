@@ -1054,6 +1054,18 @@ struct Handover {
     new: u64,
     old: u64,
     deadline: Instant,
+    /// The channels moved from `old` to `new` (still subscribed on `old`).
+    moved: Vec<Arc<str>>,
+    /// For a recycle: what to do if `new` dies before the handover ends.
+    recycle: Option<RecycleRetry>,
+}
+
+/// A recycle's reason, and whether (and after how many failures) it is tried again
+/// when its replacement fails.
+struct RecycleRetry {
+    why: String,
+    retry: bool,
+    failures: u32,
 }
 
 /// One of the `min_connections` places the pool keeps filled.
@@ -1531,6 +1543,10 @@ impl PoolThread {
             let Some(mut server_index) = self.connections.get(&old).map(|h| h.server_index) else {
                 continue;
             };
+            // Being recycled: its replacement starts with the new token already.
+            if self.replacements.values().any(|r| r.old == old) {
+                continue;
+            }
             // Its server asked for no new connections (Retry-After): another one, if
             // any admits; otherwise the session keeps its token until it reconnects.
             if self.servers[server_index].held(Instant::now()) {
@@ -1582,7 +1598,62 @@ impl PoolThread {
     /// A replacement session is ready: it takes over the old one's slot, its requests
     /// and its channels. The old session keeps delivering until the new one has
     /// confirmed every channel (see `finish_handovers`).
-    fn swap_in(&mut self, new: u64, old: u64) {
+    /// A replacement (of a rotation or a recycle) is ready. It takes over from `old` if
+    /// `old` still holds a slot; it keeps the slot it was given if `old` ended while it
+    /// connected; and it closes if `old` left the pool meanwhile (drained, scaled down,
+    /// idled out), as it is then not needed.
+    fn replacement_ready(&mut self, new: u64, old: u64, recycle: Option<RecycleRetry>) {
+        let holds_slot = |id: u64| self.slots.iter().any(|slot| slot.connection == Some(id));
+        if holds_slot(old) && self.connections.contains_key(&old) {
+            if let Some(recycle) = &recycle {
+                self.inner
+                    .events
+                    .push(Event::new("recycled").connection(new).message(format!(
+                        "took over from connection {old} ({}); it closes once this one \
+                             confirmed its channels",
+                        recycle.why
+                    )));
+            }
+            self.swap_in(new, old, recycle);
+        } else if holds_slot(new) {
+            if let Some(recycle) = &recycle {
+                self.inner
+                    .events
+                    .push(Event::new("recycled").connection(new).message(format!(
+                        "took the place of connection {old} ({}), which ended meanwhile",
+                        recycle.why
+                    )));
+            }
+            self.connection_ready(new);
+        } else {
+            if let Some(handle) = self.connections.get(&new) {
+                let _ = handle.send(Command::Close);
+            }
+            self.inner
+                .events
+                .push(Event::new("closing").connection(new).message(format!(
+                    "not needed: connection {old}, which it was to replace, left the pool"
+                )));
+        }
+    }
+
+    /// Ends a token rotation whose replacements are all ready.
+    fn finish_rotation_if_done(&mut self) {
+        let finished = self
+            .rotation
+            .as_ref()
+            .is_some_and(|rotation| rotation.pending.is_empty());
+        if finished {
+            if let Some(rotation) = self.rotation.take() {
+                self.inner
+                    .events
+                    .push(Event::new("token_rotated").message("every session re-authenticated"));
+                let _ = rotation.reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn swap_in(&mut self, new: u64, old: u64, recycle: Option<RecycleRetry>) {
         if let Some(slot) = self
             .slots
             .iter_mut()
@@ -1599,31 +1670,23 @@ impl PoolThread {
             .collect();
         // No new requests go to the old session; it answers those it has.
         self.stop_routing(old);
-        let mut moved = false;
+        let mut moved = Vec::new();
         for channel in moving {
-            moved |= self.assign(&channel, new);
+            if self.assign(&channel, new) {
+                moved.push(channel);
+            }
         }
-        if moved {
+        if moved.is_empty() {
+            self.drain(old);
+        } else {
             let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
             self.handovers.push(Handover {
                 new,
                 old,
                 deadline: Instant::now() + timeout,
+                moved,
+                recycle,
             });
-        } else {
-            self.drain(old);
-        }
-        let finished = self
-            .rotation
-            .as_ref()
-            .is_some_and(|rotation| rotation.pending.is_empty());
-        if finished {
-            if let Some(rotation) = self.rotation.take() {
-                self.inner
-                    .events
-                    .push(Event::new("token_rotated").message("every session re-authenticated"));
-                let _ = rotation.reply.send(Ok(()));
-            }
         }
     }
 
@@ -1756,23 +1819,43 @@ impl PoolThread {
     /// A replacement closed before it was ready: the old connection carries on, and a
     /// recycle that is retried is tried again after a backoff.
     fn recycle_failed(&mut self, replacement: &Replacement, reason: &str) {
-        let (failures, why) = self
+        let failures = self
             .recycle_failures
             .remove(&replacement.old)
-            .unwrap_or((0, replacement.why.clone()));
-        let alive = self.ready.contains(&replacement.old);
-        let retry = if replacement.retry && alive {
-            let delay = backoff::reconnect_delay(
-                &self.inner.config.reconnect,
-                failures + 1,
-                fastrand::f64(),
+            .map_or(0, |(failures, _)| failures);
+        let recycle = RecycleRetry {
+            why: replacement.why.clone(),
+            retry: replacement.retry,
+            failures,
+        };
+        self.retry_recycle(
+            replacement.old,
+            recycle,
+            &format!("its replacement failed: {reason}"),
+        );
+    }
+
+    /// A recycle of `old` did not happen (`what`): `old` carries on if it still serves,
+    /// and a recycle that is retried is tried again after the backoff.
+    fn retry_recycle(&mut self, old: u64, recycle: RecycleRetry, what: &str) {
+        if !self.ready.contains(&old) {
+            self.inner.events.push(
+                Event::new("recycle_failed")
+                    .connection(old)
+                    .message(format!("{} ({what}); it has ended", recycle.why)),
             );
+            return;
+        }
+        let retry = if recycle.retry {
+            let failures = recycle.failures + 1;
+            let delay =
+                backoff::reconnect_delay(&self.inner.config.reconnect, failures, fastrand::f64());
             self.recycle_due.insert(
-                replacement.old,
+                old,
                 DueRecycle {
                     at: Instant::now() + delay,
-                    failures: failures + 1,
-                    why,
+                    failures,
+                    why: recycle.why.clone(),
                 },
             );
             format!("; tried again in {} ms", delay.as_millis())
@@ -1781,11 +1864,8 @@ impl PoolThread {
         };
         self.inner.events.push(
             Event::new("recycle_failed")
-                .connection(replacement.old)
-                .message(format!(
-                    "its replacement ({}) failed, so it carries on: {reason}{retry}",
-                    replacement.why
-                )),
+                .connection(old)
+                .message(format!("{} ({what}); it carries on{retry}", recycle.why)),
         );
     }
 
@@ -1866,6 +1946,19 @@ impl PoolThread {
     /// once its requests are answered.
     fn drain(&mut self, connection_id: u64) {
         self.recycle_due.remove(&connection_id);
+        // A replacement of a connection leaving the pool is not needed.
+        let cancelled: Vec<u64> = self
+            .replacements
+            .iter()
+            .filter(|(_, replacement)| replacement.old == connection_id)
+            .map(|(new, _)| *new)
+            .collect();
+        for new in cancelled {
+            self.replacements.remove(&new);
+            if let Some(handle) = self.connections.get(&new) {
+                let _ = handle.send(Command::Close);
+            }
+        }
         self.stop_routing(connection_id);
         for placement in self.desired.values_mut() {
             if placement.owner == Some(connection_id) {
@@ -1927,7 +2020,8 @@ impl PoolThread {
         if handover.new != closed {
             return;
         }
-        if self.start_routing(handover.old).is_none() {
+        let old = handover.old;
+        if self.start_routing(old).is_none() {
             return;
         }
         if let Some(slot) = self
@@ -1935,14 +2029,28 @@ impl PoolThread {
             .iter_mut()
             .find(|slot| slot.connection == Some(closed))
         {
-            slot.connection = Some(handover.old);
+            slot.connection = Some(old);
+            // A close of the replacement through the API asked for no refill of old.
+            slot.refill_after_close = false;
+        }
+        // The channels it took are still subscribed on the old session: they are its
+        // own again (placed elsewhere, the old session would deliver them twice).
+        for channel in &handover.moved {
+            if let Some(placement) = self.desired.get_mut(channel) {
+                if placement.owner == Some(closed) {
+                    placement.owner = Some(old);
+                    placement.confirmed = true;
+                }
+            }
         }
         self.inner
             .events
             .push(Event::new("error").connection(closed).message(format!(
-                "handover: the replacement closed; connection {} carries on",
-                handover.old
+                "handover: the replacement closed; connection {old} carries on"
             )));
+        if let Some(recycle) = handover.recycle {
+            self.retry_recycle(old, recycle, "its replacement closed during the handover");
+        }
     }
 
     fn finish_draining(&mut self) {
@@ -2168,29 +2276,29 @@ impl PoolThread {
                 log::debug!("connection {connection_id}: connected, session starting");
             }
             Report::Ready { connection_id } => {
-                let replaces = self
+                let rotated = self
                     .rotation
                     .as_mut()
                     .and_then(|rotation| rotation.pending.remove(&connection_id));
                 let recycled = self.replacements.remove(&connection_id);
-                match (replaces, recycled) {
-                    (Some(old), _) => self.swap_in(connection_id, old),
-                    (None, Some(replacement)) => {
-                        self.recycle_due.remove(&replacement.old);
-                        self.recycle_failures.remove(&replacement.old);
-                        self.inner.events.push(
-                            Event::new("recycled")
-                                .connection(connection_id)
-                                .message(format!(
-                                    "took over from connection {} ({}); it closes once this \
-                                     one confirmed its channels",
-                                    replacement.old, replacement.why
-                                )),
-                        );
-                        self.swap_in(connection_id, replacement.old);
+                let Some(old) = rotated.or(recycled.as_ref().map(|r| r.old)) else {
+                    self.connection_ready(connection_id);
+                    return;
+                };
+                let recycle = recycled.map(|replacement| {
+                    self.recycle_due.remove(&old);
+                    let failures = self
+                        .recycle_failures
+                        .remove(&old)
+                        .map_or(0, |(failures, _)| failures);
+                    RecycleRetry {
+                        why: replacement.why,
+                        retry: replacement.retry,
+                        failures,
                     }
-                    (None, None) => self.connection_ready(connection_id),
-                }
+                });
+                self.replacement_ready(connection_id, old, recycle);
+                self.finish_rotation_if_done();
             }
             Report::Subscribed {
                 connection_id,

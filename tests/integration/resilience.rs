@@ -712,17 +712,8 @@ fn handed_over(pool: &Pool, old: u64, new: u64, channel: &str) -> Vec<Event> {
 #[test]
 fn a_recycled_connection_hands_over_before_it_closes() {
     let _guard = watchdog("recycle", Duration::from_secs(60));
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel: 2000.0,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator");
-    let pool = pool(
-        &[sim.url()],
-        1,
-        serde_json::json!({"health": {"listen": "127.0.0.1:0"}}),
-    );
+    let (_sim, proxy, pool) =
+        pool_behind_proxy(serde_json::json!({"health": {"listen": "127.0.0.1:0"}}));
     pool.subscribe("ticker.0").expect("subscribe");
     let old = pool.connections()[0].id;
     first_message_on(&pool, "ticker.0", &[], Duration::from_secs(10));
@@ -731,11 +722,14 @@ fn a_recycled_connection_hands_over_before_it_closes() {
         .recycle_connection(old + 100)
         .expect_err("no such connection");
     assert!(err.to_string().contains("no connection with id"), "{err}");
+    // A slow route holds the replacement in its handshake for a while.
+    proxy.set_fault(Fault::Latency(Duration::from_millis(300)));
     let new = pool.recycle_connection(old).expect("recycle");
     assert_ne!(new, old);
     // Asked twice: already under way.
     let err = pool.recycle_connection(old).expect_err("twice");
     assert!(err.to_string().contains("already being replaced"), "{err}");
+    proxy.set_fault(Fault::Pass);
     let mut events = wait_for_event(&pool, Duration::from_secs(20), "recycling", |event| {
         event.kind == "recycling"
     });
@@ -882,4 +876,113 @@ fn a_venues_reconnect_notice_moves_the_connection_before_the_venue_closes_it() {
         pool.connections().len() == 1
     });
     assert_eq!(pool.connections()[0].id, new);
+}
+
+/// A recycle whose connection leaves the pool meanwhile (the pool shrinks) is called
+/// off: the pool ends with the connections it is configured for, not one more.
+#[test]
+fn a_recycle_of_a_connection_that_leaves_the_pool_is_called_off() {
+    let _guard = watchdog("recycle_shrink", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(&[proxy.url()], 2, serde_json::json!({}));
+    proxy.set_fault(Fault::Latency(Duration::from_millis(300)));
+    let ids: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    for id in &ids {
+        pool.recycle_connection(*id).expect("recycle");
+    }
+    let mut settings = pool.settings();
+    settings.min_connections = 1;
+    settings.max_connections = 1;
+    pool.reconfigure(settings).expect("shrink");
+    proxy.set_fault(Fault::Pass);
+    // One recycle goes through; the other connection and its replacement go.
+    wait_for_event(&pool, Duration::from_secs(20), "recycled", |event| {
+        event.kind == "recycled"
+    });
+    wait_until(&pool, Duration::from_secs(20), "one connection", || {
+        let connections = pool.connections();
+        connections.len() == 1 && connections[0].ready
+    });
+    // And it stays so: nothing else is on its way.
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_millis(500) {
+        pool.events(Duration::from_millis(100));
+        assert_eq!(pool.connections().len(), 1, "{:?}", pool.connections());
+    }
+    assert_eq!(pool.stats().total_connections, 1);
+}
+
+/// A replacement that dies during its handover gives the channels back to the old
+/// connection, which is still subscribed to them (placed elsewhere, they would come
+/// twice, and keep coming after an unsubscribe); the old one carries on and a recycle
+/// for its age is tried again.
+#[test]
+fn a_replacement_that_dies_in_its_handover_gives_the_channels_back() {
+    let _guard = watchdog("recycle_handback", Duration::from_secs(60));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 100.0,
+        subscribe_delay: Duration::from_millis(1_500),
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = pool(
+        &[sim.url()],
+        2,
+        serde_json::json!({"pool": {"min_connections": 2, "max_connections": 2,
+            "max_connection_age_ms": 3000}}),
+    );
+    pool.subscribe("ticker.0").expect("subscribe");
+    wait_until(&pool, Duration::from_secs(10), "ticker.0 active", || {
+        pool.stats().subscriptions_active == 1
+    });
+    let old = pool
+        .connections()
+        .iter()
+        .find(|c| c.subscriptions.iter().any(|s| s == "ticker.0"))
+        .map(|c| c.id)
+        .expect("an owner");
+    // Its age comes; its replacement is ready and waits for the venue's confirmation.
+    let events = wait_for_event(&pool, Duration::from_secs(20), "recycled", |event| {
+        event.kind == "recycled"
+            && last_message(std::slice::from_ref(event)).contains(&format!("connection {old} "))
+    });
+    let new = events
+        .last()
+        .and_then(|event| event.connection_id)
+        .expect("id");
+    pool.close_connection(new).expect("close the replacement");
+    let events = wait_for_event(&pool, Duration::from_secs(20), "recycle_failed", |event| {
+        event.kind == "recycle_failed" && event.connection_id == Some(old)
+    });
+    let text = last_message(&events);
+    assert!(
+        text.contains("closed during the handover") && text.contains("tried again in"),
+        "{text}"
+    );
+    // ticker.0 is the old connection's again, and only its.
+    let owners = || -> Vec<u64> {
+        pool.connections()
+            .iter()
+            .filter(|c| c.subscriptions.iter().any(|s| s == "ticker.0"))
+            .map(|c| c.id)
+            .collect()
+    };
+    // (Events are kept: the retry may start meanwhile.)
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while owners() != [old] {
+        assert!(
+            Instant::now() < deadline,
+            "ticker.0 on {:?}",
+            pool.connections()
+        );
+        seen.extend(pool.events(Duration::from_millis(20)));
+    }
+    // Tried again for its age.
+    let again = |event: &Event| event.kind == "recycling" && event.connection_id == Some(old);
+    if !seen.iter().any(again) {
+        wait_for_event(&pool, Duration::from_secs(20), "recycling again", again);
+    }
 }

@@ -42,25 +42,46 @@ impl Drop for Watchdog {
     }
 }
 
+thread_local! {
+    /// Events read by [`wait_for_event`] after the one it waited for, per pool (by
+    /// address), for its next call: one `events` call may return several.
+    static UNSEEN: std::cell::RefCell<Vec<(usize, std::collections::VecDeque<Event>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Collects pool events until `predicate` matches one, or `timeout` passes.
-/// Returns every event seen (the matching one last) or panics with them.
+/// Returns every event seen (the matching one last) or panics with them. Events that
+/// came with the matching one are kept for the next call on the same pool.
 pub fn wait_for_event(
     pool: &Pool,
     timeout: Duration,
     what: &str,
     mut predicate: impl FnMut(&Event) -> bool,
 ) -> Vec<Event> {
+    let key = pool as *const Pool as usize;
+    let mut pending: std::collections::VecDeque<Event> = UNSEEN.with(|unseen| {
+        let mut unseen = unseen.borrow_mut();
+        let at = unseen.iter().position(|(pool, _)| *pool == key);
+        at.map(|at| unseen.swap_remove(at).1).unwrap_or_default()
+    });
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        let left = deadline.saturating_duration_since(Instant::now());
-        for event in pool.events(left.min(Duration::from_millis(200))) {
+    loop {
+        while let Some(event) = pending.pop_front() {
             let hit = predicate(&event);
             seen.push(event);
             if hit {
+                if !pending.is_empty() {
+                    UNSEEN.with(|unseen| unseen.borrow_mut().push((key, pending)));
+                }
                 return seen;
             }
         }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        pending.extend(pool.events(left.min(Duration::from_millis(200))));
     }
     let kinds: Vec<String> = seen
         .iter()
