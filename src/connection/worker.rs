@@ -255,6 +255,10 @@ struct Link {
     opened_at: Instant,
     next_ping: Option<Instant>,
     ping_outstanding_since: Option<Instant>,
+    /// The bytes the socket had received (TCP_INFO) when that wait for a pong began:
+    /// bytes arriving since prove the peer alive, although its pong may queue behind a
+    /// long frame.
+    received_at_ping: Option<u64>,
     next_tick: Option<Instant>,
     last_data: Instant,
     stale: bool,
@@ -328,6 +332,7 @@ impl Link {
             opened_at: Instant::now(),
             next_ping: None,
             ping_outstanding_since: None,
+            received_at_ping: None,
             next_tick: None,
             last_data: Instant::now(),
             stale: false,
@@ -539,13 +544,29 @@ impl Link {
             // the queue of pongs without bound; past this, pongs coalesce and our own
             // frames fail with "the server is not reading".
             .max_write_buffer_size(max_write_buffer(&self.context.config))
-            .max_message_size(Some(64 << 20))
-            .max_frame_size(Some(16 << 20));
+            .max_message_size(Some(MAX_MESSAGE_BYTES))
+            // A message in one frame may be as long as one in many.
+            .max_frame_size(Some(MAX_MESSAGE_BYTES));
         let mut attempt =
             tungstenite::client::client_with_config(server.url.as_str(), stream, Some(ws_config));
         loop {
             match attempt {
-                Ok((ws, _response)) => {
+                Ok((ws, response)) => {
+                    // RFC 6455 4.1: an extension the client did not ask for (it asks
+                    // for none) fails the connection; its frames would not be read
+                    // right (permessage-deflate's compressed frames set RSV1).
+                    if let Some(extensions) = response
+                        .headers()
+                        .get("sec-websocket-extensions")
+                        .filter(|value| !value.as_bytes().trim_ascii().is_empty())
+                    {
+                        return Err(Error::Protocol(format!(
+                            "handshake with {}: the server answered with \
+                             Sec-WebSocket-Extensions: {}, which wirepool did not ask for",
+                            server.url,
+                            String::from_utf8_lossy(extensions.as_bytes())
+                        )));
+                    }
                     self.ws = Some(ws);
                     return Ok(true);
                 }
@@ -1016,11 +1037,24 @@ impl Link {
         if let Some(sent) = self.ping_outstanding_since {
             let pong_timeout = Duration::from_millis(heartbeat.pong_timeout_ms);
             if now >= sent + pong_timeout {
-                return Err(Ended::Failed(Error::Timeout {
-                    phase: TimeoutPhase::Heartbeat,
-                    after: pong_timeout,
-                    detail: "no pong: the connection looks dead (half-open)".into(),
-                }));
+                // A peer still sending is alive: its pong waits behind a long frame on
+                // a slow link. The wait starts again from what it has sent.
+                let received = self.bytes_received();
+                match (self.received_at_ping, received) {
+                    (Some(then), Some(received)) if received > then => {
+                        self.ping_outstanding_since = Some(now);
+                        self.received_at_ping = Some(received);
+                    }
+                    _ => {
+                        return Err(Ended::Failed(Error::Timeout {
+                            phase: TimeoutPhase::Heartbeat,
+                            after: pong_timeout,
+                            detail: "no pong, and nothing else received: the connection looks \
+                                     dead (half-open)"
+                                .into(),
+                        }));
+                    }
+                }
             }
         }
         if let Some(due) = self.next_ping {
@@ -1028,6 +1062,7 @@ impl Link {
                 self.next_ping = Some(now + Duration::from_millis(heartbeat.ping_interval_ms));
                 if self.ping_outstanding_since.is_none() {
                     self.ping_outstanding_since = Some(now);
+                    self.received_at_ping = self.bytes_received();
                 }
                 match self.ws()?.write(WsMessage::Ping(Vec::new().into())) {
                     Ok(()) => {}
@@ -1642,12 +1677,55 @@ fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
                 .and_then(|value| value.to_str().ok())
                 .map(|value| format!(" (Retry-After: {})", value.trim()))
                 .unwrap_or_default();
+            // Venues put the reason in the body ("IP not allowed", "bad key"):
+            // what came with the headers, shortened.
+            let body = response
+                .body()
+                .as_deref()
+                .map(|body| String::from_utf8_lossy(body).trim().to_string())
+                .filter(|body| !body.is_empty())
+                .map(|body| {
+                    let mut cut: String = body
+                        .chars()
+                        .take(200)
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
+                    if body.chars().count() > 200 {
+                        cut.push_str("...");
+                    }
+                    format!(": {cut}")
+                })
+                .unwrap_or_default();
             Error::Protocol(format!(
-                "handshake with {url}: the server answered HTTP {}{location}{wait}",
+                "handshake with {url}: the server answered HTTP {}{location}{wait}{body}",
                 response.status()
             ))
         }
         other => Error::Protocol(format!("handshake with {url}: {other}")),
+    }
+}
+
+impl Link {
+    /// Bytes the connection's socket has received so far (TCP_INFO's
+    /// `tcpi_bytes_received`, Linux 4.1+; counted by the kernel, read or not).
+    fn bytes_received(&self) -> Option<u64> {
+        let fd = self.ws.as_ref()?.get_ref().tcp().as_raw_fd();
+        // SAFETY: tcp_info is plain old data, all zeroes a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info` (which has room for
+        // them) and the length it wrote into `len`; `fd` is this connection's socket.
+        let done = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+        (done == 0 && len as usize >= needed).then_some(info.tcpi_bytes_received)
     }
 }
 
@@ -1692,9 +1770,19 @@ fn read_error(err: tungstenite::Error) -> Error {
         ) => dropped_without_close(),
         tungstenite::Error::Io(io_err) => io_error(io_err, "reading"),
         tungstenite::Error::Protocol(protocol) => Error::Protocol(format!("reading: {protocol}")),
+        tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+            size,
+            max_size,
+        }) => Error::Protocol(format!(
+            "reading: the server sent a message of {size} bytes, over the {max_size}-byte \
+             limit of a WebSocket message"
+        )),
         other => Error::Protocol(format!("reading: {other}")),
     }
 }
+
+/// The longest WebSocket message (and frame) accepted from a server: 64 MiB.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 fn dropped_without_close() -> Error {
     Error::Io("the server dropped the connection without a close frame".into())

@@ -2370,10 +2370,30 @@ impl PoolThread {
                 if let Some(mut handle) = self.connections.remove(&connection_id) {
                     handle.join();
                     server_id = Some(self.context.servers[handle.server_index].id.clone());
-                    // A session that never became ready, or was refused, is a failure
-                    // for the server's breaker; a pool-requested close is not.
-                    let failed = !outcome.requested && (!outcome.was_ready || outcome.auth_failed);
+                    // A session that never became ready, was refused, or ended before
+                    // it was stable (a server that accepts and drops at once) is a
+                    // failure for the server's breaker; a pool-requested close is not.
+                    // One of the server's sessions that stayed ready clears the count.
                     let server_index = handle.server_index;
+                    let stable = Duration::from_millis(self.inner.config.reconnect.stable_after_ms);
+                    let ready_for = |id: u64| {
+                        self.slots
+                            .iter()
+                            .find(|slot| slot.connection == Some(id))
+                            .and_then(|slot| slot.ready_since)
+                            .map(|since| since.elapsed())
+                    };
+                    let short_lived =
+                        outcome.was_ready && ready_for(connection_id).is_some_and(|d| d < stable);
+                    let proven = self.connections.iter().any(|(id, other)| {
+                        other.server_index == server_index
+                            && ready_for(*id).is_some_and(|d| d >= stable)
+                    }) || ready_for(connection_id).is_some_and(|d| d >= stable);
+                    if proven {
+                        self.servers[server_index].proved_stable();
+                    }
+                    let failed = !outcome.requested
+                        && (!outcome.was_ready || outcome.auth_failed || short_lived);
                     let change = self.servers[server_index].ended(
                         outcome.was_ready,
                         failed,

@@ -170,18 +170,24 @@ impl ServerState {
     }
 
     /// A session reached READY.
+    /// (The failure count stays: a session that ends soon after READY is a failure too,
+    /// and only one that stays ready clears it, see [`proved_stable`](Self::proved_stable).)
     pub fn succeeded(&mut self) -> Option<BreakerChange> {
-        self.consecutive_failures = 0;
         self.ready_connections += 1;
         let change = (self.breaker != Breaker::Closed).then_some(BreakerChange::Closed);
         self.breaker = Breaker::Closed;
         change
     }
 
-    /// A connection ended. `failed` when it never became ready (a server that accepts
-    /// and drops at once) or was refused authentication. A session that dies soon after
-    /// becoming ready is not a failure here; the reconnect backoff, which resets only
-    /// after `reconnect.stable_after_ms` of readiness, keeps it from a tight loop.
+    /// A session on this server stayed ready `reconnect.stable_after_ms`: the failures
+    /// before it no longer count.
+    pub fn proved_stable(&mut self) {
+        self.consecutive_failures = 0;
+    }
+
+    /// A connection ended. `failed` when it never became ready, was refused
+    /// authentication, or ended before it was stable (a server that accepts and drops
+    /// at once: with no auth, a codec may be READY before the server said a word).
     pub fn ended(
         &mut self,
         was_ready: bool,

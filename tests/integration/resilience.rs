@@ -986,3 +986,228 @@ fn a_replacement_that_dies_in_its_handover_gives_the_channels_back() {
         wait_for_event(&pool, Duration::from_secs(20), "recycling again", again);
     }
 }
+
+/// A server that completes the WebSocket handshake and drops the session at once is
+/// a failure for its circuit breaker (without auth the codec is ready before the server
+/// says a word): the breaker opens, and the pool stops hammering it.
+#[test]
+fn a_server_that_accepts_and_drops_at_once_opens_the_breaker() {
+    let _guard = watchdog("drop_at_once", Duration::from_secs(60));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let server = support::Acceptor::start(move |stream, _stop| {
+        if let Ok(ws) = tungstenite::accept(stream) {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(ws);
+        }
+    });
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": server.url(), "id": "flaky"}],
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 100},
+            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout_ms": 30000},
+        }),
+        serde_json::json!({}),
+    );
+    let events = wait_for_event(&pool, Duration::from_secs(20), "circuit_open", |event| {
+        event.kind == "circuit_open"
+    });
+    assert_eq!(
+        last_message(&events),
+        "3 consecutive failures; no connects for 30000 ms"
+    );
+    let after_open = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        after_open <= 4,
+        "{after_open} sessions before the breaker opened"
+    );
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        pool.events(Duration::from_millis(100));
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        after_open
+    );
+    assert_eq!(pool.servers()[0].circuit, "open");
+    drop(pool);
+}
+
+/// A peer still sending is not a dead one: while a venue sends one long frame over a
+/// slow link its pong waits behind it, past the pong timeout; bytes arriving keep the
+/// connection, and the frame is delivered.
+#[test]
+fn a_long_frame_on_a_slow_link_is_not_a_dead_peer() {
+    use std::io::Write;
+    let _guard = watchdog("slow_frame", Duration::from_secs(60));
+    let server = support::Acceptor::start(|stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        // No reads meanwhile: the client's pings go unanswered until the frame is out.
+        let body = format!(
+            r#"{{"type":"data","channel":"snapshot","payload":"{}"}}"#,
+            "a".repeat(1_500_000)
+        );
+        let mut frame = vec![0x81, 127];
+        frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        frame.extend_from_slice(body.as_bytes());
+        for piece in frame.chunks(10_000) {
+            if stop.load(std::sync::atomic::Ordering::Relaxed)
+                || ws.get_mut().write_all(piece).is_err()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Then pongs again (tungstenite answers pings as it reads).
+        let _ = ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(50)));
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(err))
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+            let _ = ws.flush();
+        }
+    });
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "heartbeat": {"ping_interval_ms": 200, "pong_timeout_ms": 500},
+        }),
+        serde_json::json!({}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    // About 1.5 s on the wire: three pong timeouts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        assert!(Instant::now() < deadline, "no snapshot");
+        if let Some(message) = pool.recv(Some(Duration::from_millis(100))).expect("open") {
+            break message;
+        }
+    };
+    assert_eq!(&*message.channel, "snapshot");
+    assert_eq!(message.payload.len(), 1_500_002);
+    let closed: Vec<String> = pool
+        .events(Duration::ZERO)
+        .into_iter()
+        .filter(|event| event.kind == "closed")
+        .filter_map(|event| event.message)
+        .collect();
+    assert!(closed.is_empty(), "{closed:?}");
+    drop(pool);
+}
+
+/// A handshake refused with a reason in the body says it; a 101 with an extension the
+/// client never asked for fails the handshake, naming the header (RFC 6455 4.1).
+#[test]
+fn handshake_refusals_name_the_servers_reason_and_unrequested_extensions() {
+    let _guard = watchdog("handshake_words", Duration::from_secs(60));
+    let sim = simulator(None);
+    let gate = Gate::start(
+        sim.local_addr(),
+        usize::MAX,
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: 35\r\n\r\nIP 10.1.2.3 not on the allowed list"
+            .into(),
+    );
+    let deflating = support::Acceptor::start(|stream, stop| {
+        // tungstenite's callback type, with its large error.
+        #[allow(clippy::result_large_err)]
+        let offer = |_: &tungstenite::handshake::server::Request,
+                     mut response: tungstenite::handshake::server::Response| {
+            response.headers_mut().insert(
+                "Sec-WebSocket-Extensions",
+                tungstenite::http::HeaderValue::from_static("permessage-deflate"),
+            );
+            Ok(response)
+        };
+        if let Ok(mut ws) = tungstenite::accept_hdr(stream, offer) {
+            let _ = ws
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_millis(50)));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(tungstenite::Error::ConnectionClosed) = ws.read() {
+                    return;
+                }
+            }
+        }
+    });
+    for (url, says) in [
+        (
+            gate.url(),
+            "answered HTTP 403 Forbidden: IP 10.1.2.3 not on the allowed list",
+        ),
+        (
+            deflating.url(),
+            "answered with Sec-WebSocket-Extensions: permessage-deflate, which wirepool did \
+             not ask for",
+        ),
+    ] {
+        let pool = pool_from(
+            serde_json::json!({"servers": [{"url": url}]}),
+            serde_json::json!({}),
+        );
+        let events = wait_for_event(&pool, Duration::from_secs(20), "closed", |event| {
+            event.kind == "closed"
+        });
+        assert!(
+            events.iter().all(|event| event.kind != "ready"),
+            "{events:?}"
+        );
+        let reason = last_message(&events);
+        assert!(reason.contains(says), "{reason}");
+        drop(pool);
+    }
+}
+
+/// A message as one frame may be as long as one in many frames (64 MiB): 20 MiB in
+/// one frame is delivered.
+#[test]
+fn a_20_mib_message_in_one_frame_is_delivered() {
+    use std::io::Write;
+    let _guard = watchdog("big_frame", Duration::from_secs(60));
+    let server = support::Acceptor::start(|stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let body = vec![b'z'; 20 << 20];
+        let mut frame = vec![0x82, 127];
+        frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        frame.extend_from_slice(&body);
+        if ws.get_mut().write_all(&frame).is_err() {
+            return;
+        }
+        let _ = ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(50)));
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(tungstenite::Error::ConnectionClosed) = ws.read() {
+                return;
+            }
+        }
+    });
+    let pool = pool_from(
+        serde_json::json!({"servers": [{"url": server.url()}], "codec": {"builtin": "raw"}}),
+        serde_json::json!({}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered: {:?}",
+            pool.events(Duration::ZERO)
+        );
+        if let Some(message) = pool.recv(Some(Duration::from_millis(100))).expect("open") {
+            break message;
+        }
+    };
+    assert_eq!(message.payload.len(), 20 << 20);
+    drop(pool);
+}
