@@ -240,6 +240,8 @@ struct Link {
     /// Channel names interned once (so each message clones an `Arc`), with the
     /// freshness of the channels this connection is subscribed to.
     channels: HashMap<Box<[u8]>, ChannelState>,
+    /// About the bytes `channels` holds.
+    channel_bytes: usize,
     /// Next time per-channel staleness is checked.
     next_stale_check: Option<Instant>,
     /// The frames of the batch being read, in the codec's input buffer.
@@ -324,6 +326,7 @@ impl Link {
             early_commands: VecDeque::new(),
             in_flight: HashSet::new(),
             channels: HashMap::new(),
+            channel_bytes: 0,
             next_stale_check: None,
             frames: FrameBatch::default(),
             passthrough: None,
@@ -1301,9 +1304,14 @@ impl Link {
                 }
                 kind::SHARED => {
                     let key = String::from_utf8_lossy(record.channel).into_owned();
-                    self.context
+                    let kept = self
+                        .context
                         .shared_data
                         .set(key.clone(), record.payload.to_vec());
+                    if let Err(why) = kept {
+                        self.context.events.push(self.event("error").message(why));
+                        continue;
+                    }
                     self.context
                         .events
                         .push(self.event("shared").channel(key.clone()));
@@ -1525,7 +1533,12 @@ impl Link {
             return Arc::clone(&state.name);
         }
         let name: Arc<str> = Arc::from(String::from_utf8_lossy(channel).as_ref());
-        if self.channels.len() < 65_536 {
+        // Bounded in count and bytes (each name is kept twice): a venue sending data
+        // on ever new channel names must not grow it for the connection's life. Past
+        // the bounds a name is made for each message instead.
+        let bytes = 2 * channel.len() + 64;
+        if self.channels.len() < 65_536 && self.channel_bytes + bytes <= MAX_CHANNEL_TABLE_BYTES {
+            self.channel_bytes += bytes;
             self.channels.insert(
                 channel.into(),
                 ChannelState {
@@ -1780,6 +1793,9 @@ fn read_error(err: tungstenite::Error) -> Error {
         other => Error::Protocol(format!("reading: {other}")),
     }
 }
+
+/// About the most bytes of channel names a connection keeps interned.
+const MAX_CHANNEL_TABLE_BYTES: usize = 4 << 20;
 
 /// The longest WebSocket message (and frame) accepted from a server: 64 MiB.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -95,9 +95,34 @@ pub(crate) struct SharedData {
     values: RwLock<HashMap<String, Vec<u8>>>,
 }
 
+/// At most this many shared-data keys: a venue that keeps inventing keys would grow
+/// the map for the process's life (it outlives reconnects).
+pub(crate) const MAX_SHARED_KEYS: usize = 4096;
+/// At most this many bytes of shared data, keys and values.
+pub(crate) const MAX_SHARED_BYTES: usize = 64 << 20;
+
 impl SharedData {
-    pub fn set(&self, key: String, value: Vec<u8>) {
-        self.values.write().insert(key, value);
+    /// Sets `key`; a new key past [`MAX_SHARED_KEYS`], or a value that would take the
+    /// whole past [`MAX_SHARED_BYTES`], is refused (and says why); the old value stays.
+    pub fn set(&self, key: String, value: Vec<u8>) -> Result<(), String> {
+        let mut values = self.values.write();
+        let old = values.get(&key).map(|old| key.len() + old.len());
+        if old.is_none() && values.len() >= MAX_SHARED_KEYS {
+            return Err(format!(
+                "shared data {key:?} not kept: the pool holds {MAX_SHARED_KEYS} keys already"
+            ));
+        }
+        let total: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let after = total - old.unwrap_or(0) + key.len() + value.len();
+        if after > MAX_SHARED_BYTES {
+            return Err(format!(
+                "shared data {key:?} not kept: {} bytes would take the pool's shared data \
+                 past {MAX_SHARED_BYTES} bytes",
+                value.len()
+            ));
+        }
+        values.insert(key, value);
+        Ok(())
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -194,4 +219,31 @@ pub struct PoolStats {
     pub max_time_to_reconnect_ms: f64,
     /// The mean of such times.
     pub mean_time_to_reconnect_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_data_is_bounded_in_keys_and_bytes_and_says_so() {
+        let shared = SharedData::default();
+        for index in 0..MAX_SHARED_KEYS {
+            shared.set(format!("k{index}"), vec![1]).expect("room");
+        }
+        let refused = shared
+            .set("one more".into(), vec![1])
+            .expect_err("no room for a key");
+        assert!(refused.contains("4096 keys"), "{refused}");
+        // A key it has may still change.
+        shared.set("k7".into(), vec![2, 3]).expect("an update");
+        assert_eq!(shared.get("k7"), Some(vec![2, 3]));
+        // Bytes: a value that would take the whole past the limit is refused, and the
+        // old value stays.
+        let refused = shared
+            .set("k8".into(), vec![0; MAX_SHARED_BYTES])
+            .expect_err("too big");
+        assert!(refused.contains("bytes would take"), "{refused}");
+        assert_eq!(shared.get("k8"), Some(vec![1]));
+    }
 }
