@@ -708,6 +708,15 @@ impl Feed {
     }
 }
 
+/// The `ms` of a `delay` or `maintenance` request, at most [`MAX_DELAY`].
+fn requested_delay(payload: &Value) -> Duration {
+    payload
+        .get("ms")
+        .and_then(Value::as_u64)
+        .map_or(Duration::ZERO, Duration::from_millis)
+        .min(MAX_DELAY)
+}
+
 /// A reply held back by `{"op":"delay"}`, or the end of a session announced by
 /// `{"op":"maintenance"}`.
 struct Delayed {
@@ -1109,11 +1118,7 @@ impl Session {
                 if self.delayed.len() >= MAX_DELAYED_REPLIES {
                     return self.send_error(Some(message_id), "too many delayed requests");
                 }
-                let delay = payload
-                    .get("ms")
-                    .and_then(Value::as_u64)
-                    .map_or(Duration::ZERO, Duration::from_millis)
-                    .min(MAX_DELAY);
+                let delay = requested_delay(payload);
                 let ms = delay.as_millis();
                 let notice = format!(
                     r#"{{"type":"reconnect","payload":"maintenance: this session closes in {ms} ms"}}"#
@@ -1137,11 +1142,7 @@ impl Session {
                 if self.delayed.len() >= MAX_DELAYED_REPLIES {
                     return self.send_error(Some(message_id), "too many delayed requests");
                 }
-                let delay = payload
-                    .get("ms")
-                    .and_then(Value::as_u64)
-                    .map_or(Duration::ZERO, Duration::from_millis)
-                    .min(MAX_DELAY);
+                let delay = requested_delay(payload);
                 let frame = frame_text("data", None, Some(message_id), Some(&echo()));
                 self.delayed.push(Delayed {
                     due: Instant::now() + delay,

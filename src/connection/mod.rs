@@ -79,6 +79,11 @@ pub(crate) enum Report {
     Shared {
         key: String,
     },
+    /// The first frame from the server once the session was ready: the server is
+    /// serving (its breaker's failure count starts again).
+    Serving {
+        connection_id: u64,
+    },
     /// The codec said the venue will end this session (a `RECONNECT` record): replace
     /// it make before break.
     ReconnectAsked {
@@ -105,6 +110,9 @@ pub(crate) struct CloseOutcome {
     pub requested: bool,
     /// Why, for events and errors.
     pub reason: String,
+    /// The server sent a frame after the session was ready (one that dropped it
+    /// before that "accepted and dropped at once").
+    pub served: bool,
     /// The server refused the handshake asking for no new connections this long
     /// (`Retry-After`, capped by `reconnect.max_retry_after_ms`).
     pub retry_after: Option<Duration>,

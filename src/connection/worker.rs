@@ -179,6 +179,7 @@ fn finish(mut link: Box<Link>, ended: Ended) {
     let in_flight = std::mem::take(&mut link.in_flight);
     let was_ready = link.was_ready;
     let retry_after = link.retry_after;
+    let served = link.served;
     link.shutdown_socket();
     stats.set_state(ConnectionState::Closed);
     // Dropping the receiver first makes later sends fail, so the pool re-routes
@@ -193,6 +194,7 @@ fn finish(mut link: Box<Link>, ended: Ended) {
             requested,
             reason,
             retry_after,
+            served,
         },
         in_flight,
     });
@@ -233,6 +235,8 @@ struct Link {
     retry_after: Option<Duration>,
     /// The codec passed on the venue's notice that the session will end.
     reconnect_asked: bool,
+    /// A frame came from the server once the session was ready.
+    served: bool,
     /// Commands that arrived before READY (they wait; nothing is sent before READY).
     early_commands: VecDeque<Command>,
     /// Requests written to the socket and not yet answered.
@@ -323,6 +327,7 @@ impl Link {
             was_ready: false,
             retry_after: None,
             reconnect_asked: false,
+            served: false,
             early_commands: VecDeque::new(),
             in_flight: HashSet::new(),
             channels: HashMap::new(),
@@ -888,6 +893,12 @@ impl Link {
             let read = self.ws()?.read();
             if read.is_ok() {
                 messages_read += 1;
+                if self.ready && !self.served {
+                    self.served = true;
+                    let _ = self.context.reports.send(Report::Serving {
+                        connection_id: self.id,
+                    });
+                }
             }
             let (body, binary) = match read {
                 Ok(WsMessage::Text(text)) => (text.into(), false),

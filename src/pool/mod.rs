@@ -1628,6 +1628,8 @@ impl PoolThread {
         } else {
             if let Some(handle) = self.connections.get(&new) {
                 let _ = handle.send(Command::Close);
+                // Ready, though never routed: its end is counted off as a ready one.
+                self.servers[handle.server_index].ready_connections += 1;
             }
             self.inner
                 .events
@@ -2034,12 +2036,23 @@ impl PoolThread {
             slot.refill_after_close = false;
         }
         // The channels it took are still subscribed on the old session: they are its
-        // own again (placed elsewhere, the old session would deliver them twice).
-        for channel in &handover.moved {
-            if let Some(placement) = self.desired.get_mut(channel) {
-                if placement.owner == Some(closed) {
+        // own again (placed elsewhere, the old session would deliver them twice). One
+        // unsubscribed meanwhile, or placed elsewhere since, is unsubscribed there.
+        for channel in handover.moved {
+            match self.desired.get_mut(&channel) {
+                Some(placement) if placement.owner == Some(closed) => {
                     placement.owner = Some(old);
                     placement.confirmed = true;
+                }
+                _ => {
+                    let command_id = self.next_command_id;
+                    self.next_command_id += 1;
+                    if let Some(handle) = self.connections.get(&old) {
+                        let _ = handle.send(Command::Unsubscribe {
+                            channel,
+                            command_id,
+                        });
+                    }
                 }
             }
         }
@@ -2265,6 +2278,11 @@ impl PoolThread {
                 log::debug!("shared data {key:?} updated");
                 self.publish_readiness();
             }
+            Report::Serving { connection_id } => {
+                if let Some(handle) = self.connections.get(&connection_id) {
+                    self.servers[handle.server_index].serving();
+                }
+            }
             Report::ReconnectAsked {
                 connection_id,
                 reason,
@@ -2370,30 +2388,13 @@ impl PoolThread {
                 if let Some(mut handle) = self.connections.remove(&connection_id) {
                     handle.join();
                     server_id = Some(self.context.servers[handle.server_index].id.clone());
-                    // A session that never became ready, was refused, or ended before
-                    // it was stable (a server that accepts and drops at once) is a
-                    // failure for the server's breaker; a pool-requested close is not.
-                    // One of the server's sessions that stayed ready clears the count.
+                    // A session that never became ready, was refused, or was dropped
+                    // before the server sent anything once it was ready (a server that
+                    // accepts and drops at once) is a failure for the server's
+                    // breaker; a pool-requested close is not.
                     let server_index = handle.server_index;
-                    let stable = Duration::from_millis(self.inner.config.reconnect.stable_after_ms);
-                    let ready_for = |id: u64| {
-                        self.slots
-                            .iter()
-                            .find(|slot| slot.connection == Some(id))
-                            .and_then(|slot| slot.ready_since)
-                            .map(|since| since.elapsed())
-                    };
-                    let short_lived =
-                        outcome.was_ready && ready_for(connection_id).is_some_and(|d| d < stable);
-                    let proven = self.connections.iter().any(|(id, other)| {
-                        other.server_index == server_index
-                            && ready_for(*id).is_some_and(|d| d >= stable)
-                    }) || ready_for(connection_id).is_some_and(|d| d >= stable);
-                    if proven {
-                        self.servers[server_index].proved_stable();
-                    }
                     let failed = !outcome.requested
-                        && (!outcome.was_ready || outcome.auth_failed || short_lived);
+                        && (!outcome.was_ready || outcome.auth_failed || !outcome.served);
                     let change = self.servers[server_index].ended(
                         outcome.was_ready,
                         failed,

@@ -170,8 +170,9 @@ impl ServerState {
     }
 
     /// A session reached READY.
-    /// (The failure count stays: a session that ends soon after READY is a failure too,
-    /// and only one that stays ready clears it, see [`proved_stable`](Self::proved_stable).)
+    /// (The failure count stays until the server serves, see
+    /// [`serving`](Self::serving): a session ready by the codec's word alone, which the
+    /// server drops before sending anything, is a failure.)
     pub fn succeeded(&mut self) -> Option<BreakerChange> {
         self.ready_connections += 1;
         let change = (self.breaker != Breaker::Closed).then_some(BreakerChange::Closed);
@@ -179,15 +180,16 @@ impl ServerState {
         change
     }
 
-    /// A session on this server stayed ready `reconnect.stable_after_ms`: the failures
-    /// before it no longer count.
-    pub fn proved_stable(&mut self) {
+    /// A ready session on this server got its first frame from it: the failures before
+    /// no longer count.
+    pub fn serving(&mut self) {
         self.consecutive_failures = 0;
     }
 
     /// A connection ended. `failed` when it never became ready, was refused
-    /// authentication, or ended before it was stable (a server that accepts and drops
-    /// at once: with no auth, a codec may be READY before the server said a word).
+    /// authentication, or ended before the server sent anything once it was ready (a
+    /// server that accepts and drops at once: with no auth, a codec may be READY before
+    /// the server said a word).
     pub fn ended(
         &mut self,
         was_ready: bool,

@@ -93,6 +93,8 @@ pub struct LatencyHistogram {
 pub(crate) struct SharedData {
     // Guards the key → value map; written rarely, read by stats and callers.
     values: RwLock<HashMap<String, Vec<u8>>>,
+    /// The bytes of the keys and values, kept with each change.
+    bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// At most this many shared-data keys: a venue that keeps inventing keys would grow
@@ -112,7 +114,8 @@ impl SharedData {
                 "shared data {key:?} not kept: the pool holds {MAX_SHARED_KEYS} keys already"
             ));
         }
-        let total: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
+        // Changed only under the write lock held here.
+        let total = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
         let after = total - old.unwrap_or(0) + key.len() + value.len();
         if after > MAX_SHARED_BYTES {
             return Err(format!(
@@ -122,6 +125,8 @@ impl SharedData {
             ));
         }
         values.insert(key, value);
+        self.bytes
+            .store(after, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -765,6 +765,8 @@ fn a_recycled_connection_hands_over_before_it_closes() {
         stream.read_to_string(&mut text).expect("response");
         text
     };
+    // (The replacement's handshake held up again, so it is not ready yet below.)
+    proxy.set_fault(Fault::Latency(Duration::from_millis(300)));
     let reply = post(&format!("/api/v1/connections/{new}/recycle"));
     assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
     let body: serde_json::Value =
@@ -781,6 +783,7 @@ fn a_recycled_connection_hands_over_before_it_closes() {
     );
     let unknown = post("/api/v1/connections/999999/recycle");
     assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    proxy.set_fault(Fault::Pass);
     handed_over(&pool, new, third, "ticker.0");
 }
 
@@ -1210,4 +1213,46 @@ fn a_20_mib_message_in_one_frame_is_delivered() {
     };
     assert_eq!(message.payload.len(), 20 << 20);
     drop(pool);
+}
+
+/// Sessions that were serving and drop together (a network blip) are no failures for
+/// the breaker, however fresh; while a connection that serves stays up, refused
+/// connects still open it (that one session does not mask them).
+#[test]
+fn a_blip_on_serving_sessions_is_no_failure_and_a_serving_one_masks_no_refusals() {
+    let _guard = watchdog("breaker_counts", Duration::from_secs(60));
+    let sim = simulator(None);
+    let proxy = FaultProxy::start(sim.local_addr()).expect("proxy");
+    let pool = pool(
+        &[proxy.url()],
+        3,
+        serde_json::json!({
+            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout_ms": 30000},
+        }),
+    );
+    // Each session has heard from the server (its shared data) by now.
+    wait_until(&pool, Duration::from_secs(10), "shared data", || {
+        pool.shared_data("instruments").is_some()
+    });
+    proxy.set_fault(Fault::Reset);
+    proxy.set_fault(Fault::Pass);
+    let events = wait_for_event(&pool, Duration::from_secs(20), "three ready again", |_| {
+        pool.stats().ready_connections == 3
+    });
+    assert!(
+        events.iter().all(|event| event.kind != "circuit_open"),
+        "{events:?}"
+    );
+    assert_eq!(pool.servers()[0].circuit, "closed");
+    // Now new connects are refused while the three serve: a fourth slot's attempts
+    // open the breaker.
+    proxy.set_fault(Fault::Refuse);
+    let mut settings = pool.settings();
+    settings.min_connections = 4;
+    settings.max_connections = 4;
+    pool.reconfigure(settings).expect("a fourth");
+    wait_for_event(&pool, Duration::from_secs(20), "circuit_open", |event| {
+        event.kind == "circuit_open"
+    });
+    assert_eq!(pool.stats().ready_connections, 3);
 }
