@@ -110,8 +110,9 @@ pub(crate) struct CloseOutcome {
     pub requested: bool,
     /// Why, for events and errors.
     pub reason: String,
-    /// The server sent a frame after the session was ready (one that dropped it
-    /// before that "accepted and dropped at once").
+    /// The server sent a frame after the session was ready, or the worker's own
+    /// staleness rule ended it (a server that dropped it before either "accepted and
+    /// dropped at once").
     pub served: bool,
     /// The server refused the handshake asking for no new connections this long
     /// (`Retry-After`, capped by `reconnect.max_retry_after_ms`).

@@ -1126,6 +1126,9 @@ impl Link {
                     .message(format!("no data for {stale_after} ms")),
             );
             if heartbeat.reconnect_on_stale {
+                // Our own rule ended it, on a quiet venue: not a server that accepts
+                // and drops at once (no failure for its breaker).
+                self.served = true;
                 return Err(Ended::Failed(Error::Timeout {
                     phase: TimeoutPhase::Heartbeat,
                     after: Duration::from_millis(stale_after),
