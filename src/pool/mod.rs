@@ -1544,7 +1544,7 @@ impl PoolThread {
                 continue;
             };
             // Being recycled: its replacement starts with the new token already.
-            if self.replacements.values().any(|r| r.old == old) {
+            if self.being_recycled(old) {
                 continue;
             }
             // Its server asked for no new connections (Retry-After): another one, if
@@ -1727,7 +1727,7 @@ impl PoolThread {
                  it instead)"
             )));
         }
-        let replaced = self.replacements.values().any(|r| r.old == old)
+        let replaced = self.being_recycled(old)
             || self
                 .rotation
                 .as_ref()
@@ -1760,6 +1760,11 @@ impl PoolThread {
         Ok(id)
     }
 
+    /// A replacement of `old` is under way.
+    fn being_recycled(&self, old: u64) -> bool {
+        self.replacements.values().any(|r| r.old == old)
+    }
+
     /// Starts the recycles that are due: connections past `pool.max_connection_age_ms`,
     /// and retries.
     fn recycle_aged(&mut self) {
@@ -1780,7 +1785,7 @@ impl PoolThread {
     /// Recycles `old`, or, when that cannot start now (no server admits a
     /// connection), tries again after the reconnect backoff while `old` serves.
     fn recycle_or_retry(&mut self, old: u64, why: String, failures: u32) {
-        if self.replacements.values().any(|r| r.old == old) {
+        if self.being_recycled(old) {
             // Already under way (through the API, or for its age).
             return;
         }
@@ -1790,29 +1795,12 @@ impl PoolThread {
                 self.recycle_failures.insert(old, (failures, why));
             }
             Err(err) if self.ready.contains(&old) => {
-                let delay = backoff::reconnect_delay(
-                    &self.inner.config.reconnect,
-                    failures + 1,
-                    fastrand::f64(),
-                );
-                self.inner
-                    .events
-                    .push(
-                        Event::new("recycle_failed")
-                            .connection(old)
-                            .message(format!(
-                                "{why}: {err}; it carries on, and is tried again in {} ms",
-                                delay.as_millis()
-                            )),
-                    );
-                self.recycle_due.insert(
-                    old,
-                    DueRecycle {
-                        at: Instant::now() + delay,
-                        failures: failures + 1,
-                        why,
-                    },
-                );
+                let recycle = RecycleRetry {
+                    why,
+                    retry: true,
+                    failures,
+                };
+                self.retry_recycle(old, recycle, &err.to_string());
             }
             Err(err) => log::debug!("connection {old}: not recycled ({why}): {err}"),
         }
@@ -2044,16 +2032,7 @@ impl PoolThread {
                     placement.owner = Some(old);
                     placement.confirmed = true;
                 }
-                _ => {
-                    let command_id = self.next_command_id;
-                    self.next_command_id += 1;
-                    if let Some(handle) = self.connections.get(&old) {
-                        let _ = handle.send(Command::Unsubscribe {
-                            channel,
-                            command_id,
-                        });
-                    }
-                }
+                _ => self.send_unsubscribe(old, channel),
             }
         }
         self.inner
@@ -2710,16 +2689,21 @@ impl PoolThread {
             return;
         };
         if let Some(owner) = placement.owner {
-            let command_id = self.next_command_id;
-            self.next_command_id += 1;
-            if let Some(handle) = self.connections.get(&owner) {
-                let _ = handle.send(Command::Unsubscribe {
-                    channel,
-                    command_id,
-                });
-            }
+            self.send_unsubscribe(owner, channel);
         }
         self.publish_connections();
+    }
+
+    /// Tells connection `owner` to unsubscribe `channel`.
+    fn send_unsubscribe(&mut self, owner: u64, channel: Arc<str>) {
+        let command_id = self.next_command_id;
+        self.next_command_id += 1;
+        if let Some(handle) = self.connections.get(&owner) {
+            let _ = handle.send(Command::Unsubscribe {
+                channel,
+                command_id,
+            });
+        }
     }
 
     /// The published connection list and counts are rebuilt at the end of this pass.

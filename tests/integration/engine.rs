@@ -676,20 +676,7 @@ fn a_burst_of_frames_of_every_size_arrives_whole_and_in_order() {
             if ws.flush().is_err() {
                 return;
             }
-            let _ = ws
-                .get_ref()
-                .set_read_timeout(Some(Duration::from_millis(50)));
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match ws.read() {
-                    Ok(_) => {}
-                    Err(tungstenite::Error::Io(err))
-                        if matches!(
-                            err.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(_) => return,
-                }
-            }
+            crate::support::read_until_stopped(&mut ws, stop);
         })
     };
     let pool = pool_for(&acceptor.url(), 1, serde_json::json!({}));

@@ -1064,21 +1064,7 @@ fn a_long_frame_on_a_slow_link_is_not_a_dead_peer() {
             std::thread::sleep(Duration::from_millis(10));
         }
         // Then pongs again (tungstenite answers pings as it reads).
-        let _ = ws
-            .get_mut()
-            .set_read_timeout(Some(Duration::from_millis(50)));
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            match ws.read() {
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(err))
-                    if matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return,
-            }
-            let _ = ws.flush();
-        }
+        support::read_until_stopped(&mut ws, stop);
     });
     let pool = pool_from(
         serde_json::json!({
@@ -1132,14 +1118,7 @@ fn handshake_refusals_name_the_servers_reason_and_unrequested_extensions() {
             Ok(response)
         };
         if let Ok(mut ws) = tungstenite::accept_hdr(stream, offer) {
-            let _ = ws
-                .get_mut()
-                .set_read_timeout(Some(Duration::from_millis(50)));
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Err(tungstenite::Error::ConnectionClosed) = ws.read() {
-                    return;
-                }
-            }
+            support::read_until_stopped(&mut ws, stop);
         }
     });
     for (url, says) in [
@@ -1184,16 +1163,8 @@ fn a_20_mib_message_in_one_frame_is_delivered() {
         let mut frame = vec![0x82, 127];
         frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
         frame.extend_from_slice(&body);
-        if ws.get_mut().write_all(&frame).is_err() {
-            return;
-        }
-        let _ = ws
-            .get_mut()
-            .set_read_timeout(Some(Duration::from_millis(50)));
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Err(tungstenite::Error::ConnectionClosed) = ws.read() {
-                return;
-            }
+        if ws.get_mut().write_all(&frame).is_ok() {
+            support::read_until_stopped(&mut ws, stop);
         }
     });
     let pool = pool_from(

@@ -416,3 +416,20 @@ pub fn thread_cpu(tid: u64) -> Duration {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_millis(ticks * 1000 / per_second)
 }
+
+/// Reads a server-side WebSocket (so tungstenite answers the client's pings) until
+/// `stop` is set or the client goes.
+pub fn read_until_stopped(ws: &mut tungstenite::WebSocket<TcpStream>, stop: &AtomicBool) {
+    let _ = ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)));
+    while !stop.load(Ordering::Relaxed) {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(err))
+                if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+        let _ = ws.flush();
+    }
+}
