@@ -418,14 +418,35 @@ const MAX_CONNECTION_AGE_MS: u64 = 365 * 24 * 3_600_000;
 const MAX_RETRY_AFTER_MS: u64 = 7 * 24 * 3_600_000;
 
 /// The health/admin HTTP port.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Address to listen on, e.g. `127.0.0.1:9090`. None: no HTTP port.
     pub listen: Option<String>,
     /// Bearer token required by mutating endpoints. Never logged.
     pub admin_token: Option<String>,
+    /// A client whose connection stays silent this long (or takes no reply) is
+    /// disconnected; a request begun and not finished by then gets a 408.
+    pub idle_timeout_ms: u64,
+    /// Most HTTP clients connected at once; one more gets a 503 and is closed.
+    pub max_clients: u32,
 }
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            listen: None,
+            admin_token: None,
+            idle_timeout_ms: 30_000,
+            max_clients: 64,
+        }
+    }
+}
+
+/// The range of `health.idle_timeout_ms`: a tenth of a second to a day.
+pub(crate) const HEALTH_IDLE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=86_400_000;
+/// The most `health.max_clients` may be.
+pub(crate) const MAX_HEALTH_CLIENTS: u32 = 10_000;
 
 impl std::fmt::Debug for HealthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -433,6 +454,8 @@ impl std::fmt::Debug for HealthConfig {
         f.debug_struct("HealthConfig")
             .field("listen", &self.listen)
             .field("admin_token", &token)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("max_clients", &self.max_clients)
             .finish()
     }
 }
@@ -843,6 +866,26 @@ impl Config {
                 "has whitespace around it, which no client's token can match".into(),
             ),
             _ => {}
+        }
+        if !HEALTH_IDLE_TIMEOUT_MS.contains(&self.health.idle_timeout_ms) {
+            issue(
+                "health.idle_timeout_ms",
+                format!(
+                    "is {}: between {} (a tenth of a second) and {} (a day)",
+                    self.health.idle_timeout_ms,
+                    HEALTH_IDLE_TIMEOUT_MS.start(),
+                    HEALTH_IDLE_TIMEOUT_MS.end()
+                ),
+            );
+        }
+        if !(1..=MAX_HEALTH_CLIENTS).contains(&self.health.max_clients) {
+            issue(
+                "health.max_clients",
+                format!(
+                    "is {}: between 1 and {MAX_HEALTH_CLIENTS}",
+                    self.health.max_clients
+                ),
+            );
         }
         if let Some(listen) = &self.health.listen {
             if listen.parse::<SocketAddr>().is_err() {

@@ -40,9 +40,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+use tiny_http::{ClientLimits, Header, Method, Request, Response, Server, StatusCode};
 
-use crate::config::Strategy;
+use crate::config::{HealthConfig, Strategy};
 use crate::connection::ConnectionState;
 use crate::error::{Error, Result};
 use crate::pool::{
@@ -79,8 +79,9 @@ pub(crate) struct HealthServer {
 
 impl HealthServer {
     /// Binds `listen` and starts the handler thread. `pool` is an observer handle;
-    /// `admin_token`, when set, guards the mutating endpoints.
-    pub fn start(pool: Pool, listen: &str, admin_token: Option<String>) -> Result<HealthServer> {
+    /// `health.admin_token`, when set, guards the mutating endpoints.
+    pub fn start(pool: Pool, listen: &str, health: &HealthConfig) -> Result<HealthServer> {
+        let admin_token = health.admin_token.clone();
         if admin_token.as_deref() == Some("") {
             return Err(Error::Config(
                 "health.admin_token: is empty; omit it to leave the admin endpoints open".into(),
@@ -90,7 +91,13 @@ impl HealthServer {
         let addr = listener
             .local_addr()
             .map_err(|err| Error::Config(format!("health.listen: {listen}: {err}")))?;
-        let server = Server::from_listener(listener, None)
+        // Clients cannot hold a thread each without bound: an idle one is let go, and
+        // one over the limit is refused with a 503.
+        let limits = ClientLimits {
+            idle_timeout: Some(Duration::from_millis(health.idle_timeout_ms.max(1))),
+            max_clients: health.max_clients.max(1) as usize,
+        };
+        let server = Server::from_listener_limited(listener, None, limits)
             .map_err(|err| Error::Config(format!("health.listen: {listen}: {err}")))?;
         let server = Arc::new(server);
         let stopping = Arc::new(AtomicBool::new(false));

@@ -356,11 +356,7 @@ impl Pool {
         *inner.thread.lock() = Some(thread);
         let pool = Pool { inner, owner: true };
         if let Some(listen) = &config.health.listen {
-            let server = crate::http::HealthServer::start(
-                pool.observer(),
-                listen,
-                config.health.admin_token.clone(),
-            )?;
+            let server = crate::http::HealthServer::start(pool.observer(), listen, &config.health)?;
             *pool.inner.http.lock() = Some(server);
         }
         Ok(pool)

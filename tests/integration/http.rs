@@ -1014,3 +1014,200 @@ fn closing_the_pool_stops_the_port_promptly() {
     });
     drop(slow);
 }
+
+/// Reads one reply (its head and the body its `Content-Length` announces) without
+/// waiting for the connection to close.
+fn read_one_reply(stream: &mut TcpStream) -> HttpReply {
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + length {
+                return parse_reply(&raw[..end + 4 + length]);
+            }
+        }
+        let read = stream.read(&mut buffer).expect("a reply");
+        assert!(
+            read > 0,
+            "closed without a whole reply: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buffer[..read]);
+    }
+}
+
+/// Sends `raw` as it is and reads the one reply.
+fn send_raw(addr: SocketAddr, raw: &[u8]) -> HttpReply {
+    let mut stream = connect(addr);
+    stream.write_all(raw).expect("request");
+    read_one_reply(&mut stream)
+}
+
+#[test]
+fn malformed_requests_get_a_json_error_that_says_what_was_wrong() {
+    let _guard = watchdog("malformed_requests", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = ready_pool(&sim, 1, 2, None);
+    let addr = health_addr(&pool);
+    // tiny_http as published answered these with an empty 400 (or, for a line not in
+    // ASCII, closed without a word); a line of any length was read into memory.
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"HELLO\r\n\r\n".to_vec(), 400, "request line"),
+        (b"GET /health\r\n\r\n".to_vec(), 400, "request line"),
+        (
+            b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n".to_vec(),
+            400,
+            "header line",
+        ),
+        (
+            b"GET /health HTTP/1.1\r\nX-Name: caf\xc3\xa9\r\n\r\n".to_vec(),
+            400,
+            "not ASCII",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000)).into_bytes(),
+            414,
+            "request line is longer than 8192 bytes",
+        ),
+        (
+            format!(
+                "GET /health HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(9000)
+            )
+            .into_bytes(),
+            431,
+            "header line is longer than 8192 bytes",
+        ),
+        (
+            format!(
+                "GET /health HTTP/1.1\r\n{}\r\n",
+                (0..101)
+                    .map(|i| format!("X-H{i}: v\r\n"))
+                    .collect::<String>()
+            )
+            .into_bytes(),
+            431,
+            "more than 100 header lines",
+        ),
+        (
+            b"GET /health HTTP/1.1\r\nExpect: something-else\r\n\r\n".to_vec(),
+            417,
+            "Expect",
+        ),
+        (
+            b"GET /health HTTP/2.0\r\n\r\n".to_vec(),
+            505,
+            "HTTP version",
+        ),
+    ];
+    for (raw, status, words) in cases {
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
+        let reply = send_raw(addr, &raw);
+        let message = reply.error(status);
+        assert!(
+            message.contains(words),
+            "{shown:?}: {status} says {message:?}, not {words:?}"
+        );
+    }
+    // A line just under the limit is no problem.
+    let long_path = format!("/{}", "a".repeat(8000));
+    assert_eq!(get(addr, &long_path).status, 404);
+    assert_eq!(get(addr, "/health").status, 200);
+}
+
+#[test]
+fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
+    let _guard = watchdog("idle_clients", Duration::from_secs(90));
+    let sim = simulator();
+    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 3000, "max_clients": 3});
+    let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
+    pool.wait_ready(PATIENCE).expect("pool ready");
+    let addr = health_addr(&pool);
+
+    // Three clients take every place: two say nothing, one stops in the middle of its
+    // request's head.
+    let mut silent = [connect(addr), connect(addr)];
+    let mut partial = connect(addr);
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost:")
+        .expect("partial head");
+    // One more is refused at once, saying why; a crowd of them costs no thread each.
+    let threads_before = support::thread_count();
+    let mut refused = connect(addr);
+    let message = read_one_reply(&mut refused).error(503);
+    assert!(message.contains("3 clients"), "{message}");
+    let crowd: Vec<TcpStream> = (0..300).map(|_| connect(addr)).collect();
+    for mut client in crowd {
+        assert_eq!(read_one_reply(&mut client).status, 503);
+    }
+    let threads_after = support::thread_count();
+    assert!(
+        threads_after < threads_before + 150,
+        "threads grew from {threads_before} to {threads_after} for refused clients"
+    );
+
+    // The idle timeout lets the silent ones go without a word, and answers the one
+    // that began a request with a 408.
+    for client in &mut silent {
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .expect("the port closes an idle connection (not the client's 15 s timeout)");
+        assert!(
+            rest.is_empty(),
+            "an idle client got {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let message = read_one_reply(&mut partial).error(408);
+    assert!(message.contains("idle"), "{message}");
+    // Their places are free again.
+    poll("the port to serve again once idle clients are gone", || {
+        let mut client = connect(addr);
+        client
+            .write_all(request_head("GET", "/health", &[], 0).as_bytes())
+            .expect("request");
+        let reply = read_one_reply(&mut client);
+        (reply.status == 200).then_some(())
+    });
+}
+
+#[test]
+fn health_client_limits_are_checked_in_the_config() {
+    for (health, key, words) in [
+        (
+            json!({"idle_timeout_ms": 0}),
+            "health.idle_timeout_ms",
+            "between 100",
+        ),
+        (
+            json!({"idle_timeout_ms": 86_400_001u64}),
+            "health.idle_timeout_ms",
+            "a day",
+        ),
+        (
+            json!({"max_clients": 0}),
+            "health.max_clients",
+            "between 1 and 10000",
+        ),
+        (
+            json!({"max_clients": 10_001}),
+            "health.max_clients",
+            "between 1 and 10000",
+        ),
+    ] {
+        let text = json!({"servers": [{"url": "ws://127.0.0.1:1"}], "health": health}).to_string();
+        let err = Config::from_json(&text).expect_err("out of range");
+        let message = err.to_string();
+        assert!(
+            message.contains(key) && message.contains(words),
+            "{health}: {message}"
+        );
+    }
+}

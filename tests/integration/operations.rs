@@ -688,3 +688,110 @@ fn the_cli_names_bad_settings_and_tells_its_version() {
         "{no_channels:?}"
     );
 }
+
+#[test]
+fn the_health_port_serves_again_after_the_daemon_ran_out_of_file_descriptors() {
+    use std::io::{Read, Write};
+    let _guard = watchdog("health_emfile", Duration::from_secs(120));
+    let sim = simulator();
+    let config = write_temp(
+        "emfile.json",
+        &serde_json::json!({
+            "servers": [{"url": sim.url()}],
+            "health": {"listen": "127.0.0.1:0", "idle_timeout_ms": 60_000, "max_clients": 1000},
+        })
+        .to_string(),
+    );
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wirepool"));
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--output", "none"])
+        .env("WIREPOOL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // Few file descriptors, soft and hard: clients of the health port use them up.
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("daemon starts");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let (lines_in, lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_in.send(line);
+        }
+    });
+    let addr: SocketAddr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the daemon logs its health port");
+        if let Some((_, rest)) = line.split_once("listening on http://") {
+            break rest.trim().parse().expect("an address");
+        }
+    };
+    let get_health = || -> Option<u16> {
+        let mut client =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        client.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        client
+            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).ok()?;
+        reply.split(' ').nth(1)?.parse().ok()
+    };
+    eventually("the health port answers", Duration::from_secs(30), || {
+        get_health().is_some()
+    });
+    // Idle clients until the daemon has no descriptor left (its accept fails with
+    // EMFILE; later clients wait in the listen backlog).
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    };
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"),
+        );
+    }
+    eventually(
+        "the daemon to run out of descriptors",
+        Duration::from_secs(30),
+        || fds() >= 63,
+    );
+    // tiny_http as published ended its accept thread on that error: the port stayed
+    // deaf for good. Once the clients leave, it serves again.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_health().is_none() {
+        if Instant::now() > deadline {
+            let log: Vec<String> = lines.try_iter().collect();
+            panic!(
+                "the health port did not answer again; the daemon's log:\n{}",
+                log.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    terminate_cleanly(&mut child);
+}
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

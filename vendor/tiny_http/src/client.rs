@@ -2,7 +2,7 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -34,13 +34,26 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // wirepool's change: whether the line read last had begun when reading it failed
+    // (a client idle between requests is let go without a 408).
+    line_begun: bool,
 }
+
+/// Longest request line or header line read (wirepool's change: the published crate
+/// read a line of any length into memory).
+const MAX_LINE_BYTES: usize = 8 * 1024;
+/// Most header lines in one request (wirepool's change, as above).
+const MAX_HEADERS: usize = 100;
 
 /// Error that can happen when reading a request.
 #[derive(Debug)]
 enum ReadError {
     WrongRequestLine,
     WrongHeader(HTTPVersion),
+    /// wirepool's change: a request refused with this status and reason (answered with
+    /// `{"error": reason}`, then the connection closes).
+    Refused(u16, &'static str),
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
@@ -65,6 +78,7 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            line_begun: false,
         }
     }
 
@@ -76,23 +90,37 @@ impl ClientConnection {
     /// Reads the next line from self.next_header_source.
     ///
     /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    ///  at the first byte of the new line. A line longer than [`MAX_LINE_BYTES`] or not
+    ///  in ASCII is refused (`what` names it in the reason).
+    fn read_next_line(&mut self, too_long: ReadError) -> Result<AsciiString, ReadError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
         loop {
             let byte = self.next_header_source.by_ref().bytes().next();
 
+            self.line_begun = !buf.is_empty();
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(b) => b.map_err(ReadError::ReadIoError)?,
+                None => {
+                    return Err(ReadError::ReadIoError(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "Unexpected EOF",
+                    )))
+                }
             };
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return AsciiString::from_ascii(buf).map_err(|_| {
+                    ReadError::Refused(
+                        400,
+                        "bad request: the request line or a header is not ASCII",
+                    )
+                });
+            }
+            if buf.len() >= MAX_LINE_BYTES {
+                return Err(too_long);
             }
 
             prev_byte_was_cr = byte == b'\r';
@@ -107,7 +135,19 @@ impl ClientConnection {
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = match self.read_next_line(ReadError::Refused(
+                    414,
+                    "the request line is longer than 8192 bytes",
+                )) {
+                    // Idle between requests: closed without a reply.
+                    Err(ReadError::ReadIoError(err)) if is_timeout(&err) && !self.line_begun => {
+                        return Err(ReadError::ReadIoError(IoError::new(
+                            ErrorKind::ConnectionAborted,
+                            "idle",
+                        )))
+                    }
+                    other => other?,
+                };
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,11 +158,17 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_next_line(ReadError::Refused(
+                        431,
+                        "a header line is longer than 8192 bytes",
+                    ))?;
 
                     if line.is_empty() {
                         break;
                     };
+                    if headers.len() >= MAX_HEADERS {
+                        return Err(ReadError::Refused(431, "more than 100 header lines"));
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -175,8 +221,6 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
-
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
@@ -184,58 +228,57 @@ impl Iterator for ClientConnection {
         }
 
         loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
+            // wirepool's change: every refusal says what was wrong, as JSON like the
+            // rest of wirepool's HTTP port (the published crate answered with an empty
+            // body, or closed without answering when a line was not ASCII).
+            let read = match self.read() {
+                Ok(rq) => Ok(rq),
+                Err(ReadError::WrongRequestLine) => Err((
+                    HTTPVersion(1, 1),
+                    400,
+                    "bad request: the request line is not 'METHOD /path HTTP/1.1'",
+                )),
                 Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                    Err((ver, 400, "bad request: a header line is not 'Name: value'"))
                 }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
-                }
-
+                Err(ReadError::Refused(status, reason)) => Err((HTTPVersion(1, 1), status, reason)),
+                Err(ReadError::ReadIoError(ref err)) if is_timeout(err) => Err((
+                    HTTPVersion(1, 1),
+                    408,
+                    "request timeout: the connection was idle too long",
+                )),
+                Err(ReadError::ExpectationFailed(ver)) => Err((
+                    ver,
+                    417,
+                    "expectation failed: only 'Expect: 100-continue' is understood",
+                )),
                 Err(ReadError::ReadIoError(_)) => return None,
-
+            };
+            let rq = match read {
                 Ok(rq) => rq,
+                Err((ver, status, reason)) => {
+                    let writer = self.sink.next().unwrap();
+                    refuse(writer, ver, status, reason);
+                    // we don't know where the next request would start, so we have
+                    // to close
+                    return None;
+                }
             };
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+                // wirepool's change: answered through the request's own writer (the
+                // published crate wrote through a second writer, which waits for the
+                // request's and never wrote), then the connection closes.
+                let mut writer = rq.into_writer();
+                refuse(
+                    &mut writer,
+                    HTTPVersion(1, 1),
+                    505,
+                    "HTTP version not supported: only HTTP/1.0 and HTTP/1.1 are",
+                );
+                let _ = writer.flush();
+                return None;
             }
 
             // updating the status of the connection
@@ -263,6 +306,34 @@ impl Iterator for ClientConnection {
             return Some(rq);
         }
     }
+}
+
+/// A read timeout (set by the server's client limits) reads as `WouldBlock` on Unix,
+/// `TimedOut` elsewhere.
+fn is_timeout(err: &IoError) -> bool {
+    matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)
+}
+
+/// wirepool's change: answers a refused request with `{"error": reason}`.
+pub(crate) fn refuse<W: std::io::Write>(writer: W, ver: HTTPVersion, status: u16, reason: &str) {
+    refusal(status, reason)
+        .raw_print(writer, ver, &[], false, None)
+        .ok();
+}
+
+/// `{"error": reason}` with `status`.
+fn refusal(status: u16, reason: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+    use crate::{Header, Response, StatusCode};
+    let body = format!(
+        "{{\"error\":\"{}\"}}",
+        reason.replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    Response::from_string(body)
+        .with_status_code(StatusCode(status))
+        .with_header(
+            Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                .expect("a valid header"),
+        )
 }
 
 /// Parses a "HTTP/1.1" string.

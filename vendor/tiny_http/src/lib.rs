@@ -99,8 +99,8 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -243,6 +243,15 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Server::from_listener_limited(listener, ssl_config, ClientLimits::default())
+    }
+
+    /// wirepool's addition: as [`Server::from_listener`], with limits on the clients.
+    pub fn from_listener_limited<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: ClientLimits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -288,13 +297,32 @@ impl Server {
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            // wirepool's change: clients being served, bounded by `limits.max_clients`.
+            let open_clients = Arc::new(AtomicUsize::new(0));
+            // Accept errors are logged once per run of them.
+            let mut failing = false;
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
+                        if failing {
+                            log::warn!("Accepting clients again");
+                            failing = false;
+                        }
+                        // wirepool's change: an idle client is let go, and a client
+                        // over the limit is refused at once, so clients cannot hold
+                        // a thread each without bound.
+                        let _ = sock.set_timeouts(limits.idle_timeout);
+                        if inside_close_trigger.load(Relaxed) {
+                            break;
+                        }
+                        if open_clients.load(Acquire) >= limits.max_clients {
+                            refuse_busy(sock, limits.max_clients);
+                            continue;
+                        }
                         use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
+                        let halves = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -310,8 +338,11 @@ impl Server {
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
                         };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        // wirepool's change: a socket that cannot be split in two (no
+                        // descriptor left for the `dup`) is closed, like a failed accept.
+                        halves.map(|(read_closable, write_closable)| {
+                            ClientConnection::new(write_closable, read_closable)
+                        })
                     }
                     Err(e) => Err(e),
                 };
@@ -320,7 +351,9 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        let open = OpenClient::new(&open_clients);
                         tasks_pool.spawn(Box::new(move || {
+                            let _open = &open;
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
@@ -336,6 +369,26 @@ impl Server {
                                 }
                             }
                         }));
+                    }
+
+                    // wirepool's change: the published crate ended the accept thread
+                    // on any error, so one moment without a free file descriptor
+                    // (EMFILE) left the port deaf for good. Errors about one
+                    // connection (it was reset before it was accepted) are skipped;
+                    // others are retried after a pause.
+                    Err(e) if accept_error_is_transient(&e) => {
+                        if !matches!(
+                            e.kind(),
+                            IoErrorKind::ConnectionAborted
+                                | IoErrorKind::ConnectionReset
+                                | IoErrorKind::Interrupted
+                        ) {
+                            if !failing {
+                                log::warn!("Error accepting new client (retrying): {}", e);
+                                failing = true;
+                            }
+                            thread::sleep(Duration::from_millis(50));
+                        }
                     }
 
                     Err(e) => {
@@ -416,6 +469,90 @@ impl Iterator for IncomingRequests<'_> {
     fn next(&mut self) -> Option<Request> {
         self.server.recv().ok()
     }
+}
+
+/// wirepool's addition: limits on a server's clients.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientLimits {
+    /// A client whose socket stays silent (or does not take a reply) this long is let
+    /// go; a request begun and not finished in time gets a 408 first. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Most clients served at once; one more is answered 503 and closed.
+    pub max_clients: usize,
+}
+
+impl Default for ClientLimits {
+    /// The published crate's behaviour: no timeout, no limit.
+    fn default() -> ClientLimits {
+        ClientLimits {
+            idle_timeout: None,
+            max_clients: usize::MAX,
+        }
+    }
+}
+
+/// Counts a client as open for as long as it lives.
+struct OpenClient(Arc<AtomicUsize>);
+
+impl OpenClient {
+    fn new(count: &Arc<AtomicUsize>) -> OpenClient {
+        count.fetch_add(1, AcqRel);
+        OpenClient(Arc::clone(count))
+    }
+}
+
+impl Drop for OpenClient {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AcqRel);
+    }
+}
+
+/// Answers a client over the limit with a 503 and closes it, without waiting for it:
+/// what the socket does not take at once is dropped.
+fn refuse_busy(mut sock: Connection, max_clients: usize) {
+    let _ = sock.set_nonblocking(true);
+    // What the client sent already is read first: closing a socket with unread input
+    // resets the connection, and the reset can reach the client before the reply.
+    let mut sink = [0u8; 4096];
+    for _ in 0..4 {
+        match std::io::Read::read(&mut sock, &mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let mut reply = Vec::new();
+    client::refuse(
+        &mut reply,
+        HTTPVersion(1, 1),
+        503,
+        &format!("service unavailable: {max_clients} clients are connected to this port already; try again later"),
+    );
+    let _ = std::io::Write::write_all(&mut sock, &reply);
+    let _ = sock.shutdown(Shutdown::Both);
+}
+
+/// Whether an `accept` error leaves the listener usable: a lack of file descriptors or
+/// memory passes, and so does a connection reset before it was accepted.
+fn accept_error_is_transient(err: &IoError) -> bool {
+    matches!(
+        err.kind(),
+        IoErrorKind::ConnectionAborted
+            | IoErrorKind::ConnectionReset
+            | IoErrorKind::Interrupted
+            | IoErrorKind::WouldBlock
+            | IoErrorKind::OutOfMemory
+    ) || transient_os_error(err.raw_os_error())
+}
+
+/// EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, EPERM (a firewall), ETIMEDOUT.
+#[cfg(target_os = "linux")]
+fn transient_os_error(code: Option<i32>) -> bool {
+    matches!(code, Some(24 | 23 | 105 | 12 | 71 | 1 | 110))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn transient_os_error(_code: Option<i32>) -> bool {
+    false
 }
 
 impl Drop for Server {

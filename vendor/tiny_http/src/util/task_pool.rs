@@ -69,10 +69,14 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
+        // wirepool's change: the task is queued first and a new thread takes it from
+        // the queue, so a thread that cannot be started (the process is at its limit)
+        // leaves the task for a running thread instead of panicking the caller (the
+        // server's accept thread).
+        queue.push_back(code);
         if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
-            self.add_thread(Some(code));
+            self.add_thread(None);
         } else {
-            queue.push_back(code);
             self.sharing.condvar.notify_one();
         }
     }
@@ -80,7 +84,7 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        let spawned = thread::Builder::new().spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -124,6 +128,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(err) = spawned {
+            log::warn!("Cannot start a thread for a client (it waits for one): {}", err);
+        }
     }
 }
 
