@@ -309,6 +309,42 @@ wirepool_result wirepool_pool_shared_data(const struct wirepool_pool *pool,
 wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const char *token);
 
 /*
+ The pool's connections as JSON, as `GET /api/v1/connections` gives them:
+ `{"connections": [{"id", "server", "state", "ready", "subscriptions", ...}]}`.
+ */
+wirepool_result wirepool_pool_connections_json(const struct wirepool_pool *pool,
+                                               struct wirepool_bytes **out_json);
+
+/*
+ Closes one connection (a close frame is sent); the pool replaces it like after any
+ failure, and its channels move to other ready connections at once. Requests in
+ flight on it fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless idempotent.
+ `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id.
+ */
+wirepool_result wirepool_pool_close_connection(const struct wirepool_pool *pool,
+                                               uint64_t connection_id);
+
+/*
+ Replaces a ready connection make before break: a new connection opens, takes over
+ its channels, requests and slot once ready, and the old one keeps delivering until
+ the new one confirmed every channel, then closes once its requests are answered (a
+ few messages may arrive twice, once from each). Writes the new connection's id to
+ `out_replacement_id` (may be NULL); `recycled` or `recycle_failed` events follow.
+ `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id or it cannot be
+ recycled now (not ready, already being replaced, closing).
+ */
+wirepool_result wirepool_pool_recycle_connection(const struct wirepool_pool *pool,
+                                                 uint64_t connection_id,
+                                                 uint64_t *out_replacement_id);
+
+/*
+ Opens one more connection, up to `pool.max_connections`, and writes its id to
+ `out_connection_id` (may be NULL). `WIREPOOL_ERR_INVALID_ARGUMENT` at the maximum.
+ */
+wirepool_result wirepool_pool_open_connection(const struct wirepool_pool *pool,
+                                              uint64_t *out_connection_id);
+
+/*
  Sends `count` requests spread over the ready connections (at most
  `max_in_flight_per_connection` per ready connection; 0 means 8), each with
  `timeout_ms` (0: the pool's `request_timeout_ms`), re-sent once if its connection

@@ -374,11 +374,15 @@ impl Handler {
             Endpoint::PoolHealth => Reply::json(200, &pool.health()),
             Endpoint::GetConfig => Reply::json(200, &SettingsBody::from(pool.settings())),
             Endpoint::SetConfig => set_config(pool, body),
-            Endpoint::ListConnections => {
-                let snapshots = pool.connections();
-                let connections = snapshots.iter().map(ConnectionBody::of).collect();
-                Reply::json(200, &ConnectionList { connections })
-            }
+            Endpoint::ListConnections => match connections_json(pool) {
+                Ok(body) => Reply {
+                    status: 200,
+                    content_type: JSON,
+                    body,
+                    headers: Vec::new(),
+                },
+                Err(err) => Reply::error(500, format!("rendering the reply: {err}")),
+            },
             Endpoint::GetConnection(raw_id) => match parse_id(raw_id) {
                 Err(reply) => reply,
                 Ok(id) => match pool.connections().iter().find(|c| c.id == id) {
@@ -563,6 +567,13 @@ impl<'a> ConnectionBody<'a> {
             last_activity: snapshot.last_activity_ms,
         }
     }
+}
+
+/// The body of `GET /api/v1/connections`, for the C ABI too.
+pub(crate) fn connections_json(pool: &Pool) -> serde_json::Result<Vec<u8>> {
+    let snapshots = pool.connections();
+    let connections = snapshots.iter().map(ConnectionBody::of).collect();
+    serde_json::to_vec(&ConnectionList { connections })
 }
 
 fn close_connection(pool: &Pool, id: u64) -> Reply {

@@ -198,6 +198,23 @@ int run(const std::string &url, std::size_t wanted) {
     expect(stats.find("\"ready_connections\"") != std::string::npos,
            "stats JSON has ready_connections: " + shorten(stats));
 
+    // A connection the application distrusts (say its data looks stale) is replaced
+    // make before break: data keeps flowing while the new one takes over.
+    const std::uint64_t distrusted = per_connection.begin()->first;
+    const std::uint64_t replacement = pool.recycle_connection(distrusted);
+    expect(replacement != distrusted, "recycle_connection returns a new connection's id");
+    const std::string connections = pool.connections_json();
+    expect(connections.find("\"id\":" + std::to_string(replacement)) != std::string::npos,
+           "the replacement is listed: " + shorten(connections));
+    try {
+        pool.close_connection(999999);
+        throw CheckFailed("close_connection(999999) returned instead of throwing");
+    } catch (const wirepool::Error &e) {
+        expect(e.code() == wirepool::ErrorCode::InvalidArgument,
+               std::string("an unknown connection is an invalid argument: ") + e.what());
+        std::cout << "unknown connection: " << e.what() << "\n";
+    }
+
     pool.unsubscribe(channels[1]);
     pool.close();
     // After close, poll drains what is queued and then reports ClosedError.

@@ -511,6 +511,38 @@ public:
         return Bytes(out).str();
     }
 
+    /// The connections (same JSON as GET /api/v1/connections: {"connections": [...]}).
+    [[nodiscard]] std::string connections_json() const {
+        wirepool_bytes *out = nullptr;
+        detail::check("wirepool_pool_connections_json",
+                      static_cast<std::uint32_t>(wirepool_pool_connections_json(handle(), &out)));
+        return Bytes(out).str();
+    }
+
+    /// Closes one connection; the pool replaces it and its channels move at once.
+    void close_connection(std::uint64_t connection_id) const {
+        detail::check("wirepool_pool_close_connection",
+                      static_cast<std::uint32_t>(
+                          wirepool_pool_close_connection(handle(), connection_id)));
+    }
+
+    /// Replaces a ready connection make before break; returns the new connection's id.
+    std::uint64_t recycle_connection(std::uint64_t connection_id) const {
+        std::uint64_t replacement = 0;
+        detail::check("wirepool_pool_recycle_connection",
+                      static_cast<std::uint32_t>(wirepool_pool_recycle_connection(
+                          handle(), connection_id, &replacement)));
+        return replacement;
+    }
+
+    /// Opens one more connection (up to max_connections); returns its id.
+    std::uint64_t open_connection() const {
+        std::uint64_t id = 0;
+        detail::check("wirepool_pool_open_connection",
+                      static_cast<std::uint32_t>(wirepool_pool_open_connection(handle(), &id)));
+        return id;
+    }
+
     /// Waits up to `timeout` for at least one event and returns a JSON array of every
     /// queued event ("[]" on timeout).
     [[nodiscard]] std::string events_json(std::chrono::milliseconds timeout) const {

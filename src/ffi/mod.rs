@@ -561,6 +561,90 @@ pub unsafe extern "C" fn wirepool_pool_set_token(
     })
 }
 
+/// The pool's connections as JSON, as `GET /api/v1/connections` gives them:
+/// `{"connections": [{"id", "server", "state", "ready", "subscriptions", ...}]}`.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_connections_json(
+    pool: *const wirepool_pool,
+    out_json: *mut *mut wirepool_bytes,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let out_json = out(out_json, "out_json")?;
+        let json = crate::http::connections_json(&pool.pool).map_err(|err| {
+            fail(
+                WIREPOOL_ERR_INTERNAL,
+                &format!("serialising connections: {err}"),
+            )
+        })?;
+        // SAFETY: checked non-null above.
+        unsafe { *out_json = new_bytes(json) };
+        Ok(())
+    })
+}
+
+/// Closes one connection (a close frame is sent); the pool replaces it like after any
+/// failure, and its channels move to other ready connections at once. Requests in
+/// flight on it fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless idempotent.
+/// `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_close_connection(
+    pool: *const wirepool_pool,
+    connection_id: u64,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        pool.pool
+            .close_connection(connection_id)
+            .map_err(|err| fail_with(&err))
+    })
+}
+
+/// Replaces a ready connection make before break: a new connection opens, takes over
+/// its channels, requests and slot once ready, and the old one keeps delivering until
+/// the new one confirmed every channel, then closes once its requests are answered (a
+/// few messages may arrive twice, once from each). Writes the new connection's id to
+/// `out_replacement_id` (may be NULL); `recycled` or `recycle_failed` events follow.
+/// `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id or it cannot be
+/// recycled now (not ready, already being replaced, closing).
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_recycle_connection(
+    pool: *const wirepool_pool,
+    connection_id: u64,
+    out_replacement_id: *mut u64,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let replacement = pool
+            .pool
+            .recycle_connection(connection_id)
+            .map_err(|err| fail_with(&err))?;
+        if !out_replacement_id.is_null() {
+            // SAFETY: the caller promises a non-null pointer is writable.
+            unsafe { *out_replacement_id = replacement };
+        }
+        Ok(())
+    })
+}
+
+/// Opens one more connection, up to `pool.max_connections`, and writes its id to
+/// `out_connection_id` (may be NULL). `WIREPOOL_ERR_INVALID_ARGUMENT` at the maximum.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_open_connection(
+    pool: *const wirepool_pool,
+    out_connection_id: *mut u64,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let id = pool.pool.open_connection().map_err(|err| fail_with(&err))?;
+        if !out_connection_id.is_null() {
+            // SAFETY: the caller promises a non-null pointer is writable.
+            unsafe { *out_connection_id = id };
+        }
+        Ok(())
+    })
+}
+
 /// One request of `wirepool_pool_request_batch`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

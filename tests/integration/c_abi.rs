@@ -508,3 +508,110 @@ fn a_detailed_batch_says_why_each_request_failed() {
         wirepool_pool_free(pool);
     }
 }
+
+/// Connections through the C ABI: listed as `GET /api/v1/connections` has them,
+/// recycled make before break, opened up to the maximum and closed; unknown ids and
+/// NULL pools say what was wrong.
+#[test]
+fn connections_are_listed_recycled_opened_and_closed_through_the_c_abi() {
+    let _guard = watchdog("c_abi_connections", Duration::from_secs(60));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 50.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = open_pool(&sim.url());
+    let connections = |pool| -> Vec<serde_json::Value> {
+        let mut json = ptr::null_mut();
+        // SAFETY: a live pool and a valid out-pointer.
+        let code = unsafe { wirepool_pool_connections_json(pool, &mut json) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes_of(json)).expect("connections JSON");
+        value["connections"].as_array().expect("a list").clone()
+    };
+    let wait = |what: &str, mut condition: Box<dyn FnMut() -> bool + '_>| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // SAFETY: the pool is live until freed at the end; out-pointers are valid.
+    unsafe {
+        assert_eq!(
+            wirepool_pool_wait_ready(pool, 10_000),
+            wirepool_result::WIREPOOL_OK
+        );
+        let listed = connections(pool);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(listed
+            .iter()
+            .all(|c| c["ready"] == true && c["id"].is_u64()));
+        let old = listed[0]["id"].as_u64().expect("an id");
+
+        let mut replacement = 0u64;
+        let code = wirepool_pool_recycle_connection(pool, old, &mut replacement);
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        assert!(replacement > 0 && replacement != old);
+        wait(
+            "the replacement listed and the old one gone",
+            Box::new(|| {
+                let ids: Vec<u64> = connections(pool)
+                    .iter()
+                    .filter_map(|c| c["id"].as_u64())
+                    .collect();
+                ids.contains(&replacement) && !ids.contains(&old)
+            }),
+        );
+
+        // At the maximum (2): no more; once one is closed the pool replaces it.
+        let mut opened = 0u64;
+        assert_eq!(
+            wirepool_pool_open_connection(pool, &mut opened),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("max"), "{}", last_error());
+        assert_eq!(
+            wirepool_pool_close_connection(pool, replacement),
+            wirepool_result::WIREPOOL_OK,
+            "{}",
+            last_error()
+        );
+        wait(
+            "the closed one replaced",
+            Box::new(|| {
+                let listed = connections(pool);
+                listed.len() == 2
+                    && listed
+                        .iter()
+                        .all(|c| c["id"] != replacement && c["ready"] == true)
+            }),
+        );
+
+        // Unknown ids and NULL pools.
+        for code in [
+            wirepool_pool_close_connection(pool, 999_999),
+            wirepool_pool_recycle_connection(pool, 999_999, ptr::null_mut()),
+        ] {
+            assert_eq!(code, wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT);
+            assert!(last_error().contains("999999"), "{}", last_error());
+        }
+        assert_eq!(
+            wirepool_pool_close_connection(ptr::null(), 1),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("pool is NULL"));
+        assert_eq!(
+            wirepool_pool_connections_json(pool, ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("out_json is NULL"),
+            "{}",
+            last_error()
+        );
+        wirepool_pool_free(pool);
+    }
+}

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
-from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint8, c_uint32, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 
 import pytest
 
@@ -23,6 +23,8 @@ ARG_TYPES = {
     "uint8_t*": {c_char_p, c_void_p, POINTER(c_uint8)},
     "uint32_t": {c_uint32},
     "size_t": {c_size_t},
+    "uint64_t": {c_uint64},
+    "uint64_t*": {POINTER(c_uint64)},
     "wirepool_result": {c_uint32},
     "int*": {POINTER(c_int)},
     "size_t*": {POINTER(c_size_t)},

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 import wirepool
-from conftest import config_for, wait_for_event
+from conftest import assert_in_sequence, config_for, receive_at_least, wait_for_event
 
 
 def test_shared_data_from_the_codec(simulator, make_pool):
@@ -84,3 +85,56 @@ def test_set_token_rotates_and_a_refused_token_keeps_the_sessions(start_simulato
             pool.set_token("wrong")
         assert "old sessions kept" in str(raised.value)
         assert pool.stats()["ready_connections"] == 2
+
+
+def test_connections_can_be_listed_recycled_opened_and_closed(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url, pool={"min_connections": 2, "max_connections": 3}))
+    pool.wait_ready(timeout=10.0)
+    pool.subscribe("ticker.0")
+    first = receive_at_least(pool, 5)
+    connections = pool.connections()
+    ids = {connection["id"] for connection in connections}
+    assert len(ids) == 2 and all(connection["ready"] for connection in connections), connections
+    serving = first[-1].connection_id
+    assert serving in ids
+
+    # Recycled make before break: the replacement takes over the channel, then the old
+    # one leaves the list.
+    replacement = pool.recycle_connection(serving)
+    assert replacement not in ids
+    seen: list = []
+    recycled = wait_for_event(pool, lambda event: event["type"] == "recycled", seen=seen)
+    assert recycled["connection_id"] == replacement, recycled
+    deadline = time.monotonic() + 15.0
+    after = []
+    while not any(message.connection_id == replacement for message in after):
+        assert time.monotonic() < deadline, f"nothing from {replacement}; events {seen}"
+        after.extend(pool.recv_many(1024, timeout=1.0))
+    assert_in_sequence(first + after)
+    deadline = time.monotonic() + 15.0
+    while serving in {connection["id"] for connection in pool.connections()}:
+        assert time.monotonic() < deadline, f"{serving} still listed: {pool.connections()}"
+        time.sleep(0.05)
+
+    # One more, up to max_connections; then no more.
+    extra = pool.open_connection()
+    assert extra in {connection["id"] for connection in pool.connections()}
+    with pytest.raises(wirepool.InvalidArgumentError):
+        pool.open_connection()
+    pool.close_connection(extra)
+    wait_for_event(pool, lambda event: event["type"] == "closed" and event.get("connection_id") == extra,
+                   seen=seen)
+
+    # Bad ids say what is wrong.
+    with pytest.raises(wirepool.InvalidArgumentError, match="999999"):
+        pool.close_connection(999999)
+    with pytest.raises(wirepool.InvalidArgumentError):
+        pool.recycle_connection(999999)
+    with pytest.raises(ValueError, match="connection_id"):
+        pool.recycle_connection(-1)
+    with pytest.raises(ValueError, match="connection_id"):
+        pool.close_connection(1 << 64)
+    with pytest.raises(TypeError, match="connection_id"):
+        pool.close_connection("1")
+    with pytest.raises(TypeError, match="connection_id"):
+        pool.recycle_connection(True)

@@ -33,7 +33,7 @@ import struct
 import sys
 import threading
 import time
-from ctypes import byref, c_int, c_size_t, sizeof, string_at
+from ctypes import byref, c_int, c_size_t, c_uint64, sizeof, string_at
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from itertools import repeat as _repeat
@@ -408,6 +408,15 @@ def _integer(value: Any, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def _connection_id(value: Any) -> int:
+    """A connection id (an int from 0 to 2**64 - 1), or the TypeError / ValueError that
+    says what is wrong with it."""
+    value = _integer(value, "connection_id")
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"connection_id must be from 0 to 2**64 - 1, not {value}")
+    return value
 
 
 # --- timeouts ----------------------------------------------------------------------------
@@ -1028,6 +1037,52 @@ class Pool(_Handle):
             raise ValueError("token must not contain NUL characters")
         encoded = token.encode("utf-8")
         self._simple_call(lambda handle: lib.wirepool_pool_set_token(handle, encoded))
+
+    def connections(self) -> List[Dict[str, Any]]:
+        """The pool's connections (what ``GET /api/v1/connections`` lists: ``id``,
+        ``server``, ``state``, ``ready``, ``subscriptions``, ``last_activity``,
+        ``error_count``, its worker's ``thread_id``, ...). ``Message.connection_id``
+        names a message's connection here."""
+        out = _ffi.bytes_p()
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_connections_json(handle, byref(out))
+            if code:
+                raise _error(code)
+            text = _ffi.take_bytes(out)
+        finally:
+            self._exit()
+        return json.loads(text)["connections"]
+
+    def close_connection(self, connection_id: int) -> None:
+        """Closes one connection; the pool replaces it and its channels move to other
+        ready connections at once. Its requests in flight fail with
+        ``ConnectionLostError`` unless idempotent. ``InvalidArgumentError`` when no
+        connection has that id."""
+        connection_id = _connection_id(connection_id)
+        self._simple_call(lambda handle: lib.wirepool_pool_close_connection(handle, connection_id))
+
+    def recycle_connection(self, connection_id: int) -> int:
+        """Replaces a ready connection make before break and returns the new one's id:
+        the new connection takes over its channels, requests and slot once ready, and
+        the old one keeps delivering until the new one confirmed every channel (a few
+        messages may arrive twice, once from each), so data does not stop. ``recycled``
+        or ``recycle_failed`` events follow. ``InvalidArgumentError`` when there is no
+        such connection or it cannot be recycled now (not ready, already being
+        replaced)."""
+        connection_id = _connection_id(connection_id)
+        out = c_uint64()
+        self._simple_call(
+            lambda handle: lib.wirepool_pool_recycle_connection(handle, connection_id, byref(out))
+        )
+        return out.value
+
+    def open_connection(self) -> int:
+        """Opens one more connection, up to ``pool.max_connections``, and returns its
+        id; ``InvalidArgumentError`` at the maximum."""
+        out = c_uint64()
+        self._simple_call(lambda handle: lib.wirepool_pool_open_connection(handle, byref(out)))
+        return out.value
 
     def _simple_call(self, function: Any) -> None:
         handle = self._enter()

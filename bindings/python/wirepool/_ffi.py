@@ -212,6 +212,18 @@ _declare("wirepool_pool_release", wirepool_result, [pool_p])
 _declare("wirepool_pool_shared_data", wirepool_result, [pool_p, c_char_p, POINTER(bytes_p)])
 # wirepool_result wirepool_pool_set_token(const wirepool_pool *pool, const char *token);
 _declare("wirepool_pool_set_token", wirepool_result, [pool_p, c_char_p])
+# wirepool_result wirepool_pool_connections_json(const wirepool_pool *pool,
+#     wirepool_bytes **out_json);
+_declare("wirepool_pool_connections_json", wirepool_result, [pool_p, POINTER(bytes_p)])
+# wirepool_result wirepool_pool_close_connection(const wirepool_pool *pool,
+#     uint64_t connection_id);
+_declare("wirepool_pool_close_connection", wirepool_result, [pool_p, c_uint64])
+# wirepool_result wirepool_pool_recycle_connection(const wirepool_pool *pool,
+#     uint64_t connection_id, uint64_t *out_replacement_id);
+_declare("wirepool_pool_recycle_connection", wirepool_result, [pool_p, c_uint64, POINTER(c_uint64)])
+# wirepool_result wirepool_pool_open_connection(const wirepool_pool *pool,
+#     uint64_t *out_connection_id);
+_declare("wirepool_pool_open_connection", wirepool_result, [pool_p, POINTER(c_uint64)])
 class wirepool_request(Structure):
     """``struct wirepool_request``: one request of a batch."""
 
@@ -274,6 +286,10 @@ DECLARED_FUNCTIONS = (
     "wirepool_pool_release",
     "wirepool_pool_shared_data",
     "wirepool_pool_set_token",
+    "wirepool_pool_connections_json",
+    "wirepool_pool_close_connection",
+    "wirepool_pool_recycle_connection",
+    "wirepool_pool_open_connection",
     "wirepool_pool_request_batch",
     "wirepool_pool_request_batch_detailed",
     "wirepool_batch_new",
