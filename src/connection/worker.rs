@@ -1728,6 +1728,48 @@ fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
                 response.status()
             ))
         }
+        // tungstenite's own words for these name neither the server's part nor what
+        // to look at ("Attack attempt detected", "Handshake not finished").
+        tungstenite::Error::AttackAttempt => Error::Protocol(format!(
+            "handshake with {url}: the server's answer to the WebSocket upgrade is not an \
+             HTTP response head of at most 64 KiB (tungstenite refuses a longer one, or one \
+             trickled in hundreds of small pieces); is this a WebSocket endpoint?"
+        )),
+        tungstenite::Error::Protocol(protocol) => {
+            use tungstenite::error::ProtocolError as P;
+            let what = match protocol {
+                P::HandshakeIncomplete => {
+                    "the server closed the connection before it finished its answer to the \
+                     WebSocket upgrade"
+                        .to_string()
+                }
+                P::MissingConnectionUpgradeHeader => "the server's 101 answer lacks \
+                     'Connection: Upgrade' (tungstenite accepts that value alone, not in a \
+                     list such as 'keep-alive, Upgrade')"
+                    .to_string(),
+                P::MissingUpgradeWebSocketHeader => {
+                    "the server's 101 answer lacks 'Upgrade: websocket'".to_string()
+                }
+                P::SecWebSocketAcceptKeyMismatch => "the server's Sec-WebSocket-Accept does \
+                     not match the key sent (a proxy in the way, or a server that does not \
+                     speak WebSocket?)"
+                    .to_string(),
+                P::HttparseError(err) => {
+                    format!("the server's answer is not a valid HTTP response ({err})")
+                }
+                other => other.to_string(),
+            };
+            Error::Protocol(format!("handshake with {url}: {what}"))
+        }
+        tungstenite::Error::Capacity(tungstenite::error::CapacityError::TooManyHeaders) => {
+            Error::Protocol(format!(
+                "handshake with {url}: the server's answer has more than 124 headers \
+                 (tungstenite reads no more)"
+            ))
+        }
+        tungstenite::Error::Capacity(capacity) => Error::Protocol(format!(
+            "handshake with {url}: the server's answer is too large: {capacity}"
+        )),
         other => Error::Protocol(format!("handshake with {url}: {other}")),
     }
 }

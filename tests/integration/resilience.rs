@@ -1149,6 +1149,125 @@ fn handshake_refusals_name_the_servers_reason_and_unrequested_extensions() {
     }
 }
 
+/// Servers that break the WebSocket handshake in the ways tungstenite has only terse
+/// words for: each failure says what the server did, in wirepool's words.
+#[test]
+fn broken_handshake_answers_are_named_in_plain_words() {
+    use std::io::{Read, Write};
+    let _guard = watchdog("handshake_answers", Duration::from_secs(90));
+    // Reads the upgrade request; returns its Sec-WebSocket-Key.
+    fn read_request(stream: &mut std::net::TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| value.trim().to_string())
+        })
+    }
+    type Answer = fn(&str) -> Vec<u8>;
+    let cases: [(Answer, &str); 7] = [
+        (
+            |_| Vec::new(),
+            "the server closed the connection before it finished its answer",
+        ),
+        (
+            |_| {
+                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+                for i in 0..100 {
+                    answer.extend_from_slice(
+                        format!("X-Filler-{i}: {}\r\n", "f".repeat(700)).as_bytes(),
+                    );
+                }
+                answer
+            },
+            "is not an HTTP response head of at most 64 KiB",
+        ),
+        (
+            |key| {
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: keep-alive, Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    tungstenite::handshake::derive_accept_key(key.as_bytes())
+                )
+                .into_bytes()
+            },
+            "lacks 'Connection: Upgrade' (tungstenite accepts that value alone",
+        ),
+        (
+            |key| {
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {}\r\n\r\n",
+                    tungstenite::handshake::derive_accept_key(key.as_bytes())
+                )
+                .into_bytes()
+            },
+            "lacks 'Upgrade: websocket'",
+        ),
+        (
+            |_| {
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\nSec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n"
+                    .to_vec()
+            },
+            "Sec-WebSocket-Accept does not match the key sent",
+        ),
+        (
+            |_| {
+                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+                for i in 0..200 {
+                    answer.extend_from_slice(format!("X-F{i}: v\r\n").as_bytes());
+                }
+                answer.extend_from_slice(b"\r\n");
+                answer
+            },
+            "has more than 124 headers",
+        ),
+        (
+            |_| b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec(),
+            "the server's answer is not a valid HTTP response",
+        ),
+    ];
+    for (answer, says) in cases {
+        let server = support::Acceptor::start(move |mut stream, _stop| {
+            let Some(key) = read_request(&mut stream) else {
+                return;
+            };
+            let _ = stream.write_all(&answer(&key));
+            let _ = stream.flush();
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            // Held open a moment so that the client reads the answer, not a reset.
+            let mut rest = [0u8; 1024];
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
+        });
+        let pool = pool_from(
+            serde_json::json!({"servers": [{"url": server.url()}]}),
+            serde_json::json!({}),
+        );
+        let events = wait_for_event(&pool, Duration::from_secs(20), "closed", |event| {
+            event.kind == "closed"
+        });
+        assert!(
+            events.iter().all(|event| event.kind != "ready"),
+            "{events:?}"
+        );
+        let reason = last_message(&events);
+        assert!(
+            reason.contains(says) && reason.contains("handshake with ws://"),
+            "expected {says:?} in {reason}"
+        );
+        drop(pool);
+    }
+}
+
 /// A message as one frame may be as long as one in many frames (64 MiB): 20 MiB in
 /// one frame is delivered.
 #[test]
