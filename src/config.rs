@@ -27,6 +27,9 @@ pub struct Config {
     pub connect_timeout_ms: u64,
     /// Default time a request waits for its reply. Defaults to 10000.
     pub request_timeout_ms: u64,
+    /// The longest WebSocket message (or frame) accepted from a server; a longer one
+    /// fails its connection. Defaults to 64 MiB.
+    pub max_message_bytes: u64,
     /// Reconnection backoff.
     pub reconnect: ReconnectConfig,
     /// Liveness and freshness checks.
@@ -61,6 +64,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
+            max_message_bytes: 64 << 20,
             reconnect: ReconnectConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
@@ -443,6 +447,9 @@ impl Default for HealthConfig {
     }
 }
 
+/// The range of `max_message_bytes`: 1 KiB to 1 GiB.
+pub(crate) const MAX_MESSAGE_BYTES: std::ops::RangeInclusive<u64> = 1024..=1 << 30;
+
 /// The range of `health.idle_timeout_ms`: a tenth of a second to a day.
 pub(crate) const HEALTH_IDLE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=86_400_000;
 /// The most `health.max_clients` may be.
@@ -751,6 +758,17 @@ impl Config {
             if value == 0 {
                 issue(key, "must be greater than 0".into());
             }
+        }
+        if !MAX_MESSAGE_BYTES.contains(&self.max_message_bytes) {
+            issue(
+                "max_message_bytes",
+                format!(
+                    "is {}: between {} (1 KiB) and {} (1 GiB)",
+                    self.max_message_bytes,
+                    MAX_MESSAGE_BYTES.start(),
+                    MAX_MESSAGE_BYTES.end()
+                ),
+            );
         }
         // Linux takes TCP_KEEPIDLE in whole seconds, 1..=32767; anything else fails
         // every connection attempt with EINVAL.

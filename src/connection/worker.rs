@@ -545,6 +545,8 @@ impl Link {
         } else {
             Stream::plain(tcp)
         };
+        let max_message =
+            usize::try_from(self.context.config.max_message_bytes).unwrap_or(usize::MAX);
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0)
@@ -552,9 +554,9 @@ impl Link {
             // the queue of pongs without bound; past this, pongs coalesce and our own
             // frames fail with "the server is not reading".
             .max_write_buffer_size(max_write_buffer(&self.context.config))
-            .max_message_size(Some(MAX_MESSAGE_BYTES))
+            .max_message_size(Some(max_message))
             // A message in one frame may be as long as one in many.
-            .max_frame_size(Some(MAX_MESSAGE_BYTES));
+            .max_frame_size(Some(max_message));
         let mut attempt =
             tungstenite::client::client_with_config(server.url.as_str(), stream, Some(ws_config));
         loop {
@@ -1844,7 +1846,7 @@ fn read_error(err: tungstenite::Error) -> Error {
             max_size,
         }) => Error::Protocol(format!(
             "reading: the server sent a message of {size} bytes, over the {max_size}-byte \
-             limit of a WebSocket message"
+             limit of a WebSocket message (max_message_bytes)"
         )),
         other => Error::Protocol(format!("reading: {other}")),
     }
@@ -1852,9 +1854,6 @@ fn read_error(err: tungstenite::Error) -> Error {
 
 /// About the most bytes of channel names a connection keeps interned.
 const MAX_CHANNEL_TABLE_BYTES: usize = 4 << 20;
-
-/// The longest WebSocket message (and frame) accepted from a server: 64 MiB.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 fn dropped_without_close() -> Error {
     Error::Io("the server dropped the connection without a close frame".into())

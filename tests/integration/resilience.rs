@@ -1149,6 +1149,58 @@ fn handshake_refusals_name_the_servers_reason_and_unrequested_extensions() {
     }
 }
 
+/// `max_message_bytes` bounds what one message from a server may be: one at the limit
+/// is delivered, one over it ends the session with both sizes named.
+#[test]
+fn a_message_over_max_message_bytes_ends_the_session_naming_the_setting() {
+    let _guard = watchdog("max_message_bytes", Duration::from_secs(60));
+    let server = support::Acceptor::start(|stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        for size in [4096, 4097] {
+            let message = tungstenite::Message::binary(vec![b'm'; size]);
+            if ws.send(message).is_err() {
+                return;
+            }
+        }
+        support::read_until_stopped(&mut ws, stop);
+    });
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "codec": {"builtin": "raw"},
+            "max_message_bytes": 4096,
+            "reconnect": {"initial_delay_ms": 60000, "max_delay_ms": 60000},
+        }),
+        serde_json::json!({}),
+    );
+    let message = pool
+        .recv(Some(Duration::from_secs(20)))
+        .expect("open")
+        .expect("the message at the limit");
+    assert_eq!(message.payload.len(), 4096);
+    let events = wait_for_event(&pool, Duration::from_secs(20), "closed", |event| {
+        event.kind == "closed"
+    });
+    let reason = last_message(&events);
+    assert!(
+        reason.contains("a message of 4097 bytes, over the 4096-byte limit")
+            && reason.contains("max_message_bytes"),
+        "{reason}"
+    );
+    drop(pool);
+    for (value, words) in [(1023u64, "between 1024"), (1 << 31, "1 GiB")] {
+        let text = serde_json::json!({"servers": [{"url": "ws://127.0.0.1:1"}], "max_message_bytes": value})
+            .to_string();
+        let err = wirepool::Config::from_json(&text).expect_err("out of range");
+        assert!(
+            err.to_string().contains("max_message_bytes") && err.to_string().contains(words),
+            "{err}"
+        );
+    }
+}
+
 /// Servers that break the WebSocket handshake in the ways tungstenite has only terse
 /// words for: each failure says what the server did, in wirepool's words.
 #[test]
