@@ -1094,6 +1094,22 @@ fn a_long_frame_on_a_slow_link_is_not_a_dead_peer() {
     drop(pool);
 }
 
+/// Why the first connection to `url` closed, which must happen before it is ready.
+fn handshake_failure(url: &str) -> String {
+    let pool = pool_from(
+        serde_json::json!({"servers": [{"url": url}]}),
+        serde_json::json!({}),
+    );
+    let events = wait_for_event(&pool, Duration::from_secs(20), "closed", |event| {
+        event.kind == "closed"
+    });
+    assert!(
+        events.iter().all(|event| event.kind != "ready"),
+        "{events:?}"
+    );
+    last_message(&events)
+}
+
 /// A handshake refused with a reason in the body says it; a 101 with an extension the
 /// client never asked for fails the handshake, naming the header (RFC 6455 4.1).
 #[test]
@@ -1132,20 +1148,8 @@ fn handshake_refusals_name_the_servers_reason_and_unrequested_extensions() {
              not ask for",
         ),
     ] {
-        let pool = pool_from(
-            serde_json::json!({"servers": [{"url": url}]}),
-            serde_json::json!({}),
-        );
-        let events = wait_for_event(&pool, Duration::from_secs(20), "closed", |event| {
-            event.kind == "closed"
-        });
-        assert!(
-            events.iter().all(|event| event.kind != "ready"),
-            "{events:?}"
-        );
-        let reason = last_message(&events);
+        let reason = handshake_failure(&url);
         assert!(reason.contains(says), "{reason}");
-        drop(pool);
     }
 }
 
@@ -1300,23 +1304,11 @@ fn broken_handshake_answers_are_named_in_plain_words() {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
         });
-        let pool = pool_from(
-            serde_json::json!({"servers": [{"url": server.url()}]}),
-            serde_json::json!({}),
-        );
-        let events = wait_for_event(&pool, Duration::from_secs(20), "closed", |event| {
-            event.kind == "closed"
-        });
-        assert!(
-            events.iter().all(|event| event.kind != "ready"),
-            "{events:?}"
-        );
-        let reason = last_message(&events);
+        let reason = handshake_failure(&server.url());
         assert!(
             reason.contains(says) && reason.contains("handshake with ws://"),
             "expected {says:?} in {reason}"
         );
-        drop(pool);
     }
 }
 

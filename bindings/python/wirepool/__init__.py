@@ -937,16 +937,7 @@ class Pool(_Handle):
 
     def stats(self) -> Dict[str, Any]:
         """The pool's counters and state (the fields of ``GET /api/v1/pool/stats``)."""
-        out = _ffi.bytes_p()
-        handle = self._enter()
-        try:
-            code = lib.wirepool_pool_stats_json(handle, byref(out))
-            if code:
-                raise _error(code)
-            text = _ffi.take_bytes(out)
-        finally:
-            self._exit()
-        return json.loads(text)
+        return self._json_call(lib.wirepool_pool_stats_json)
 
     def events(self, timeout: Optional[float] = 0.0) -> List[Dict[str, Any]]:
         """Every queued event (dicts with ``type``, ``ts_ms`` and where they apply
@@ -1043,16 +1034,7 @@ class Pool(_Handle):
         ``server``, ``state``, ``ready``, ``subscriptions``, ``last_activity``,
         ``error_count``, its worker's ``thread_id``, ...). ``Message.connection_id``
         names a message's connection here."""
-        out = _ffi.bytes_p()
-        handle = self._enter()
-        try:
-            code = lib.wirepool_pool_connections_json(handle, byref(out))
-            if code:
-                raise _error(code)
-            text = _ffi.take_bytes(out)
-        finally:
-            self._exit()
-        return json.loads(text)["connections"]
+        return self._json_call(lib.wirepool_pool_connections_json)["connections"]
 
     def close_connection(self, connection_id: int) -> None:
         """Closes one connection; the pool replaces it and its channels move to other
@@ -1083,6 +1065,19 @@ class Pool(_Handle):
         out = c_uint64()
         self._simple_call(lambda handle: lib.wirepool_pool_open_connection(handle, byref(out)))
         return out.value
+
+    def _json_call(self, function: Any) -> Any:
+        """Calls ``function(handle, &out)`` and parses the JSON it wrote."""
+        out = _ffi.bytes_p()
+        handle = self._enter()
+        try:
+            code = function(handle, byref(out))
+            if code:
+                raise _error(code)
+            text = _ffi.take_bytes(out)
+        finally:
+            self._exit()
+        return json.loads(text)
 
     def _simple_call(self, function: Any) -> None:
         handle = self._enter()
