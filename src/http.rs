@@ -55,9 +55,6 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// tiny_http reads bodies up to this size (without `Expect`) before it hands the
 /// request over, so reading them cannot block.
 const BUFFERED_BODY_BYTES: usize = 1024;
-/// Replies up to this size fit in a fresh socket's send buffer (16 KiB by default on
-/// Linux), so writing one to a connection that carries no other reply never blocks.
-const INLINE_REPLY_BYTES: usize = 4 * 1024;
 /// How long the handler thread sleeps without requests; `stop` wakes it at once.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How long a transfer thread waits for the handler thread's reply.
@@ -94,8 +91,8 @@ impl HealthServer {
         // Clients cannot hold a thread each without bound: an idle one is let go, and
         // one over the limit is refused with a 503.
         let limits = ClientLimits {
-            idle_timeout: Some(Duration::from_millis(health.idle_timeout_ms.max(1))),
-            max_clients: health.max_clients.max(1) as usize,
+            idle_timeout: Some(Duration::from_millis(health.idle_timeout_ms)),
+            max_clients: health.max_clients as usize,
         };
         let server = Server::from_listener_limited(listener, None, limits)
             .map_err(|err| Error::Config(format!("health.listen: {listen}: {err}")))?;
@@ -254,17 +251,11 @@ impl Handler {
                 }
             }
         };
-        let lane = request.remote_addr().copied();
-        if head.body_in_memory
-            && head.last_on_connection
-            && reply.body.len() <= INLINE_REPLY_BYTES
-            && !self.lanes.contains_key(&lane)
-        {
-            respond(request, reply);
-        } else {
-            let work = Work::Respond(reply);
-            self.dispatch(Job { request, work });
-        }
+        // Written on a transfer thread, never on this one: a client that does not
+        // read its replies can have filled its socket (with earlier replies) and would
+        // hold up every other client for the write timeout.
+        let work = Work::Respond(reply);
+        self.dispatch(Job { request, work });
     }
 
     /// Starts a transfer thread for the job, or queues it behind the one already at
@@ -657,7 +648,15 @@ fn read_body(reader: &mut dyn Read) -> Result<Vec<u8>, Reply> {
     reader
         .take(MAX_BODY_BYTES as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|err| Reply::error(400, format!("reading the request body: {err}")))?;
+        .map_err(|err| match err.kind() {
+            // The socket's idle timeout (`health.idle_timeout_ms`): as for a request
+            // head left unfinished.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Reply::error(
+                408,
+                "request timeout: the connection was idle too long".to_string(),
+            ),
+            _ => Reply::error(400, format!("reading the request body: {err}")),
+        })?;
     if body.len() > MAX_BODY_BYTES {
         return Err(body_too_large());
     }
@@ -680,8 +679,6 @@ struct Head {
     declared_body: Option<usize>,
     /// tiny_http has read the whole body already (or there is none).
     body_in_memory: bool,
-    /// The client sends no further request on this connection.
-    last_on_connection: bool,
 }
 
 impl Head {
@@ -695,10 +692,6 @@ impl Head {
         };
         let connection = header("Connection").unwrap_or("").to_ascii_lowercase();
         let upgrade = connection.contains("upgrade");
-        let http_1_0 = *request.http_version() == (1, 0);
-        let last_on_connection = connection.contains("close")
-            || upgrade
-            || (http_1_0 && !connection.contains("keep-alive"));
         let declared_body = request.body_length();
         let body_in_memory = header("Transfer-Encoding").is_none()
             && header("Expect").is_none()
@@ -713,7 +706,6 @@ impl Head {
             authorization: header("Authorization").map(str::to_string),
             declared_body,
             body_in_memory,
-            last_on_connection,
         }
     }
 }

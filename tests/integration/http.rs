@@ -1105,6 +1105,12 @@ fn malformed_requests_get_a_json_error_that_says_what_was_wrong() {
             505,
             "HTTP version",
         ),
+        // A chunk-size line was read into memory whatever its length.
+        (
+            b"POST /api/v1/pool/config HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            411,
+            "Content-Length",
+        ),
     ];
     for (raw, status, words) in cases {
         let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
@@ -1125,7 +1131,7 @@ fn malformed_requests_get_a_json_error_that_says_what_was_wrong() {
 fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
     let _guard = watchdog("idle_clients", Duration::from_secs(90));
     let sim = simulator();
-    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 3000, "max_clients": 3});
+    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 6000, "max_clients": 3});
     let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
     pool.wait_ready(PATIENCE).expect("pool ready");
     let addr = health_addr(&pool);
@@ -1210,4 +1216,93 @@ fn health_client_limits_are_checked_in_the_config() {
             "{health}: {message}"
         );
     }
+}
+
+#[test]
+fn a_request_body_left_unfinished_gets_408() {
+    let _guard = watchdog("body_408", Duration::from_secs(60));
+    let sim = simulator();
+    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 500});
+    let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
+    pool.wait_ready(PATIENCE).expect("pool ready");
+    let addr = health_addr(&pool);
+    // Small bodies are read by tiny_http, larger ones by wirepool: the same answer.
+    for declared in [500, 2000] {
+        let mut client = connect(addr);
+        let head = request_head("POST", "/api/v1/pool/config", &[], declared);
+        client.write_all(head.as_bytes()).expect("head");
+        client
+            .write_all(b"{\"strategy\":")
+            .expect("part of the body");
+        let message = read_one_reply(&mut client).error(408);
+        assert!(message.contains("idle"), "{declared}: {message}");
+    }
+    assert_eq!(get(addr, "/health").status, 200);
+}
+
+/// A client that sends requests and never reads the replies: the port reads one of its
+/// requests at a time (its socket fills up, so the client stops), not as many as it
+/// sends (tiny_http as published read and queued every one: memory without bound), and
+/// answers everyone else meanwhile.
+#[test]
+fn a_client_that_pipelines_without_reading_is_read_one_request_at_a_time() {
+    let _guard = watchdog("pipelining_hog", Duration::from_secs(90));
+    let sim = simulator();
+    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 30000});
+    let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
+    pool.wait_ready(PATIENCE).expect("pool ready");
+    let addr = health_addr(&pool);
+    // What the kernel can hold between the two ends of one connection.
+    let most_buffered: usize = ["/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"]
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.split_whitespace().last()?.parse().ok())
+                .unwrap_or(8 << 20)
+        })
+        .sum();
+    let budget = most_buffered * 2 + (16 << 20);
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(4000)
+    );
+    let mut hog = connect(addr);
+    hog.set_nonblocking(true).expect("non-blocking");
+    let mut written = 0usize;
+    let mut stalled_since: Option<Instant> = None;
+    let started = Instant::now();
+    // Written until the port has stopped reading for a second.
+    while stalled_since.is_none_or(|since| since.elapsed() < Duration::from_secs(1)) {
+        assert!(
+            written < budget,
+            "the port read {written} bytes of requests from a client that reads no reply"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "wrote {written} bytes"
+        );
+        match hog.write(request.as_bytes()) {
+            Ok(count) => {
+                written += count;
+                stalled_since = None;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                stalled_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => panic!("writing: {err}"),
+        }
+    }
+    // Everyone else is answered promptly meanwhile.
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(get(addr, "/health").status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "/health took {:?} next to the hog",
+            started.elapsed()
+        );
+    }
+    drop(hog);
 }

@@ -38,6 +38,10 @@ pub struct ClientConnection {
     // wirepool's change: whether the line read last had begun when reading it failed
     // (a client idle between requests is let go without a 408).
     line_begun: bool,
+
+    // wirepool's change: held by every request of this client until it is answered
+    // (the server counts a client as open while this lives).
+    guard: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Longest request line or header line read (wirepool's change: the published crate
@@ -79,7 +83,13 @@ impl ClientConnection {
             no_more_requests: false,
             secure,
             line_begun: false,
+            guard: None,
         }
+    }
+
+    /// wirepool's addition: every request of this client holds `guard` until answered.
+    pub(crate) fn set_guard(&mut self, guard: std::sync::Arc<dyn std::any::Any + Send + Sync>) {
+        self.guard = Some(guard);
     }
 
     /// true if the connection is HTTPS
@@ -90,8 +100,8 @@ impl ClientConnection {
     /// Reads the next line from self.next_header_source.
     ///
     /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line. A line longer than [`MAX_LINE_BYTES`] or not
-    ///  in ASCII is refused (`what` names it in the reason).
+    ///  at the first byte of the new line. A line longer than [`MAX_LINE_BYTES`] is
+    ///  refused with `too_long`, one not in ASCII with a 400.
     fn read_next_line(&mut self, too_long: ReadError) -> Result<AsciiString, ReadError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
@@ -119,7 +129,7 @@ impl ClientConnection {
                     )
                 });
             }
-            if buf.len() >= MAX_LINE_BYTES {
+            if buf.len() > MAX_LINE_BYTES {
                 return Err(too_long);
             }
 
@@ -207,6 +217,9 @@ impl ClientConnection {
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
+                request::RequestCreationError::Refused(status, reason) => {
+                    ReadError::Refused(status, reason)
+                }
             }
         })?;
 
@@ -228,6 +241,11 @@ impl Iterator for ClientConnection {
         }
 
         loop {
+            // wirepool's change: one request at a time. The next request is read once
+            // the reply to this one is written (or given up): a client that pipelines
+            // requests and never reads the replies holds one request, not as many as
+            // it sends (the published crate read and queued them all).
+            self.sink.wait_for_previous();
             // wirepool's change: every refusal says what was wrong, as JSON like the
             // rest of wirepool's HTTP port (the published crate answered with an empty
             // body, or closed without answering when a line was not ASCII).
@@ -254,7 +272,7 @@ impl Iterator for ClientConnection {
                 )),
                 Err(ReadError::ReadIoError(_)) => return None,
             };
-            let rq = match read {
+            let mut rq = match read {
                 Ok(rq) => rq,
                 Err((ver, status, reason)) => {
                     let writer = self.sink.next().unwrap();
@@ -264,6 +282,8 @@ impl Iterator for ClientConnection {
                     return None;
                 }
             };
+
+            rq.guard = self.guard.clone();
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {

@@ -348,10 +348,13 @@ impl Server {
                 };
 
                 match new_client {
-                    Ok(client) => {
+                    Ok(mut client) => {
                         let messages = inside_messages.clone();
+                        // Counted until the client's thread is done and every request
+                        // it read is answered: the replies go out on other threads.
+                        let open = Arc::new(OpenClient::new(&open_clients));
+                        client.set_guard(open.clone());
                         let mut client = Some(client);
-                        let open = OpenClient::new(&open_clients);
                         tasks_pool.spawn(Box::new(move || {
                             let _open = &open;
                             if let Some(client) = client.take() {
@@ -377,12 +380,7 @@ impl Server {
                     // connection (it was reset before it was accepted) are skipped;
                     // others are retried after a pause.
                     Err(e) if accept_error_is_transient(&e) => {
-                        if !matches!(
-                            e.kind(),
-                            IoErrorKind::ConnectionAborted
-                                | IoErrorKind::ConnectionReset
-                                | IoErrorKind::Interrupted
-                        ) {
+                        if !about_one_connection(&e) {
                             if !failing {
                                 log::warn!("Error accepting new client (retrying): {}", e);
                                 failing = true;
@@ -534,14 +532,17 @@ fn refuse_busy(mut sock: Connection, max_clients: usize) {
 /// Whether an `accept` error leaves the listener usable: a lack of file descriptors or
 /// memory passes, and so does a connection reset before it was accepted.
 fn accept_error_is_transient(err: &IoError) -> bool {
+    about_one_connection(err)
+        || matches!(err.kind(), IoErrorKind::WouldBlock | IoErrorKind::OutOfMemory)
+        || transient_os_error(err.raw_os_error())
+}
+
+/// An `accept` error about the one connection it was taking (retried at once).
+fn about_one_connection(err: &IoError) -> bool {
     matches!(
         err.kind(),
-        IoErrorKind::ConnectionAborted
-            | IoErrorKind::ConnectionReset
-            | IoErrorKind::Interrupted
-            | IoErrorKind::WouldBlock
-            | IoErrorKind::OutOfMemory
-    ) || transient_os_error(err.raw_os_error())
+        IoErrorKind::ConnectionAborted | IoErrorKind::ConnectionReset | IoErrorKind::Interrupted
+    )
 }
 
 /// EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, EPERM (a firewall), ETIMEDOUT.

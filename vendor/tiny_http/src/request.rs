@@ -74,6 +74,9 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // wirepool's change: held until the request is dropped (see `ClientConnection`).
+    pub(crate) guard: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 struct NotifyOnDrop<R> {
@@ -108,6 +111,9 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// wirepool's change: the request is refused with this status and reason.
+    Refused(u16, &'static str),
 }
 
 impl From<IoError> for RequestCreationError {
@@ -145,6 +151,16 @@ where
         .iter()
         .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
         .map(|h| h.value.clone());
+
+    // wirepool's change: chunked bodies are refused. The decoder read a chunk-size line
+    // of any length into memory; a body of known length is all a server of small
+    // JSON bodies needs.
+    if transfer_encoding.is_some() {
+        return Err(RequestCreationError::Refused(
+            411,
+            "length required: send the body with a Content-Length (Transfer-Encoding is not accepted)",
+        ));
+    }
 
     // finding the content-length header
     let content_length = if transfer_encoding.is_some() {
@@ -238,6 +254,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        guard: None,
     })
 }
 

@@ -73,6 +73,16 @@ impl<W: Write + Send> SequentialWriterBuilder<W> {
     }
 }
 
+impl<W: Write + Send> SequentialWriterBuilder<W> {
+    /// wirepool's addition: waits until the writer handed out last is done with (its
+    /// reply written, or dropped), so that the next one writes at once.
+    pub fn wait_for_previous(&mut self) {
+        if let Some(trigger) = self.next_trigger.take() {
+            let _ = trigger.recv();
+        }
+    }
+}
+
 impl<R: Read + Send> Iterator for SequentialReaderBuilder<R> {
     type Item = SequentialReader<R>;
 
