@@ -445,7 +445,13 @@ fn deleting_a_connection_replaces_it() {
 fn opening_connections_stops_at_max_with_409() {
     let _guard = watchdog("open_until_max", Duration::from_secs(60));
     let sim = simulator();
-    let pool = ready_pool(&sim, 2, 3, None);
+    // No scaling down: an idle pool drains a connection beyond min_connections once
+    // scale_cooldown_ms (5 s) has passed since the open, which a loaded machine reaches
+    // before the second POST.
+    let mut config = config(&sim.url(), 2, 3, json!({"listen": "127.0.0.1:0"}));
+    config.pool.scale_down_at = 0.0;
+    let pool = Pool::new(config).expect("pool opens");
+    pool.wait_ready(PATIENCE).expect("pool ready");
     let addr = health_addr(&pool);
     let opened = http(addr, "POST", "/api/v1/connections", &[], b"");
     assert_eq!(opened.status, 201, "{}", opened.text());

@@ -88,7 +88,9 @@ def test_set_token_rotates_and_a_refused_token_keeps_the_sessions(start_simulato
 
 
 def test_connections_can_be_listed_recycled_opened_and_closed(simulator, make_pool):
-    pool = make_pool(config_for(simulator.url, pool={"min_connections": 2, "max_connections": 3}))
+    # No scaling down: an idle pool would drain the connection opened beyond min_connections.
+    pool = make_pool(config_for(simulator.url, pool={"min_connections": 2, "max_connections": 3,
+                                                     "scale_down_at": 0.0}))
     pool.wait_ready(timeout=10.0)
     pool.subscribe("ticker.0")
     first = receive_at_least(pool, 5)
