@@ -778,7 +778,10 @@ impl Pool {
         self.ask(|reply| PoolCommand::Recycle(connection_id, reply))
     }
 
-    /// Opens one more connection, up to `max_connections`. Returns its id.
+    /// Opens one more connection, up to `max_connections`. Returns its id. Counts as a
+    /// scaling decision: a pool whose load stays under `scale_down_at` drains one
+    /// connection beyond `min_connections` once `scale_cooldown_ms` has passed (raise
+    /// `min_connections` with [`Pool::reconfigure`] to keep more).
     pub fn open_connection(&self) -> Result<u64> {
         self.ask(PoolCommand::AddConnection)
     }
@@ -1335,6 +1338,9 @@ impl PoolThread {
             )));
         }
         self.slots.push(Slot::new());
+        // A scaling decision like the scaler's own: an idle pool keeps the connection
+        // for scale_cooldown_ms before it drains one (it drained it at once before).
+        self.last_scaling = Some(Instant::now());
         let index = self.slots.len() - 1;
         self.start_connection(index);
         self.slots[index].connection.ok_or_else(|| {

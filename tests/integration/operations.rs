@@ -795,3 +795,34 @@ fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A connection opened on demand counts as a scaling decision: an idle pool keeps it
+/// for `scale_cooldown_ms` before scaling back down (it was drained at once).
+#[test]
+fn a_connection_opened_on_demand_outlives_the_scaling_cooldown() {
+    let _guard = watchdog("open_then_cooldown", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 1, "max_connections": 3, "scale_cooldown_ms": 1500}}),
+    );
+    pool.wait_ready(Duration::from_secs(20)).expect("ready");
+    let opened_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let id = pool.open_connection().expect("one more");
+    let events = wait_for_event(&pool, Duration::from_secs(20), "scale_down", |event| {
+        event.kind == "scale_down"
+    });
+    let ready_at = events
+        .iter()
+        .position(|event| event.kind == "ready" && event.connection_id == Some(id));
+    assert!(ready_at.is_some(), "{events:?}");
+    let scaled_down = events.last().expect("the scale_down event");
+    assert!(
+        scaled_down.ts_ms >= opened_at_ms + 1400,
+        "scaled down {} ms after the open: {events:?}",
+        scaled_down.ts_ms.saturating_sub(opened_at_ms)
+    );
+}
