@@ -1689,6 +1689,14 @@ fn after_earlier(last: Error, earlier: &[Error]) -> Error {
 
 fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
     match err {
+        // Over TLS, an end of stream without close_notify (in plain TCP, tungstenite's
+        // HandshakeIncomplete, below).
+        tungstenite::Error::Io(io_err) if io_err.kind() == io::ErrorKind::UnexpectedEof => {
+            Error::Io(format!(
+                "handshake with {url}: the server closed the connection before it finished \
+                 its answer to the WebSocket upgrade"
+            ))
+        }
         tungstenite::Error::Io(io_err) => io_error(io_err, &format!("handshake with {url}")),
         tungstenite::Error::Tls(tls) => Error::Tls(format!("handshake with {url}: {tls}")),
         tungstenite::Error::Http(response) => {
@@ -1735,7 +1743,7 @@ fn handshake_error(err: tungstenite::Error, url: &str) -> Error {
         tungstenite::Error::AttackAttempt => Error::Protocol(format!(
             "handshake with {url}: the server's answer to the WebSocket upgrade is not an \
              HTTP response head of at most 64 KiB (tungstenite refuses a longer one, or one \
-             trickled in hundreds of small pieces); is this a WebSocket endpoint?"
+             trickled in many small pieces); is this a WebSocket endpoint?"
         )),
         tungstenite::Error::Protocol(protocol) => {
             use tungstenite::error::ProtocolError as P;
@@ -1845,8 +1853,8 @@ fn read_error(err: tungstenite::Error) -> Error {
             size,
             max_size,
         }) => Error::Protocol(format!(
-            "reading: the server sent a message of {size} bytes, over the {max_size}-byte \
-             limit of a WebSocket message (max_message_bytes)"
+            "reading: the server sent a message of {size} bytes or more, over the \
+             {max_size}-byte limit of a WebSocket message (max_message_bytes)"
         )),
         other => Error::Protocol(format!("reading: {other}")),
     }

@@ -586,7 +586,8 @@ pub unsafe extern "C" fn wirepool_pool_connections_json(
 /// Closes one connection (a close frame is sent); the pool replaces it like after any
 /// failure, and its channels move to other ready connections at once. Requests in
 /// flight on it fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless idempotent.
-/// `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id.
+/// `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id,
+/// `WIREPOOL_ERR_CLOSED` once the pool is closed.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_close_connection(
     pool: *const wirepool_pool,
@@ -606,7 +607,8 @@ pub unsafe extern "C" fn wirepool_pool_close_connection(
 /// few messages may arrive twice, once from each). Writes the new connection's id to
 /// `out_replacement_id` (may be NULL); `recycled` or `recycle_failed` events follow.
 /// `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id or it cannot be
-/// recycled now (not ready, already being replaced, closing).
+/// recycled now (not ready, already being replaced, closing), `WIREPOOL_ERR_IO` when no
+/// server admits a replacement now, `WIREPOOL_ERR_CLOSED` once the pool is closed.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_recycle_connection(
     pool: *const wirepool_pool,
@@ -628,7 +630,11 @@ pub unsafe extern "C" fn wirepool_pool_recycle_connection(
 }
 
 /// Opens one more connection, up to `pool.max_connections`, and writes its id to
-/// `out_connection_id` (may be NULL). `WIREPOOL_ERR_INVALID_ARGUMENT` at the maximum.
+/// `out_connection_id` (may be NULL). The next scaling decision waits
+/// `pool.scale_cooldown_ms` (an idle pool then drains one beyond `min_connections`).
+/// On failure nothing is opened: `WIREPOOL_ERR_INVALID_ARGUMENT` at the maximum or
+/// while the pool is idle by lease, `WIREPOOL_ERR_IO` when no server admits a
+/// connection now (breaker open, `Retry-After`), `WIREPOOL_ERR_CLOSED` once closed.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_open_connection(
     pool: *const wirepool_pool,

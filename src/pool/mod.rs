@@ -779,9 +779,12 @@ impl Pool {
     }
 
     /// Opens one more connection, up to `max_connections`. Returns its id. Counts as a
-    /// scaling decision: a pool whose load stays under `scale_down_at` drains one
-    /// connection beyond `min_connections` once `scale_cooldown_ms` has passed (raise
-    /// `min_connections` with [`Pool::reconfigure`] to keep more).
+    /// scaling decision: the next one waits `scale_cooldown_ms` (a pool whose load stays
+    /// under `scale_down_at` then drains one connection beyond `min_connections`; raise
+    /// `min_connections` with [`Pool::reconfigure`] to keep more). Fails, leaving the
+    /// pool as it was, at `max_connections` or while the pool is idle by lease
+    /// ([`Error::InvalidArgument`]) and when no server admits a connection now (breaker
+    /// open, `Retry-After`: [`Error::Io`]).
     pub fn open_connection(&self) -> Result<u64> {
         self.ask(PoolCommand::AddConnection)
     }
@@ -1331,21 +1334,58 @@ impl PoolThread {
     }
 
     fn add_slot(&mut self) -> Result<u64> {
+        if self.suspended {
+            // Its connection would outlive the idle state and add to the `min` that the
+            // next lease opens, past max_connections.
+            return Err(Error::InvalidArgument(
+                "the pool is idle (no lease held past lease.idle_timeout_ms): take a lease \
+                 and it reconnects"
+                    .into(),
+            ));
+        }
         let max = self.inner.settings.read().max_connections as usize;
         if self.slots.len() >= max {
             return Err(Error::InvalidArgument(format!(
                 "the pool already has max_connections ({max}) connections"
             )));
         }
+        let no_server = || {
+            Error::Io(
+                "no server admits a connection now (circuit open or Retry-After); none was \
+                 opened"
+                    .into(),
+            )
+        };
+        let now = Instant::now();
+        if self
+            .servers
+            .iter()
+            .all(|server| server.shut_until(now).is_some())
+        {
+            return Err(no_server());
+        }
         self.slots.push(Slot::new());
-        // A scaling decision like the scaler's own: an idle pool keeps the connection
-        // for scale_cooldown_ms before it drains one (it drained it at once before).
-        self.last_scaling = Some(Instant::now());
         let index = self.slots.len() - 1;
         self.start_connection(index);
-        self.slots[index].connection.ok_or_else(|| {
-            Error::Io("no server admits a connection now (circuit open or Retry-After)".into())
-        })
+        match self.slots[index].connection {
+            Some(id) => {
+                // A scaling decision like the scaler's own: the next one (an idle pool
+                // draining a connection, or a busy one adding one) waits
+                // scale_cooldown_ms (the pool drained it at once before).
+                self.last_scaling = Some(now);
+                Ok(id)
+            }
+            // Not started after all (no server took it, or its thread did not start):
+            // the slot goes, so a failed open leaves the pool as it was.
+            None => {
+                self.slots.pop();
+                Err(Error::Io(
+                    "the connection could not be started now (no server admits one, or its \
+                     thread did not start); none was opened"
+                        .into(),
+                ))
+            }
+        }
     }
 
     fn reconfigure(&mut self, settings: PoolSettings) -> Result<()> {

@@ -826,3 +826,64 @@ fn a_connection_opened_on_demand_outlives_the_scaling_cooldown() {
         scaled_down.ts_ms.saturating_sub(opened_at_ms)
     );
 }
+
+/// Opening a connection on demand while the pool idles by lease, or while no server
+/// admits one, fails and leaves the pool as it was (each failed open used to add a slot
+/// that was filled later, and one opened while idle pushed the pool past its maximum
+/// at the next lease).
+#[test]
+fn an_open_that_cannot_be_done_leaves_the_pool_as_it_was() {
+    let _guard = watchdog("open_refused", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 1, "max_connections": 1},
+                           "lease": {"idle_timeout_ms": 200}}),
+    );
+    let lease = pool.lease().expect("a lease");
+    pool.wait_ready(Duration::from_secs(20)).expect("ready");
+    drop(lease);
+    wait_for_event(&pool, Duration::from_secs(20), "suspended", |event| {
+        event.kind == "suspended"
+    });
+    match pool.open_connection() {
+        Err(Error::InvalidArgument(text)) => assert!(text.contains("idle"), "{text}"),
+        other => panic!("an open while idle: {other:?}"),
+    }
+    let _lease = pool.lease().expect("a lease again");
+    pool.wait_ready(Duration::from_secs(20))
+        .expect("ready again");
+    assert_eq!(
+        pool.stats().total_connections,
+        1,
+        "{:?}",
+        pool.connections()
+    );
+
+    // No server admits a connection (its breaker is open): each open fails the same
+    // way, and none is opened later.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let refused = pool_from(
+        serde_json::json!({"servers": [{"url": url}],
+                           "pool": {"min_connections": 1, "max_connections": 3},
+                           "circuit_breaker": {"failure_threshold": 1, "recovery_timeout_ms": 60000}}),
+        serde_json::json!({}),
+    );
+    wait_for_event(&refused, Duration::from_secs(20), "circuit_open", |event| {
+        event.kind == "circuit_open"
+    });
+    for _ in 0..3 {
+        match refused.open_connection() {
+            Err(Error::Io(text)) => assert!(text.contains("no server admits"), "{text}"),
+            other => panic!("an open with the breaker open: {other:?}"),
+        }
+    }
+    assert_eq!(refused.settings().max_connections, 3);
+    assert!(
+        refused.connections().len() <= 1,
+        "{:?}",
+        refused.connections()
+    );
+}

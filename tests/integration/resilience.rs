@@ -1189,7 +1189,7 @@ fn a_message_over_max_message_bytes_ends_the_session_naming_the_setting() {
     });
     let reason = last_message(&events);
     assert!(
-        reason.contains("a message of 4097 bytes, over the 4096-byte limit")
+        reason.contains("a message of 4097 bytes or more, over the 4096-byte limit")
             && reason.contains("max_message_bytes"),
         "{reason}"
     );

@@ -245,3 +245,44 @@ fn a_client_key_that_does_not_match_the_certificate_is_a_config_error_naming_bot
     let err = pool_with(&pki.client_key, &pki.client_key).expect("no certificate");
     assert!(err.contains("tls.client_cert"), "{err}");
 }
+
+/// A TLS server that reads the upgrade request and hangs up (no close_notify): the
+/// failure says so in the same words as over plain TCP.
+#[test]
+fn a_tls_server_that_hangs_up_during_the_upgrade_is_named() {
+    use std::io::Read;
+    let _guard = watchdog("tls_hang_up", Duration::from_secs(60));
+    let pki = test_pki();
+    let server_config = Arc::clone(&pki.server_config);
+    let server = support::Acceptor::start(move |stream, _stop| {
+        let Ok(connection) = rustls::ServerConnection::new(Arc::clone(&server_config)) else {
+            return;
+        };
+        let mut tls = rustls::StreamOwned::new(connection, stream);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        // Dropped without close_notify: the TCP connection just ends.
+    });
+    let url = server.url().replace("ws://127.0.0.1", "wss://localhost");
+    let ca_file = write_temp("ca.pem", &pki.ca_pem);
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": url}],
+            "tls": {"ca_file": ca_file, "roots": "none"},
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let pool = Pool::new(config).expect("pool");
+    let reason = first_close_reason(&pool);
+    assert!(
+        reason.contains("the server closed the connection before it finished its answer"),
+        "{reason}"
+    );
+}

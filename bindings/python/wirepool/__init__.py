@@ -1051,7 +1051,7 @@ class Pool(_Handle):
         messages may arrive twice, once from each), so data does not stop. ``recycled``
         or ``recycle_failed`` events follow. ``InvalidArgumentError`` when there is no
         such connection or it cannot be recycled now (not ready, already being
-        replaced)."""
+        replaced); ``IoError`` when no server admits a replacement now."""
         connection_id = _connection_id(connection_id)
         out = c_uint64()
         self._simple_call(
@@ -1061,7 +1061,11 @@ class Pool(_Handle):
 
     def open_connection(self) -> int:
         """Opens one more connection, up to ``pool.max_connections``, and returns its
-        id; ``InvalidArgumentError`` at the maximum."""
+        id. The next scaling decision waits ``pool.scale_cooldown_ms`` (an idle pool
+        then drains one beyond ``min_connections``). When it cannot be done nothing is
+        opened: ``InvalidArgumentError`` at the maximum or while the pool is idle by
+        lease, ``IoError`` when no server admits a connection now (breaker open,
+        ``Retry-After``)."""
         out = c_uint64()
         self._simple_call(lambda handle: lib.wirepool_pool_open_connection(handle, byref(out)))
         return out.value
