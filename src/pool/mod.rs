@@ -1763,6 +1763,12 @@ impl PoolThread {
                 "no connection with id {old}"
             )));
         }
+        if self.draining.iter().any(|(id, _)| *id == old) {
+            return Err(Error::InvalidArgument(format!(
+                "connection {old} is draining (its channels moved already; it closes once \
+                 its requests are answered)"
+            )));
+        }
         if !self.ready.contains(&old) {
             return Err(Error::InvalidArgument(format!(
                 "connection {old} is not ready (only a ready connection is recycled; close \

@@ -321,3 +321,47 @@ fn a_token_rotation_cut_short_by_close_says_the_pool_closed() {
         "a rotation the close cut short must say the pool closed, got {outcome:?}"
     );
 }
+
+/// A connection being drained (a shrink moved its channels; it waits for its requests)
+/// is not recycled, and the refusal says it is draining.
+#[test]
+fn a_draining_connection_is_not_recycled_and_the_refusal_says_why() {
+    let _guard = watchdog("recycle draining", Duration::from_secs(60));
+    let sim = simulator();
+    let pool = Arc::new(pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 2, "max_connections": 2}}),
+    ));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            request_in_background(
+                &pool,
+                br#"{"op":"delay","ms":3000}"#,
+                Duration::from_secs(20),
+                false,
+            )
+        })
+        .collect();
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "both connections busy",
+        || pool.stats().busy_connections == 2,
+    );
+    let ids: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    let mut settings = pool.settings();
+    settings.min_connections = 1;
+    settings.max_connections = 1;
+    pool.reconfigure(settings).expect("shrink");
+    let refusals: Vec<String> = ids
+        .iter()
+        .filter_map(|id| match pool.recycle_connection(*id) {
+            Err(wirepool::Error::InvalidArgument(text)) if text.contains("draining") => Some(text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    for caller in callers {
+        let _ = caller.join();
+    }
+}
