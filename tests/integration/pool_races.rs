@@ -120,31 +120,33 @@ fn reconfigure_while_idle_opens_no_connection_until_the_next_lease() {
     assert_eq!(pool.connections().len(), 2, "{:?}", pool.connections());
 }
 
-#[test]
-fn shrinking_the_pool_lets_requests_in_flight_on_the_removed_connection_finish() {
-    let _guard = watchdog("shrink in flight", Duration::from_secs(60));
-    let sim = simulator();
+/// A thread waiting for a request's reply.
+type Caller = std::thread::JoinHandle<wirepool::Result<Vec<u8>>>;
+
+/// A two-connection pool with one `request` (a slow one) in flight on each connection
+/// (requests go to the least busy one), and the threads waiting for their replies.
+fn two_busy_connections(sim: &Simulator, request: &'static [u8]) -> (Arc<Pool>, Vec<Caller>) {
     let pool = Arc::new(pool(
         &sim.url(),
         serde_json::json!({"pool": {"min_connections": 2, "max_connections": 2}}),
     ));
-    let callers: Vec<_> = (0..2)
-        .map(|_| {
-            request_in_background(
-                &pool,
-                br#"{"op":"delay","ms":1500}"#,
-                Duration::from_secs(20),
-                false,
-            )
-        })
+    let callers = (0..2)
+        .map(|_| request_in_background(&pool, request, Duration::from_secs(20), false))
         .collect();
-    // One request on each connection (requests go to the least busy one).
     wait_until(
         &pool,
         Duration::from_secs(10),
         "both connections busy",
         || pool.stats().busy_connections == 2,
     );
+    (pool, callers)
+}
+
+#[test]
+fn shrinking_the_pool_lets_requests_in_flight_on_the_removed_connection_finish() {
+    let _guard = watchdog("shrink in flight", Duration::from_secs(60));
+    let sim = simulator();
+    let (pool, callers) = two_busy_connections(&sim, br#"{"op":"delay","ms":1500}"#);
     let mut settings = pool.settings();
     settings.min_connections = 1;
     pool.reconfigure(settings).expect("shrink");
@@ -328,26 +330,7 @@ fn a_token_rotation_cut_short_by_close_says_the_pool_closed() {
 fn a_draining_connection_is_not_recycled_and_the_refusal_says_why() {
     let _guard = watchdog("recycle draining", Duration::from_secs(60));
     let sim = simulator();
-    let pool = Arc::new(pool(
-        &sim.url(),
-        serde_json::json!({"pool": {"min_connections": 2, "max_connections": 2}}),
-    ));
-    let callers: Vec<_> = (0..2)
-        .map(|_| {
-            request_in_background(
-                &pool,
-                br#"{"op":"delay","ms":3000}"#,
-                Duration::from_secs(20),
-                false,
-            )
-        })
-        .collect();
-    wait_until(
-        &pool,
-        Duration::from_secs(10),
-        "both connections busy",
-        || pool.stats().busy_connections == 2,
-    );
+    let (pool, callers) = two_busy_connections(&sim, br#"{"op":"delay","ms":3000}"#);
     let ids: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
     let mut settings = pool.settings();
     settings.min_connections = 1;

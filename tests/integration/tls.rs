@@ -32,6 +32,19 @@ fn tls_simulator(server_config: &Arc<rustls::ServerConfig>) -> Simulator {
     .expect("TLS simulator")
 }
 
+/// A config for one server at `url` that trusts only the test CA.
+fn trusting_the_test_ca(url: &str, pki: &TestPki) -> Config {
+    let ca_file = write_temp("ca.pem", &pki.ca_pem);
+    Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": url}],
+            "tls": {"ca_file": ca_file, "roots": "none"},
+        })
+        .to_string(),
+    )
+    .expect("config")
+}
+
 /// A pool on `config` that becomes ready and receives data on a subscription.
 fn ready_and_receiving(config: Config) -> Pool {
     let pool = Pool::new(config).expect("pool");
@@ -61,15 +74,7 @@ fn connects_over_tls_with_a_private_ca_file() {
     let sim = tls_simulator(&pki.server_config);
     let url = sim.url();
     assert!(url.starts_with("wss://localhost:"), "{url}");
-    let ca_file = write_temp("ca.pem", &pki.ca_pem);
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": url}],
-            "tls": {"ca_file": ca_file, "roots": "none"},
-        })
-        .to_string(),
-    )
-    .expect("config");
+    let config = trusting_the_test_ca(&url, &pki);
     let pool = ready_and_receiving(config);
     let reply = pool
         .request(br#"{"over":"tls"}"#, RequestOptions::default())
@@ -270,15 +275,7 @@ fn a_tls_server_that_hangs_up_during_the_upgrade_is_named() {
         // Dropped without close_notify: the TCP connection just ends.
     });
     let url = server.url().replace("ws://127.0.0.1", "wss://localhost");
-    let ca_file = write_temp("ca.pem", &pki.ca_pem);
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": url}],
-            "tls": {"ca_file": ca_file, "roots": "none"},
-        })
-        .to_string(),
-    )
-    .expect("config");
+    let config = trusting_the_test_ca(&url, &pki);
     let pool = Pool::new(config).expect("pool");
     let reason = first_close_reason(&pool);
     assert!(
