@@ -501,17 +501,7 @@ fn a_message_too_big_for_the_codec_says_its_size_and_the_limit() {
         if ws.send(WsMessage::text(frame)).is_err() {
             return;
         }
-        let _ = ws
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_millis(20)));
-        while !stop.load(Ordering::Relaxed) {
-            match ws.read() {
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(err))
-                    if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => return,
-            }
-        }
+        crate::support::read_until_stopped(&mut ws, stop);
     });
     let config = serde_json::json!({
         "servers": [{"url": acceptor.url()}],
