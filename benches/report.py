@@ -147,6 +147,9 @@ def main():
         "latency_busy_poll_p50_us": ("latency_pool_json_busy_poll", "p50_us"),
         "latency_busy_poll_p99_us": ("latency_pool_json_busy_poll", "p99_us"),
         "latency_busy_poll_p999_us": ("latency_pool_json_busy_poll", "p999_us"),
+        "latency_consumer_spin_p50_us": ("latency_pool_json_consumer_spin", "p50_us"),
+        "latency_consumer_spin_p99_us": ("latency_pool_json_consumer_spin", "p99_us"),
+        "latency_consumer_spin_p999_us": ("latency_pool_json_consumer_spin", "p999_us"),
         "latency_spin_loop_p50_us": ("latency_raw_tungstenite_spin", "p50_us"),
         "latency_spin_loop_p99_us": ("latency_raw_tungstenite_spin", "p99_us"),
         "latency_spin_loop_p999_us": ("latency_raw_tungstenite_spin", "p999_us"),
@@ -156,6 +159,7 @@ def main():
     summary["latency_p99_us_rounds"] = rounds("latency_pool_json", "p99_us")
     summary["latency_tungstenite_p99_us_rounds"] = rounds("latency_raw_tungstenite", "p99_us")
     summary["latency_busy_poll_p99_us_rounds"] = rounds("latency_pool_json_busy_poll", "p99_us")
+    summary["latency_consumer_spin_p99_us_rounds"] = rounds("latency_pool_json_consumer_spin", "p99_us")
     summary["latency_spin_loop_p99_us_rounds"] = rounds("latency_raw_tungstenite_spin", "p99_us")
 
     for scheme in ("ws", "wss"):
@@ -286,6 +290,7 @@ def verdicts(s):
         ("  tungstenite loop p50", fmt(s.get("latency_tungstenite_p50_us"), "us"), "", ""),
         ("  tungstenite loop p99 / p99.9", f"{fmt(s.get('latency_tungstenite_p99_us'), 'us')} / {fmt(s.get('latency_tungstenite_p999_us'), 'us')}", "", ""),
         ("latency p50 / p99 / p99.9, busy_poll 1 ms", " / ".join(fmt(s.get(f"latency_busy_poll_{q}_us"), "us") for q in ("p50", "p99", "p999")), "<= 50 us", limit_verdict(s.get("latency_busy_poll_p99_us"), 50)),
+        ("  consumer alone spinning (consumer_us 1 ms)", " / ".join(fmt(s.get(f"latency_consumer_spin_{q}_us"), "us") for q in ("p50", "p99", "p999")), "<= 50 us", limit_verdict(s.get("latency_consumer_spin_p99_us"), 50)),
         ("  spinning tungstenite loop", " / ".join(fmt(s.get(f"latency_spin_loop_{q}_us"), "us") for q in ("p50", "p99", "p999")), "", ""),
         ("connect-to-ready ws, median", fmt(s.get("connect_ws_median_ms"), "ms"), "<= 2 ms", limit_verdict(s.get("connect_ws_median_ms"), 2)),
         ("  ws p99", fmt(s.get("connect_ws_p99_ms"), "ms"), "", ""),

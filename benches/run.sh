@@ -147,9 +147,12 @@ for round in $(seq "$ROUNDS"); do
   measure latency_pool_json "$FEED" latency --url "$WS" --client pool-json "${LATENCY_ARGS[@]}"
   measure latency_pool_raw "$FEED" latency --url "$WS" --client pool-raw "${LATENCY_ARGS[@]}"
   # Busy polling (a CPU kept busy per spinning thread): the worker and the consumer,
-  # and the floor, a tungstenite loop that never sleeps.
+  # the consumer alone (on two vCPUs with the feed's sender, two spinning threads
+  # compete with it), and the floor, a tungstenite loop that never sleeps.
   measure latency_pool_json_busy_poll "$FEED" latency --url "$WS" --client pool-json \
     --worker-spin-us 1000 --consumer-spin-us 1000 "${LATENCY_ARGS[@]}"
+  measure latency_pool_json_consumer_spin "$FEED" latency --url "$WS" --client pool-json \
+    --consumer-spin-us 1000 "${LATENCY_ARGS[@]}"
   measure latency_raw_tungstenite_spin "$FEED" latency --url "$WS" --client tungstenite-spin "${LATENCY_ARGS[@]}"
 done
 

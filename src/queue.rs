@@ -380,6 +380,36 @@ impl QueueState {
     }
 }
 
+/// A producer's mark on its queue that it is in the middle of a burst: it has more to
+/// read and will push again within moments. Cleared when dropped.
+pub(crate) struct Bursting {
+    queue: Arc<ConsumerQueue>,
+    on: bool,
+}
+
+impl Bursting {
+    pub fn new(queue: Arc<ConsumerQueue>) -> Bursting {
+        Bursting { queue, on: false }
+    }
+
+    pub fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.on = on;
+            if on {
+                self.queue.bursting.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.queue.bursting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Bursting {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// The bounded multi-producer queue with a readiness fd.
 pub(crate) struct ConsumerQueue {
     // Guards the messages and the closed flag; the eventfd is written only under it,
@@ -400,6 +430,14 @@ pub(crate) struct ConsumerQueue {
     /// without it (a spinner that took the lock would keep producers from it).
     queued_hint: AtomicUsize,
     closed_hint: AtomicBool,
+    /// Producers in the middle of a burst (see [`Bursting`]).
+    bursting: AtomicUsize,
+    /// How long a consumer finding the queue empty looks again while a producer is
+    /// in the middle of a burst (`busy_poll.burst_us`).
+    burst_spin: Duration,
+    /// Looks taken by consumers spinning for a burst (the tests' evidence of a spin).
+    #[cfg(test)]
+    burst_looks: AtomicU64,
 }
 
 /// What a push did.
@@ -439,6 +477,10 @@ impl ConsumerQueue {
             spin: Duration::ZERO,
             queued_hint: AtomicUsize::new(0),
             closed_hint: AtomicBool::new(false),
+            bursting: AtomicUsize::new(0),
+            burst_spin: Duration::ZERO,
+            #[cfg(test)]
+            burst_looks: AtomicU64::new(0),
         })
     }
 
@@ -482,6 +524,13 @@ impl ConsumerQueue {
     /// sleep (see [`BusyPollConfig`](crate::config::BusyPollConfig)).
     pub fn with_spin(mut self, spin: Duration) -> ConsumerQueue {
         self.spin = spin;
+        self
+    }
+
+    /// Consumers finding the queue empty while a producer is in the middle of a burst
+    /// look again for up to `spin` before they sleep.
+    pub fn with_burst_spin(mut self, spin: Duration) -> ConsumerQueue {
+        self.burst_spin = spin;
         self
     }
 
@@ -668,7 +717,7 @@ impl ConsumerQueue {
     }
 
     fn signal_not_empty(&self, state: &QueueState, was_empty: bool) {
-        if !self.spin.is_zero() {
+        if self.spins() {
             self.queued_hint.store(state.len, Ordering::Release);
         }
         if was_empty && state.len > 0 && state.fd_armed {
@@ -699,6 +748,18 @@ impl ConsumerQueue {
                 parking_lot::MutexGuard::unlocked(state, || self.spin_until_queued(until));
             }
         }
+        // A producer in the middle of a burst will push again within moments: looking
+        // for it costs less than the sleep and the wake-up (a futex wake costs the
+        // producer 10-15 us on a VM).
+        if state.len == 0
+            && !state.closed
+            && !self.burst_spin.is_zero()
+            && self.bursting.load(Ordering::Relaxed) > 0
+        {
+            let spin_until = Instant::now() + self.burst_spin;
+            let until = deadline.map_or(spin_until, |deadline| deadline.min(spin_until));
+            parking_lot::MutexGuard::unlocked(state, || self.spin_while_bursting(until));
+        }
         while state.len == 0 {
             if state.closed {
                 return Err(());
@@ -726,6 +787,31 @@ impl ConsumerQueue {
         }
     }
 
+    /// [`spin_until_queued`](Self::spin_until_queued), for as long as a producer is in
+    /// the middle of a burst.
+    fn spin_while_bursting(&self, until: Instant) {
+        while self.queued_hint.load(Ordering::Acquire) == 0
+            && !self.closed_hint.load(Ordering::Acquire)
+            && self.bursting.load(Ordering::Relaxed) > 0
+            && Instant::now() < until
+        {
+            #[cfg(test)]
+            self.burst_looks.fetch_add(1, Ordering::Relaxed);
+            std::thread::yield_now();
+        }
+    }
+
+    /// Producers in the middle of a burst.
+    #[cfg(test)]
+    pub fn bursting_connections(&self) -> usize {
+        self.bursting.load(Ordering::Relaxed)
+    }
+
+    /// Whether consumers may spin (and the hints must be kept).
+    fn spins(&self) -> bool {
+        !self.spin.is_zero() || !self.burst_spin.is_zero()
+    }
+
     /// After taking messages: the fd follows the queue, producers may go on.
     fn taken(
         &self,
@@ -736,7 +822,7 @@ impl ConsumerQueue {
         state.len -= taken;
         state.bytes -= taken_bytes;
         // The hints serve spinning consumers only: others leave the line alone.
-        if !self.spin.is_zero() {
+        if self.spins() {
             self.queued_hint.store(state.len, Ordering::Relaxed);
             if taken > 0 {
                 state.last_taken = Some(Instant::now());
@@ -1354,6 +1440,73 @@ mod tests {
         queue.close();
         assert_eq!(consumer.join().unwrap(), Err(()));
         assert!(queue.push_chunk(&mut chunk(0..2)).closed);
+    }
+
+    /// A consumer that finds the queue empty spins only while a producer is in the
+    /// middle of a burst (`busy_poll.burst_us`, far longer than the test here): a push
+    /// ends the spin, and so does the end of the burst, after which it sleeps.
+    #[test]
+    fn a_consumer_spins_for_a_burst_only_while_it_lasts() {
+        let queue = Arc::new(
+            ConsumerQueue::new(4, Overflow::Block)
+                .unwrap()
+                .with_burst_spin(Duration::from_secs(30)),
+        );
+        let consumer = |queue: &Arc<ConsumerQueue>| {
+            let queue = Arc::clone(queue);
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let result = queue.pop_batch(&mut out, 4, Some(Duration::from_secs(60)));
+                (result, out)
+            })
+        };
+        let looks = |queue: &ConsumerQueue| queue.burst_looks.load(Ordering::Relaxed);
+        let eventually = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+
+        // No burst: a waiting consumer sleeps.
+        let waiting = consumer(&queue);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(looks(&queue), 0, "no producer bursts: no spin");
+        assert!(!queue.push_chunk(&mut chunk(1..2)).closed);
+        assert_eq!(waiting.join().unwrap(), (Ok(1), vec![message(1)]));
+
+        // A burst: the consumer spins until the push.
+        let mut burst = Bursting::new(Arc::clone(&queue));
+        burst.set(true);
+        let spinning = consumer(&queue);
+        eventually("the consumer spins while a producer bursts", &|| {
+            looks(&queue) > 0
+        });
+        assert!(!queue.push_chunk(&mut chunk(2..4)).closed);
+        assert_eq!(
+            spinning.join().unwrap(),
+            (Ok(2), vec![message(2), message(3)])
+        );
+
+        // The burst ends while the consumer spins: it stops looking and sleeps until
+        // the next push (30 s of spin were allowed).
+        let spinning = consumer(&queue);
+        let before = looks(&queue);
+        eventually("the consumer spins again", &|| looks(&queue) > before);
+        drop(burst);
+        assert_eq!(
+            queue.bursting.load(Ordering::Relaxed),
+            0,
+            "the mark is cleared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let after_end = looks(&queue);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(looks(&queue), after_end, "no looks once the burst ended");
+        assert!(!spinning.is_finished(), "the consumer still waits");
+        assert!(!queue.push_chunk(&mut chunk(4..5)).closed);
+        assert_eq!(spinning.join().unwrap(), (Ok(1), vec![message(4)]));
     }
 
     /// Busy polling: a spinning consumer (spin far longer than the test) still takes

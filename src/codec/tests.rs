@@ -703,7 +703,10 @@ fn frames_go_straight_into_the_codec_buffer_which_grows_with_the_batches() {
 fn measure_decode_ns_per_frame() {
     let config = CodecConfig::default();
     let sources: Vec<CodecSource> = match std::env::var("WIREPOOL_CODEC_FILES") {
-        Ok(paths) => paths.split(',').map(|path| CodecSource::File(path.into())).collect(),
+        Ok(paths) => paths
+            .split(',')
+            .map(|path| CodecSource::File(path.into()))
+            .collect(),
         Err(_) => vec![CodecSource::Builtin(BuiltinCodec::Json)],
     };
     let runtimes: Vec<CodecRuntime> = sources
@@ -756,6 +759,9 @@ fn measure_decode_ns_per_frame() {
         }
     }
     for (source, best) in sources.iter().zip(&best) {
-        eprintln!("{}: {best:.1} ns per frame (best of {rounds} rounds)", source.describe());
+        eprintln!(
+            "{}: {best:.1} ns per frame (best of {rounds} rounds)",
+            source.describe()
+        );
     }
 }

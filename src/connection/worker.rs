@@ -33,7 +33,7 @@ use crate::codec::{
 use crate::config::{Config, WsUrl};
 use crate::error::{Error, Result, TimeoutPhase};
 use crate::pool::{Event as PoolEvent, EventLog, PoolCounters, RequestTable, SharedData};
-use crate::queue::{Chunk, ConsumerQueue};
+use crate::queue::{Bursting, Chunk, ConsumerQueue};
 
 /// Stack of a worker thread. Wasm runs on it too (`max_wasm_stack` is smaller).
 const WORKER_STACK: usize = 1024 * 1024;
@@ -226,6 +226,9 @@ struct Link {
     commands: Receiver<Command>,
     /// The socket's poller, and the flag that says this worker waits on the queue.
     wake: Arc<Waker>,
+    /// Set while a read left more to read: the consumer may wait for the next push
+    /// awake.
+    bursting: Bursting,
     stats: Arc<ConnectionStats>,
     ws: Option<WebSocket<Stream>>,
     ready: bool,
@@ -316,6 +319,7 @@ impl Link {
         stats: Arc<ConnectionStats>,
     ) -> Box<Link> {
         Box::new(Link {
+            bursting: Bursting::new(Arc::clone(&context.queue)),
             context,
             id,
             server_index,
@@ -409,7 +413,9 @@ impl Link {
                 Some(Instant::now() + Duration::from_millis(heartbeat.ping_interval_ms));
         }
         self.next_tick = Some(Instant::now() + self.tick_interval());
-        match self.serve(&mut codec, deadline) {
+        let served = self.serve(&mut codec, deadline);
+        self.bursting.set(false);
+        match served {
             Ok(()) => Ended::Requested,
             Err(ended) => ended,
         }
@@ -685,7 +691,9 @@ impl Link {
                     continue;
                 }
             }
-            let more = self.read_and_decode(codec)?;
+            let more = self.read_and_decode(codec);
+            self.bursting.set(matches!(more, Ok(true)));
+            let more = more?;
             if !self.deliver(true) {
                 continue;
             }

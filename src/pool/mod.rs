@@ -7,6 +7,8 @@
 //! [`RequestTable`] themselves.
 
 mod backoff;
+#[cfg(test)]
+mod burst_tests;
 mod events;
 mod health;
 mod requests;
@@ -281,6 +283,7 @@ impl Pool {
             ConsumerQueue::new(config.queue.capacity, config.queue.overflow)
                 .map_err(|err| Error::Io(format!("creating the queue's eventfd: {err}")))?
                 .with_spin(Duration::from_micros(config.busy_poll.consumer_us))
+                .with_burst_spin(Duration::from_micros(config.busy_poll.burst_us))
                 .with_max_bytes(config.queue.max_bytes),
         );
         let (commands, command_receiver) = crossbeam_channel::unbounded();
