@@ -149,10 +149,11 @@ pub fn pool_latency(
     }
     let gaps = pool.stats().sequence_gaps;
     finish(pool, 1);
-    let busy_suffix = if busy.worker_us + busy.consumer_us > 0 {
-        "_busy_poll"
-    } else {
-        ""
+    let busy_suffix = match (busy.worker_us > 0, busy.consumer_us > 0) {
+        (true, true) => "_busy_poll",
+        (false, true) => "_consumer_spin",
+        (true, false) => "_worker_spin",
+        (false, false) => "",
     };
     let mut result = samples.summary(&format!("latency_pool_{codec}{busy_suffix}"), rate);
     result["gaps"] = json!(gaps);
