@@ -756,9 +756,15 @@ impl ConsumerQueue {
             && !self.burst_spin.is_zero()
             && self.bursting.load(Ordering::Relaxed) > 0
         {
-            let spin_until = Instant::now() + self.burst_spin;
-            let until = deadline.map_or(spin_until, |deadline| deadline.min(spin_until));
-            parking_lot::MutexGuard::unlocked(state, || self.spin_while_bursting(until));
+            let now = Instant::now();
+            let until = deadline.map_or(now + self.burst_spin, |deadline| {
+                deadline.min(now + self.burst_spin)
+            });
+            // A call with no time left (a poll with a zero timeout) neither spins nor
+            // lets go of the lock.
+            if now < until {
+                parking_lot::MutexGuard::unlocked(state, || self.spin_while_bursting(until));
+            }
         }
         while state.len == 0 {
             if state.closed {
@@ -824,9 +830,10 @@ impl ConsumerQueue {
         // The hints serve spinning consumers only: others leave the line alone.
         if self.spins() {
             self.queued_hint.store(state.len, Ordering::Relaxed);
-            if taken > 0 {
-                state.last_taken = Some(Instant::now());
-            }
+        }
+        // Only `consumer_us` spins within a time of the last message taken.
+        if !self.spin.is_zero() && taken > 0 {
+            state.last_taken = Some(Instant::now());
         }
         if state.len == 0 && state.fd_armed {
             self.ready_fd.clear();
@@ -1483,10 +1490,16 @@ mod tests {
         eventually("the consumer spins while a producer bursts", &|| {
             looks(&queue) > 0
         });
+        let pushed = Instant::now();
         assert!(!queue.push_chunk(&mut chunk(2..4)).closed);
         assert_eq!(
             spinning.join().unwrap(),
             (Ok(2), vec![message(2), message(3)])
+        );
+        assert!(
+            pushed.elapsed() < Duration::from_secs(15),
+            "the push ended the spin (30 s of it were allowed): {:?}",
+            pushed.elapsed()
         );
 
         // The burst ends while the consumer spins: it stops looking and sleeps until

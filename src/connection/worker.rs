@@ -1619,6 +1619,9 @@ impl Link {
     /// Sends a close frame and waits briefly for the peer's.
     #[inline(never)]
     fn close_gracefully(&mut self) -> Result<(), Ended> {
+        // Nothing more will be delivered: no consumer may spin for this connection
+        // through the close's grace.
+        self.bursting.set(false);
         self.stats.set_state(ConnectionState::Closing);
         let Some(ws) = self.ws.as_mut() else {
             return Ok(());

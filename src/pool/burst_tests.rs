@@ -32,6 +32,25 @@ fn eventually(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// A ready pool of one connection to `url` whose queue is small: the worker waits for
+/// room, mid-burst, until the test reads.
+fn ready_pool(url: &str) -> Pool {
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": url}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "codec": {"builtin": "raw"},
+            "queue": {"capacity": 1000, "overflow": "block"},
+            "reconnect": {"initial_delay_ms": 50, "max_delay_ms": 200},
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let pool = Pool::new(config).expect("pool");
+    pool.wait_ready(Duration::from_secs(30)).expect("ready");
+    pool
+}
+
 fn receive(pool: &Pool, count: usize) {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -67,20 +86,7 @@ fn the_burst_mark_is_set_while_batches_fill_and_cleared_when_the_feed_or_session
             }
         }
     });
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": url}],
-            "pool": {"min_connections": 1, "max_connections": 1},
-            "codec": {"builtin": "raw"},
-            // A small queue: the worker waits for room, mid-burst, until the test reads.
-            "queue": {"capacity": 1000, "overflow": "block"},
-            "reconnect": {"initial_delay_ms": 50, "max_delay_ms": 200},
-        })
-        .to_string(),
-    )
-    .expect("config");
-    let pool = Pool::new(config).expect("pool");
-    pool.wait_ready(Duration::from_secs(30)).expect("ready");
+    let pool = ready_pool(&url);
     let bursting = || pool.inner.queue.bursting_connections();
     assert_eq!(bursting(), 0, "no burst before any data");
 
@@ -102,4 +108,56 @@ fn the_burst_mark_is_set_while_batches_fill_and_cleared_when_the_feed_or_session
     server.join().expect("server thread");
     pool.close();
     assert_eq!(bursting(), 0);
+}
+
+/// A connection closed mid-burst (here: waiting for room in a full queue) drops its
+/// mark when its close begins, not when its close handshake ends: a server that never
+/// answers the close holds the worker for the close's grace, during which nothing more
+/// is delivered and no consumer may spin for it.
+#[test]
+fn a_connection_closed_mid_burst_drops_its_mark_as_the_close_begins() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}", listener.local_addr().expect("address"));
+    let (done, finished) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let mut ws = tungstenite::accept(stream).expect("handshake");
+        // Fails once the worker hangs up after the close's grace: fine.
+        let _ = ws.get_mut().write_all(&flood(FLOOD));
+        // Never reads the close, never answers it; replacement connections are
+        // accepted and left alone.
+        listener.set_nonblocking(true).expect("non-blocking");
+        let mut others = Vec::new();
+        while finished.try_recv() == Err(mpsc::TryRecvError::Empty) {
+            if let Ok((other, _)) = listener.accept() {
+                others.push(other);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let pool = ready_pool(&url);
+    let bursting = || pool.inner.queue.bursting_connections();
+    eventually(
+        "the flooded connection is marked (waiting for room)",
+        || bursting() == 1,
+    );
+    let id = pool.connections()[0].id;
+    pool.close_connection(id).expect("close");
+    // The worker shows `closing` from the start of its close (the server never answers
+    // it, so that lasts the close's grace, 500 ms); the mark is gone by then.
+    let state = || {
+        pool.connections()
+            .iter()
+            .find(|connection| connection.id == id)
+            .map(|connection| connection.state)
+    };
+    eventually("the connection is closing", || state() == Some("closing"));
+    assert_eq!(
+        bursting(),
+        0,
+        "the mark is dropped as the close begins, not after its grace"
+    );
+    pool.close();
+    let _ = done.send(());
+    server.join().expect("server thread");
 }
