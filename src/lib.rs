@@ -37,6 +37,8 @@ mod pool;
 mod prefetch;
 mod queue;
 pub mod simulator;
+#[cfg(test)]
+mod test_support;
 
 pub use codec::{check_module_file, ABI_VERSION};
 pub use config::{Config, ConfigIssue};

@@ -742,11 +742,7 @@ impl ConsumerQueue {
         // Busy polling: only within `spin` of the last message taken, so a quiet
         // queue, or a caller that waits in short slices, sleeps.
         if let Some(last_taken) = state.last_taken.filter(|_| state.len == 0 && !state.closed) {
-            let spin_until = last_taken + self.spin;
-            let until = deadline.map_or(spin_until, |deadline| deadline.min(spin_until));
-            if Instant::now() < until {
-                parking_lot::MutexGuard::unlocked(state, || self.spin_until_queued(until));
-            }
+            self.spin_until_queued(state, deadline, last_taken + self.spin, false);
         }
         // A producer in the middle of a burst will push again within moments: looking
         // for it costs less than the sleep and the wake-up (a futex wake costs the
@@ -756,15 +752,7 @@ impl ConsumerQueue {
             && !self.burst_spin.is_zero()
             && self.bursting.load(Ordering::Relaxed) > 0
         {
-            let now = Instant::now();
-            let until = deadline.map_or(now + self.burst_spin, |deadline| {
-                deadline.min(now + self.burst_spin)
-            });
-            // A call with no time left (a poll with a zero timeout) neither spins nor
-            // lets go of the lock.
-            if now < until {
-                parking_lot::MutexGuard::unlocked(state, || self.spin_while_bursting(until));
-            }
+            self.spin_until_queued(state, deadline, Instant::now() + self.burst_spin, true);
         }
         while state.len == 0 {
             if state.closed {
@@ -783,28 +771,34 @@ impl ConsumerQueue {
     }
 
     /// Busy polling: looks without the lock until something is queued, the queue is
-    /// closed, or `until`, giving the CPU to any other runnable thread between looks.
-    fn spin_until_queued(&self, until: Instant) {
-        while self.queued_hint.load(Ordering::Acquire) == 0
-            && !self.closed_hint.load(Ordering::Acquire)
-            && Instant::now() < until
-        {
-            std::thread::yield_now();
+    /// closed, `spin_until` or the caller's `deadline` passes, or (`for_burst`) no
+    /// producer is in the middle of a burst any more, giving the CPU to any other
+    /// runnable thread between looks. A call with no time left (a poll with a zero
+    /// timeout) neither spins nor lets go of the lock.
+    fn spin_until_queued(
+        &self,
+        state: &mut parking_lot::MutexGuard<'_, QueueState>,
+        deadline: Option<Instant>,
+        spin_until: Instant,
+        for_burst: bool,
+    ) {
+        let until = deadline.map_or(spin_until, |deadline| deadline.min(spin_until));
+        if Instant::now() >= until {
+            return;
         }
-    }
-
-    /// [`spin_until_queued`](Self::spin_until_queued), for as long as a producer is in
-    /// the middle of a burst.
-    fn spin_while_bursting(&self, until: Instant) {
-        while self.queued_hint.load(Ordering::Acquire) == 0
-            && !self.closed_hint.load(Ordering::Acquire)
-            && self.bursting.load(Ordering::Relaxed) > 0
-            && Instant::now() < until
-        {
-            #[cfg(test)]
-            self.burst_looks.fetch_add(1, Ordering::Relaxed);
-            std::thread::yield_now();
-        }
+        parking_lot::MutexGuard::unlocked(state, || {
+            while self.queued_hint.load(Ordering::Acquire) == 0
+                && !self.closed_hint.load(Ordering::Acquire)
+                && (!for_burst || self.bursting.load(Ordering::Relaxed) > 0)
+                && Instant::now() < until
+            {
+                #[cfg(test)]
+                if for_burst {
+                    self.burst_looks.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::yield_now();
+            }
+        });
     }
 
     /// Producers in the middle of a burst.
@@ -949,6 +943,7 @@ impl ConsumerQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::wait_for;
 
     fn message(n: u8) -> Message {
         Message {
@@ -1368,17 +1363,11 @@ mod tests {
             let queue = Arc::clone(&queue);
             std::thread::spawn(move || queue.push_chunk(&mut chunk(2..10)))
         };
-        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !done() {
-                assert!(Instant::now() < deadline, "timed out waiting for {what}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        wait_for("the producer to fill the queue", &|| queue.len() == 4);
+        let limit = Duration::from_secs(10);
+        wait_for("the producer to fill the queue", limit, || queue.len() == 4);
         assert_eq!(drain(&queue).len(), 4);
         // The producer resumes and queues the next 4 of its 6.
-        wait_for("the producer to resume", &|| queue.len() > 0);
+        wait_for("the producer to resume", limit, || queue.len() > 0);
         assert!(
             fd_readable(&queue),
             "{} message(s) queued but the fd is quiet",
@@ -1468,13 +1457,7 @@ mod tests {
             })
         };
         let looks = |queue: &ConsumerQueue| queue.burst_looks.load(Ordering::Relaxed);
-        let eventually = |what: &str, done: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !done() {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
+        let limit = Duration::from_secs(30);
 
         // No burst: a waiting consumer sleeps.
         let waiting = consumer(&queue);
@@ -1487,9 +1470,11 @@ mod tests {
         let mut burst = Bursting::new(Arc::clone(&queue));
         burst.set(true);
         let spinning = consumer(&queue);
-        eventually("the consumer spins while a producer bursts", &|| {
-            looks(&queue) > 0
-        });
+        wait_for(
+            "the consumer to spin while a producer bursts",
+            limit,
+            || looks(&queue) > 0,
+        );
         let pushed = Instant::now();
         assert!(!queue.push_chunk(&mut chunk(2..4)).closed);
         assert_eq!(
@@ -1506,7 +1491,9 @@ mod tests {
         // the next push (30 s of spin were allowed).
         let spinning = consumer(&queue);
         let before = looks(&queue);
-        eventually("the consumer spins again", &|| looks(&queue) > before);
+        wait_for("the consumer to spin again", limit, || {
+            looks(&queue) > before
+        });
         drop(burst);
         assert_eq!(
             queue.bursting.load(Ordering::Relaxed),

@@ -1436,6 +1436,8 @@ mod tests {
 
     use std::collections::BTreeMap;
 
+    use crate::test_support::wait_for;
+
     /// Aborts the test process if a test runs past `limit`, so a hang fails instead
     /// of stalling. Dropping the guard disarms it.
     struct Watchdog {
@@ -1613,17 +1615,6 @@ mod tests {
         tcp(ws)
             .set_read_timeout(Some(READ_TIMEOUT))
             .expect("timeout");
-    }
-
-    fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while !condition() {
-            assert!(
-                Instant::now() < deadline,
-                "expected {what} within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     /// Reads `count` data frames, checking that each channel's seq goes on from

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::Pool;
 use crate::config::Config;
+use crate::test_support::wait_for;
 
 /// Frames per flood: many full batches.
 const FLOOD: usize = 20_000;
@@ -24,12 +25,9 @@ fn flood(count: usize) -> Vec<u8> {
     bytes
 }
 
-fn eventually(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// Waits up to a minute for `condition`.
+fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(60), condition);
 }
 
 /// A ready pool of one connection to `url` whose queue is small: the worker waits for

@@ -1352,20 +1352,17 @@ impl PoolThread {
                 "the pool already has max_connections ({max}) connections"
             )));
         }
-        let no_server = || {
-            Error::Io(
-                "no server admits a connection now (circuit open or Retry-After); none was \
-                 opened"
-                    .into(),
-            )
-        };
         let now = Instant::now();
         if self
             .servers
             .iter()
             .all(|server| server.shut_until(now).is_some())
         {
-            return Err(no_server());
+            return Err(Error::Io(
+                "no server admits a connection now (circuit open or Retry-After); none was \
+                 opened"
+                    .into(),
+            ));
         }
         self.slots.push(Slot::new());
         let index = self.slots.len() - 1;
