@@ -426,20 +426,15 @@ struct Gate {
 
 impl Gate {
     fn start(upstream: SocketAddr, refusals: usize, answer: String) -> Gate {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let requests = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let seen = Arc::clone(&requests);
         let left = Arc::new(std::sync::atomic::AtomicUsize::new(refusals));
         let acceptor = support::Acceptor::start(move |mut client, _stop| {
             let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match client.read(&mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => return,
-                }
-            }
+            let Some(head) = support::read_http_head(&mut client) else {
+                return;
+            };
             seen.lock().push(Instant::now());
             let refuse = left
                 .fetch_update(
@@ -1213,14 +1208,7 @@ fn broken_handshake_answers_are_named_in_plain_words() {
     let _guard = watchdog("handshake_answers", Duration::from_secs(90));
     // Reads the upgrade request; returns its Sec-WebSocket-Key.
     fn read_request(stream: &mut std::net::TcpStream) -> Option<String> {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).ok()? == 0 {
-                return None;
-            }
-            head.push(byte[0]);
-        }
+        let head = support::read_http_head(stream)?;
         String::from_utf8_lossy(&head).lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
             name.eq_ignore_ascii_case("sec-websocket-key")

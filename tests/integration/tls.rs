@@ -255,7 +255,6 @@ fn a_client_key_that_does_not_match_the_certificate_is_a_config_error_naming_bot
 /// failure says so in the same words as over plain TCP.
 #[test]
 fn a_tls_server_that_hangs_up_during_the_upgrade_is_named() {
-    use std::io::Read;
     let _guard = watchdog("tls_hang_up", Duration::from_secs(60));
     let pki = test_pki();
     let server_config = Arc::clone(&pki.server_config);
@@ -264,14 +263,7 @@ fn a_tls_server_that_hangs_up_during_the_upgrade_is_named() {
             return;
         };
         let mut tls = rustls::StreamOwned::new(connection, stream);
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match tls.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => return,
-            }
-        }
+        let _ = support::read_http_head(&mut tls);
         // Dropped without close_notify: the TCP connection just ends.
     });
     let url = server.url().replace("ws://127.0.0.1", "wss://localhost");

@@ -433,3 +433,17 @@ pub fn read_until_stopped(ws: &mut tungstenite::WebSocket<TcpStream>, stop: &Ato
         let _ = ws.flush();
     }
 }
+
+/// Reads an HTTP request or response head byte by byte, up to and including its blank
+/// line (nothing after it is read). `None` when the stream ends or fails first.
+pub fn read_http_head(stream: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
