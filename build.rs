@@ -37,7 +37,10 @@ fn main() {
     } else {
         None
     };
-    let mut config = engine_config::engine_config();
+    // The built-in codecs have no time budget unless a configuration asks for one
+    // (`CodecConfig::max_call`): compiled without interruption checks. With a budget
+    // the library compiles them when first used.
+    let mut config = engine_config::engine_config(false);
     if target.starts_with("x86_64") {
         for flag in engine_config::LEFT_OUT_OF_ARTIFACTS_X86 {
             // SAFETY: turning a CPU feature off only keeps cranelift from using it.

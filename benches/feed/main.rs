@@ -5,7 +5,7 @@
 //! ```text
 //! feed serve --ready-file FILE            the feed server (plain + TLS), until killed
 //! feed tungstenite --url WS [window]      baseline: blocking tungstenite read loop
-//! feed pool --url WS --codec raw|raw-decode|json|json-file --connections N [window]
+//! feed pool --url WS --codec raw|raw-decode|json|json-file|json-budget --connections N [window]
 //! feed latency --url WS --client pool-json|pool-raw|tungstenite[-spin] --rate R
 //!     [--worker-spin-us U] [--consumer-spin-us U] [window]   (busy_poll.worker_us, consumer_us)
 //! feed connect --url WS|WSS [--ca FILE] --samples N

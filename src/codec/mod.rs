@@ -1,10 +1,12 @@
 //! The WebAssembly codec host (ABI v1, `docs/codec-abi.md`).
 //!
 //! A [`CodecRuntime`] holds the pool's one `wasmtime::Engine` and compiled `Module`,
-//! checked against the ABI at load, plus a ticker thread that advances the engine's
-//! epoch so every call into a codec has a time budget. Each connection's worker thread
-//! owns one [`CodecInstance`] (its own `Store` and `Instance`, with a memory limit), so
-//! a codec that traps, loops or hoards memory fails only that connection.
+//! checked against the ABI at load, plus, for a codec with a time budget (one loaded
+//! from a file, unless configured otherwise), a ticker thread that advances the
+//! engine's epoch so every call into it is stopped when it overruns. Each connection's
+//! worker thread owns one [`CodecInstance`] (its own `Store` and `Instance`, with a
+//! memory limit), so a codec that traps, loops or hoards memory fails only that
+//! connection.
 
 mod builtin;
 mod engine_config;
@@ -83,7 +85,9 @@ impl CodecSource {
 /// Limits applied to every instance.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CodecLimits {
-    pub max_call: Duration,
+    /// The time budget of one call; `None`: none, and the code compiled without the
+    /// checks a budget needs.
+    pub max_call: Option<Duration>,
     pub max_memory_bytes: usize,
 }
 
@@ -137,43 +141,51 @@ impl Drop for EpochTicker {
 /// the same module bytes (each instance's memory limit is its store's): compiling
 /// takes about 100 ms (and touches some 9 MB of compiler code pages), loading a
 /// built-in codec's precompiled artifact about 1 ms, instantiating well under one.
-/// Its epoch ticker runs while some pool uses it.
+/// An interruptible one's epoch ticker runs while some pool uses it.
 struct Compiled {
     engine: Engine,
     module: Module,
     /// Loaded from the artifact `build.rs` made (a built-in codec), not compiled here.
     from_artifact: bool,
+    /// Compiled with epoch checks: calls can be stopped (codecs with a time budget).
+    interruptible: bool,
     ticker: Mutex<std::sync::Weak<EpochTicker>>,
 }
 
 /// Most compiled modules kept for reuse (the oldest unused one goes first).
 const COMPILED_CACHE: usize = 8;
 
-/// One cached module: its bytes and the result.
-type CompiledEntry = (Arc<[u8]>, Arc<Compiled>);
+/// One cached module: its bytes, whether it was compiled interruptible, and the result.
+type CompiledEntry = (Arc<[u8]>, bool, Arc<Compiled>);
 
 /// The process's compiled modules, least recently used first.
 static COMPILED: Mutex<Vec<CompiledEntry>> = Mutex::new(Vec::new());
 
 impl Compiled {
     /// The compiled module for `bytes`, from the cache, from `precompiled` (what
-    /// `build.rs` compiled from these bytes) if it fits, or compiled now.
+    /// `build.rs` compiled from these bytes, not interruptible) if it fits, or compiled
+    /// now.
     fn get(
         bytes: &[u8],
         name: &str,
         precompiled: Option<builtin::Precompiled>,
+        interruptible: bool,
     ) -> Result<Arc<Compiled>> {
         let mut cache = COMPILED.lock();
-        if let Some(at) = cache.iter().position(|(cached, _)| **cached == *bytes) {
+        if let Some(at) = cache
+            .iter()
+            .position(|(cached, kind, _)| *kind == interruptible && **cached == *bytes)
+        {
             // Most recently used last.
             let entry = cache.remove(at);
-            let compiled = Arc::clone(&entry.1);
+            let compiled = Arc::clone(&entry.2);
             cache.push(entry);
             return Ok(compiled);
         }
         // Compiled under the lock: two pools loading one codec at once compile it once.
         let started = std::time::Instant::now();
-        let compiled = Arc::new(Compiled::load(bytes, name, precompiled)?);
+        let precompiled = precompiled.filter(|_| !interruptible);
+        let compiled = Arc::new(Compiled::load(bytes, name, precompiled, interruptible)?);
         log::debug!(
             target: "wirepool::codec",
             "{name}: {} in {:.1} ms",
@@ -183,7 +195,7 @@ impl Compiled {
         if cache.len() == COMPILED_CACHE {
             cache.remove(0);
         }
-        cache.push((Arc::from(bytes), Arc::clone(&compiled)));
+        cache.push((Arc::from(bytes), interruptible, Arc::clone(&compiled)));
         Ok(compiled)
     }
 
@@ -191,8 +203,9 @@ impl Compiled {
         bytes: &[u8],
         name: &str,
         precompiled: Option<builtin::Precompiled>,
+        interruptible: bool,
     ) -> Result<Compiled> {
-        let config = engine_config::engine_config();
+        let config = engine_config::engine_config(interruptible);
         let engine_error =
             |err: wasmtime::Error| Error::Codec(format!("{name}: creating the engine: {err:#}"));
         let engine = Engine::new(&config).map_err(engine_error)?;
@@ -200,7 +213,7 @@ impl Compiled {
             match deserialize(&engine, artifact) {
                 Ok(module) => {
                     check_shape(&module).map_err(|text| Error::Codec(format!("{name}: {text}")))?;
-                    return Ok(Compiled::new(engine, module, true));
+                    return Ok(Compiled::new(engine, module, true, interruptible));
                 }
                 Err(err) => log::warn!(
                     target: "wirepool::codec",
@@ -236,27 +249,32 @@ impl Compiled {
         unsafe {
             libc::malloc_trim(0);
         }
-        Ok(Compiled::new(engine, module, false))
+        Ok(Compiled::new(engine, module, false, interruptible))
     }
 
-    fn new(engine: Engine, module: Module, from_artifact: bool) -> Compiled {
+    fn new(engine: Engine, module: Module, from_artifact: bool, interruptible: bool) -> Compiled {
         Compiled {
             engine,
             module,
             from_artifact,
+            interruptible,
             ticker: Mutex::new(std::sync::Weak::new()),
         }
     }
 
-    /// The engine's epoch ticker, started if no pool holds it.
-    fn ticker(&self) -> Result<Arc<EpochTicker>> {
+    /// The engine's epoch ticker, started if no pool holds it; `None` when the code
+    /// is not interruptible (nothing would look at the epoch).
+    fn ticker(&self) -> Result<Option<Arc<EpochTicker>>> {
+        if !self.interruptible {
+            return Ok(None);
+        }
         let mut slot = self.ticker.lock();
         if let Some(ticker) = slot.upgrade() {
-            return Ok(ticker);
+            return Ok(Some(ticker));
         }
         let ticker = Arc::new(EpochTicker::start(self.engine.clone())?);
         *slot = Arc::downgrade(&ticker);
-        Ok(ticker)
+        Ok(Some(ticker))
     }
 }
 
@@ -269,7 +287,8 @@ pub(crate) struct CodecRuntime {
     // Guards the auth token handed to new instances (replaced by token rotation).
     token: parking_lot::Mutex<Vec<u8>>,
     name: String,
-    _ticker: Arc<EpochTicker>,
+    /// Advances the epoch while this runtime lives (codecs with a time budget).
+    _ticker: Option<Arc<EpochTicker>>,
 }
 
 /// The exports every codec must have, with their exact signatures.
@@ -456,7 +475,7 @@ fn describe_call_error(export: &str, err: &wasmtime::Error, limits: &CodecLimits
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => format!(
             "{export} ran longer than its {} ms budget and was stopped",
-            limits.max_call.as_millis()
+            limits.max_call.unwrap_or_default().as_millis()
         ),
         Some(Trap::StackOverflow) => format!("{export} overflowed its stack"),
         Some(trap) => format!("{export} trapped: {trap}"),
@@ -497,7 +516,7 @@ impl CodecRuntime {
             ),
         };
         let limits = CodecLimits {
-            max_call: Duration::from_millis(codec_config.max_call_ms.max(1)),
+            max_call: codec_config.max_call(),
             max_memory_bytes: usize::try_from(codec_config.max_memory_mb)
                 .unwrap_or(usize::MAX >> 20)
                 .saturating_mul(1 << 20),
@@ -522,7 +541,7 @@ impl CodecRuntime {
         config_json: Vec<u8>,
         token: Vec<u8>,
     ) -> Result<CodecRuntime> {
-        let compiled = Compiled::get(bytes, name, precompiled)?;
+        let compiled = Compiled::get(bytes, name, precompiled, limits.max_call.is_some())?;
         let (engine, module) = (compiled.engine.clone(), &compiled.module);
         let mut linker: Linker<HostState> = Linker::new(&engine);
         linker
@@ -580,8 +599,11 @@ impl CodecRuntime {
             },
         );
         store.limiter(|state| &mut state.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.epoch_budget());
+        let epoch_budget = self.epoch_budget();
+        if let Some(ticks) = epoch_budget {
+            store.epoch_deadline_trap();
+            store.set_epoch_deadline(ticks);
+        }
         let name = &self.name;
         let instance = self.instance_pre.instantiate(&mut store).map_err(|err| {
             // A trap here comes from the module's own code (its start function, its
@@ -624,14 +646,15 @@ impl CodecRuntime {
             stack,
             stack_used: false,
             limits: self.limits,
-            epoch_budget: self.epoch_budget(),
+            epoch_budget,
         })
     }
 
-    fn epoch_budget(&self) -> u64 {
-        let ticks = self.limits.max_call.as_micros() / EPOCH_TICK.as_micros();
+    /// A call's budget in epoch ticks, `None` for none.
+    fn epoch_budget(&self) -> Option<u64> {
+        let ticks = self.limits.max_call?.as_micros() / EPOCH_TICK.as_micros();
         // One extra tick: the first may end at once.
-        u64::try_from(ticks).unwrap_or(u64::MAX - 1).max(1) + 1
+        Some(u64::try_from(ticks).unwrap_or(u64::MAX - 1).max(1) + 1)
     }
 
     /// A fresh, initialised instance for one connection.
@@ -735,7 +758,8 @@ pub(crate) struct CodecInstance {
     tick: TypedFunc<i64, i32>,
     output: TypedFunc<(), i64>,
     limits: CodecLimits,
-    epoch_budget: u64,
+    /// Each call's budget in epoch ticks; `None`: no budget (not interruptible).
+    epoch_budget: Option<u64>,
 }
 
 type CallResult<T> = std::result::Result<T, CodecFailure>;
@@ -743,7 +767,9 @@ type CallResult<T> = std::result::Result<T, CodecFailure>;
 impl CodecInstance {
     /// Before each call: a fresh time budget, and the stack marked as used.
     fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.epoch_budget);
+        if let Some(ticks) = self.epoch_budget {
+            self.store.set_epoch_deadline(ticks);
+        }
         self.stack_used = true;
     }
 

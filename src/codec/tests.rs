@@ -228,7 +228,7 @@ fn raw_module_tagged(tag: &str) -> Vec<u8> {
 
 fn load_bytes(bytes: &[u8], max_memory_mb: usize) -> CodecRuntime {
     let limits = CodecLimits {
-        max_call: Duration::from_millis(100),
+        max_call: Some(Duration::from_millis(100)),
         max_memory_bytes: max_memory_mb << 20,
     };
     CodecRuntime::from_bytes(
@@ -248,12 +248,15 @@ fn pools_loading_one_codec_share_its_compiled_module_and_ticker() {
     // Memory limits belong to each instance's store, not to the compiled module.
     let first = load_bytes(&bytes, 13);
     let second = load_bytes(&bytes, 14);
+    let (Some(first_ticker), Some(second_ticker)) = (&first._ticker, &second._ticker) else {
+        panic!("a codec with a time budget has an epoch ticker");
+    };
     assert!(
-        Arc::ptr_eq(&first._ticker, &second._ticker),
+        Arc::ptr_eq(first_ticker, second_ticker),
         "one engine, one epoch ticker"
     );
     assert!(Engine::same(&first.engine, &second.engine), "compiled once");
-    let ticker = Arc::downgrade(&first._ticker);
+    let ticker = Arc::downgrade(first_ticker);
     // Both instances still work, each with its own store.
     let mut a = first.instantiate(1).expect("instance");
     let mut b = second.instantiate(2).expect("instance");
@@ -268,6 +271,109 @@ fn pools_loading_one_codec_share_its_compiled_module_and_ticker() {
     let third = load_bytes(&bytes, 13);
     let fourth = load_bytes(&raw_module_tagged("wirepool-test-other-module"), 13);
     assert!(!Engine::same(&third.engine, &fourth.engine));
+}
+
+/// The built-ins have no time budget by default: no epoch checks in their code (the
+/// artifact build.rs made, where there is one) and no ticker thread. Asked for one,
+/// they are compiled with the checks, apart from the unchecked module, and work alike.
+#[test]
+fn built_in_codecs_run_without_a_time_budget_unless_one_is_configured() {
+    for builtin in [BuiltinCodec::Json, BuiltinCodec::Raw] {
+        let unbudgeted = runtime(builtin, None);
+        assert!(unbudgeted._ticker.is_none(), "{builtin:?}: no ticker");
+        assert_eq!(unbudgeted.limits.max_call, None);
+        let config = CodecConfig {
+            builtin,
+            max_call_ms: Some(40),
+            ..CodecConfig::default()
+        };
+        let budgeted =
+            CodecRuntime::load(&CodecSource::Builtin(builtin), &config, None).expect("loads");
+        assert!(budgeted._ticker.is_some(), "{builtin:?}: a ticker");
+        assert_eq!(budgeted.limits.max_call, Some(Duration::from_millis(40)));
+        assert!(
+            !Engine::same(&unbudgeted.engine, &budgeted.engine),
+            "{builtin:?}: compiled apart (the cache tells them apart)"
+        );
+        for runtime in [&unbudgeted, &budgeted] {
+            let mut instance = runtime.instantiate(1).expect("instance");
+            assert_eq!(owned(instance.open().expect("open"))[0].0, kind::READY);
+            let records = decode_data_frames(&mut instance, 3);
+            let data = records
+                .iter()
+                .filter(|record| record.0 == kind::DATA)
+                .count();
+            assert_eq!(data, 3, "{builtin:?}: {records:?}");
+        }
+    }
+}
+
+/// `max_call_ms: 0` is no budget: a decode that runs a long while (2^30 turns of a
+/// loop, over a second here) ends normally with its record, where a 10 ms budget stops
+/// the very same call.
+#[test]
+fn a_codec_without_a_time_budget_finishes_a_call_a_budget_would_stop() {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/codecs/endless_loop.wat"
+    ))
+    .expect("endless_loop.wat");
+    let (global, endless) = (
+        "(global $input i32 (i32.const 0x10000))",
+        "(loop $forever (br $forever))",
+    );
+    assert!(source.contains(global) && source.contains(endless));
+    let long = source
+        .replace(
+            global,
+            &format!("{global} (global $turns (mut i64) (i64.const 0))"),
+        )
+        .replace(
+            endless,
+            "(global.set $turns (i64.const 0)) \
+             (loop $turn \
+               (global.set $turns (i64.add (global.get $turns) (i64.const 1))) \
+               (br_if $turn (i64.lt_u (global.get $turns) (i64.const 0x40000000))))",
+        );
+    let wasm = wat::parse_str(&long).expect("valid WAT");
+    let path =
+        std::env::temp_dir().join(format!("wirepool-long-decode-{}.wasm", std::process::id()));
+    std::fs::write(&path, wasm).expect("write");
+    let path = path.to_str().expect("UTF-8 path").to_string();
+    let decode_long = |max_call_ms| {
+        let config = CodecConfig {
+            path: Some(path.clone()),
+            max_call_ms: Some(max_call_ms),
+            ..CodecConfig::default()
+        };
+        let runtime =
+            CodecRuntime::load(&CodecSource::File(path.clone()), &config, None).expect("loads");
+        let mut instance = runtime.instantiate(1).expect("instance");
+        instance.open().expect("open");
+        let mut batch = FrameBatch::with_goal(64);
+        assert!(instance
+            .add_frame(&mut batch, b"X marks a long call", false)
+            .expect("add"));
+        instance.decode(&mut batch).map(|records| owned(records))
+    };
+    let stopped = decode_long(10).expect_err("a 10 ms budget stops it");
+    assert!(
+        stopped
+            .to_string()
+            .contains("ran longer than its 10 ms budget"),
+        "{stopped}"
+    );
+    let records = decode_long(0).expect("no budget: the call runs to its end");
+    assert_eq!(
+        records,
+        [(
+            kind::DATA,
+            0,
+            "t".to_string(),
+            "X marks a long call".to_string()
+        )]
+    );
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Resident pages of the codec memory's byte range `range` (whole pages), by mincore.
@@ -480,7 +586,7 @@ fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
             continue;
         };
         assert!(builtin::NOT_PRECOMPILED.is_empty());
-        let engine = Engine::new(&engine_config::engine_config()).expect("engine");
+        let engine = Engine::new(&engine_config::engine_config(false)).expect("engine");
         if let Err(err) = deserialize(&engine, artifact) {
             // A target directory built on another CPU: wasmtime refuses code that
             // uses features this one lacks (the pool compiles instead; tested below).
@@ -494,7 +600,7 @@ fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
         }
         // Straight from the artifact (not the process's cache, which another test
         // may have filled by compiling the same bytes).
-        let compiled = Compiled::load(bytes, "built-in", Some(artifact)).expect("loads");
+        let compiled = Compiled::load(bytes, "built-in", Some(artifact), false).expect("loads");
         assert!(compiled.from_artifact, "{builtin:?}");
         // And the runtime a pool gets works like a compiled one.
         let runtime = runtime(builtin, None);
@@ -515,18 +621,17 @@ fn built_in_codecs_load_precompiled_on_the_machine_they_were_built_on() {
 #[test]
 fn an_artifact_made_for_another_configuration_is_refused_and_the_module_compiled() {
     let bytes = builtin::module_bytes(BuiltinCodec::Json);
-    let mut other = engine_config::engine_config();
-    other.epoch_interruption(false);
-    let artifact = Engine::new(&other)
+    // Made for an engine with epoch checks, loaded into one without.
+    let artifact = Engine::new(&engine_config::engine_config(true))
         .expect("engine")
         .precompile_module(bytes)
         .expect("precompiles");
     // SAFETY: unmodified output of precompile_module.
     let artifact = unsafe { builtin::Precompiled::from_precompile_output(Vec::leak(artifact)) };
-    let engine = Engine::new(&engine_config::engine_config()).expect("engine");
+    let engine = Engine::new(&engine_config::engine_config(false)).expect("engine");
     let err = deserialize(&engine, artifact).expect_err("another configuration");
     assert!(format!("{err:#}").contains("epoch"), "{err:#}");
-    let compiled = Compiled::load(bytes, "json", Some(artifact)).expect("compiled instead");
+    let compiled = Compiled::load(bytes, "json", Some(artifact), false).expect("compiled instead");
     assert!(!compiled.from_artifact);
     assert!(compiled.module.get_export("wirepool_decode").is_some());
 }
@@ -569,7 +674,7 @@ fn feature_detected(feature: &str) -> bool {
 fn the_artifacts_load_on_a_cpu_without_avx512() {
     // The engine the library makes on such a CPU: cranelift's own detection finds no
     // AVX-512 there either.
-    let mut config = engine_config::engine_config();
+    let mut config = engine_config::engine_config(false);
     // SAFETY: the engine only loads modules here; nothing runs. (It also reports
     // fewer features than this CPU has, never more.)
     unsafe {
@@ -602,7 +707,7 @@ fn the_artifacts_load_on_a_cpu_without_avx512() {
 fn the_built_in_codecs_use_no_simd_so_leaving_out_avx512_changes_no_code() {
     // cranelift uses AVX-512 and AVX-VNNI for vector types only: with no SIMD in the
     // codecs, the artifacts build.rs makes without them hold the same code.
-    let mut config = engine_config::engine_config();
+    let mut config = engine_config::engine_config(false);
     config.wasm_relaxed_simd(false);
     config.wasm_simd(false);
     let engine = Engine::new(&config).expect("engine");
