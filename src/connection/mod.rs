@@ -250,6 +250,8 @@ pub(crate) struct ConnectionHandle {
     commands: Sender<Command>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
+    /// The worker was asked to close (it is asked once).
+    close_asked: AtomicBool,
 }
 
 /// A cheap clone of the command path of a connection, for routing requests.
@@ -293,6 +295,7 @@ impl ConnectionHandle {
             commands,
             waker,
             thread: Some(thread),
+            close_asked: AtomicBool::new(false),
         })
     }
 
@@ -305,6 +308,12 @@ impl ConnectionHandle {
 
     pub fn send(&self, command: Command) -> std::result::Result<(), Command> {
         self.command_path().send(command)
+    }
+
+    /// Asks the worker to close its connection. `false` when it was asked before or
+    /// has ended: it is closing already.
+    pub fn close(&self) -> bool {
+        !self.close_asked.swap(true, Ordering::Relaxed) && self.send(Command::Close).is_ok()
     }
 
     /// Waits for the worker thread to end.
@@ -320,7 +329,7 @@ impl ConnectionHandle {
 impl Drop for ConnectionHandle {
     fn drop(&mut self) {
         if self.thread.is_some() {
-            let _ = self.send(Command::Close);
+            self.close();
             self.join();
         }
     }

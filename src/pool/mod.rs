@@ -767,6 +767,9 @@ impl Pool {
 
     /// Closes one connection (a close frame is sent); the pool replaces it like after
     /// any failure, and its channels move to other ready connections at once.
+    /// [`Error::InvalidArgument`] when no connection has that id, or when it is
+    /// closing already (asked before, by the API or the pool, or ending by itself):
+    /// nothing is done twice.
     pub fn close_connection(&self, connection_id: u64) -> Result<()> {
         self.ask(|reply| PoolCommand::CloseConnection(connection_id, reply))
     }
@@ -1316,11 +1319,19 @@ impl PoolThread {
         let handle = self.connections.get(&connection_id).ok_or_else(|| {
             Error::InvalidArgument(format!("no connection with id {connection_id}"))
         })?;
+        // Closing on its own (an error, the peer's close) or asked before (through the
+        // API, a drain, a recycle): asked again, it would only say so twice.
+        let closing = matches!(
+            handle.stats.state(),
+            ConnectionState::Closing | ConnectionState::Closed
+        );
         // Not `requested`: the worker reports it as closed by request, but the slot is
         // refilled because only `Reconfigure` shrinks the pool.
-        handle.send(Command::Close).map_err(|_| {
-            Error::InvalidArgument(format!("connection {connection_id} is already closing"))
-        })?;
+        if closing || !handle.close() {
+            return Err(Error::InvalidArgument(format!(
+                "connection {connection_id} is already closing"
+            )));
+        }
         if let Some(slot) = self
             .slots
             .iter_mut()
@@ -1669,7 +1680,7 @@ impl PoolThread {
             self.connection_ready(new);
         } else {
             if let Some(handle) = self.connections.get(&new) {
-                let _ = handle.send(Command::Close);
+                handle.close();
                 // Ready, though never routed: its end is counted off as a ready one.
                 self.servers[handle.server_index].ready_connections += 1;
             }
@@ -1743,7 +1754,7 @@ impl PoolThread {
         self.context.codec.replace_token(rotation.old_token);
         for new in rotation.pending.keys() {
             if let Some(handle) = self.connections.get(new) {
-                let _ = handle.send(Command::Close);
+                handle.close();
             }
         }
         self.inner.events.push(
@@ -1994,7 +2005,7 @@ impl PoolThread {
         for new in cancelled {
             self.replacements.remove(&new);
             if let Some(handle) = self.connections.get(&new) {
-                let _ = handle.send(Command::Close);
+                handle.close();
             }
         }
         self.stop_routing(connection_id);
@@ -2102,7 +2113,7 @@ impl PoolThread {
                 return true;
             }
             if let Some(handle) = connections.get(connection_id) {
-                let _ = handle.send(Command::Close);
+                handle.close();
             }
             false
         });
@@ -2157,7 +2168,7 @@ impl PoolThread {
         for slot in self.slots.drain(..) {
             if let Some(id) = slot.connection {
                 if let Some(handle) = self.connections.get(&id) {
-                    let _ = handle.send(Command::Close);
+                    handle.close();
                 }
             }
         }
@@ -2789,7 +2800,7 @@ impl PoolThread {
         self.inner.closing.store(true, Ordering::Release);
         // Ask everyone first so the close handshakes run in parallel, then join.
         for handle in self.connections.values() {
-            let _ = handle.send(Command::Close);
+            handle.close();
         }
         // Wakes workers blocked on a full queue (they would never see the close);
         // messages already queued stay readable.

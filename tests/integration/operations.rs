@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    pool_from, request_in_background, wait_for_event, wait_until, watchdog, write_temp,
+    pool_from, request_in_background, wait_for_event, wait_until, watchdog, write_temp, Acceptor,
 };
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Error, Pool, PoolSettings};
@@ -41,6 +41,59 @@ fn next_on(pool: &Pool, channel: &str, timeout: Duration) -> wirepool::Message {
         }
     }
     panic!("no message on {channel} within {timeout:?}");
+}
+
+/// A second close of a connection that is closing is refused and says so; the
+/// connection is closed, announced and replaced once. (The server never answers a
+/// close, so a closed connection stays `closing` for the close's grace, 500 ms.)
+#[test]
+fn closing_a_connection_twice_closes_it_once_and_says_so() {
+    let _guard = watchdog("close twice", Duration::from_secs(60));
+    let server = Acceptor::start(|stream, stop| {
+        let Ok(_ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let pool = pool(&server.url(), serde_json::json!({}));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    let id = before[0];
+    pool.close_connection(id).expect("the first close");
+    match pool.close_connection(id) {
+        Err(Error::InvalidArgument(text)) => assert!(
+            text.contains(&format!("connection {id} is already closing")),
+            "{text}"
+        ),
+        other => panic!("the second close should be refused, got {other:?}"),
+    }
+    let events = wait_for_event(&pool, Duration::from_secs(10), "its replacement", |e| {
+        e.kind == "ready" && e.connection_id.is_some_and(|new| !before.contains(&new))
+    });
+    let closing = events
+        .iter()
+        .filter(|e| e.kind == "closing" && e.connection_id == Some(id))
+        .count();
+    assert_eq!(
+        closing, 1,
+        "one closing event for connection {id}: {events:?}"
+    );
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "the closed one gone",
+        || pool.connections().iter().all(|c| c.id != id),
+    );
+    match pool.close_connection(id) {
+        Err(Error::InvalidArgument(text)) => assert!(
+            text.contains(&format!("no connection with id {id}")),
+            "{text}"
+        ),
+        other => panic!("a close of an ended connection should be refused, got {other:?}"),
+    }
+    assert_eq!(pool.connections().len(), 2, "replaced once, not twice");
 }
 
 #[test]

@@ -1040,7 +1040,7 @@ class Pool(_Handle):
         """Closes one connection; the pool replaces it and its channels move to other
         ready connections at once. Its requests in flight fail with
         ``ConnectionLostError`` unless idempotent. ``InvalidArgumentError`` when no
-        connection has that id."""
+        connection has that id, or when it is closing already."""
         connection_id = _connection_id(connection_id)
         self._simple_call(lambda handle: lib.wirepool_pool_close_connection(handle, connection_id))
 
