@@ -475,7 +475,10 @@ pub struct HealthConfig {
     /// A client whose connection stays silent this long (or takes no reply) is
     /// disconnected; a request begun and not finished by then gets a 408.
     pub idle_timeout_ms: u64,
-    /// Most HTTP clients connected at once; one more gets a 503 and is closed.
+    /// Most HTTP clients connected at once. One more takes the place of the client
+    /// that has waited longest for its next request (silent, sending a head slowly,
+    /// idle between requests), which is let go; when every client has a request under
+    /// way, it gets a 503 and is closed.
     pub max_clients: u32,
 }
 

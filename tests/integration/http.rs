@@ -1133,6 +1133,33 @@ fn malformed_requests_get_a_json_error_that_says_what_was_wrong() {
     assert_eq!(get(addr, "/health").status, 200);
 }
 
+/// A client that sent a request's head and is sending its body: a request under way,
+/// which a full port does not let go. Returns once the port reads the body (it said
+/// `100 Continue`), with part of the body sent.
+fn request_under_way(addr: SocketAddr) -> TcpStream {
+    let mut client = connect(addr);
+    let head = request_head(
+        "POST",
+        "/api/v1/pool/config",
+        &[("Expect", "100-continue")],
+        100,
+    );
+    client.write_all(head.as_bytes()).expect("head");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n\r\n") {
+        assert_eq!(client.read(&mut byte).expect("100 Continue"), 1, "{line:?}");
+        line.push(byte[0]);
+    }
+    assert!(
+        line.starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&line)
+    );
+    client.write_all(b"{\"pool\":").expect("part of the body");
+    client
+}
+
 #[test]
 fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
     let _guard = watchdog("idle_clients", Duration::from_secs(90));
@@ -1142,13 +1169,9 @@ fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
     pool.wait_ready(PATIENCE).expect("pool ready");
     let addr = health_addr(&pool);
 
-    // Three clients take every place: two say nothing, one stops in the middle of its
-    // request's head.
-    let mut silent = [connect(addr), connect(addr)];
-    let mut partial = connect(addr);
-    partial
-        .write_all(b"GET /health HTTP/1.1\r\nHost:")
-        .expect("partial head");
+    // Three clients take every place, each with a request under way (its body comes
+    // slowly), so none is let go for a newcomer.
+    let mut under_way: Vec<TcpStream> = (0..3).map(|_| request_under_way(addr)).collect();
     // One more is refused at once, saying why; a crowd of them costs no thread each.
     let threads_before = support::thread_count();
     let mut refused = connect(addr);
@@ -1164,30 +1187,99 @@ fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
         "threads grew from {threads_before} to {threads_after} for refused clients"
     );
 
-    // The idle timeout lets the silent ones go without a word, and answers the one
-    // that began a request with a 408.
-    for client in &mut silent {
-        let mut rest = Vec::new();
-        client
-            .read_to_end(&mut rest)
-            .expect("the port closes an idle connection (not the client's 15 s timeout)");
-        assert!(
-            rest.is_empty(),
-            "an idle client got {:?}",
-            String::from_utf8_lossy(&rest)
-        );
+    // The idle timeout answers the requests whose bodies stopped coming with a 408.
+    for client in &mut under_way {
+        let message = read_one_reply(client).error(408);
+        assert!(message.contains("idle"), "{message}");
     }
+    // Their places are free again (once their threads are done).
+    let serves_again = || {
+        poll("the port to serve again", || {
+            let mut client = connect(addr);
+            client
+                .write_all(request_head("GET", "/health", &[], 0).as_bytes())
+                .expect("request");
+            let reply = read_one_reply(&mut client);
+            (reply.status == 200).then_some(())
+        })
+    };
+    serves_again();
+    // A client that says nothing, or stops in the middle of a request's head, is let
+    // go by the idle timeout too: the silent one without a word, the other with a 408.
+    let mut silent = connect(addr);
+    let mut partial = connect(addr);
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost:")
+        .expect("partial head");
+    let mut rest = Vec::new();
+    silent
+        .read_to_end(&mut rest)
+        .expect("the port closes an idle connection (not the client's 15 s timeout)");
+    assert!(
+        rest.is_empty(),
+        "an idle client got {:?}",
+        String::from_utf8_lossy(&rest)
+    );
     let message = read_one_reply(&mut partial).error(408);
     assert!(message.contains("idle"), "{message}");
-    // Their places are free again.
-    poll("the port to serve again once idle clients are gone", || {
-        let mut client = connect(addr);
-        client
-            .write_all(request_head("GET", "/health", &[], 0).as_bytes())
-            .expect("request");
-        let reply = read_one_reply(&mut client);
-        (reply.status == 200).then_some(())
-    });
+    serves_again();
+}
+
+/// Clients that hold every place while waiting to send a request (silent, sending a
+/// head a byte at a time, idle between requests) do not lock newcomers out: a
+/// newcomer to a full port takes the place of the one that has waited longest, which
+/// is let go at once, long before any idle timeout.
+#[test]
+fn a_full_port_lets_the_client_that_waited_longest_go_for_a_newcomer() {
+    let _guard = watchdog("full port", Duration::from_secs(90));
+    let sim = simulator();
+    // An idle timeout far beyond the clients' own 15 s read timeout: whatever lets
+    // a client go within the test, it is not the idle timeout.
+    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 120_000, "max_clients": 3});
+    let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
+    pool.wait_ready(PATIENCE).expect("pool ready");
+    let addr = health_addr(&pool);
+    let keep_alive = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n";
+
+    // The places: a silent client, a slow one in the middle of its head, and a
+    // keep-alive one that got its reply and idles.
+    let silent = connect(addr);
+    let mut dripping = connect(addr);
+    dripping
+        .write_all(b"GET /health HTTP/1.1\r\nHo")
+        .expect("head begun");
+    let mut idle = connect(addr);
+    idle.write_all(keep_alive).expect("request");
+    assert_eq!(read_one_reply(&mut idle).status, 200);
+    dripping.write_all(b"s").expect("a byte more");
+
+    // Each newcomer is served, and the client waiting longest goes: first the silent
+    // one (without a word), then the dripping one, then the idle one. Each newcomer
+    // keeps its connection, idle after its reply.
+    let mut newcomers = Vec::new();
+    for (mut gone, what) in [(silent, "silent"), (dripping, "dripping"), (idle, "idle")] {
+        let mut newcomer = connect(addr);
+        newcomer.write_all(keep_alive).expect("request");
+        assert_eq!(
+            read_one_reply(&mut newcomer).status,
+            200,
+            "a newcomer after the {what} one"
+        );
+        let mut rest = Vec::new();
+        gone.read_to_end(&mut rest)
+            .unwrap_or_else(|err| panic!("the {what} client is let go: {err}"));
+        assert!(
+            rest.is_empty(),
+            "the {what} client got {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        newcomers.push(newcomer);
+    }
+    // The newcomers still hold their places: each is served again.
+    for newcomer in &mut newcomers {
+        newcomer.write_all(keep_alive).expect("request");
+        assert_eq!(read_one_reply(newcomer).status, 200);
+    }
 }
 
 #[test]

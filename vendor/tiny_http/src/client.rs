@@ -42,6 +42,10 @@ pub struct ClientConnection {
     // wirepool's change: held by every request of this client until it is answered
     // (the server counts a client as open while this lives).
     guard: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+
+    // wirepool's change: tells the accept thread when this client waits for a
+    // request's head (a full port lets the one that has waited longest go).
+    watch: Option<std::sync::Arc<crate::ClientWatch>>,
 }
 
 /// Longest request line or header line read (wirepool's change: the published crate
@@ -84,7 +88,13 @@ impl ClientConnection {
             secure,
             line_begun: false,
             guard: None,
+            watch: None,
         }
+    }
+
+    /// wirepool's addition: the accept thread's watch on this client.
+    pub(crate) fn set_watch(&mut self, watch: Option<std::sync::Arc<crate::ClientWatch>>) {
+        self.watch = watch;
     }
 
     /// wirepool's addition: every request of this client holds `guard` until answered.
@@ -246,10 +256,17 @@ impl Iterator for ClientConnection {
             // requests and never reads the replies holds one request, not as many as
             // it sends (the published crate read and queued them all).
             self.sink.wait_for_previous();
+            if let Some(watch) = &self.watch {
+                watch.waiting(true);
+            }
+            let head = self.read();
+            if let Some(watch) = &self.watch {
+                watch.waiting(false);
+            }
             // wirepool's change: every refusal says what was wrong, as JSON like the
             // rest of wirepool's HTTP port (the published crate answered with an empty
             // body, or closed without answering when a line was not ASCII).
-            let read = match self.read() {
+            let read = match head {
                 Ok(rq) => Ok(rq),
                 Err(ReadError::WrongRequestLine) => Err((
                     HTTPVersion(1, 1),

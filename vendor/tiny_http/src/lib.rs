@@ -102,9 +102,9 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use client::ClientConnection;
 use connection::Connection;
@@ -299,6 +299,8 @@ impl Server {
             let tasks_pool = util::TaskPool::new();
             // wirepool's change: clients being served, bounded by `limits.max_clients`.
             let open_clients = Arc::new(AtomicUsize::new(0));
+            // wirepool's change: the clients, for letting one go when the port is full.
+            let mut watches: Vec<Weak<ClientWatch>> = Vec::new();
             // Accept errors are logged once per run of them.
             let mut failing = false;
 
@@ -317,9 +319,23 @@ impl Server {
                         if inside_close_trigger.load(Relaxed) {
                             break;
                         }
-                        if open_clients.load(Acquire) >= limits.max_clients {
+                        if open_clients.load(Acquire) >= limits.max_clients
+                            && !make_room(&mut watches, open_clients.load(Acquire), limits.max_clients)
+                        {
                             refuse_busy(sock, limits.max_clients);
                             continue;
+                        }
+                        // A duplicate of the socket, to shut it down if it has to go
+                        // (none when no descriptor is left: then it cannot be let go).
+                        let watch = sock.try_clone().ok().map(|socket| {
+                            Arc::new(ClientWatch {
+                                waiting_since: Mutex::new(Some(Instant::now())),
+                                socket,
+                                let_go: AtomicBool::new(false),
+                            })
+                        });
+                        if let Some(watch) = &watch {
+                            watches.push(Arc::downgrade(watch));
                         }
                         use util::RefinedTcpStream;
                         let halves = match ssl {
@@ -341,7 +357,9 @@ impl Server {
                         // wirepool's change: a socket that cannot be split in two (no
                         // descriptor left for the `dup`) is closed, like a failed accept.
                         halves.map(|(read_closable, write_closable)| {
-                            ClientConnection::new(write_closable, read_closable)
+                            let mut client = ClientConnection::new(write_closable, read_closable);
+                            client.set_watch(watch);
+                            client
                         })
                     }
                     Err(e) => Err(e),
@@ -486,6 +504,66 @@ impl Default for ClientLimits {
             idle_timeout: None,
             max_clients: usize::MAX,
         }
+    }
+}
+
+/// wirepool's addition: what the accept thread knows of a client, so that a full port
+/// can let go of the client that has waited longest for its next request's head (a
+/// client that connected and stays silent, sends its head a byte at a time, or idles
+/// between requests), instead of refusing every newcomer while such clients hold the
+/// places. A client whose request is read past its head, handled or answered is not
+/// let go.
+pub(crate) struct ClientWatch {
+    /// Since when the next request's head is awaited; `None` while a request is under
+    /// way.
+    waiting_since: Mutex<Option<Instant>>,
+    /// A duplicate of the client's socket, shut down to let the client go.
+    socket: Connection,
+    /// Let go already (its thread is ending).
+    let_go: AtomicBool,
+}
+
+impl ClientWatch {
+    /// The client begins (`true`) or ends waiting for a request's head.
+    pub(crate) fn waiting(&self, waiting: bool) {
+        if let Ok(mut since) = self.waiting_since.lock() {
+            *since = waiting.then(Instant::now);
+        }
+    }
+
+    fn waiting_since(&self) -> Option<Instant> {
+        self.waiting_since.lock().ok().and_then(|since| *since)
+    }
+}
+
+/// Makes room for one more client on a port with `open` of `max_clients` places
+/// taken: `true` when clients let go already will free enough places, or when the
+/// one that has waited longest for a request's head was let go now (its blocked read
+/// ends at once, and so does its thread); `false` when every client has a request
+/// under way.
+fn make_room(watches: &mut Vec<Weak<ClientWatch>>, open: usize, max_clients: usize) -> bool {
+    watches.retain(|watch| watch.strong_count() > 0);
+    let live: Vec<Arc<ClientWatch>> = watches.iter().filter_map(Weak::upgrade).collect();
+    let leaving = live.iter().filter(|watch| watch.let_go.load(Relaxed)).count();
+    if open.saturating_sub(leaving) < max_clients {
+        return true;
+    }
+    let longest = live
+        .iter()
+        .filter(|watch| !watch.let_go.load(Relaxed))
+        .filter_map(|watch| watch.waiting_since().map(|since| (since, watch)))
+        .min_by_key(|(since, _)| *since);
+    match longest {
+        Some((since, watch)) => {
+            log::debug!(
+                "port full: letting go of a client that has waited {:?} for a request",
+                since.elapsed()
+            );
+            watch.let_go.store(true, Relaxed);
+            let _ = watch.socket.shutdown(Shutdown::Both);
+            true
+        }
+        None => false,
     }
 }
 
