@@ -130,7 +130,8 @@ pub fn split_url(url: &str) -> Result<(String, String), String> {
 /// default: frames pass through without a decode call), raw-decode (the raw codec with
 /// passthrough off: one codec call per batch and a record per frame), json, or
 /// json-file (the json codec loaded from its file, so compiled at start rather than
-/// precompiled by build.rs: for comparing the two), or json-budget (the built-in json
+/// precompiled by build.rs, and without the call budget a file's codec has by default,
+/// so the same code: for comparing the two), or json-budget (the built-in json
 /// codec with a 100 ms call budget, so compiled with the epoch checks a budget needs,
 /// as a codec loaded from a file is by default).
 pub fn pool_config(urls: &[String], codec: &str, connections: u32) -> Result<Config, String> {
@@ -144,7 +145,10 @@ pub fn pool_config(urls: &[String], codec: &str, connections: u32) -> Result<Con
         "json" => json!({"builtin": "json"}),
         "json-budget" => json!({"builtin": "json", "max_call_ms": 100}),
         // The same module from its file: compiled in this process, not precompiled.
-        "json-file" => json!({"path": concat!(env!("CARGO_MANIFEST_DIR"), "/codecs/json.wasm")}),
+        "json-file" => json!({
+            "path": concat!(env!("CARGO_MANIFEST_DIR"), "/codecs/json.wasm"),
+            "max_call_ms": 0,
+        }),
         other => return Err(format!("unknown codec {other}")),
     };
     let servers: Vec<Value> = urls.iter().map(|url| json!({"url": url})).collect();

@@ -287,6 +287,9 @@ pub(crate) struct CodecRuntime {
     // Guards the auth token handed to new instances (replaced by token rotation).
     token: parking_lot::Mutex<Vec<u8>>,
     name: String,
+    /// Loaded from the artifact build.rs made, not compiled in this process.
+    #[allow(dead_code)] // the tests
+    from_artifact: bool,
     /// Advances the epoch while this runtime lives (codecs with a time budget).
     _ticker: Option<Arc<EpochTicker>>,
 }
@@ -564,6 +567,7 @@ impl CodecRuntime {
             config_json,
             token: parking_lot::Mutex::new(token),
             name: name.to_string(),
+            from_artifact: compiled.from_artifact,
             _ticker: ticker,
         };
         // Probe the version with a throwaway instance (init is not called).
@@ -1130,7 +1134,10 @@ pub fn check_module_file(path: &str) -> Result<String> {
         }
     };
     Ok(format!(
-        "{path}: codec ABI v{ABI_VERSION} ok (init and open succeeded, open emitted {count} record(s)); {stack}"
+        "{path}: codec ABI v{ABI_VERSION} ok (init and open succeeded within the {} ms call \
+         budget a codec loaded from a file has by default, open emitted {count} record(s)); \
+         {stack}",
+        crate::config::DEFAULT_MAX_CALL_MS
     ))
 }
 

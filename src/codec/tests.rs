@@ -282,6 +282,12 @@ fn built_in_codecs_run_without_a_time_budget_unless_one_is_configured() {
         let unbudgeted = runtime(builtin, None);
         assert!(unbudgeted._ticker.is_none(), "{builtin:?}: no ticker");
         assert_eq!(unbudgeted.limits.max_call, None);
+        // The artifact, where it fits this machine, is what a pool without a budget
+        // gets (a wrong kind would be refused by wasmtime and compiled instead).
+        let engine = Engine::new(&engine_config::engine_config(false)).expect("engine");
+        let fits = builtin::precompiled(builtin)
+            .is_some_and(|artifact| deserialize(&engine, artifact).is_ok());
+        assert_eq!(unbudgeted.from_artifact, fits, "{builtin:?}");
         let config = CodecConfig {
             builtin,
             max_call_ms: Some(40),
@@ -291,6 +297,10 @@ fn built_in_codecs_run_without_a_time_budget_unless_one_is_configured() {
             CodecRuntime::load(&CodecSource::Builtin(builtin), &config, None).expect("loads");
         assert!(budgeted._ticker.is_some(), "{builtin:?}: a ticker");
         assert_eq!(budgeted.limits.max_call, Some(Duration::from_millis(40)));
+        assert!(
+            !budgeted.from_artifact,
+            "{builtin:?}: compiled with the checks"
+        );
         assert!(
             !Engine::same(&unbudgeted.engine, &budgeted.engine),
             "{builtin:?}: compiled apart (the cache tells them apart)"
@@ -306,6 +316,47 @@ fn built_in_codecs_run_without_a_time_budget_unless_one_is_configured() {
             assert_eq!(data, 3, "{builtin:?}: {records:?}");
         }
     }
+}
+
+/// A built-in codec given a budget is stopped by it: the json codec validating a
+/// 32 MiB payload (about 0.1 s here, and the same call finishes without a budget) is
+/// stopped by a 1 ms budget.
+#[test]
+fn a_built_in_codec_given_a_budget_is_stopped_by_it() {
+    let mut frame = br#"{"type":"data","channel":"c0","payload":["#.to_vec();
+    frame.extend(std::iter::repeat_n(&b"1,"[..], 16 << 20).flatten());
+    frame.extend_from_slice(b"1]}");
+    let decode = |max_call_ms| {
+        let config = CodecConfig {
+            max_call_ms,
+            max_memory_mb: 256,
+            ..CodecConfig::default()
+        };
+        let runtime = CodecRuntime::load(&CodecSource::Builtin(BuiltinCodec::Json), &config, None)
+            .expect("loads");
+        let mut instance = runtime.instantiate(1).expect("instance");
+        instance.open().expect("open");
+        let mut batch = FrameBatch::with_goal(frame.len() + 64);
+        assert!(instance.add_frame(&mut batch, &frame, false).expect("add"));
+        instance.decode(&mut batch).map(|records| {
+            owned(records)
+                .iter()
+                .map(|record| (record.0, record.3.len()))
+                .collect::<Vec<_>>()
+        })
+    };
+    let stopped = decode(Some(1)).expect_err("a 1 ms budget stops it");
+    assert!(
+        stopped
+            .to_string()
+            .contains("ran longer than its 1 ms budget"),
+        "{stopped}"
+    );
+    let payload = frame.len() - br#"{"type":"data","channel":"c0","payload":}"#.len();
+    assert_eq!(
+        decode(None).expect("no budget: it runs to its end"),
+        [(kind::DATA, payload)]
+    );
 }
 
 /// `max_call_ms: 0` is no budget: a decode that runs a long while (2^30 turns of a
