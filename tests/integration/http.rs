@@ -1160,14 +1160,22 @@ fn request_under_way(addr: SocketAddr) -> TcpStream {
     client
 }
 
-#[test]
-fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
-    let _guard = watchdog("idle_clients", Duration::from_secs(90));
+/// A ready pool whose health port has these client limits, and the port's address.
+fn port_with_limits(idle_timeout_ms: u64, max_clients: u32) -> (Simulator, Pool, SocketAddr) {
     let sim = simulator();
-    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 6000, "max_clients": 3});
+    let health = json!({
+        "listen": "127.0.0.1:0", "idle_timeout_ms": idle_timeout_ms, "max_clients": max_clients,
+    });
     let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
     pool.wait_ready(PATIENCE).expect("pool ready");
     let addr = health_addr(&pool);
+    (sim, pool, addr)
+}
+
+#[test]
+fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
+    let _guard = watchdog("idle_clients", Duration::from_secs(90));
+    let (_sim, _pool, addr) = port_with_limits(6000, 3);
 
     // Three clients take every place, each with a request under way (its body comes
     // slowly), so none is let go for a newcomer.
@@ -1232,13 +1240,9 @@ fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
 #[test]
 fn a_full_port_lets_the_client_that_waited_longest_go_for_a_newcomer() {
     let _guard = watchdog("full port", Duration::from_secs(90));
-    let sim = simulator();
     // An idle timeout far beyond the clients' own 15 s read timeout: whatever lets
     // a client go within the test, it is not the idle timeout.
-    let health = json!({"listen": "127.0.0.1:0", "idle_timeout_ms": 120_000, "max_clients": 3});
-    let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
-    pool.wait_ready(PATIENCE).expect("pool ready");
-    let addr = health_addr(&pool);
+    let (_sim, _pool, addr) = port_with_limits(120_000, 3);
     let keep_alive = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n";
 
     // The places: a silent client, a slow one in the middle of its head, and a
