@@ -1162,10 +1162,13 @@ fn request_under_way(addr: SocketAddr) -> TcpStream {
 
 /// A ready pool whose health port has these client limits, and the port's address.
 fn port_with_limits(idle_timeout_ms: u64, max_clients: u32) -> (Simulator, Pool, SocketAddr) {
+    port_with(json!({"idle_timeout_ms": idle_timeout_ms, "max_clients": max_clients}))
+}
+
+/// A ready pool whose health port on loopback has these settings, and its address.
+fn port_with(mut health: Value) -> (Simulator, Pool, SocketAddr) {
     let sim = simulator();
-    let health = json!({
-        "listen": "127.0.0.1:0", "idle_timeout_ms": idle_timeout_ms, "max_clients": max_clients,
-    });
+    health["listen"] = json!("127.0.0.1:0");
     let pool = Pool::new(config(&sim.url(), 1, 2, health)).expect("pool opens");
     pool.wait_ready(PATIENCE).expect("pool ready");
     let addr = health_addr(&pool);
@@ -1233,10 +1236,16 @@ fn idle_clients_are_let_go_and_clients_over_the_limit_are_refused() {
     serves_again();
 }
 
+/// How long a client must have waited for a request before a full port lets it go
+/// (the port's `LET_GO_AFTER`, with an idle timeout of two seconds or more), and a
+/// margin.
+const LET_GO_AFTER: Duration = Duration::from_millis(1300);
+
 /// Clients that hold every place while waiting to send a request (silent, sending a
-/// head a byte at a time, idle between requests) do not lock newcomers out: a
-/// newcomer to a full port takes the place of the one that has waited longest, which
-/// is let go at once, long before any idle timeout.
+/// head a byte at a time, idle between requests) do not lock newcomers out: once they
+/// have waited a second, a newcomer to a full port takes the place of the one that
+/// has waited longest, which is let go at once, long before any idle timeout. Before
+/// that (a burst of clients), newcomers get a 503 and nobody is let go.
 #[test]
 fn a_full_port_lets_the_client_that_waited_longest_go_for_a_newcomer() {
     let _guard = watchdog("full port", Duration::from_secs(90));
@@ -1255,11 +1264,27 @@ fn a_full_port_lets_the_client_that_waited_longest_go_for_a_newcomer() {
     let mut idle = connect(addr);
     idle.write_all(keep_alive).expect("request");
     assert_eq!(read_one_reply(&mut idle).status, 200);
+    // None has waited long yet: a newcomer is refused, and the others keep their
+    // places (the keep-alive one is served again at once).
+    let mut early = connect(addr);
+    early.write_all(keep_alive).expect("request");
+    assert_eq!(
+        read_one_reply(&mut early).status,
+        503,
+        "no one waited a second yet"
+    );
+    idle.write_all(keep_alive).expect("request");
+    assert_eq!(
+        read_one_reply(&mut idle).status,
+        200,
+        "the keep-alive client stayed"
+    );
+    std::thread::sleep(LET_GO_AFTER);
     dripping.write_all(b"s").expect("a byte more");
 
     // Each newcomer is served, and the client waiting longest goes: first the silent
     // one (without a word), then the dripping one, then the idle one. Each newcomer
-    // keeps its connection, idle after its reply.
+    // keeps its connection, idle after its reply (and too briefly to be let go).
     let mut newcomers = Vec::new();
     for (mut gone, what) in [(silent, "silent"), (dripping, "dripping"), (idle, "idle")] {
         let mut newcomer = connect(addr);
@@ -1284,6 +1309,37 @@ fn a_full_port_lets_the_client_that_waited_longest_go_for_a_newcomer() {
         newcomer.write_all(keep_alive).expect("request");
         assert_eq!(read_one_reply(newcomer).status, 200);
     }
+}
+
+/// A request refused before its body was read (here: no admin token) whose body then
+/// never ends holds its place only like a client waiting for a request: the port
+/// reads the body to throw it away, and lets the client go for a newcomer.
+#[test]
+fn a_refused_request_whose_body_never_ends_gives_way_to_a_newcomer() {
+    let _guard = watchdog("refused body", Duration::from_secs(90));
+    let (_sim, _pool, addr) =
+        port_with(json!({"idle_timeout_ms": 120_000, "max_clients": 3, "admin_token": "s3cret"}));
+    let mut senders: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut client = connect(addr);
+            let head = request_head("POST", "/api/v1/pool/config", &[], 60_000);
+            client.write_all(head.as_bytes()).expect("head");
+            client.write_all(b"{\"pool\":").expect("part of the body");
+            assert_eq!(read_one_reply(&mut client).status, 401);
+            client
+        })
+        .collect();
+    std::thread::sleep(LET_GO_AFTER);
+    let mut newcomer = connect(addr);
+    newcomer
+        .write_all(request_head("GET", "/health", &[], 0).as_bytes())
+        .expect("request");
+    assert_eq!(read_one_reply(&mut newcomer).status, 200);
+    // The first of them was let go.
+    let mut rest = Vec::new();
+    senders[0]
+        .read_to_end(&mut rest)
+        .expect("the first sender is let go");
 }
 
 #[test]

@@ -257,11 +257,14 @@ impl Iterator for ClientConnection {
             // it sends (the published crate read and queued them all).
             self.sink.wait_for_previous();
             if let Some(watch) = &self.watch {
-                watch.waiting(true);
+                watch.waiting();
             }
             let head = self.read();
             if let Some(watch) = &self.watch {
-                watch.waiting(false);
+                if !watch.request_read() {
+                    // Let go for a newcomer while this was read: not served.
+                    return None;
+                }
             }
             // wirepool's change: every refusal says what was wrong, as JSON like the
             // rest of wirepool's HTTP port (the published crate answered with an empty
@@ -301,6 +304,7 @@ impl Iterator for ClientConnection {
             };
 
             rq.guard = self.guard.clone();
+            rq.watch = self.watch.clone();
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {

@@ -301,6 +301,9 @@ impl Server {
             let open_clients = Arc::new(AtomicUsize::new(0));
             // wirepool's change: the clients, for letting one go when the port is full.
             let mut watches: Vec<Weak<ClientWatch>> = Vec::new();
+            let let_go_after = limits
+                .idle_timeout
+                .map_or(LET_GO_AFTER, |idle| (idle / 2).min(LET_GO_AFTER));
             // Accept errors are logged once per run of them.
             let mut failing = false;
 
@@ -320,21 +323,25 @@ impl Server {
                             break;
                         }
                         if open_clients.load(Acquire) >= limits.max_clients
-                            && !make_room(&mut watches, open_clients.load(Acquire), limits.max_clients)
+                            && !make_room(
+                                &mut watches,
+                                open_clients.load(Acquire),
+                                limits.max_clients,
+                                let_go_after,
+                            )
                         {
                             refuse_busy(sock, limits.max_clients);
                             continue;
                         }
                         // A duplicate of the socket, to shut it down if it has to go
                         // (none when no descriptor is left: then it cannot be let go).
-                        let watch = sock.try_clone().ok().map(|socket| {
-                            Arc::new(ClientWatch {
-                                waiting_since: Mutex::new(Some(Instant::now())),
-                                socket,
-                                let_go: AtomicBool::new(false),
-                            })
-                        });
+                        let watch = sock.try_clone().ok().map(|socket| Arc::new(ClientWatch::new(socket)));
                         if let Some(watch) = &watch {
+                            // Those of clients gone are dropped now and then, so a
+                            // port that never fills keeps no trace of past clients.
+                            if watches.len() >= 2 * limits.max_clients.clamp(16, 1 << 16) {
+                                watches.retain(|watch| watch.strong_count() > 0);
+                            }
                             watches.push(Arc::downgrade(watch));
                         }
                         use util::RefinedTcpStream;
@@ -493,7 +500,9 @@ pub struct ClientLimits {
     /// A client whose socket stays silent (or does not take a reply) this long is let
     /// go; a request begun and not finished in time gets a 408 first. `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// Most clients served at once; one more is answered 503 and closed.
+    /// Most clients served at once. At the limit, one more takes the place of the
+    /// client that has waited longest for a request (at least a second, or half the
+    /// idle timeout), which is let go; when none has, it gets a 503 and is closed.
     pub max_clients: usize,
 }
 
@@ -507,64 +516,115 @@ impl Default for ClientLimits {
     }
 }
 
+/// wirepool's addition: how long a client must have waited for a request before a full
+/// port lets it go for a newcomer (at most; half the idle timeout when that is
+/// shorter). Shorter waits are a request on its way, or a keep-alive client between
+/// two requests of a burst: letting those go would drop requests, so a newcomer then
+/// gets a 503 instead.
+const LET_GO_AFTER: Duration = Duration::from_secs(1);
+
 /// wirepool's addition: what the accept thread knows of a client, so that a full port
-/// can let go of the client that has waited longest for its next request's head (a
-/// client that connected and stays silent, sends its head a byte at a time, or idles
-/// between requests), instead of refusing every newcomer while such clients hold the
-/// places. A client whose request is read past its head, handled or answered is not
-/// let go.
+/// can let go of the client that has waited longest for a request (connected and
+/// silent, sending a head slowly, idle between requests, or sending a body that is
+/// being thrown away after its request was answered), instead of refusing every
+/// newcomer while such clients hold the places. A client whose request is under way
+/// (read, handled or answered) is never let go.
 pub(crate) struct ClientWatch {
-    /// Since when the next request's head is awaited; `None` while a request is under
-    /// way.
-    waiting_since: Mutex<Option<Instant>>,
+    state: Mutex<WatchState>,
     /// A duplicate of the client's socket, shut down to let the client go.
     socket: Connection,
-    /// Let go already (its thread is ending).
-    let_go: AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+struct WatchState {
+    /// Since when the client waits for a request; `None` while one is under way.
+    waiting_since: Option<Instant>,
+    /// Let go (its socket shut down): what it sends from then on is not served.
+    let_go: bool,
 }
 
 impl ClientWatch {
-    /// The client begins (`true`) or ends waiting for a request's head.
-    pub(crate) fn waiting(&self, waiting: bool) {
-        if let Ok(mut since) = self.waiting_since.lock() {
-            *since = waiting.then(Instant::now);
+    fn new(socket: Connection) -> ClientWatch {
+        ClientWatch {
+            state: Mutex::new(WatchState {
+                waiting_since: Some(Instant::now()),
+                let_go: false,
+            }),
+            socket,
         }
     }
 
-    fn waiting_since(&self) -> Option<Instant> {
-        self.waiting_since.lock().ok().and_then(|since| *since)
+    fn state(&self) -> WatchState {
+        *self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The client begins waiting for a request (or its thrown-away body).
+    pub(crate) fn waiting(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.waiting_since = Some(Instant::now());
+    }
+
+    /// A request of the client's was read. `false` when the client was let go
+    /// meanwhile: the request must not be served (its client is gone).
+    pub(crate) fn request_read(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.waiting_since = None;
+        !state.let_go
+    }
+
+    /// Lets the client go if it still waits for a request (under the same lock as
+    /// [`ClientWatch::request_read`], so a request read meanwhile is never dropped
+    /// after it was served).
+    fn let_go(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.waiting_since.is_none() || state.let_go {
+            return false;
+        }
+        state.let_go = true;
+        let _ = self.socket.shutdown(Shutdown::Both);
+        true
     }
 }
 
 /// Makes room for one more client on a port with `open` of `max_clients` places
 /// taken: `true` when clients let go already will free enough places, or when the
-/// one that has waited longest for a request's head was let go now (its blocked read
-/// ends at once, and so does its thread); `false` when every client has a request
-/// under way.
-fn make_room(watches: &mut Vec<Weak<ClientWatch>>, open: usize, max_clients: usize) -> bool {
+/// one that has waited longest for a request, at least `let_go_after`, was let go now
+/// (its blocked read ends at once, and so does its thread); `false` when none waited
+/// that long (every client has a request under way or on its way).
+fn make_room(
+    watches: &mut Vec<Weak<ClientWatch>>,
+    open: usize,
+    max_clients: usize,
+    let_go_after: Duration,
+) -> bool {
     watches.retain(|watch| watch.strong_count() > 0);
-    let live: Vec<Arc<ClientWatch>> = watches.iter().filter_map(Weak::upgrade).collect();
-    let leaving = live.iter().filter(|watch| watch.let_go.load(Relaxed)).count();
+    let live: Vec<(WatchState, Arc<ClientWatch>)> = watches
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|watch| (watch.state(), watch))
+        .collect();
+    let leaving = live.iter().filter(|(state, _)| state.let_go).count();
     if open.saturating_sub(leaving) < max_clients {
         return true;
     }
-    let longest = live
+    let mut candidates: Vec<(Instant, &Arc<ClientWatch>)> = live
         .iter()
-        .filter(|watch| !watch.let_go.load(Relaxed))
-        .filter_map(|watch| watch.waiting_since().map(|since| (since, watch)))
-        .min_by_key(|(since, _)| *since);
-    match longest {
-        Some((since, watch)) => {
+        .filter(|(state, _)| !state.let_go)
+        .filter_map(|(state, watch)| state.waiting_since.map(|since| (since, watch)))
+        .filter(|(since, _)| since.elapsed() >= let_go_after)
+        .collect();
+    candidates.sort_by_key(|(since, _)| *since);
+    // The longest waiting that still waits now (one may have read a request since).
+    for (since, watch) in candidates {
+        if watch.let_go() {
             log::debug!(
                 "port full: letting go of a client that has waited {:?} for a request",
                 since.elapsed()
             );
-            watch.let_go.store(true, Relaxed);
-            let _ = watch.socket.shutdown(Shutdown::Both);
-            true
+            return true;
         }
-        None => false,
     }
+    false
 }
 
 /// Counts a client as open for as long as it lives.

@@ -77,6 +77,10 @@ pub struct Request {
 
     // wirepool's change: held until the request is dropped (see `ClientConnection`).
     pub(crate) guard: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+
+    // wirepool's change: once answered, the client counts as waiting again while the
+    // rest of an unread body is thrown away (a full port may let it go then).
+    pub(crate) watch: Option<std::sync::Arc<crate::ClientWatch>>,
 }
 
 struct NotifyOnDrop<R> {
@@ -255,6 +259,7 @@ where
         must_send_continue: expects_continue,
         notify_when_responded: None,
         guard: None,
+        watch: None,
     })
 }
 
@@ -510,6 +515,11 @@ impl Drop for Request {
             if let Some(sender) = self.notify_when_responded.take() {
                 sender.send(()).unwrap();
             }
+        }
+        // The fields go next: an unread body is read and thrown away, which a client
+        // could make last (wirepool's change).
+        if let Some(watch) = &self.watch {
+            watch.waiting();
         }
     }
 }
