@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    pool_from, request_in_background, wait_for_event, wait_until, watchdog, write_temp, Acceptor,
+    compile_wat_text, pool_from, request_in_background, wait_for_event, wait_until, wat_source,
+    watchdog, write_temp, Acceptor,
 };
 use wirepool::simulator::{Simulator, SimulatorConfig};
 use wirepool::{Error, Pool, PoolSettings};
@@ -43,24 +44,27 @@ fn next_on(pool: &Pool, channel: &str, timeout: Duration) -> wirepool::Message {
     panic!("no message on {channel} within {timeout:?}");
 }
 
-/// A second close of a connection that is closing is refused and says so; the
-/// connection is closed, announced and replaced once. (The server never answers a
-/// close, so a closed connection stays `closing` for the close's grace, 500 ms.)
-#[test]
-fn closing_a_connection_twice_closes_it_once_and_says_so() {
-    let _guard = watchdog("close twice", Duration::from_secs(60));
-    let server = Acceptor::start(|stream, stop| {
+/// A WebSocket server that completes each handshake, then holds the connection
+/// without reading it (a close is never answered) until it is dropped.
+fn silent_server() -> Acceptor {
+    Acceptor::start(|stream, stop| {
         let Ok(_ws) = tungstenite::accept(stream) else {
             return;
         };
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(5));
         }
-    });
-    let pool = pool(&server.url(), serde_json::json!({}));
-    pool.wait_ready(Duration::from_secs(10)).expect("ready");
-    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
-    let id = before[0];
+    })
+}
+
+/// Closes connection `id` twice at once: the first close is taken, the second is
+/// refused as "already closing", and once `replaced` names the replacement's event,
+/// the connection was announced closing exactly once.
+fn close_twice_expecting_once(
+    pool: &Pool,
+    id: u64,
+    replaced: impl FnMut(&wirepool::Event) -> bool,
+) {
     pool.close_connection(id).expect("the first close");
     match pool.close_connection(id) {
         Err(Error::InvalidArgument(text)) => assert!(
@@ -69,9 +73,7 @@ fn closing_a_connection_twice_closes_it_once_and_says_so() {
         ),
         other => panic!("the second close should be refused, got {other:?}"),
     }
-    let events = wait_for_event(&pool, Duration::from_secs(10), "its replacement", |e| {
-        e.kind == "ready" && e.connection_id.is_some_and(|new| !before.contains(&new))
-    });
+    let events = wait_for_event(pool, Duration::from_secs(20), "its replacement", replaced);
     let closing = events
         .iter()
         .filter(|e| e.kind == "closing" && e.connection_id == Some(id))
@@ -80,6 +82,22 @@ fn closing_a_connection_twice_closes_it_once_and_says_so() {
         closing, 1,
         "one closing event for connection {id}: {events:?}"
     );
+}
+
+/// A second close of a connection that is closing is refused and says so; the
+/// connection is closed, announced and replaced once. (The server never answers a
+/// close, so a closed connection stays `closing` for the close's grace, 500 ms.)
+#[test]
+fn closing_a_connection_twice_closes_it_once_and_says_so() {
+    let _guard = watchdog("close twice", Duration::from_secs(60));
+    let server = silent_server();
+    let pool = pool(&server.url(), serde_json::json!({}));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    let id = before[0];
+    close_twice_expecting_once(&pool, id, |e| {
+        e.kind == "ready" && e.connection_id.is_some_and(|new| !before.contains(&new))
+    });
     wait_until(
         &pool,
         Duration::from_secs(10),
@@ -94,6 +112,52 @@ fn closing_a_connection_twice_closes_it_once_and_says_so() {
         other => panic!("a close of an ended connection should be refused, got {other:?}"),
     }
     assert_eq!(pool.connections().len(), 2, "replaced once, not twice");
+}
+
+/// A connection whose worker has not yet taken the first close (busy in its codec's
+/// `wirepool_open`, which here runs about two seconds) is asked to close once: a second
+/// close is refused, and the connection is announced closing and replaced once.
+#[test]
+fn a_second_close_before_the_worker_takes_the_first_is_refused() {
+    let _guard = watchdog("close while opening", Duration::from_secs(60));
+    let (global, open) = (
+        "(global $input i32 (i32.const 0x10000))",
+        "(func (export \"wirepool_open\") (result i32)",
+    );
+    let source = wat_source("endless_loop");
+    assert!(source.contains(global) && source.contains(open));
+    let slow_open = source
+        .replace(
+            global,
+            &format!("{global} (global $turns (mut i64) (i64.const 0))"),
+        )
+        .replace(
+            open,
+            &format!(
+                "{open} (global.set $turns (i64.const 0)) \
+                 (loop $turn \
+                   (global.set $turns (i64.add (global.get $turns) (i64.const 1))) \
+                   (br_if $turn (i64.lt_u (global.get $turns) (i64.const 0x80000000))))"
+            ),
+        );
+    let path = compile_wat_text("slow_open", &slow_open);
+    let server = silent_server();
+    let pool = pool_from(
+        serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "codec": {"path": path, "max_call_ms": 0},
+        }),
+        serde_json::json!({}),
+    );
+    // Connected: the worker is in the codec's open now, for about two seconds.
+    let events = wait_for_event(&pool, Duration::from_secs(10), "connected", |e| {
+        e.kind == "connected"
+    });
+    let id = events.last().and_then(|e| e.connection_id).expect("its id");
+    close_twice_expecting_once(&pool, id, |e| {
+        e.kind == "connected" && e.connection_id.is_some_and(|new| new != id)
+    });
 }
 
 #[test]
