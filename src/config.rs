@@ -476,9 +476,9 @@ pub struct HealthConfig {
     /// disconnected; a request begun and not finished by then gets a 408.
     pub idle_timeout_ms: u64,
     /// Most HTTP clients connected at once. One more takes the place of the client
-    /// that has waited longest for a request, at least a second (silent, sending a
-    /// head slowly, idle between requests), which is let go; when none has, it gets a
-    /// 503 and is closed.
+    /// that has waited longest for a request, at least a second or half
+    /// `idle_timeout_ms` (silent, sending a head slowly, idle between requests), which
+    /// is let go; when none has, it gets a 503 and is closed.
     pub max_clients: u32,
 }
 

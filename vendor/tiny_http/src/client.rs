@@ -260,10 +260,12 @@ impl Iterator for ClientConnection {
                 watch.waiting();
             }
             let head = self.read();
+            let mut read_number = 0;
             if let Some(watch) = &self.watch {
-                if !watch.request_read() {
+                match watch.request_read() {
+                    Some(number) => read_number = number,
                     // Let go for a newcomer while this was read: not served.
-                    return None;
+                    None => return None,
                 }
             }
             // wirepool's change: every refusal says what was wrong, as JSON like the
@@ -304,7 +306,7 @@ impl Iterator for ClientConnection {
             };
 
             rq.guard = self.guard.clone();
-            rq.watch = self.watch.clone();
+            rq.watch = self.watch.clone().map(|watch| (watch, read_number));
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {

@@ -541,6 +541,8 @@ struct WatchState {
     waiting_since: Option<Instant>,
     /// Let go (its socket shut down): what it sends from then on is not served.
     let_go: bool,
+    /// Requests read so far.
+    reads: u64,
 }
 
 impl ClientWatch {
@@ -549,6 +551,7 @@ impl ClientWatch {
             state: Mutex::new(WatchState {
                 waiting_since: Some(Instant::now()),
                 let_go: false,
+                reads: 0,
             }),
             socket,
         }
@@ -564,20 +567,33 @@ impl ClientWatch {
         state.waiting_since = Some(Instant::now());
     }
 
-    /// A request of the client's was read. `false` when the client was let go
-    /// meanwhile: the request must not be served (its client is gone).
-    pub(crate) fn request_read(&self) -> bool {
+    /// Request `read` (its number, from [`ClientWatch::request_read`]) was answered
+    /// and is being dropped: the client waits again, unless a later request was read
+    /// meanwhile (a keep-alive client may send its next request as soon as it has the
+    /// reply, and that one is under way).
+    pub(crate) fn answered(&self, read: u64) {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        state.waiting_since = None;
-        !state.let_go
+        if state.reads == read {
+            state.waiting_since = Some(Instant::now());
+        }
     }
 
-    /// Lets the client go if it still waits for a request (under the same lock as
-    /// [`ClientWatch::request_read`], so a request read meanwhile is never dropped
-    /// after it was served).
-    fn let_go(&self) -> bool {
+    /// A request of the client's was read: its number, or `None` when the client was
+    /// let go meanwhile and the request must not be served (its client is gone).
+    pub(crate) fn request_read(&self) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.waiting_since.is_none() || state.let_go {
+        state.waiting_since = None;
+        state.reads += 1;
+        (!state.let_go).then_some(state.reads)
+    }
+
+    /// Lets the client go if it still waits for a request, as it did `since` (under
+    /// the same lock as [`ClientWatch::request_read`], so a request read meanwhile is
+    /// never dropped after it was served, and one served and waiting again since is
+    /// not let go for a wait it has not had).
+    fn let_go(&self, since: Instant) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.waiting_since != Some(since) || state.let_go {
             return false;
         }
         state.let_go = true;
@@ -616,7 +632,7 @@ fn make_room(
     candidates.sort_by_key(|(since, _)| *since);
     // The longest waiting that still waits now (one may have read a request since).
     for (since, watch) in candidates {
-        if watch.let_go() {
+        if watch.let_go(since) {
             log::debug!(
                 "port full: letting go of a client that has waited {:?} for a request",
                 since.elapsed()

@@ -80,7 +80,8 @@ pub struct Request {
 
     // wirepool's change: once answered, the client counts as waiting again while the
     // rest of an unread body is thrown away (a full port may let it go then).
-    pub(crate) watch: Option<std::sync::Arc<crate::ClientWatch>>,
+    // With the number of this request among the client's.
+    pub(crate) watch: Option<(std::sync::Arc<crate::ClientWatch>, u64)>,
 }
 
 struct NotifyOnDrop<R> {
@@ -518,8 +519,8 @@ impl Drop for Request {
         }
         // The fields go next: an unread body is read and thrown away, which a client
         // could make last (wirepool's change).
-        if let Some(watch) = &self.watch {
-            watch.waiting();
+        if let Some((watch, read)) = &self.watch {
+            watch.answered(*read);
         }
     }
 }
