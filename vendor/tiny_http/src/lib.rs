@@ -561,10 +561,12 @@ impl ClientWatch {
         *self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The client begins waiting for a request (or its thrown-away body).
+    /// The client waits for a request from now, unless it did already (since it was
+    /// accepted, say: its thread may start later than a client's accepted after it,
+    /// and the order of their waits is the order they came in).
     pub(crate) fn waiting(&self) {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        state.waiting_since = Some(Instant::now());
+        state.waiting_since.get_or_insert_with(Instant::now);
     }
 
     /// Request `read` (its number, from [`ClientWatch::request_read`]) was answered
@@ -574,7 +576,7 @@ impl ClientWatch {
     pub(crate) fn answered(&self, read: u64) {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if state.reads == read {
-            state.waiting_since = Some(Instant::now());
+            state.waiting_since.get_or_insert_with(Instant::now);
         }
     }
 
