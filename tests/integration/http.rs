@@ -1252,7 +1252,8 @@ fn a_full_port_lets_the_client_that_waited_longest_go_for_a_newcomer() {
     // An idle timeout far beyond the clients' own 15 s read timeout: whatever lets
     // a client go within the test, it is not the idle timeout.
     let (_sim, _pool, addr) = port_with_limits(120_000, 3);
-    let keep_alive = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n";
+    // Stats, not /health: a reply that does not depend on the pool's health.
+    let keep_alive = b"GET /api/v1/pool/stats HTTP/1.1\r\nHost: test\r\n\r\n";
 
     // The places: a silent client, a slow one in the middle of its head, and a
     // keep-alive one that got its reply and idles.
@@ -1333,7 +1334,7 @@ fn a_refused_request_whose_body_never_ends_gives_way_to_a_newcomer() {
     std::thread::sleep(LET_GO_AFTER);
     let mut newcomer = connect(addr);
     newcomer
-        .write_all(request_head("GET", "/health", &[], 0).as_bytes())
+        .write_all(request_head("GET", "/api/v1/pool/stats", &[], 0).as_bytes())
         .expect("request");
     assert_eq!(read_one_reply(&mut newcomer).status, 200);
     // The first of them was let go.
