@@ -123,15 +123,15 @@ fn run(command: &str, args: &Args) -> Result<serde_json::Value, String> {
                     args.window()?,
                     client == "tungstenite-spin",
                 ),
-                "pool-json" => {
-                    latency::pool_latency(&args.feed_url()?, "json", rate, args.window()?, busy)
-                }
-                "pool-raw" => {
-                    latency::pool_latency(&args.feed_url()?, "raw", rate, args.window()?, busy)
-                }
-                other => Err(format!(
-                    "--client {other}: expected tungstenite, tungstenite-spin, pool-json or pool-raw"
-                )),
+                client => match client.strip_prefix("pool-") {
+                    Some(codec) => {
+                        latency::pool_latency(&args.feed_url()?, codec, rate, args.window()?, busy)
+                    }
+                    None => Err(format!(
+                        "--client {client}: expected tungstenite, tungstenite-spin or pool-CODEC \
+                         (pool-json, pool-raw, pool-raw-decode, pool-json-budget, ...)"
+                    )),
+                },
             }
         }
         "connect" => footprint::connect(
