@@ -51,6 +51,15 @@ def machine():
             memory_gb = round(int(meminfo.readline().split()[1]) / 1024 / 1024, 1)
     except (OSError, ValueError, IndexError):
         pass
+    # A VM guest's halt polling (the haltpoll cpuidle driver): how long an idle vCPU
+    # polls before it halts. 0 means each message at a paced rate wakes a halted vCPU
+    # through the hypervisor, which is most of the latency's p50 (README, "Latency").
+    halt_poll_ns = None
+    try:
+        with open("/sys/module/haltpoll/parameters/guest_halt_poll_ns") as param:
+            halt_poll_ns = int(param.read().strip())
+    except (OSError, ValueError):
+        pass
     return {
         "cpu_model": model,
         "cpu_cores": os.cpu_count(),
@@ -58,6 +67,7 @@ def machine():
         "kernel": platform.release(),
         "python": platform.python_version(),
         "load_average_at_end": os.getloadavg()[0],
+        "guest_halt_poll_ns": halt_poll_ns,
     }
 
 
@@ -345,6 +355,12 @@ def print_table(rows, summary):
     print(
         f"\n{info['cpu_model']}, {info['cpu_cores']} cores, {info['memory_gb']} GB, "
         f"Linux {info['kernel']}, Python {info['python']}; 100-byte messages on loopback; "
+        + (
+            f"guest halt polling {info['guest_halt_poll_ns'] // 1000} µs; "
+            if info.get("guest_halt_poll_ns") is not None
+            else ""
+        )
+        + 
         f"gaps seen: {summary['gaps_seen']}"
         + (" (quick mode: short windows, not for the README)" if summary["quick"] else "")
     )
