@@ -286,8 +286,8 @@ pub struct CodecConfig {
     /// and its connection replaced. `0` is no budget: the codec is compiled without
     /// the interruption checks the budget needs at every loop and call (the `json`
     /// codec runs about 15 % faster), and a call that never returns hangs its
-    /// connection (or, at load, `Pool::new`). Unset: 100 for a codec loaded from `path`, no budget for the
-    /// built-in codecs (see [`CodecConfig::max_call`]).
+    /// connection (or, at load, `Pool::new`). Unset: 100 for a codec loaded from
+    /// `path`, no budget for the built-in codecs (see [`CodecConfig::max_call`]).
     pub max_call_ms: Option<u64>,
     /// Linear memory limit of one codec instance, in MiB. Defaults to 64.
     pub max_memory_mb: u64,

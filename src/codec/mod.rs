@@ -287,8 +287,9 @@ pub(crate) struct CodecRuntime {
     // Guards the auth token handed to new instances (replaced by token rotation).
     token: parking_lot::Mutex<Vec<u8>>,
     name: String,
-    /// Loaded from the artifact build.rs made, not compiled in this process.
-    #[allow(dead_code)] // the tests
+    /// Loaded from the artifact build.rs made, not compiled in this process (the
+    /// tests look).
+    #[cfg(test)]
     from_artifact: bool,
     /// Advances the epoch while this runtime lives (codecs with a time budget).
     _ticker: Option<Arc<EpochTicker>>,
@@ -567,6 +568,7 @@ impl CodecRuntime {
             config_json,
             token: parking_lot::Mutex::new(token),
             name: name.to_string(),
+            #[cfg(test)]
             from_artifact: compiled.from_artifact,
             _ticker: ticker,
         };
