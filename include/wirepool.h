@@ -194,7 +194,9 @@ const char *wirepool_result_text(uint32_t code);
 
 /*
  The detailed message of the last error on this thread ("" if none). Valid until
- the next wirepool call on this thread.
+ the next wirepool call on this thread. Always "" on a thread whose thread-local
+ storage is being torn down (in a `thread_local` destructor): use
+ `wirepool_result_text` there.
  */
 const char *wirepool_last_error(void);
 

@@ -113,7 +113,10 @@ thread_local! {
 
 fn set_last_error(text: &str) {
     let text = CString::new(text.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|last| *last.borrow_mut() = text);
+    // `try_with`: a call from a C++ `thread_local` destructor can come after this
+    // slot was torn down; `with` would panic there, and a second panic from the
+    // boundary's own error path would abort the host. The message is then dropped.
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = text);
 }
 
 fn fail(code: wirepool_result, text: &str) -> wirepool_result {
@@ -265,11 +268,15 @@ pub extern "C" fn wirepool_result_text(code: u32) -> *const c_char {
 }
 
 /// The detailed message of the last error on this thread ("" if none). Valid until
-/// the next wirepool call on this thread.
+/// the next wirepool call on this thread. Always "" on a thread whose thread-local
+/// storage is being torn down (in a `thread_local` destructor): use
+/// `wirepool_result_text` there.
 #[no_mangle]
 pub extern "C" fn wirepool_last_error() -> *const c_char {
     guard_value(c"".as_ptr(), || {
-        LAST_ERROR.with(|last| last.borrow().as_ptr())
+        LAST_ERROR
+            .try_with(|last| last.borrow().as_ptr())
+            .unwrap_or(c"".as_ptr())
     })
 }
 

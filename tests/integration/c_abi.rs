@@ -615,3 +615,42 @@ fn connections_are_listed_recycled_opened_and_closed_through_the_c_abi() {
         wirepool_pool_free(pool);
     }
 }
+
+/// A C++ `thread_local` object whose destructor calls wirepool runs after the
+/// library's own thread-locals are gone (they were set up later, so they are torn
+/// down first). A call that fails there still returns its code; it must not panic
+/// across the boundary (which aborts the host process).
+#[test]
+fn a_failing_call_from_a_thread_local_destructor_returns_its_code() {
+    struct CallsWirepoolOnDrop(std::sync::mpsc::Sender<wirepool_result>);
+    impl Drop for CallsWirepoolOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: NULL is the misuse under test; the channel name is valid.
+            let code = unsafe { wirepool_pool_subscribe(ptr::null(), c"x".as_ptr()) };
+            let _ = self.0.send(code);
+        }
+    }
+    thread_local! {
+        static ON_EXIT: std::cell::RefCell<Option<CallsWirepoolOnDrop>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Registered first, so destroyed after wirepool's last-error slot, which the
+        // failing call below creates.
+        ON_EXIT.with(|slot| *slot.borrow_mut() = Some(CallsWirepoolOnDrop(sender)));
+        // SAFETY: as above.
+        let code = unsafe { wirepool_pool_subscribe(ptr::null(), c"x".as_ptr()) };
+        assert_eq!(code, wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT);
+    })
+    .join()
+    .expect("the thread ends normally");
+    let code = receiver
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the destructor ran and reported");
+    assert_eq!(
+        code,
+        wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT,
+        "the code of the failed call, not a panic"
+    );
+}
