@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import select
+import signal
 import threading
 import time
 
@@ -349,3 +350,35 @@ def test_busy_polling_pool_delivers_in_order_and_keeps_to_the_callers_timeout(si
     elapsed = time.monotonic() - started
     assert elapsed < 0.8, f"recv_many(timeout=0.05) spun for {elapsed:.3f} s"
     assert json.loads(pool.request(b'{"ping":1}', timeout=0.5)) == {"echo": {"ping": 1}}
+
+
+@pytest.mark.parametrize("receive", ["recv", "recv_many", "messages"])
+def test_a_ctrl_c_as_a_poll_returns_loses_no_message(pool, monkeypatch, receive):
+    # A Ctrl-C is handled at the first Python line after the library call returns,
+    # when the poll has already taken its messages from the queue. Such a signal is
+    # raised here right after a poll that took some; the messages it took must come
+    # from the next receive, not vanish with the exception.
+    pool.subscribe("ticker.0")
+    before = receive_at_least(pool, 3)
+    real_poll = wirepool.lib.wirepool_pool_poll
+    taken = []
+
+    def poll_then_ctrl_c(handle, batch, timeout_ms, count_ref):
+        code = real_poll(handle, batch, timeout_ms, count_ref)
+        count = count_ref._obj.value
+        if code == 0 and count and not taken:
+            taken.append(count)
+            signal.raise_signal(signal.SIGINT)
+        return code
+
+    monkeypatch.setattr(wirepool.lib, "wirepool_pool_poll", poll_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        if receive == "recv":
+            pool.recv(timeout=10.0)
+        elif receive == "recv_many":
+            pool.recv_many(4096, timeout=10.0)
+        else:
+            next(pool.messages(timeout=10.0))
+    assert taken, "the interrupted poll took no message"
+    after = receive_at_least(pool, taken[0] + 3)
+    assert_in_sequence(before + after)

@@ -14,16 +14,19 @@ A thin ctypes layer over ``libwirepool`` (the C ABI in ``include/wirepool.h``)::
 Blocking calls release the GIL while they wait inside the library, and waits longer
 than a fraction of a second are made of short waits, so Ctrl-C and ``close()`` from
 another thread interrupt them promptly (``request`` and ``request_batch`` wait in one
-call: ``close()`` ends them at once, a Ctrl-C when they return). A ``Pool`` may be used from several threads
-at once.
+call: ``close()`` ends them at once, a Ctrl-C when they return). A Ctrl-C that lands
+as a receive returns loses no message: what that receive had taken comes first from
+the next one. A ``Pool`` may be used from several threads at once.
 """
 
 from __future__ import annotations
 
 import builtins
+import collections
 import ctypes
 import contextlib
 import gc
+import itertools
 import json
 import math
 import operator
@@ -34,7 +37,7 @@ import sys
 import threading
 import time
 from ctypes import byref, c_int, c_size_t, c_uint64, sizeof, string_at
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from itertools import repeat as _repeat
 from operator import add as _add, itemgetter as _itemgetter
@@ -561,6 +564,11 @@ class Pool(_Handle):
         self._batches_lock = threading.Lock()
         self._channel_names: Dict[bytes, str] = {}
         self._fd: Optional[int] = None
+        # Receives interrupted after their poll took messages (a Ctrl-C): their
+        # batches, then the messages decoded from them, delivered before anything else.
+        self._interrupted: List[_Batch] = []
+        self._undelivered: Deque[Message] = collections.deque()
+        self._redeliver_lock = threading.Lock()
         text = _config_json(config)
         if "\0" in text:
             raise ConfigError("config: the JSON text contains a NUL character")
@@ -588,6 +596,9 @@ class Pool(_Handle):
         lib.wirepool_pool_free(handle)
         with self._batches_lock:
             batches, self._batches = self._batches, {}
+        interrupted, self._interrupted = self._interrupted, []
+        for batch in interrupted:
+            batch.free()
         for stack in batches.values():
             for batch in stack:
                 batch.free()
@@ -637,23 +648,61 @@ class Pool(_Handle):
     def _receive(self, capacity: int, timeout: Optional[float]) -> List[Message]:
         handle = self._enter()
         try:
+            if self._interrupted or self._undelivered:
+                redelivered = self._redeliver(capacity)
+                if redelivered:
+                    return redelivered
             batch = self._take_batch(capacity)
+            # Written by the library only when a poll succeeds: nonzero below means
+            # this call's poll took messages off the queue.
+            batch.count.value = 0
+            messages = None
             try:
                 count = self._poll(handle, batch, timeout)
                 if not count:
                     return []
-                _prime_heap()
-                # One copy of the struct array and one of the data buffer; everything
-                # below slices Python objects, so the batch can go back at once.
-                raw = string_at(lib.wirepool_batch_messages(batch.handle), count * _MESSAGE_SIZE)
-                address = lib.wirepool_batch_data(batch.handle, batch.data_len_ref)
-                size = batch.data_len.value
-                data = string_at(address, size) if address and size else b""
+                raw, data = self._copy_out(batch, count)
+                messages = self._decode(raw, data)
+                return messages
             finally:
-                self._give_batch(batch)
+                if messages is None and batch.count.value:
+                    # An exception (a Ctrl-C, handled at the first line after the
+                    # library call) after the poll took messages: they are only in
+                    # this batch now, which is kept for the next receive.
+                    self._interrupted.append(batch)
+                else:
+                    self._give_batch(batch)
         finally:
             self._exit()
-        return self._decode(raw, data)
+
+    @staticmethod
+    def _copy_out(batch: _Batch, count: int) -> "tuple[bytes, bytes]":
+        """One copy of the struct array and one of the data buffer of a polled batch."""
+        _prime_heap()
+        raw = string_at(lib.wirepool_batch_messages(batch.handle), count * _MESSAGE_SIZE)
+        address = lib.wirepool_batch_data(batch.handle, batch.data_len_ref)
+        size = batch.data_len.value
+        data = string_at(address, size) if address and size else b""
+        return raw, data
+
+    def _redeliver(self, capacity: int) -> List[Message]:
+        """Up to ``capacity`` messages that interrupted receives took, oldest first
+        (they were taken before anything still queued)."""
+        with self._redeliver_lock:
+            while self._interrupted:
+                batch = self._interrupted[0]
+                if batch.count.value:
+                    self._undelivered.extend(self._decode(*self._copy_out(batch, batch.count.value)))
+                    # Marked as delivered at once: interrupted again from here on, the
+                    # batch is not decoded twice.
+                    batch.count.value = 0
+                del self._interrupted[0]
+                self._give_batch(batch)
+            undelivered = self._undelivered
+            messages = list(itertools.islice(undelivered, capacity))
+            for _ in range(len(messages)):
+                undelivered.popleft()
+            return messages
 
     def _decode(self, raw: bytes, data: bytes) -> List[Message]:
         # Column by column, each column by a C loop: no Python code runs per message.
