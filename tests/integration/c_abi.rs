@@ -654,3 +654,118 @@ fn a_failing_call_from_a_thread_local_destructor_returns_its_code() {
         "the code of the failed call, not a panic"
     );
 }
+
+/// The header's promise for `wirepool_pool_close`: it wakes every blocked call, each
+/// of which returns `WIREPOOL_ERR_CLOSED`, however long the caller said to wait.
+#[test]
+fn close_wakes_every_blocked_call_with_closed() {
+    let _guard = watchdog("close wakes blocked calls", Duration::from_secs(60));
+    // Nothing listens on port 1: no connection is ever ready, so every call below
+    // waits its whole timeout unless the close ends it.
+    let pool = open_pool("ws://127.0.0.1:1");
+    let address = pool as usize;
+    let forever = u32::MAX;
+    type Call = fn(*const wirepool_pool, u32) -> wirepool_result;
+    let calls: [(&str, Call); 5] = [
+        ("poll", |pool, timeout| {
+            let mut batch = ptr::null_mut();
+            let mut count = 0;
+            // SAFETY: live pool; the batch is made and freed here.
+            unsafe {
+                assert_eq!(
+                    wirepool_batch_new(16, &mut batch),
+                    wirepool_result::WIREPOOL_OK
+                );
+                let code = wirepool_pool_poll(pool, batch, timeout, &mut count);
+                wirepool_batch_free(batch);
+                code
+            }
+        }),
+        ("wait_ready", |pool, timeout| {
+            // SAFETY: live pool.
+            unsafe { wirepool_pool_wait_ready(pool, timeout) }
+        }),
+        ("events_json", |pool, timeout| loop {
+            let mut json = ptr::null_mut();
+            // SAFETY: live pool, valid out-pointer; the events are freed at once.
+            let code = unsafe { wirepool_pool_events_json(pool, timeout, &mut json) };
+            if code != wirepool_result::WIREPOOL_OK {
+                return code;
+            }
+            bytes_of(json);
+        }),
+        ("request", |pool, timeout| {
+            let body = b"{}";
+            let mut reply = ptr::null_mut();
+            // SAFETY: live pool, valid body and out-pointer.
+            unsafe { wirepool_pool_request(pool, body.as_ptr(), 2, timeout, 0, &mut reply) }
+        }),
+        ("request_batch", |pool, timeout| {
+            let body = b"{}";
+            let request = wirepool_request {
+                payload: body.as_ptr(),
+                payload_len: body.len(),
+            };
+            let mut reply = ptr::null_mut();
+            let mut code = wirepool_result::WIREPOOL_OK;
+            // SAFETY: live pool, one request and one slot in each output array.
+            let result = unsafe {
+                wirepool_pool_request_batch(
+                    pool,
+                    &request,
+                    1,
+                    timeout,
+                    0,
+                    None,
+                    ptr::null_mut(),
+                    &mut reply,
+                    &mut code,
+                )
+            };
+            assert_eq!(result, wirepool_result::WIREPOOL_OK, "{}", last_error());
+            assert!(reply.is_null());
+            code
+        }),
+    ];
+    let threads: Vec<_> = calls
+        .into_iter()
+        .map(|(name, call)| {
+            let thread = std::thread::spawn(move || {
+                let code = call(address as *const wirepool_pool, forever);
+                (code, last_error())
+            });
+            (name, thread)
+        })
+        .collect();
+    // Both requests are waiting for a connection before the close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut json = ptr::null_mut();
+        // SAFETY: live pool, valid out-pointer.
+        let code = unsafe { wirepool_pool_stats_json(pool, &mut json) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK);
+        let stats: serde_json::Value = serde_json::from_slice(&bytes_of(json)).expect("JSON");
+        if stats["pending_requests"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "requests never pending: {stats}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let closed_at = Instant::now();
+    // SAFETY: live pool.
+    assert_eq!(
+        unsafe { wirepool_pool_close(pool) },
+        wirepool_result::WIREPOOL_OK
+    );
+    for (name, thread) in threads {
+        let (code, text) = thread.join().expect("no panic");
+        assert_eq!(code, wirepool_result::WIREPOOL_ERR_CLOSED, "{name}: {text}");
+    }
+    assert!(
+        closed_at.elapsed() < Duration::from_secs(10),
+        "the blocked calls took {:?} to end after close",
+        closed_at.elapsed()
+    );
+    // SAFETY: every other thread is done with it.
+    unsafe { wirepool_pool_free(pool) };
+}
