@@ -114,3 +114,22 @@ def test_idempotent_must_be_a_bool(pool):
     for value in ("no", 1, None):
         with pytest.raises(TypeError, match="idempotent must be a bool"):
             pool.request(b"{}", idempotent=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", ["1", b"1", [1.0], True])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_named(pool, timeout):
+    # A str from a config file or a bool flag passed in the wrong place: a TypeError
+    # naming the parameter, not Python's "'>=' not supported between ..." (or, for
+    # True, a silent one-second wait).
+    calls = {
+        "recv": lambda: pool.recv(timeout=timeout),
+        "recv_many": lambda: pool.recv_many(8, timeout=timeout),
+        "messages": lambda: pool.messages(timeout=timeout),
+        "wait_ready": lambda: pool.wait_ready(timeout=timeout),
+        "events": lambda: pool.events(timeout=timeout),
+        "request": lambda: pool.request(b"{}", timeout=timeout),
+        "request_batch": lambda: pool.request_batch([b"{}"], timeout=timeout),
+    }
+    for call in calls.values():
+        with pytest.raises(TypeError, match=f"timeout must be None or a number of seconds, not {type(timeout).__name__}"):
+            call()

@@ -29,6 +29,7 @@ import gc
 import itertools
 import json
 import math
+import numbers
 import operator
 import os
 import re
@@ -426,7 +427,13 @@ def _connection_id(value: Any) -> int:
 
 
 def _check_timeout(timeout: Optional[float]) -> None:
-    if timeout is not None and not timeout >= 0:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        # A str from a config file would fail the comparison below with a message that
+        # names no parameter; a bool would be a silent one-second (or no) wait.
+        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
+    if not timeout >= 0:
         raise ValueError(f"timeout must be None or a non-negative number of seconds, not {timeout!r}")
 
 
