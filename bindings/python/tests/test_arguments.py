@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import socket
+import time
 
 import pytest
 
@@ -133,3 +134,39 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_named(pool, timeout):
     for call in calls.values():
         with pytest.raises(TypeError, match=f"timeout must be None or a number of seconds, not {type(timeout).__name__}"):
             call()
+
+
+@pytest.mark.parametrize("call", ["recv", "recv_many", "messages", "wait_ready", "events"])
+def test_a_signal_ends_an_endless_wait_promptly(silent_listener, make_pool, call):
+    # A pool that never gets ready and has no message to come: each call would wait
+    # forever, and a Ctrl-C (here a SIGALRM handler raising) must still
+    # end it within a fraction of a second, not when the wait ends.
+    pool = make_pool(config_for(silent_listener))
+
+    def events_forever():
+        while True:  # connection attempts may still report events: wait again
+            pool.events(timeout=None)
+
+    waits = {
+        "recv": lambda: pool.recv(timeout=None),
+        "recv_many": lambda: pool.recv_many(64, timeout=None),
+        "messages": lambda: next(pool.messages(timeout=None)),
+        "wait_ready": lambda: pool.wait_ready(timeout=None),
+        "events": events_forever,
+    }
+
+    def interrupt(_signum, _frame):
+        raise _Interrupted("the signal's exception")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        started = time.monotonic()
+        with pytest.raises(_Interrupted):
+            waits[call]()
+        elapsed = time.monotonic() - started
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert elapsed < 3.0, f"{call} took {elapsed:.1f} s to notice the signal"
+    assert not pool.closed
