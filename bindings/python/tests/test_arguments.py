@@ -170,3 +170,21 @@ def test_a_signal_ends_an_endless_wait_promptly(silent_listener, make_pool, call
         signal.signal(signal.SIGALRM, previous)
     assert elapsed < 3.0, f"{call} took {elapsed:.1f} s to notice the signal"
     assert not pool.closed
+
+
+def test_a_str_that_is_not_utf8_encodable_is_named(pool):
+    # A lone surrogate (what surrogateescape leaves of bad bytes read from a file or
+    # the environment) cannot be sent: the error names the argument, as the library's
+    # WIREPOOL_ERR_INVALID_UTF8 does, instead of a bare UnicodeEncodeError.
+    bad = "ticker.\udc80"
+    calls = {
+        "channel": lambda: pool.subscribe(bad),
+        "token": lambda: pool.set_token(bad),
+        "key": lambda: pool.shared_data(bad),
+        "payload": lambda: pool.request(bad, timeout=1.0),
+        "payloads\\[1\\]": lambda: pool.request_batch([b"{}", bad], timeout=1.0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(wirepool.InvalidArgumentError, match=f"^{name} is not valid UTF-8") as raised:
+            call()
+        assert raised.value.code_name == "WIREPOOL_ERR_INVALID_UTF8"

@@ -460,6 +460,19 @@ def _timeout_error(code: int, timeout: float) -> WirepoolError:
 # --- request bodies ----------------------------------------------------------------------
 
 
+def _utf8(text: str, name: str) -> bytes:
+    """``text`` as UTF-8, or the InvalidArgumentError the library gives a string that is
+    not UTF-8, naming the argument (a lone surrogate, as surrogateescape leaves of
+    undecodable bytes, has no UTF-8 form)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidArgumentError(
+            f"{name} is not valid UTF-8: {err.reason} at character {err.start}",
+            _ffi.WIREPOOL_ERR_INVALID_UTF8,
+        ) from None
+
+
 def _body(payload: Any, name: str) -> bytes:
     """A request body as bytes: bytes, any bytes-like object, or str (as UTF-8).
 
@@ -468,7 +481,7 @@ def _body(payload: Any, name: str) -> bytes:
     if isinstance(payload, bytes):
         return payload
     if isinstance(payload, str):
-        return payload.encode("utf-8")
+        return _utf8(payload, name)
     try:
         view = memoryview(payload)
     except TypeError:
@@ -1055,10 +1068,11 @@ class Pool(_Handle):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if not key or "\0" in key:
             raise ValueError("key must be a non-empty str without NUL characters")
+        encoded = _utf8(key, "key")
         out = _ffi.bytes_p()
         handle = self._enter()
         try:
-            code = lib.wirepool_pool_shared_data(handle, key.encode("utf-8"), byref(out))
+            code = lib.wirepool_pool_shared_data(handle, encoded, byref(out))
             if code == _ffi.WIREPOOL_ERR_INVALID_ARGUMENT:
                 # For a valid key this is the library's "nothing stored under it".
                 return None
@@ -1082,7 +1096,7 @@ class Pool(_Handle):
             raise TypeError(f"token must be a str, not {type(token).__name__}")
         if "\0" in token:
             raise ValueError("token must not contain NUL characters")
-        encoded = token.encode("utf-8")
+        encoded = _utf8(token, "token")
         self._simple_call(lambda handle: lib.wirepool_pool_set_token(handle, encoded))
 
     def connections(self) -> List[Dict[str, Any]]:
@@ -1170,4 +1184,4 @@ def _channel_arg(channel: str) -> bytes:
         raise TypeError(f"channel must be a str, not {type(channel).__name__}")
     if "\0" in channel:
         raise ValueError("channel must not contain NUL characters")
-    return channel.encode("utf-8")
+    return _utf8(channel, "channel")
