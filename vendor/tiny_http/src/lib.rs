@@ -737,3 +737,92 @@ impl Drop for Server {
         }
     }
 }
+
+/// wirepool's tests of the client limit, driving the accept thread's bookkeeping
+/// (`ClientWatch`, `make_room`) directly, in orders that real clients produce only
+/// by chance.
+#[cfg(test)]
+pub(crate) mod client_limit_tests {
+    use super::{make_room, ClientWatch};
+    use crate::connection::Connection;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Weak};
+    use std::time::Duration;
+
+    /// A connected loopback pair: the port's end (as the accept thread has it) and the
+    /// client's, which must live as long as the test uses the port's.
+    pub(crate) fn loopback_pair() -> (Connection, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let client = TcpStream::connect(listener.local_addr().expect("address"))
+            .expect("connect loopback");
+        let (accepted, _) = listener.accept().expect("accept loopback");
+        (Connection::from(accepted), client)
+    }
+
+    /// A client on the port, as the accept thread records it (waiting from now).
+    pub(crate) fn watched_client() -> (Arc<ClientWatch>, TcpStream) {
+        let (socket, client) = loopback_pair();
+        (Arc::new(ClientWatch::new(socket)), client)
+    }
+
+    fn let_go(watch: &ClientWatch) -> bool {
+        watch.state().let_go
+    }
+
+    /// A client let go whose thread has not ended yet still counts as open, and will
+    /// free its place: `make_room` counts it once, as one place about to be free. So a
+    /// newcomer to a port whose only excess is such clients lets nobody else go, and
+    /// one to a port still full once they are gone lets one more go.
+    #[test]
+    fn clients_let_go_but_not_gone_yet_count_once_as_places_about_to_be_free() {
+        // Every wait is long enough: what decides is the count of places.
+        let waited_enough = Duration::ZERO;
+        let max_clients = 2;
+        let (first, _first_end) = watched_client();
+        let (second, _second_end) = watched_client();
+        let mut watches: Vec<Weak<ClientWatch>> =
+            vec![Arc::downgrade(&first), Arc::downgrade(&second)];
+
+        // A full port: a newcomer takes the place of the client waiting longest.
+        assert!(make_room(&mut watches, 2, max_clients, waited_enough));
+        assert!(let_go(&first), "the client waiting longest is let go");
+        assert!(!let_go(&second), "one place was needed, one client let go");
+
+        // The newcomer is in (3 open), the first has not gone yet. Once it has, the
+        // port is full again (the second and the newcomer): a second newcomer needs
+        // the second client's place. Counting the first twice would let it in while
+        // nobody else goes, one client over the limit.
+        let (newcomer, _newcomer_end) = watched_client();
+        watches.push(Arc::downgrade(&newcomer));
+        assert!(make_room(&mut watches, 3, max_clients, waited_enough));
+        assert!(
+            let_go(&second),
+            "with one client leaving and three open, a second newcomer needs one more place"
+        );
+        assert!(!let_go(&newcomer), "the one waiting longest went, not the newcomer");
+
+        // The second newcomer is in (4 open), and the first newcomer hangs up (3 open):
+        // with the first two clients still leaving, that is one client once they are
+        // gone, so a third newcomer fits without anyone else let go (without counting
+        // those leaving, the second newcomer would be let go for it).
+        let (second_newcomer, _second_newcomer_end) = watched_client();
+        watches.push(Arc::downgrade(&second_newcomer));
+        drop(newcomer);
+        assert!(
+            make_room(&mut watches, 3, max_clients, waited_enough),
+            "two clients leaving of three open leave room for one more"
+        );
+        assert!(
+            !let_go(&second_newcomer),
+            "a client was let go although two places were about to be free"
+        );
+        // Once the first two are gone, the port counts them no more.
+        drop(first);
+        drop(second);
+        assert!(
+            make_room(&mut watches, 2, max_clients, waited_enough),
+            "a full port lets the one waiting longest go"
+        );
+        assert!(let_go(&second_newcomer));
+    }
+}
