@@ -543,4 +543,59 @@ mod tests {
             f(rq);
         }
     }
+
+    /// wirepool's race: a keep-alive client gets its reply and sends its next request,
+    /// which is read before the thread that wrote the reply has dropped the first
+    /// request. That drop must not mark the client waiting: a full port would let it
+    /// go with its second request under way. Driven in that order here (the reply is
+    /// written through `respond_impl`, which keeps the request alive as a slow
+    /// transfer thread would).
+    #[test]
+    fn a_request_dropped_after_its_client_sent_the_next_does_not_mark_it_waiting() {
+        use crate::client::ClientConnection;
+        use crate::client_limit_tests::loopback_pair;
+        use crate::util::RefinedTcpStream;
+        use crate::{make_room, ClientWatch, Response};
+        use std::io::Write;
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        let (socket, mut client_end) = loopback_pair();
+        let watch = Arc::new(ClientWatch::new(socket.try_clone().expect("dup")));
+        let (read_half, write_half) = RefinedTcpStream::new(socket).expect("halves");
+        let mut client = ClientConnection::new(write_half, read_half);
+        client.set_watch(Some(Arc::clone(&watch)));
+        let mut watches = vec![Arc::downgrade(&watch)];
+        // A port with one place, taken by this client; any wait is long enough.
+        let full_port_makes_room =
+            |watches: &mut Vec<_>| make_room(watches, 1, 1, Duration::ZERO);
+
+        let request = b"GET /stats HTTP/1.1\r\nHost: test\r\n\r\n";
+        client_end.write_all(request).expect("first request");
+        let mut first = client.next().expect("the first request is read");
+        first
+            .respond_impl(Response::empty(200))
+            .expect("the first reply is written");
+        // The client had its reply and sent its next request, read at once.
+        client_end.write_all(request).expect("second request");
+        let second = client.next().expect("the second request is read");
+        // Only now is the first request dropped.
+        drop(first);
+        assert!(
+            watch.state().waiting_since.is_none(),
+            "the first request's drop marked the client waiting with its second under way"
+        );
+        assert!(
+            !full_port_makes_room(&mut watches),
+            "a full port let a client go with a request under way"
+        );
+        assert!(!watch.state().let_go);
+
+        // Once the second is answered and dropped, the client waits again, and a full
+        // port may let it go.
+        drop(second);
+        assert!(watch.state().waiting_since.is_some());
+        assert!(full_port_makes_room(&mut watches));
+        assert!(watch.state().let_go);
+    }
 }
