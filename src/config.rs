@@ -473,12 +473,17 @@ pub struct HealthConfig {
     /// Bearer token required by mutating endpoints. Never logged.
     pub admin_token: Option<String>,
     /// A client whose connection stays silent this long (or takes no reply) is
-    /// disconnected; a request begun and not finished by then gets a 408.
+    /// disconnected; a request begun and not finished by then gets a 408. A request's
+    /// body must also arrive whole within this time from when the port first waits
+    /// for it, however steadily it comes: past that, a 408 and the connection closes
+    /// (so a client with an admitted request cannot hold its place by dripping a body).
     pub idle_timeout_ms: u64,
     /// Most HTTP clients connected at once. One more takes the place of the client
     /// that has waited longest for a request, at least a second or half
     /// `idle_timeout_ms` (silent, sending a head slowly, idle between requests), which
-    /// is let go; when none has, it gets a 503 and is closed.
+    /// is let go; when none has, it gets a 503 and is closed. A client with a request
+    /// under way keeps its place, sending that request's body for `idle_timeout_ms`
+    /// at most.
     pub max_clients: u32,
 }
 

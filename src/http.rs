@@ -22,7 +22,9 @@
 //!
 //! Request bodies are limited to 64 KiB (413 beyond, whatever `Content-Length` a
 //! request declares: the unread rest is discarded on its transfer thread through a
-//! bounded buffer, thanks to the one fix in `vendor/tiny_http`).
+//! bounded buffer, thanks to the one fix in `vendor/tiny_http`), and must arrive whole
+//! within `health.idle_timeout_ms` (408, and the connection closes: tiny_http fails
+//! the body's reads past that).
 //!
 //! [`HealthServer::stop`] wakes the handler thread (`Server::unblock`) and joins it;
 //! transfer threads still waiting on a slow client finish on their own, and
@@ -649,12 +651,17 @@ fn read_body(reader: &mut dyn Read) -> Result<Vec<u8>, Reply> {
         .take(MAX_BODY_BYTES as u64 + 1)
         .read_to_end(&mut body)
         .map_err(|err| match err.kind() {
-            // The socket's idle timeout (`health.idle_timeout_ms`): as for a request
-            // head left unfinished.
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Reply::error(
-                408,
-                "request timeout: the connection was idle too long".to_string(),
-            ),
+            // The client was idle for `health.idle_timeout_ms` (as for a request head
+            // left unfinished), or the whole body took longer than that: tiny_http
+            // says which (and closes the connection after the reply in the second
+            // case), a bare socket timeout is the first.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                let reason = match err.get_ref() {
+                    Some(reason) => reason.to_string(),
+                    None => "request timeout: the connection was idle too long".to_string(),
+                };
+                Reply::error(408, reason)
+            }
             _ => Reply::error(400, format!("reading the request body: {err}")),
         })?;
     if body.len() > MAX_BODY_BYTES {

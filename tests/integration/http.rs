@@ -1400,6 +1400,97 @@ fn a_request_body_left_unfinished_gets_408() {
     assert_eq!(get(addr, "/health").status, 200);
 }
 
+/// Whether a newcomer's `GET /api/v1/pool/stats` is answered 200; `false` for a 503
+/// or a connection the port closed (a refused newcomer's request can be reset unread).
+fn newcomer_served(addr: SocketAddr) -> bool {
+    let attempt = || -> std::io::Result<Vec<u8>> {
+        let mut client = connect(addr);
+        client.write_all(request_head("GET", "/api/v1/pool/stats", &[], 0).as_bytes())?;
+        let mut raw = Vec::new();
+        client.read_to_end(&mut raw)?;
+        Ok(raw)
+    };
+    attempt().is_ok_and(|raw| !raw.is_empty() && parse_reply(&raw).status == 200)
+}
+
+/// A client that drips a request's body, a byte well within the idle timeout each
+/// time, is never idle, and a full port never lets a client with a request under way
+/// go: it held its place for as long as the body allowed (64 KiB: hours). The whole
+/// body must arrive within the idle timeout: then the port answers 408, closes the
+/// connection, and the place serves a newcomer. Both for a small body (read with the
+/// head) and a larger one (read by the port's transfer thread).
+#[test]
+fn a_dripped_body_gets_408_at_the_idle_timeout_and_frees_its_place() {
+    let _guard = watchdog("dripped body", Duration::from_secs(60));
+    let idle_timeout = Duration::from_millis(1500);
+    let drip_every = Duration::from_millis(300);
+    for declared in [500, 2000] {
+        // A port of its own: a newcomer served before holds a place a moment after it
+        // has its reply and the connection closes.
+        let (_sim, _pool, addr) = port_with_limits(1500, 1);
+        let mut client = connect(addr);
+        // Long enough for the deadline, short enough to fail promptly without it.
+        client
+            .set_read_timeout(Some(idle_timeout * 4))
+            .expect("read timeout");
+        let began = Instant::now();
+        let head = request_head("POST", "/api/v1/pool/config", &[], declared);
+        client.write_all(head.as_bytes()).expect("head");
+        let mut dripping = client.try_clone().expect("clone the client's socket");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_dripping = std::sync::Arc::clone(&stop);
+        let dripper = std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop_dripping.load(std::sync::atomic::Ordering::Acquire)
+                && sent + 1 < declared
+                && dripping.write_all(b" ").is_ok()
+            {
+                sent += 1;
+                std::thread::sleep(drip_every);
+            }
+            sent
+        });
+        let reply = read_one_reply(&mut client);
+        let took = began.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let sent = dripper.join().expect("the dripping thread");
+        let message = reply.error(408);
+        assert!(
+            message.contains("body did not arrive whole within the idle timeout"),
+            "{declared}: {message}"
+        );
+        // The deadline counts from when the port first waited for the body: after the
+        // head was sent. The client was still dripping: never idle.
+        assert!(
+            took >= idle_timeout,
+            "{declared}: 408 after {took:?}, before the idle timeout"
+        );
+        assert!(
+            sent as u128 >= idle_timeout.as_millis() / drip_every.as_millis() - 1,
+            "{declared}: the client sent only {sent} bytes in {took:?}"
+        );
+        // The connection is closed after the reply (reset, when a byte dripped in after
+        // the port's last read).
+        let mut rest = Vec::new();
+        match client.read_to_end(&mut rest) {
+            Ok(_) => assert!(
+                rest.is_empty(),
+                "{declared}: more after the 408: {:?}",
+                String::from_utf8_lossy(&rest)
+            ),
+            Err(err) => assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{declared}: {err}"
+            ),
+        }
+        // Its place (the port's only one) is free again: a newcomer is served.
+        poll("a newcomer served in the dripping client's place", || {
+            newcomer_served(addr).then_some(())
+        });
+    }
+}
+
 /// A client that sends requests and never reads the replies: the port reads one of its
 /// requests at a time (its socket fills up, so the client stops), not as many as it
 /// sends (tiny_http as published read and queued every one: memory without bound), and

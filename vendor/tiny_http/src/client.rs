@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
-use crate::util::RefinedTcpStream;
+use crate::util::{BodyDeadlines, BodyReader, RefinedTcpStream, BODY_TOO_SLOW};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
 
@@ -46,6 +46,10 @@ pub struct ClientConnection {
     // wirepool's change: tells the accept thread when this client waits for a
     // request's head (a full port lets the one that has waited longest go).
     watch: Option<std::sync::Arc<crate::ClientWatch>>,
+
+    // wirepool's change: the deadline each request's body must arrive within (shared
+    // with the read half, which enforces it); none without an idle timeout.
+    body_deadlines: Option<std::sync::Arc<BodyDeadlines>>,
 }
 
 /// Longest request line or header line read (wirepool's change: the published crate
@@ -89,7 +93,14 @@ impl ClientConnection {
             line_begun: false,
             guard: None,
             watch: None,
+            body_deadlines: None,
         }
+    }
+
+    /// wirepool's addition: each request's body must arrive within `deadlines`, which
+    /// the read half given to [`ClientConnection::new`] keeps to.
+    pub(crate) fn set_body_deadlines(&mut self, deadlines: std::sync::Arc<BodyDeadlines>) {
+        self.body_deadlines = Some(deadlines);
     }
 
     /// wirepool's addition: the accept thread's watch on this client.
@@ -208,6 +219,8 @@ impl ClientConnection {
         // follow-up for next potential request
         let mut data_source = self.source.next().unwrap();
         std::mem::swap(&mut self.next_header_source, &mut data_source);
+        // wirepool's change: the body, however it is read, within its deadline.
+        let data_source = BodyReader::new(data_source, self.body_deadlines.clone());
 
         // building the next reader
         let request = crate::request::new_request(
@@ -282,10 +295,15 @@ impl Iterator for ClientConnection {
                     Err((ver, 400, "bad request: a header line is not 'Name: value'"))
                 }
                 Err(ReadError::Refused(status, reason)) => Err((HTTPVersion(1, 1), status, reason)),
+                // A small body is read with its head: its deadline may have passed.
                 Err(ReadError::ReadIoError(ref err)) if is_timeout(err) => Err((
                     HTTPVersion(1, 1),
                     408,
-                    "request timeout: the connection was idle too long",
+                    if self.body_deadlines.as_ref().is_some_and(|deadlines| deadlines.passed()) {
+                        BODY_TOO_SLOW
+                    } else {
+                        "request timeout: the connection was idle too long"
+                    },
                 )),
                 Err(ReadError::ExpectationFailed(ver)) => Err((
                     ver,

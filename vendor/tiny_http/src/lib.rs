@@ -363,9 +363,19 @@ impl Server {
                         };
                         // wirepool's change: a socket that cannot be split in two (no
                         // descriptor left for the `dup`) is closed, like a failed accept.
-                        halves.map(|(read_closable, write_closable)| {
+                        halves.map(|(mut read_closable, write_closable)| {
+                            // wirepool's change: a request's body must arrive whole
+                            // within the idle timeout (`util::BodyDeadlines`).
+                            let deadlines = limits.idle_timeout.map(|idle_timeout| {
+                                let deadlines = util::BodyDeadlines::new(idle_timeout);
+                                read_closable.keep_to(Arc::clone(&deadlines));
+                                deadlines
+                            });
                             let mut client = ClientConnection::new(write_closable, read_closable);
                             client.set_watch(watch);
+                            if let Some(deadlines) = deadlines {
+                                client.set_body_deadlines(deadlines);
+                            }
                             client
                         })
                     }
@@ -498,7 +508,10 @@ impl Iterator for IncomingRequests<'_> {
 #[derive(Clone, Copy, Debug)]
 pub struct ClientLimits {
     /// A client whose socket stays silent (or does not take a reply) this long is let
-    /// go; a request begun and not finished in time gets a 408 first. `None`: never.
+    /// go; a request begun and not finished in time gets a 408 first. A request's body
+    /// must arrive whole within this time too, from the first read of it: past that
+    /// its reads fail (a 408), and the connection closes once the request is answered.
+    /// `None`: never.
     pub idle_timeout: Option<Duration>,
     /// Most clients served at once. At the limit, one more takes the place of the
     /// client that has waited longest for a request (at least a second, or half the

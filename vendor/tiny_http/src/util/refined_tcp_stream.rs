@@ -1,8 +1,11 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::connection::Connection;
+use crate::util::BodyDeadlines;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
 use crate::ssl::SslStream;
 
@@ -47,6 +50,16 @@ impl Stream {
         }
     }
 
+    /// wirepool's addition.
+    fn set_read_timeout(&self, timeout: Duration) -> IoResult<()> {
+        match self {
+            Stream::Http(connection) => connection.set_read_timeout(timeout),
+            // Not built by wirepool: its bodies keep the idle timeout per read only.
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
+        }
+    }
+
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
@@ -88,6 +101,10 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    // wirepool's change: the read half of a client with an idle timeout waits for the
+    // socket no longer than its requests' body deadlines allow; with the read timeout
+    // it set last (zero: none yet).
+    body_deadlines: Option<(Arc<BodyDeadlines>, Duration)>,
 }
 
 impl RefinedTcpStream {
@@ -103,12 +120,14 @@ impl RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            body_deadlines: None,
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            body_deadlines: None,
         };
 
         Ok((read, write))
@@ -122,6 +141,12 @@ impl RefinedTcpStream {
 
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
+    }
+
+    /// wirepool's addition: reads of this (read) half keep to `deadlines`, which set
+    /// the socket's read timeout from the first read on.
+    pub(crate) fn keep_to(&mut self, deadlines: Arc<BodyDeadlines>) {
+        self.body_deadlines = Some((deadlines, Duration::ZERO));
     }
 }
 
@@ -139,7 +164,15 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        self.stream.read(buf)
+        let Some((deadlines, timeout_set)) = &mut self.body_deadlines else {
+            return self.stream.read(buf);
+        };
+        let timeout = deadlines.read_timeout()?;
+        if timeout != *timeout_set {
+            self.stream.set_read_timeout(timeout)?;
+            *timeout_set = timeout;
+        }
+        self.stream.read(buf).map_err(|err| deadlines.read_failed(err))
     }
 }
 
