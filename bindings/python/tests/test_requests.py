@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import ctypes
 import json
+import signal
 import threading
 import time
+from typing import List
 
 import pytest
 
@@ -140,3 +143,70 @@ def test_request_batch_reraises_a_progress_callback_error(pool):
 
     with pytest.raises(RuntimeError, match="callback failed"):
         pool.request_batch([b"{}", b"{}"], progress=boom)
+
+
+def _address(pointer) -> int:
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+
+
+# Each call that gets wirepool_bytes from the library: (its C function, how the Python
+# method is called, where the library writes the buffers it hands out).
+BUFFER_CALLS = {
+    "request": ("wirepool_pool_request", lambda pool: pool.request(b'{"n":1}', timeout=5.0),
+                lambda args: [args[5]._obj]),
+    "request_remote_error": ("wirepool_pool_request", lambda pool: pool.request(b'{"op":"fail"}', timeout=5.0),
+                             lambda args: [args[5]._obj]),
+    "request_batch": ("wirepool_pool_request_batch_detailed",
+                      lambda pool: pool.request_batch([b'{"n":1}', b'{"op":"fail"}', b"not json", b'{"n":2}'],
+                                                      timeout=5.0),
+                      lambda args: list(args[7]) + list(args[9])),
+    "events": ("wirepool_pool_events_json", lambda pool: pool.events(timeout=5.0), lambda args: [args[2]._obj]),
+    "stats": ("wirepool_pool_stats_json", lambda pool: pool.stats(), lambda args: [args[1]._obj]),
+    "connections": ("wirepool_pool_connections_json", lambda pool: pool.connections(), lambda args: [args[1]._obj]),
+    "shared_data": ("wirepool_pool_shared_data", lambda pool: pool.shared_data("instruments"),
+                    lambda args: [args[2]._obj]),
+}
+
+
+@pytest.mark.parametrize("call", sorted(BUFFER_CALLS))
+def test_a_ctrl_c_as_a_call_returns_frees_every_buffer_it_was_handed(pool, monkeypatch, call):
+    # A Ctrl-C is handled at the first Python line after the library call returns, when
+    # the library has already handed out its reply buffers (all of them, for a batch).
+    # Here a real SIGINT is raised right after the call; every buffer it handed out
+    # must still reach wirepool_bytes_free, or a long-running service leaks memory.
+    function_name, invoke, out_buffers = BUFFER_CALLS[call]
+    if call == "shared_data":
+        deadline = time.monotonic() + 10.0
+        while pool.shared_data("instruments") is None:
+            assert time.monotonic() < deadline, "the simulator's instruments never arrived"
+            time.sleep(0.05)
+    real_function = getattr(wirepool.lib, function_name)
+    real_free = wirepool.lib.wirepool_bytes_free
+    handed_out: List[int] = []
+    freed: List[int] = []
+
+    def call_then_ctrl_c(*args):
+        code = real_function(*args)
+        addresses = [_address(buffer) for buffer in out_buffers(args)]
+        handed_out.extend(address for address in addresses if address)
+        signal.raise_signal(signal.SIGINT)
+        return code
+
+    def counting_free(buffer):
+        address = _address(buffer)
+        if address:
+            freed.append(address)
+        real_free(buffer)
+
+    monkeypatch.setattr(wirepool.lib, function_name, call_then_ctrl_c)
+    monkeypatch.setattr(wirepool.lib, "wirepool_bytes_free", counting_free)
+    with pytest.raises(KeyboardInterrupt):
+        invoke(pool)
+    monkeypatch.undo()
+    assert handed_out, f"{function_name} handed out no buffer to check"
+    leaked = sorted(set(handed_out) - set(freed))
+    assert not leaked, (
+        f"{call}: {len(leaked)} of the {len(handed_out)} buffers {function_name} handed out "
+        f"were never freed after a Ctrl-C as it returned"
+    )
+    assert len(freed) == len(set(freed)), f"{call}: a buffer was freed twice: {freed}"

@@ -16,7 +16,8 @@ than a fraction of a second are made of short waits, so Ctrl-C and ``close()`` f
 another thread interrupt them promptly (``request`` and ``request_batch`` wait in one
 call: ``close()`` ends them at once, a Ctrl-C when they return). A Ctrl-C that lands
 as a receive returns loses no message: what that receive had taken comes first from
-the next one. A ``Pool`` may be used from several threads at once.
+the next one; one that lands as any other call returns leaks none of the buffers the
+library handed out. A ``Pool`` may be used from several threads at once.
 """
 
 from __future__ import annotations
@@ -892,7 +893,8 @@ class Pool(_Handle):
         with an error, TimeoutError when no reply came in time.
 
         The request waits in one library call (the pool must be able to tell the venue
-        it was abandoned): a Ctrl-C takes effect when it returns, within ``timeout``.
+        it was abandoned): a Ctrl-C takes effect when it returns, within ``timeout``,
+        and the reply it got is freed, not leaked.
         """
         payload = _body(payload, "payload")
         if timeout is None:
@@ -909,13 +911,16 @@ class Pool(_Handle):
         try:
             code = lib.wirepool_pool_request(handle, payload, len(payload), timeout_ms, flags, byref(reply))
             if code == _ffi.WIREPOOL_OK:
-                return _ffi.take_bytes(reply)
+                return _ffi.bytes_value(reply)
             error = _error(code)
             if code == _ffi.WIREPOOL_ERR_REMOTE and reply:
                 assert isinstance(error, RemoteError)
-                error.payload = _ffi.take_bytes(reply)
+                error.payload = _ffi.bytes_value(reply)
             raise error
         finally:
+            # On every path: a Ctrl-C that lands as the call returns skips the lines
+            # above (NULL, when no reply was handed out, is ignored).
+            lib.wirepool_bytes_free(reply)
             self._exit()
 
     def request_batch(
@@ -932,7 +937,7 @@ class Pool(_Handle):
         exception it raises stops nothing and is re-raised once the batch is done.
 
         The batch waits in one library call: a Ctrl-C takes effect when it returns
-        (within ``timeout``). With a ``progress`` function, one that arrives just as a
+        (within ``timeout``), and every reply it got is freed, not leaked. With a ``progress`` function, one that arrives just as a
         call to it begins is reported by ctypes as "Exception ignored" and lost (Python
         gives a callback from C no way to pass it on)."""
         if isinstance(payloads, (str, bytes, bytearray, memoryview)):
@@ -963,6 +968,28 @@ class Pool(_Handle):
         replies = (_ffi.bytes_p * count)()
         codes = (_ffi.wirepool_result * count)()
         details = (_ffi.bytes_p * count)()
+        try:
+            return self._request_batch(requests, count, timeout_ms, max_in_flight_per_connection,
+                                       progress, replies, codes, details)
+        finally:
+            # Every buffer the library handed out, whatever ended the call (a Ctrl-C as
+            # it returned, an exception from `progress`): the arrays start all NULL.
+            _ffi.free_all(replies)
+            _ffi.free_all(details)
+
+    def _request_batch(
+        self,
+        requests: Any,
+        count: int,
+        timeout_ms: int,
+        max_in_flight_per_connection: int,
+        progress: Optional[Callable[[int, int], object]],
+        replies: Any,
+        codes: Any,
+        details: Any,
+    ) -> List[Union[bytes, WirepoolError]]:
+        """The library call of ``request_batch`` and its results; the caller owns (and
+        frees) the reply and error buffers."""
         raised: List[BaseException] = []
 
         def on_progress(_user_data: Any, done: int, total: int) -> None:
@@ -990,8 +1017,8 @@ class Pool(_Handle):
         results: List[Union[bytes, WirepoolError]] = []
         for index in range(count):
             item_code = codes[index]
-            reply = _ffi.take_bytes(replies[index]) if replies[index] else b""
-            detail = _ffi.take_bytes(details[index]).decode("utf-8", "replace") if details[index] else ""
+            reply = _ffi.bytes_value(replies[index])
+            detail = _ffi.bytes_value(details[index]).decode("utf-8", "replace")
             if item_code == _ffi.WIREPOOL_OK:
                 results.append(reply)
             else:
@@ -1022,10 +1049,13 @@ class Pool(_Handle):
                 if deadline is not None:
                     wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
                 out = _ffi.bytes_p()
-                code = lib.wirepool_pool_events_json(handle, wait_ms, byref(out))
-                if code:
-                    raise _error(code)
-                events = json.loads(_ffi.take_bytes(out))
+                try:
+                    code = lib.wirepool_pool_events_json(handle, wait_ms, byref(out))
+                    if code:
+                        raise _error(code)
+                    events = json.loads(_ffi.bytes_value(out))
+                finally:
+                    lib.wirepool_bytes_free(out)  # on every path, as in request()
                 if events or (deadline is not None and time.monotonic() >= deadline):
                     return events
                 if self._closing:
@@ -1078,8 +1108,9 @@ class Pool(_Handle):
                 return None
             if code:
                 raise _error(code)
-            return _ffi.take_bytes(out)
+            return _ffi.bytes_value(out)
         finally:
+            lib.wirepool_bytes_free(out)  # on every path, as in request()
             self._exit()
 
     def set_token(self, token: str) -> None:
@@ -1148,8 +1179,9 @@ class Pool(_Handle):
             code = function(handle, byref(out))
             if code:
                 raise _error(code)
-            text = _ffi.take_bytes(out)
+            text = _ffi.bytes_value(out)
         finally:
+            lib.wirepool_bytes_free(out)  # on every path, as in request()
             self._exit()
         return json.loads(text)
 

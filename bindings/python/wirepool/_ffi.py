@@ -12,6 +12,7 @@ library next to this package (``wirepool/libwirepool.so``), then
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import sys
@@ -314,14 +315,23 @@ def result_text(code: int) -> str:
     return text.decode("utf-8", "replace") if text else ""
 
 
-def take_bytes(handle: bytes_p) -> bytes:
-    """Copies a ``wirepool_bytes`` buffer into a Python bytes object and frees it."""
-    try:
-        address = lib.wirepool_bytes_data(handle)
-        length = lib.wirepool_bytes_len(handle)
-        return ctypes.string_at(address, length) if address and length else b""
-    finally:
-        lib.wirepool_bytes_free(handle)
+def bytes_value(handle: bytes_p) -> bytes:
+    """A copy of a ``wirepool_bytes`` buffer's contents (b"" for NULL); does not free it.
+
+    The caller frees the buffer in a ``finally`` (``wirepool_bytes_free`` ignores NULL):
+    a Ctrl-C is handled at the first line after the library call that handed the buffer
+    out, so a free on the success path alone would leak it."""
+    address = lib.wirepool_bytes_data(handle)
+    length = lib.wirepool_bytes_len(handle)
+    return ctypes.string_at(address, length) if address and length else b""
+
+
+def free_all(buffers) -> None:
+    """Frees every buffer of an array of ``wirepool_bytes *`` (NULL entries are ignored).
+
+    One ``map`` in C: no Python line runs between the frees, so a signal cannot stop the
+    loop half way and leak the rest."""
+    collections.deque(map(lib.wirepool_bytes_free, buffers), maxlen=0)
 
 
 def library_path() -> Optional[str]:
