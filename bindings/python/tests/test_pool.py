@@ -41,13 +41,17 @@ def test_use_after_close_raises_closed_error(simulator):
         lambda: pool.messages(timeout=0),
         lambda: pool.request(b"{}"),
         lambda: pool.stats(),
-        lambda: pool.events(),
         lambda: pool.wait_ready(timeout=0),
         lambda: pool.fileno(),
     ]
     for call in calls:
         with pytest.raises(wirepool.ClosedError, match="pool is closed"):
             call()
+    # events() first returns what the pool emitted up to and by its close (see
+    # test_events_emitted_up_to_and_by_close_are_returned_after_close), then raises.
+    assert pool.events()[-1]["type"] == "pool_closed"
+    with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+        pool.events()
 
 
 def test_close_wakes_a_blocked_recv(pool):
@@ -143,6 +147,72 @@ def test_events_returns_empty_list_on_timeout(pool):
     started = time.monotonic()
     while pool.events(timeout=0.2):
         assert time.monotonic() - started < 10.0, "events keep coming on an idle pool"
+
+
+def test_events_emitted_up_to_and_by_close_are_returned_after_close(simulator):
+    # As in C, where wirepool_pool_events_json between close and free gives the
+    # shutdown's events, pool_closed last, then WIREPOOL_ERR_CLOSED.
+    pool = wirepool.Pool(config_for(simulator.url))
+    pool.wait_ready(timeout=10.0)
+    before = wait_for_event(pool, lambda event: event["type"] == "pool_ready")
+    pool.subscribe("ticker.1")
+    wait_for_event(pool, lambda event: event["type"] == "subscribed")
+    pool.unsubscribe("ticker.1")  # its event is left unread for close() to keep
+    pool.close()
+    left = pool.events(timeout=0.0)
+    kinds = [event["type"] for event in left]
+    assert kinds and kinds[-1] == "pool_closed", f"expected pool_closed last; got {kinds}"
+    assert kinds.count("pool_closed") == 1, kinds
+    assert "pool_ready" not in kinds, f"events read before close came again: {kinds} (first {before})"
+    assert all(isinstance(event, dict) and "ts_ms" in event for event in left), left
+    started = time.monotonic()
+    with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+        pool.events(timeout=None)  # nothing more can come: no wait
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(wirepool.ClosedError):
+        pool.events(timeout=0.0)
+
+
+def test_events_nobody_read_before_close_are_returned_after_close(simulator):
+    pool = wirepool.Pool(config_for(simulator.url))
+    pool.wait_ready(timeout=10.0)
+    # The pool thread queues pool_ready before it handles the shutdown, so close()
+    # cannot finish before every start-up event is queued.
+    pool.close()
+    left = pool.events()
+    kinds = [event["type"] for event in left]
+    assert "pool_ready" in kinds and kinds[-1] == "pool_closed", kinds
+    ready = {event.get("connection_id") for event in left if event["type"] == "ready"}
+    assert len(ready) == 2, f"expected the ready events of both connections; got {left}"
+    with pytest.raises(wirepool.ClosedError):
+        pool.events()
+
+
+def test_a_thread_waiting_for_events_gets_the_shutdown_events(pool):
+    # Quiet first: an idle ready pool emits nothing, so the waiting thread's events are
+    # the shutdown's; whichever of it and close() takes them from the library, the
+    # thread reads pool_closed exactly once, then ClosedError.
+    while pool.events(timeout=0.3):
+        pass
+    got = []
+    ended = []
+
+    def reader() -> None:
+        try:
+            while True:
+                got.extend(pool.events(timeout=None))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            ended.append(error)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.3)  # let it wait; either order must give the same result
+    pool.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "events(timeout=None) still waiting after close()"
+    assert len(ended) == 1 and isinstance(ended[0], wirepool.ClosedError), ended
+    kinds = [event["type"] for event in got]
+    assert kinds.count("pool_closed") == 1 and kinds[-1] == "pool_closed", kinds
 
 
 FULL_QUEUE_SCRIPT = r"""

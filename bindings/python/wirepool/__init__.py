@@ -575,6 +575,8 @@ class Pool(_Handle):
     or ``.toml`` file, with the schema of the configuration reference
     (``docs/configuration.md``). Connections open in the background; ``wait_ready()``
     waits for the initial ones. Raises ConfigError naming the key path of a bad setting.
+    After ``close()`` every call raises ClosedError, but ``events()`` first returns the
+    events left unread, the shutdown's among them.
     """
 
     _closed_message = "pool is closed"
@@ -590,6 +592,11 @@ class Pool(_Handle):
         self._interrupted: List[_Batch] = []
         self._undelivered: Deque[Message] = collections.deque()
         self._redeliver_lock = threading.Lock()
+        # The events still queued when close() returned (the shutdown's among them),
+        # for events() after close; the C handle that held them is freed by then.
+        self._events_at_close: List[Dict[str, Any]] = []
+        self._events_at_close_lock = threading.Lock()
+        self._events_kept = threading.Event()  # set once close() has taken them
         text = _config_json(config)
         if "\0" in text:
             raise ConfigError("config: the JSON text contains a NUL character")
@@ -609,9 +616,13 @@ class Pool(_Handle):
     # -- lifetime --
 
     def _close_handle(self, handle: Any) -> None:
-        code = lib.wirepool_pool_close(handle)
-        if code:
-            raise _error(code)
+        try:
+            code = lib.wirepool_pool_close(handle)
+            if code:
+                raise _error(code)
+            self._keep_events_left_at_close(handle)
+        finally:
+            self._events_kept.set()
 
     def _free_handle(self, handle: Any) -> None:
         lib.wirepool_pool_free(handle)
@@ -1038,30 +1049,74 @@ class Pool(_Handle):
     def events(self, timeout: Optional[float] = 0.0) -> List[Dict[str, Any]]:
         """Every queued event (dicts with ``type``, ``ts_ms`` and where they apply
         ``connection_id``, ``server``, ``channel``, ``message``); waits up to ``timeout``
-        seconds for the first (None: until one arrives). ``[]`` on timeout."""
+        seconds for the first (None: until one arrives). ``[]`` on timeout.
+
+        After ``close()`` the events nobody had read, up to and including the shutdown's
+        (each connection's ``closed``, ``pool_closed`` last), are still returned: all of
+        them by the first call, then ClosedError, as ``wirepool_pool_events_json`` does
+        in C. A call waiting here when another thread closes the pool returns them
+        (or, if its ``timeout`` ends first while the close is still joining threads,
+        ``[]``, and the next call returns them)."""
         _check_timeout(timeout)
-        handle = self._enter()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            handle = self._enter()
+        except ClosedError:
+            return self._events_left_at_close(deadline)
+        try:
             slice_ms = _ms(_WAIT_SLICE_S)
             while True:
                 wait_ms = slice_ms
                 if deadline is not None:
                     wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
-                out = _ffi.bytes_p()
-                try:
-                    code = lib.wirepool_pool_events_json(handle, wait_ms, byref(out))
-                    if code:
-                        raise _error(code)
-                    events = json.loads(_ffi.bytes_value(out))
-                finally:
-                    lib.wirepool_bytes_free(out)  # on every path, as in request()
+                events = self._take_events(handle, wait_ms)
+                if events is None:  # closed, and close() took what was left
+                    break
                 if events or (deadline is not None and time.monotonic() >= deadline):
                     return events
                 if self._closing:
-                    raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
+                    break
         finally:
             self._exit()
+        return self._events_left_at_close(deadline)
+
+    @staticmethod
+    def _take_events(handle: Any, wait_ms: int) -> Optional[List[Dict[str, Any]]]:
+        """One ``wirepool_pool_events_json``: the events, or None once the pool is closed
+        and every event was taken."""
+        out = _ffi.bytes_p()
+        try:
+            code = lib.wirepool_pool_events_json(handle, wait_ms, byref(out))
+            if code == _ffi.WIREPOOL_ERR_CLOSED:
+                return None
+            if code:
+                raise _error(code)
+            return json.loads(_ffi.bytes_value(out))
+        finally:
+            lib.wirepool_bytes_free(out)  # on every path, as in request()
+
+    def _keep_events_left_at_close(self, handle: Any) -> None:
+        """Takes every event still queued in the library (it emits no more once
+        ``wirepool_pool_close`` has returned) into ``_events_at_close``, before the
+        handle is freed."""
+        with self._events_at_close_lock:
+            while True:
+                events = self._take_events(handle, 0)
+                if not events:
+                    return
+                self._events_at_close.extend(events)
+
+    def _events_left_at_close(self, deadline: Optional[float]) -> List[Dict[str, Any]]:
+        """``events()`` on a closed pool: what close() kept, once; then ClosedError.
+        Waits (until ``deadline``) for a close still joining threads to keep them."""
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._events_kept.wait(remaining):
+            return []
+        with self._events_at_close_lock:
+            events, self._events_at_close = self._events_at_close, []
+        if events:
+            return events
+        raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
 
     def acquire(self) -> None:
         """Takes a lease: while any lease is held the pool stays connected. After the
