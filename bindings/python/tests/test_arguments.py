@@ -3,11 +3,13 @@ timeout error says, request bodies that are not bytes, limits beyond the C types
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import math
 import signal
 import socket
 import time
+import typing
 
 import pytest
 
@@ -188,3 +190,76 @@ def test_a_str_that_is_not_utf8_encodable_is_named(pool):
         with pytest.raises(wirepool.InvalidArgumentError, match=f"^{name} is not valid UTF-8") as raised:
             call()
         assert raised.value.code_name == "WIREPOOL_ERR_INVALID_UTF8"
+
+
+class _Index:
+    """An int-like with __index__ only (as numpy's integers are)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def _fits(value, hint) -> bool:
+    """Whether `value` fits the type hint, as a type checker would take it (an int is a
+    float, PEP 484), checked at run time one level deep."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin is typing.Union:
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is collections.abc.Iterable:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, collections.abc.Iterable) and all(
+            _fits(element, item) for element in list(value))
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint)
+
+
+def test_type_hints_admit_every_argument_the_methods_accept(simulator, make_pool, tmp_path):
+    # The bodies, configs, counts and ids are first passed to the method, which must
+    # accept them (timeouts are checked by one function, tested above); the method's
+    # type hint must then admit each, or a type checker rejects a call that works.
+    config_file = tmp_path / "pool.json"
+    config_file.write_text(json.dumps(config_for(simulator.url)))
+    config_text = json.dumps(config_for(simulator.url))
+    accepted = {(wirepool.Pool.__init__, "config"): [
+        config_for(simulator.url), config_text, config_text.encode(), bytearray(config_text.encode()),
+        config_file, str(config_file)]}
+    pools = [make_pool(value) for value in accepted[(wirepool.Pool.__init__, "config")]]
+    pool = pools[0]
+    pool.wait_ready(timeout=10.0)
+    bodies = ['{"a":1}', b'{"a":1}', bytearray(b'{"a":1}'), memoryview(b'{"a":1}')]
+    for body in bodies:
+        assert json.loads(pool.request(body, timeout=5.0, idempotent=True)) == {"echo": {"a": 1}}
+    accepted[(wirepool.Pool.request, "payload")] = bodies
+    accepted[(wirepool.Pool.request, "timeout")] = [5, 5.0, None]
+    batches = [list(bodies), tuple(bodies)]
+    for batch in batches + [iter(bodies), (body for body in bodies)]:
+        assert len(pool.request_batch(batch, timeout=5.0, max_in_flight_per_connection=_Index(2))) == 4
+    accepted[(wirepool.Pool.request_batch, "payloads")] = batches
+    accepted[(wirepool.Pool.request_batch, "max_in_flight_per_connection")] = [2, _Index(2)]
+    pool.recv_many(_Index(3), timeout=0)
+    accepted[(wirepool.Pool.recv_many, "max")] = [3, _Index(3)]
+    accepted[(wirepool.Pool.recv_many, "timeout")] = [0, 0.5, None]
+    accepted[(wirepool.Pool.events, "timeout")] = [0, 0.5, None]
+    accepted[(wirepool.Pool.wait_ready, "timeout")] = [10, 10.0, None]
+    connection_id = pool.connections()[0]["id"]
+    new_id = pool.recycle_connection(_Index(connection_id))
+    accepted[(wirepool.Pool.recycle_connection, "connection_id")] = [connection_id, _Index(connection_id)]
+    pool.close_connection(_Index(new_id))
+    accepted[(wirepool.Pool.close_connection, "connection_id")] = [new_id, _Index(new_id)]
+    namespace = vars(wirepool)
+    for (method, parameter), values in accepted.items():
+        hint = typing.get_type_hints(method, globalns=namespace)[parameter]
+        for value in values:
+            assert _fits(value, hint), (
+                f"{method.__qualname__}({parameter}=...) accepts {type(value).__name__} but its "
+                f"type hint {hint} does not admit it")

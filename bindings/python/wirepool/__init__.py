@@ -39,7 +39,9 @@ import sys
 import threading
 import time
 from ctypes import byref, c_int, c_size_t, c_uint64, sizeof, string_at
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import (
+    Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, SupportsIndex, Union,
+)
 
 from itertools import repeat as _repeat
 from operator import add as _add, itemgetter as _itemgetter
@@ -70,7 +72,21 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-ConfigLike = Union[Mapping[str, Any], str, bytes, "os.PathLike[str]"]
+# What each public parameter accepts, as type hints (the checks themselves are in
+# _config_json, _check_timeout, _body and _integer).
+ConfigLike = Union[Mapping[str, Any], str, bytes, bytearray, "os.PathLike[str]"]
+"""A config: a mapping, JSON text (str, or UTF-8 bytes), or a path to a .json/.toml file."""
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer as _Buffer
+
+    RequestBody = Union[str, _Buffer]
+else:  # no name for "any object with the buffer protocol" before 3.12
+    RequestBody = Union[str, bytes, bytearray, memoryview]
+"""A request body: str (sent as UTF-8), bytes, or any bytes-like object."""
+Seconds = float
+"""A timeout in seconds: an int or a float (at run time any real number, such as numpy's
+floats or a Fraction; not a bool). None, where allowed, means no limit. Spelled float,
+as PEP 484 has it, because type checkers cannot do arithmetic on ``numbers.Real``."""
 
 # Longest single wait inside the library: longer waits are loops of these, so that
 # KeyboardInterrupt and close() from another thread are noticed quickly.
@@ -427,7 +443,7 @@ def _connection_id(value: Any) -> int:
 # --- timeouts ----------------------------------------------------------------------------
 
 
-def _check_timeout(timeout: Optional[float]) -> None:
+def _check_timeout(timeout: Optional[Seconds]) -> None:
     if timeout is None:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -571,8 +587,8 @@ class _Handle:
 class Pool(_Handle):
     """A pool of upstream connections.
 
-    ``config`` is a dict, a JSON string, or a path (str or os.PathLike) to a ``.json``
-    or ``.toml`` file, with the schema of the configuration reference
+    ``config`` is a dict (any mapping), JSON text (a str, or UTF-8 bytes or bytearray),
+    or a path (str or os.PathLike) to a ``.json`` or ``.toml`` file, with the schema of the configuration reference
     (``docs/configuration.md``). Connections open in the background; ``wait_ready()``
     waits for the initial ones. Raises ConfigError naming the key path of a bad setting.
     After ``close()`` every call raises ClosedError, but ``events()`` first returns the
@@ -654,7 +670,7 @@ class Pool(_Handle):
                 return
         batch.free()
 
-    def _poll(self, handle: Any, batch: _Batch, timeout: Optional[float]) -> int:
+    def _poll(self, handle: Any, batch: _Batch, timeout: Optional[Seconds]) -> int:
         """Polls into ``batch`` until a message arrives or ``timeout`` passes; the count."""
         poll = lib.wirepool_pool_poll
         if timeout is not None and timeout <= _WAIT_SLICE_S:
@@ -677,7 +693,7 @@ class Pool(_Handle):
             if self._closing:
                 raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
 
-    def _receive(self, capacity: int, timeout: Optional[float]) -> List[Message]:
+    def _receive(self, capacity: int, timeout: Optional[Seconds]) -> List[Message]:
         handle = self._enter()
         try:
             if self._interrupted or self._undelivered:
@@ -803,7 +819,7 @@ class Pool(_Handle):
 
     # -- the public API --
 
-    def wait_ready(self, timeout: Optional[float] = 10.0) -> None:
+    def wait_ready(self, timeout: Optional[Seconds] = 10.0) -> None:
         """Waits until the initial connections (``pool.min_connections``) are ready.
 
         Raises TimeoutError when they are not ready within ``timeout`` seconds (None:
@@ -855,24 +871,25 @@ class Pool(_Handle):
         finally:
             self._exit()
 
-    def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
+    def recv(self, timeout: Optional[Seconds] = None) -> Optional[Message]:
         """The next message, or None when none arrived within ``timeout`` seconds
         (None: wait until one arrives)."""
         _check_timeout(timeout)
         messages = self._receive(1, timeout)
         return messages[0] if messages else None
 
-    def recv_many(self, max: int, timeout: Optional[float] = None) -> List[Message]:  # noqa: A002
+    def recv_many(self, max: SupportsIndex, timeout: Optional[Seconds] = None) -> List[Message]:  # noqa: A002
         """Up to ``max`` messages: waits up to ``timeout`` seconds (None: until one
         arrives) for the first, then takes every queued one up to ``max``. ``[]`` on
-        timeout."""
+        timeout. ``max`` is an int (or anything with ``__index__``) of at least 1; more
+        than 2**20 (the library's largest batch) takes 2**20 at most."""
         _check_timeout(timeout)
         max = _integer(max, "max")  # noqa: A001
         if max < 1:
             raise ValueError(f"max must be at least 1, not {max!r}")
         return self._receive(min(max, _ffi.MAX_BATCH_CAPACITY), timeout)
 
-    def messages(self, timeout: Optional[float] = 1.0) -> Iterator[Message]:
+    def messages(self, timeout: Optional[Seconds] = 1.0) -> Iterator[Message]:
         """Yields messages as they arrive; stops when none arrived for ``timeout``
         seconds (None: never) or when the pool is closed.
 
@@ -884,7 +901,7 @@ class Pool(_Handle):
             raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
         return self._iterate(timeout)
 
-    def _iterate(self, timeout: Optional[float]) -> Iterator[Message]:
+    def _iterate(self, timeout: Optional[Seconds]) -> Iterator[Message]:
         while True:
             try:
                 message = self.recv(timeout)
@@ -894,10 +911,14 @@ class Pool(_Handle):
                 return
             yield message
 
-    def request(self, payload: bytes, timeout: Optional[float] = 5.0, idempotent: bool = False) -> bytes:
+    def request(
+        self, payload: RequestBody, timeout: Optional[Seconds] = 5.0, idempotent: bool = False
+    ) -> bytes:
         """Sends a request (for the default codec, a JSON document) and returns the reply.
 
-        Waits up to ``timeout`` seconds, including for a ready connection (None: the
+        ``payload`` is a str (sent as UTF-8), bytes, or any bytes-like object
+        (bytearray, memoryview, array.array, a contiguous numpy array, ...); anything
+        else is a TypeError. ``idempotent`` is a bool (Python's or numpy's). Waits up to ``timeout`` seconds, including for a ready connection (None: the
         pool's ``request_timeout_ms``). With ``idempotent=True`` the request may be sent
         again on another connection when its connection dies; otherwise that raises
         ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
@@ -936,10 +957,10 @@ class Pool(_Handle):
 
     def request_batch(
         self,
-        payloads: Sequence[bytes],
-        timeout: Optional[float] = 5.0,
-        max_in_flight_per_connection: int = 8,
-        progress: Optional[Callable[[int, int], None]] = None,
+        payloads: Iterable[RequestBody],
+        timeout: Optional[Seconds] = 5.0,
+        max_in_flight_per_connection: SupportsIndex = 8,
+        progress: Optional[Callable[[int, int], object]] = None,
     ) -> List[Union[bytes, WirepoolError]]:
         """Sends many requests spread over the ready connections (at most
         ``max_in_flight_per_connection`` per connection) and returns, in order, each
@@ -947,10 +968,16 @@ class Pool(_Handle):
         idempotent. ``progress(done, total)`` is called after each completion; an
         exception it raises stops nothing and is re-raised once the batch is done.
 
+        ``payloads`` is any iterable (a list, a tuple, a generator) of request bodies,
+        each what ``request`` accepts; a single str or bytes-like body is a TypeError
+        (each character or byte would be a request). ``max_in_flight_per_connection``
+        is an int (or anything with ``__index__``) from 1 to 2**32 - 1.
+
         The batch waits in one library call: a Ctrl-C takes effect when it returns
-        (within ``timeout``), and every reply it got is freed, not leaked. With a ``progress`` function, one that arrives just as a
-        call to it begins is reported by ctypes as "Exception ignored" and lost (Python
-        gives a callback from C no way to pass it on)."""
+        (within ``timeout``), and every reply it got is freed, not leaked. With a
+        ``progress`` function, one that arrives just as a call to it begins is reported
+        by ctypes as "Exception ignored" and lost (Python gives a callback from C no way
+        to pass it on)."""
         if isinstance(payloads, (str, bytes, bytearray, memoryview)):
             # Each character or byte would be sent as a request of its own.
             raise TypeError(
@@ -1046,7 +1073,7 @@ class Pool(_Handle):
         """The pool's counters and state (the fields of ``GET /api/v1/pool/stats``)."""
         return self._json_call(lib.wirepool_pool_stats_json)
 
-    def events(self, timeout: Optional[float] = 0.0) -> List[Dict[str, Any]]:
+    def events(self, timeout: Optional[Seconds] = 0.0) -> List[Dict[str, Any]]:
         """Every queued event (dicts with ``type``, ``ts_ms`` and where they apply
         ``connection_id``, ``server``, ``channel``, ``message``); waits up to ``timeout``
         seconds for the first (None: until one arrives). ``[]`` on timeout.
@@ -1192,22 +1219,24 @@ class Pool(_Handle):
         names a message's connection here."""
         return self._json_call(lib.wirepool_pool_connections_json)["connections"]
 
-    def close_connection(self, connection_id: int) -> None:
+    def close_connection(self, connection_id: SupportsIndex) -> None:
         """Closes one connection; the pool replaces it and its channels move to other
         ready connections at once. Its requests in flight fail with
         ``ConnectionLostError`` unless idempotent. ``InvalidArgumentError`` when no
-        connection has that id, or when it is closing already."""
+        connection has that id, or when it is closing already. ``connection_id`` is an
+        int (or anything with ``__index__``) from 0 to 2**64 - 1."""
         connection_id = _connection_id(connection_id)
         self._simple_call(lambda handle: lib.wirepool_pool_close_connection(handle, connection_id))
 
-    def recycle_connection(self, connection_id: int) -> int:
+    def recycle_connection(self, connection_id: SupportsIndex) -> int:
         """Replaces a ready connection make before break and returns the new one's id:
         the new connection takes over its channels, requests and slot once ready, and
         the old one keeps delivering until the new one confirmed every channel (a few
         messages may arrive twice, once from each), so data does not stop. ``recycled``
         or ``recycle_failed`` events follow. ``InvalidArgumentError`` when there is no
         such connection or it cannot be recycled now (not ready, already being
-        replaced); ``IoError`` when no server admits a replacement now."""
+        replaced); ``IoError`` when no server admits a replacement now.
+        ``connection_id`` is an int (or anything with ``__index__``) from 0 to 2**64 - 1."""
         connection_id = _connection_id(connection_id)
         out = c_uint64()
         self._simple_call(
