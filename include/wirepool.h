@@ -319,7 +319,8 @@ wirepool_result wirepool_pool_connections_json(const struct wirepool_pool *pool,
 
 /*
  Closes one connection (a close frame is sent); the pool replaces it like after any
- failure, and its channels move to other ready connections at once. Requests in
+ failure, and its channels move to other ready connections at once, as do requests
+ made from then on (it takes no new work while its close runs). Requests in
  flight on it fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless idempotent.
  `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id or it is closing
  already, `WIREPOOL_ERR_CLOSED` once the pool is closed.

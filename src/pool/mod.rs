@@ -766,7 +766,8 @@ impl Pool {
     }
 
     /// Closes one connection (a close frame is sent); the pool replaces it like after
-    /// any failure, and its channels move to other ready connections at once.
+    /// any failure, and its channels move to other ready connections at once, as do
+    /// requests made from then on (it takes no new work while its close runs).
     /// [`Error::InvalidArgument`] when no connection has that id, or when it is
     /// closing already (asked before, by the API or the pool, or ending by itself):
     /// nothing is done twice.
@@ -1344,6 +1345,25 @@ impl PoolThread {
                 .connection(connection_id)
                 .message("closed through the API"),
         );
+        // It takes no new work while its close runs (up to the close grace against a
+        // venue that never answers it): requests go to the other ready connections at
+        // once, and its channels move now instead of once it has closed. (A
+        // replacement in a handover gives its channels back to the old session, still
+        // subscribed to them, once it has closed: see `end_handover`.)
+        self.stop_routing(connection_id);
+        let handing_over = self
+            .handovers
+            .iter()
+            .any(|handover| handover.new == connection_id);
+        if !handing_over {
+            for placement in self.desired.values_mut() {
+                if placement.owner == Some(connection_id) {
+                    placement.unplace();
+                }
+            }
+            self.place_unowned();
+        }
+        self.publish_readiness();
         Ok(())
     }
 

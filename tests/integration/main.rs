@@ -22,6 +22,7 @@ mod operations;
 mod passthrough;
 mod pool_races;
 mod resilience;
+mod session_faults;
 mod slow_consumer;
 mod tls;
 mod worker_faults;

@@ -1221,7 +1221,8 @@ class Pool(_Handle):
 
     def close_connection(self, connection_id: SupportsIndex) -> None:
         """Closes one connection; the pool replaces it and its channels move to other
-        ready connections at once. Its requests in flight fail with
+        ready connections at once, as do requests made from then on. Its requests
+        in flight fail with
         ``ConnectionLostError`` unless idempotent. ``InvalidArgumentError`` when no
         connection has that id, or when it is closing already. ``connection_id`` is an
         int (or anything with ``__index__``) from 0 to 2**64 - 1."""

@@ -1,0 +1,363 @@
+//! Sessions against a scripted venue (SPEC section 4 protocol) that misbehaves on
+//! purpose: refuses auth on a later session, drops sessions on cue, never answers
+//! pings. Each test checks what a trading user would see: events, subscriptions
+//! restored exactly once, callers answered once.
+
+use std::io::ErrorKind;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::Message as WsMessage;
+
+use crate::support::{pool_from, wait_for_event, watchdog, Acceptor};
+
+/// How the venue treats what it is told, changeable while it runs.
+#[derive(Default)]
+struct Behaviour {
+    /// Refuse every auth from now on.
+    refuse_auth: AtomicBool,
+    /// Send a data frame on every subscribed channel every 10 ms.
+    stream_data: AtomicBool,
+    /// Answer no close frame: a session asked to close goes silent and holds the
+    /// connection (as a venue that ignores closes does) until it is dropped.
+    ignore_close: AtomicBool,
+    /// Sessions alive now end at once (the server closes the TCP connection).
+    drop_generation: AtomicUsize,
+}
+
+/// What the venue saw, per session (in the order sessions were accepted).
+#[derive(Default)]
+struct Log {
+    /// Client frames (parsed JSON) per session.
+    frames: Mutex<Vec<Vec<Value>>>,
+}
+
+impl Log {
+    fn sessions(&self) -> usize {
+        self.frames.lock().expect("log").len()
+    }
+
+    /// The channels session `index` was asked to subscribe to, in order.
+    fn subscribes(&self, index: usize) -> Vec<String> {
+        self.of_type(index, "subscribe")
+    }
+
+    fn of_type(&self, index: usize, kind: &str) -> Vec<String> {
+        let frames = self.frames.lock().expect("log");
+        frames
+            .get(index)
+            .map(|frames| {
+                frames
+                    .iter()
+                    .filter(|frame| frame["type"] == kind)
+                    .map(|frame| frame["channel"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+struct Venue {
+    acceptor: Acceptor,
+    behaviour: Arc<Behaviour>,
+    log: Arc<Log>,
+}
+
+impl Venue {
+    fn start() -> Venue {
+        let behaviour = Arc::new(Behaviour::default());
+        let log = Arc::new(Log::default());
+        let (serve_behaviour, serve_log) = (Arc::clone(&behaviour), Arc::clone(&log));
+        let acceptor = Acceptor::start(move |stream, stop| {
+            serve_session(stream, stop, &serve_behaviour, &serve_log)
+        });
+        Venue {
+            acceptor,
+            behaviour,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.acceptor.url()
+    }
+
+    /// Ends every session open now (without a close frame).
+    fn drop_sessions(&self) {
+        self.behaviour
+            .drop_generation
+            .fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Behaviour, log: &Log) {
+    let _ = stream.set_nodelay(true);
+    let generation = behaviour.drop_generation.load(Ordering::SeqCst);
+    let Ok(mut ws) = tungstenite::accept(stream) else {
+        return;
+    };
+    let index = {
+        let mut frames = log.frames.lock().expect("log");
+        frames.push(Vec::new());
+        frames.len() - 1
+    };
+    let _ = ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(10)));
+    let mut subscribed: Vec<String> = Vec::new();
+    let mut sequence = 0u64;
+    let mut next_data = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if behaviour.drop_generation.load(Ordering::SeqCst) != generation {
+            let _ = ws.get_ref().shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if behaviour.stream_data.load(Ordering::Relaxed) && Instant::now() >= next_data {
+            next_data = Instant::now() + Duration::from_millis(10);
+            for channel in &subscribed {
+                sequence += 1;
+                let frame =
+                    json!({"type": "data", "channel": channel, "payload": {"seq": sequence}});
+                if ws.send(WsMessage::text(frame.to_string())).is_err() {
+                    return;
+                }
+            }
+        }
+        let message = match ws.read() {
+            Ok(message) => message,
+            Err(tungstenite::Error::Io(err))
+                if err.kind() == ErrorKind::WouldBlock || err.kind() == ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return,
+        };
+        let text = match message {
+            WsMessage::Text(text) => text.to_string(),
+            WsMessage::Close(_) if behaviour.ignore_close.load(Ordering::Relaxed) => {
+                // tungstenite queued the answer; nothing is written again, so it is
+                // never sent.
+                while !stop.load(Ordering::Relaxed)
+                    && behaviour.drop_generation.load(Ordering::SeqCst) == generation
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return;
+            }
+            _ => continue,
+        };
+        let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        log.frames.lock().expect("log")[index].push(frame.clone());
+        let id = frame["messageId"].clone();
+        let reply = match frame["type"].as_str() {
+            Some("auth") if behaviour.refuse_auth.load(Ordering::SeqCst) => {
+                json!({"type": "error", "messageId": id, "payload": "token revoked"})
+            }
+            Some("auth") => json!({"type": "authenticated", "messageId": id}),
+            Some("subscribe") => {
+                let channel = frame["channel"].as_str().unwrap_or("").to_string();
+                subscribed.push(channel.clone());
+                json!({"type": "subscribed", "channel": channel, "messageId": id})
+            }
+            Some("unsubscribe") => {
+                let channel = frame["channel"].as_str().unwrap_or("").to_string();
+                subscribed.retain(|known| *known != channel);
+                json!({"type": "unsubscribed", "channel": channel, "messageId": id})
+            }
+            Some("ping") => json!({"type": "pong", "messageId": id}),
+            Some("data") => json!({"type": "data", "messageId": id, "payload": frame["payload"]}),
+            _ => continue,
+        };
+        if ws.send(WsMessage::text(reply.to_string())).is_err() {
+            return;
+        }
+    }
+}
+
+fn venue_pool(venue: &Venue, extra: Value) -> wirepool::Pool {
+    pool_from(
+        json!({
+            "servers": [{"url": venue.url(), "id": "venue"}],
+            "auth": {"token": "t0ken"},
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 200, "jitter": 0.0},
+        }),
+        extra,
+    )
+}
+
+fn wait_until_true(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(condition(), "expected {what} within {timeout:?}");
+}
+
+/// A venue that accepted the token once and refuses it on the sessions after a drop
+/// (revoked meanwhile): each refusal is an `auth_failed` event and a breaker failure,
+/// the breaker opens after the threshold instead of a tight loop, and once the venue
+/// takes the token again the session is restored with its channels, each once.
+#[test]
+fn auth_refused_after_a_reconnect_opens_the_breaker_and_recovers_with_each_channel_once() {
+    let _guard = watchdog("auth_refused_later", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = venue_pool(
+        &venue,
+        json!({"circuit_breaker": {"failure_threshold": 3, "recovery_timeout_ms": 1500}}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    for channel in ["c.one", "c.two", "c.three"] {
+        pool.subscribe(channel).expect("subscribe");
+    }
+    wait_until_true("three subscribes", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 3
+    });
+    venue.behaviour.refuse_auth.store(true, Ordering::SeqCst);
+    venue.drop_sessions();
+    let events = wait_for_event(&pool, Duration::from_secs(10), "circuit_open", |event| {
+        event.kind == "circuit_open"
+    });
+    let refused = events.iter().filter(|e| e.kind == "auth_failed").count();
+    assert!(
+        refused >= 3,
+        "three auth refusals before the breaker opened: {events:?}"
+    );
+    let sessions_when_open = venue.log.sessions();
+    // While open (1.5 s) no session is tried.
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(800) {
+        pool.events(Duration::from_millis(100));
+    }
+    assert_eq!(
+        venue.log.sessions(),
+        sessions_when_open,
+        "no connect while the breaker is open"
+    );
+    venue.behaviour.refuse_auth.store(false, Ordering::SeqCst);
+    wait_for_event(&pool, Duration::from_secs(10), "circuit_closed", |event| {
+        event.kind == "circuit_closed"
+    });
+    let last = venue.log.sessions() - 1;
+    wait_until_true("the channels restored", Duration::from_secs(10), || {
+        venue.log.subscribes(last).len() >= 3
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut restored = venue.log.subscribes(last);
+    restored.sort();
+    assert_eq!(restored, ["c.one", "c.three", "c.two"], "each channel once");
+    for earlier in 1..last {
+        assert!(
+            venue.log.subscribes(earlier).is_empty(),
+            "a refused session got subscriptions: {:?}",
+            venue.log.subscribes(earlier)
+        );
+    }
+    drop(pool);
+}
+
+/// Channels added and removed while the only connection is down are restored as they
+/// stand when it is back: the removed one not at all, the added one once, the others
+/// once each; nothing reaches the venue twice.
+#[test]
+fn subscriptions_changed_while_down_are_restored_as_they_stand_each_once() {
+    let _guard = watchdog("subs_while_down", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = venue_pool(
+        &venue,
+        json!({"reconnect": {"initial_delay_ms": 400, "jitter": 0.0}}),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    for channel in ["keep.a", "keep.b", "gone"] {
+        pool.subscribe(channel).expect("subscribe");
+    }
+    wait_until_true("three subscribes", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 3
+    });
+    venue.drop_sessions();
+    wait_for_event(&pool, Duration::from_secs(10), "closed", |event| {
+        event.kind == "closed"
+    });
+    pool.unsubscribe("gone").expect("unsubscribe");
+    pool.subscribe("new").expect("subscribe");
+    pool.subscribe("keep.a").expect("subscribe twice");
+    wait_until_true("a second session", Duration::from_secs(10), || {
+        venue.log.sessions() == 2 && venue.log.subscribes(1).len() >= 3
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut restored = venue.log.subscribes(1);
+    restored.sort();
+    assert_eq!(restored, ["keep.a", "keep.b", "new"]);
+    assert!(venue.log.of_type(1, "unsubscribe").is_empty());
+    let stats = pool.stats();
+    assert_eq!(stats.subscriptions, 3, "{stats:?}");
+    drop(pool);
+}
+
+/// A connection closed through the API (`DELETE /api/v1/connections/{id}`) takes no
+/// new work while its close runs (up to the close grace against a venue that never
+/// answers the close): a request made after the close returned goes to the other
+/// ready connection at once, and a channel subscribed then is placed there.
+#[test]
+fn a_connection_closed_through_the_api_takes_no_new_requests_or_channels() {
+    let _guard = watchdog("closed_takes_no_work", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue.behaviour.ignore_close.store(true, Ordering::SeqCst);
+    let pool = venue_pool(
+        &venue,
+        json!({
+            "pool": {"min_connections": 2, "max_connections": 2},
+            "strategy": "least_connections",
+        }),
+    );
+    // The first connection ready is first in line for requests and channels.
+    let first = wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "a ready connection",
+        |event| event.kind == "ready",
+    );
+    let first = first
+        .last()
+        .and_then(|event| event.connection_id)
+        .expect("ready id");
+    pool.wait_ready(Duration::from_secs(10))
+        .expect("both ready");
+    pool.close_connection(first).expect("close");
+    let started = Instant::now();
+    let reply = pool
+        .request(br#"{"op":"echo"}"#, wirepool::RequestOptions::default())
+        .expect("a reply from the other connection");
+    let took = started.elapsed();
+    assert_eq!(reply, br#"{"op":"echo"}"#);
+    assert!(
+        took < Duration::from_millis(400),
+        "the request waited {took:?}: it went to the closing connection {first}"
+    );
+    pool.subscribe("late").expect("subscribe");
+    let owner = loop {
+        let owner = pool
+            .connections()
+            .into_iter()
+            .find(|connection| connection.subscriptions.iter().any(|c| c == "late"));
+        if let Some(owner) = owner {
+            break owner;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "late never placed"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_ne!(
+        owner.id, first,
+        "a channel subscribed after the close was placed on the closing connection"
+    );
+    drop(pool);
+}
