@@ -361,3 +361,124 @@ fn a_connection_closed_through_the_api_takes_no_new_requests_or_channels() {
     );
     drop(pool);
 }
+
+/// The attempt number of a `reconnecting` event ("attempt N in M ms").
+fn attempt_of(event: &wirepool::Event) -> u32 {
+    let message = event.message.as_deref().unwrap_or("");
+    message
+        .strip_prefix("attempt ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected reconnecting message {message:?}"))
+}
+
+/// A venue that drops every session soon after it is ready (flapping) makes the
+/// backoff grow, session after session, although each session became ready; only a
+/// session that stayed ready `stable_after_ms` starts the backoff again.
+#[test]
+fn a_flapping_venue_grows_the_backoff_until_a_session_stays_up_stable_after_ms() {
+    let _guard = watchdog("flapping", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = venue_pool(
+        &venue,
+        json!({
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 2000, "jitter": 0.0,
+                          "stable_after_ms": 1500},
+            "circuit_breaker": {"failure_threshold": 100},
+        }),
+    );
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    pool.subscribe("flap").expect("subscribe");
+    let mut attempts = Vec::new();
+    for flap in 0..4 {
+        wait_until_true("the channel subscribed", Duration::from_secs(10), || {
+            venue.log.sessions() == flap + 1 && venue.log.subscribes(flap).len() == 1
+        });
+        venue.drop_sessions();
+        let events = wait_for_event(&pool, Duration::from_secs(10), "reconnecting", |event| {
+            event.kind == "reconnecting"
+        });
+        attempts.push(attempt_of(events.last().expect("event")));
+    }
+    assert_eq!(
+        attempts,
+        [1, 2, 3, 4],
+        "the backoff grows while the venue flaps"
+    );
+    wait_until_true("a fifth session", Duration::from_secs(10), || {
+        venue.log.sessions() == 5 && venue.log.subscribes(4).len() == 1
+    });
+    // Up longer than stable_after_ms: the next loss starts from the first attempt.
+    let up = Instant::now();
+    while up.elapsed() < Duration::from_millis(1800) {
+        pool.events(Duration::from_millis(100));
+    }
+    venue.drop_sessions();
+    let events = wait_for_event(&pool, Duration::from_secs(10), "reconnecting", |event| {
+        event.kind == "reconnecting"
+    });
+    assert_eq!(attempt_of(events.last().expect("event")), 1);
+    let stats = pool.stats();
+    assert_eq!(
+        stats.reconnects, 5,
+        "one reconnect per lost session: {stats:?}"
+    );
+    drop(pool);
+}
+
+/// Closing the pool while its worker waits in a handshake that will not finish (a
+/// server that accepts TCP and says nothing: WebSocket upgrade, or TLS), or while a
+/// slot sleeps in a long reconnect backoff, returns at once, not at the connect
+/// timeout or the backoff's end, and emits `pool_closed`.
+#[test]
+fn closing_the_pool_mid_handshake_or_mid_backoff_is_prompt() {
+    let _guard = watchdog("close_mid_handshake", Duration::from_secs(60));
+    let mute = Acceptor::start(|_stream, stop| {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let cases = [
+        (
+            "websocket upgrade",
+            format!("ws://{}", mute.addr),
+            "connecting",
+        ),
+        (
+            "tls handshake",
+            format!("wss://localhost:{}", mute.addr.port()),
+            "connecting",
+        ),
+        (
+            "backoff",
+            format!("ws://127.0.0.1:{closed_port}"),
+            "reconnecting",
+        ),
+    ];
+    for (what, url, waiting_event) in cases {
+        let pool = pool_from(
+            json!({
+                "servers": [{"url": url}],
+                "connect_timeout_ms": 30000,
+                "reconnect": {"initial_delay_ms": 30000, "jitter": 0.0},
+            }),
+            json!({}),
+        );
+        wait_for_event(&pool, Duration::from_secs(10), waiting_event, |event| {
+            event.kind == waiting_event
+        });
+        // The worker is in its handshake (or the slot in its backoff) by now.
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        pool.close();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "{what}: close took {took:?}");
+        wait_for_event(&pool, Duration::from_secs(5), "pool_closed", |event| {
+            event.kind == "pool_closed"
+        });
+    }
+}
