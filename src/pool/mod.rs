@@ -1092,6 +1092,9 @@ struct Slot {
     refill_after_close: bool,
     /// When the slot lost a ready connection it has not yet replaced.
     lost_at: Option<Instant>,
+    /// Waiting for a server to admit a connect, and said so (`reconnect_deferred`
+    /// once per wait, not at every look).
+    deferred: bool,
 }
 
 impl Slot {
@@ -1105,6 +1108,7 @@ impl Slot {
             given_up: false,
             refill_after_close: false,
             lost_at: None,
+            deferred: false,
         }
     }
 }
@@ -2243,6 +2247,9 @@ impl PoolThread {
                 .unwrap_or_else(|| now + Duration::from_millis(100));
             self.slots[slot_index].retry_at = Some(reopen);
             self.publish_servers();
+            if std::mem::replace(&mut self.slots[slot_index].deferred, true) {
+                return;
+            }
             let why = if self
                 .servers
                 .iter()
@@ -2269,6 +2276,7 @@ impl PoolThread {
                 slot.server_index = Some(server_index);
                 slot.retry_at = None;
                 slot.ready_since = None;
+                slot.deferred = false;
                 if slot.lost_at.is_some() {
                     self.inner
                         .counters

@@ -482,3 +482,50 @@ fn closing_the_pool_mid_handshake_or_mid_backoff_is_prompt() {
         });
     }
 }
+
+/// While a half-open breaker's one trial connect is under way (a venue that takes it
+/// and never finishes the handshake), the other slots wait for it; each says so once
+/// (`reconnect_deferred`), not once every look at the breaker (every 100 ms), which
+/// would flood the event log while the trial lasts.
+#[test]
+fn slots_waiting_for_a_half_open_trial_say_so_once_each() {
+    let _guard = watchdog("deferred_once", Duration::from_secs(60));
+    let mute = Acceptor::start(|_stream, stop| {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let pool = pool_from(
+        json!({
+            "servers": [{"url": mute.url(), "id": "mute"}],
+            "pool": {"min_connections": 3, "max_connections": 3},
+            "connect_timeout_ms": 2500,
+            "reconnect": {"initial_delay_ms": 20, "max_delay_ms": 50, "jitter": 0.0},
+            "circuit_breaker": {"failure_threshold": 1, "recovery_timeout_ms": 200,
+                                "half_open_max_calls": 1},
+        }),
+        json!({}),
+    );
+    wait_for_event(
+        &pool,
+        Duration::from_secs(15),
+        "circuit_half_open",
+        |event| event.kind == "circuit_half_open",
+    );
+    // The trial hangs for the connect timeout; the other two slots wait meanwhile.
+    let events = wait_for_event(
+        &pool,
+        Duration::from_secs(15),
+        "the trial failing",
+        |event| event.kind == "circuit_open",
+    );
+    let deferred = events
+        .iter()
+        .filter(|event| event.kind == "reconnect_deferred")
+        .count();
+    assert!(
+        deferred <= 4,
+        "{deferred} reconnect_deferred events during one 2.5 s trial (two waiting slots)"
+    );
+    drop(pool);
+}
