@@ -189,9 +189,7 @@ fn request_without_reply_times_out_with_a_clear_error() {
 fn request_waits_for_a_ready_connection_then_times_out_when_none_comes() {
     let _guard = watchdog("request no connection", Duration::from_secs(60));
     // A port that refuses connections: nothing ever becomes ready.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("ws://{}", listener.local_addr().expect("addr"));
-    drop(listener);
+    let (_refusing, url) = crate::support::refusing_url();
     let config =
         Config::from_json(&format!(r#"{{"servers":[{{"url":"{url}"}}]}}"#)).expect("config");
     let pool = Pool::new(config).expect("pool");

@@ -232,14 +232,6 @@ fn health_addr(pool: &Pool) -> SocketAddr {
         .expect("health.listen is set, so the port runs")
 }
 
-/// A ws:// URL nobody listens on.
-fn closed_port_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    format!("ws://{addr}")
-}
-
 fn connections(addr: SocketAddr) -> Vec<Value> {
     let reply = get(addr, "/api/v1/connections");
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -279,7 +271,8 @@ fn health_is_200_healthy_with_two_ready_connections() {
 fn health_is_503_with_reasons_when_the_upstream_is_gone() {
     let _guard = watchdog("health_is_503", Duration::from_secs(60));
     let health = json!({"listen": "127.0.0.1:0"});
-    let pool = Pool::new(config(&closed_port_url(), 2, 2, health)).expect("pool opens");
+    let (_refusing, url) = crate::support::refusing_url();
+    let pool = Pool::new(config(&url, 2, 2, health)).expect("pool opens");
     let addr = health_addr(&pool);
     let body = poll("/health to answer 503 with reasons", || {
         let reply = get(addr, "/health");
@@ -984,7 +977,8 @@ fn an_unbindable_listen_address_is_a_config_error() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let health = json!({"listen": addr});
-    match Pool::new(config(&closed_port_url(), 1, 1, health)) {
+    let (_refusing, url) = crate::support::refusing_url();
+    match Pool::new(config(&url, 1, 1, health)) {
         Err(Error::Config(text)) => {
             assert!(text.starts_with("health.listen"), "{text}");
         }

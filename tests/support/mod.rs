@@ -256,6 +256,22 @@ pub fn thread_count() -> usize {
 }
 
 /// The feed simulator on loopback: four channels at `rate_per_channel` msgs/s each.
+/// A `ws://` URL whose port refuses connections for as long as the returned socket
+/// lives: bound, never listening. (A port bound and freed again could be taken by a
+/// server of a test running alongside, which would then answer.)
+pub fn refusing_url() -> (socket2::Socket, String) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&addr.into()).expect("bind");
+    let addr = socket
+        .local_addr()
+        .expect("local address")
+        .as_socket()
+        .expect("an IP address");
+    (socket, format!("ws://{addr}"))
+}
+
 pub fn simulator(rate_per_channel: f64) -> Simulator {
     Simulator::start(SimulatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
