@@ -15,6 +15,7 @@ mod c_abi;
 mod codec_abi;
 mod codec_sandbox;
 mod connect_addresses;
+mod daemon_cli;
 mod engine;
 mod hostile_input;
 mod http;

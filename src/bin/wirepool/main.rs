@@ -99,8 +99,55 @@ impl Args {
     }
 }
 
+/// The arguments after the program's name; one that is not UTF-8 (a path, say) is
+/// named instead of panicking as `std::env::args` does.
+fn arguments() -> Result<Vec<String>, String> {
+    std::env::args_os()
+        .skip(1)
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| format!("argument {arg:?} is not valid UTF-8"))
+        })
+        .collect()
+}
+
+/// Reads the config file as `run` does, with the environment's overrides applied. An
+/// override that is not UTF-8 is an error naming the variable (never its value: it
+/// may be the token), not an override silently skipped.
+fn read_config(path: &str) -> Result<Config, Vec<wirepool::ConfigIssue>> {
+    let not_utf8 = std::cell::RefCell::new(Vec::new());
+    let lookup = |name: &str| match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            not_utf8.borrow_mut().push(wirepool::ConfigIssue {
+                path: format!("${name}"),
+                message: "is not valid UTF-8".into(),
+            });
+            None
+        }
+    };
+    let read = Config::from_file_unvalidated(Path::new(path))
+        .and_then(|config| config.with_env_overrides(lookup));
+    let mut issues = not_utf8.into_inner();
+    match read {
+        Ok(config) if issues.is_empty() => Ok(config),
+        Ok(_) => Err(issues),
+        Err(more) => {
+            issues.extend(more);
+            Err(issues)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let raw = match arguments() {
+        Ok(raw) => raw,
+        Err(message) => {
+            eprintln!("wirepool: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let Some(command) = raw.first() else {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
@@ -153,7 +200,16 @@ fn main() -> ExitCode {
 /// Logs to stderr, or to `log_file` when given. Above `info`, only wirepool's own
 /// modules log: the libraries' debug output may include frame contents (a token).
 fn init_logging(log_file: Option<&str>) -> Result<(), String> {
-    let level = match std::env::var("WIREPOOL_LOG").ok().as_deref() {
+    let setting = match std::env::var("WIREPOOL_LOG") {
+        Ok(setting) => Some(setting),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(setting)) => {
+            return Err(format!(
+            "WIREPOOL_LOG={setting:?} is not a log level (error, warn, info, debug, trace or off)"
+        ))
+        }
+    };
+    let level = match setting.as_deref() {
         Some("error") => log::LevelFilter::Error,
         Some("info") => log::LevelFilter::Info,
         Some("debug") => log::LevelFilter::Debug,
@@ -487,12 +543,10 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     }
     // Validated once, after the environment's overrides: they may supply what the
     // file lacks (a WIREPOOL_URL for a file without servers).
-    let config = Config::from_file_unvalidated(Path::new(path))
-        .and_then(|config| config.with_env_overrides(|name| std::env::var(name).ok()))
-        .map_err(|issues| {
-            let lines: Vec<String> = issues.iter().map(|issue| format!("  {issue}")).collect();
-            format!("config {path}:\n{}", lines.join("\n"))
-        })?;
+    let config = read_config(path).map_err(|issues| {
+        let lines: Vec<String> = issues.iter().map(|issue| format!("  {issue}")).collect();
+        format!("config {path}:\n{}", lines.join("\n"))
+    })?;
     let stop = termination_flag()?;
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
@@ -592,9 +646,7 @@ fn check_config(args: &Args) -> Result<ExitCode, String> {
         return Err("usage: wirepool check-config FILE".into());
     };
     // As `run` reads it: with the environment's overrides applied.
-    let checked = Config::from_file_unvalidated(Path::new(path))
-        .and_then(|config| config.with_env_overrides(|name| std::env::var(name).ok()));
-    match checked {
+    match read_config(path) {
         Ok(_) => {
             println!("{path}: ok");
             Ok(ExitCode::SUCCESS)
