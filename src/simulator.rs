@@ -61,6 +61,10 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 /// Poller key of the listener, and of each client's socket on its own poller.
+/// The largest universe [`SimulatorConfig::channels`] may list: its `instruments`
+/// frame (about 16 bytes a channel, 1.6 MB at the limit) is built for every session.
+pub const MAX_CHANNELS: usize = 100_000;
+
 const SOCKET_KEY: usize = 0;
 /// Deadline for the TCP-to-WebSocket (and TLS) handshake of a new client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,7 +103,8 @@ pub struct SimulatorConfig {
     /// Data frames per second on each subscribed channel; 0 sends none. Defaults to 10.
     pub rate_per_channel: f64,
     /// Size of the universe `ticker.0 .. ticker.N-1` that `{"op":"instruments"}`
-    /// lists. Any channel may be subscribed, listed or not. Defaults to 8.
+    /// lists, at most [`MAX_CHANNELS`]. Any channel may be subscribed, listed or not.
+    /// Defaults to 8.
     pub channels: usize,
     /// When set, a client's first frame must be `{"type":"auth","token":...}` with
     /// this token. Defaults to none.
@@ -263,6 +268,12 @@ impl Simulator {
     ///
     /// Fails when the address cannot be bound or a thread cannot be started.
     pub fn start(config: SimulatorConfig) -> io::Result<Simulator> {
+        if config.channels > MAX_CHANNELS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} channels is more than {MAX_CHANNELS}", config.channels),
+            ));
+        }
         let listener = TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;

@@ -64,6 +64,9 @@ fn demo_refuses_numbers_it_cannot_use_with_a_clear_message() {
         ("--duration", "1e30"),
         ("--rate", "nan"),
         ("--rate", "inf"),
+        // The simulator's universe of 1e11 instruments aborted the process (out of
+        // memory) building its first `instruments` frame.
+        ("--channels", "100000000000"),
     ] {
         assert_refused(&["demo", flag, value], flag);
     }
@@ -79,4 +82,16 @@ fn simulate_refuses_a_rate_it_cannot_use_with_a_clear_message() {
             "--rate",
         );
     }
+    // Accepted, the simulator would abort at its first client (out of memory), or
+    // run until killed here.
+    assert_refused(
+        &[
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--channels",
+            "100000000000",
+        ],
+        "--channels",
+    );
 }

@@ -9,16 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use wirepool::simulator::{Simulator, SimulatorConfig};
+use wirepool::simulator::{Simulator, SimulatorConfig, MAX_CHANNELS};
 use wirepool::{Config, Message, Pool, RequestOptions};
 
 const USAGE: &str = "\
 wirepool: a pool of persistent upstream WebSocket connections
 
 USAGE:
-  wirepool demo [--connections N] [--channels N] [--rate MSGS_PER_S_IN_ALL] [--duration SECS] [--health ADDR]
+  wirepool demo [--connections N] [--channels 1..100000] [--rate MSGS_PER_S_IN_ALL] [--duration SECS] [--health ADDR]
   wirepool run --config FILE [--subscribe CHANNEL]... [--output jsonl|none] [--log-file PATH]
-  wirepool simulate --listen ADDR [--rate MSGS_PER_S_PER_CHANNEL] [--channels N] [--token TOKEN]
+  wirepool simulate --listen ADDR [--rate MSGS_PER_S_PER_CHANNEL] [--channels 1..100000] [--token TOKEN]
   wirepool check-config FILE
   wirepool codec-check FILE.wasm
   wirepool --version
@@ -87,6 +87,16 @@ impl Args {
             .filter(|(flag, _)| flag == name)
             .map(|(_, value)| value.clone())
             .collect()
+    }
+
+    /// `--channels`: the simulator's universe, 1 to [`MAX_CHANNELS`].
+    fn channels(&self, default: usize) -> Result<usize, String> {
+        match self.number("channels", default)? {
+            channels @ 1..=MAX_CHANNELS => Ok(channels),
+            channels => Err(format!(
+                "--channels: {channels}; the simulator takes 1 to {MAX_CHANNELS} channels"
+            )),
+        }
     }
 
     fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
@@ -362,11 +372,11 @@ fn percentile(sorted: &[u64], fraction: f64) -> u64 {
 
 fn demo(args: &Args) -> Result<ExitCode, String> {
     let connections: u32 = args.number("connections", 2)?;
-    let channels: usize = args.number("channels", 8)?;
+    let channels = args.channels(8)?;
     let rate: f64 = args.number("rate", 2000.0)?;
     let duration: f64 = args.number("duration", 10.0)?;
-    if connections == 0 || channels == 0 {
-        return Err("--connections and --channels must be at least 1".into());
+    if connections == 0 {
+        return Err("--connections must be at least 1".into());
     }
     // NaN and infinity parse as numbers; neither is a rate or a duration.
     if !(rate.is_finite() && rate > 0.0) {
@@ -623,10 +633,7 @@ fn simulate(args: &Args) -> Result<ExitCode, String> {
     let config = SimulatorConfig {
         listen,
         rate_per_channel: rate,
-        channels: match args.number("channels", 8)? {
-            0 => return Err("--channels: 0; the simulator needs at least one channel".into()),
-            channels => channels,
-        },
+        channels: args.channels(8)?,
         token: args.get("token").map(str::to_string),
         ..SimulatorConfig::default()
     };
