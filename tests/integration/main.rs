@@ -16,6 +16,7 @@ mod codec_abi;
 mod codec_sandbox;
 mod connect_addresses;
 mod daemon_cli;
+mod daemon_output;
 mod engine;
 mod hostile_input;
 mod http;

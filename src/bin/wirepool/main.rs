@@ -1,4 +1,10 @@
 //! The `wirepool` command: `demo`, `run`, `simulate`, `check-config`, `codec-check`.
+//!
+//! Exit codes: 0 success; 1 `check-config` or `codec-check` found a problem; 2 bad
+//! input before anything started (command line, environment, config file); 3 a
+//! failure at run time (a port that cannot be bound, output that cannot be written).
+
+mod jsonl;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,6 +32,12 @@ USAGE:
 Environment for `run`: WIREPOOL_URL, WIREPOOL_TOKEN, WIREPOOL_MIN_CONNECTIONS,
 WIREPOOL_MAX_CONNECTIONS, WIREPOOL_HEALTH_LISTEN override the config file.
 WIREPOOL_LOG=error|warn|info|debug|trace sets the log level (default warn).";
+
+/// Reports a failure at run time (exit code 3), as opposed to bad input (2).
+fn runtime_failure(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("wirepool: {message}");
+    ExitCode::from(3)
+}
 
 /// Command-line arguments after the subcommand, as `--flag value` pairs.
 struct Args {
@@ -397,7 +409,11 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
         channels,
         ..SimulatorConfig::default()
     })
-    .map_err(|err| format!("starting the feed simulator: {err}"))?;
+    .map_err(|err| format!("starting the feed simulator: {err}"));
+    let simulator = match simulator {
+        Ok(simulator) => simulator,
+        Err(message) => return Ok(runtime_failure(message)),
+    };
     let mut config_json = serde_json::json!({
         "servers": [{"url": simulator.url(), "id": "simulator"}],
         "pool": {"min_connections": connections, "max_connections": connections},
@@ -413,7 +429,10 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
          {connections} connection(s), {duration} s",
         simulator.url()
     );
-    let pool = Pool::new(config).map_err(|err| err.to_string())?;
+    let pool = match Pool::new(config) {
+        Ok(pool) => pool,
+        Err(err) => return Ok(runtime_failure(err)),
+    };
     // In slices, so Ctrl-C works while the connections come up.
     let ready_by = Instant::now() + Duration::from_secs(10);
     loop {
@@ -423,7 +442,7 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
         match pool.wait_ready(Duration::from_millis(100)) {
             Ok(()) => break,
             Err(wirepool::Error::Timeout { .. }) if Instant::now() < ready_by => {}
-            Err(err) => return Err(format!("waiting for the pool: {err}")),
+            Err(err) => return Ok(runtime_failure(format!("waiting for the pool: {err}"))),
         }
     }
     if let Some(addr) = pool.health_addr() {
@@ -561,7 +580,10 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
         .map_err(|err| format!("installing the SIGHUP handler: {err}"))?;
-    let pool = Pool::new(config).map_err(|err| err.to_string())?;
+    let pool = match Pool::new(config) {
+        Ok(pool) => pool,
+        Err(err) => return Ok(runtime_failure(err)),
+    };
     for channel in args.all("subscribe") {
         pool.subscribe(&channel).map_err(|err| err.to_string())?;
     }
@@ -569,6 +591,8 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut batch: Vec<Message> = Vec::with_capacity(1024);
+    let mut line = Vec::new();
+    let mut output_failed = None;
     while !stop.load(Ordering::Relaxed) {
         if hangup.swap(false, Ordering::Relaxed) {
             reopen_log_file();
@@ -577,7 +601,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         match pool.recv_batch(&mut batch, 1024, Some(Duration::from_millis(200))) {
             Ok(_) => {}
             Err(wirepool::Error::Closed) => break,
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Ok(runtime_failure(err)),
         }
         for event in pool.events(Duration::ZERO) {
             log::info!(
@@ -591,31 +615,30 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             );
         }
         if output == "jsonl" {
-            for message in &batch {
-                let payload: serde_json::Value = serde_json::from_slice(&message.payload)
-                    .unwrap_or_else(|_| {
-                        serde_json::Value::String(String::from_utf8_lossy(&message.payload).into())
-                    });
-                let line = serde_json::json!({
-                    "channel": &*message.channel,
-                    "payload": payload,
-                    "kind": message.kind.as_str(),
-                    "connection_id": message.connection_id,
-                    "received_ns": message.received_ns,
-                });
-                if writeln!(out, "{line}").is_err() {
-                    // stdout closed: stop like on a signal.
-                    stop.store(true, Ordering::Relaxed);
-                    break;
-                }
+            let written = batch.iter().try_for_each(|message| {
+                jsonl::format_line(message, &mut line);
+                out.write_all(&line)
+            });
+            if let Err(err) = written.and_then(|()| out.flush()) {
+                output_failed = Some(err);
+                break;
             }
-            let _ = out.flush();
         }
     }
     log::info!("shutting down");
     pool.close();
-    let _ = out.flush();
-    Ok(ExitCode::SUCCESS)
+    match output_failed {
+        None => Ok(ExitCode::SUCCESS),
+        // `| head -1`: the reader has what it wanted; stop as on a signal.
+        Some(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            log::info!("stdout closed by its reader: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        // A full disk, say: the messages from here on would be lost, so say so.
+        Some(err) => Ok(runtime_failure(format!(
+            "writing --output jsonl to stdout: {err}; stopped"
+        ))),
+    }
 }
 
 fn simulate(args: &Args) -> Result<ExitCode, String> {
@@ -638,7 +661,10 @@ fn simulate(args: &Args) -> Result<ExitCode, String> {
         ..SimulatorConfig::default()
     };
     let stop = termination_flag()?;
-    let simulator = Simulator::start(config).map_err(|err| format!("simulator: {err}"))?;
+    let simulator = match Simulator::start(config) {
+        Ok(simulator) => simulator,
+        Err(err) => return Ok(runtime_failure(format!("simulator: {err}"))),
+    };
     println!("listening on {}", simulator.url());
     let _ = std::io::stdout().flush();
     while !stop.load(Ordering::Relaxed) {

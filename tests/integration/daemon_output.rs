@@ -1,0 +1,314 @@
+//! `wirepool run --output jsonl` as an operator meets it: every payload whole whatever
+//! its bytes, and a stdout that cannot take the output. Each runs the real binary
+//! against loopback servers.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use tungstenite::Message as WsMessage;
+use wirepool::simulator::{Simulator, SimulatorConfig};
+
+use crate::daemon_cli::wirepool;
+use crate::support::{watchdog, write_temp, Acceptor};
+
+/// Waits up to `limit` for `child` to exit; kills it and fails if it does not.
+fn exit_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: the daemon did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends the daemon SIGTERM and expects a clean exit within 10 s.
+fn terminate(child: &mut Child) {
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = exit_within(child, Duration::from_secs(10), "SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+}
+
+/// A server that sends `frames` over and over every 50 ms until the connection ends,
+/// once a subscription came and was confirmed (SPEC section 4) if `after_subscribe`.
+fn repeating_server(frames: Vec<WsMessage>, after_subscribe: bool) -> Acceptor {
+    Acceptor::start(move |stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let _ = ws
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)));
+        let mut subscribed = false;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match ws.read() {
+                Ok(WsMessage::Text(text)) => {
+                    let frame: serde_json::Value =
+                        serde_json::from_str(text.as_str()).unwrap_or_default();
+                    if frame["type"] == "subscribe" {
+                        let reply = serde_json::json!({
+                            "type": "subscribed",
+                            "channel": frame["channel"],
+                            "messageId": frame["messageId"],
+                        });
+                        if ws.send(WsMessage::text(reply.to_string())).is_err() {
+                            return;
+                        }
+                        subscribed = true;
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(err))
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+            if subscribed || !after_subscribe {
+                for frame in &frames {
+                    if ws.send(frame.clone()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Reads jsonl lines from `child` until `done` says every expected payload came out;
+/// each line must be one JSON object. Fails naming what never came, with the lines.
+fn read_lines_until(
+    child: &mut Child,
+    what: &str,
+    mut done: impl FnMut(&str, &serde_json::Value) -> bool,
+) {
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines_in, lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_in.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("{what}: not every payload came out whole in 10 s; lines: {seen:#?}");
+        };
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(value) => value,
+            Err(err) => {
+                let _ = child.kill();
+                panic!("{what}: a line is not JSON ({err}): {line:?}");
+            }
+        };
+        assert!(value.is_object(), "{what}: {line}");
+        if done(&line, &value) {
+            return;
+        }
+        seen.push(line);
+    }
+}
+
+fn spawn_run(config: &std::path::Path, channel: &str) -> Child {
+    wirepool()
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--subscribe", channel, "--output", "jsonl"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts")
+}
+
+/// SPEC section 4: what the user sees is the payload's JSON text as it stood in the
+/// frame. Parsed and printed again, a price's trailing zero and a 24-digit id lost
+/// their digits (`1.10` became `1.1`, the id a float).
+#[test]
+fn jsonl_keeps_a_json_payload_as_it_stood_in_the_frame() {
+    let _guard = watchdog("jsonl json", Duration::from_secs(60));
+    let exact =
+        r#"{"qty":1.10,"id":123456789012345678901234,"px":0.1000000000000000055511151231257827}"#;
+    let spread = "{\n  \"bid\": [1.50,\r\n 2]\n}";
+    let frames = vec![
+        WsMessage::text(format!(
+            r#"{{"type":"data","channel":"c","payload":{exact}}}"#
+        )),
+        WsMessage::text(format!(
+            r#"{{"type":"data","channel":"c","payload":{spread}}}"#
+        )),
+    ];
+    let server = repeating_server(frames, true);
+    let config = write_temp(
+        "jsonl-json.json",
+        &serde_json::json!({"servers": [{"url": server.url()}]}).to_string(),
+    );
+    let mut child = spawn_run(&config, "c");
+    let (mut got_exact, mut got_spread) = (false, false);
+    read_lines_until(&mut child, "json payloads", |line, value| {
+        got_exact |= line.contains(&format!(r#""payload":{exact}"#));
+        // Line breaks between tokens become spaces; every token is kept.
+        got_spread |= line.contains(r#""payload":{   "bid": [1.50,   2] }"#)
+            && value["payload"]["bid"][1] == 2;
+        got_exact && got_spread
+    });
+    terminate(&mut child);
+}
+
+/// Decodes standard base64 (with padding); the test's own, to check the daemon's.
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for byte in text.bytes().filter(|&byte| byte != b'=') {
+        let index = ALPHABET
+            .iter()
+            .position(|&letter| letter == byte)
+            .unwrap_or_else(|| panic!("{byte:?} is not base64 in {text:?}"));
+        bits = (bits << 6) | index as u32;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    out
+}
+
+/// The bytes a jsonl line stands for: base64, text, or JSON as printed.
+fn payload_bytes(line: &str, value: &serde_json::Value) -> Vec<u8> {
+    match value["payload_encoding"].as_str() {
+        Some("base64") => base64_decode(value["payload"].as_str().expect("a base64 string")),
+        Some("text") => value["payload"]
+            .as_str()
+            .expect("a string")
+            .as_bytes()
+            .to_vec(),
+        Some(other) => panic!("unknown payload_encoding {other:?}: {line}"),
+        None => {
+            // The JSON text itself: the payload is the line's last field.
+            let start = line.find(r#""payload":"#).expect("a payload") + 10;
+            line.as_bytes()[start..line.len() - 1].to_vec()
+        }
+    }
+}
+
+/// With the `raw` codec a payload is any bytes. A binary frame that was not UTF-8 was
+/// printed through a lossy conversion (its bytes replaced by U+FFFD), and a frame `hi`
+/// could not be told from a frame `"hi"`.
+#[test]
+fn jsonl_keeps_every_byte_of_a_raw_payload() {
+    let _guard = watchdog("jsonl raw", Duration::from_secs(60));
+    let payloads: Vec<Vec<u8>> = vec![
+        vec![0xff, 0xfe, 0x00, b'\n', b'"', 0x80, b'\\'],
+        b"hi \x01\x1f\ttab\r\nline".to_vec(),
+        br#""hi""#.to_vec(),
+        b"hi".to_vec(),
+        br#"{"n":1.50}"#.to_vec(),
+    ];
+    let frames = payloads
+        .iter()
+        .map(|payload| match String::from_utf8(payload.clone()) {
+            Ok(text) => WsMessage::text(text),
+            Err(_) => WsMessage::binary(payload.clone()),
+        })
+        .collect();
+    let server = repeating_server(frames, false);
+    let config = write_temp(
+        "jsonl-raw.json",
+        &serde_json::json!({"servers": [{"url": server.url()}], "codec": {"builtin": "raw"}})
+            .to_string(),
+    );
+    let mut child = spawn_run(&config, "raw");
+    let mut missing = payloads.clone();
+    read_lines_until(&mut child, "raw payloads", |line, value| {
+        let bytes = payload_bytes(line, value);
+        missing.retain(|payload| *payload != bytes);
+        missing.is_empty()
+    });
+    terminate(&mut child);
+}
+
+fn simulator() -> Simulator {
+    Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 500.0,
+        channels: 2,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator")
+}
+
+/// `--output jsonl > /dev/full`: the lines cannot be written. The daemon went on
+/// receiving and threw every message away, then exited 0 as if all was well.
+#[test]
+fn jsonl_to_a_full_disk_is_a_runtime_error_naming_stdout() {
+    let _guard = watchdog("jsonl full", Duration::from_secs(60));
+    let sim = simulator();
+    let config = write_temp(
+        "jsonl-full.json",
+        &serde_json::json!({"servers": [{"url": sim.url()}]}).to_string(),
+    );
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = wirepool()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--subscribe", "ticker.0", "--output", "jsonl"])
+        .stdout(Stdio::from(full))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon starts");
+    let status = exit_within(&mut child, Duration::from_secs(15), "/dev/full");
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "a failed write of the output is a runtime failure (exit 3), got {status:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains("stdout") && stderr.contains("No space left"),
+        "the error should name stdout and the cause, got {stderr:?}"
+    );
+}
+
+/// `wirepool run ... --output jsonl | head -1`: once the reader is gone the daemon
+/// stops by itself, cleanly, instead of hanging or dying of SIGPIPE.
+#[test]
+fn jsonl_into_a_pipe_whose_reader_left_stops_cleanly() {
+    let _guard = watchdog("jsonl pipe", Duration::from_secs(60));
+    let sim = simulator();
+    let config = write_temp(
+        "jsonl-pipe.json",
+        &serde_json::json!({"servers": [{"url": sim.url()}]}).to_string(),
+    );
+    let mut child = spawn_run(&config, "ticker.0");
+    let mut first = String::new();
+    {
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        reader.read_line(&mut first).expect("a first line");
+        // The reader goes away here, as `head -1` does.
+    }
+    assert!(first.contains("\"ticker.0\""), "{first}");
+    let status = exit_within(&mut child, Duration::from_secs(15), "closed pipe");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
