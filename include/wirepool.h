@@ -345,13 +345,40 @@ wirepool_result wirepool_pool_recycle_connection(const struct wirepool_pool *poo
 /*
  Opens one more connection, up to `pool.max_connections`, and writes its id to
  `out_connection_id` (may be NULL). The next scaling decision waits
- `pool.scale_cooldown_ms` (an idle pool then drains one beyond `min_connections`).
+ `pool.scale_cooldown_ms` (an idle pool then drains one beyond `min_connections`;
+ raise `min_connections` with `wirepool_pool_reconfigure_json` to keep it).
  On failure nothing is opened: `WIREPOOL_ERR_INVALID_ARGUMENT` at the maximum or
  while the pool is idle by lease, `WIREPOOL_ERR_IO` when no server admits a
  connection now (breaker open, `Retry-After`), `WIREPOOL_ERR_CLOSED` once closed.
  */
 wirepool_result wirepool_pool_open_connection(const struct wirepool_pool *pool,
                                               uint64_t *out_connection_id);
+
+/*
+ The pool's run-time settings as a JSON object, as `GET /api/v1/pool/config` gives
+ them: `{"min_connections": 2, "max_connections": 4, "strategy": "round_robin"}`.
+ After `wirepool_pool_close` it still gives the last ones (like
+ `wirepool_pool_stats_json`).
+ */
+wirepool_result wirepool_pool_settings_json(const struct wirepool_pool *pool,
+                                            struct wirepool_bytes **out_json);
+
+/*
+ Changes pool sizes and strategy at run time, as `POST /api/v1/pool/config` does:
+ `settings_json` is a JSON object with any of `min_connections`, `max_connections`
+ and `strategy` (`"round_robin"`, `"least_connections"`, `"weighted"`, `"random"`);
+ only the keys given change, applied to the settings in force at that moment. A
+ larger `min_connections` opens connections at once (`ready` events follow); a
+ smaller one drains the surplus make before break (their channels move at once, each
+ closes once its requests are answered). A refused change leaves the settings as
+ they were and gives `WIREPOOL_ERR_INVALID_ARGUMENT`, with what is wrong in
+ `wirepool_last_error` (not JSON, not an object, an unknown key, a count that is not
+ a whole number from 0 to 4294967295, an unknown strategy, `max_connections` 0 or
+ over 10000, `min_connections` above `max_connections`); `WIREPOOL_ERR_CLOSED` once
+ the pool is closed.
+ */
+wirepool_result wirepool_pool_reconfigure_json(const struct wirepool_pool *pool,
+                                               const char *settings_json);
 
 /*
  Sends `count` requests spread over the ready connections (at most

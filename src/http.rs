@@ -41,15 +41,15 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tiny_http::{ClientLimits, Header, Method, Request, Response, Server, StatusCode};
 
-use crate::config::{HealthConfig, Strategy};
+use crate::config::HealthConfig;
 use crate::connection::ConnectionState;
 use crate::error::{Error, Result};
 use crate::pool::{
-    ConnectionSnapshot, HealthLevel, LatencyHistogram, Pool, PoolSettings, PoolStats,
-    ServerSnapshot,
+    ConnectionSnapshot, HealthLevel, LatencyHistogram, Pool, PoolStats, ServerSnapshot,
+    SettingsUpdate,
 };
 
 /// Largest request body accepted (`POST /api/v1/pool/config` needs far less).
@@ -365,7 +365,7 @@ impl Handler {
             Endpoint::Health => health_reply(pool),
             Endpoint::Stats => Reply::json(200, &pool.stats()),
             Endpoint::PoolHealth => Reply::json(200, &pool.health()),
-            Endpoint::GetConfig => Reply::json(200, &SettingsBody::from(pool.settings())),
+            Endpoint::GetConfig => Reply::json(200, &pool.settings()),
             Endpoint::SetConfig => set_config(pool, body),
             Endpoint::ListConnections => match connections_json(pool) {
                 Ok(body) => Reply {
@@ -449,24 +449,6 @@ fn health_reply(pool: &Pool) -> Reply {
     Reply::json(status, &body)
 }
 
-/// The run-time settings, as `GET` and `POST /api/v1/pool/config` show them.
-#[derive(Serialize)]
-struct SettingsBody {
-    min_connections: u32,
-    max_connections: u32,
-    strategy: Strategy,
-}
-
-impl From<PoolSettings> for SettingsBody {
-    fn from(settings: PoolSettings) -> SettingsBody {
-        SettingsBody {
-            min_connections: settings.min_connections,
-            max_connections: settings.max_connections,
-            strategy: settings.strategy,
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct ServerList {
     servers: Vec<ServerSnapshot>,
@@ -477,71 +459,19 @@ struct ConnectionList<'a> {
     connections: Vec<ConnectionBody<'a>>,
 }
 
+/// `POST /api/v1/pool/config`: the body's keys change, the others keep their value.
 fn set_config(pool: &Pool, body: &[u8]) -> Reply {
-    let settings = match settings_update(pool.settings(), body) {
-        Ok(settings) => settings,
+    let update = match SettingsUpdate::from_json(body) {
+        Ok(update) => update,
         Err(text) => return Reply::error(400, text),
     };
-    match pool.reconfigure(settings) {
-        Ok(()) => Reply::json(200, &SettingsBody::from(pool.settings())),
+    match pool.update_settings(update) {
+        Ok(settings) => Reply::json(200, &settings),
         Err(err @ (Error::Config(_) | Error::InvalidArgument(_))) => {
             Reply::error(400, err.to_string())
         }
         Err(err) => unavailable(&err),
     }
-}
-
-/// Applies a `POST /api/v1/pool/config` body to the current settings. The pool
-/// checks the sizes against each other.
-fn settings_update(current: PoolSettings, body: &[u8]) -> Result<PoolSettings, String> {
-    const EXAMPLE: &str =
-        r#"{"min_connections": 2, "max_connections": 8, "strategy": "round_robin"}"#;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(format!("expected a JSON object such as {EXAMPLE}"));
-    }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|err| format!("the body is not JSON: {err}"))?;
-    let Value::Object(fields) = value else {
-        return Err(format!("expected a JSON object such as {EXAMPLE}"));
-    };
-    if let Some(unknown) = fields.keys().find(|key| {
-        !matches!(
-            key.as_str(),
-            "min_connections" | "max_connections" | "strategy"
-        )
-    }) {
-        return Err(format!(
-            "unknown key {unknown:?}; expected min_connections, max_connections or strategy"
-        ));
-    }
-    let mut settings = current;
-    if let Some(value) = fields.get("min_connections") {
-        settings.min_connections = connection_count("min_connections", value)?;
-    }
-    if let Some(value) = fields.get("max_connections") {
-        settings.max_connections = connection_count("max_connections", value)?;
-    }
-    if let Some(value) = fields.get("strategy") {
-        settings.strategy = serde_json::from_value::<Strategy>(value.clone()).map_err(|_| {
-            format!(
-                "strategy: {value} is not one of \"round_robin\", \"least_connections\", \
-                 \"weighted\", \"random\""
-            )
-        })?;
-    }
-    Ok(settings)
-}
-
-fn connection_count(key: &str, value: &Value) -> Result<u32, String> {
-    value
-        .as_u64()
-        .and_then(|count| u32::try_from(count).ok())
-        .ok_or_else(|| {
-            format!(
-                "{key}: {value} is not a whole number from 0 to {}",
-                u32::MAX
-            )
-        })
 }
 
 /// A connection as the admin API shows it: the snapshot, plus `last_activity`
@@ -1343,16 +1273,9 @@ fn escape_label_value(value: &str) -> String {
 mod tests {
     use super::*;
 
-    fn settings() -> PoolSettings {
-        PoolSettings {
-            min_connections: 2,
-            max_connections: 4,
-            strategy: Strategy::RoundRobin,
-        }
-    }
-
     fn error_text(reply: &Reply) -> String {
-        let value: Value = serde_json::from_slice(&reply.body).expect("error body is JSON");
+        let value: serde_json::Value =
+            serde_json::from_slice(&reply.body).expect("error body is JSON");
         value["error"].as_str().expect("has error").to_string()
     }
 
@@ -1414,35 +1337,6 @@ mod tests {
         assert!(!tokens_match(b"abc", b"ab"));
         assert!(!tokens_match(b"abc", b"abc\0"));
         assert!(!tokens_match(b"abc", b""));
-    }
-
-    #[test]
-    fn config_updates_merge_into_the_current_settings() {
-        let updated = settings_update(
-            settings(),
-            br#"{"max_connections": 8, "strategy": "least_connections"}"#,
-        )
-        .expect("valid");
-        assert_eq!(updated.min_connections, 2);
-        assert_eq!(updated.max_connections, 8);
-        assert_eq!(updated.strategy, Strategy::LeastConnections);
-        assert_eq!(settings_update(settings(), b"{}").ok(), Some(settings()));
-    }
-
-    #[test]
-    fn config_updates_name_what_is_wrong() {
-        let unknown = settings_update(settings(), br#"{"min_connections": 1, "maxx": 3}"#)
-            .expect_err("unknown key");
-        assert!(unknown.contains("\"maxx\""), "{unknown}");
-        let negative =
-            settings_update(settings(), br#"{"min_connections": -1}"#).expect_err("negative");
-        assert!(negative.starts_with("min_connections:"), "{negative}");
-        let strategy =
-            settings_update(settings(), br#"{"strategy": "fastest"}"#).expect_err("strategy");
-        assert!(strategy.contains("fastest"), "{strategy}");
-        assert!(settings_update(settings(), b"").is_err());
-        assert!(settings_update(settings(), b"[1]").is_err());
-        assert!(settings_update(settings(), b"{").is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::pool::{Pool, RequestOptions};
+use crate::pool::{Pool, RequestOptions, SettingsUpdate};
 use crate::queue::MessageBatch;
 use crate::Config;
 
@@ -639,7 +639,8 @@ pub unsafe extern "C" fn wirepool_pool_recycle_connection(
 
 /// Opens one more connection, up to `pool.max_connections`, and writes its id to
 /// `out_connection_id` (may be NULL). The next scaling decision waits
-/// `pool.scale_cooldown_ms` (an idle pool then drains one beyond `min_connections`).
+/// `pool.scale_cooldown_ms` (an idle pool then drains one beyond `min_connections`;
+/// raise `min_connections` with `wirepool_pool_reconfigure_json` to keep it).
 /// On failure nothing is opened: `WIREPOOL_ERR_INVALID_ARGUMENT` at the maximum or
 /// while the pool is idle by lease, `WIREPOOL_ERR_IO` when no server admits a
 /// connection now (breaker open, `Retry-After`), `WIREPOOL_ERR_CLOSED` once closed.
@@ -656,6 +657,65 @@ pub unsafe extern "C" fn wirepool_pool_open_connection(
             unsafe { *out_connection_id = id };
         }
         Ok(())
+    })
+}
+
+/// The pool's run-time settings as a JSON object, as `GET /api/v1/pool/config` gives
+/// them: `{"min_connections": 2, "max_connections": 4, "strategy": "round_robin"}`.
+/// After `wirepool_pool_close` it still gives the last ones (like
+/// `wirepool_pool_stats_json`).
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_settings_json(
+    pool: *const wirepool_pool,
+    out_json: *mut *mut wirepool_bytes,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let out_json = out(out_json, "out_json")?;
+        let json = serde_json::to_vec(&pool.pool.settings()).map_err(|err| {
+            fail(
+                WIREPOOL_ERR_INTERNAL,
+                &format!("serialising settings: {err}"),
+            )
+        })?;
+        // SAFETY: checked non-null above.
+        unsafe { *out_json = new_bytes(json) };
+        Ok(())
+    })
+}
+
+/// Changes pool sizes and strategy at run time, as `POST /api/v1/pool/config` does:
+/// `settings_json` is a JSON object with any of `min_connections`, `max_connections`
+/// and `strategy` (`"round_robin"`, `"least_connections"`, `"weighted"`, `"random"`);
+/// only the keys given change, applied to the settings in force at that moment. A
+/// larger `min_connections` opens connections at once (`ready` events follow); a
+/// smaller one drains the surplus make before break (their channels move at once, each
+/// closes once its requests are answered). A refused change leaves the settings as
+/// they were and gives `WIREPOOL_ERR_INVALID_ARGUMENT`, with what is wrong in
+/// `wirepool_last_error` (not JSON, not an object, an unknown key, a count that is not
+/// a whole number from 0 to 4294967295, an unknown strategy, `max_connections` 0 or
+/// over 10000, `min_connections` above `max_connections`); `WIREPOOL_ERR_CLOSED` once
+/// the pool is closed.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_reconfigure_json(
+    pool: *const wirepool_pool,
+    settings_json: *const c_char,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let json = unsafe { text(settings_json, "settings_json") }?;
+        let update = SettingsUpdate::from_json(json.as_bytes())
+            .map_err(|text| fail(WIREPOOL_ERR_INVALID_ARGUMENT, &text))?;
+        // The pool thread refuses sizes that contradict each other as a config error
+        // (`config: pool.min_connections: ...`); here, as on the admin port, it is the
+        // argument that is refused: the pool's configuration stays valid.
+        match pool.pool.update_settings(update) {
+            Ok(_) => Ok(()),
+            Err(err @ (Error::Config(_) | Error::InvalidArgument(_))) => {
+                Err(fail(WIREPOOL_ERR_INVALID_ARGUMENT, &err.to_string()))
+            }
+            Err(err) => Err(fail_with(&err)),
+        }
     })
 }
 

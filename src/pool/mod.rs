@@ -13,6 +13,7 @@ mod events;
 mod health;
 mod requests;
 mod servers;
+mod settings;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +32,8 @@ pub(crate) use events::EventLog;
 pub use health::{HealthChange, HealthLevel, HealthReport};
 pub(crate) use requests::RequestTable;
 pub use servers::ServerSnapshot;
+pub use settings::PoolSettings;
+pub(crate) use settings::SettingsUpdate;
 pub use stats::LatencyHistogram;
 pub use stats::PoolStats;
 pub(crate) use stats::{PoolCounters, SharedData};
@@ -140,8 +143,8 @@ enum PoolCommand {
     CloseConnection(u64, Sender<Result<()>>),
     /// Add a connection slot (up to `max_connections`).
     AddConnection(Sender<Result<u64>>),
-    /// New pool sizes and/or strategy.
-    Reconfigure(PoolSettings, Sender<Result<()>>),
+    /// New pool sizes and/or strategy, applied to the settings in force; the result.
+    Reconfigure(SettingsUpdate, Sender<Result<PoolSettings>>),
     /// Take a lease (reconnects an idled pool).
     Acquire,
     /// Give a lease back; the last one starts the idle timer.
@@ -151,17 +154,6 @@ enum PoolCommand {
     /// Replace one ready connection make-before-break; the replacement's id.
     Recycle(u64, Sender<Result<u64>>),
     Shutdown,
-}
-
-/// Pool settings that may change at run time.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PoolSettings {
-    /// Connections kept open.
-    pub min_connections: u32,
-    /// Upper bound for added connections.
-    pub max_connections: u32,
-    /// How new connections pick a server.
-    pub strategy: crate::config::Strategy,
 }
 
 /// Readiness as callers wait for it.
@@ -806,7 +798,15 @@ impl Pool {
     /// drains the surplus: their channels move at once, and each closes once its
     /// requests in flight are answered (or `request_timeout_ms` passes).
     pub fn reconfigure(&self, settings: PoolSettings) -> Result<()> {
-        self.ask(|reply| PoolCommand::Reconfigure(settings, reply))
+        self.update_settings(SettingsUpdate::from(settings))
+            .map(drop)
+    }
+
+    /// [`Pool::reconfigure`] with only the fields given in `update`, applied on the pool
+    /// thread to the settings in force then (a change made meanwhile by another caller
+    /// is kept). Returns the settings now in force; on error nothing changed.
+    pub(crate) fn update_settings(&self, update: SettingsUpdate) -> Result<PoolSettings> {
+        self.ask(|reply| PoolCommand::Reconfigure(update, reply))
     }
 
     /// Round-trip times of answered requests.
@@ -1284,8 +1284,9 @@ impl PoolThread {
                 let result = self.add_slot();
                 self.answer(reply, result);
             }
-            PoolCommand::Reconfigure(settings, reply) => {
-                let result = self.reconfigure(settings);
+            PoolCommand::Reconfigure(update, reply) => {
+                let settings = update.apply_to(*self.inner.settings.read());
+                let result = self.reconfigure(settings).map(|()| settings);
                 self.answer(reply, result);
             }
             PoolCommand::Acquire => self.acquire(),

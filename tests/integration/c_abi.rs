@@ -769,3 +769,221 @@ fn close_wakes_every_blocked_call_with_closed() {
     // SAFETY: every other thread is done with it.
     unsafe { wirepool_pool_free(pool) };
 }
+
+/// `wirepool_pool_settings_json` and `wirepool_pool_reconfigure_json` on a real pool:
+/// the settings read back, a larger `min_connections` opens connections and a smaller
+/// one drains them, every bad body is refused naming what is wrong and leaves the
+/// settings as they were, and a closed pool refuses any change.
+#[test]
+fn pool_settings_are_read_and_changed_through_the_c_abi() {
+    let _guard = watchdog("c_abi_settings", Duration::from_secs(60));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 20.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let config = std::ffi::CString::new(format!(
+        r#"{{"servers":[{{"url":"{}"}}],"strategy":"least_connections",
+            "pool":{{"min_connections":2,"max_connections":2}}}}"#,
+        sim.url()
+    ))
+    .expect("no NUL");
+    let mut pool = ptr::null_mut();
+    // SAFETY: a NUL-terminated config and a valid out-pointer.
+    let code = unsafe { wirepool_pool_new(config.as_ptr(), &mut pool) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    let pool = pool.cast_const();
+    let settings = || -> serde_json::Value {
+        let mut json = ptr::null_mut();
+        // SAFETY: a live pool and a valid out-pointer.
+        let code = unsafe { wirepool_pool_settings_json(pool, &mut json) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        serde_json::from_slice(&bytes_of(json)).expect("settings JSON")
+    };
+    let reconfigure = |body: &str| -> wirepool_result {
+        let body = std::ffi::CString::new(body).expect("no NUL");
+        // SAFETY: a live pool and a NUL-terminated string.
+        unsafe { wirepool_pool_reconfigure_json(pool, body.as_ptr()) }
+    };
+    let connections = || -> Vec<serde_json::Value> {
+        let mut json = ptr::null_mut();
+        // SAFETY: a live pool and a valid out-pointer.
+        let code = unsafe { wirepool_pool_connections_json(pool, &mut json) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes_of(json)).expect("connections JSON");
+        value["connections"].as_array().expect("a list").clone()
+    };
+    // Checks `condition` after each batch of pool events (connections opening, getting
+    // ready, closing), not on a timer.
+    let wait_for = |what: &str, condition: &dyn Fn(&[serde_json::Value]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = connections();
+            if condition(&listed) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {what} within 10 s; connections: {listed:?}"
+            );
+            let mut events = ptr::null_mut();
+            // SAFETY: a live pool and a valid out-pointer.
+            let code = unsafe { wirepool_pool_events_json(pool, 500, &mut events) };
+            assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+            bytes_of(events);
+        }
+    };
+    let ready_count =
+        |listed: &[serde_json::Value]| listed.iter().filter(|c| c["ready"] == true).count();
+
+    // SAFETY: a live pool.
+    let code = unsafe { wirepool_pool_wait_ready(pool, 10_000) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    assert_eq!(
+        settings(),
+        serde_json::json!({"min_connections": 2, "max_connections": 2,
+                           "strategy": "least_connections"})
+    );
+
+    // Only the keys given change.
+    assert_eq!(
+        reconfigure(r#"{"max_connections": 4, "min_connections": 3}"#),
+        wirepool_result::WIREPOOL_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        settings(),
+        serde_json::json!({"min_connections": 3, "max_connections": 4,
+                           "strategy": "least_connections"})
+    );
+    wait_for("a third connection ready", &|listed| {
+        listed.len() == 3 && ready_count(listed) == 3
+    });
+
+    assert_eq!(
+        reconfigure(r#"{"min_connections": 1}"#),
+        wirepool_result::WIREPOOL_OK,
+        "{}",
+        last_error()
+    );
+    wait_for("the surplus drained down to one connection", &|listed| {
+        listed.len() == 1 && ready_count(listed) == 1
+    });
+    assert_eq!(
+        reconfigure(r#"{"strategy": "random"}"#),
+        wirepool_result::WIREPOOL_OK,
+        "{}",
+        last_error()
+    );
+    let before = settings();
+    assert_eq!(
+        before,
+        serde_json::json!({"min_connections": 1, "max_connections": 4, "strategy": "random"})
+    );
+
+    // Each refused change names what is wrong and changes nothing.
+    for (body, expected) in [
+        (
+            r#"{"min_connections": 2, "maxx": 3}"#,
+            r#"unknown key "maxx"; expected min_connections, max_connections or strategy"#,
+        ),
+        (
+            r#"{"min_connections": 5}"#,
+            "pool.min_connections: 5 is greater than pool.max_connections (4)",
+        ),
+        (
+            r#"{"max_connections": 3, "min_connections": -1}"#,
+            "min_connections: -1 is not a whole number from 0 to 4294967295",
+        ),
+        (
+            r#"{"max_connections": 2.5}"#,
+            "max_connections: 2.5 is not a whole number from 0 to 4294967295",
+        ),
+        (
+            r#"{"min_connections": "2"}"#,
+            r#"min_connections: "2" is not a whole number"#,
+        ),
+        (
+            r#"{"strategy": "fastest", "min_connections": 2}"#,
+            r#"strategy: "fastest" is not one of "round_robin""#,
+        ),
+        (
+            r#"{"max_connections": 0}"#,
+            "pool.max_connections: 0 is outside 1..=10000",
+        ),
+        (r#"{"min_connections": 2"#, "not JSON"),
+        ("[2]", "expected a JSON object"),
+        ("", "expected a JSON object"),
+    ] {
+        assert_eq!(
+            reconfigure(body),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT,
+            "{body} was accepted"
+        );
+        let text = last_error();
+        assert!(
+            text.contains(expected),
+            "{body}: expected {expected:?} in {text:?}"
+        );
+        assert_eq!(settings(), before, "{body} changed the settings");
+    }
+
+    // Misuse: NULL and non-UTF-8 arguments.
+    let bad_utf8: [u8; 4] = [b'{', 0xff, b'}', 0];
+    // SAFETY: exactly the misuse under test; wirepool must check.
+    unsafe {
+        assert_eq!(
+            wirepool_pool_reconfigure_json(pool, ptr::null()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("settings_json is NULL"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            wirepool_pool_reconfigure_json(ptr::null(), c"{}".as_ptr()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("pool is NULL"), "{}", last_error());
+        assert_eq!(
+            wirepool_pool_reconfigure_json(pool, bad_utf8.as_ptr().cast::<c_char>()),
+            wirepool_result::WIREPOOL_ERR_INVALID_UTF8
+        );
+        assert!(
+            last_error().contains("settings_json is not valid UTF-8"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            wirepool_pool_settings_json(pool, ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("out_json is NULL"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            wirepool_pool_settings_json(ptr::null(), ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+    }
+    assert_eq!(settings(), before);
+
+    // SAFETY: a live pool.
+    let code = unsafe { wirepool_pool_close(pool) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK);
+    assert_eq!(
+        reconfigure(r#"{"min_connections": 2}"#),
+        wirepool_result::WIREPOOL_ERR_CLOSED
+    );
+    assert!(last_error().contains("closed"), "{}", last_error());
+    // Reading them still works between close and free, as stats do.
+    assert_eq!(settings(), before);
+    // SAFETY: freed once; nothing uses it afterwards.
+    unsafe { wirepool_pool_free(pool.cast_mut()) };
+}

@@ -225,6 +225,12 @@ _declare("wirepool_pool_recycle_connection", wirepool_result, [pool_p, c_uint64,
 # wirepool_result wirepool_pool_open_connection(const wirepool_pool *pool,
 #     uint64_t *out_connection_id);
 _declare("wirepool_pool_open_connection", wirepool_result, [pool_p, POINTER(c_uint64)])
+# wirepool_result wirepool_pool_settings_json(const wirepool_pool *pool,
+#     wirepool_bytes **out_json);
+_declare("wirepool_pool_settings_json", wirepool_result, [pool_p, POINTER(bytes_p)])
+# wirepool_result wirepool_pool_reconfigure_json(const wirepool_pool *pool,
+#     const char *settings_json);
+_declare("wirepool_pool_reconfigure_json", wirepool_result, [pool_p, c_char_p])
 class wirepool_request(Structure):
     """``struct wirepool_request``: one request of a batch."""
 
@@ -291,6 +297,8 @@ DECLARED_FUNCTIONS = (
     "wirepool_pool_close_connection",
     "wirepool_pool_recycle_connection",
     "wirepool_pool_open_connection",
+    "wirepool_pool_settings_json",
+    "wirepool_pool_reconfigure_json",
     "wirepool_pool_request_batch",
     "wirepool_pool_request_batch_detailed",
     "wirepool_batch_new",
