@@ -1,9 +1,10 @@
 // End-to-end check of the C++ wrapper against a running feed simulator:
 //   example ws://127.0.0.1:PORT [MESSAGE_COUNT]
 // Subscribes to two channels, checks that each channel's payload "seq" strictly
-// increases, makes a good and a failing request, and shows that an invalid config is
-// rejected with a ConfigError naming the key. Exits 0 on success, 1 with a message on
-// the first failure.
+// increases, makes a good and a failing request, changes the pool's size at run time
+// (connections open and drain; a refused change names the problem and changes
+// nothing), and shows that an invalid config is rejected with a ConfigError naming
+// the key. Exits 0 on success, 1 with a message on the first failure.
 
 #include "wirepool.hpp"
 
@@ -106,6 +107,88 @@ void check_bad_config_is_rejected(const std::string &url) {
         return;
     }
     throw CheckFailed("a config with min_connections 5 > max_connections 2 was accepted");
+}
+
+// How many of the pool's connections are ready (counted in connections_json()).
+std::size_t ready_connections(const wirepool::Pool &pool) {
+    const std::string listed = pool.connections_json();
+    std::size_t count = 0;
+    for (std::size_t at = listed.find("\"ready\":true"); at != std::string::npos;
+         at = listed.find("\"ready\":true", at + 1)) {
+        ++count;
+    }
+    return count;
+}
+
+// Waits, one pool event at a time, until exactly `wanted` connections are listed and
+// ready (a drained connection leaves the list once it closed).
+void wait_for_ready_connections(const wirepool::Pool &pool, std::size_t wanted) {
+    const auto deadline = std::chrono::steady_clock::now() + seconds(10);
+    while (true) {
+        const std::string listed = pool.connections_json();
+        std::size_t ids = 0;
+        for (std::size_t at = listed.find("\"id\":"); at != std::string::npos;
+             at = listed.find("\"id\":", at + 1)) {
+            ++ids;
+        }
+        if (ids == wanted && ready_connections(pool) == wanted) {
+            return;
+        }
+        expect(std::chrono::steady_clock::now() < deadline,
+               std::to_string(wanted) + " ready connections within 10 s: " + shorten(listed, 400));
+        (void)pool.events_json(milliseconds(200));
+    }
+}
+
+// Pool sizes change at run time: a larger min_connections opens connections, a
+// smaller one drains them, and a refused change says why and changes nothing.
+void check_reconfigure(const wirepool::Pool &pool) {
+    const wirepool::Settings before = pool.settings();
+    expect(before.min_connections == 2 && before.max_connections == 2 &&
+               before.strategy == "round_robin",
+           "settings read back as configured: " + pool.settings_json());
+
+    wirepool::SettingsChange grow;
+    grow.min_connections = 3;
+    grow.max_connections = 3;
+    pool.reconfigure(grow);
+    const wirepool::Settings grown = pool.settings();
+    expect(grown.min_connections == 3 && grown.max_connections == 3 &&
+               grown.strategy == "round_robin",
+           "only min and max changed: " + pool.settings_json());
+    wait_for_ready_connections(pool, 3);
+
+    wirepool::SettingsChange inverted;
+    inverted.min_connections = 4;
+    try {
+        pool.reconfigure(inverted);
+        throw CheckFailed("min_connections 4 above max_connections 3 was accepted");
+    } catch (const wirepool::Error &e) {
+        const std::string message = e.what();
+        expect(e.code() == wirepool::ErrorCode::InvalidArgument,
+               "a refused change is an invalid argument: " + message);
+        expect(message.find("pool.min_connections: 4 is greater than pool.max_connections (3)") !=
+                   std::string::npos,
+               "the refusal says why: " + message);
+        std::cout << "refused change: " << message << "\n";
+    }
+    try {
+        pool.reconfigure_json(R"({"min_connections": 2, "max_conections": 3})");
+        throw CheckFailed("an unknown key was accepted");
+    } catch (const wirepool::Error &e) {
+        expect(e.code() == wirepool::ErrorCode::InvalidArgument &&
+                   std::string(e.what()).find("\"max_conections\"") != std::string::npos,
+               std::string("the unknown key is named: ") + e.what());
+    }
+    const wirepool::Settings after = pool.settings();
+    expect(after.min_connections == 3 && after.max_connections == 3,
+           "refused changes changed nothing: " + pool.settings_json());
+
+    wirepool::SettingsChange shrink;
+    shrink.min_connections = 2;
+    pool.reconfigure(shrink);
+    wait_for_ready_connections(pool, 2);
+    std::cout << "reconfigured: 2 -> 3 -> 2 connections, now " << pool.settings_json() << "\n";
 }
 
 int run(const std::string &url, std::size_t wanted) {
@@ -215,6 +298,8 @@ int run(const std::string &url, std::size_t wanted) {
         std::cout << "unknown connection: " << e.what() << "\n";
     }
 
+    check_reconfigure(pool);
+
     pool.unsubscribe(channels[1]);
     pool.close();
     // After close, poll drains what is queued and then reports ClosedError.
@@ -227,6 +312,13 @@ int run(const std::string &url, std::size_t wanted) {
         }
     }
     expect(closed, "poll throws ClosedError after close() once the queue is drained");
+    try {
+        wirepool::SettingsChange change;
+        change.min_connections = 1;
+        pool.reconfigure(change);
+        throw CheckFailed("reconfigure after close() returned instead of throwing");
+    } catch (const wirepool::ClosedError &) {
+    }
 
     std::ostringstream summary;
     summary << "ok: " << received << " messages in " << polls << " polls";

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -243,6 +244,69 @@ inline void check(const char *call, std::uint32_t code) {
     return std::string(text);
 }
 
+/// `text` as a JSON string literal (quotes, backslashes and control bytes escaped).
+[[nodiscard]] inline std::string json_quote(std::string_view text) {
+    static const char hex[] = "0123456789abcdef";
+    std::string out = "\"";
+    for (const char c : text) {
+        const auto byte = static_cast<unsigned char>(c);
+        if (c == '"' || c == '\\') {
+            out += '\\';
+            out += c;
+        } else if (byte < 0x20) {
+            out += "\\u00";
+            out += hex[byte >> 4];
+            out += hex[byte & 0xf];
+        } else {
+            out += c;
+        }
+    }
+    out += '"';
+    return out;
+}
+
+/// The value of member `key` in `json`, a flat object as wirepool writes it (numbers,
+/// and strings without escapes), without its quotes. Throws `Error` (Internal) when
+/// it is not there: the library and this header disagree.
+[[nodiscard]] inline std::string_view json_member(const char *call, std::string_view json,
+                                                  std::string_view key) {
+    const std::string needle = "\"" + std::string(key) + "\":";
+    const std::size_t at = json.find(needle);
+    std::size_t start = at == std::string_view::npos ? at : at + needle.size();
+    while (start < json.size() && json[start] == ' ') {
+        ++start;
+    }
+    std::size_t end = std::string_view::npos;
+    if (start < json.size() && json[start] == '"') {
+        ++start;
+        end = json.find('"', start);
+    } else if (start < json.size()) {
+        end = json.find_first_of(",}", start);
+    }
+    if (end == std::string_view::npos) {
+        throw Error(ErrorCode::Internal, std::string(call) + ": no \"" + std::string(key) +
+                                             "\" in " + std::string(json));
+    }
+    return json.substr(start, end - start);
+}
+
+/// A member of `json` that holds a count from 0 to 2^32 - 1.
+[[nodiscard]] inline std::uint32_t json_count(const char *call, std::string_view json,
+                                              std::string_view key) {
+    const std::string_view digits = json_member(call, json, key);
+    std::uint64_t value = 0;
+    bool valid = !digits.empty() && digits.size() <= 10;
+    for (const char c : digits) {
+        valid = valid && c >= '0' && c <= '9';
+        value = value * 10 + static_cast<std::uint64_t>(c - '0');
+    }
+    if (!valid || value > std::numeric_limits<std::uint32_t>::max()) {
+        throw Error(ErrorCode::Internal, std::string(call) + ": \"" + std::string(key) +
+                                             "\" is not a count in " + std::string(json));
+    }
+    return static_cast<std::uint32_t>(value);
+}
+
 [[noreturn]] inline void throw_moved_from(const char *type) {
     throw Error(ErrorCode::NullArgument,
                 std::string("wirepool::") + type + ": used after move (no handle)");
@@ -398,6 +462,29 @@ private:
     std::size_t capacity_ = 0;
 };
 
+/// A pool's run-time settings (`Pool::settings`), as GET /api/v1/pool/config shows them.
+struct Settings {
+    /// Connections kept open.
+    std::uint32_t min_connections = 0;
+    /// Upper bound for added connections.
+    std::uint32_t max_connections = 0;
+    /// How new connections pick a server: "round_robin", "least_connections",
+    /// "weighted" or "random".
+    std::string strategy;
+};
+
+/// A change for `Pool::reconfigure`: the fields set change, the others keep their value.
+///
+///     wirepool::SettingsChange change;
+///     change.min_connections = 4;
+///     pool.reconfigure(change);
+struct SettingsChange {
+    std::optional<std::uint32_t> min_connections;
+    std::optional<std::uint32_t> max_connections;
+    /// "round_robin", "least_connections", "weighted" or "random".
+    std::optional<std::string> strategy;
+};
+
 /// Owns one wirepool_pool. The destructor closes it, joins its threads and frees it.
 class Pool {
 public:
@@ -541,6 +628,64 @@ public:
         detail::check("wirepool_pool_open_connection",
                       static_cast<std::uint32_t>(wirepool_pool_open_connection(handle(), &id)));
         return id;
+    }
+
+    /// The run-time settings (still the last ones after `close()`).
+    [[nodiscard]] Settings settings() const {
+        const std::string json = settings_json();
+        constexpr const char *call = "wirepool_pool_settings_json";
+        Settings out;
+        out.min_connections = detail::json_count(call, json, "min_connections");
+        out.max_connections = detail::json_count(call, json, "max_connections");
+        out.strategy = std::string(detail::json_member(call, json, "strategy"));
+        return out;
+    }
+
+    /// The run-time settings as JSON (same object as GET /api/v1/pool/config).
+    [[nodiscard]] std::string settings_json() const {
+        wirepool_bytes *out = nullptr;
+        detail::check("wirepool_pool_settings_json",
+                      static_cast<std::uint32_t>(wirepool_pool_settings_json(handle(), &out)));
+        return Bytes(out).str();
+    }
+
+    /// Changes the fields set in `change` (none set: nothing changes). A larger
+    /// min_connections opens connections at once; a smaller one drains the surplus
+    /// make before break. A refused change (min above max, max 0 or over 10000, an
+    /// unknown strategy) throws `Error` with `ErrorCode::InvalidArgument`, saying what
+    /// is wrong, and changes nothing; `ClosedError` once the pool is closed.
+    void reconfigure(const SettingsChange &change) const {
+        std::string json = "{";
+        const auto add = [&json](std::string_view key, const std::string &value) {
+            if (json.size() > 1) {
+                json += ',';
+            }
+            json += detail::json_quote(key);
+            json += ':';
+            json += value;
+        };
+        if (change.min_connections) {
+            add("min_connections", std::to_string(*change.min_connections));
+        }
+        if (change.max_connections) {
+            add("max_connections", std::to_string(*change.max_connections));
+        }
+        if (change.strategy) {
+            add("strategy", detail::json_quote(*change.strategy));
+        }
+        json += '}';
+        reconfigure_json(json);
+    }
+
+    /// `reconfigure` from a JSON object with any of min_connections, max_connections
+    /// and strategy (the body of POST /api/v1/pool/config); the message of a refusal
+    /// names the key or value that is wrong.
+    void reconfigure_json(std::string_view settings_json) const {
+        const std::string json = detail::c_string("wirepool_pool_reconfigure_json",
+                                                  "settings JSON", settings_json);
+        detail::check("wirepool_pool_reconfigure_json",
+                      static_cast<std::uint32_t>(
+                          wirepool_pool_reconfigure_json(handle(), json.c_str())));
     }
 
     /// Waits up to `timeout` for at least one event and returns a JSON array of every
