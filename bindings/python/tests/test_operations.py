@@ -1,4 +1,5 @@
-"""Leases (acquire/release, idle suspension and restore) and codec shared data."""
+"""Leases (acquire/release, idle suspension and restore), codec shared data, connections and
+pool settings at run time."""
 
 from __future__ import annotations
 
@@ -140,3 +141,91 @@ def test_connections_can_be_listed_recycled_opened_and_closed(simulator, make_po
         pool.close_connection("1")
     with pytest.raises(TypeError, match="connection_id"):
         pool.recycle_connection(True)
+
+
+def _wait_for_connections(pool: wirepool.Pool, count: int, timeout: float = 10.0) -> list:
+    """Waits, event by event, until exactly ``count`` connections are listed, all ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = pool.connections()
+        if len(listed) == count and all(connection["ready"] for connection in listed):
+            return listed
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"expected {count} ready connections within {timeout} s: {listed}"
+        pool.events(timeout=min(remaining, 0.5))
+
+
+def test_settings_read_back_and_reconfigure_opens_and_drains_connections(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url, strategy="least_connections"))
+    pool.wait_ready(timeout=10.0)
+    assert pool.settings() == {"min_connections": 2, "max_connections": 2, "strategy": "least_connections"}
+
+    before = {connection["id"] for connection in pool.connections()}
+    pool.reconfigure(max_connections=4, min_connections=3)
+    assert pool.settings() == {"min_connections": 3, "max_connections": 4, "strategy": "least_connections"}
+    grown = _wait_for_connections(pool, 3)
+    assert len({connection["id"] for connection in grown} - before) >= 1, grown
+
+    pool.reconfigure(min_connections=1)
+    _wait_for_connections(pool, 1)
+    pool.reconfigure(strategy="random")
+    assert pool.settings() == {"min_connections": 1, "max_connections": 4, "strategy": "random"}
+    pool.reconfigure()  # nothing given, nothing changes
+    assert pool.settings() == {"min_connections": 1, "max_connections": 4, "strategy": "random"}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"min_connections": 3}, "pool.min_connections: 3 is greater than pool.max_connections (2)"),
+    ({"max_connections": 1}, "pool.min_connections: 2 is greater than pool.max_connections (1)"),
+    ({"min_connections": -1}, "min_connections: -1 is not a whole number from 0 to 4294967295"),
+    ({"max_connections": 1 << 32}, "max_connections: 4294967296 is not a whole number"),
+    ({"max_connections": 0}, "pool.max_connections: 0 is outside 1..=10000"),
+    ({"strategy": "fastest"}, 'strategy: "fastest" is not one of "round_robin"'),
+    ({"min_connections": 1, "strategy": "fastest"}, 'strategy: "fastest" is not one of'),
+])
+def test_a_refused_reconfigure_names_the_reason_and_changes_nothing(pool, change, reason):
+    before = pool.settings()
+    with pytest.raises(wirepool.InvalidArgumentError) as raised:
+        pool.reconfigure(**change)
+    assert reason in str(raised.value)
+    assert raised.value.code == wirepool._ffi.WIREPOOL_ERR_INVALID_ARGUMENT
+    assert pool.settings() == before, f"{change} was refused but changed the settings"
+
+
+class _Count:
+    """An int-like count, as numpy's integers are (``__index__``)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_reconfigure_arguments_of_the_wrong_type_are_named(pool):
+    before = pool.settings()
+    for change, name in [
+        ({"min_connections": 1.0}, "min_connections must be an int, not float"),
+        ({"min_connections": "1"}, "min_connections must be an int, not str"),
+        ({"max_connections": True}, "max_connections must be an int, not bool"),
+        ({"strategy": 1}, "strategy must be a str, not int"),
+    ]:
+        with pytest.raises(TypeError, match=name):
+            pool.reconfigure(**change)
+    with pytest.raises(TypeError, match="maxx"):
+        pool.reconfigure(maxx=3)
+    with pytest.raises(TypeError):
+        pool.reconfigure(2)  # keyword-only: a bare count says nothing about which one
+    with pytest.raises(wirepool.InvalidArgumentError, match="strategy is not valid UTF-8"):
+        pool.reconfigure(strategy="round\udcffrobin")
+    assert pool.settings() == before
+    pool.reconfigure(max_connections=_Count(3))
+    assert pool.settings()["max_connections"] == 3
+
+
+def test_settings_and_reconfigure_after_close_raise_closed(pool):
+    pool.close()
+    with pytest.raises(wirepool.ClosedError):
+        pool.settings()
+    with pytest.raises(wirepool.ClosedError):
+        pool.reconfigure(min_connections=1)

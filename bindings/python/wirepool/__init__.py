@@ -1247,14 +1247,55 @@ class Pool(_Handle):
 
     def open_connection(self) -> int:
         """Opens one more connection, up to ``pool.max_connections``, and returns its
-        id. The next scaling decision waits ``pool.scale_cooldown_ms`` (an idle pool
-        then drains one beyond ``min_connections``). When it cannot be done nothing is
+        id. It counts as a scaling decision: the next one waits
+        ``pool.scale_cooldown_ms``, and a pool whose load stays under
+        ``pool.scale_down_at`` then drains one connection beyond ``min_connections``;
+        ``reconfigure(min_connections=...)`` keeps it. When it cannot be done nothing is
         opened: ``InvalidArgumentError`` at the maximum or while the pool is idle by
         lease, ``IoError`` when no server admits a connection now (breaker open,
         ``Retry-After``)."""
         out = c_uint64()
         self._simple_call(lambda handle: lib.wirepool_pool_open_connection(handle, byref(out)))
         return out.value
+
+    def settings(self) -> Dict[str, Any]:
+        """The run-time settings, as ``GET /api/v1/pool/config`` shows them:
+        ``{"min_connections": 2, "max_connections": 4, "strategy": "round_robin"}``."""
+        return self._json_call(lib.wirepool_pool_settings_json)
+
+    def reconfigure(
+        self,
+        *,
+        min_connections: Optional[SupportsIndex] = None,
+        max_connections: Optional[SupportsIndex] = None,
+        strategy: Optional[str] = None,
+    ) -> None:
+        """Changes pool sizes and strategy at run time; the arguments left None keep
+        their value (applied to the settings in force at that moment, so a change made
+        meanwhile by another thread or the admin port is kept). A larger
+        ``min_connections`` opens connections at once (their ``ready`` events follow);
+        a smaller one drains the surplus make before break: their channels move at
+        once, and each closes once its requests in flight are answered.
+
+        Counts are ints (or anything with ``__index__``); ``strategy`` is one of
+        ``"round_robin"``, ``"least_connections"``, ``"weighted"``, ``"random"``. Any
+        other type is a ``TypeError`` naming the argument. A change the library refuses
+        (a negative count, ``min_connections`` above ``max_connections``,
+        ``max_connections`` 0 or over 10000, an unknown strategy) raises
+        ``InvalidArgumentError`` with its reason (``pool.min_connections: 5 is greater
+        than pool.max_connections (4)``) and changes nothing."""
+        change: Dict[str, Any] = {}
+        if min_connections is not None:
+            change["min_connections"] = _integer(min_connections, "min_connections")
+        if max_connections is not None:
+            change["max_connections"] = _integer(max_connections, "max_connections")
+        if strategy is not None:
+            if not isinstance(strategy, str):
+                raise TypeError(f"strategy must be a str, not {type(strategy).__name__}")
+            _utf8(strategy, "strategy")  # names a str with no UTF-8 form
+            change["strategy"] = strategy
+        encoded = json.dumps(change, ensure_ascii=False).encode("utf-8")
+        self._simple_call(lambda handle: lib.wirepool_pool_reconfigure_json(handle, encoded))
 
     def _json_call(self, function: Any) -> Any:
         """Calls ``function(handle, &out)`` and parses the JSON it wrote."""
