@@ -166,7 +166,8 @@ impl Chunk {
         self.data.extend_from_slice(payload);
     }
 
-    fn clear(&mut self) {
+    /// Forgets every message (the queue's close, a worker dropping what it holds).
+    pub(crate) fn clear(&mut self) {
         self.data.clear();
         self.entries.clear();
         self.channels.clear();

@@ -286,6 +286,10 @@ struct Link {
     last_written_request: Option<u64>,
     /// When the rate limit lets the next frame go.
     next_send_at: Option<Instant>,
+    /// Set when the close grace begins: its end. From then on nothing more is written
+    /// but the close, a wait for room in the queue lasts at most until then, and the
+    /// session's state is no longer reported (see [`Link::close_gracefully`]).
+    close_deadline: Option<Instant>,
     /// The request being encoded right now, if any.
     encoding_request: Option<u64>,
     /// A heartbeat is being encoded right now.
@@ -355,6 +359,7 @@ impl Link {
             outbound: VecDeque::new(),
             last_written_request: None,
             next_send_at: None,
+            close_deadline: None,
             encoding_request: None,
             encoding_heartbeat: false,
             stack: None,
@@ -664,7 +669,7 @@ impl Link {
             if self.ready {
                 while let Some(command) = self.early_commands.pop_front() {
                     if self.run_command(codec, command)? {
-                        return self.close_gracefully();
+                        return self.close_gracefully(codec);
                     }
                 }
             }
@@ -675,7 +680,7 @@ impl Link {
                 }
                 self.last_busy = Instant::now();
                 if self.run_command(codec, command)? {
-                    return self.close_gracefully();
+                    return self.close_gracefully(codec);
                 }
             }
             // Data still waiting for room in a full queue goes before anything new is
@@ -1237,7 +1242,8 @@ impl Link {
                     self.outbound.push_back((origin, message));
                 }
                 kind::READY => {
-                    if !self.ready {
+                    // A session closed before it was ready stays out of service.
+                    if !self.ready && self.close_deadline.is_none() {
                         self.ready = true;
                         self.was_ready = true;
                         self.stats.set_state(ConnectionState::Ready);
@@ -1397,6 +1403,12 @@ impl Link {
     /// end a healthy session; and a request never written can go to another
     /// connection if this one dies).
     fn send_outbound(&mut self) -> Result<(), Ended> {
+        if self.close_deadline.is_some() {
+            // The close frame went out: nothing may follow it (what the codec answers
+            // to frames read in the grace stays here, and a request never written is
+            // sent elsewhere, as at any end).
+            return Ok(());
+        }
         let mut sent_messages = 0u64;
         let mut sent_bytes = 0u64;
         self.next_send_at = None;
@@ -1463,7 +1475,9 @@ impl Link {
 
     /// Hands the decoded data to the consumer queue. With `block` overflow and a full
     /// queue this waits for room, and with `interruptible` a command for this worker
-    /// ends the wait: `false` then, with the rest left in `outgoing`.
+    /// ends the wait: `false` then, with the rest left in `outgoing`. Without it the
+    /// wait has no end but the queue's close, except in and after a close's grace,
+    /// whose end ends it too (`false` again).
     fn deliver(&mut self, interruptible: bool) -> bool {
         if self.outgoing.is_empty() {
             return true;
@@ -1491,7 +1505,9 @@ impl Link {
             .flatten()
             .min()
         } else {
-            None
+            // Unbounded, except in and after a close's grace: then at most until
+            // its end.
+            self.close_deadline
         };
         let commands = &self.commands;
         let outcome = self.context.queue.push_chunk_unless(
@@ -1616,11 +1632,22 @@ impl Link {
         }
     }
 
-    /// Sends a close frame and waits briefly for the peer's.
+    /// Sends a close frame and reads until the peer's close frame, a failure, or
+    /// [`CLOSE_GRACE`], handling what it reads as the main loop does: replies complete
+    /// their requests (a reply already on its way when the close was asked is known,
+    /// and its caller gets it instead of `connection_lost`), data goes to the consumer
+    /// in order. Never past the grace: a peer that floods frames instead of answering
+    /// is cut off, and a wait for room in a full queue (`block`) ends there, what was
+    /// not handed over by then being counted as dropped and named in a
+    /// `dropped_at_close` event.
+    ///
+    /// The session is over for the pool (its channels and requests went elsewhere):
+    /// nothing is written after the close frame, and the grace reports no freshness
+    /// (`resumed`), no readiness and no notice of the venue's (`RECONNECT`).
     #[inline(never)]
-    fn close_gracefully(&mut self) -> Result<(), Ended> {
-        // Nothing more will be delivered: no consumer may spin for this connection
-        // through the close's grace.
+    fn close_gracefully(&mut self, codec: &mut CodecInstance) -> Result<(), Ended> {
+        // Nothing more will be delivered in bursts: no consumer may spin for this
+        // connection through the close's grace.
         self.bursting.set(false);
         self.stats.set_state(ConnectionState::Closing);
         let Some(ws) = self.ws.as_mut() else {
@@ -1628,20 +1655,37 @@ impl Link {
         };
         let _ = ws.close(None);
         let deadline = Instant::now() + CLOSE_GRACE;
+        self.close_deadline = Some(deadline);
+        self.reconnect_asked = true;
+        self.stale = false;
+        for channel in self.channels.values_mut() {
+            channel.stale = false;
+        }
         loop {
             // Checked before each read: a peer that keeps sending frames (or pings)
-            // instead of answering the close must not hold the close up.
-            if Instant::now() >= deadline {
-                return Ok(());
+            // instead of answering the close must not hold the close up. Data goes
+            // first (it waits at most until the deadline).
+            if !self.deliver(false) || Instant::now() >= deadline {
+                break;
+            }
+            match self.read_and_decode(codec) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                // The peer's close frame (the expected end), the connection's end, or
+                // a failure of the codec's: what was read before it is decoded.
+                Err(ended) => {
+                    if let Ended::Failed(Error::Codec(text)) = &ended {
+                        log::warn!(
+                            "connection {}: the codec failed during the close: {text}",
+                            self.id
+                        );
+                    }
+                    break;
+                }
             }
             let Some(ws) = self.ws.as_mut() else {
-                return Ok(());
+                break;
             };
-            match ws.read() {
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Ok(()),
-            }
             let wants_write = ws.flush().is_err();
             if self
                 .wake
@@ -1654,9 +1698,36 @@ impl Link {
                 )
                 .is_err()
             {
-                return Ok(());
+                break;
             }
         }
+        if !self.deliver(false) {
+            self.drop_undelivered();
+        }
+        Ok(())
+    }
+
+    /// At the close grace's end: what is still waiting for room in the queue is
+    /// dropped, counted (`dropped_messages`) and named in an event, never silently.
+    #[cold]
+    fn drop_undelivered(&mut self) {
+        let count = self.outgoing.len();
+        if count == 0 {
+            return;
+        }
+        self.context
+            .counters
+            .dropped
+            .fetch_add(count as u64, Ordering::Relaxed);
+        self.outgoing.clear();
+        self.outgoing_counted = 0;
+        let plural = if count == 1 { "" } else { "s" };
+        self.context
+            .events
+            .push(self.event("dropped_at_close").message(format!(
+                "{count} message{plural} read before the close completed found no room in                  the consumer queue within the close grace ({} ms): dropped",
+                CLOSE_GRACE.as_millis()
+            )));
     }
 
     fn shutdown_socket(&mut self) {

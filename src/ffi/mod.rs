@@ -592,8 +592,13 @@ pub unsafe extern "C" fn wirepool_pool_connections_json(
 
 /// Closes one connection (a close frame is sent); the pool replaces it like after any
 /// failure, and its channels move to other ready connections at once, as do requests
-/// made from then on (it takes no new work while its close runs). Requests in
-/// flight on it fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless idempotent.
+/// made from then on (it takes no new work while its close runs). Until the venue
+/// answers the close, for at most 500 ms (the close grace), what it still sends is
+/// handled as usual: a reply completes its request, data reaches the consumer in
+/// order. Requests still unanswered then fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless
+/// idempotent. The close waits for room in a full queue (`block` overflow) only
+/// within the grace: what it could not hand over is counted in `dropped_messages` and
+/// named in a `dropped_at_close` event.
 /// `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id or it is closing
 /// already, `WIREPOOL_ERR_CLOSED` once the pool is closed.
 #[no_mangle]

@@ -759,7 +759,13 @@ impl Pool {
 
     /// Closes one connection (a close frame is sent); the pool replaces it like after
     /// any failure, and its channels move to other ready connections at once, as do
-    /// requests made from then on (it takes no new work while its close runs).
+    /// requests made from then on (it takes no new work while its close runs). Until
+    /// the venue answers the close, for at most 500 ms (the close grace), what it still
+    /// sends is handled as usual: a reply completes its request, data reaches the
+    /// consumer in order. Requests still unanswered then fail with
+    /// [`Error::ConnectionLost`] unless idempotent. The close waits for room in a full
+    /// queue (`block` overflow) only within the grace: what it could not hand over is
+    /// counted in `dropped_messages` and named in a `dropped_at_close` event.
     /// [`Error::InvalidArgument`] when no connection has that id, or when it is
     /// closing already (asked before, by the API or the pool, or ending by itself):
     /// nothing is done twice.

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tungstenite::Message as WsMessage;
 
-use crate::support::{pool_from, wait_for_event, watchdog, Acceptor};
+use crate::support::{
+    pool_from, read_until_stopped, request_in_background, wait_for_event, watchdog, Acceptor,
+};
 
 /// How the venue treats what it is told, changeable while it runs.
 #[derive(Default)]
@@ -25,6 +27,13 @@ struct Behaviour {
     ignore_close: AtomicBool,
     /// Sessions alive now end at once (the server closes the TCP connection).
     drop_generation: AtomicUsize,
+    /// Hold the replies to requests until the client's close frame arrives, then send
+    /// them, then one `{"parting": n}` data frame on each subscribed channel, and only
+    /// then answer the close (a venue finishing its work before it acknowledges).
+    answer_at_close: AtomicBool,
+    /// Answer no close frame and stream data frames on the subscribed channels
+    /// instead (in bursts, every millisecond) until the client goes.
+    flood_after_close: AtomicBool,
 }
 
 /// What the venue saw, per session (in the order sessions were accepted).
@@ -107,6 +116,7 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(10)));
     let mut subscribed: Vec<String> = Vec::new();
+    let mut held_replies: Vec<Value> = Vec::new();
     let mut sequence = 0u64;
     let mut next_data = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -146,6 +156,39 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
                 }
                 return;
             }
+            WsMessage::Close(_) if behaviour.answer_at_close.load(Ordering::Relaxed) => {
+                let parting = subscribed.iter().enumerate().map(|(n, channel)| {
+                    json!({"type": "data", "channel": channel, "payload": {"parting": n}})
+                });
+                for frame in held_replies.drain(..).chain(parting) {
+                    if write_after_close(&mut ws, &frame).is_err() {
+                        return;
+                    }
+                }
+                // The answer tungstenite queued goes now.
+                let _ = ws.flush();
+                read_until_stopped(&mut ws, stop);
+                return;
+            }
+            WsMessage::Close(_) if behaviour.flood_after_close.load(Ordering::Relaxed) => {
+                let _ = ws
+                    .get_ref()
+                    .set_write_timeout(Some(Duration::from_millis(200)));
+                while !stop.load(Ordering::Relaxed) {
+                    for channel in &subscribed {
+                        for _ in 0..50 {
+                            sequence += 1;
+                            let frame = json!({"type": "data", "channel": channel,
+                                               "payload": {"flood": sequence}});
+                            if write_after_close(&mut ws, &frame).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                return;
+            }
             _ => continue,
         };
         let Ok(frame) = serde_json::from_str::<Value>(&text) else {
@@ -169,6 +212,11 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
                 json!({"type": "unsubscribed", "channel": channel, "messageId": id})
             }
             Some("ping") => json!({"type": "pong", "messageId": id}),
+            Some("data") if behaviour.answer_at_close.load(Ordering::Relaxed) => {
+                held_replies
+                    .push(json!({"type": "data", "messageId": id, "payload": frame["payload"]}));
+                continue;
+            }
             Some("data") => json!({"type": "data", "messageId": id, "payload": frame["payload"]}),
             _ => continue,
         };
@@ -176,6 +224,26 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
             return;
         }
     }
+}
+
+/// Writes a text frame after the client's close frame arrived (tungstenite sends
+/// nothing but the close's answer once it has one, so the frame goes to the socket
+/// directly; everything sent before was flushed).
+fn write_after_close(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+    frame: &Value,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut bytes = Vec::new();
+    tungstenite::protocol::frame::Frame::message(
+        frame.to_string().into_bytes(),
+        OpCode::Data(Data::Text),
+        true,
+    )
+    .format(&mut bytes)
+    .map_err(std::io::Error::other)?;
+    ws.get_mut().write_all(&bytes)
 }
 
 fn venue_pool(venue: &Venue, extra: Value) -> wirepool::Pool {
@@ -528,4 +596,174 @@ fn slots_waiting_for_a_half_open_trial_say_so_once_each() {
         "{deferred} reconnect_deferred events during one 2.5 s trial (two waiting slots)"
     );
     drop(pool);
+}
+
+/// The id of the only connection of `pool` once it is ready.
+fn only_connection(pool: &wirepool::Pool) -> u64 {
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let connections = pool.connections();
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    connections[0].id
+}
+
+/// Waits for the `closed` event of `connection_id`; returns every event seen.
+fn wait_closed(
+    pool: &wirepool::Pool,
+    connection_id: u64,
+    timeout: Duration,
+) -> Vec<wirepool::Event> {
+    wait_for_event(pool, timeout, "the connection closed", |event| {
+        event.kind == "closed" && event.connection_id == Some(connection_id)
+    })
+}
+
+/// A connection closed through the API reads until the venue answers its close
+/// frame, and what it reads meanwhile counts: the reply to a request in flight that
+/// the venue sends after it got the close frame (and before it answers it) completes
+/// that request, instead of failing it with `connection_lost` (an order whose outcome
+/// was known), and data the venue sent in that window reaches the consumer, after
+/// the reply, as it came.
+#[test]
+fn a_reply_and_data_read_during_the_close_grace_are_delivered() {
+    let _guard = watchdog("close_grace_delivers", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue
+        .behaviour
+        .answer_at_close
+        .store(true, Ordering::SeqCst);
+    let pool = Arc::new(venue_pool(&venue, json!({})));
+    let first = only_connection(&pool);
+    pool.subscribe("c.one").expect("subscribe");
+    wait_until_true("the subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 1
+    });
+    let request = request_in_background(
+        &pool,
+        br#"{"op":"order","qty":3}"#,
+        Duration::from_secs(10),
+        false,
+    );
+    wait_until_true("the request at the venue", Duration::from_secs(10), || {
+        venue.log.of_type(0, "data").len() == 1
+    });
+    pool.close_connection(first).expect("close");
+    let reply = request.join().expect("request thread");
+    assert_eq!(
+        reply.as_deref().map_err(ToString::to_string),
+        Ok(&br#"{"op":"order","qty":3}"#[..]),
+        "the reply read during the close grace completes the request"
+    );
+    let message = pool
+        .recv(Some(Duration::from_secs(10)))
+        .expect("recv")
+        .expect("the data sent before the close was answered");
+    assert_eq!(
+        (
+            message.channel.as_ref(),
+            message.payload.as_slice(),
+            message.connection_id
+        ),
+        ("c.one", &br#"{"parting":0}"#[..], first)
+    );
+    let events = wait_closed(&pool, first, Duration::from_secs(10));
+    assert!(
+        !events.iter().any(|event| event.kind == "dropped_at_close"),
+        "nothing dropped: {events:?}"
+    );
+    assert_eq!(pool.stats().dropped_messages, 0);
+}
+
+/// A venue that never answers the close frame and streams data instead is cut off
+/// at the close grace (500 ms) as before, although what it sends is now decoded and
+/// delivered meanwhile.
+#[test]
+fn a_venue_flooding_instead_of_answering_the_close_is_cut_off_at_the_grace() {
+    let _guard = watchdog("close_grace_flood", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue
+        .behaviour
+        .flood_after_close
+        .store(true, Ordering::SeqCst);
+    let pool = Arc::new(venue_pool(&venue, json!({})));
+    let first = only_connection(&pool);
+    pool.subscribe("c.flood").expect("subscribe");
+    wait_until_true("the subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 1
+    });
+    // The consumer keeps up, so the worker reads as fast as the venue writes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut from_flood = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Some(message)) = pool.recv(Some(Duration::from_millis(50))) {
+                    if message.connection_id == first && message.payload.starts_with(b"{\"flood\"")
+                    {
+                        from_flood += 1;
+                    }
+                }
+            }
+            from_flood
+        })
+    };
+    let started = Instant::now();
+    pool.close_connection(first).expect("close");
+    wait_closed(&pool, first, Duration::from_secs(10));
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let delivered = consumer.join().expect("consumer");
+    assert!(
+        took < Duration::from_secs(3),
+        "the close took {took:?} against a venue flooding instead of answering it \
+         (grace 500 ms)"
+    );
+    assert!(
+        delivered > 0,
+        "no flood data was delivered during the grace"
+    );
+}
+
+/// A close never waits past the grace for room in a full consumer queue (`block`
+/// overflow, a consumer that reads nothing): what it read and could not hand over by
+/// then is counted as dropped and named in a `dropped_at_close` event.
+#[test]
+fn a_close_behind_a_full_queue_ends_at_the_grace_and_counts_what_it_dropped() {
+    let _guard = watchdog("close_grace_full_queue", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue
+        .behaviour
+        .answer_at_close
+        .store(true, Ordering::SeqCst);
+    let pool = venue_pool(
+        &venue,
+        json!({"queue": {"capacity": 4, "overflow": "block"}}),
+    );
+    let first = only_connection(&pool);
+    pool.subscribe("c.full").expect("subscribe");
+    venue.behaviour.stream_data.store(true, Ordering::SeqCst);
+    // Blocked for 100 ms on the full queue, with data in hand.
+    wait_for_event(&pool, Duration::from_secs(10), "slow_consumer", |event| {
+        event.kind == "slow_consumer" && event.connection_id == Some(first)
+    });
+    assert_eq!(pool.stats().queue_depth, 4);
+    let started = Instant::now();
+    pool.close_connection(first).expect("close");
+    let events = wait_closed(&pool, first, Duration::from_secs(10));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the close waited {took:?} for room in the queue (grace 500 ms)"
+    );
+    let dropped = events
+        .iter()
+        .find(|event| event.kind == "dropped_at_close" && event.connection_id == Some(first))
+        .unwrap_or_else(|| panic!("a dropped_at_close event: {events:?}"));
+    let stats = pool.stats();
+    assert!(stats.dropped_messages >= 1, "{stats:?}");
+    let message = dropped.message.clone().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{} message", stats.dropped_messages)),
+        "the event names the count: {message:?}, stats {stats:?}"
+    );
 }

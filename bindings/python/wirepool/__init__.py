@@ -1221,9 +1221,14 @@ class Pool(_Handle):
 
     def close_connection(self, connection_id: SupportsIndex) -> None:
         """Closes one connection; the pool replaces it and its channels move to other
-        ready connections at once, as do requests made from then on. Its requests
-        in flight fail with
-        ``ConnectionLostError`` unless idempotent. ``InvalidArgumentError`` when no
+        ready connections at once, as do requests made from then on. Until the venue
+        answers the close, for at most 500 ms (the close grace), what it still sends is
+        handled as usual: a reply completes its request, data reaches the consumer in
+        order. Requests still unanswered then fail with ``ConnectionLostError`` unless
+        idempotent. The close waits for room in a full queue (``block`` overflow) only
+        within the grace: what it could not hand over is counted in
+        ``dropped_messages`` and named in a ``dropped_at_close`` event.
+        ``InvalidArgumentError`` when no
         connection has that id, or when it is closing already. ``connection_id`` is an
         int (or anything with ``__index__``) from 0 to 2**64 - 1."""
         connection_id = _connection_id(connection_id)
