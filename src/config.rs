@@ -211,6 +211,12 @@ pub struct HeartbeatConfig {
     /// How long after a ping with nothing received the connection counts as dead.
     /// Defaults to 5000.
     pub pong_timeout_ms: u64,
+    /// The longest wait for a pong while the venue keeps sending (bytes arriving
+    /// extend the wait: a pong may queue behind a long frame on a slow link); past it
+    /// the connection is replaced, as for a venue that stopped reading what it is
+    /// sent. 0, or at least `pong_timeout_ms`. Defaults to 0: three times
+    /// `pong_timeout_ms`.
+    pub max_pong_wait_ms: u64,
     /// A connection with subscriptions that receives nothing for this long is stale.
     /// 0 disables the check. Defaults to 0.
     pub stale_after_ms: u64,
@@ -221,11 +227,27 @@ pub struct HeartbeatConfig {
     pub tcp_keepalive_ms: u64,
 }
 
+impl HeartbeatConfig {
+    /// The longest wait for a pong while bytes keep arriving: `max_pong_wait_ms`, or
+    /// by default three times `pong_timeout_ms`. A pong that late is held back by the
+    /// venue's send backlog, so its data is that late too: waiting longer protects no
+    /// one, while a venue that stopped reading (its requests time out, its
+    /// subscriptions stay unconfirmed) would otherwise keep its connection for as long
+    /// as it streams.
+    pub fn max_pong_wait(&self) -> std::time::Duration {
+        match self.max_pong_wait_ms {
+            0 => std::time::Duration::from_millis(self.pong_timeout_ms.saturating_mul(3)),
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+}
+
 impl Default for HeartbeatConfig {
     fn default() -> Self {
         HeartbeatConfig {
             ping_interval_ms: 5_000,
             pong_timeout_ms: 5_000,
+            max_pong_wait_ms: 0,
             stale_after_ms: 0,
             reconnect_on_stale: false,
             tcp_keepalive_ms: 10_000,
@@ -817,6 +839,17 @@ impl Config {
                     self.max_message_bytes,
                     MAX_MESSAGE_BYTES.start(),
                     MAX_MESSAGE_BYTES.end()
+                ),
+            );
+        }
+        let max_pong_wait = self.heartbeat.max_pong_wait_ms;
+        if max_pong_wait != 0 && max_pong_wait < self.heartbeat.pong_timeout_ms {
+            issue(
+                "heartbeat.max_pong_wait_ms",
+                format!(
+                    "{max_pong_wait} is not 0 (three times heartbeat.pong_timeout_ms) or at \
+                     least heartbeat.pong_timeout_ms ({})",
+                    self.heartbeat.pong_timeout_ms
                 ),
             );
         }
@@ -1591,6 +1624,39 @@ mod tests {
                 "{keepalive_ms} is accepted"
             );
         }
+    }
+
+    #[test]
+    fn max_pong_wait_is_three_pong_timeouts_unless_set_and_never_below_one() {
+        let config = |heartbeat: &str| {
+            Config::from_json(&format!(
+                r#"{{"servers":[{{"url":"ws://a:1"}}],"heartbeat":{heartbeat}}}"#
+            ))
+        };
+        let wait = |heartbeat: &str| config(heartbeat).expect("valid").heartbeat.max_pong_wait();
+        assert_eq!(wait("{}"), std::time::Duration::from_millis(15_000));
+        assert_eq!(
+            wait(r#"{"pong_timeout_ms":400}"#),
+            std::time::Duration::from_millis(1_200)
+        );
+        assert_eq!(
+            wait(r#"{"pong_timeout_ms":400,"max_pong_wait_ms":400}"#),
+            std::time::Duration::from_millis(400)
+        );
+        assert_eq!(
+            wait(r#"{"max_pong_wait_ms":60000}"#),
+            std::time::Duration::from_millis(60_000)
+        );
+        let text = error_of(
+            r#"{"servers":[{"url":"ws://a:1"}],"heartbeat":{"pong_timeout_ms":2000,"max_pong_wait_ms":1999}}"#,
+        );
+        assert!(
+            text.contains(
+                "heartbeat.max_pong_wait_ms: 1999 is not 0 (three times \
+                 heartbeat.pong_timeout_ms) or at least heartbeat.pong_timeout_ms (2000)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

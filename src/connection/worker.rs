@@ -263,7 +263,12 @@ struct Link {
     outgoing_counted: usize,
     opened_at: Instant,
     next_ping: Option<Instant>,
+    /// When the wait for a pong began, or last started again because bytes arrived.
     ping_outstanding_since: Option<Instant>,
+    /// When the ping of that wait was sent: bytes arriving extend the wait only up to
+    /// `heartbeat.max_pong_wait_ms` from here. (Both move past time spent blocked on
+    /// a full queue.)
+    ping_sent_at: Option<Instant>,
     /// The bytes the socket had received (TCP_INFO) when that wait for a pong began:
     /// bytes arriving since prove the peer alive, although its pong may queue behind a
     /// long frame.
@@ -348,6 +353,7 @@ impl Link {
             opened_at: Instant::now(),
             next_ping: None,
             ping_outstanding_since: None,
+            ping_sent_at: None,
             received_at_ping: None,
             next_tick: None,
             last_data: Instant::now(),
@@ -1067,12 +1073,30 @@ impl Link {
             let pong_timeout = Duration::from_millis(heartbeat.pong_timeout_ms);
             if now >= sent + pong_timeout {
                 // A peer still sending is alive: its pong waits behind a long frame on
-                // a slow link. The wait starts again from what it has sent.
+                // a slow link. The wait starts again from what it has sent, but only
+                // up to the longest wait: a venue that streams while it reads nothing
+                // (it never answers a ping) must not keep its connection forever.
                 let received = self.bytes_received();
+                let max_wait = heartbeat.max_pong_wait();
+                let give_up_at = self.ping_sent_at.unwrap_or(sent) + max_wait;
                 match (self.received_at_ping, received) {
-                    (Some(then), Some(received)) if received > then => {
-                        self.ping_outstanding_since = Some(now);
+                    (Some(then), Some(received)) if received > then && now < give_up_at => {
+                        // The next look is at the limit at the latest.
+                        self.ping_outstanding_since =
+                            Some(now.min(give_up_at.checked_sub(pong_timeout).unwrap_or(now)));
                         self.received_at_ping = Some(received);
+                    }
+                    (Some(then), Some(received)) if received > then => {
+                        return Err(Ended::Failed(Error::Timeout {
+                            phase: TimeoutPhase::Heartbeat,
+                            after: max_wait,
+                            detail: format!(
+                                "the venue keeps sending but has not answered a ping for {} ms \
+                                 (heartbeat.max_pong_wait_ms): it looks like it stopped reading \
+                                 what it is sent",
+                                max_wait.as_millis()
+                            ),
+                        }));
                     }
                     _ => {
                         return Err(Ended::Failed(Error::Timeout {
@@ -1091,6 +1115,7 @@ impl Link {
                 self.next_ping = Some(now + Duration::from_millis(heartbeat.ping_interval_ms));
                 if self.ping_outstanding_since.is_none() {
                     self.ping_outstanding_since = Some(now);
+                    self.ping_sent_at = Some(now);
                     self.received_at_ping = self.bytes_received();
                 }
                 match self.ws()?.write(WsMessage::Ping(Vec::new().into())) {
@@ -1528,6 +1553,9 @@ impl Link {
             let blocked = outcome.blocked;
             if let Some(sent) = self.ping_outstanding_since.as_mut() {
                 *sent += blocked;
+                if let Some(first) = self.ping_sent_at.as_mut() {
+                    *first += blocked;
+                }
             }
             self.last_data += blocked;
             // Every channel's freshness was last stamped before the wait.

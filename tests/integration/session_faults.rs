@@ -34,13 +34,26 @@ struct Behaviour {
     /// Answer no close frame and stream data frames on the subscribed channels
     /// instead (in bursts, every millisecond) until the client goes.
     flood_after_close: AtomicBool,
+    /// Read nothing more (so answer no ping), while still sending what is due: a
+    /// venue that stopped reading what it is sent.
+    deaf: AtomicBool,
+    /// Send one data frame of `SLOW_FRAME_BYTES` on the first subscribed channel,
+    /// trickled over `SLOW_FRAME_TIME` without reading meanwhile (a long frame on a
+    /// slow link: the pongs queue behind it), then read again. Cleared once sent.
+    slow_frame: AtomicBool,
 }
+
+const SLOW_FRAME_BYTES: usize = 64 * 1024;
+const SLOW_FRAME_TIME: Duration = Duration::from_millis(800);
 
 /// What the venue saw, per session (in the order sessions were accepted).
 #[derive(Default)]
 struct Log {
     /// Client frames (parsed JSON) per session.
     frames: Mutex<Vec<Vec<Value>>>,
+    /// How long the slow frame took to send, and the WebSocket pings read right after
+    /// it (sent while it was arriving, answered only then).
+    slow_frame: Mutex<Option<(Duration, usize)>>,
 }
 
 impl Log {
@@ -134,6 +147,22 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
                     return;
                 }
             }
+        }
+        if behaviour.slow_frame.swap(false, Ordering::SeqCst) {
+            let Some(channel) = subscribed.first() else {
+                return;
+            };
+            let filler = "x".repeat(SLOW_FRAME_BYTES);
+            let frame = json!({"type": "data", "channel": channel, "payload": filler});
+            let Some(result) = send_slowly(&mut ws, &frame) else {
+                return;
+            };
+            *log.slow_frame.lock().expect("log") = Some(result);
+            continue;
+        }
+        if behaviour.deaf.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
         }
         let message = match ws.read() {
             Ok(message) => message,
@@ -244,6 +273,52 @@ fn write_after_close(
     .format(&mut bytes)
     .map_err(std::io::Error::other)?;
     ws.get_mut().write_all(&bytes)
+}
+
+/// Writes `frame` as one text frame in 16 pieces spread over `SLOW_FRAME_TIME`,
+/// reading nothing meanwhile; then reads what came (answering the pings, which
+/// tungstenite does as it reads them). Returns the time the frame took and the pings
+/// read after it; `None` when the client went.
+fn send_slowly(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+    frame: &Value,
+) -> Option<(Duration, usize)> {
+    use std::io::Write;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut bytes = Vec::new();
+    tungstenite::protocol::frame::Frame::message(
+        frame.to_string().into_bytes(),
+        OpCode::Data(Data::Text),
+        true,
+    )
+    .format(&mut bytes)
+    .ok()?;
+    let started = Instant::now();
+    let pieces = 16;
+    for (index, piece) in bytes.chunks(bytes.len().div_ceil(pieces)).enumerate() {
+        ws.get_mut().write_all(piece).ok()?;
+        ws.get_mut().flush().ok()?;
+        // Paced against the clock, not by sleeps adding up.
+        let next = started + SLOW_FRAME_TIME * (index as u32 + 1) / pieces as u32;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let took = started.elapsed();
+    let mut pings = 0;
+    loop {
+        match ws.read() {
+            Ok(WsMessage::Ping(_)) => pings += 1,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(err))
+                if err.kind() == ErrorKind::WouldBlock || err.kind() == ErrorKind::TimedOut =>
+            {
+                break
+            }
+            Err(_) => return None,
+        }
+    }
+    // The pong tungstenite queued goes now.
+    ws.flush().ok()?;
+    Some((took, pings))
 }
 
 fn venue_pool(venue: &Venue, extra: Value) -> wirepool::Pool {
@@ -765,5 +840,104 @@ fn a_close_behind_a_full_queue_ends_at_the_grace_and_counts_what_it_dropped() {
     assert!(
         message.contains(&format!("{} message", stats.dropped_messages)),
         "the event names the count: {message:?}, stats {stats:?}"
+    );
+}
+
+/// The heartbeat of the two tests below: pings every 200 ms, a pong due within
+/// 400 ms, and by default at most three times that (1.2 s) while bytes keep coming.
+fn heartbeat_pool(venue: &Venue) -> wirepool::Pool {
+    venue_pool(
+        venue,
+        json!({"heartbeat": {"ping_interval_ms": 200, "pong_timeout_ms": 400}}),
+    )
+}
+
+/// A venue that stopped reading what it is sent but keeps streaming (its requests
+/// would time out, its subscriptions stay unconfirmed) never answers a ping; the bytes
+/// it sends extend the wait for a pong only up to `heartbeat.max_pong_wait_ms` (three
+/// times `pong_timeout_ms` by default), then the connection is replaced with a
+/// heartbeat timeout that says so.
+#[test]
+fn a_venue_that_streams_but_never_answers_pings_is_replaced_within_the_bound() {
+    let _guard = watchdog("streams_never_pongs", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = heartbeat_pool(&venue);
+    let first = only_connection(&pool);
+    pool.subscribe("c.deaf").expect("subscribe");
+    wait_until_true("the subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 1
+    });
+    venue.behaviour.stream_data.store(true, Ordering::SeqCst);
+    venue.behaviour.deaf.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let events = wait_closed(&pool, first, Duration::from_secs(10));
+    let took = started.elapsed();
+    let reason = crate::support::last_message(&events);
+    assert!(
+        reason.contains("keeps sending but has not answered a ping for 1200 ms"),
+        "closed for {reason:?}"
+    );
+    // At most one ping interval, then the 1.2 s bound (plenty of room for a busy box).
+    assert!(
+        took < Duration::from_secs(5),
+        "replaced after {took:?}: {reason}"
+    );
+    let data_from_first = std::iter::from_fn(|| pool.recv(Some(Duration::ZERO)).ok().flatten())
+        .filter(|message| message.connection_id == first)
+        .count();
+    assert!(
+        data_from_first > 0,
+        "the venue streamed to the end (its bytes extended the wait)"
+    );
+    venue.behaviour.deaf.store(false, Ordering::SeqCst);
+}
+
+/// A long frame on a slow link (64 KiB trickled over 800 ms, twice the pong timeout)
+/// holds back the pongs of the pings sent meanwhile: the bytes arriving extend the
+/// wait, within the bound (1.2 s), so the connection is kept and the frame delivered.
+#[test]
+fn a_long_frame_on_a_slow_link_within_the_bound_keeps_its_connection() {
+    let _guard = watchdog("slow_frame_kept", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = heartbeat_pool(&venue);
+    let first = only_connection(&pool);
+    pool.subscribe("c.slow").expect("subscribe");
+    wait_until_true("the subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 1
+    });
+    venue.behaviour.slow_frame.store(true, Ordering::SeqCst);
+    let message = pool
+        .recv(Some(Duration::from_secs(10)))
+        .expect("recv")
+        .expect("the slow frame");
+    assert_eq!(message.connection_id, first);
+    assert_eq!(
+        message.payload.len(),
+        SLOW_FRAME_BYTES + 2,
+        "the whole frame"
+    );
+    wait_until_true("the venue done with it", Duration::from_secs(10), || {
+        venue.log.slow_frame.lock().expect("log").is_some()
+    });
+    let (took, pings) = venue.log.slow_frame.lock().expect("log").expect("sent");
+    assert!(
+        took >= Duration::from_millis(400) && pings > 0,
+        "the frame took {took:?} and {pings} pings waited behind it: the pong must have \
+         been late for the test to mean anything"
+    );
+    // A few more heartbeats, answered at once: nothing of the wait is left over.
+    let until = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < until {
+        for event in pool.events(Duration::from_millis(100)) {
+            assert!(
+                !(event.kind == "closed" && event.connection_id == Some(first)),
+                "the connection was dropped: {event:?}"
+            );
+        }
+    }
+    assert!(
+        pool.connections().iter().any(|c| c.id == first && c.ready),
+        "{:?}",
+        pool.connections()
     );
 }
