@@ -1753,7 +1753,8 @@ impl Link {
         self.context
             .events
             .push(self.event("dropped_at_close").message(format!(
-                "{count} message{plural} read before the close completed found no room in                  the consumer queue within the close grace ({} ms): dropped",
+                "{count} message{plural} read before the close completed found no room in \
+                 the consumer queue within the close grace ({} ms): dropped",
                 CLOSE_GRACE.as_millis()
             )));
     }
