@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -157,3 +158,15 @@ def assert_in_sequence(messages: List[wirepool.Message]) -> Dict[tuple, int]:
             assert seq == last[key] + 1, f"{key}: seq {seq} after {last[key]} (lost or reordered message)"
         last[key] = seq
     return last
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt for the test, as in an interactive run. A process
+    started in the background by a non-interactive shell (`cmd &`, as CI runners and
+    nohup wrappers do) inherits SIGINT ignored, and Python then installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -353,7 +353,7 @@ def test_busy_polling_pool_delivers_in_order_and_keeps_to_the_callers_timeout(si
 
 
 @pytest.mark.parametrize("receive", ["recv", "recv_many", "messages"])
-def test_a_ctrl_c_as_a_poll_returns_loses_no_message(pool, monkeypatch, receive):
+def test_a_ctrl_c_as_a_poll_returns_loses_no_message(pool, monkeypatch, ctrl_c_raises, receive):
     # A Ctrl-C is handled at the first Python line after the library call returns,
     # when the poll has already taken its messages from the queue. Such a signal is
     # raised here right after a poll that took some; the messages it took must come

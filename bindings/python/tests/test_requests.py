@@ -169,7 +169,7 @@ BUFFER_CALLS = {
 
 
 @pytest.mark.parametrize("call", sorted(BUFFER_CALLS))
-def test_a_ctrl_c_as_a_call_returns_frees_every_buffer_it_was_handed(pool, monkeypatch, call):
+def test_a_ctrl_c_as_a_call_returns_frees_every_buffer_it_was_handed(pool, monkeypatch, ctrl_c_raises, call):
     # A Ctrl-C is handled at the first Python line after the library call returns, when
     # the library has already handed out its reply buffers (all of them, for a batch).
     # Here a real SIGINT is raised right after the call; every buffer it handed out
