@@ -312,3 +312,173 @@ fn jsonl_into_a_pipe_whose_reader_left_stops_cleanly() {
     let status = exit_within(&mut child, Duration::from_secs(15), "closed pipe");
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// A server that answers the first subscription, then sends `burst` data frames on
+/// its channel, numbered by `payload.seq` from 0, and after that only reads.
+fn burst_server(burst: u64) -> Acceptor {
+    Acceptor::start(move |stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let _ = ws
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)));
+        let channel = loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            match ws.read() {
+                Ok(WsMessage::Text(text)) => {
+                    let frame: serde_json::Value =
+                        serde_json::from_str(text.as_str()).unwrap_or_default();
+                    if frame["type"] == "subscribe" {
+                        let reply = serde_json::json!({
+                            "type": "subscribed",
+                            "channel": frame["channel"],
+                            "messageId": frame["messageId"],
+                        });
+                        if ws.send(WsMessage::text(reply.to_string())).is_err() {
+                            return;
+                        }
+                        break frame["channel"].clone();
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(err))
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        };
+        // About 150 bytes a line: the burst is many times what a pipe holds (64 KiB).
+        let pad = "x".repeat(64);
+        for seq in 0..burst {
+            let frame = serde_json::json!({
+                "type": "data",
+                "channel": channel,
+                "payload": {"seq": seq, "pad": pad},
+            });
+            if ws.send(WsMessage::text(frame.to_string())).is_err() {
+                return;
+            }
+        }
+        crate::support::read_until_stopped(&mut ws, stop);
+    })
+}
+
+/// `GET path` on the daemon's health port; the body parsed as JSON.
+fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut client = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect("the health port answers");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    client
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("request sent");
+    let mut response = String::new();
+    client.read_to_string(&mut response).expect("a response");
+    let (_, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    serde_json::from_str(body).unwrap_or_else(|err| panic!("{path}: {err}: {body:?}"))
+}
+
+/// SIGTERM while the output lags: every message the pool had accepted and queued is
+/// written before the exit. The shutdown closed the pool and exited with the rest of
+/// the queue unwritten, and the lines behind a slow reader were lost.
+#[test]
+fn jsonl_writes_every_queued_message_before_exiting_on_sigterm() {
+    let _guard = watchdog("jsonl drain", Duration::from_secs(60));
+    const BURST: u64 = 5000;
+    let server = burst_server(BURST);
+    let config = write_temp(
+        "jsonl-drain.json",
+        &serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "health": {"listen": "127.0.0.1:0"},
+        })
+        .to_string(),
+    );
+    let mut child = wirepool()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--subscribe", "burst", "--output", "jsonl"])
+        .env("WIREPOOL_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon starts");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let (lines_in, log_lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_in.send(line);
+        }
+    });
+    let health: SocketAddr = loop {
+        let Ok(line) = log_lines.recv_timeout(Duration::from_secs(10)) else {
+            let _ = child.kill();
+            panic!("the daemon did not log its health port within 10 s");
+        };
+        if let Some((_, rest)) = line.split_once("listening on http://") {
+            break rest.trim().parse().expect("an address");
+        }
+    };
+    // Nobody reads stdout yet: the daemon's writes stall on the full pipe while the
+    // pool takes the whole burst into its queue.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let stats = get_json(health, "/api/v1/pool/stats");
+        if stats["messages_received"].as_u64() >= Some(BURST) {
+            break stats;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the pool did not receive the {BURST} messages in 15 s: {stats}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        stats["queue_depth"].as_u64() > Some(0),
+        "the test needs messages still queued at the signal: {stats}"
+    );
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut output = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut output)
+        .expect("stdout readable");
+    let status = exit_within(&mut child, Duration::from_secs(10), "SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status:?}"
+    );
+    let mut seen = vec![0u32; BURST as usize];
+    for line in output.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+        let seq = value["payload"]["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a line without a seq: {line}"));
+        seen[seq as usize] += 1;
+    }
+    let missing = seen.iter().filter(|&&count| count == 0).count();
+    let repeated = seen.iter().filter(|&&count| count > 1).count();
+    assert!(
+        missing == 0 && repeated == 0,
+        "each of the {BURST} messages should be written once: {missing} missing, \
+         {repeated} written more than once ({} lines)",
+        output.lines().count()
+    );
+}

@@ -615,18 +615,32 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             );
         }
         if output == "jsonl" {
-            let written = batch.iter().try_for_each(|message| {
-                jsonl::format_line(message, &mut line);
-                out.write_all(&line)
-            });
-            if let Err(err) = written.and_then(|()| out.flush()) {
+            if let Err(err) = write_jsonl(&batch, &mut line, &mut out) {
                 output_failed = Some(err);
                 break;
             }
         }
     }
     log::info!("shutting down");
+    // No new data from the venues from here on; what the pool already accepted stays
+    // queued, and is written out before the exit (nothing accepted is lost).
     pool.close();
+    if output == "jsonl" && output_failed.is_none() {
+        let mut written = 0usize;
+        loop {
+            batch.clear();
+            // Closed: `Err(Closed)` once the queue is empty, never a wait.
+            match pool.recv_batch(&mut batch, 1024, Some(Duration::ZERO)) {
+                Ok(0) | Err(_) => break,
+                Ok(count) => written += count,
+            }
+            if let Err(err) = write_jsonl(&batch, &mut line, &mut out) {
+                output_failed = Some(err);
+                break;
+            }
+        }
+        log::info!("wrote the {written} message(s) still queued at shutdown");
+    }
     match output_failed {
         None => Ok(ExitCode::SUCCESS),
         // `| head -1`: the reader has what it wanted; stop as on a signal.
@@ -639,6 +653,15 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             "writing --output jsonl to stdout: {err}; stopped"
         ))),
     }
+}
+
+/// Writes `batch` to `out` as jsonl lines (`line` is scratch space), then flushes.
+fn write_jsonl(batch: &[Message], line: &mut Vec<u8>, out: &mut impl Write) -> std::io::Result<()> {
+    for message in batch {
+        jsonl::format_line(message, line);
+        out.write_all(line)?;
+    }
+    out.flush()
 }
 
 fn simulate(args: &Args) -> Result<ExitCode, String> {
