@@ -594,11 +594,23 @@ impl Config {
     /// [`Config::with_env_overrides`], which validates what the overrides make of it
     /// (a file without `servers` and a `WIREPOOL_URL`, say).
     pub fn from_file_unvalidated(path: &Path) -> Result<Config, Vec<ConfigIssue>> {
-        let text = std::fs::read_to_string(path).map_err(|err| {
+        let file_issue = |message: String| {
             vec![ConfigIssue {
                 path: String::new(),
-                message: format!("{}: cannot read: {err}", path.display()),
+                message: format!("{}: {message}", path.display()),
             }]
+        };
+        let bytes = crate::file_limits::read_capped(
+            path,
+            crate::file_limits::MAX_CONFIG_FILE_BYTES,
+            "config file",
+        )
+        .map_err(file_issue)?;
+        let text = String::from_utf8(bytes).map_err(|err| {
+            file_issue(format!(
+                "not UTF-8 text (an invalid byte at offset {})",
+                err.utf8_error().valid_up_to()
+            ))
         })?;
         let value = match path.extension().and_then(|ext| ext.to_str()) {
             Some(ext) if ext.eq_ignore_ascii_case("toml") => {
@@ -921,8 +933,22 @@ impl Config {
             );
         }
         if let Some(path) = &self.codec.path {
-            if !Path::new(path).is_file() {
-                issue("codec.path", format!("no such file: {path}"));
+            match std::fs::metadata(path) {
+                Ok(metadata) if metadata.is_file() => {
+                    // Said early; the load reads no more than the limit whatever the
+                    // metadata says.
+                    if metadata.len() > crate::file_limits::MAX_CODEC_FILE_BYTES {
+                        issue(
+                            "codec.path",
+                            format!(
+                                "{path}: {} bytes, more than the {} MiB a codec module may be",
+                                metadata.len(),
+                                crate::file_limits::MAX_CODEC_FILE_BYTES >> 20
+                            ),
+                        );
+                    }
+                }
+                _ => issue("codec.path", format!("no such file: {path}")),
             }
         }
         for (key, file) in [

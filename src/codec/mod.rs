@@ -514,8 +514,12 @@ impl CodecRuntime {
                 builtin::precompiled(*builtin),
             ),
             CodecSource::File(path) => (
-                std::fs::read(path)
-                    .map_err(|err| Error::Codec(format!("reading {path}: {err}")))?,
+                crate::file_limits::read_capped(
+                    std::path::Path::new(path),
+                    crate::file_limits::MAX_CODEC_FILE_BYTES,
+                    "codec module",
+                )
+                .map_err(|err| Error::Codec(format!("{path}: {err}")))?,
                 None,
             ),
         };

@@ -95,3 +95,93 @@ fn simulate_refuses_a_rate_it_cannot_use_with_a_clear_message() {
         "--channels",
     );
 }
+
+/// Runs `wirepool ARGS` with at most 1 GiB of data memory (a file read whole without
+/// a limit then fails the test, not the machine); its exit code and stdout + stderr.
+fn wirepool_output(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wirepool"));
+    command.args(args);
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            libc::setrlimit(libc::RLIMIT_DATA, &limit);
+            Ok(())
+        });
+    }
+    let output = command.output().expect("wirepool runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
+/// A config or codec path naming `/dev/zero` (or a huge file) was read whole: memory
+/// filled until the OOM killer came. Each is refused once past its limit, with an
+/// error naming the file, the limit and the size seen.
+#[test]
+fn files_read_whole_are_refused_past_their_size_limit() {
+    let _guard = watchdog("file limits", Duration::from_secs(60));
+    let zero = std::ffi::OsStr::new("/dev/zero");
+    let config_limit = wirepool::MAX_CONFIG_FILE_BYTES;
+    let codec_limit = wirepool::MAX_CODEC_FILE_BYTES;
+    for (args, code) in [(vec!["run", "--config"], 2), (vec!["check-config"], 1)] {
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        args.push(zero);
+        let (status, text) = wirepool_output(&args);
+        assert_eq!(status, Some(code), "{args:?}: {text}");
+        assert!(
+            text.contains("/dev/zero: too large for a config file")
+                && text.contains(&format!("at least {} bytes", config_limit + 1))
+                && text.contains("16 MiB")
+                && !text.contains("panicked"),
+            "{args:?} should name the file, the limit and the size seen, got {text:?}"
+        );
+    }
+    let (status, text) = wirepool_output(&["codec-check".as_ref(), zero]);
+    assert_eq!(status, Some(1), "codec-check /dev/zero: {text}");
+    assert!(
+        text.contains("/dev/zero: too large for a codec module")
+            && text.contains(&format!("at least {} bytes", codec_limit + 1))
+            && text.contains("64 MiB"),
+        "codec-check should name the file, the limit and the size seen, got {text:?}"
+    );
+
+    // A sparse file past the codec limit named by a config's codec.path: the config's
+    // check says so, and so does the library's load (through codec-check).
+    let dir = std::env::temp_dir().join(format!("wirepool-huge-codec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let huge = dir.join("huge.wasm");
+    std::fs::File::create(&huge)
+        .and_then(|file| file.set_len(codec_limit + 4096))
+        .expect("a sparse file");
+    let config = crate::support::write_temp(
+        "huge-codec.json",
+        &serde_json::json!({
+            "servers": [{"url": "ws://127.0.0.1:9"}],
+            "codec": {"path": huge},
+        })
+        .to_string(),
+    );
+    let (status, text) = wirepool_output(&["check-config".as_ref(), config.as_os_str()]);
+    assert_eq!(status, Some(1), "check-config with a huge codec: {text}");
+    assert!(
+        text.contains("codec.path")
+            && text.contains(&format!("{} bytes", codec_limit + 4096))
+            && text.contains("64 MiB"),
+        "check-config should name codec.path, its size and the limit, got {text:?}"
+    );
+    let (status, text) = wirepool_output(&["codec-check".as_ref(), huge.as_os_str()]);
+    assert_eq!(status, Some(1), "codec-check huge.wasm: {text}");
+    assert!(
+        text.contains("huge.wasm: too large for a codec module")
+            && text.contains(&format!("at least {} bytes", codec_limit + 4096)),
+        "codec-check should give the file's size, got {text:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
 import wirepool
-from conftest import config_for
+from conftest import BINDING_DIR, config_for
 
 
 def _assert_works(pool: wirepool.Pool) -> None:
@@ -137,3 +140,33 @@ def test_a_path_that_does_not_exist_is_named_not_parsed_as_json(tmp_path):
 def test_a_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(wirepool.ConfigError, match="is a directory"):
         wirepool.Pool(str(tmp_path))
+
+
+
+def test_a_config_path_without_end_or_too_large_is_refused_with_its_size(tmp_path):
+    # /dev/zero was read whole: memory filled until the OOM killer came. Tried in a
+    # child with 1 GiB of data memory, so that a read without a limit fails the test
+    # (MemoryError), not the machine.
+    endless = tmp_path / "endless.json"
+    endless.symlink_to("/dev/zero")
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))\n"
+        f"sys.path.insert(0, {str(BINDING_DIR)!r})\n"
+        "import wirepool\n"
+        "try:\n"
+        "    wirepool.Pool(sys.argv[1])\n"
+        "except wirepool.ConfigError as err:\n"
+        "    print(err)\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(endless)], capture_output=True, text=True, timeout=60
+    )
+    said = child.stdout + child.stderr
+    assert child.returncode == 0, said
+    assert re.search(r"endless\.json: too large for a config file: at least 16777217 bytes.*16 MiB", said), said
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as file:
+        file.truncate(20_000_000)
+    with pytest.raises(wirepool.ConfigError, match=r"huge\.toml: too large for a config file: at least 20000000 bytes"):
+        wirepool.Pool(huge)

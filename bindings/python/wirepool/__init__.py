@@ -34,6 +34,7 @@ import numbers
 import operator
 import os
 import re
+import stat
 import struct
 import sys
 import threading
@@ -351,6 +352,27 @@ class _Batch:
 # --- configuration -----------------------------------------------------------------------
 
 
+# The largest config file read, as the library's MAX_CONFIG_FILE_BYTES: a path naming
+# /dev/zero or a huge file is refused instead of filling memory.
+_MAX_CONFIG_FILE_BYTES = 16 << 20
+
+
+def _read_capped(path: str) -> bytes:
+    """The file's bytes, read no further than one byte past the limit."""
+    with open(path, "rb") as file:
+        data = file.read(_MAX_CONFIG_FILE_BYTES + 1)
+        seen = len(data)
+        if seen > _MAX_CONFIG_FILE_BYTES:
+            status = os.fstat(file.fileno())
+            if stat.S_ISREG(status.st_mode):
+                seen = max(seen, status.st_size)
+            raise ConfigError(
+                f"config: {path}: too large for a config file: at least {seen} bytes, "
+                f"the limit is 16 MiB ({_MAX_CONFIG_FILE_BYTES} bytes)"
+            )
+    return data
+
+
 def _read_config_file(path: str) -> str:
     lowered = path.lower()
     if lowered.endswith(".toml"):
@@ -363,16 +385,21 @@ def _read_config_file(path: str) -> str:
                 raise ConfigError(
                     f"config: {path}: reading TOML needs Python 3.11+ or the tomli package"
                 ) from err
-        with open(path, "rb") as file:
-            try:
-                document = tomllib.load(file)
-            except tomllib.TOMLDecodeError as err:
-                raise ConfigError(f"config: {path}: invalid TOML: {err}") from err
+        try:
+            document = tomllib.loads(_decode_config(_read_capped(path), path))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config: {path}: invalid TOML: {err}") from err
         return _dump_config(document, path)
     if lowered.endswith(".json"):
-        with open(path, "r", encoding="utf-8") as file:
-            return file.read()
+        return _decode_config(_read_capped(path), path)
     raise ConfigError(f"config: {path}: unknown file type (expected a .json or .toml file)")
+
+
+def _decode_config(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config: {path}: not UTF-8 text: {err}") from err
 
 
 def _dump_config(document: Any, origin: str) -> str:
