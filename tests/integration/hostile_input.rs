@@ -64,6 +64,8 @@ fn demo_refuses_numbers_it_cannot_use_with_a_clear_message() {
         ("--duration", "1e30"),
         ("--rate", "nan"),
         ("--rate", "inf"),
+        // Accepted, and printed as a 301-digit number.
+        ("--rate", "1e300"),
         // The simulator's universe of 1e11 instruments aborted the process (out of
         // memory) building its first `instruments` frame.
         ("--channels", "100000000000"),

@@ -22,7 +22,7 @@ const USAGE: &str = "\
 wirepool: a pool of persistent upstream WebSocket connections
 
 USAGE:
-  wirepool demo [--connections N] [--channels 1..100000] [--rate MSGS_PER_S_IN_ALL] [--duration SECS] [--health ADDR]
+  wirepool demo [--connections N] [--channels 1..100000] [--rate MSGS_PER_S_IN_ALL, at most 10000000] [--duration SECS] [--health ADDR]
   wirepool run --config FILE [--subscribe CHANNEL]... [--output jsonl|none] [--log-file PATH]
   wirepool simulate --listen ADDR [--rate MSGS_PER_S_PER_CHANNEL] [--channels 1..100000] [--token TOKEN]
   wirepool check-config FILE
@@ -382,6 +382,13 @@ fn percentile(sorted: &[u64], fraction: f64) -> u64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// The highest `demo --rate`, in messages per second in all: well above what one
+/// machine's loopback carries through the pool, and a number that prints sensibly.
+const MAX_DEMO_RATE: f64 = 10_000_000.0;
+
+/// The longest the demo's history request waits for its reply.
+const DEMO_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn demo(args: &Args) -> Result<ExitCode, String> {
     let connections: u32 = args.number("connections", 2)?;
     let channels = args.channels(8)?;
@@ -390,10 +397,13 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
     if connections == 0 {
         return Err("--connections must be at least 1".into());
     }
-    // NaN and infinity parse as numbers; neither is a rate or a duration.
-    if !(rate.is_finite() && rate > 0.0) {
+    // NaN and infinity parse as numbers; neither is a rate or a duration. The text
+    // as given is named: 1e300 printed as a number has 301 digits.
+    if !(rate.is_finite() && rate > 0.0 && rate <= MAX_DEMO_RATE) {
         return Err(format!(
-            "--rate: {rate} is not a positive, finite number of messages per second"
+            "--rate: {} is not a number of messages per second in all from more than 0 \
+             to {MAX_DEMO_RATE}",
+            args.get("rate").unwrap_or_default()
         ));
     }
     let run_for = Duration::try_from_secs_f64(duration)
@@ -453,6 +463,51 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
             .map_err(|err| err.to_string())?;
     }
 
+    // The history request runs on a thread of its own, so the feed is consumed while
+    // it waits, and the demo ends on time (or at Ctrl-C) whether it was answered or
+    // not: the close at the end fails it at once.
+    let (measures, stats, report) = std::thread::scope(|scope| {
+        let fed = consume_feed(&pool, &simulator, &stop, run_for, scope);
+        pool.close();
+        let (measures, stats, request) = fed?;
+        let report = match request.map(|request| request.join()) {
+            None => "history request: not made (the demo ended first)".to_string(),
+            Some(Ok(report)) => report,
+            Some(Err(_)) => "history request: its thread panicked".to_string(),
+        };
+        Ok::<_, String>((measures, stats, report))
+    })?;
+    drop(simulator);
+    print_demo_summary(measures, &stats, &report);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the demo measured of the feed.
+struct FeedMeasures {
+    elapsed: Duration,
+    received: u64,
+    latencies_us: Vec<u64>,
+    gaps: u64,
+}
+
+/// Receives and measures the feed for `run_for` (or until `stop`), dropping every
+/// upstream connection half way and making a history request a quarter of the way in
+/// (on a thread of `scope`: its handle is returned, with the time the feed ran and the
+/// pool's stats at its end).
+fn consume_feed<'scope>(
+    pool: &'scope Pool,
+    simulator: &Simulator,
+    stop: &AtomicBool,
+    run_for: Duration,
+    scope: &'scope std::thread::Scope<'scope, '_>,
+) -> Result<
+    (
+        FeedMeasures,
+        wirepool::PoolStats,
+        Option<std::thread::ScopedJoinHandle<'scope, String>>,
+    ),
+    String,
+> {
     let started = Instant::now();
     let mut received = 0u64;
     let mut latencies_us: Vec<u64> = Vec::new();
@@ -461,7 +516,7 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
     let mut batch: Vec<Message> = Vec::with_capacity(4096);
     let mut last_print = Instant::now();
     let mut dropped_once = false;
-    let mut request_report = String::from("not made");
+    let mut request = None;
     while started.elapsed() < run_for && !stop.load(Ordering::Relaxed) {
         batch.clear();
         pool.recv_batch(&mut batch, 4096, Some(Duration::from_millis(100)))
@@ -491,22 +546,28 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
             eprintln!("\nwirepool demo: dropping every upstream connection (simulated outage)");
             simulator.drop_connections();
         }
-        if request_report == "not made" && elapsed >= run_for / 4 {
-            let asked = Instant::now();
-            request_report = match pool.request(
-                br#"{"op":"history","channel":"ticker.0","bars":50}"#,
-                RequestOptions {
-                    timeout: Some(Duration::from_secs(5)),
-                    idempotent: true,
-                },
-            ) {
-                Ok(reply) => format!(
-                    "history request: {} bytes in {} us",
-                    reply.len(),
-                    asked.elapsed().as_micros()
-                ),
-                Err(err) => format!("history request failed: {err}"),
-            };
+        if request.is_none() && elapsed >= run_for / 4 {
+            request = Some(scope.spawn(move || {
+                let asked = Instant::now();
+                match pool.request(
+                    br#"{"op":"history","channel":"ticker.0","bars":50}"#,
+                    RequestOptions {
+                        timeout: Some(DEMO_REQUEST_TIMEOUT),
+                        idempotent: true,
+                    },
+                ) {
+                    Ok(reply) => format!(
+                        "history request: {} bytes in {} us",
+                        reply.len(),
+                        asked.elapsed().as_micros()
+                    ),
+                    Err(wirepool::Error::Closed) => format!(
+                        "history request: no reply in the {} ms before the demo ended",
+                        asked.elapsed().as_millis()
+                    ),
+                    Err(err) => format!("history request failed: {err}"),
+                }
+            }));
         }
         if last_print.elapsed() >= Duration::from_millis(250) {
             last_print = Instant::now();
@@ -525,11 +586,23 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
             let _ = std::io::stderr().flush();
         }
     }
-    let elapsed = started.elapsed();
-    let stats = pool.stats();
-    pool.close();
-    drop(simulator);
     latencies_us.sort_unstable();
+    let measures = FeedMeasures {
+        elapsed: started.elapsed(),
+        received,
+        latencies_us,
+        gaps,
+    };
+    Ok((measures, pool.stats(), request))
+}
+
+fn print_demo_summary(measures: FeedMeasures, stats: &wirepool::PoolStats, request_report: &str) {
+    let FeedMeasures {
+        elapsed,
+        received,
+        latencies_us,
+        gaps,
+    } = measures;
     println!();
     println!("wirepool demo summary");
     println!("  duration            {:.1} s", elapsed.as_secs_f64());
@@ -557,7 +630,6 @@ fn demo(args: &Args) -> Result<ExitCode, String> {
         "  bytes in / out      {} / {}",
         stats.bytes_received, stats.bytes_sent
     );
-    Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: &Args) -> Result<ExitCode, String> {
