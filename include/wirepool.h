@@ -21,6 +21,13 @@
 #define WIREPOOL_MESSAGE_DATA 0
 
 /*
+ Poller key of the listener, and of each client's socket on its own poller.
+ The largest universe [`SimulatorConfig::channels`] may list: its `instruments`
+ frame (about 16 bytes a channel, 1.6 MB at the limit) is built for every session.
+ */
+#define MAX_CHANNELS 100000
+
+/*
  Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up.
  */
 enum wirepool_result
@@ -316,6 +323,28 @@ wirepool_result wirepool_pool_set_token(const struct wirepool_pool *pool, const 
  */
 wirepool_result wirepool_pool_connections_json(const struct wirepool_pool *pool,
                                                struct wirepool_bytes **out_json);
+
+/*
+ The pool's health as a JSON object, as `GET /api/v1/pool/health` gives it:
+ `{"level": "healthy"|"degraded"|"unhealthy"|"critical", "reasons": [...],
+ "history": [{"ts_ms", "level", "reasons"}, ...]}`; `reasons` is empty when healthy,
+ `history` holds the last 100 level changes, oldest first. After
+ `wirepool_pool_close` it still answers (like `wirepool_pool_stats_json`): `critical`,
+ because `the pool is closed`.
+ */
+wirepool_result wirepool_pool_health_json(const struct wirepool_pool *pool,
+                                          struct wirepool_bytes **out_json);
+
+/*
+ The pool's servers as JSON, as `GET /api/v1/servers` gives them: `{"servers":
+ [{"id", "circuit": "closed"|"open"|"half_open", "consecutive_failures",
+ "connections", "ready_connections", "retry_after_until_ms"}, ...]}` in configuration
+ order (`retry_after_until_ms`: Unix milliseconds until which the server asked for no
+ new connections, 0 when it did not). After `wirepool_pool_close` it still gives the
+ last state seen (like `wirepool_pool_stats_json`).
+ */
+wirepool_result wirepool_pool_servers_json(const struct wirepool_pool *pool,
+                                           struct wirepool_bytes **out_json);
 
 /*
  Closes one connection (a close frame is sent); the pool replaces it like after any

@@ -364,18 +364,10 @@ impl Handler {
         match endpoint {
             Endpoint::Health => health_reply(pool),
             Endpoint::Stats => Reply::json(200, &pool.stats()),
-            Endpoint::PoolHealth => Reply::json(200, &pool.health()),
+            Endpoint::PoolHealth => json_reply(pool_health_json(pool)),
             Endpoint::GetConfig => Reply::json(200, &pool.settings()),
             Endpoint::SetConfig => set_config(pool, body),
-            Endpoint::ListConnections => match connections_json(pool) {
-                Ok(body) => Reply {
-                    status: 200,
-                    content_type: JSON,
-                    body,
-                    headers: Vec::new(),
-                },
-                Err(err) => Reply::error(500, format!("rendering the reply: {err}")),
-            },
+            Endpoint::ListConnections => json_reply(connections_json(pool)),
             Endpoint::GetConnection(raw_id) => match parse_id(raw_id) {
                 Err(reply) => reply,
                 Ok(id) => match pool.connections().iter().find(|c| c.id == id) {
@@ -397,12 +389,7 @@ impl Handler {
                 Err(Error::InvalidArgument(text)) => Reply::error(409, text),
                 Err(err) => unavailable(&err),
             },
-            Endpoint::Servers => Reply::json(
-                200,
-                &ServerList {
-                    servers: pool.servers(),
-                },
-            ),
+            Endpoint::Servers => json_reply(servers_json(pool)),
             Endpoint::Metrics => Reply {
                 status: 200,
                 content_type: PROMETHEUS_TEXT,
@@ -497,6 +484,31 @@ pub(crate) fn connections_json(pool: &Pool) -> serde_json::Result<Vec<u8>> {
     let snapshots = pool.connections();
     let connections = snapshots.iter().map(ConnectionBody::of).collect();
     serde_json::to_vec(&ConnectionList { connections })
+}
+
+/// The body of `GET /api/v1/pool/health` (level, reasons, history), for the C ABI too.
+pub(crate) fn pool_health_json(pool: &Pool) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&pool.health())
+}
+
+/// The body of `GET /api/v1/servers` (`{"servers": [...]}`), for the C ABI too.
+pub(crate) fn servers_json(pool: &Pool) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&ServerList {
+        servers: pool.servers(),
+    })
+}
+
+/// A 200 with a body rendered by one of the functions the C ABI shares.
+fn json_reply(body: serde_json::Result<Vec<u8>>) -> Reply {
+    match body {
+        Ok(body) => Reply {
+            status: 200,
+            content_type: JSON,
+            body,
+            headers: Vec::new(),
+        },
+        Err(err) => Reply::error(500, format!("rendering the reply: {err}")),
+    }
 }
 
 fn close_connection(pool: &Pool, id: u64) -> Reply {

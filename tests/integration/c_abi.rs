@@ -987,3 +987,211 @@ fn pool_settings_are_read_and_changed_through_the_c_abi() {
     // SAFETY: freed once; nothing uses it afterwards.
     unsafe { wirepool_pool_free(pool.cast_mut()) };
 }
+
+/// The JSON of a `_json` call that must succeed.
+fn json_of(
+    pool: *const wirepool_pool,
+    call: unsafe extern "C" fn(*const wirepool_pool, *mut *mut wirepool_bytes) -> wirepool_result,
+) -> serde_json::Value {
+    let mut json = ptr::null_mut();
+    // SAFETY: a live pool and a valid out-pointer.
+    let code = unsafe { call(pool, &mut json) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    serde_json::from_slice(&bytes_of(json)).expect("a JSON reply")
+}
+
+/// Takes the pool's events through the C ABI until one matches, failing after 10 s
+/// with what was seen.
+fn wait_for_c_event(
+    pool: *const wirepool_pool,
+    what: &str,
+    mut matches: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let mut json = ptr::null_mut();
+        // SAFETY: a live pool and a valid out-pointer.
+        let code = unsafe { wirepool_pool_events_json(pool, 200, &mut json) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        let events: Vec<serde_json::Value> =
+            serde_json::from_slice(&bytes_of(json)).expect("events JSON");
+        for event in events {
+            if matches(&event) {
+                return event;
+            }
+            seen.push(event["type"].clone());
+        }
+    }
+    panic!("expected {what} within 10 s; events seen: {seen:?}");
+}
+
+/// Health through the C ABI: `healthy` with no reasons once both connections are
+/// ready, its history ending in that level; the one server listed with a closed
+/// breaker and both connections; NULL arguments refused, naming the argument.
+#[test]
+fn a_ready_pool_is_healthy_through_the_c_abi() {
+    let _guard = watchdog("c_abi_health_ready", Duration::from_secs(30));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 20.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = open_pool(&sim.url()).cast_const();
+    // SAFETY: a live pool.
+    let code = unsafe { wirepool_pool_wait_ready(pool, 10_000) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    // The pool thread assesses health as connections change: wait for it on events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let health = json_of(pool, wirepool_pool_health_json);
+        if health["level"] == "healthy" {
+            break health;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected healthy with two ready connections, got {health}"
+        );
+        let mut events = ptr::null_mut();
+        // SAFETY: a live pool and a valid out-pointer.
+        let code = unsafe { wirepool_pool_events_json(pool, 200, &mut events) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        bytes_of(events);
+    };
+    assert_eq!(health["reasons"], serde_json::json!([]), "{health}");
+    let history = health["history"].as_array().expect("a history list");
+    let last = history.last().expect("at least the change to healthy");
+    assert_eq!(last["level"], "healthy", "{health}");
+    assert!(last["ts_ms"].as_u64().is_some_and(|ts| ts > 0), "{health}");
+
+    let servers = json_of(pool, wirepool_pool_servers_json);
+    let servers = servers["servers"].as_array().expect("a servers list");
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    assert_eq!(servers[0]["circuit"], "closed", "{servers:?}");
+    assert_eq!(servers[0]["consecutive_failures"], 0, "{servers:?}");
+    assert_eq!(servers[0]["ready_connections"], 2, "{servers:?}");
+    assert_eq!(servers[0]["retry_after_until_ms"], 0, "{servers:?}");
+
+    // SAFETY: exactly the misuse under test; wirepool must check.
+    unsafe {
+        for call in [wirepool_pool_health_json, wirepool_pool_servers_json] {
+            let mut json = ptr::null_mut();
+            assert_eq!(
+                call(ptr::null(), &mut json),
+                wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+            );
+            assert!(last_error().contains("pool is NULL"), "{}", last_error());
+            assert!(json.is_null(), "out-parameter written on failure");
+            assert_eq!(
+                call(pool, ptr::null_mut()),
+                wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+            );
+            assert!(
+                last_error().contains("out_json is NULL"),
+                "{}",
+                last_error()
+            );
+        }
+        wirepool_pool_free(pool.cast_mut());
+    }
+}
+
+/// A venue that refuses every connect: once its breaker opens (`circuit_open`), the
+/// servers view shows it `open` with its failures while the other server stays
+/// `closed`, and health is `degraded` naming the breaker. Between close and free both
+/// still answer: health `critical` because the pool is closed.
+#[test]
+fn an_open_breaker_shows_in_servers_and_health_through_the_c_abi() {
+    let _guard = watchdog("c_abi_health_breaker", Duration::from_secs(30));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 20.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let (_refusing, refusing_url) = crate::support::refusing_url();
+    let config = std::ffi::CString::new(format!(
+        r#"{{"servers":[{{"id":"sim","url":"{}"}},{{"id":"refusing","url":"{refusing_url}"}}],
+            "pool":{{"min_connections":2,"max_connections":2}},
+            "reconnect":{{"initial_delay_ms":10,"max_delay_ms":20}},
+            "circuit_breaker":{{"failure_threshold":1,"recovery_timeout_ms":30000}}}}"#,
+        sim.url()
+    ))
+    .expect("no NUL");
+    let mut pool = ptr::null_mut();
+    // SAFETY: a NUL-terminated config and a valid out-pointer.
+    let code = unsafe { wirepool_pool_new(config.as_ptr(), &mut pool) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    let pool = pool.cast_const();
+
+    let opened = wait_for_c_event(pool, "circuit_open", |event| {
+        event["type"] == "circuit_open"
+    });
+    assert_eq!(opened["server"], "refusing", "{opened}");
+    let servers = json_of(pool, wirepool_pool_servers_json);
+    let by_id = |id: &str| -> serde_json::Value {
+        servers["servers"]
+            .as_array()
+            .expect("a servers list")
+            .iter()
+            .find(|server| server["id"] == id)
+            .unwrap_or_else(|| panic!("server {id} not listed: {servers}"))
+            .clone()
+    };
+    let refusing = by_id("refusing");
+    assert_eq!(refusing["circuit"], "open", "{servers}");
+    assert!(
+        refusing["consecutive_failures"]
+            .as_u64()
+            .is_some_and(|failures| failures >= 1),
+        "{servers}"
+    );
+    assert_eq!(refusing["ready_connections"], 0, "{servers}");
+    assert_eq!(by_id("sim")["circuit"], "closed", "{servers}");
+
+    // Health follows at the pool thread's next assessment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let health = json_of(pool, wirepool_pool_health_json);
+        let names_breaker = health["reasons"].as_array().is_some_and(|reasons| {
+            reasons.iter().any(|reason| {
+                reason
+                    .as_str()
+                    .is_some_and(|r| r.contains("circuit breaker"))
+            })
+        });
+        if names_breaker {
+            break health;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected health to name the open breaker, got {health}"
+        );
+        let mut events = ptr::null_mut();
+        // SAFETY: a live pool and a valid out-pointer.
+        let code = unsafe { wirepool_pool_events_json(pool, 200, &mut events) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        bytes_of(events);
+    };
+    assert_eq!(health["level"], "degraded", "{health}");
+
+    // SAFETY: a live pool.
+    let code = unsafe { wirepool_pool_close(pool) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK);
+    let health = json_of(pool, wirepool_pool_health_json);
+    assert_eq!(health["level"], "critical", "{health}");
+    assert_eq!(
+        health["reasons"],
+        serde_json::json!(["the pool is closed"]),
+        "{health}"
+    );
+    let servers = json_of(pool, wirepool_pool_servers_json);
+    assert_eq!(
+        servers["servers"].as_array().map(Vec::len),
+        Some(2),
+        "{servers}"
+    );
+    // SAFETY: freed once; nothing uses it afterwards.
+    unsafe { wirepool_pool_free(pool.cast_mut()) };
+}
