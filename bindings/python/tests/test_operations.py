@@ -229,3 +229,63 @@ def test_settings_and_reconfigure_after_close_raise_closed(pool):
         pool.settings()
     with pytest.raises(wirepool.ClosedError):
         pool.reconfigure(min_connections=1)
+
+
+def _refusing_url() -> tuple:
+    """A ws:// URL that refuses connects while the returned socket lives (bound, never
+    listening, so no other test's server can take the port)."""
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"ws://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _health_when(pool, predicate, what, timeout=10.0):
+    """Reads health after each batch of events until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = pool.health()
+        if predicate(health):
+            return health
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"expected {what} within {timeout} s: {health}"
+        pool.events(timeout=min(remaining, 0.5))
+
+
+def test_a_ready_pool_is_healthy_and_its_server_closed(pool):
+    health = _health_when(pool, lambda h: h["level"] == "healthy", "healthy")
+    assert health["reasons"] == []
+    assert health["history"][-1]["level"] == "healthy", health
+    servers = pool.servers()
+    assert isinstance(servers, list) and len(servers) == 1, servers
+    assert servers[0]["circuit"] == "closed", servers
+    assert servers[0]["ready_connections"] == 2, servers
+
+
+def test_a_refusing_server_opens_its_breaker_in_servers_and_health(simulator, make_pool):
+    sock, refusing = _refusing_url()
+    try:
+        pool = make_pool({
+            "servers": [{"id": "sim", "url": simulator.url}, {"id": "refusing", "url": refusing}],
+            "pool": {"min_connections": 2, "max_connections": 2},
+            "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
+            "circuit_breaker": {"failure_threshold": 1, "recovery_timeout_ms": 30000},
+        })
+        opened = wait_for_event(pool, lambda event: event["type"] == "circuit_open")
+        assert opened["server"] == "refusing", opened
+        servers = {server["id"]: server for server in pool.servers()}
+        assert [server["id"] for server in pool.servers()] == ["sim", "refusing"]
+        assert servers["refusing"]["circuit"] == "open", servers
+        assert servers["refusing"]["consecutive_failures"] >= 1, servers
+        assert servers["sim"]["circuit"] == "closed", servers
+        health = _health_when(
+            pool, lambda h: any("circuit breaker" in reason for reason in h["reasons"]),
+            "health to name the open breaker")
+        assert health["level"] == "degraded", health
+        pool.close()
+        with pytest.raises(wirepool.ClosedError):
+            pool.health()
+        with pytest.raises(wirepool.ClosedError):
+            pool.servers()
+    finally:
+        sock.close()

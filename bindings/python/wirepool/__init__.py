@@ -1246,6 +1246,24 @@ class Pool(_Handle):
         names a message's connection here."""
         return self._json_call(lib.wirepool_pool_connections_json)["connections"]
 
+    def health(self) -> Dict[str, Any]:
+        """The pool's health, as ``GET /api/v1/pool/health`` gives it: ``level``
+        (``"healthy"``, ``"degraded"``, ``"unhealthy"`` or ``"critical"``), ``reasons``
+        (why it is not healthy, e.g. ``"1 server circuit breaker(s) not closed"``; ``[]``
+        when it is) and ``history`` (the last 100 level changes, oldest first, each with
+        ``ts_ms``, ``level`` and ``reasons``). The pool thread reassesses it as
+        connections and breakers change: to wait for a level, read it again after each
+        ``events()``. ``ClosedError`` after ``close()``."""
+        return self._json_call(lib.wirepool_pool_health_json)
+
+    def servers(self) -> List[Dict[str, Any]]:
+        """The configured servers in order, as ``GET /api/v1/servers`` lists them: ``id``,
+        ``circuit`` (``"closed"``, ``"open"`` or ``"half_open"``),
+        ``consecutive_failures``, ``connections``, ``ready_connections`` and
+        ``retry_after_until_ms`` (Unix milliseconds until which the server asked for no
+        new connections, 0 when it did not). ``ClosedError`` after ``close()``."""
+        return self._json_call(lib.wirepool_pool_servers_json)["servers"]
+
     def close_connection(self, connection_id: SupportsIndex) -> None:
         """Closes one connection; the pool replaces it and its channels move to other
         ready connections at once, as do requests made from then on. Until the venue
