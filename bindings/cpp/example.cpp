@@ -191,6 +191,27 @@ void check_reconfigure(const wirepool::Pool &pool) {
     std::cout << "reconfigured: 2 -> 3 -> 2 connections, now " << pool.settings_json() << "\n";
 }
 
+// Two ready connections to one server: the pool turns healthy (health is reassessed on
+// the pool thread, so read it after each batch of events) and the server's breaker is
+// closed with both connections ready.
+void check_health_and_servers(const wirepool::Pool &pool) {
+    const auto deadline = std::chrono::steady_clock::now() + seconds(10);
+    std::string health = pool.health_json();
+    while (health.find("\"level\":\"healthy\"") == std::string::npos) {
+        expect(std::chrono::steady_clock::now() < deadline,
+               "healthy within 10 s with two ready connections: " + shorten(health, 400));
+        (void)pool.events_json(milliseconds(200));
+        health = pool.health_json();
+    }
+    expect(health.find("\"reasons\":[]") != std::string::npos,
+           "a healthy pool gives no reasons: " + shorten(health, 400));
+    const std::string servers = pool.servers_json();
+    expect(servers.find("\"circuit\":\"closed\"") != std::string::npos &&
+               servers.find("\"ready_connections\":2") != std::string::npos,
+           "the one server's breaker is closed with two ready connections: " + servers);
+    std::cout << "health: healthy; servers: " << servers << "\n";
+}
+
 int run(const std::string &url, std::size_t wanted) {
     std::cout << "wirepool " << wirepool::version() << ", server " << url << "\n";
 
@@ -201,6 +222,7 @@ int run(const std::string &url, std::size_t wanted) {
     wirepool::Pool pool(config);
     pool.wait_ready(seconds(10));
     expect(pool.fd() >= 0, "pool fd is a valid descriptor");
+    check_health_and_servers(pool);
 
     const std::string channels[] = {"ticker.0", "ticker.1"};
     for (const std::string &channel : channels) {

@@ -606,6 +606,25 @@ public:
         return Bytes(out).str();
     }
 
+    /// The health (same JSON as GET /api/v1/pool/health: {"level": "healthy" |
+    /// "degraded" | "unhealthy" | "critical", "reasons": [...], "history": [...]}).
+    /// Still answers after `close()`: critical, "the pool is closed".
+    [[nodiscard]] std::string health_json() const {
+        wirepool_bytes *out = nullptr;
+        detail::check("wirepool_pool_health_json",
+                      static_cast<std::uint32_t>(wirepool_pool_health_json(handle(), &out)));
+        return Bytes(out).str();
+    }
+
+    /// The servers and their circuit breakers (same JSON as GET /api/v1/servers:
+    /// {"servers": [{"id", "circuit", "consecutive_failures", ...}]}).
+    [[nodiscard]] std::string servers_json() const {
+        wirepool_bytes *out = nullptr;
+        detail::check("wirepool_pool_servers_json",
+                      static_cast<std::uint32_t>(wirepool_pool_servers_json(handle(), &out)));
+        return Bytes(out).str();
+    }
+
     /// Closes one connection; the pool replaces it and its channels move at once.
     void close_connection(std::uint64_t connection_id) const {
         detail::check("wirepool_pool_close_connection",
