@@ -21,13 +21,6 @@
 #define WIREPOOL_MESSAGE_DATA 0
 
 /*
- Poller key of the listener, and of each client's socket on its own poller.
- The largest universe [`SimulatorConfig::channels`] may list: its `instruments`
- frame (about 16 bytes a channel, 1.6 MB at the limit) is built for every session.
- */
-#define MAX_CHANNELS 100000
-
-/*
  Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up.
  */
 enum wirepool_result
@@ -345,6 +338,30 @@ wirepool_result wirepool_pool_health_json(const struct wirepool_pool *pool,
  */
 wirepool_result wirepool_pool_servers_json(const struct wirepool_pool *pool,
                                            struct wirepool_bytes **out_json);
+
+/*
+ Request round-trip times as a JSON object, as `GET /api/v1/pool/latency` gives
+ it: `{"bounds_us": [100, 250, ...], "counts": [...], "count", "sum_us",
+ "p50_upper_bound_us", "p90_upper_bound_us", "p99_upper_bound_us"}`. `counts` has
+ one entry per bound plus a last one for requests above the last bound; `count` is
+ their sum. Answered requests and venue errors count, timeouts do not. A
+ percentile is the upper bound of the bucket that holds it (the true value is at
+ most that), `null` with no requests or above the last bound. After
+ `wirepool_pool_close` it still answers (like `wirepool_pool_stats_json`).
+ */
+wirepool_result wirepool_pool_request_latency_json(const struct wirepool_pool *pool,
+                                                   struct wirepool_bytes **out_json);
+
+/*
+ The address the health/admin HTTP port listens on, as text such as
+ `127.0.0.1:9090` or `[::1]:9090` (not NUL-terminated: use `wirepool_bytes_len`),
+ the port the system chose when `health.listen` asked for port 0. When the pool
+ has no port (no `health.listen`, or after `wirepool_pool_close`, which stops it)
+ the result is `WIREPOOL_OK` with `*out_addr` set to NULL: only a result other
+ than `WIREPOOL_OK` is an error.
+ */
+wirepool_result wirepool_pool_health_addr(const struct wirepool_pool *pool,
+                                          struct wirepool_bytes **out_addr);
 
 /*
  Closes one connection (a close frame is sent); the pool replaces it like after any

@@ -365,6 +365,7 @@ impl Handler {
             Endpoint::Health => health_reply(pool),
             Endpoint::Stats => Reply::json(200, &pool.stats()),
             Endpoint::PoolHealth => json_reply(pool_health_json(pool)),
+            Endpoint::PoolLatency => json_reply(request_latency_json(pool)),
             Endpoint::GetConfig => Reply::json(200, &pool.settings()),
             Endpoint::SetConfig => set_config(pool, body),
             Endpoint::ListConnections => json_reply(connections_json(pool)),
@@ -496,6 +497,67 @@ pub(crate) fn servers_json(pool: &Pool) -> serde_json::Result<Vec<u8>> {
     serde_json::to_vec(&ServerList {
         servers: pool.servers(),
     })
+}
+
+/// The body of `GET /api/v1/pool/latency`, for the C ABI too.
+pub(crate) fn request_latency_json(pool: &Pool) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&LatencyBody::of(pool.request_latency()))
+}
+
+/// Request round-trip times: the histogram as the pool keeps it, its total, and
+/// percentiles read off the buckets.
+#[derive(Serialize)]
+struct LatencyBody {
+    /// Upper bound of each bucket, in microseconds.
+    bounds_us: Vec<u64>,
+    /// Requests per bucket (not cumulative), one more than `bounds_us`: the last
+    /// counts those above the last bound.
+    counts: Vec<u64>,
+    /// The sum of `counts`.
+    count: u64,
+    sum_us: u64,
+    /// The upper bound of the bucket that holds the request of that rank (nearest
+    /// rank): the true percentile is at most this and above the bucket below's bound.
+    /// None with no requests, or when that request lies above the last bound.
+    p50_upper_bound_us: Option<u64>,
+    p90_upper_bound_us: Option<u64>,
+    p99_upper_bound_us: Option<u64>,
+}
+
+impl LatencyBody {
+    fn of(histogram: LatencyHistogram) -> LatencyBody {
+        let count = histogram.counts.iter().sum();
+        let percentile = |per_mille| bucket_bound_at(&histogram, count, per_mille);
+        LatencyBody {
+            p50_upper_bound_us: percentile(500),
+            p90_upper_bound_us: percentile(900),
+            p99_upper_bound_us: percentile(990),
+            count,
+            bounds_us: histogram.bounds_us,
+            counts: histogram.counts,
+            sum_us: histogram.sum_us,
+        }
+    }
+}
+
+/// The upper bound of the bucket holding the request of nearest rank
+/// `ceil(count * per_mille / 1000)`; None with no requests or past the last bound.
+fn bucket_bound_at(histogram: &LatencyHistogram, count: u64, per_mille: u64) -> Option<u64> {
+    if count == 0 {
+        return None;
+    }
+    let rank = (u128::from(count) * u128::from(per_mille))
+        .div_ceil(1000)
+        .max(1);
+    let mut cumulative = 0u128;
+    for (index, bucket) in histogram.counts.iter().enumerate() {
+        cumulative += u128::from(*bucket);
+        if cumulative >= rank {
+            // The bucket past the last bound has no upper bound.
+            return histogram.bounds_us.get(index).copied();
+        }
+    }
+    None
 }
 
 /// A 200 with a body rendered by one of the functions the C ABI shares.
@@ -685,6 +747,7 @@ enum Resource {
     Health,
     PoolStats,
     PoolHealth,
+    PoolLatency,
     PoolConfig,
     Connections,
     /// `/api/v1/connections/{id}`, the id as given.
@@ -702,6 +765,7 @@ impl Resource {
             "/metrics" => Resource::Metrics,
             "/api/v1/pool/stats" => Resource::PoolStats,
             "/api/v1/pool/health" => Resource::PoolHealth,
+            "/api/v1/pool/latency" => Resource::PoolLatency,
             "/api/v1/pool/config" => Resource::PoolConfig,
             "/api/v1/connections" => Resource::Connections,
             "/api/v1/servers" => Resource::Servers,
@@ -736,6 +800,7 @@ impl Resource {
             (Resource::Health, Verb::Get) => Endpoint::Health,
             (Resource::PoolStats, Verb::Get) => Endpoint::Stats,
             (Resource::PoolHealth, Verb::Get) => Endpoint::PoolHealth,
+            (Resource::PoolLatency, Verb::Get) => Endpoint::PoolLatency,
             (Resource::PoolConfig, Verb::Get) => Endpoint::GetConfig,
             (Resource::PoolConfig, Verb::Post) => Endpoint::SetConfig,
             (Resource::Connections, Verb::Get) => Endpoint::ListConnections,
@@ -756,6 +821,7 @@ enum Endpoint {
     Health,
     Stats,
     PoolHealth,
+    PoolLatency,
     GetConfig,
     SetConfig,
     ListConnections,
@@ -1391,6 +1457,33 @@ mod tests {
             ]
         );
         assert!(out.text.starts_with("# HELP d help\n# TYPE d histogram\n"));
+    }
+
+    #[test]
+    fn latency_percentiles_are_the_upper_bounds_of_their_buckets() {
+        let histogram = |counts: Vec<u64>| LatencyHistogram {
+            bounds_us: vec![100, 250, 1_000],
+            counts,
+            sum_us: 0,
+        };
+        // 10 requests: ranks 5 (p50), 9 (p90) and 10 (p99).
+        let body = LatencyBody::of(histogram(vec![4, 1, 4, 1]));
+        assert_eq!(body.count, 10);
+        assert_eq!(body.p50_upper_bound_us, Some(250));
+        assert_eq!(body.p90_upper_bound_us, Some(1_000));
+        assert_eq!(
+            body.p99_upper_bound_us, None,
+            "rank 10 is above the last bound"
+        );
+        let body = LatencyBody::of(histogram(vec![0, 3, 0, 0]));
+        assert_eq!(body.p50_upper_bound_us, Some(250));
+        assert_eq!(body.p99_upper_bound_us, Some(250));
+        let empty = LatencyBody::of(histogram(vec![0, 0, 0, 0]));
+        assert_eq!(empty.count, 0);
+        assert_eq!(empty.p50_upper_bound_us, None);
+        // 1000 requests, the 990th the last in the first bucket.
+        let body = LatencyBody::of(histogram(vec![990, 10, 0, 0]));
+        assert_eq!(body.p99_upper_bound_us, Some(100));
     }
 
     #[test]

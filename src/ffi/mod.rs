@@ -638,6 +638,58 @@ pub unsafe extern "C" fn wirepool_pool_servers_json(
     })
 }
 
+/// Request round-trip times as a JSON object, as `GET /api/v1/pool/latency` gives
+/// it: `{"bounds_us": [100, 250, ...], "counts": [...], "count", "sum_us",
+/// "p50_upper_bound_us", "p90_upper_bound_us", "p99_upper_bound_us"}`. `counts` has
+/// one entry per bound plus a last one for requests above the last bound; `count` is
+/// their sum. Answered requests and venue errors count, timeouts do not. A
+/// percentile is the upper bound of the bucket that holds it (the true value is at
+/// most that), `null` with no requests or above the last bound. After
+/// `wirepool_pool_close` it still answers (like `wirepool_pool_stats_json`).
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_request_latency_json(
+    pool: *const wirepool_pool,
+    out_json: *mut *mut wirepool_bytes,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let out_json = out(out_json, "out_json")?;
+        let json = crate::http::request_latency_json(&pool.pool).map_err(|err| {
+            fail(
+                WIREPOOL_ERR_INTERNAL,
+                &format!("serialising request latency: {err}"),
+            )
+        })?;
+        // SAFETY: checked non-null above.
+        unsafe { *out_json = new_bytes(json) };
+        Ok(())
+    })
+}
+
+/// The address the health/admin HTTP port listens on, as text such as
+/// `127.0.0.1:9090` or `[::1]:9090` (not NUL-terminated: use `wirepool_bytes_len`),
+/// the port the system chose when `health.listen` asked for port 0. When the pool
+/// has no port (no `health.listen`, or after `wirepool_pool_close`, which stops it)
+/// the result is `WIREPOOL_OK` with `*out_addr` set to NULL: only a result other
+/// than `WIREPOOL_OK` is an error.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_health_addr(
+    pool: *const wirepool_pool,
+    out_addr: *mut *mut wirepool_bytes,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let out_addr = out(out_addr, "out_addr")?;
+        let addr = match pool.pool.health_addr() {
+            Some(addr) => new_bytes(addr.to_string().into_bytes()),
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: checked non-null above.
+        unsafe { *out_addr = addr };
+        Ok(())
+    })
+}
+
 /// Closes one connection (a close frame is sent); the pool replaces it like after any
 /// failure, and its channels move to other ready connections at once, as do requests
 /// made from then on (it takes no new work while its close runs). Until the venue
@@ -1087,127 +1139,6 @@ mod tests {
     use super::*;
     use crate::config::Overflow;
     use crate::queue::{Chunk, ConsumerQueue};
-
-    /// The body of `GET path` on the admin port at `addr`.
-    fn admin_get(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(addr).expect("connect to the port");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("read timeout");
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send the request");
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).expect("read the reply");
-        let at = reply
-            .windows(4)
-            .position(|window| window == b"\r\n\r\n")
-            .expect("a reply head");
-        assert!(
-            reply.starts_with(b"HTTP/1.1 200"),
-            "GET {path}: {}",
-            String::from_utf8_lossy(&reply)
-        );
-        serde_json::from_slice(&reply[at + 4..]).expect("a JSON body")
-    }
-
-    fn c_json(
-        pool: *const wirepool_pool,
-        call: unsafe extern "C" fn(
-            *const wirepool_pool,
-            *mut *mut wirepool_bytes,
-        ) -> wirepool_result,
-    ) -> serde_json::Value {
-        let mut json = std::ptr::null_mut();
-        // SAFETY: a live pool and a valid out-pointer.
-        let code = unsafe { call(pool, &mut json) };
-        assert_eq!(code, WIREPOOL_OK);
-        // SAFETY: a buffer from wirepool, freed once right here.
-        let bytes = unsafe { Box::from_raw(json) };
-        serde_json::from_slice(&bytes.data).expect("JSON")
-    }
-
-    /// `wirepool_pool_health_json` and `wirepool_pool_servers_json` give what the admin
-    /// port gives for the same pool, one server's breaker open (a port that refuses
-    /// connects) and the other serving.
-    #[test]
-    fn health_and_servers_json_are_the_admin_port_bodies() {
-        let sim = crate::simulator::Simulator::start(crate::simulator::SimulatorConfig {
-            listen: "127.0.0.1:0".parse().expect("address"),
-            rate_per_channel: 20.0,
-            ..crate::simulator::SimulatorConfig::default()
-        })
-        .expect("simulator");
-        // Bound and never listening: connects are refused for the test's life.
-        let refusing = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )
-        .expect("socket");
-        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
-        refusing.bind(&any.into()).expect("bind");
-        let refusing_addr = refusing
-            .local_addr()
-            .expect("address")
-            .as_socket()
-            .expect("IP");
-        let config = CString::new(format!(
-            r#"{{"servers":[{{"id":"sim","url":"{}"}},{{"id":"refusing","url":"ws://{refusing_addr}"}}],
-                "pool":{{"min_connections":2,"max_connections":2}},
-                "reconnect":{{"initial_delay_ms":10,"max_delay_ms":20}},
-                "circuit_breaker":{{"failure_threshold":1,"recovery_timeout_ms":30000}},
-                "health":{{"listen":"127.0.0.1:0"}}}}"#,
-            sim.url()
-        ))
-        .expect("no NUL");
-        let mut handle = std::ptr::null_mut();
-        // SAFETY: a NUL-terminated config and a valid out-pointer.
-        assert_eq!(
-            unsafe { wirepool_pool_new(config.as_ptr(), &mut handle) },
-            WIREPOOL_OK
-        );
-        // SAFETY: live until freed at the end.
-        let pool = unsafe { &(*handle).pool };
-        let addr = pool.health_addr().expect("the admin port runs");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !pool.servers().iter().any(|server| server.circuit == "open") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "expected the refusing server's breaker to open; servers: {:?}",
-                pool.servers()
-            );
-            pool.events(Duration::from_millis(200));
-        }
-        for (path, call) in [
-            (
-                "/api/v1/pool/health",
-                wirepool_pool_health_json as unsafe extern "C" fn(_, _) -> _,
-            ),
-            ("/api/v1/servers", wirepool_pool_servers_json),
-        ] {
-            // The pool moves on meanwhile (health is reassessed, connections get
-            // ready): compare once the C view held still around the port's reply.
-            let mut attempts = 0;
-            loop {
-                let before = c_json(handle, call);
-                let port = admin_get(addr, path);
-                let after = c_json(handle, call);
-                if before == after {
-                    assert_eq!(port, before, "{path}: the port and the C ABI differ");
-                    break;
-                }
-                attempts += 1;
-                assert!(attempts < 50, "{path}: the pool never held still");
-                pool.events(Duration::from_millis(100));
-            }
-        }
-        // SAFETY: freed once; nothing uses it afterwards.
-        unsafe { wirepool_pool_free(handle) };
-    }
 
     /// The documented layout: payloads back to back from offset 0, then one copy of the
     /// name per run of messages on one channel, whichever connection each came from.

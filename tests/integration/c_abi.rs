@@ -1195,3 +1195,279 @@ fn an_open_breaker_shows_in_servers_and_health_through_the_c_abi() {
     // SAFETY: freed once; nothing uses it afterwards.
     unsafe { wirepool_pool_free(pool.cast_mut()) };
 }
+
+/// Opens a pool through the C ABI from `config` (JSON), failing with the library's
+/// message.
+fn open_pool_with(config: &serde_json::Value) -> *const wirepool_pool {
+    let config = std::ffi::CString::new(config.to_string()).expect("no NUL");
+    let mut pool = ptr::null_mut();
+    // SAFETY: a NUL-terminated config and a valid out-pointer.
+    let code = unsafe { wirepool_pool_new(config.as_ptr(), &mut pool) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    pool.cast_const()
+}
+
+/// The admin port's address through `wirepool_pool_health_addr`: `None` when the
+/// call says there is no port (`WIREPOOL_OK` with NULL).
+fn c_health_addr(pool: *const wirepool_pool) -> Option<SocketAddr> {
+    let mut addr = ptr::null_mut();
+    // SAFETY: a live pool and a valid out-pointer.
+    let code = unsafe { wirepool_pool_health_addr(pool, &mut addr) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    if addr.is_null() {
+        return None;
+    }
+    let text = String::from_utf8(bytes_of(addr)).expect("UTF-8 address");
+    Some(
+        text.parse()
+            .unwrap_or_else(|err| panic!("{text:?} is not a socket address: {err}")),
+    )
+}
+
+/// The raw body of a `_json` call that must succeed.
+fn raw_json_of(
+    pool: *const wirepool_pool,
+    call: unsafe extern "C" fn(*const wirepool_pool, *mut *mut wirepool_bytes) -> wirepool_result,
+) -> Vec<u8> {
+    let mut json = ptr::null_mut();
+    // SAFETY: a live pool and a valid out-pointer.
+    let code = unsafe { call(pool, &mut json) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    bytes_of(json)
+}
+
+/// `health.listen` on port 0: `wirepool_pool_health_addr` names the port the system
+/// chose, and `GET /health` answers there; a pool without `health` has none (OK with
+/// NULL, not an error), nor does a closed one; NULL arguments are refused.
+#[test]
+fn the_admin_port_address_is_reported_through_the_c_abi() {
+    let _guard = watchdog("c_abi_health_addr", Duration::from_secs(30));
+    let sim = crate::support::simulator(20.0);
+    let pool = open_pool_with(&serde_json::json!({
+        "servers": [{"url": sim.url()}],
+        "pool": {"min_connections": 1, "max_connections": 1},
+        "health": {"listen": "127.0.0.1:0"},
+    }));
+    let addr = c_health_addr(pool).expect("health.listen is set: an address");
+    assert!(addr.ip().is_loopback(), "{addr}");
+    assert_ne!(addr.port(), 0, "the port the system chose, not 0");
+    let reply = crate::http::get(addr, "/health");
+    assert!(
+        matches!(reply.status, 200 | 503),
+        "GET /health at {addr}: {} {}",
+        reply.status,
+        reply.text()
+    );
+    assert!(reply.json()["status"].is_string(), "{}", reply.text());
+
+    // SAFETY: exactly the misuse under test; wirepool must check.
+    unsafe {
+        let mut out = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_health_addr(ptr::null(), &mut out),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("pool is NULL"), "{}", last_error());
+        assert!(out.is_null(), "out-parameter written on failure");
+        assert_eq!(
+            wirepool_pool_health_addr(pool, ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("out_addr is NULL"),
+            "{}",
+            last_error()
+        );
+    }
+
+    // Close stops the port: no address from then on.
+    // SAFETY: a live pool.
+    assert_eq!(
+        unsafe { wirepool_pool_close(pool) },
+        wirepool_result::WIREPOOL_OK
+    );
+    assert_eq!(c_health_addr(pool), None, "a closed pool has no port");
+    // SAFETY: freed once; nothing uses it afterwards.
+    unsafe { wirepool_pool_free(pool.cast_mut()) };
+
+    let without = open_pool_with(&serde_json::json!({
+        "servers": [{"url": sim.url()}],
+        "pool": {"min_connections": 1, "max_connections": 1},
+    }));
+    assert_eq!(c_health_addr(without), None, "no health.listen, no port");
+    // SAFETY: freed once; nothing uses it afterwards.
+    unsafe { wirepool_pool_free(without.cast_mut()) };
+}
+
+/// `wirepool_pool_health_json` and `wirepool_pool_servers_json` give what the admin
+/// port gives for the same pool, found through `wirepool_pool_health_addr`, one
+/// server's breaker open (a port that refuses connects) and the other serving.
+#[test]
+fn health_and_servers_json_are_the_admin_port_bodies() {
+    let _guard = watchdog("c_abi_port_bodies", Duration::from_secs(30));
+    let sim = crate::support::simulator(20.0);
+    let (_refusing, refusing_url) = crate::support::refusing_url();
+    let pool = open_pool_with(&serde_json::json!({
+        "servers": [{"id": "sim", "url": sim.url()}, {"id": "refusing", "url": refusing_url}],
+        "pool": {"min_connections": 2, "max_connections": 2},
+        "reconnect": {"initial_delay_ms": 10, "max_delay_ms": 20},
+        "circuit_breaker": {"failure_threshold": 1, "recovery_timeout_ms": 30000},
+        "health": {"listen": "127.0.0.1:0"},
+    }));
+    let addr = c_health_addr(pool).expect("the admin port runs");
+    wait_for_c_event(pool, "circuit_open", |event| {
+        event["type"] == "circuit_open"
+    });
+    for (path, call) in [
+        (
+            "/api/v1/pool/health",
+            wirepool_pool_health_json as unsafe extern "C" fn(_, _) -> _,
+        ),
+        ("/api/v1/servers", wirepool_pool_servers_json),
+    ] {
+        // The pool moves on meanwhile (health is reassessed, connections get ready):
+        // compare once the C view held still around the port's reply.
+        let mut attempts = 0;
+        loop {
+            let before = raw_json_of(pool, call);
+            let port = crate::http::get(addr, path);
+            let after = raw_json_of(pool, call);
+            if before == after {
+                assert_eq!(port.status, 200, "{path}: {}", port.text());
+                assert_eq!(
+                    port.text(),
+                    String::from_utf8_lossy(&before),
+                    "{path}: the port and the C ABI differ"
+                );
+                break;
+            }
+            attempts += 1;
+            assert!(attempts < 50, "{path}: the pool never held still");
+            let mut events = ptr::null_mut();
+            // SAFETY: a live pool and a valid out-pointer.
+            let code = unsafe { wirepool_pool_events_json(pool, 100, &mut events) };
+            assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+            bytes_of(events);
+        }
+    }
+    // SAFETY: freed once; nothing uses it afterwards.
+    unsafe { wirepool_pool_free(pool.cast_mut()) };
+}
+
+/// After 20 answered requests and 2 the venue refused, the latency histogram through
+/// the C ABI counts 22 (timeouts do not count), its percentiles are the bounds of the
+/// buckets holding those ranks, and `GET /api/v1/pool/latency` gives the same bytes.
+/// It still answers between close and free; NULL arguments are refused.
+#[test]
+fn request_latency_counts_each_answered_request_and_is_the_admin_port_body() {
+    let _guard = watchdog("c_abi_request_latency", Duration::from_secs(30));
+    let sim = crate::support::simulator(20.0);
+    let pool = open_pool_with(&serde_json::json!({
+        "servers": [{"url": sim.url()}],
+        "pool": {"min_connections": 1, "max_connections": 1},
+        "health": {"listen": "127.0.0.1:0"},
+    }));
+    // SAFETY: a live pool.
+    let code = unsafe { wirepool_pool_wait_ready(pool, 10_000) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    let before = json_of(pool, wirepool_pool_request_latency_json);
+    assert_eq!(before["count"], 0, "{before}");
+    assert_eq!(before["p50_upper_bound_us"], serde_json::Value::Null);
+
+    let (answered, refused) = (20u64, 2u64);
+    let request = |body: &[u8], expected: wirepool_result| {
+        let mut reply = ptr::null_mut();
+        // SAFETY: a live pool, `body` readable, a valid out-pointer.
+        let code =
+            unsafe { wirepool_pool_request(pool, body.as_ptr(), body.len(), 5000, 0, &mut reply) };
+        assert_eq!(code, expected, "{}", last_error());
+        bytes_of(reply);
+    };
+    for _ in 0..answered {
+        request(
+            br#"{"op":"history","channel":"ticker.0","bars":1}"#,
+            wirepool_result::WIREPOOL_OK,
+        );
+    }
+    for _ in 0..refused {
+        request(br#"{"op":"fail"}"#, wirepool_result::WIREPOOL_ERR_REMOTE);
+    }
+
+    let body = raw_json_of(pool, wirepool_pool_request_latency_json);
+    let latency: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let total = answered + refused;
+    let counts: Vec<u64> = latency["counts"]
+        .as_array()
+        .expect("counts")
+        .iter()
+        .map(|count| count.as_u64().expect("a count"))
+        .collect();
+    let bounds: Vec<u64> = latency["bounds_us"]
+        .as_array()
+        .expect("bounds_us")
+        .iter()
+        .map(|bound| bound.as_u64().expect("a bound"))
+        .collect();
+    assert_eq!(counts.len(), bounds.len() + 1, "{latency}");
+    assert_eq!(counts.iter().sum::<u64>(), total, "{latency}");
+    assert_eq!(latency["count"], total, "{latency}");
+    assert!(latency["sum_us"].as_u64() > Some(0), "{latency}");
+    // Each percentile: the bound of the first bucket whose running count reaches its
+    // nearest rank; above the last bound, null.
+    for (name, per_mille) in [
+        ("p50_upper_bound_us", 500),
+        ("p90_upper_bound_us", 900),
+        ("p99_upper_bound_us", 990),
+    ] {
+        let rank = (total * per_mille).div_ceil(1000);
+        let mut running = 0;
+        let bucket = counts
+            .iter()
+            .position(|count| {
+                running += count;
+                running >= rank
+            })
+            .expect("the counts reach every rank");
+        let expected = bounds
+            .get(bucket)
+            .map_or(serde_json::Value::Null, |bound| (*bound).into());
+        assert_eq!(latency[name], expected, "{name} of {latency}");
+    }
+
+    let addr = c_health_addr(pool).expect("the admin port runs");
+    let port = crate::http::get(addr, "/api/v1/pool/latency");
+    assert_eq!(port.status, 200, "{}", port.text());
+    assert_eq!(
+        port.text(),
+        String::from_utf8_lossy(&body),
+        "the port and the C ABI differ"
+    );
+
+    // SAFETY: exactly the misuse under test; wirepool must check.
+    unsafe {
+        let mut json = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_request_latency_json(ptr::null(), &mut json),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("pool is NULL"), "{}", last_error());
+        assert!(json.is_null(), "out-parameter written on failure");
+        assert_eq!(
+            wirepool_pool_request_latency_json(pool, ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("out_json is NULL"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(wirepool_pool_close(pool), wirepool_result::WIREPOOL_OK);
+    }
+    let after_close = json_of(pool, wirepool_pool_request_latency_json);
+    assert_eq!(
+        after_close, latency,
+        "between close and free: the last counts"
+    );
+    // SAFETY: freed once; nothing uses it afterwards.
+    unsafe { wirepool_pool_free(pool.cast_mut()) };
+}

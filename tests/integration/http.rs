@@ -18,10 +18,11 @@ const PATIENCE: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------
 // A tiny HTTP/1.1 client: one request per connection, read to EOF.
 
-struct HttpReply {
-    status: u16,
+/// A reply from the admin port (the C ABI tests compare its bodies too).
+pub(crate) struct HttpReply {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl HttpReply {
@@ -32,11 +33,11 @@ impl HttpReply {
             .map(|(_, value)| value.as_str())
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         assert_eq!(
             self.header("Content-Type"),
             Some("application/json"),
@@ -165,7 +166,7 @@ fn http(
     read_reply(stream)
 }
 
-fn get(addr: SocketAddr, path: &str) -> HttpReply {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> HttpReply {
     http(addr, "GET", path, &[], b"")
 }
 

@@ -222,6 +222,12 @@ _declare("wirepool_pool_health_json", wirepool_result, [pool_p, POINTER(bytes_p)
 # wirepool_result wirepool_pool_servers_json(const wirepool_pool *pool,
 #     wirepool_bytes **out_json);
 _declare("wirepool_pool_servers_json", wirepool_result, [pool_p, POINTER(bytes_p)])
+# wirepool_result wirepool_pool_request_latency_json(const wirepool_pool *pool,
+#     wirepool_bytes **out_json);
+_declare("wirepool_pool_request_latency_json", wirepool_result, [pool_p, POINTER(bytes_p)])
+# wirepool_result wirepool_pool_health_addr(const wirepool_pool *pool,
+#     wirepool_bytes **out_addr);   /* WIREPOOL_OK with NULL: no admin port */
+_declare("wirepool_pool_health_addr", wirepool_result, [pool_p, POINTER(bytes_p)])
 # wirepool_result wirepool_pool_close_connection(const wirepool_pool *pool,
 #     uint64_t connection_id);
 _declare("wirepool_pool_close_connection", wirepool_result, [pool_p, c_uint64])
@@ -302,6 +308,8 @@ DECLARED_FUNCTIONS = (
     "wirepool_pool_connections_json",
     "wirepool_pool_health_json",
     "wirepool_pool_servers_json",
+    "wirepool_pool_request_latency_json",
+    "wirepool_pool_health_addr",
     "wirepool_pool_close_connection",
     "wirepool_pool_recycle_connection",
     "wirepool_pool_open_connection",
