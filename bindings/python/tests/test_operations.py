@@ -289,3 +289,53 @@ def test_a_refusing_server_opens_its_breaker_in_servers_and_health(simulator, ma
             pool.servers()
     finally:
         sock.close()
+
+
+def _get(addr, path):
+    """``GET path`` on the admin port at ``addr``: (status, body bytes)."""
+    import http.client
+
+    connection = http.client.HTTPConnection(*addr, timeout=10)
+    try:
+        connection.request("GET", path)
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    finally:
+        connection.close()
+
+
+def test_request_latency_counts_each_answered_request_as_the_admin_port_does(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url, health={"listen": "127.0.0.1:0"}))
+    pool.wait_ready(timeout=10.0)
+    assert pool.request_latency()["count"] == 0
+    answered, refused = 15, 2
+    for _ in range(answered):
+        pool.request(b'{"op":"history","channel":"ticker.0","bars":1}', timeout=5.0)
+    for _ in range(refused):
+        with pytest.raises(wirepool.RemoteError):
+            pool.request(b'{"op":"fail"}', timeout=5.0)
+    latency = pool.request_latency()
+    assert latency["count"] == answered + refused, latency
+    assert sum(latency["counts"]) == answered + refused, latency
+    assert len(latency["counts"]) == len(latency["bounds_us"]) + 1, latency
+    assert latency["p50_upper_bound_us"] in latency["bounds_us"], latency
+    status, body = _get(pool.health_addr(), "/api/v1/pool/latency")
+    assert status == 200, body
+    assert json.loads(body) == latency
+    pool.close()
+    with pytest.raises(wirepool.ClosedError):
+        pool.request_latency()
+
+
+def test_health_addr_names_the_port_the_system_chose_or_none(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url, health={"listen": "127.0.0.1:0"}))
+    addr = pool.health_addr()
+    assert isinstance(addr, tuple) and addr[0] == "127.0.0.1", addr
+    assert isinstance(addr[1], int) and addr[1] > 0, addr
+    status, body = _get(addr, "/health")
+    assert status in (200, 503), body
+    assert "status" in json.loads(body), body
+    pool.close()
+    with pytest.raises(wirepool.ClosedError):
+        pool.health_addr()
+    assert make_pool(config_for(simulator.url)).health_addr() is None

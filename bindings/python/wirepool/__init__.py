@@ -41,7 +41,7 @@ import threading
 import time
 from ctypes import byref, c_int, c_size_t, c_uint64, sizeof, string_at
 from typing import (
-    Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, SupportsIndex, Union,
+    Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, SupportsIndex, Tuple, Union,
 )
 
 from itertools import repeat as _repeat
@@ -1263,6 +1263,41 @@ class Pool(_Handle):
         ``retry_after_until_ms`` (Unix milliseconds until which the server asked for no
         new connections, 0 when it did not). ``ClosedError`` after ``close()``."""
         return self._json_call(lib.wirepool_pool_servers_json)["servers"]
+
+    def request_latency(self) -> Dict[str, Any]:
+        """Request round-trip times, as ``GET /api/v1/pool/latency`` gives them: a
+        histogram with ``bounds_us`` (each bucket's upper bound, microseconds),
+        ``counts`` (requests per bucket, not cumulative; one more entry than
+        ``bounds_us``, the last for those above the last bound), ``count`` (their sum)
+        and ``sum_us``, and ``p50_upper_bound_us``, ``p90_upper_bound_us``,
+        ``p99_upper_bound_us``: the upper bound of the bucket holding that percentile
+        (the true value is at most that), None with no requests yet or above the last
+        bound. Answered requests and venue errors count; timeouts and lost connections
+        do not. The counts are the pool's since it opened. ``ClosedError`` after
+        ``close()``."""
+        return self._json_call(lib.wirepool_pool_request_latency_json)
+
+    def health_addr(self) -> Optional[Tuple[str, int]]:
+        """Where the admin HTTP port listens, as ``(host, port)`` (``("127.0.0.1",
+        41234)``; an IPv6 host without brackets, ``("::1", 41234)``), ready for
+        ``http.client.HTTPConnection(*pool.health_addr())`` or
+        ``socket.create_connection``; with ``health.listen`` on port 0, the port the
+        system chose. None when the configuration has no ``health.listen``.
+        ``ClosedError`` after ``close()`` (which stops the port)."""
+        out = _ffi.bytes_p()
+        handle = self._enter()
+        try:
+            code = lib.wirepool_pool_health_addr(handle, byref(out))
+            if code:
+                raise _error(code)
+            text = _ffi.bytes_value(out).decode("ascii") if out else None
+        finally:
+            lib.wirepool_bytes_free(out)  # on every path, as in request()
+            self._exit()
+        if text is None:
+            return None
+        host, _, port = text.rpartition(":")
+        return host.strip("[]"), int(port)
 
     def close_connection(self, connection_id: SupportsIndex) -> None:
         """Closes one connection; the pool replaces it and its channels move to other
