@@ -3,10 +3,18 @@
 // Subscribes to two channels, checks that each channel's payload "seq" strictly
 // increases, makes a good and a failing request, changes the pool's size at run time
 // (connections open and drain; a refused change names the problem and changes
-// nothing), and shows that an invalid config is rejected with a ConfigError naming
-// the key. Exits 0 on success, 1 with a message on the first failure.
+// nothing), shows that an invalid config is rejected with a ConfigError naming
+// the key, finds the admin port the system chose (health.listen on port 0) through
+// health_addr() and reads GET /health there, and counts the requests in
+// request_latency_json(). Exits 0 on success, 1 with a message on the first failure.
 
 #include "wirepool.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
@@ -58,6 +66,36 @@ std::string json_string(std::string_view text) {
     }
     out += '"';
     return out;
+}
+
+// The reply to `GET path` from an IPv4 "host:port" (the admin port on loopback), as
+// the server sent it (status line, headers, body), read until it closes.
+std::string http_get(const std::string &addr, const std::string &path) {
+    const std::size_t colon = addr.rfind(':');
+    expect(colon != std::string::npos, "an address like 127.0.0.1:9090: " + addr);
+    sockaddr_in peer{};
+    peer.sin_family = AF_INET;
+    peer.sin_port = htons(static_cast<std::uint16_t>(std::stoul(addr.substr(colon + 1))));
+    expect(inet_pton(AF_INET, addr.substr(0, colon).c_str(), &peer.sin_addr) == 1,
+           "an IPv4 address: " + addr);
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    expect(fd >= 0, "a socket");
+    timeval timeout{10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    std::string reply;
+    if (connect(fd, reinterpret_cast<const sockaddr *>(&peer), sizeof peer) == 0) {
+        const std::string request =
+            "GET " + path + " HTTP/1.1\r\nHost: " + addr + "\r\nConnection: close\r\n\r\n";
+        if (send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
+            char buffer[4096];
+            ssize_t got = 0;
+            while ((got = recv(fd, buffer, sizeof buffer, 0)) > 0) {
+                reply.append(buffer, static_cast<std::size_t>(got));
+            }
+        }
+    }
+    close(fd);
+    return reply;
 }
 
 // The value of `"seq":N` in a payload such as {"seq":1,"ts_ns":...}, if present.
@@ -218,9 +256,24 @@ int run(const std::string &url, std::size_t wanted) {
     check_bad_config_is_rejected(url);
 
     const std::string config = "{\"servers\":[{\"url\":" + json_string(url) +
-                               "}],\"pool\":{\"min_connections\":2,\"max_connections\":2}}";
+                               "}],\"pool\":{\"min_connections\":2,\"max_connections\":2}," +
+                               "\"health\":{\"listen\":\"127.0.0.1:0\"}}";
     wirepool::Pool pool(config);
     pool.wait_ready(seconds(10));
+    const std::optional<std::string> admin = pool.health_addr();
+    expect(admin.has_value() && admin->rfind("127.0.0.1:", 0) == 0 &&
+               admin->substr(admin->rfind(':') + 1) != "0",
+           "health_addr() names the port the system chose: " + admin.value_or("(none)"));
+    const std::string health_reply = http_get(*admin, "/health");
+    expect(health_reply.rfind("HTTP/1.1 200", 0) == 0 || health_reply.rfind("HTTP/1.1 503", 0) == 0,
+           "GET /health answers at " + *admin + ": " + shorten(health_reply));
+    std::cout << "admin port at " << *admin << "\n";
+    {
+        wirepool::Pool without_port("{\"servers\":[{\"url\":" + json_string(url) +
+                                    "}],\"pool\":{\"min_connections\":1,\"max_connections\":1}}");
+        expect(!without_port.health_addr().has_value(),
+               "a pool without health.listen has no admin port");
+    }
     expect(pool.fd() >= 0, "pool fd is a valid descriptor");
     check_health_and_servers(pool);
 
@@ -299,6 +352,17 @@ int run(const std::string &url, std::size_t wanted) {
                   << "\n";
     }
 
+    // The two requests above, answered and refused by the venue, both count.
+    const std::string latency = pool.request_latency_json();
+    expect(latency.find("\"count\":2,") != std::string::npos,
+           "request_latency_json() counts the two requests: " + latency);
+    const std::string port_latency = http_get(*admin, "/api/v1/pool/latency");
+    expect(port_latency.size() >= latency.size() &&
+               port_latency.compare(port_latency.size() - latency.size(), latency.size(),
+                                    latency) == 0,
+           "GET /api/v1/pool/latency gives the same body: " + shorten(port_latency));
+    std::cout << "request latency: " << latency << "\n";
+
     const std::string stats = pool.stats_json();
     expect(stats.find("\"ready_connections\"") != std::string::npos,
            "stats JSON has ready_connections: " + shorten(stats));
@@ -324,6 +388,9 @@ int run(const std::string &url, std::size_t wanted) {
 
     pool.unsubscribe(channels[1]);
     pool.close();
+    expect(!pool.health_addr().has_value(), "close() stops the admin port: no address");
+    expect(pool.request_latency_json() == latency,
+           "request latency still answers after close(), unchanged");
     // After close, poll drains what is queued and then reports ClosedError.
     bool closed = false;
     for (int drained = 0; drained < 10000 && !closed; ++drained) {

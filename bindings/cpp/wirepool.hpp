@@ -625,6 +625,32 @@ public:
         return Bytes(out).str();
     }
 
+    /// Request round-trip times (same JSON as GET /api/v1/pool/latency: {"bounds_us":
+    /// [...], "counts": [...], "count", "sum_us", "p50_upper_bound_us",
+    /// "p90_upper_bound_us", "p99_upper_bound_us"}); a percentile is the upper bound of
+    /// the bucket holding it, null with no requests or above the last bound. Still
+    /// answers after `close()`, as `stats_json()` does.
+    [[nodiscard]] std::string request_latency_json() const {
+        wirepool_bytes *out = nullptr;
+        detail::check("wirepool_pool_request_latency_json",
+                      static_cast<std::uint32_t>(
+                          wirepool_pool_request_latency_json(handle(), &out)));
+        return Bytes(out).str();
+    }
+
+    /// Where the admin HTTP port listens ("127.0.0.1:41234", "[::1]:41234"): with
+    /// health.listen on port 0, the port the system chose. std::nullopt when there is
+    /// no port (no health.listen, or after `close()`, which stops it); errors throw.
+    [[nodiscard]] std::optional<std::string> health_addr() const {
+        wirepool_bytes *out = nullptr;
+        detail::check("wirepool_pool_health_addr",
+                      static_cast<std::uint32_t>(wirepool_pool_health_addr(handle(), &out)));
+        if (out == nullptr) {
+            return std::nullopt;
+        }
+        return Bytes(out).str();
+    }
+
     /// Closes one connection; the pool replaces it and its channels move at once.
     void close_connection(std::uint64_t connection_id) const {
         detail::check("wirepool_pool_close_connection",
