@@ -11,7 +11,9 @@
 
 /*
  `flags` bit of `wirepool_pool_request`: the request may be sent again on another
- connection if its connection dies before the reply.
+ connection if its connection dies before the reply. It is re-sent once, so the
+ venue is sent it at most twice (a connection that died before writing it, the rate
+ limit holding it, does not count).
  */
 #define WIREPOOL_REQUEST_IDEMPOTENT 1
 

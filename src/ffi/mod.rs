@@ -57,7 +57,9 @@ pub enum wirepool_result {
 use wirepool_result::*;
 
 /// `flags` bit of `wirepool_pool_request`: the request may be sent again on another
-/// connection if its connection dies before the reply.
+/// connection if its connection dies before the reply. It is re-sent once, so the
+/// venue is sent it at most twice (a connection that died before writing it, the rate
+/// limit holding it, does not count).
 pub const WIREPOOL_REQUEST_IDEMPOTENT: u32 = 1;
 
 /// `wirepool_message.kind` of subscription data.

@@ -130,8 +130,11 @@ pub struct RequestOptions {
     /// Defaults to the pool's `request_timeout_ms`.
     pub timeout: Option<Duration>,
     /// The request may be sent again on another connection if its connection dies
-    /// before the reply. Defaults to false: such a request fails with
-    /// [`Error::ConnectionLost`] instead, because the venue may have acted on it.
+    /// before the reply: it is re-sent once, so the venue is sent it at most twice (a
+    /// connection that died before writing it, the rate limit holding it, does not
+    /// count: the request simply goes to the next one). Defaults to false: such a
+    /// request fails with [`Error::ConnectionLost`] instead, because the venue may have
+    /// acted on it.
     pub idempotent: bool,
 }
 

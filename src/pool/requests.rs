@@ -26,8 +26,10 @@ struct Route {
 struct Pending {
     payload: Arc<[u8]>,
     idempotent: bool,
-    /// Times the request was handed to a connection.
-    sends: u32,
+    /// Connections that wrote the request and died before the reply. A hand-over
+    /// that never reached the socket (held by the rate limit, or queued on a worker
+    /// that ended first) does not count: the venue cannot have seen it.
+    writes: u32,
     connection: Option<u64>,
     reply: Sender<(u64, Outcome)>,
 }
@@ -84,7 +86,7 @@ impl RequestTable {
             Pending {
                 payload,
                 idempotent,
-                sends: 0,
+                writes: 0,
                 connection: None,
                 reply,
             },
@@ -154,8 +156,9 @@ impl RequestTable {
     }
 
     /// A connection died. Requests that were written to it fail with
-    /// `ConnectionLost` unless idempotent (then they are re-sent once elsewhere);
-    /// requests that never reached it are re-routed.
+    /// `ConnectionLost` unless idempotent; an idempotent one is re-sent elsewhere once
+    /// (written to the venue at most twice), counting only the connections that wrote
+    /// it. Requests that never reached it (not in `in_flight`) are re-routed.
     pub fn connection_lost(&self, connection_id: u64, in_flight: &HashSet<u64>, reason: &str) {
         let mut state = self.state.lock();
         state
@@ -172,7 +175,10 @@ impl RequestTable {
             let retry = match state.entries.get_mut(&request_id) {
                 Some(entry) => {
                     entry.connection = None;
-                    !written || (entry.idempotent && entry.sends < 2)
+                    if written {
+                        entry.writes += 1;
+                    }
+                    !written || (entry.idempotent && entry.writes < 2)
                 }
                 None => continue,
             };
@@ -266,7 +272,6 @@ fn dispatch(state: &mut TableState, request_id: u64) {
         };
         if route.path.send(command).is_ok() {
             entry.connection = Some(route.connection_id);
-            entry.sends += 1;
             route.in_flight += 1;
             return;
         }

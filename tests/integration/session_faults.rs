@@ -41,6 +41,10 @@ struct Behaviour {
     /// trickled over `SLOW_FRAME_TIME` without reading meanwhile (a long frame on a
     /// slow link: the pongs queue behind it), then read again. Cleared once sent.
     slow_frame: AtomicBool,
+    /// The next this many requests (`data` frames) read end their session at once,
+    /// unanswered (the server closes the TCP connection): a venue that dies with a
+    /// request written to it.
+    drop_on_request: AtomicUsize,
 }
 
 const SLOW_FRAME_BYTES: usize = 64 * 1024;
@@ -224,6 +228,17 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
             continue;
         };
         log.frames.lock().expect("log")[index].push(frame.clone());
+        if frame["type"] == "data"
+            && behaviour
+                .drop_on_request
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok()
+        {
+            let _ = ws.get_ref().shutdown(std::net::Shutdown::Both);
+            return;
+        }
         let id = frame["messageId"].clone();
         let reply = match frame["type"].as_str() {
             Some("auth") if behaviour.refuse_auth.load(Ordering::SeqCst) => {
@@ -940,4 +955,88 @@ fn a_long_frame_on_a_slow_link_within_the_bound_keeps_its_connection() {
         "{:?}",
         pool.connections()
     );
+}
+
+/// The sessions that read a request (`data` frame) carrying `marker`, by index.
+fn sessions_that_read(log: &Log, marker: &str) -> Vec<usize> {
+    (0..log.sessions())
+        .filter(|&index| {
+            log.frames.lock().expect("log")[index]
+                .iter()
+                .any(|frame| frame["type"] == "data" && frame["payload"]["marker"] == marker)
+        })
+        .collect()
+}
+
+/// An idempotent request is re-sent once after a connection that wrote it died,
+/// counting writes, not hand-overs: held by the rate limit on a connection that died
+/// (never written), then written on the next one, which dies too, it is written once
+/// more on a third and answered. Counting hand-overs failed it with
+/// `connection_lost` although the venue had seen it only once.
+#[test]
+fn an_idempotent_request_held_by_the_rate_limit_then_written_once_is_re_sent_once() {
+    let _guard = watchdog("idempotent_counts_writes", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue.behaviour.drop_on_request.store(1, Ordering::SeqCst);
+    // One frame a second: the auth frame takes the only token, so a request made
+    // right after the session is ready waits about a second in the worker.
+    let pool = Arc::new(venue_pool(
+        &venue,
+        json!({
+            "rate_limit": {"messages_per_second": 1},
+            "heartbeat": {"ping_interval_ms": 0},
+        }),
+    ));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let caller = request_in_background(
+        &pool,
+        br#"{"marker":"bars"}"#,
+        Duration::from_secs(12),
+        true,
+    );
+    wait_until_true("the request handed over", Duration::from_secs(10), || {
+        pool.stats().pending_requests == 1
+    });
+    venue.drop_sessions();
+    let reply = caller.join().expect("caller thread");
+    let readers = sessions_that_read(&venue.log, "bars");
+    assert!(
+        !readers.contains(&0),
+        "the rate limit should have held the request on the first session: read by {readers:?}"
+    );
+    let reply = reply.unwrap_or_else(|err| {
+        panic!(
+            "written once before its connection died (sessions that read it: {readers:?}), \
+             the idempotent request should be re-sent and answered, got: {err}"
+        )
+    });
+    assert_eq!(reply, br#"{"marker":"bars"}"#);
+    assert_eq!(
+        readers.len(),
+        2,
+        "written twice in all (the write that died, and the re-send): {readers:?}"
+    );
+}
+
+/// The re-send is once: an idempotent request written to two connections that both
+/// died before answering fails with `connection_lost`, not re-sent without end.
+#[test]
+fn an_idempotent_request_written_to_two_dying_connections_fails_with_connection_lost() {
+    let _guard = watchdog("idempotent_resent_once", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue.behaviour.drop_on_request.store(3, Ordering::SeqCst);
+    let pool = venue_pool(&venue, json!({"heartbeat": {"ping_interval_ms": 0}}));
+    pool.wait_ready(Duration::from_secs(10)).expect("ready");
+    let outcome = pool.request(
+        br#"{"marker":"twice"}"#,
+        wirepool::RequestOptions {
+            timeout: Some(Duration::from_secs(10)),
+            idempotent: true,
+        },
+    );
+    assert!(
+        matches!(outcome, Err(wirepool::Error::ConnectionLost { .. })),
+        "written twice and lost twice, the request should fail with connection_lost: {outcome:?}"
+    );
+    assert_eq!(sessions_that_read(&venue.log, "twice").len(), 2);
 }

@@ -947,8 +947,9 @@ class Pool(_Handle):
         (bytearray, memoryview, array.array, a contiguous numpy array, ...); anything
         else is a TypeError. ``idempotent`` is a bool (Python's or numpy's). Waits up to ``timeout`` seconds, including for a ready connection (None: the
         pool's ``request_timeout_ms``). With ``idempotent=True`` the request may be sent
-        again on another connection when its connection dies; otherwise that raises
-        ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
+        again on another connection when its connection dies, once (the venue is sent
+        it at most twice; a connection that died before writing it, the rate limit
+        holding it, does not count); otherwise that raises ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
         with an error, TimeoutError when no reply came in time.
 
         The request waits in one library call (the pool must be able to tell the venue
