@@ -225,7 +225,9 @@ void wirepool_pool_free(struct wirepool_pool *pool);
 wirepool_result wirepool_pool_wait_ready(const struct wirepool_pool *pool, uint32_t timeout_ms);
 
 /*
- Adds a channel to the desired subscriptions (kept across reconnects).
+ Adds a channel to the desired subscriptions (kept across reconnects). Each
+ connection is sent its subscribes in the order they were made, on restores after a
+ reconnect too; a channel subscribed again after an unsubscribe goes last.
  */
 wirepool_result wirepool_pool_subscribe(const struct wirepool_pool *pool, const char *channel);
 

@@ -337,7 +337,9 @@ pub unsafe extern "C" fn wirepool_pool_wait_ready(
     })
 }
 
-/// Adds a channel to the desired subscriptions (kept across reconnects).
+/// Adds a channel to the desired subscriptions (kept across reconnects). Each
+/// connection is sent its subscribes in the order they were made, on restores after a
+/// reconnect too; a channel subscribed again after an unsubscribe goes last.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_subscribe(
     pool: *const wirepool_pool,

@@ -15,8 +15,9 @@ mod requests;
 mod servers;
 mod settings;
 mod stats;
+mod subscriptions;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,6 +50,7 @@ use crate::queue::{ConsumerQueue, Message, MessageBatch};
 use health::{HealthInputs, HealthState};
 use requests::Abandoned;
 use servers::{choose_server, BreakerChange, ServerState};
+use subscriptions::Subscriptions;
 
 /// One connection as stats and the admin API show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -343,9 +345,7 @@ impl Pool {
             server_states,
         );
         for channel in &config.subscriptions {
-            pool_thread
-                .desired
-                .insert(Arc::from(channel.as_str()), Placement::default());
+            pool_thread.desired.insert(Arc::from(channel.as_str()));
         }
         let thread = std::thread::Builder::new()
             .name("wirepool-pool".into())
@@ -430,6 +430,13 @@ impl Pool {
 
     /// Adds a channel to the desired subscriptions. It is sent to one ready connection
     /// now or when one becomes ready, and again after every reconnect.
+    ///
+    /// Order is kept: each connection is sent its subscribes in the order they were
+    /// made, on placement, on the restore after a reconnect and on the hand-over to a
+    /// replacement connection (a venue that needs a snapshot channel before its
+    /// deltas gets them in that order). Subscribing a channel already desired changes
+    /// nothing, its place included; one subscribed again after an unsubscribe goes
+    /// last.
     pub fn subscribe(&self, channel: &str) -> Result<()> {
         self.check_open()?;
         check_channel(channel)?;
@@ -1015,23 +1022,6 @@ pub(crate) fn max_request_bytes(config: &Config) -> usize {
     usize::try_from(memory / 16).unwrap_or(usize::MAX)
 }
 
-/// Where one desired channel lives.
-#[derive(Debug, Default, Clone)]
-struct Placement {
-    owner: Option<u64>,
-    confirmed: bool,
-    /// Connections whose codec failed encoding this channel's subscription.
-    codec_failures: u32,
-}
-
-impl Placement {
-    /// On no connection (its own is gone or going); what the codec did with it stays.
-    fn unplace(&mut self) {
-        self.owner = None;
-        self.confirmed = false;
-    }
-}
-
 /// A channel whose subscription the codec failed to encode on this many connections in
 /// a row (a confirmed subscription starts the count again) is dropped from the desired
 /// set: the same codec would fail on it wherever it went, taking every connection down
@@ -1130,7 +1120,8 @@ struct PoolThread {
     slots: Vec<Slot>,
     connections: HashMap<u64, ConnectionHandle>,
     ready: Vec<u64>,
-    desired: BTreeMap<Arc<str>, Placement>,
+    /// In subscription order: placement and restores follow it.
+    desired: Subscriptions,
     servers: Vec<ServerState>,
     placement_cursor: usize,
     /// Leases held; idling applies only once a lease was taken and all given back.
@@ -1184,7 +1175,7 @@ impl PoolThread {
             slots: Vec::new(),
             connections: HashMap::new(),
             ready: Vec::new(),
-            desired: BTreeMap::new(),
+            desired: Subscriptions::new(),
             servers,
             placement_cursor: 0,
             leases: 0,
@@ -1751,12 +1742,8 @@ impl PoolThread {
             slot.connection = Some(new);
         }
         self.connection_ready(new);
-        let moving: Vec<Arc<str>> = self
-            .desired
-            .iter()
-            .filter(|(_, placement)| placement.owner == Some(old))
-            .map(|(channel, _)| Arc::clone(channel))
-            .collect();
+        // In subscription order, as the old session was subscribed.
+        let moving = self.desired.owned_by(old);
         // No new requests go to the old session; it answers those it has.
         self.stop_routing(old);
         let mut moved = Vec::new();
@@ -2518,12 +2505,7 @@ impl PoolThread {
                     );
                 }
                 // Fail over: every channel it carried goes to another ready connection now.
-                let orphans: Vec<Arc<str>> = self
-                    .desired
-                    .iter()
-                    .filter(|(_, placement)| placement.owner == Some(connection_id))
-                    .map(|(channel, _)| Arc::clone(channel))
-                    .collect();
+                let orphans = self.desired.owned_by(connection_id);
                 for channel in &orphans {
                     if let Some(placement) = self.desired.get_mut(channel) {
                         placement.unplace();
@@ -2741,7 +2723,8 @@ impl PoolThread {
     }
 
     /// Gives every channel without an owner to a ready connection chosen by
-    /// `strategy` (see `placement_target`).
+    /// `strategy` (see `placement_target`), in subscription order, so each connection
+    /// is sent its subscribes in the order the user made them.
     fn place_unowned(&mut self) {
         if self.ready.is_empty() {
             return;
@@ -2773,10 +2756,9 @@ impl PoolThread {
     }
 
     fn subscribe(&mut self, channel: Arc<str>) {
-        if self.desired.contains_key(&channel) {
+        if !self.desired.insert(channel) {
             return;
         }
-        self.desired.insert(channel, Placement::default());
         self.placement_due = true;
         self.publish_due = true;
     }
@@ -2811,7 +2793,7 @@ impl PoolThread {
     fn publish_connections_now(&self) {
         let mut by_owner: HashMap<u64, Vec<String>> = HashMap::new();
         let mut active = 0;
-        for (channel, placement) in &self.desired {
+        for (channel, placement) in self.desired.iter() {
             if let Some(owner) = placement.owner {
                 by_owner.entry(owner).or_default().push(channel.to_string());
             }

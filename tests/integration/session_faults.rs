@@ -1040,3 +1040,56 @@ fn an_idempotent_request_written_to_two_dying_connections_fails_with_connection_
     );
     assert_eq!(sessions_that_read(&venue.log, "twice").len(), 2);
 }
+
+/// Subscriptions are restored in the order the user made them, not by channel name: a
+/// venue that needs a snapshot channel before its deltas, or a trader who subscribed
+/// the book before the trades, gets the same order on the session after a drop and on
+/// the replacement of a recycle. A channel subscribed again after an unsubscribe goes
+/// last.
+#[test]
+fn subscriptions_are_restored_in_the_order_they_were_made() {
+    let _guard = watchdog("restore_order", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = venue_pool(&venue, json!({}));
+    let first = only_connection(&pool);
+    for channel in ["trades.X", "book.X", "ticker.X", "candles.X"] {
+        pool.subscribe(channel).expect("subscribe");
+    }
+    wait_until_true("four subscribes", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 4
+    });
+    pool.unsubscribe("book.X").expect("unsubscribe");
+    pool.subscribe("book.X").expect("subscribe again");
+    pool.subscribe("trades.X")
+        .expect("subscribe what is subscribed");
+    wait_until_true("the re-subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 5
+    });
+    let expected = ["trades.X", "ticker.X", "candles.X", "book.X"];
+    venue.drop_sessions();
+    wait_closed(&pool, first, Duration::from_secs(10));
+    let all_active = |pool: &wirepool::Pool, session: usize| {
+        wait_until_true(
+            &format!("session {session} with every channel confirmed"),
+            Duration::from_secs(10),
+            || venue.log.sessions() > session && pool.stats().subscriptions_active == 4,
+        );
+    };
+    all_active(&pool, 1);
+    assert_eq!(
+        venue.log.subscribes(1),
+        expected,
+        "restored after the drop in the order subscribed (a re-subscribe last)"
+    );
+    let second = only_connection(&pool);
+    let third = pool.recycle_connection(second).expect("recycle");
+    wait_for_event(&pool, Duration::from_secs(10), "recycled", |event| {
+        event.kind == "recycled"
+    });
+    all_active(&pool, 2);
+    assert_eq!(
+        venue.log.subscribes(2),
+        expected,
+        "handed over to connection {third} in the order subscribed"
+    );
+}

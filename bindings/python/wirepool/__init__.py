@@ -876,7 +876,9 @@ class Pool(_Handle):
 
     def subscribe(self, channel: str) -> None:
         """Adds ``channel`` to the desired subscriptions (kept across reconnects; sent
-        as soon as a connection is ready)."""
+        as soon as a connection is ready). Each connection is sent its subscribes in the
+        order they were made, on restores after a reconnect too; a channel subscribed
+        again after an unsubscribe goes last."""
         encoded = _channel_arg(channel)
         handle = self._enter()
         try:
