@@ -376,7 +376,9 @@ wirepool_result wirepool_pool_health_addr(const struct wirepool_pool *pool,
  order. Requests still unanswered then fail (`WIREPOOL_ERR_CONNECTION_LOST`) unless
  idempotent. The close waits for room in a full queue (`block` overflow) only
  within the grace: what it could not hand over is counted in `dropped_messages` and
- named in a `dropped_at_close` event.
+ named in a `dropped_at_close` event. A codec failing on what the grace reads ends
+ the grace with a `codec_failed` event; the close is still reported as closed by
+ request.
  `WIREPOOL_ERR_INVALID_ARGUMENT` when no connection has that id or it is closing
  already, `WIREPOOL_ERR_CLOSED` once the pool is closed.
  */

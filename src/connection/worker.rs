@@ -1671,7 +1671,9 @@ impl Link {
     ///
     /// The session is over for the pool (its channels and requests went elsewhere):
     /// nothing is written after the close frame, and the grace reports no freshness
-    /// (`resumed`), no readiness and no notice of the venue's (`RECONNECT`).
+    /// (`resumed`), no readiness and no notice of the venue's (`RECONNECT`). A codec
+    /// failure ends the grace with a `codec_failed` event; the close stays a requested
+    /// one.
     #[inline(never)]
     fn close_gracefully(&mut self, codec: &mut CodecInstance) -> Result<(), Ended> {
         // Nothing more will be delivered in bursts: no consumer may spin for this
@@ -1702,11 +1704,8 @@ impl Link {
                 // The peer's close frame (the expected end), the connection's end, or
                 // a failure of the codec's: what was read before it is decoded.
                 Err(ended) => {
-                    if let Ended::Failed(Error::Codec(text)) = &ended {
-                        log::warn!(
-                            "connection {}: the codec failed during the close: {text}",
-                            self.id
-                        );
+                    if let Ended::Failed(Error::Codec(text)) = ended {
+                        self.codec_failed_in_grace(text);
                     }
                     break;
                 }
@@ -1733,6 +1732,24 @@ impl Link {
             self.drop_undelivered();
         }
         Ok(())
+    }
+
+    /// The codec failed on what the close grace read: reported as a failure in the
+    /// main loop is (`codec_failed`), so a codec that breaks on a venue's parting
+    /// frames is seen, not only logged. The session still ends as a requested close:
+    /// the pool asked for it and had moved its work already; reported as failed, a
+    /// drained or recycled connection would be refilled, counted as a reconnect and
+    /// its server's backoff advanced, for a session that was ending anyway.
+    #[cold]
+    fn codec_failed_in_grace(&mut self, text: String) {
+        log::warn!(
+            "connection {}: the codec failed during the close grace: {text}",
+            self.id
+        );
+        self.context.events.push(
+            self.event("codec_failed")
+                .message(format!("{text} (during the close grace)")),
+        );
     }
 
     /// At the close grace's end: what is still waiting for room in the queue is

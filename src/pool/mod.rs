@@ -775,7 +775,9 @@ impl Pool {
     /// consumer in order. Requests still unanswered then fail with
     /// [`Error::ConnectionLost`] unless idempotent. The close waits for room in a full
     /// queue (`block` overflow) only within the grace: what it could not hand over is
-    /// counted in `dropped_messages` and named in a `dropped_at_close` event.
+    /// counted in `dropped_messages` and named in a `dropped_at_close` event. A codec
+    /// failing on what the grace reads ends the grace with a `codec_failed` event; the
+    /// close is still reported as closed by request.
     /// [`Error::InvalidArgument`] when no connection has that id, or when it is
     /// closing already (asked before, by the API or the pool, or ending by itself):
     /// nothing is done twice.

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use tungstenite::Message as WsMessage;
 
 use crate::support::{
-    pool_from, read_until_stopped, request_in_background, wait_for_event, watchdog, Acceptor,
+    compile_wat, last_message, pool_from, read_until_stopped, request_in_background,
+    wait_for_event, watchdog, Acceptor,
 };
 
 /// How the venue treats what it is told, changeable while it runs.
@@ -45,6 +46,9 @@ struct Behaviour {
     /// unanswered (the server closes the TCP connection): a venue that dies with a
     /// request written to it.
     drop_on_request: AtomicUsize,
+    /// Answer the client's close frame only after a frame starting with `X` (what the
+    /// `trap` test codec traps on), sent after the close frame arrived.
+    poison_at_close: AtomicBool,
 }
 
 const SLOW_FRAME_BYTES: usize = 64 * 1024;
@@ -203,6 +207,15 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
                 read_until_stopped(&mut ws, stop);
                 return;
             }
+            WsMessage::Close(_) if behaviour.poison_at_close.load(Ordering::Relaxed) => {
+                let poison = WsMessage::text("X sent during the close grace");
+                if write_message_after_close(&mut ws, poison).is_err() {
+                    return;
+                }
+                let _ = ws.flush();
+                read_until_stopped(&mut ws, stop);
+                return;
+            }
             WsMessage::Close(_) if behaviour.flood_after_close.load(Ordering::Relaxed) => {
                 let _ = ws
                     .get_ref()
@@ -270,18 +283,27 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
     }
 }
 
-/// Writes a text frame after the client's close frame arrived (tungstenite sends
-/// nothing but the close's answer once it has one, so the frame goes to the socket
-/// directly; everything sent before was flushed).
+/// Writes a JSON text frame after the client's close frame arrived (see
+/// `write_message_after_close`).
 fn write_after_close(
     ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
     frame: &Value,
+) -> std::io::Result<()> {
+    write_message_after_close(ws, WsMessage::text(frame.to_string()))
+}
+
+/// Writes a text frame after the client's close frame arrived (tungstenite sends
+/// nothing but the close's answer once it has one, so the frame goes to the socket
+/// directly; everything sent before was flushed).
+fn write_message_after_close(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+    message: WsMessage,
 ) -> std::io::Result<()> {
     use std::io::Write;
     use tungstenite::protocol::frame::coding::{Data, OpCode};
     let mut bytes = Vec::new();
     tungstenite::protocol::frame::Frame::message(
-        frame.to_string().into_bytes(),
+        message.into_data(),
         OpCode::Data(Data::Text),
         true,
     )
@@ -1091,5 +1113,46 @@ fn subscriptions_are_restored_in_the_order_they_were_made() {
         venue.log.subscribes(2),
         expected,
         "handed over to connection {third} in the order subscribed"
+    );
+}
+
+/// A codec that fails on a frame the venue sends during the close grace (after the
+/// close frame, before answering it) is reported as a failure in the main loop is: a
+/// `codec_failed` event naming the connection and the codec's error, not only a log
+/// line. The close stays a requested one (`closed by request`): the pool asked for it
+/// and the session was ending anyway.
+#[test]
+fn a_codec_failure_during_the_close_grace_is_a_codec_failed_event() {
+    let _guard = watchdog("close_grace_codec_failed", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue
+        .behaviour
+        .poison_at_close
+        .store(true, Ordering::SeqCst);
+    let codec = compile_wat("trap");
+    let pool = venue_pool(
+        &venue,
+        json!({"codec": {"path": codec.to_str().expect("utf-8 path")}}),
+    );
+    let first = only_connection(&pool);
+    pool.close_connection(first).expect("close");
+    let events = wait_closed(&pool, first, Duration::from_secs(10));
+    let failed: Vec<&wirepool::Event> = events
+        .iter()
+        .filter(|event| event.kind == "codec_failed")
+        .collect();
+    assert!(
+        failed.len() == 1
+            && failed[0].connection_id == Some(first)
+            && failed[0]
+                .message
+                .as_deref()
+                .is_some_and(|text| text.contains("trapped")),
+        "one codec_failed event for connection {first}, saying the codec trapped: {events:?}"
+    );
+    assert_eq!(
+        last_message(&events),
+        "closed by request",
+        "the close stays a requested one"
     );
 }

@@ -1310,7 +1310,9 @@ class Pool(_Handle):
         order. Requests still unanswered then fail with ``ConnectionLostError`` unless
         idempotent. The close waits for room in a full queue (``block`` overflow) only
         within the grace: what it could not hand over is counted in
-        ``dropped_messages`` and named in a ``dropped_at_close`` event.
+        ``dropped_messages`` and named in a ``dropped_at_close`` event. A codec failing
+        on what the grace reads ends the grace with a ``codec_failed`` event; the close
+        is still reported as closed by request.
         ``InvalidArgumentError`` when no
         connection has that id, or when it is closing already. ``connection_id`` is an
         int (or anything with ``__index__``) from 0 to 2**64 - 1."""
