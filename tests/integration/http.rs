@@ -233,6 +233,13 @@ fn health_addr(pool: &Pool) -> SocketAddr {
         .expect("health.listen is set, so the port runs")
 }
 
+/// The port answers (`/api/v1/pool/stats`, always 200: `/health` is 503 whenever the
+/// pool is briefly unhealthy, a heartbeat missed on a loaded machine, which is the
+/// pool's state, not the port's).
+fn assert_port_serves(addr: SocketAddr) {
+    assert_eq!(get(addr, "/api/v1/pool/stats").status, 200);
+}
+
 fn connections(addr: SocketAddr) -> Vec<Value> {
     let reply = get(addr, "/api/v1/connections");
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -746,8 +753,13 @@ fn admin_endpoints_need_the_bearer_token() {
         "nothing changed without the token"
     );
 
-    // Reads never need it.
-    assert_eq!(get(addr, "/health").status, 200);
+    // Reads never need it (/health is 503 while the pool is briefly unhealthy under
+    // load: still read without the token).
+    let health = get(addr, "/health").status;
+    assert!(
+        matches!(health, 200 | 503),
+        "/health without the token: {health}"
+    );
     assert_eq!(get(addr, "/api/v1/pool/stats").status, 200);
     assert_eq!(get(addr, "/metrics").status, 200);
 
@@ -817,7 +829,7 @@ fn a_slow_request_body_does_not_hold_up_other_requests() {
     // Meanwhile the port answers others promptly.
     for _ in 0..5 {
         let started = Instant::now();
-        assert_eq!(get(addr, "/health").status, 200);
+        assert_port_serves(addr);
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "/health took {:?} while a body was trickling in",
@@ -844,7 +856,7 @@ fn a_client_that_lies_about_its_body_and_leaves_does_no_harm() {
         liar.write_all(head.as_bytes()).expect("head");
         liar.shutdown(Shutdown::Both).expect("hang up");
         drop(liar);
-        assert_eq!(get(addr, "/health").status, 200);
+        assert_port_serves(addr);
     }
     // Also a client that never finishes its headers.
     let mut idle = connect(addr);
@@ -894,7 +906,7 @@ fn a_body_declared_in_terabytes_gets_413_and_costs_nothing_once_the_client_leave
     let message = reply.error(413);
     assert!(message.contains("larger than"), "{message}");
     // Everyone else is served meanwhile.
-    assert_eq!(get(addr, "/health").status, 200);
+    assert_port_serves(addr);
     // Once the client stops sending, the discarding ends and the port lets go of the
     // connection: the client reads EOF (not its 15 s read timeout).
     client.shutdown(Shutdown::Write).expect("stop sending");
@@ -902,7 +914,7 @@ fn a_body_declared_in_terabytes_gets_413_and_costs_nothing_once_the_client_leave
     client
         .read_to_end(&mut rest)
         .expect("the port closes the connection once the body ends");
-    assert_eq!(get(addr, "/health").status, 200);
+    assert_port_serves(addr);
 }
 
 #[test]
@@ -922,7 +934,7 @@ fn a_client_that_never_reads_its_replies_does_not_block_others() {
     let mut most_threads = threads_before;
     while Instant::now() < deadline {
         let started = Instant::now();
-        assert_eq!(get(addr, "/health").status, 200);
+        assert_port_serves(addr);
         assert_eq!(get(addr, "/metrics").status, 200);
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -994,7 +1006,7 @@ fn closing_the_pool_stops_the_port_promptly() {
     let sim = simulator();
     let pool = ready_pool(&sim, 2, 4, None);
     let addr = health_addr(&pool);
-    assert_eq!(get(addr, "/health").status, 200);
+    assert_port_serves(addr);
     // A client in the middle of a body must not hold up the close.
     let mut slow = connect(addr);
     let head = request_head("POST", "/api/v1/pool/config", &[], 3000);
@@ -1125,7 +1137,7 @@ fn malformed_requests_get_a_json_error_that_says_what_was_wrong() {
     // A line just under the limit is no problem.
     let long_path = format!("/{}", "a".repeat(8000));
     assert_eq!(get(addr, &long_path).status, 404);
-    assert_eq!(get(addr, "/health").status, 200);
+    assert_port_serves(addr);
 }
 
 /// A client that sent a request's head and is sending its body: a request under way,
@@ -1392,7 +1404,7 @@ fn a_request_body_left_unfinished_gets_408() {
         let message = read_one_reply(&mut client).error(408);
         assert!(message.contains("idle"), "{declared}: {message}");
     }
-    assert_eq!(get(addr, "/health").status, 200);
+    assert_port_serves(addr);
 }
 
 /// Whether a newcomer's `GET /api/v1/pool/stats` is answered 200; `false` for a 503
@@ -1543,7 +1555,7 @@ fn a_client_that_pipelines_without_reading_is_read_one_request_at_a_time() {
     // Everyone else is answered promptly meanwhile.
     for _ in 0..3 {
         let started = Instant::now();
-        assert_eq!(get(addr, "/health").status, 200);
+        assert_port_serves(addr);
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "/health took {:?} next to the hog",
