@@ -211,6 +211,10 @@ wirepool_result wirepool_pool_new(const char *config_json, struct wirepool_pool 
 /*
  Closes the pool: close frames sent, threads joined, blocked calls woken with
  `WIREPOOL_ERR_CLOSED`. Idempotent; the handle stays valid until freed.
+ Prompt whatever is queued: subscriptions the pool has not taken in yet are
+ dropped, and calls still waiting on the pool thread (close_connection,
+ reconfigure, ...) return `WIREPOOL_ERR_CLOSED`. It waits at most a connection's
+ 500 ms close grace for a venue that does not answer the close.
  */
 wirepool_result wirepool_pool_close(const struct wirepool_pool *pool);
 

@@ -218,6 +218,10 @@ pub(crate) struct Waker {
     /// set meanwhile).
     pub on_queue: Arc<ProducerWait>,
     queue: Arc<ConsumerQueue>,
+    /// Set once the worker is asked to close, before the `Close` command is queued:
+    /// the worker looks at it between commands, so a close is not kept waiting behind
+    /// thousands of subscriptions queued ahead of it (work that no longer matters).
+    pub close_asked: AtomicBool,
 }
 
 impl Waker {
@@ -226,6 +230,7 @@ impl Waker {
             poller: Poller::new().map_err(|err| Error::Io(format!("creating a poller: {err}")))?,
             on_queue: Arc::default(),
             queue,
+            close_asked: AtomicBool::new(false),
         })
     }
 
@@ -250,8 +255,6 @@ pub(crate) struct ConnectionHandle {
     commands: Sender<Command>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
-    /// The worker was asked to close (it is asked once).
-    close_asked: AtomicBool,
 }
 
 /// A cheap clone of the command path of a connection, for routing requests.
@@ -295,7 +298,6 @@ impl ConnectionHandle {
             commands,
             waker,
             thread: Some(thread),
-            close_asked: AtomicBool::new(false),
         })
     }
 
@@ -311,9 +313,11 @@ impl ConnectionHandle {
     }
 
     /// Asks the worker to close its connection. `false` when it was asked before or
-    /// has ended: it is closing already.
+    /// has ended: it is closing already. Commands queued before the close and not yet
+    /// run are skipped (the worker sees the flag between commands): requests among
+    /// them were never written, so the pool sends them elsewhere as at any end.
     pub fn close(&self) -> bool {
-        !self.close_asked.swap(true, Ordering::Relaxed) && self.send(Command::Close).is_ok()
+        !self.waker.close_asked.swap(true, Ordering::AcqRel) && self.send(Command::Close).is_ok()
     }
 
     /// Waits for the worker thread to end.

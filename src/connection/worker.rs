@@ -646,6 +646,9 @@ impl Link {
 
     /// Drains the command channel without acting, only looking for a close.
     fn close_requested(&mut self) -> bool {
+        if self.close_asked() {
+            return true;
+        }
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Close => return true,
@@ -653,6 +656,12 @@ impl Link {
             }
         }
         false
+    }
+
+    /// The pool asked this worker to close (it may still be queued behind other
+    /// commands, which then no longer matter).
+    fn close_asked(&self) -> bool {
+        self.wake.close_asked.load(Ordering::Acquire)
     }
 
     fn ws(&mut self) -> Result<&mut WebSocket<Stream>> {
@@ -671,15 +680,20 @@ impl Link {
     #[inline(never)]
     fn serve(&mut self, codec: &mut CodecInstance, ready_deadline: Instant) -> Result<(), Ended> {
         loop {
-            // Commands first: they are what a caller is waiting on.
+            // Commands first: they are what a caller is waiting on. A close is seen
+            // between any two of them, however many are queued ahead of it (a pool
+            // closing behind 100 000 subscriptions must not wait for their encoding).
             if self.ready {
                 while let Some(command) = self.early_commands.pop_front() {
-                    if self.run_command(codec, command)? {
+                    if self.close_asked() || self.run_command(codec, command)? {
                         return self.close_gracefully(codec);
                     }
                 }
             }
             while let Ok(command) = self.commands.try_recv() {
+                if self.close_asked() {
+                    return self.close_gracefully(codec);
+                }
                 if !self.ready && !matches!(command, Command::Close | Command::Cancel { .. }) {
                     self.early_commands.push_back(command);
                     continue;

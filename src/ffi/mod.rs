@@ -303,6 +303,10 @@ pub unsafe extern "C" fn wirepool_pool_new(
 
 /// Closes the pool: close frames sent, threads joined, blocked calls woken with
 /// `WIREPOOL_ERR_CLOSED`. Idempotent; the handle stays valid until freed.
+/// Prompt whatever is queued: subscriptions the pool has not taken in yet are
+/// dropped, and calls still waiting on the pool thread (close_connection,
+/// reconfigure, ...) return `WIREPOOL_ERR_CLOSED`. It waits at most a connection's
+/// 500 ms close grace for a venue that does not answer the close.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_close(pool: *const wirepool_pool) -> wirepool_result {
     guard(|| {

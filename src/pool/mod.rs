@@ -953,6 +953,15 @@ impl Pool {
     /// Closes the pool: every connection sends a close frame, every thread is
     /// joined, pending requests fail with [`Error::Closed`]. Messages already queued
     /// stay readable. Idempotent.
+    ///
+    /// The close does not wait for work queued before it: commands the pool thread
+    /// has not taken in yet (subscriptions, unsubscriptions, and calls such as
+    /// [`Pool::close_connection`] or [`Pool::reconfigure`], whose callers then get
+    /// [`Error::Closed`]) are dropped, and a worker skips the subscriptions and
+    /// requests still queued for it. It returns once each connection's close
+    /// handshake is done, or after its 500 ms close grace against a venue that does
+    /// not answer. The stats after the close count only the subscriptions taken in
+    /// before it.
     pub fn close(&self) {
         self.inner.closing.store(true, Ordering::Release);
         let http = self.inner.http.lock().take();
@@ -997,6 +1006,29 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
+    }
+}
+
+/// Answers a command the pool thread will not act on, because the pool is closing,
+/// with `Closed`; commands without a reply are dropped.
+fn refuse(command: PoolCommand) {
+    match command {
+        PoolCommand::CloseConnection(_, reply) | PoolCommand::Release(reply) => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        PoolCommand::AddConnection(reply) | PoolCommand::Recycle(_, reply) => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        PoolCommand::Reconfigure(_, reply) => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        PoolCommand::RotateToken(_, reply) => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        PoolCommand::Subscribe(_)
+        | PoolCommand::Unsubscribe(_)
+        | PoolCommand::Acquire
+        | PoolCommand::Shutdown => {}
     }
 }
 
@@ -1215,6 +1247,9 @@ impl PoolThread {
         }
         self.publish_servers();
         'passes: loop {
+            if self.shutdown_begun() {
+                break;
+            }
             self.suspend_if_idle();
             self.autoscale();
             self.finish_handovers();
@@ -1271,9 +1306,22 @@ impl PoolThread {
         self.shutdown();
     }
 
-    /// Acts on a caller's command; `false` for shutdown. Replies go out after the
-    /// published state caught up, so a caller who got one reads fresh state.
+    /// `Pool::close` has begun. Its `Shutdown` command is queued behind whatever
+    /// callers sent before (a hundred thousand subscriptions take seconds to place):
+    /// the flag, looked at before each command and each pass, lets the close through
+    /// ahead of them.
+    fn shutdown_begun(&self) -> bool {
+        self.inner.closing.load(Ordering::Acquire)
+    }
+
+    /// Acts on a caller's command; `false` for shutdown (asked, or begun while the
+    /// command waited: it is then refused with `Closed`, not acted on). Replies go out
+    /// after the published state caught up, so a caller who got one reads fresh state.
     fn handle_command(&mut self, command: PoolCommand) -> bool {
+        if self.shutdown_begun() {
+            refuse(command);
+            return false;
+        }
         match command {
             PoolCommand::Shutdown => return false,
             PoolCommand::Subscribe(channel) => self.subscribe(channel),
@@ -2820,6 +2868,12 @@ impl PoolThread {
 
     fn shutdown(&mut self) {
         self.inner.closing.store(true, Ordering::Release);
+        // Callers still waiting on a command queued behind the close hear now that
+        // the pool closed, not once every connection has finished its close grace.
+        // (Commands sent after this find the channel gone with the thread: `Closed`.)
+        for command in self.commands.try_iter() {
+            refuse(command);
+        }
         // Ask everyone first so the close handshakes run in parallel, then join.
         for handle in self.connections.values() {
             handle.close();

@@ -619,7 +619,11 @@ class Pool(_Handle):
     (``docs/configuration.md``). Connections open in the background; ``wait_ready()``
     waits for the initial ones. Raises ConfigError naming the key path of a bad setting.
     After ``close()`` every call raises ClosedError, but ``events()`` first returns the
-    events left unread, the shutdown's among them.
+    events left unread, the shutdown's among them. ``close()`` does not wait for work
+    queued before it: subscriptions the pool has not taken in yet are dropped, and
+    calls still waiting on the pool (``close_connection``, ``reconfigure``, ...) raise
+    ClosedError; it waits at most a connection's 500 ms close grace for a venue that
+    does not answer the close.
     """
 
     _closed_message = "pool is closed"
