@@ -933,8 +933,8 @@ impl Config {
             );
         }
         if let Some(path) = &self.codec.path {
-            match std::fs::metadata(path) {
-                Ok(metadata) if metadata.is_file() => {
+            match crate::file_limits::regular_file(Path::new(path)) {
+                Ok(metadata) => {
                     // Said early; the load reads no more than the limit whatever the
                     // metadata says.
                     if metadata.len() > crate::file_limits::MAX_CODEC_FILE_BYTES {
@@ -948,7 +948,7 @@ impl Config {
                         );
                     }
                 }
-                _ => issue("codec.path", format!("no such file: {path}")),
+                Err(what) => issue("codec.path", format!("{path}: {what}")),
             }
         }
         for (key, file) in [
@@ -957,8 +957,8 @@ impl Config {
             ("tls.client_key", &self.tls.client_key),
         ] {
             if let Some(file) = file {
-                if !Path::new(file).is_file() {
-                    issue(key, format!("no such file: {file}"));
+                if let Err(what) = crate::file_limits::regular_file(Path::new(file)) {
+                    issue(key, format!("{file}: {what}"));
                 }
             }
         }

@@ -3,8 +3,14 @@
 //! instead of filling memory until the OOM killer comes. The size a file's metadata
 //! gives is not trusted (a device or a pipe says 0); the read itself stops one byte
 //! past the limit.
+//!
+//! A file that must be a regular file (a codec module, a TLS file) is also looked at
+//! before it is read: a directory or a FIFO named there is said to be one, instead of
+//! "no such file" or a read that waits forever for a FIFO's writer.
 
+use std::fs::{File, FileType, Metadata};
 use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// The largest config file read (`Config::from_file`, the daemon's `--config`): a
@@ -20,7 +26,65 @@ pub const MAX_CODEC_FILE_BYTES: u64 = 64 << 20;
 /// what the file is (`kind`: "config file"), the limit and the size seen; it does not
 /// repeat the path, which the caller names.
 pub(crate) fn read_capped(path: &Path, limit: u64, kind: &str) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|err| format!("cannot read: {err}"))?;
+    let file = File::open(path).map_err(|err| format!("cannot read: {err}"))?;
+    read_open_capped(file, path, limit, kind)
+}
+
+/// Like [`read_capped`], for a file that must be a regular file: anything else (a
+/// directory, a FIFO, a device) is refused, saying what it is, without reading from it.
+/// It is opened non-blocking, so that a FIFO without a writer does not hold the open
+/// up, and its type is taken from the open file (no window for it to be swapped).
+pub(crate) fn read_regular_capped(path: &Path, limit: u64, kind: &str) -> Result<Vec<u8>, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_string(),
+            _ => format!("cannot read: {err}"),
+        })?;
+    let metadata = file
+        .metadata()
+        .map_err(|err| format!("cannot read: {err}"))?;
+    not_regular(metadata.file_type()).map_or(Ok(()), Err)?;
+    read_open_capped(file, path, limit, kind)
+}
+
+/// Looks at what `path` names without opening it (a FIFO is not waited on): its
+/// metadata when it is a regular file, else what it is instead ("no such file", "is a
+/// directory", ...).
+pub(crate) fn regular_file(path: &Path) -> Result<Metadata, String> {
+    let metadata = std::fs::metadata(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        _ => format!("cannot read: {err}"),
+    })?;
+    match not_regular(metadata.file_type()) {
+        Some(what) => Err(what),
+        None => Ok(metadata),
+    }
+}
+
+/// What a file that is not a regular file is, as an error; `None` for a regular file.
+fn not_regular(file_type: FileType) -> Option<String> {
+    let what = if file_type.is_file() {
+        return None;
+    } else if file_type.is_dir() {
+        return Some("is a directory, not a file".into());
+    } else if file_type.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "something other than a file"
+    };
+    Some(format!("is {what}, not a regular file"))
+}
+
+fn read_open_capped(file: File, path: &Path, limit: u64, kind: &str) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
@@ -78,6 +142,37 @@ mod tests {
         assert!(
             err.contains("at least 10000 bytes") && err.contains("4096 bytes"),
             "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_or_a_fifo_is_said_to_be_one_and_a_fifo_is_not_waited_on() {
+        let dir = std::env::temp_dir().join(format!("wirepool-not-regular-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("no NUL");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+        // No writer ever opens the FIFO: a blocking open or read would hang here.
+        let err = read_regular_capped(&fifo, 1 << 20, "codec module").expect_err("a FIFO");
+        assert_eq!(err, "is a named pipe (FIFO), not a regular file");
+        assert_eq!(regular_file(&fifo).map(|_| ()), Err(err));
+        let err = read_regular_capped(&dir, 1 << 20, "codec module").expect_err("a directory");
+        assert_eq!(err, "is a directory, not a file");
+        assert_eq!(regular_file(&dir).map(|_| ()), Err(err));
+        let err = read_regular_capped(Path::new("/dev/zero"), 1 << 20, "codec module")
+            .expect_err("a device");
+        assert_eq!(err, "is a character device, not a regular file");
+        let missing = dir.join("missing");
+        assert_eq!(
+            read_regular_capped(&missing, 1 << 20, "codec module"),
+            Err("no such file".to_string())
+        );
+        assert_eq!(
+            regular_file(&missing).map(|_| ()),
+            Err("no such file".to_string())
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -514,12 +514,12 @@ impl CodecRuntime {
                 builtin::precompiled(*builtin),
             ),
             CodecSource::File(path) => (
-                crate::file_limits::read_capped(
+                crate::file_limits::read_regular_capped(
                     std::path::Path::new(path),
                     crate::file_limits::MAX_CODEC_FILE_BYTES,
                     "codec module",
                 )
-                .map_err(|err| Error::Codec(format!("{path}: {err}")))?,
+                .map_err(|err| Error::Codec(format!("codec.path {path}: {err}")))?,
                 None,
             ),
         };

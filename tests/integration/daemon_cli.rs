@@ -1,6 +1,6 @@
 //! The daemon's command line as an operator meets it: arguments and environment that
-//! are not UTF-8, and `demo` keeping to its `--duration` and to Ctrl-C. Each runs the
-//! real binary.
+//! are not UTF-8, `demo` keeping to its `--duration` and to Ctrl-C, and a codec or TLS
+//! path naming a directory or a FIFO. Each runs the real binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -235,4 +235,104 @@ fn demo_ends_on_time_and_at_ctrl_c_while_its_request_waits() {
         summary.contains("history request: no reply in the"),
         "the summary should say the request had no reply: {summary}"
     );
+}
+
+/// Runs `command` to its end within `limit` (killed and failed past it: a check that
+/// waits forever on a FIFO must fail the test, not hang it); its exit code and stdout.
+fn run_within(mut command: Command, limit: Duration, what: &str) -> (Option<i32>, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn wirepool");
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?} (waiting on the file?)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = String::new();
+    let _ = child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout);
+    (status.code(), stdout)
+}
+
+/// A `codec.path` (or TLS file) naming a directory or a FIFO was reported as "no such
+/// file", and `codec-check` on a FIFO waited forever for a writer. Each is now said to
+/// be what it is, with its key and path, at once.
+#[test]
+fn a_codec_path_naming_a_directory_or_a_fifo_says_what_it_is_and_never_waits() {
+    let _guard = watchdog("codec path not a file", Duration::from_secs(60));
+    let dir = std::env::temp_dir().join(format!("wirepool-not-a-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let module_dir = dir.join("module.wasm");
+    std::fs::create_dir_all(&module_dir).expect("temp dirs");
+    let fifo = dir.join("pipe.wasm");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: a valid NUL-terminated path. No writer ever opens it.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+    let limit = Duration::from_secs(10);
+
+    let mut check = wirepool();
+    check.arg("codec-check").arg(&module_dir);
+    let (code, stdout) = run_within(check, limit, "codec-check on a directory");
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "codec.path {}: is a directory",
+            module_dir.display()
+        )),
+        "expected the key, the path and 'is a directory', got {stdout:?}"
+    );
+
+    let mut check = wirepool();
+    check.arg("codec-check").arg(&fifo);
+    let (code, stdout) = run_within(check, limit, "codec-check on a FIFO");
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "codec.path {}: is a named pipe (FIFO), not a regular file",
+            fifo.display()
+        )),
+        "expected the key, the path and what it is, got {stdout:?}"
+    );
+
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "servers": [{"url": "ws://127.0.0.1:9"}],
+            "codec": {"path": fifo},
+            "tls": {"ca_file": module_dir},
+        })
+        .to_string(),
+    )
+    .expect("config written");
+    let mut check = wirepool();
+    check.arg("check-config").arg(&config);
+    let (code, stdout) = run_within(check, limit, "check-config naming a FIFO");
+    assert_eq!(code, Some(1), "{stdout}");
+    for expected in [
+        format!(
+            "codec.path: {}: is a named pipe (FIFO), not a regular file",
+            fifo.display()
+        ),
+        format!("tls.ca_file: {}: is a directory", module_dir.display()),
+    ] {
+        assert!(
+            stdout.contains(&expected),
+            "expected {expected:?} in {stdout:?}"
+        );
+    }
+    assert!(!stdout.contains("no such file"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
