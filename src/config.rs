@@ -957,8 +957,21 @@ impl Config {
             ("tls.client_key", &self.tls.client_key),
         ] {
             if let Some(file) = file {
-                if let Err(what) = crate::file_limits::regular_file(Path::new(file)) {
-                    issue(key, format!("{file}: {what}"));
+                match crate::file_limits::regular_file(Path::new(file)) {
+                    // Said early; the load reads no more than the limit whatever the
+                    // metadata says.
+                    Ok(metadata) if metadata.len() > crate::file_limits::MAX_TLS_FILE_BYTES => {
+                        issue(
+                            key,
+                            format!(
+                                "{file}: {} bytes, more than the {} MiB a TLS file may be",
+                                metadata.len(),
+                                crate::file_limits::MAX_TLS_FILE_BYTES >> 20
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(what) => issue(key, format!("{file}: {what}")),
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! Files the library reads whole (a config file, a codec module), each through a
+//! Files the library reads whole (a config file, a codec module, the TLS files), each
+//! through a
 //! bounded reader: a path naming `/dev/zero` or a huge file is refused with its size
 //! instead of filling memory until the OOM killer comes. The size a file's metadata
 //! gives is not trusted (a device or a pipe says 0); the read itself stops one byte
@@ -21,6 +22,11 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
 /// codecs are 30 to 60 KiB, and one written in a language with a large runtime (Go)
 /// a few MiB.
 pub const MAX_CODEC_FILE_BYTES: u64 = 64 << 20;
+
+/// The largest TLS file read (`tls.ca_file`, `tls.client_cert`, `tls.client_key`): a
+/// whole public CA bundle (Mozilla's, every root in PEM) is about 200 KiB, and a
+/// private one or a long client chain far less.
+pub const MAX_TLS_FILE_BYTES: u64 = 16 << 20;
 
 /// Reads `path` whole, refusing it once more than `limit` bytes came. The error says
 /// what the file is (`kind`: "config file"), the limit and the size seen; it does not

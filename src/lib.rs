@@ -44,7 +44,7 @@ mod test_support;
 pub use codec::{check_module_file, ABI_VERSION};
 pub use config::{Config, ConfigIssue};
 pub use error::{Error, Result, TimeoutPhase};
-pub use file_limits::{MAX_CODEC_FILE_BYTES, MAX_CONFIG_FILE_BYTES};
+pub use file_limits::{MAX_CODEC_FILE_BYTES, MAX_CONFIG_FILE_BYTES, MAX_TLS_FILE_BYTES};
 pub use pool::{
     BatchOptions, ConnectionSnapshot, Event, HealthChange, HealthLevel, HealthReport,
     LatencyHistogram, Lease, Pool, PoolSettings, PoolStats, RequestOptions, ServerSnapshot,

@@ -142,8 +142,8 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientCon
         TlsRoots::None => {}
     }
     if let Some(ca_file) = &tls.ca_file {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
-            .map_err(|err| Error::Config(format!("tls.ca_file: reading {ca_file}: {err}")))?
+        let pem = read_tls_file("tls.ca_file", ca_file)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<std::result::Result<_, _>>()
             .map_err(|err| Error::Config(format!("tls.ca_file: {ca_file}: {err}")))?;
         if certs.is_empty() {
@@ -166,10 +166,8 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientCon
         .with_root_certificates(roots);
     let config = match (&tls.client_cert, &tls.client_key) {
         (Some(cert_file), Some(key_file)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-                .map_err(|err| {
-                    Error::Config(format!("tls.client_cert: reading {cert_file}: {err}"))
-                })?
+            let pem = read_tls_file("tls.client_cert", cert_file)?;
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|err| Error::Config(format!("tls.client_cert: {cert_file}: {err}")))?;
             if chain.is_empty() {
@@ -177,7 +175,8 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientCon
                     "tls.client_cert: {cert_file}: no PEM certificate in it"
                 )));
             }
-            let key = PrivateKeyDer::from_pem_file(key_file)
+            let pem = read_tls_file("tls.client_key", key_file)?;
+            let key = PrivateKeyDer::from_pem_slice(&pem)
                 .map_err(|err| Error::Config(format!("tls.client_key: {key_file}: {err}")))?;
             builder.with_client_auth_cert(chain, key).map_err(|err| {
                 Error::Config(format!(
@@ -199,6 +198,18 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientCon
         }
     };
     Ok(Arc::new(config))
+}
+
+/// Reads the TLS file of config key `key` whole, through the bounded reader: at most
+/// `MAX_TLS_FILE_BYTES`, and only a regular file. The error names the key and the file
+/// (and, for one too large, the limit and the size seen).
+fn read_tls_file(key: &str, path: &str) -> Result<Vec<u8>> {
+    crate::file_limits::read_regular_capped(
+        std::path::Path::new(path),
+        crate::file_limits::MAX_TLS_FILE_BYTES,
+        "TLS file",
+    )
+    .map_err(|err| Error::Config(format!("{key}: {path}: {err}")))
 }
 
 /// Resolves `url`'s host. Blocking DNS; IP literals and `localhost` resolve at once.
@@ -305,6 +316,78 @@ pub(crate) mod tests {
         let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (theirs, _) = listener.accept().unwrap();
         (ours, theirs)
+    }
+
+    /// A TLS file was read with no cap: a path naming a huge file (or a device) filled
+    /// memory. Each of the three keys is read through the bounded reader, and one too
+    /// large is refused naming the key, the file, the limit and the size seen.
+    #[test]
+    fn tls_files_past_their_limit_are_refused_naming_key_file_limit_and_size() {
+        let dir = std::env::temp_dir().join(format!("wirepool-tls-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let huge = dir.join("huge.pem");
+        let size = crate::file_limits::MAX_TLS_FILE_BYTES + 4096;
+        // Sparse: no disk space taken.
+        std::fs::File::create(&huge)
+            .and_then(|file| file.set_len(size))
+            .expect("a sparse file");
+        let huge = huge.to_str().expect("UTF-8 temp path").to_string();
+        let small = dir.join("small.pem");
+        std::fs::write(&small, "not PEM").expect("written");
+        let small = small.to_str().expect("UTF-8 temp path").to_string();
+        let configs = [
+            (
+                "tls.ca_file",
+                TlsConfig {
+                    ca_file: Some(huge.clone()),
+                    ..TlsConfig::default()
+                },
+            ),
+            (
+                "tls.client_cert",
+                TlsConfig {
+                    client_cert: Some(huge.clone()),
+                    client_key: Some(small.clone()),
+                    ..TlsConfig::default()
+                },
+            ),
+            (
+                "tls.client_key",
+                TlsConfig {
+                    client_cert: Some(small.clone()),
+                    client_key: Some(huge.clone()),
+                    ..TlsConfig::default()
+                },
+            ),
+        ];
+        for (key, config) in configs {
+            // The client_key case needs a chain that parses before the key is read.
+            let config = if key == "tls.client_key" {
+                let key_pair = rcgen::KeyPair::generate().expect("key");
+                let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+                    .and_then(|params| params.self_signed(&key_pair))
+                    .expect("a self-signed certificate");
+                let chain = dir.join("chain.pem");
+                std::fs::write(&chain, cert.pem()).expect("written");
+                TlsConfig {
+                    client_cert: Some(chain.to_str().expect("UTF-8").to_string()),
+                    ..config
+                }
+            } else {
+                config
+            };
+            let err = match tls_client_config(&config) {
+                Ok(_) => panic!("{key}: a file past the limit was accepted"),
+                Err(err) => err.to_string(),
+            };
+            assert!(
+                err.contains(&format!("{key}: {huge}: too large for a TLS file"))
+                    && err.contains(&format!("at least {size} bytes"))
+                    && err.contains("16 MiB"),
+                "{key}: expected the key, the file, the limit and the size, got {err:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

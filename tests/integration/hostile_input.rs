@@ -177,6 +177,25 @@ fn files_read_whole_are_refused_past_their_size_limit() {
             && text.contains("64 MiB"),
         "check-config should name codec.path, its size and the limit, got {text:?}"
     );
+    // The same file as a TLS file: over its 16 MiB limit, said with the key.
+    let config = crate::support::write_temp(
+        "huge-tls.json",
+        &serde_json::json!({
+            "servers": [{"url": "wss://127.0.0.1:9"}],
+            "tls": {"ca_file": huge},
+        })
+        .to_string(),
+    );
+    let (status, text) = wirepool_output(&["check-config".as_ref(), config.as_os_str()]);
+    assert_eq!(status, Some(1), "check-config with a huge CA file: {text}");
+    assert!(
+        text.contains(&format!(
+            "tls.ca_file: {}: {} bytes, more than the 16 MiB a TLS file may be",
+            huge.display(),
+            codec_limit + 4096
+        )),
+        "check-config should name tls.ca_file, the file, its size and the limit, got {text:?}"
+    );
     let (status, text) = wirepool_output(&["codec-check".as_ref(), huge.as_os_str()]);
     assert_eq!(status, Some(1), "codec-check huge.wasm: {text}");
     assert!(
