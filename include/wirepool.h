@@ -244,6 +244,12 @@ wirepool_result wirepool_pool_unsubscribe(const struct wirepool_pool *pool, cons
  Sends a request and waits up to `timeout_ms` (0: the pool's `request_timeout_ms`)
  for the reply, written to `out_reply` (free with `wirepool_bytes_free`). On
  `WIREPOOL_ERR_REMOTE`, `out_reply` holds the venue's error payload.
+
+ Order: one thread's requests reach the venue in the order it made them (each call
+ returns once answered). Requests made while no connection is ready go, in the order made,
+ to the first that becomes ready; those moved off a dead connection keep their
+ order, ahead of newer waiting ones, after newer ones already sent on the connection
+ they move to. Requests from several threads at once may arrive in either order.
  */
 wirepool_result wirepool_pool_request(const struct wirepool_pool *pool,
                                       const uint8_t *payload,
@@ -452,6 +458,12 @@ wirepool_result wirepool_pool_reconfigure_json(const struct wirepool_pool *pool,
  when the batch ran, whatever the individual results; on any other result no slot
  of the output arrays was written. Why a request failed, beyond its code:
  `wirepool_pool_request_batch_detailed`.
+
+ Order: the requests are submitted in array order, and those that travel on one
+ connection reach the venue in that order (also after waiting for a ready
+ connection, or moving off a dead one); spread over several ready connections, two
+ may arrive in either order: a sequence whose order matters needs one connection
+ (`pool.max_connections` 1) or one request at a time.
  */
 wirepool_result wirepool_pool_request_batch(const struct wirepool_pool *pool,
                                             const struct wirepool_request *requests,

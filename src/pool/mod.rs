@@ -460,6 +460,16 @@ impl Pool {
     ///
     /// Waits for a ready connection within the same timeout. An error answer from the
     /// venue is [`Error::Remote`] with its payload.
+    ///
+    /// Order: one thread's requests reach the venue in the order it made them, since
+    /// each call returns only once its request was answered. Requests that wait
+    /// together are handed on in submission order (ids are taken in that order): those
+    /// made while no connection is ready go, in that order, to the first that becomes
+    /// ready; those moved off a dead connection (never written, or idempotent and
+    /// re-sent) keep their order too, ahead of newer requests still waiting, but after
+    /// newer ones already sent on the connection they move to. Requests from several
+    /// threads at once are spread over the ready connections and may arrive in either
+    /// order.
     pub fn request(&self, payload: &[u8], options: RequestOptions) -> Result<Vec<u8>> {
         self.check_open()?;
         self.check_payload(payload)?;
@@ -535,6 +545,13 @@ impl Pool {
     /// returns one result per payload, in order. Batch requests are idempotent (a
     /// request whose connection dies is re-sent once). `progress(done, total)` is
     /// called after each completion.
+    ///
+    /// Order: the requests are submitted in the order of `payloads`, and those that
+    /// travel on one connection reach the venue in that order (also when they waited
+    /// for a ready connection, or moved off a dead one: see [`Pool::request`]). With
+    /// several ready connections they are spread over them, so two of them may arrive
+    /// in either order; a sequence whose order matters (an order, then its amendment)
+    /// needs one connection (`pool.max_connections` 1) or one request at a time.
     ///
     /// ```no_run
     /// # use wirepool::{BatchOptions, Pool};

@@ -4,6 +4,13 @@
 //! directly, so a reply never passes through the pool thread. Dispatch happens under
 //! the table's lock, and a dead connection's command channel refuses sends, so an entry
 //! is always either waiting for a connection, queued on exactly one live one, or done.
+//!
+//! Order: request ids are taken in submission order (one counter per pool), and a
+//! connection's worker writes what it is handed in the order handed. Requests handed
+//! over together (those waiting when a connection becomes ready, those moved off a
+//! dead one) go in id order, so one thread's requests reach the venue in the order it
+//! made them whenever they travel on one connection. Entries stay in a `HashMap`:
+//! only these two rare hand-overs sort, the per-request path does not.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -133,7 +140,8 @@ impl RequestTable {
         }
     }
 
-    /// A connection became ready: route to it, starting with waiting requests.
+    /// A connection became ready: route to it, starting with waiting requests, in
+    /// submission order.
     pub fn add_route(&self, connection_id: u64, path: CommandPath) {
         let mut state = self.state.lock();
         if state.closed {
@@ -144,12 +152,14 @@ impl RequestTable {
             path,
             in_flight: 0,
         });
-        let waiting: Vec<u64> = state
+        let mut waiting: Vec<u64> = state
             .entries
             .iter()
             .filter(|(_, entry)| entry.connection.is_none())
             .map(|(id, _)| *id)
             .collect();
+        // In submission order: a new order before its cancel, amendments as made.
+        waiting.sort_unstable();
         for request_id in waiting {
             dispatch(&mut state, request_id);
         }
@@ -159,17 +169,22 @@ impl RequestTable {
     /// `ConnectionLost` unless idempotent; an idempotent one is re-sent elsewhere once
     /// (written to the venue at most twice), counting only the connections that wrote
     /// it. Requests that never reached it (not in `in_flight`) are re-routed.
+    ///
+    /// Those that move go in submission order among themselves: to a ready connection
+    /// at once (after whatever newer requests it was already sent), or, with none
+    /// ready, back among the waiting ones, ahead of every newer one.
     pub fn connection_lost(&self, connection_id: u64, in_flight: &HashSet<u64>, reason: &str) {
         let mut state = self.state.lock();
         state
             .routes
             .retain(|route| route.connection_id != connection_id);
-        let affected: Vec<u64> = state
+        let mut affected: Vec<u64> = state
             .entries
             .iter()
             .filter(|(_, entry)| entry.connection == Some(connection_id))
             .map(|(id, _)| *id)
             .collect();
+        affected.sort_unstable();
         for request_id in affected {
             let written = in_flight.contains(&request_id);
             let retry = match state.entries.get_mut(&request_id) {

@@ -49,6 +49,9 @@ struct Behaviour {
     /// Answer the client's close frame only after a frame starting with `X` (what the
     /// `trap` test codec traps on), sent after the close frame arrived.
     poison_at_close: AtomicBool,
+    /// Hold the answer to the auth frame while set (the session is not ready); it is
+    /// sent once this is cleared.
+    hold_auth: AtomicBool,
 }
 
 const SLOW_FRAME_BYTES: usize = 64 * 1024;
@@ -72,6 +75,22 @@ impl Log {
     /// The channels session `index` was asked to subscribe to, in order.
     fn subscribes(&self, index: usize) -> Vec<String> {
         self.of_type(index, "subscribe")
+    }
+
+    /// The `n` of every request (`data` frame) session `index` read with `marker`, in
+    /// the order read.
+    fn request_numbers(&self, index: usize, marker: &str) -> Vec<u64> {
+        let frames = self.frames.lock().expect("log");
+        frames
+            .get(index)
+            .map(|frames| {
+                frames
+                    .iter()
+                    .filter(|frame| frame["type"] == "data" && frame["payload"]["marker"] == marker)
+                    .filter_map(|frame| frame["payload"]["n"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn of_type(&self, index: usize, kind: &str) -> Vec<String> {
@@ -138,12 +157,20 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
         .set_read_timeout(Some(Duration::from_millis(10)));
     let mut subscribed: Vec<String> = Vec::new();
     let mut held_replies: Vec<Value> = Vec::new();
+    let mut held_auth: Option<Value> = None;
     let mut sequence = 0u64;
     let mut next_data = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if behaviour.drop_generation.load(Ordering::SeqCst) != generation {
             let _ = ws.get_ref().shutdown(std::net::Shutdown::Both);
             return;
+        }
+        if !behaviour.hold_auth.load(Ordering::SeqCst) {
+            if let Some(reply) = held_auth.take() {
+                if ws.send(WsMessage::text(reply.to_string())).is_err() {
+                    return;
+                }
+            }
         }
         if behaviour.stream_data.load(Ordering::Relaxed) && Instant::now() >= next_data {
             next_data = Instant::now() + Duration::from_millis(10);
@@ -256,6 +283,10 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
         let reply = match frame["type"].as_str() {
             Some("auth") if behaviour.refuse_auth.load(Ordering::SeqCst) => {
                 json!({"type": "error", "messageId": id, "payload": "token revoked"})
+            }
+            Some("auth") if behaviour.hold_auth.load(Ordering::SeqCst) => {
+                held_auth = Some(json!({"type": "authenticated", "messageId": id}));
+                continue;
             }
             Some("auth") => json!({"type": "authenticated", "messageId": id}),
             Some("subscribe") => {
@@ -1061,6 +1092,127 @@ fn an_idempotent_request_written_to_two_dying_connections_fails_with_connection_
         "written twice and lost twice, the request should fail with connection_lost: {outcome:?}"
     );
     assert_eq!(sessions_that_read(&venue.log, "twice").len(), 2);
+}
+
+/// `count` requests `{"marker": marker, "n": 0..count}`, sent as one batch (one thread
+/// submitting them in order, all at once: `count` in flight per connection) on a thread
+/// of its own; join it for the results.
+fn batch_in_background(
+    pool: &Arc<wirepool::Pool>,
+    marker: &str,
+    count: u64,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Vec<wirepool::Result<Vec<u8>>>> {
+    let pool = Arc::clone(pool);
+    let payloads: Vec<Vec<u8>> = (0..count)
+        .map(|n| json!({"marker": marker, "n": n}).to_string().into_bytes())
+        .collect();
+    std::thread::spawn(move || {
+        pool.request_batch(
+            &payloads,
+            wirepool::BatchOptions {
+                timeout: Some(timeout),
+                max_in_flight_per_connection: payloads.len(),
+            },
+            |_, _| {},
+        )
+    })
+}
+
+fn assert_all_answered(results: &[wirepool::Result<Vec<u8>>]) {
+    for (index, result) in results.iter().enumerate() {
+        if let Err(err) = result {
+            panic!("request {index} of the batch should have been answered, got: {err}");
+        }
+    }
+}
+
+/// Requests made while no connection is ready wait for one, and then reach the venue
+/// in the order they were made: a new order and its cancel, or two amendments, keep
+/// their meaning. The venue holds its auth answer until all 50 are waiting, so they
+/// are handed to the connection all at once when it becomes ready (in the order of a
+/// hash map's walk before this was fixed).
+#[test]
+fn requests_made_while_no_connection_is_ready_reach_the_venue_in_submission_order() {
+    let _guard = watchdog("waiting_requests_in_order", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue.behaviour.hold_auth.store(true, Ordering::SeqCst);
+    // One connection: the pool would open another for the load of 50 waiting requests.
+    let pool = Arc::new(venue_pool(
+        &venue,
+        json!({
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "heartbeat": {"ping_interval_ms": 0},
+        }),
+    ));
+    wait_until_true(
+        "the auth frame at the venue",
+        Duration::from_secs(10),
+        || venue.log.of_type(0, "auth").len() == 1,
+    );
+    let count = 50;
+    let batch = batch_in_background(&pool, "waiting", count, Duration::from_secs(10));
+    wait_until_true("every request waiting", Duration::from_secs(10), || {
+        pool.stats().pending_requests == count as usize
+    });
+    assert_eq!(
+        pool.stats().ready_connections,
+        0,
+        "no connection should be ready while the venue holds the auth answer"
+    );
+    venue.behaviour.hold_auth.store(false, Ordering::SeqCst);
+    let results = batch.join().expect("batch thread");
+    assert_all_answered(&results);
+    assert_eq!(
+        venue.log.request_numbers(0, "waiting"),
+        (0..count).collect::<Vec<_>>(),
+        "the venue should read the waiting requests once each, in the order submitted"
+    );
+}
+
+/// Requests that the rate limit held on a connection that then died were never
+/// written: they go to the next connection, in the order they were made. With one
+/// frame a second, the auth frame takes the only token, so the whole batch waits in
+/// the first session's worker when the venue drops it.
+#[test]
+fn requests_held_by_the_rate_limit_on_a_dead_connection_go_to_the_next_in_submission_order() {
+    let _guard = watchdog("moved_requests_in_order", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = Arc::new(venue_pool(
+        &venue,
+        json!({
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "rate_limit": {"messages_per_second": 1},
+            "heartbeat": {"ping_interval_ms": 0},
+        }),
+    ));
+    let first = only_connection(&pool);
+    // One request a second on the next session (after its auth frame): 6 take ~7 s.
+    let count = 6;
+    let batch = batch_in_background(&pool, "moved", count, Duration::from_secs(14));
+    wait_until_true("every request handed over", Duration::from_secs(10), || {
+        pool.stats().pending_requests == count as usize
+    });
+    venue.drop_sessions();
+    wait_closed(&pool, first, Duration::from_secs(10));
+    let results = batch.join().expect("batch thread");
+    assert_all_answered(&results);
+    assert_eq!(
+        venue.log.request_numbers(0, "moved"),
+        Vec::<u64>::new(),
+        "the rate limit should have held every request on the first session"
+    );
+    assert_eq!(
+        venue.log.sessions(),
+        2,
+        "one connection at a time: the first, then its replacement"
+    );
+    assert_eq!(
+        venue.log.request_numbers(1, "moved"),
+        (0..count).collect::<Vec<_>>(),
+        "the next session should read the moved requests once each, in \
+         the order submitted"
+    );
 }
 
 /// Subscriptions are restored in the order the user made them, not by channel name: a

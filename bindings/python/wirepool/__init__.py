@@ -958,6 +958,13 @@ class Pool(_Handle):
         holding it, does not count); otherwise that raises ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
         with an error, TimeoutError when no reply came in time.
 
+        Order: one thread's requests reach the venue in the order it made them (each
+        call returns once answered). Requests made while no connection is ready go, in the
+        order made, to the first that becomes ready; those moved off a dead connection
+        keep their order, ahead of newer waiting ones, after newer ones already sent on
+        the connection they move to. Requests from several threads at once may arrive
+        in either order.
+
         The request waits in one library call (the pool must be able to tell the venue
         it was abandoned): a Ctrl-C takes effect when it returns, within ``timeout``,
         and the reply it got is freed, not leaked.
@@ -1006,6 +1013,12 @@ class Pool(_Handle):
         each what ``request`` accepts; a single str or bytes-like body is a TypeError
         (each character or byte would be a request). ``max_in_flight_per_connection``
         is an int (or anything with ``__index__``) from 1 to 2**32 - 1.
+
+        Order: the requests are submitted in the order given, and those that travel on
+        one connection reach the venue in that order (also after waiting for a ready
+        connection, or moving off a dead one); spread over several ready connections,
+        two may arrive in either order: a sequence whose order matters needs one
+        connection (``pool.max_connections`` 1) or one request at a time.
 
         The batch waits in one library call: a Ctrl-C takes effect when it returns
         (within ``timeout``), and every reply it got is freed, not leaked. With a
