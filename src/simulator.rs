@@ -734,10 +734,26 @@ struct Delayed {
     due: Instant,
     /// What to send then (nothing when empty).
     frame: String,
-    /// A subscription confirmed by this reply: its data starts once the reply is sent.
-    starts_feed: Option<String>,
+    /// A subscription confirmed by this reply: its data starts once the reply is sent,
+    /// unless the channel was unsubscribed meanwhile.
+    starts_feed: Option<PendingStart>,
     /// The session closes then (with a close frame).
     closes: bool,
+}
+
+/// The subscription a delayed `subscribed` reply confirms.
+struct PendingStart {
+    channel: String,
+    /// Numbers the delayed subscribes of a session in the order they came, so an
+    /// unsubscribe can cancel those before it without finding them.
+    ticket: u64,
+}
+
+/// The delayed subscribes of one channel whose replies are not sent yet.
+struct PendingStarts {
+    waiting: usize,
+    /// Tickets below this were cancelled by an unsubscribe.
+    valid_from: u64,
 }
 
 /// One client connection after its handshake, served by its own thread.
@@ -750,6 +766,13 @@ struct Session {
     /// Time between two frames of a channel; none when the rate is 0.
     interval: Option<Duration>,
     feeds: Vec<Feed>,
+    /// The index in `feeds` of each flowing channel, so that a subscribe or an
+    /// unsubscribe finds its feed without a scan (a session may carry 100 000).
+    feed_index: HashMap<String, usize>,
+    /// Delayed subscribes not confirmed yet, by channel, so that an unsubscribe
+    /// cancels them without a scan of `delayed`.
+    pending_starts: HashMap<String, PendingStarts>,
+    next_ticket: u64,
     /// Where the next round of data starts, so a budget cut is fair to every feed.
     feed_cursor: usize,
     delayed: Vec<Delayed>,
@@ -785,6 +808,9 @@ impl Session {
             poller,
             interval,
             feeds: Vec::new(),
+            feed_index: HashMap::new(),
+            pending_starts: HashMap::new(),
+            next_ticket: 0,
             feed_cursor: 0,
             delayed: Vec::new(),
             closing: false,
@@ -936,8 +962,8 @@ impl Session {
             if !delayed.frame.is_empty() {
                 self.send(delayed.frame)?;
             }
-            if let Some(channel) = delayed.starts_feed {
-                self.start_feed(&channel);
+            if let Some(pending) = delayed.starts_feed {
+                self.confirm_pending_start(&pending);
             }
             self.closing |= delayed.closes;
         }
@@ -946,8 +972,59 @@ impl Session {
 
     /// Starts data on `channel` now, unless it already flows.
     fn start_feed(&mut self, channel: &str) {
-        if !self.feeds.iter().any(|feed| feed.channel == channel) {
-            self.feeds.push(Feed::new(channel, Instant::now()));
+        if self.feed_index.contains_key(channel) {
+            return;
+        }
+        self.feed_index
+            .insert(channel.to_string(), self.feeds.len());
+        self.feeds.push(Feed::new(channel, Instant::now()));
+    }
+
+    /// Stops data on `channel`, if it flows. The last feed takes its place: the
+    /// order of `feeds` only decides who goes first in a wake-up, and the cursor
+    /// rotates that anyway.
+    fn stop_feed(&mut self, channel: &str) {
+        let Some(index) = self.feed_index.remove(channel) else {
+            return;
+        };
+        self.feeds.swap_remove(index);
+        if let Some(moved) = self.feeds.get(index) {
+            if let Some(moved_index) = self.feed_index.get_mut(moved.channel.as_str()) {
+                *moved_index = index;
+            }
+        }
+    }
+
+    /// Holds the start of `channel` until a delayed reply confirms it.
+    fn hold_start(&mut self, channel: &str) -> PendingStart {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.pending_starts
+            .entry(channel.to_string())
+            .or_insert(PendingStarts {
+                waiting: 0,
+                valid_from: 0,
+            })
+            .waiting += 1;
+        PendingStart {
+            channel: channel.to_string(),
+            ticket,
+        }
+    }
+
+    /// The delayed reply for `pending` went out: its data starts, unless the
+    /// channel was unsubscribed after that subscribe.
+    fn confirm_pending_start(&mut self, pending: &PendingStart) {
+        let Some(starts) = self.pending_starts.get_mut(&pending.channel) else {
+            return;
+        };
+        let cancelled = pending.ticket < starts.valid_from;
+        starts.waiting -= 1;
+        if starts.waiting == 0 {
+            self.pending_starts.remove(&pending.channel);
+        }
+        if !cancelled {
+            self.start_feed(&pending.channel);
         }
     }
 
@@ -1025,10 +1102,11 @@ impl Session {
                     self.start_feed(channel);
                     return self.send(reply);
                 }
+                let pending = self.hold_start(channel);
                 self.delayed.push(Delayed {
                     due: Instant::now() + delay,
                     frame: reply,
-                    starts_feed: Some(channel.to_string()),
+                    starts_feed: Some(pending),
                     closes: false,
                 });
                 Ok(())
@@ -1037,11 +1115,9 @@ impl Session {
                 let Some(channel) = channel else {
                     return self.send_error(message_id, "unsubscribe needs a \"channel\" string");
                 };
-                self.feeds.retain(|feed| feed.channel != channel);
-                for delayed in &mut self.delayed {
-                    if delayed.starts_feed.as_deref() == Some(channel) {
-                        delayed.starts_feed = None;
-                    }
+                self.stop_feed(channel);
+                if let Some(starts) = self.pending_starts.get_mut(channel) {
+                    starts.valid_from = self.next_ticket;
                 }
                 self.send(frame_text("unsubscribed", Some(channel), message_id, None))
             }
@@ -1445,7 +1521,7 @@ fn skip_value(bytes: &[u8], pos: usize) -> Option<usize> {
 mod tests {
     use super::*;
 
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use crate::test_support::wait_for;
 
@@ -1775,6 +1851,126 @@ mod tests {
         assert!(stats.messages_sent >= 100, "{stats:?}");
         assert_eq!(stats.connections_open, 1);
         assert_eq!(stats.connections_accepted, 1);
+    }
+
+    #[test]
+    fn subscribing_and_unsubscribing_many_channels_leaves_exactly_the_subscribed_ones_streaming() {
+        let _guard = watchdog("many subscriptions", Duration::from_secs(60));
+        let sim = start(rate(4.0));
+        let mut ws = connect(&sim);
+        let channels = 3_000;
+        for index in 0..channels {
+            send(
+                &mut ws,
+                &format!(r#"{{"type":"subscribe","channel":"m{index}","messageId":"s{index}"}}"#),
+            );
+        }
+        // Two in three go, in an order that removes channels whose feeds were moved
+        // by earlier removals; then half of those come back, and a channel that never
+        // flowed is unsubscribed too.
+        for index in (0..channels).filter(|index| index % 3 != 0) {
+            send(
+                &mut ws,
+                &format!(r#"{{"type":"unsubscribe","channel":"m{index}","messageId":"u{index}"}}"#),
+            );
+        }
+        for index in (0..channels).filter(|index| index % 6 == 1) {
+            send(
+                &mut ws,
+                &format!(r#"{{"type":"subscribe","channel":"m{index}","messageId":"r{index}"}}"#),
+            );
+        }
+        send(
+            &mut ws,
+            r#"{"type":"unsubscribe","channel":"never","messageId":"n"}"#,
+        );
+        send(&mut ws, r#"{"type":"ping","messageId":"barrier"}"#);
+        let expected: BTreeSet<String> = (0..channels)
+            .filter(|index| index % 3 == 0 || index % 6 == 1)
+            .map(|index| format!("m{index}"))
+            .collect();
+        // Everything before the barrier's reply was answered in order; data after it
+        // comes from the feeds left.
+        let mut replies = 0;
+        loop {
+            let frame = recv(&mut ws);
+            if let Some(id) = frame["messageId"].as_str() {
+                replies += 1;
+                if id == "barrier" {
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            replies,
+            channels + 2_000 + 500 + 2,
+            "every request answered"
+        );
+        let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
+        while last_seq.len() < expected.len() {
+            let (frame, text) = recv_text(&mut ws);
+            assert_eq!(frame["type"], "data", "{text}");
+            let channel = frame["channel"].as_str().expect("a channel").to_string();
+            assert!(
+                expected.contains(&channel),
+                "data for {channel}, which is not subscribed: {text}"
+            );
+            let seq = frame["seq"].as_u64().expect("a seq");
+            if let Some(last) = last_seq.insert(channel, seq) {
+                assert_eq!(seq, last + 1, "out of order: {text}");
+            }
+        }
+        expect_quiet(
+            &mut ws,
+            |ws| ws.get_ref(),
+            Duration::from_millis(300),
+            |frame| {
+                frame["channel"]
+                    .as_str()
+                    .is_some_and(|channel| !expected.contains(channel))
+            },
+        );
+        assert_eq!(sim.stats().subscribes_received, 3_500);
+    }
+
+    #[test]
+    fn an_unsubscribe_cancels_only_the_delayed_subscribes_before_it() {
+        let _guard = watchdog("delayed unsubscribe", Duration::from_secs(30));
+        let sim = start(SimulatorConfig {
+            subscribe_delay: Duration::from_millis(200),
+            ..rate(200.0)
+        });
+        let mut ws = connect(&sim);
+        for frame in [
+            r#"{"type":"subscribe","channel":"again","messageId":"s1"}"#,
+            r#"{"type":"unsubscribe","channel":"again","messageId":"u1"}"#,
+            r#"{"type":"subscribe","channel":"again","messageId":"s2"}"#,
+            r#"{"type":"subscribe","channel":"gone","messageId":"s3"}"#,
+            r#"{"type":"unsubscribe","channel":"gone","messageId":"u2"}"#,
+        ] {
+            send(&mut ws, frame);
+        }
+        let mut replies = Vec::new();
+        let mut last_seq = BTreeMap::new();
+        while last_seq.get("again").copied().unwrap_or(0) < 20 {
+            let (frame, text) = recv_text(&mut ws);
+            if let Some(id) = frame["messageId"].as_str() {
+                replies.push(id.to_string());
+                continue;
+            }
+            let channel = frame["channel"].as_str().expect("a channel").to_string();
+            assert_eq!(channel, "again", "data for an unsubscribed channel: {text}");
+            let last = last_seq.entry(channel).or_insert(0);
+            assert_eq!(frame["seq"], *last + 1, "out of order: {text}");
+            *last += 1;
+        }
+        assert_eq!(replies, ["u1", "u2", "s1", "s2", "s3"], "reply order");
+        expect_quiet(
+            &mut ws,
+            |ws| ws.get_ref(),
+            Duration::from_millis(300),
+            |frame| frame["channel"] == "gone",
+        );
     }
 
     #[test]
