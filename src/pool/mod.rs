@@ -2654,10 +2654,11 @@ impl PoolThread {
         Some(handle.server_index)
     }
 
-    /// No new requests or channels go to this connection; it answers those it has.
+    /// No new requests or channels go to this connection; it answers those it has,
+    /// and still takes the cancels of those whose callers time out.
     fn stop_routing(&mut self, connection_id: u64) {
         self.ready.retain(|id| *id != connection_id);
-        self.inner.requests.remove_route(connection_id);
+        self.inner.requests.stop_accepting(connection_id);
     }
 
     fn connection_ready(&mut self, connection_id: u64) {

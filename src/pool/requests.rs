@@ -11,6 +11,12 @@
 //! dead one) go in id order, so one thread's requests reach the venue in the order it
 //! made them whenever they travel on one connection. Entries stay in a `HashMap`:
 //! only these two rare hand-overs sort, the per-request path does not.
+//!
+//! Cancels: a connection that stops taking new requests (closed through the API,
+//! drained, recycled) keeps its route, marked not accepting, until it is gone. A
+//! caller that times out on a request it still holds reaches it with a cancel, so a
+//! frame the rate limit held is withdrawn instead of written after the caller was
+//! told it timed out.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,6 +34,9 @@ struct Route {
     connection_id: u64,
     path: CommandPath,
     in_flight: usize,
+    /// Takes new requests. Cleared when the connection stops taking work; the route
+    /// stays (for cancels) until the connection is gone.
+    accepting: bool,
 }
 
 struct Pending {
@@ -43,7 +52,8 @@ struct Pending {
 
 struct TableState {
     entries: HashMap<u64, Pending>,
-    /// Ready connections, in the order they became ready.
+    /// Live connections that were ready, in the order they became ready: those
+    /// accepting take new requests, the others only cancels.
     routes: Vec<Route>,
     closed: bool,
 }
@@ -127,6 +137,8 @@ impl RequestTable {
                 None => Abandoned::NeverSent,
                 Some(connection_id) => {
                     release_route(&mut state, connection_id);
+                    // Accepting or not: a connection that stopped taking work may still
+                    // hold the request unwritten (rate limit), and must not write it now.
                     if let Some(route) = state
                         .routes
                         .iter()
@@ -140,18 +152,28 @@ impl RequestTable {
         }
     }
 
-    /// A connection became ready: route to it, starting with waiting requests, in
+    /// A connection became ready, or takes work again (the old session of a handover
+    /// whose replacement closed): route to it, starting with waiting requests, in
     /// submission order.
     pub fn add_route(&self, connection_id: u64, path: CommandPath) {
         let mut state = self.state.lock();
         if state.closed {
             return;
         }
-        state.routes.push(Route {
-            connection_id,
-            path,
-            in_flight: 0,
-        });
+        match state
+            .routes
+            .iter_mut()
+            .find(|route| route.connection_id == connection_id)
+        {
+            // Its count still holds the requests it kept while not accepting.
+            Some(route) => route.accepting = true,
+            None => state.routes.push(Route {
+                connection_id,
+                path,
+                in_flight: 0,
+                accepting: true,
+            }),
+        }
         let mut waiting: Vec<u64> = state
             .entries
             .iter()
@@ -165,7 +187,7 @@ impl RequestTable {
         }
     }
 
-    /// A connection died. Requests that were written to it fail with
+    /// A connection died (or finished closing): its route goes. Requests that were written to it fail with
     /// `ConnectionLost` unless idempotent; an idempotent one is re-sent elsewhere once
     /// (written to the venue at most twice), counting only the connections that wrote
     /// it. Requests that never reached it (not in `in_flight`) are re-routed.
@@ -226,12 +248,18 @@ impl RequestTable {
         self.state.lock().entries.len()
     }
 
-    /// Stops routing new requests to a connection (it is draining).
-    pub fn remove_route(&self, connection_id: u64) {
-        self.state
+    /// Stops routing new requests to a connection (closing, drained, recycled). It
+    /// keeps its route for cancels until [`RequestTable::connection_lost`].
+    pub fn stop_accepting(&self, connection_id: u64) {
+        if let Some(route) = self
+            .state
             .lock()
             .routes
-            .retain(|route| route.connection_id != connection_id);
+            .iter_mut()
+            .find(|route| route.connection_id == connection_id)
+        {
+            route.accepting = false;
+        }
     }
 
     /// Requests handed to a connection and not yet answered.
@@ -244,13 +272,13 @@ impl RequestTable {
             .count()
     }
 
-    /// Ready connections with at least one request in flight.
+    /// Ready connections (taking requests) with at least one request in flight.
     pub fn busy_connections(&self) -> usize {
         let state = self.state.lock();
         state
             .routes
             .iter()
-            .filter(|route| route.in_flight > 0)
+            .filter(|route| route.accepting && route.in_flight > 0)
             .count()
     }
 }
@@ -265,13 +293,15 @@ fn release_route(state: &mut TableState, connection_id: u64) {
     }
 }
 
-/// Hands one entry to the least busy route; leaves it waiting when there is none.
+/// Hands one entry to the least busy accepting route; leaves it waiting when there is
+/// none.
 fn dispatch(state: &mut TableState, request_id: u64) {
     loop {
         let Some(index) = state
             .routes
             .iter()
             .enumerate()
+            .filter(|(_, route)| route.accepting)
             .min_by_key(|(_, route)| route.in_flight)
             .map(|(index, _)| index)
         else {

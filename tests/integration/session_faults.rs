@@ -1215,6 +1215,98 @@ fn requests_held_by_the_rate_limit_on_a_dead_connection_go_to_the_next_in_submis
     );
 }
 
+/// A request that the rate limit holds on a connection that stopped taking new work
+/// (the old session of a recycle, draining while requests it wrote await their
+/// replies) is never written once its caller timed out: the timeout reaches that
+/// connection as a cancel, which withdraws the held frame. Only a connection still
+/// taking requests used to get the cancel, so the old session wrote the request when
+/// the rate limit let it go, after its caller had been told it timed out: an order
+/// the trader believes dead reaching the market.
+#[test]
+fn a_timed_out_request_held_on_a_connection_taking_no_new_work_is_never_written() {
+    let _guard = watchdog("timed_out_held_request", Duration::from_secs(60));
+    let venue = Venue::start();
+    // The replies wait for the client's close: the old session keeps requests in
+    // flight, so it drains (and writes what the rate limit lets go) to the end.
+    venue
+        .behaviour
+        .answer_at_close
+        .store(true, Ordering::SeqCst);
+    let pool = Arc::new(venue_pool(
+        &venue,
+        json!({
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "rate_limit": {"messages_per_second": 1},
+            "heartbeat": {"ping_interval_ms": 0},
+            "request_timeout_ms": 10_000,
+        }),
+    ));
+    let old = only_connection(&pool);
+    // The replacement's auth frame takes the token (one frame a second, shared by the
+    // server's connections) and its answer waits: `old` still takes the requests.
+    venue.behaviour.hold_auth.store(true, Ordering::SeqCst);
+    let new = pool.recycle_connection(old).expect("recycle");
+    wait_until_true(
+        "the replacement's auth frame at the venue",
+        Duration::from_secs(10),
+        || venue.log.of_type(1, "auth").len() == 1,
+    );
+    // Queued on `old` in this order, one written a second from now: kept 0, kept 1,
+    // the abandoned one (in about 3 s), kept 2. The kept ones outlast the test (they
+    // end with the pool); the abandoned one times out well before its turn.
+    let kept_for = Duration::from_secs(12);
+    let mut kept = Vec::new();
+    let submit = |payload: &'static [u8], timeout: Duration, pending: usize| {
+        let caller = request_in_background(&pool, payload, timeout, false);
+        wait_until_true("the request handed over", Duration::from_secs(10), || {
+            pool.stats().pending_requests == pending
+        });
+        caller
+    };
+    kept.push(submit(br#"{"marker":"kept","n":0}"#, kept_for, 1));
+    kept.push(submit(br#"{"marker":"kept","n":1}"#, kept_for, 2));
+    let abandoned = submit(br#"{"marker":"abandoned"}"#, Duration::from_millis(1800), 3);
+    kept.push(submit(br#"{"marker":"kept","n":2}"#, kept_for, 4));
+    venue.behaviour.hold_auth.store(false, Ordering::SeqCst);
+    wait_for_event(&pool, Duration::from_secs(10), "recycled", |event| {
+        event.kind == "recycled" && event.connection_id == Some(new)
+    });
+    assert!(
+        !abandoned.is_finished(),
+        "precondition: the old session should stop taking work before the caller times \
+         out (the machine was too slow for this test)"
+    );
+    let outcome = abandoned.join().expect("caller thread");
+    assert!(
+        matches!(outcome, Err(wirepool::Error::Timeout { .. })),
+        "the venue holds nothing back from a request it never read: the caller should \
+         time out, got {outcome:?}"
+    );
+    // `old` writes what it holds in the order handed: once the venue read kept 2, the
+    // abandoned request would have been written before it.
+    wait_until_true(
+        "the old session writing the request queued after the abandoned one",
+        Duration::from_secs(10),
+        || venue.log.request_numbers(0, "kept").len() == 3,
+    );
+    assert_eq!(
+        sessions_that_read(&venue.log, "abandoned"),
+        Vec::<usize>::new(),
+        "a request whose caller was told it timed out should never reach the venue \
+         (the sessions listed read it)"
+    );
+    assert_eq!(
+        venue.log.request_numbers(0, "kept"),
+        vec![0, 1, 2],
+        "the old session should write the requests it kept, in order, after it stopped \
+         taking new ones"
+    );
+    pool.close();
+    for caller in kept {
+        let _ = caller.join();
+    }
+}
+
 /// Subscriptions are restored in the order the user made them, not by channel name: a
 /// venue that needs a snapshot channel before its deltas, or a trader who subscribed
 /// the book before the trades, gets the same order on the session after a drop and on
