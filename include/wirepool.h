@@ -243,7 +243,11 @@ wirepool_result wirepool_pool_unsubscribe(const struct wirepool_pool *pool, cons
 /*
  Sends a request and waits up to `timeout_ms` (0: the pool's `request_timeout_ms`)
  for the reply, written to `out_reply` (free with `wirepool_bytes_free`). On
- `WIREPOOL_ERR_REMOTE`, `out_reply` holds the venue's error payload.
+ `WIREPOOL_ERR_REMOTE`, `out_reply` holds the venue's error payload. On
+ `WIREPOOL_ERR_TIMEOUT`, a request none of which was written yet (the rate limit
+ held it) is withdrawn and never written afterwards, whichever connection held it
+ (also one that had stopped taking new requests: closed, drained, recycled); one
+ already written may have reached the venue.
 
  Order: one thread's requests reach the venue in the order it made them (each call
  returns once answered). Requests made while no connection is ready go, in the order made,

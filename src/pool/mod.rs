@@ -129,7 +129,11 @@ impl Default for BatchOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestOptions {
     /// How long to wait for the reply, including any wait for a ready connection.
-    /// Defaults to the pool's `request_timeout_ms`.
+    /// Defaults to the pool's `request_timeout_ms`. A request none of which was written
+    /// when it times out (the rate limit held it, or no connection was ready) is
+    /// withdrawn and never written afterwards, also on a connection that had stopped
+    /// taking new requests (closed, drained, recycled); one already written may still
+    /// be acted on by the venue, its reply dropped.
     pub timeout: Option<Duration>,
     /// The request may be sent again on another connection if its connection dies
     /// before the reply: it is re-sent once, so the venue is sent it at most twice (a
@@ -459,7 +463,11 @@ impl Pool {
     /// Sends a request on the least busy ready connection and waits for its reply.
     ///
     /// Waits for a ready connection within the same timeout. An error answer from the
-    /// venue is [`Error::Remote`] with its payload.
+    /// venue is [`Error::Remote`] with its payload. On [`Error::Timeout`], a request
+    /// none of which was written yet (the rate limit held it) is withdrawn and never
+    /// written afterwards, whichever connection held it (also one that had stopped
+    /// taking new requests: closed, drained, recycled); one already written may have
+    /// reached the venue.
     ///
     /// Order: one thread's requests reach the venue in the order it made them, since
     /// each call returns only once its request was answered. Requests that wait

@@ -956,7 +956,11 @@ class Pool(_Handle):
         again on another connection when its connection dies, once (the venue is sent
         it at most twice; a connection that died before writing it, the rate limit
         holding it, does not count); otherwise that raises ConnectionLostError. Raises RemoteError (``.payload``) when the venue answers
-        with an error, TimeoutError when no reply came in time.
+        with an error, TimeoutError when no reply came in time. A request none of which
+        was written when it timed out (the rate limit held it) is withdrawn and never
+        written afterwards, whichever connection held it (also one that had stopped
+        taking new requests: closed, drained, recycled); one already written may have
+        reached the venue.
 
         Order: one thread's requests reach the venue in the order it made them (each
         call returns once answered). Requests made while no connection is ready go, in the
