@@ -50,7 +50,7 @@ use crate::queue::{ConsumerQueue, Message, MessageBatch};
 use health::{HealthInputs, HealthState};
 use requests::Abandoned;
 use servers::{choose_server, BreakerChange, ServerState};
-use subscriptions::Subscriptions;
+use subscriptions::{PublishedPlacements, Subscriptions};
 
 /// One connection as stats and the admin API show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -178,7 +178,6 @@ pub(crate) struct ConnectionInfo {
     pub id: u64,
     pub server: String,
     pub stats: Arc<crate::connection::ConnectionStats>,
-    pub subscriptions: Vec<String>,
 }
 
 /// State shared between the `Pool` handle, the pool thread and the C / HTTP layers.
@@ -197,8 +196,9 @@ struct PoolInner {
     readiness_changed: Condvar,
     // Guards the connection list published by the pool thread for stats.
     connections: RwLock<Vec<ConnectionInfo>>,
-    // Guards the desired subscription count and active count published for stats.
-    subscription_counts: RwLock<(usize, usize)>,
+    // Guards the channels of each connection and the subscription counts published
+    // for stats and the connections view.
+    placements: RwLock<PublishedPlacements>,
     // Guards the per-server view published by the pool thread.
     servers: RwLock<Vec<ServerSnapshot>>,
     // Guards the health level, its reasons and history.
@@ -306,7 +306,7 @@ impl Pool {
             }),
             readiness_changed: Condvar::new(),
             connections: RwLock::new(Vec::new()),
-            subscription_counts: RwLock::new((0, 0)),
+            placements: RwLock::new(PublishedPlacements::default()),
             servers: RwLock::new(Vec::new()),
             health: Mutex::new(HealthState::new()),
             settings: RwLock::new(PoolSettings {
@@ -731,7 +731,10 @@ impl Pool {
             .count();
         let total_connections = connections.len();
         drop(connections);
-        let (subscriptions, subscriptions_active) = *inner.subscription_counts.read();
+        let (subscriptions, subscriptions_active) = {
+            let placements = inner.placements.read();
+            (placements.subscriptions, placements.active)
+        };
         let counters = &inner.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PoolStats {
@@ -945,6 +948,7 @@ impl Pool {
     /// Every live connection with its state and counters.
     pub fn connections(&self) -> Vec<ConnectionSnapshot> {
         let connections = self.inner.connections.read();
+        let placements = self.inner.placements.read();
         connections
             .iter()
             .map(|info| {
@@ -960,7 +964,7 @@ impl Pool {
                     session: state.session_str(),
                     freshness: if stale { "stale" } else { "fresh" },
                     ready: state == ConnectionState::Ready && !stale,
-                    subscriptions: info.subscriptions.clone(),
+                    subscriptions: placements.channels_of(info.id),
                     last_activity_ms: load(&stats.last_activity_ms),
                     error_count: load(&stats.errors),
                     malformed_frames: load(&stats.malformed),
@@ -1215,7 +1219,8 @@ struct PoolThread {
 }
 
 /// Most messages handled in one pass of the pool thread's loop before its per-pass
-/// work (placement, publishing, health, scaling), which scans every channel.
+/// work (placement, publishing, health, scaling). That work costs what changed in the
+/// pass (and one look per connection, slot and server), not the number of channels.
 const MAX_MESSAGES_PER_PASS: usize = 256;
 
 impl PoolThread {
@@ -1309,8 +1314,8 @@ impl PoolThread {
                 default(timeout) => continue 'passes,
             }
             // Whatever else is waiting is handled in this pass too, so a burst (ten
-            // thousand subscriptions, their confirmations) costs one scan of the
-            // channels per pass instead of one per message.
+            // thousand subscriptions, their confirmations) costs the per-pass work
+            // (the connection list, health, timers) once per pass, not per message.
             for _ in 1..MAX_MESSAGES_PER_PASS {
                 let mut handled = false;
                 if let Ok(command) = self.commands.try_recv() {
@@ -1332,7 +1337,7 @@ impl PoolThread {
     }
 
     /// `Pool::close` has begun. Its `Shutdown` command is queued behind whatever
-    /// callers sent before (a hundred thousand subscriptions take seconds to place):
+    /// callers sent before (a burst of a hundred thousand subscriptions, say):
     /// the flag, looked at before each command and each pass, lets the close through
     /// ahead of them.
     fn shutdown_begun(&self) -> bool {
@@ -1436,11 +1441,7 @@ impl PoolThread {
             .iter()
             .any(|handover| handover.new == connection_id);
         if !handing_over {
-            for placement in self.desired.values_mut() {
-                if placement.owner == Some(connection_id) {
-                    placement.unplace();
-                }
-            }
+            self.desired.unplace_all(connection_id);
             self.place_unowned();
         }
         self.publish_readiness();
@@ -1589,7 +1590,7 @@ impl PoolThread {
             ready: self.ready.len(),
             min_connections: self.inner.settings.read().min_connections as usize,
             subscriptions: self.desired.len(),
-            subscriptions_active: self.desired.values().filter(|p| p.confirmed).count(),
+            subscriptions_active: self.desired.confirmed(),
             servers: self.servers.len(),
             servers_open: self
                 .servers
@@ -2105,11 +2106,7 @@ impl PoolThread {
             }
         }
         self.stop_routing(connection_id);
-        for placement in self.desired.values_mut() {
-            if placement.owner == Some(connection_id) {
-                placement.unplace();
-            }
-        }
+        self.desired.unplace_all(connection_id);
         self.place_unowned();
         let deadline = Instant::now() + Duration::from_millis(self.inner.config.request_timeout_ms);
         self.draining.push((connection_id, deadline));
@@ -2124,10 +2121,7 @@ impl PoolThread {
         let events = &self.inner.events;
         let mut finished = Vec::new();
         self.handovers.retain(|handover| {
-            let unconfirmed = desired
-                .values()
-                .filter(|placement| placement.owner == Some(handover.new) && !placement.confirmed)
-                .count();
+            let unconfirmed = desired.unconfirmed_on(handover.new);
             if unconfirmed > 0 && now < handover.deadline {
                 return true;
             }
@@ -2182,12 +2176,14 @@ impl PoolThread {
         // own again (placed elsewhere, the old session would deliver them twice). One
         // unsubscribed meanwhile, or placed elsewhere since, is unsubscribed there.
         for channel in handover.moved {
-            match self.desired.get_mut(&channel) {
-                Some(placement) if placement.owner == Some(closed) => {
-                    placement.owner = Some(old);
-                    placement.confirmed = true;
-                }
-                _ => self.send_unsubscribe(old, channel),
+            let still_moved = self
+                .desired
+                .get(&channel)
+                .is_some_and(|placement| placement.owner == Some(closed));
+            if still_moved {
+                self.desired.place(&channel, old, true);
+            } else {
+                self.send_unsubscribe(old, channel);
             }
         }
         self.inner
@@ -2460,14 +2456,7 @@ impl PoolThread {
                 connection_id,
                 channel,
             } => {
-                if let Some(placement) = self.desired.get_mut(channel.as_str()) {
-                    if placement.owner == Some(connection_id) {
-                        placement.confirmed = true;
-                        // A codec that failed on it once and then took it was not
-                        // failing because of the channel.
-                        placement.codec_failures = 0;
-                    }
-                }
+                self.desired.confirm(channel.as_str(), connection_id);
                 self.publish_connections();
             }
             Report::SubscribeFailed {
@@ -2477,29 +2466,27 @@ impl PoolThread {
                 codec_failed,
             } => {
                 log::warn!("connection {connection_id}: subscribing {channel} failed: {reason}");
-                if let Some(placement) = self.desired.get_mut(channel.as_str()) {
-                    if placement.owner == Some(connection_id) {
-                        placement.confirmed = false;
-                    }
-                    if codec_failed {
-                        placement.codec_failures += 1;
-                        if placement.codec_failures >= MAX_SUBSCRIBE_CODEC_FAILURES {
-                            // Not re-placed when its connection's end is reported.
-                            self.desired.remove(channel.as_str());
-                            self.publish_connections();
-                            self.inner.events.push(
-                                Event::new("subscribe_failed")
-                                    .connection(connection_id)
-                                    .channel(channel.clone())
-                                    .message(format!(
-                                        "{reason}; the codec failed on this subscription on \
-                                         {MAX_SUBSCRIBE_CODEC_FAILURES} connections, so the \
-                                         channel is dropped from the subscriptions \
-                                         (subscribe again to retry)"
-                                    )),
-                            );
-                        }
-                    }
+                let codec_failures =
+                    self.desired
+                        .subscribe_failed(channel.as_str(), connection_id, codec_failed);
+                if codec_failed
+                    && codec_failures
+                        .is_some_and(|failures| failures >= MAX_SUBSCRIBE_CODEC_FAILURES)
+                {
+                    // Not re-placed when its connection's end is reported.
+                    self.desired.remove(channel.as_str());
+                    self.publish_connections();
+                    self.inner.events.push(
+                        Event::new("subscribe_failed")
+                            .connection(connection_id)
+                            .channel(channel.clone())
+                            .message(format!(
+                                "{reason}; the codec failed on this subscription on \
+                                 {MAX_SUBSCRIBE_CODEC_FAILURES} connections, so the \
+                                 channel is dropped from the subscriptions \
+                                 (subscribe again to retry)"
+                            )),
+                    );
                 }
             }
             Report::Closed {
@@ -2580,12 +2567,7 @@ impl PoolThread {
                     );
                 }
                 // Fail over: every channel it carried goes to another ready connection now.
-                let orphans = self.desired.owned_by(connection_id);
-                for channel in &orphans {
-                    if let Some(placement) = self.desired.get_mut(channel) {
-                        placement.unplace();
-                    }
-                }
+                self.desired.unplace_all(connection_id);
                 self.place_unowned();
                 // A token-rotation replacement of this session is already on its way:
                 // it takes the slot now. Refilling the slot as well would leave it
@@ -2790,10 +2772,7 @@ impl PoolThread {
                 .is_ok()
         });
         if sent {
-            if let Some(placement) = self.desired.get_mut(channel) {
-                placement.owner = Some(target);
-                placement.confirmed = false;
-            }
+            self.desired.place(channel, target, false);
         }
         sent
     }
@@ -2805,20 +2784,15 @@ impl PoolThread {
         if self.ready.is_empty() {
             return;
         }
-        let mut load: HashMap<u64, usize> = self.ready.iter().map(|id| (*id, 0)).collect();
-        for placement in self.desired.values() {
-            if let Some(owner) = placement.owner {
-                if let Some(count) = load.get_mut(&owner) {
-                    *count += 1;
-                }
-            }
-        }
-        let unowned: Vec<Arc<str>> = self
-            .desired
+        let mut load: HashMap<u64, usize> = self
+            .ready
             .iter()
-            .filter(|(_, placement)| placement.owner.is_none())
-            .map(|(channel, _)| Arc::clone(channel))
+            .map(|id| (*id, self.desired.count_on(*id)))
             .collect();
+        let unowned = self.desired.unplaced();
+        if unowned.is_empty() {
+            return;
+        }
         let strategy = self.inner.settings.read().strategy;
         for channel in unowned {
             let Some(target) = self.placement_target(strategy, &load) else {
@@ -2866,17 +2840,14 @@ impl PoolThread {
         self.publish_due = true;
     }
 
-    fn publish_connections_now(&self) {
-        let mut by_owner: HashMap<u64, Vec<String>> = HashMap::new();
-        let mut active = 0;
-        for (channel, placement) in self.desired.iter() {
-            if let Some(owner) = placement.owner {
-                by_owner.entry(owner).or_default().push(channel.to_string());
-            }
-            if placement.confirmed {
-                active += 1;
-            }
-        }
+    /// Publishes what changed since the last time: the owner changes of the channels
+    /// (not every channel) and the connection list (one entry per connection).
+    fn publish_connections_now(&mut self) {
+        let changes = self.desired.take_owner_changes();
+        self.inner
+            .placements
+            .write()
+            .apply(changes, self.desired.len(), self.desired.confirmed());
         let mut infos: Vec<ConnectionInfo> = self
             .connections
             .values()
@@ -2884,12 +2855,10 @@ impl PoolThread {
                 id: handle.id,
                 server: self.context.servers[handle.server_index].id.clone(),
                 stats: Arc::clone(&handle.stats),
-                subscriptions: by_owner.remove(&handle.id).unwrap_or_default(),
             })
             .collect();
         infos.sort_by_key(|info| info.id);
         *self.inner.connections.write() = infos;
-        *self.inner.subscription_counts.write() = (self.desired.len(), active);
     }
 
     fn shutdown(&mut self) {

@@ -1,7 +1,8 @@
 //! The pool thread under races and bursts: a circuit-breaker trial closed before it
 //! finished, run-time reconfiguration while the pool idles, shrinking the pool while
 //! requests are in flight, a token rotation racing a close, a burst of thousands of
-//! subscriptions, and a close behind a backlog of them.
+//! subscriptions (and of thirty thousand, through a failover), and a close behind a
+//! backlog of them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -306,6 +307,113 @@ fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_conne
         }
     }
     assert_eq!(placed, wanted);
+}
+
+/// The channel numbers of each connection in the connections view, each checked to
+/// be in subscription order (`instrument.N` subscribed in order of N).
+fn listed_in_order(pool: &Pool) -> Vec<(u64, Vec<usize>)> {
+    pool.connections()
+        .into_iter()
+        .map(|connection| {
+            let numbers: Vec<usize> = connection
+                .subscriptions
+                .iter()
+                .map(|channel| {
+                    channel
+                        .strip_prefix("instrument.")
+                        .and_then(|number| number.parse().ok())
+                        .unwrap_or_else(|| panic!("unexpected channel {channel}"))
+                })
+                .collect();
+            assert!(
+                numbers.windows(2).all(|pair| pair[0] < pair[1]),
+                "connection {} lists its channels out of subscription order",
+                connection.id
+            );
+            (connection.id, numbers)
+        })
+        .collect()
+}
+
+#[test]
+fn a_burst_of_thirty_thousand_is_confirmed_once_each_and_listed_in_order_through_a_failover() {
+    let _guard = watchdog("large subscription burst", Duration::from_secs(180));
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rate_per_channel: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let pool = pool(
+        &sim.url(),
+        serde_json::json!({"pool": {"min_connections": 3, "max_connections": 3}}),
+    );
+    const CHANNELS: usize = 30_000;
+    for index in 0..CHANNELS {
+        pool.subscribe(&format!("instrument.{index}"))
+            .expect("subscribe");
+    }
+    let all_confirmed = || {
+        let stats = pool.stats();
+        stats.subscriptions == CHANNELS && stats.subscriptions_active == CHANNELS
+    };
+    wait_until(
+        &pool,
+        Duration::from_secs(120),
+        "every channel confirmed",
+        all_confirmed,
+    );
+    assert_eq!(
+        sim.stats().subscribes_received,
+        CHANNELS as u64,
+        "each channel is subscribed once, on one connection"
+    );
+    let listed = listed_in_order(&pool);
+    assert_eq!(listed.len(), 3);
+    let mut placed: Vec<usize> = listed
+        .iter()
+        .flat_map(|(_, numbers)| numbers.clone())
+        .collect();
+    placed.sort_unstable();
+    assert_eq!(
+        placed,
+        (0..CHANNELS).collect::<Vec<_>>(),
+        "every channel listed on exactly one connection"
+    );
+    // A failover moves a third of them at once: the others take them, each merged
+    // into its list in subscription order, each subscribed once more.
+    let (closed, moved) = listed
+        .iter()
+        .find(|(_, numbers)| !numbers.is_empty())
+        .map(|(id, numbers)| (*id, numbers.len()))
+        .expect("a connection with channels");
+    pool.close_connection(closed).expect("close");
+    wait_until(
+        &pool,
+        Duration::from_secs(120),
+        "every moved channel confirmed elsewhere",
+        || {
+            all_confirmed()
+                && pool.connections().iter().all(|connection| {
+                    connection.id != closed || connection.subscriptions.is_empty()
+                })
+        },
+    );
+    let mut placed: Vec<usize> = listed_in_order(&pool)
+        .into_iter()
+        .flat_map(|(_, numbers)| numbers)
+        .collect();
+    placed.sort_unstable();
+    assert_eq!(
+        placed,
+        (0..CHANNELS).collect::<Vec<_>>(),
+        "after the failover every channel is listed on exactly one connection"
+    );
+    assert_eq!(
+        sim.stats().subscribes_received,
+        (CHANNELS + moved) as u64,
+        "the {moved} moved channels are subscribed once more each, no others"
+    );
 }
 
 #[test]
