@@ -320,6 +320,11 @@ impl ConnectionHandle {
         !self.waker.close_asked.swap(true, Ordering::AcqRel) && self.send(Command::Close).is_ok()
     }
 
+    /// Whether the worker was asked to close (it may not have taken the close yet).
+    pub fn close_asked(&self) -> bool {
+        self.waker.close_asked.load(Ordering::Acquire)
+    }
+
     /// Waits for the worker thread to end.
     pub fn join(&mut self) {
         if let Some(thread) = self.thread.take() {

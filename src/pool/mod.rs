@@ -2428,6 +2428,17 @@ impl PoolThread {
                 log::debug!("connection {connection_id}: connected, session starting");
             }
             Report::Ready { connection_id } => {
+                // A connection asked to close before its ready report came in (the
+                // worker reported ready just before it took the close) takes no work:
+                // it is treated as one that never got ready, and its close report
+                // ends it as such. Routing it now would undo what the close did.
+                if self
+                    .connections
+                    .get(&connection_id)
+                    .is_some_and(ConnectionHandle::close_asked)
+                {
+                    return;
+                }
                 let rotated = self
                     .rotation
                     .as_mut()

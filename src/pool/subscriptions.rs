@@ -469,4 +469,45 @@ mod tests {
         assert_eq!((view.subscriptions, view.active), (2, 0));
         assert!(subscriptions.take_owner_changes().is_empty(), "taken once");
     }
+
+    /// A client that subscribes and unsubscribes the same channels forever (a UI
+    /// flipping between books) leaves nothing behind: no entry per round in any index,
+    /// and the survivors keep their order.
+    #[test]
+    fn subscribe_unsubscribe_churn_keeps_one_entry_per_desired_channel() {
+        let mut subscriptions = Subscriptions::new();
+        subscriptions.insert(Arc::from("kept"));
+        subscriptions.place("kept", 1, true);
+        for round in 0..100_000 {
+            let channel = if round % 2 == 0 { "flip" } else { "flop" };
+            assert!(subscriptions.insert(Arc::from(channel)), "round {round}");
+            // Some leave while still unplaced, the rest once placed.
+            if round % 3 != 0 {
+                subscriptions.place(channel, 1, false);
+            }
+            assert!(subscriptions.remove(channel).is_some(), "round {round}");
+            // The pool thread takes the owner changes once per pass.
+            if round % 256 == 0 {
+                subscriptions.take_owner_changes();
+            }
+        }
+        subscriptions.take_owner_changes();
+        subscriptions.insert(Arc::from("last"));
+        assert_eq!(channels(&subscriptions), ["kept", "last"]);
+        assert_eq!(
+            (
+                subscriptions.by_order.len(),
+                subscriptions.order_of.len(),
+                subscriptions.unplaced.len(),
+                subscriptions
+                    .owned
+                    .get(&1)
+                    .map_or(0, |owned| owned.orders.len()),
+                subscriptions.count_on(1),
+                subscriptions.unconfirmed_on(1),
+            ),
+            (2, 2, 1, 1, 1, 0),
+            "only the desired channels are held after 100 000 rounds of churn"
+        );
+    }
 }
