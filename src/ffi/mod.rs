@@ -234,6 +234,26 @@ fn out<T>(pointer: *mut T, name: &str) -> Result<*mut T, wirepool_result> {
     }
 }
 
+/// The body of the read-only `_json` exports: `view` of the pool as JSON, in a new
+/// `wirepool_bytes` at `out_json`; `WIREPOOL_ERR_INTERNAL` naming `what` if it cannot be
+/// serialised, `WIREPOOL_ERR_NULL_ARGUMENT` for a NULL pointer.
+unsafe fn json_view(
+    pool: *const wirepool_pool,
+    out_json: *mut *mut wirepool_bytes,
+    what: &str,
+    view: impl FnOnce(&Pool) -> serde_json::Result<Vec<u8>>,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let out_json = out(out_json, "out_json")?;
+        let json = view(&pool.pool)
+            .map_err(|err| fail(WIREPOOL_ERR_INTERNAL, &format!("serialising {what}: {err}")))?;
+        // SAFETY: checked non-null above.
+        unsafe { *out_json = new_bytes(json) };
+        Ok(())
+    })
+}
+
 fn new_bytes(data: Vec<u8>) -> *mut wirepool_bytes {
     Box::into_raw(Box::new(wirepool_bytes { data }))
 }
@@ -479,15 +499,12 @@ pub unsafe extern "C" fn wirepool_pool_stats_json(
     pool: *const wirepool_pool,
     out_json: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
-    guard(|| {
-        let pool = unsafe { arg(pool, "pool") }?;
-        let out_json = out(out_json, "out_json")?;
-        let json = serde_json::to_vec(&pool.pool.stats())
-            .map_err(|err| fail(WIREPOOL_ERR_INTERNAL, &format!("serialising stats: {err}")))?;
-        // SAFETY: checked non-null above.
-        unsafe { *out_json = new_bytes(json) };
-        Ok(())
-    })
+    // SAFETY: the caller's pointers, as for every export (checked in `json_view`).
+    unsafe {
+        json_view(pool, out_json, "stats", |pool| {
+            serde_json::to_vec(&pool.stats())
+        })
+    }
 }
 
 /// Waits up to `timeout_ms` for at least one event, then returns every queued event
@@ -593,19 +610,8 @@ pub unsafe extern "C" fn wirepool_pool_connections_json(
     pool: *const wirepool_pool,
     out_json: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
-    guard(|| {
-        let pool = unsafe { arg(pool, "pool") }?;
-        let out_json = out(out_json, "out_json")?;
-        let json = crate::http::connections_json(&pool.pool).map_err(|err| {
-            fail(
-                WIREPOOL_ERR_INTERNAL,
-                &format!("serialising connections: {err}"),
-            )
-        })?;
-        // SAFETY: checked non-null above.
-        unsafe { *out_json = new_bytes(json) };
-        Ok(())
-    })
+    // SAFETY: the caller's pointers, as for every export (checked in `json_view`).
+    unsafe { json_view(pool, out_json, "connections", crate::http::connections_json) }
 }
 
 /// The pool's health as a JSON object, as `GET /api/v1/pool/health` gives it:
@@ -619,15 +625,8 @@ pub unsafe extern "C" fn wirepool_pool_health_json(
     pool: *const wirepool_pool,
     out_json: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
-    guard(|| {
-        let pool = unsafe { arg(pool, "pool") }?;
-        let out_json = out(out_json, "out_json")?;
-        let json = crate::http::pool_health_json(&pool.pool)
-            .map_err(|err| fail(WIREPOOL_ERR_INTERNAL, &format!("serialising health: {err}")))?;
-        // SAFETY: checked non-null above.
-        unsafe { *out_json = new_bytes(json) };
-        Ok(())
-    })
+    // SAFETY: the caller's pointers, as for every export (checked in `json_view`).
+    unsafe { json_view(pool, out_json, "health", crate::http::pool_health_json) }
 }
 
 /// The pool's servers as JSON, as `GET /api/v1/servers` gives them: `{"servers":
@@ -641,19 +640,8 @@ pub unsafe extern "C" fn wirepool_pool_servers_json(
     pool: *const wirepool_pool,
     out_json: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
-    guard(|| {
-        let pool = unsafe { arg(pool, "pool") }?;
-        let out_json = out(out_json, "out_json")?;
-        let json = crate::http::servers_json(&pool.pool).map_err(|err| {
-            fail(
-                WIREPOOL_ERR_INTERNAL,
-                &format!("serialising servers: {err}"),
-            )
-        })?;
-        // SAFETY: checked non-null above.
-        unsafe { *out_json = new_bytes(json) };
-        Ok(())
-    })
+    // SAFETY: the caller's pointers, as for every export (checked in `json_view`).
+    unsafe { json_view(pool, out_json, "servers", crate::http::servers_json) }
 }
 
 /// Request round-trip times as a JSON object, as `GET /api/v1/pool/latency` gives
@@ -669,19 +657,15 @@ pub unsafe extern "C" fn wirepool_pool_request_latency_json(
     pool: *const wirepool_pool,
     out_json: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
-    guard(|| {
-        let pool = unsafe { arg(pool, "pool") }?;
-        let out_json = out(out_json, "out_json")?;
-        let json = crate::http::request_latency_json(&pool.pool).map_err(|err| {
-            fail(
-                WIREPOOL_ERR_INTERNAL,
-                &format!("serialising request latency: {err}"),
-            )
-        })?;
-        // SAFETY: checked non-null above.
-        unsafe { *out_json = new_bytes(json) };
-        Ok(())
-    })
+    // SAFETY: the caller's pointers, as for every export (checked in `json_view`).
+    unsafe {
+        json_view(
+            pool,
+            out_json,
+            "request latency",
+            crate::http::request_latency_json,
+        )
+    }
 }
 
 /// The address the health/admin HTTP port listens on, as text such as
@@ -794,19 +778,12 @@ pub unsafe extern "C" fn wirepool_pool_settings_json(
     pool: *const wirepool_pool,
     out_json: *mut *mut wirepool_bytes,
 ) -> wirepool_result {
-    guard(|| {
-        let pool = unsafe { arg(pool, "pool") }?;
-        let out_json = out(out_json, "out_json")?;
-        let json = serde_json::to_vec(&pool.pool.settings()).map_err(|err| {
-            fail(
-                WIREPOOL_ERR_INTERNAL,
-                &format!("serialising settings: {err}"),
-            )
-        })?;
-        // SAFETY: checked non-null above.
-        unsafe { *out_json = new_bytes(json) };
-        Ok(())
-    })
+    // SAFETY: the caller's pointers, as for every export (checked in `json_view`).
+    unsafe {
+        json_view(pool, out_json, "settings", |pool| {
+            serde_json::to_vec(&pool.settings())
+        })
+    }
 }
 
 /// Changes pool sizes and strategy at run time, as `POST /api/v1/pool/config` does:
