@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{watchdog, write_temp};
@@ -175,27 +175,39 @@ fn demo_with_a_request_that_cannot_be_answered(
     (child, started, lines)
 }
 
-/// Waits up to `limit` for `child` to exit; its status and stdout.
-fn demo_exit(child: &mut Child, limit: Duration, what: &str) -> (std::process::ExitStatus, String) {
+/// Waits up to `limit` for `child` to exit; kills it and fails the test past that (a
+/// daemon that hangs, or a check waiting forever on a FIFO, must fail the test, not
+/// hang it).
+pub(crate) fn exit_within(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
     let deadline = Instant::now() + limit;
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().expect("wait") {
-            break status;
+            return status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{what}: the demo did not exit within {limit:?}");
+            panic!("{what}: still running after {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+}
+
+/// Everything `child` wrote to its piped stdout.
+fn stdout_of(child: &mut Child) -> String {
     let mut stdout = String::new();
     let _ = child
         .stdout
         .take()
         .expect("stdout")
         .read_to_string(&mut stdout);
-    (status, stdout)
+    stdout
+}
+
+/// Waits up to `limit` for the demo to exit; its status and stdout.
+fn demo_exit(child: &mut Child, limit: Duration, what: &str) -> (ExitStatus, String) {
+    let status = exit_within(child, limit, what);
+    (status, stdout_of(child))
 }
 
 /// `demo --duration 0.5` ran 5.1 s and Ctrl-C waited as long: the history request
@@ -245,25 +257,8 @@ fn run_within(mut command: Command, limit: Duration, what: &str) -> (Option<i32>
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn wirepool");
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: still running after {limit:?} (waiting on the file?)");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut stdout = String::new();
-    let _ = child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout);
-    (status.code(), stdout)
+    let status = exit_within(&mut child, limit, &format!("{what} (waiting on the file?)"));
+    (status.code(), stdout_of(&mut child))
 }
 
 /// A `codec.path` (or TLS file) naming a directory or a FIFO was reported as "no such

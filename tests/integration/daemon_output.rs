@@ -10,24 +10,8 @@ use std::time::{Duration, Instant};
 use tungstenite::Message as WsMessage;
 use wirepool::simulator::{Simulator, SimulatorConfig};
 
-use crate::daemon_cli::wirepool;
+use crate::daemon_cli::{exit_within, wirepool};
 use crate::support::{watchdog, write_temp, Acceptor};
-
-/// Waits up to `limit` for `child` to exit; kills it and fails if it does not.
-fn exit_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: the daemon did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Sends the daemon SIGTERM and expects a clean exit within 10 s.
 fn terminate(child: &mut Child) {
