@@ -251,9 +251,9 @@ fn a_rotation_whose_old_session_closed_first_leaves_no_extra_connection() {
     );
 }
 
-#[test]
-fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_connection() {
-    let _guard = watchdog("subscription burst", Duration::from_secs(120));
+/// A simulator that sends no data (subscriptions only) and a pool of exactly three
+/// connections to it, for the subscription bursts.
+fn three_connections_to_a_silent_simulator() -> (Simulator, Pool) {
     let sim = Simulator::start(SimulatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         rate_per_channel: 0.0,
@@ -264,6 +264,13 @@ fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_conne
         &sim.url(),
         serde_json::json!({"pool": {"min_connections": 3, "max_connections": 3}}),
     );
+    (sim, pool)
+}
+
+#[test]
+fn a_burst_of_thousands_of_subscriptions_lands_each_channel_on_exactly_one_connection() {
+    let _guard = watchdog("subscription burst", Duration::from_secs(120));
+    let (_sim, pool) = three_connections_to_a_silent_simulator();
     // One burst, handled many messages per pass of the pool thread: subscriptions,
     // unsubscriptions of some of them, and a channel dropped and taken again.
     const CHANNELS: usize = 6000;
@@ -338,16 +345,7 @@ fn listed_in_order(pool: &Pool) -> Vec<(u64, Vec<usize>)> {
 #[test]
 fn a_burst_of_thirty_thousand_is_confirmed_once_each_and_listed_in_order_through_a_failover() {
     let _guard = watchdog("large subscription burst", Duration::from_secs(180));
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        rate_per_channel: 0.0,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator");
-    let pool = pool(
-        &sim.url(),
-        serde_json::json!({"pool": {"min_connections": 3, "max_connections": 3}}),
-    );
+    let (sim, pool) = three_connections_to_a_silent_simulator();
     const CHANNELS: usize = 30_000;
     for index in 0..CHANNELS {
         pool.subscribe(&format!("instrument.{index}"))
