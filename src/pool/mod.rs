@@ -1441,8 +1441,7 @@ impl PoolThread {
             .iter()
             .any(|handover| handover.new == connection_id);
         if !handing_over {
-            self.desired.unplace_all(connection_id);
-            self.place_unowned();
+            self.move_channels_off(connection_id);
         }
         self.publish_readiness();
         Ok(())
@@ -2088,6 +2087,13 @@ impl PoolThread {
         }
     }
 
+    /// The connection's channels go to the other ready connections now (those left
+    /// without one wait for the next to get ready).
+    fn move_channels_off(&mut self, connection_id: u64) {
+        self.desired.unplace_all(connection_id);
+        self.place_unowned();
+    }
+
     /// Moves a connection's channels elsewhere and stops routing to it; it closes
     /// once its requests are answered.
     fn drain(&mut self, connection_id: u64) {
@@ -2106,8 +2112,7 @@ impl PoolThread {
             }
         }
         self.stop_routing(connection_id);
-        self.desired.unplace_all(connection_id);
-        self.place_unowned();
+        self.move_channels_off(connection_id);
         let deadline = Instant::now() + Duration::from_millis(self.inner.config.request_timeout_ms);
         self.draining.push((connection_id, deadline));
         self.publish_readiness();
@@ -2578,8 +2583,7 @@ impl PoolThread {
                     );
                 }
                 // Fail over: every channel it carried goes to another ready connection now.
-                self.desired.unplace_all(connection_id);
-                self.place_unowned();
+                self.move_channels_off(connection_id);
                 // A token-rotation replacement of this session is already on its way:
                 // it takes the slot now. Refilling the slot as well would leave it
                 // without a slot when ready: one connection more than wanted, forever.
