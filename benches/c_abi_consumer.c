@@ -21,11 +21,15 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* The number after "seq": in a frame, or -1. */
+/* The number after "seq": in a frame, or -1. The same work as the Rust consumers'
+   `seq_of` (benches/feed/frames.rs): the member follows `{"type":"data","channel":"`,
+   so the search starts 26 bytes in. (Until 2026-11-30 this searched from byte 0, 26
+   more compares a message than the Rust consumer it is held against: 0.80-0.90x of
+   the Rust API in the README's runs, 0.94-0.99x with equal work.) */
 static int64_t seq_of(const uint8_t *frame, size_t len) {
     static const char key[] = "\"seq\":";
     const size_t key_len = sizeof key - 1;
-    for (size_t at = 0; at + key_len <= len; at++) {
+    for (size_t at = 26; at + key_len <= len; at++) {
         if (memcmp(frame + at, key, key_len) == 0) {
             int64_t value = 0;
             size_t digit = at + key_len;

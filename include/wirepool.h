@@ -516,6 +516,9 @@ const struct wirepool_message *wirepool_batch_messages(const struct wirepool_bat
  All channel and payload bytes of the last poll in one buffer (the messages'
  offsets point into it); its length goes to `out_len` when not NULL. The payloads
  come first, back to back in message order from offset 0; the channel names follow.
+ The buffer is a copy, made by the first call after a poll and valid until the next
+ poll: a caller that reads the messages' `payload` and `channel` pointers does not
+ need it and does not pay for it.
  */
 const uint8_t *wirepool_batch_data(const struct wirepool_batch *batch, size_t *out_len);
 

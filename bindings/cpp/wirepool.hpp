@@ -432,7 +432,8 @@ public:
 
     /// The batch's contiguous data area: the payloads back to back in message order
     /// from its start, then the channel names (see wirepool_message::channel_offset /
-    /// payload_offset, and docs/c-api.md).
+    /// payload_offset, and docs/c-api.md). A copy made on the first call after a poll:
+    /// reading messages through their views costs no copy.
     [[nodiscard]] std::string_view data() const noexcept {
         if (raw_ == nullptr || count_ == 0) {
             return std::string_view();

@@ -75,7 +75,17 @@ pub struct wirepool_batch {
     capacity: usize,
     received: MessageBatch,
     messages: Vec<wirepool_message>,
-    data: Vec<u8>,
+    /// The one-buffer copy of the last poll's bytes, made on the first
+    /// `wirepool_batch_data` call after the poll (a C caller reading through the
+    /// messages' pointers never pays for it).
+    data: parking_lot::Mutex<BatchData>,
+}
+
+/// `wirepool_batch`'s copy of its bytes, and whether it is that of the last poll.
+#[derive(Default)]
+struct BatchData {
+    bytes: Vec<u8>,
+    current: bool,
 }
 
 /// An owned byte buffer returned by wirepool (opaque).
@@ -985,7 +995,7 @@ pub unsafe extern "C" fn wirepool_batch_new(
             capacity,
             received: MessageBatch::new(),
             messages: Vec::with_capacity(capacity),
-            data: Vec::new(),
+            data: parking_lot::Mutex::new(BatchData::default()),
         });
         // SAFETY: checked non-null above.
         unsafe { *out_batch = Box::into_raw(batch) };
@@ -1021,6 +1031,9 @@ pub unsafe extern "C" fn wirepool_batch_messages(
 /// All channel and payload bytes of the last poll in one buffer (the messages'
 /// offsets point into it); its length goes to `out_len` when not NULL. The payloads
 /// come first, back to back in message order from offset 0; the channel names follow.
+/// The buffer is a copy, made by the first call after a poll and valid until the next
+/// poll: a caller that reads the messages' `payload` and `channel` pointers does not
+/// need it and does not pay for it.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_batch_data(
     batch: *const wirepool_batch,
@@ -1031,66 +1044,53 @@ pub unsafe extern "C" fn wirepool_batch_data(
         let Some(batch) = (unsafe { batch.as_ref() }) else {
             return std::ptr::null();
         };
+        let mut data = batch.data.lock();
+        if !data.current {
+            batch.copy_into(&mut data.bytes);
+            data.current = true;
+        }
         if !out_len.is_null() {
             // SAFETY: non-null, owned by the caller.
-            unsafe { *out_len = batch.data.len() };
+            unsafe { *out_len = data.bytes.len() };
         }
-        batch.data.as_ptr()
+        // The copy is replaced only by the next poll (`fill`, which takes the batch
+        // mutably), so the pointer outlives the lock.
+        data.bytes.as_ptr()
     })
 }
 
 impl wirepool_batch {
-    /// Lays the received messages out as C structs over one data buffer: the payloads
-    /// back to back in message order from its start, then the channel names, a run of
-    /// messages on one channel sharing one copy (so a binding can cut every payload
-    /// out of the buffer by their lengths alone, in one call).
+    /// Lays the received messages out as C structs, pointing into the received chunks
+    /// (no copy), with offsets into the one-buffer layout of `wirepool_batch_data`: the
+    /// payloads back to back in message order from its start, then the channel names,
+    /// a run of messages on one channel sharing one copy (so a binding can cut every
+    /// payload out of the buffer by their lengths alone, in one call).
     fn fill(&mut self) {
         self.messages.clear();
-        self.data.clear();
-        let total: usize = self
+        self.data.get_mut().current = false;
+        let mut channel_offset = self
             .received
             .iter()
             .map(|message| message.payload().len())
-            .sum();
-        self.data.reserve(total + 64);
-        for message in self.received.iter() {
-            self.data.extend_from_slice(message.payload());
-        }
-        let mut channel_offsets = Vec::with_capacity(self.received.len());
-        // The name of the run, and where its copy is. Connections keep names of their
-        // own: the same pointer is the usual case, equal bytes the rest.
-        let mut last_channel: Option<(&str, usize)> = None;
+            .sum::<usize>();
+        let mut payload_offset = 0;
+        let mut last_channel: Option<&str> = None;
         for message in self.received.iter() {
             let channel = message.channel();
-            let channel_offset = match last_channel {
-                Some((name, offset))
-                    if std::ptr::eq(name.as_ptr(), channel.as_ptr())
-                        && name.len() == channel.len()
-                        || name == channel =>
-                {
-                    offset
+            if let Some(last) = last_channel {
+                if !same_channel(last, channel) {
+                    channel_offset += last.len();
+                    last_channel = Some(channel);
                 }
-                _ => {
-                    let offset = self.data.len();
-                    self.data.extend_from_slice(channel.as_bytes());
-                    last_channel = Some((channel, offset));
-                    offset
-                }
-            };
-            channel_offsets.push(channel_offset);
-        }
-        // Pointers are taken only now that the buffer no longer moves.
-        let base = self.data.as_ptr();
-        let mut payload_offset = 0;
-        for (message, channel_offset) in self.received.iter().zip(channel_offsets) {
-            // SAFETY: both offsets lie within `data` (laid out above).
-            let (channel, payload) =
-                unsafe { (base.add(channel_offset), base.add(payload_offset)) };
+            } else {
+                last_channel = Some(channel);
+            }
+            let payload = message.payload();
             self.messages.push(wirepool_message {
-                channel: channel.cast(),
-                payload,
-                channel_len: message.channel().len(),
-                payload_len: message.payload().len(),
+                channel: channel.as_ptr().cast(),
+                payload: payload.as_ptr(),
+                channel_len: channel.len(),
+                payload_len: payload.len(),
                 channel_offset,
                 payload_offset,
                 connection_id: message.connection_id(),
@@ -1098,9 +1098,36 @@ impl wirepool_batch {
                 kind: message.kind() as u32,
                 reserved: 0,
             });
-            payload_offset += message.payload().len();
+            payload_offset += payload.len();
         }
     }
+
+    /// The one-buffer layout of the last poll (see `fill`), into `bytes`.
+    fn copy_into(&self, bytes: &mut Vec<u8>) {
+        bytes.clear();
+        let names: usize = self
+            .messages
+            .last()
+            .map_or(0, |last| last.channel_offset + last.channel_len);
+        bytes.reserve(names);
+        for message in self.received.iter() {
+            bytes.extend_from_slice(message.payload());
+        }
+        let mut last_channel: Option<&str> = None;
+        for message in self.received.iter() {
+            let channel = message.channel();
+            if !last_channel.is_some_and(|last| same_channel(last, channel)) {
+                bytes.extend_from_slice(channel.as_bytes());
+                last_channel = Some(channel);
+            }
+        }
+    }
+}
+
+/// Whether two messages' channel names are one run's: the same pointer (connections
+/// keep names of their own, so this is the usual case) or equal bytes.
+fn same_channel(a: &str, b: &str) -> bool {
+    std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len() || a == b
 }
 
 /// The bytes of a buffer. NULL for a NULL buffer.
@@ -1170,12 +1197,17 @@ mod tests {
             capacity: 16,
             received: MessageBatch::new(),
             messages: Vec::new(),
-            data: Vec::new(),
+            data: parking_lot::Mutex::new(BatchData::default()),
         };
         let taken = queue.pop_into(&mut batch.received, 16, Some(Duration::ZERO));
         assert_eq!(taken, Ok(5));
         batch.fill();
-        assert_eq!(batch.data, b"abbcccdcddc");
+        let mut len = 0;
+        // SAFETY: a live batch, and a live length.
+        let base = unsafe { wirepool_batch_data(&batch, &mut len) };
+        // SAFETY: `len` bytes at `base`, valid until the next poll.
+        let data = unsafe { std::slice::from_raw_parts(base, len) };
+        assert_eq!(data, b"abbcccdcddc");
         let layout: Vec<_> = batch
             .messages
             .iter()
@@ -1198,13 +1230,37 @@ mod tests {
                 (6, 1, 10, 1)
             ]
         );
-        let base = batch.data.as_ptr();
-        for message in &batch.messages {
-            assert_eq!(message.payload, base.wrapping_add(message.payload_offset));
-            assert_eq!(
-                message.channel.cast::<u8>(),
-                base.wrapping_add(message.channel_offset)
-            );
+        // The messages point into the received chunks, not into the copy, and say
+        // the same bytes as the copy at their offsets.
+        for (message, received) in batch.messages.iter().zip(batch.received.iter()) {
+            assert_eq!(message.payload, received.payload().as_ptr());
+            assert_eq!(message.channel.cast::<u8>(), received.channel().as_ptr());
+            // SAFETY: each pointer with its length, valid until the next poll.
+            let (payload, channel) = unsafe {
+                (
+                    std::slice::from_raw_parts(message.payload, message.payload_len),
+                    std::slice::from_raw_parts(message.channel.cast::<u8>(), message.channel_len),
+                )
+            };
+            let at = |offset: usize, len: usize| &data[offset..offset + len];
+            assert_eq!(payload, at(message.payload_offset, message.payload_len));
+            assert_eq!(channel, at(message.channel_offset, message.channel_len));
         }
+        // A second call gives the same copy; the next poll makes a new one.
+        let mut again = 0;
+        // SAFETY: as above.
+        assert_eq!(unsafe { wirepool_batch_data(&batch, &mut again) }, base);
+        assert_eq!(again, len);
+        let mut chunk = Chunk::default();
+        chunk.push(&mine, b"zz", 1);
+        chunk.set_connection(1);
+        queue.push_chunk(&mut chunk);
+        let taken = queue.pop_into(&mut batch.received, 16, Some(Duration::ZERO));
+        assert_eq!(taken, Ok(1));
+        batch.fill();
+        // SAFETY: as above.
+        let base = unsafe { wirepool_batch_data(&batch, &mut len) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::slice::from_raw_parts(base, len) }, b"zzc");
     }
 }
