@@ -50,6 +50,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// Busy polling: CPU traded for latency. Off by default.
     pub busy_poll: BusyPollConfig,
+    /// Pinning worker threads to CPUs. Off by default.
+    pub affinity: AffinityConfig,
     /// The health/admin HTTP port.
     pub health: HealthConfig,
     /// Channels to subscribe at start (used by the daemon; library users may set it too).
@@ -75,6 +77,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             rate_limit: RateLimitConfig::default(),
             busy_poll: BusyPollConfig::default(),
+            affinity: AffinityConfig::default(),
             health: HealthConfig::default(),
             subscriptions: Vec::new(),
         }
@@ -474,6 +477,20 @@ impl Default for BusyPollConfig {
             burst_us: 500,
         }
     }
+}
+
+/// Pinning worker threads to CPUs: with busy polling (`busy_poll.worker_us`) and the
+/// consumer's thread pinned to the same CPU, a message reaches the consumer without
+/// waking a halted CPU; without it, a pinned worker keeps its cache and a core of its
+/// own (`isolcpus`) to itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AffinityConfig {
+    /// CPUs for the connections' worker threads: each worker is pinned to one of them,
+    /// the one the fewest live workers hold (the first such in the list's order), for
+    /// its thread's life. Each must be a CPU this process may run on when the pool
+    /// starts. Empty (the default): workers run wherever the system puts them.
+    pub worker_cpus: Vec<usize>,
 }
 
 /// The longest busy poll accepted: a second without input is a quiet feed, not a gap
@@ -994,6 +1011,31 @@ impl Config {
                     key,
                     format!("is {value}: at most {MAX_BUSY_POLL_US} (one second, in microseconds)"),
                 );
+            }
+        }
+        if !self.affinity.worker_cpus.is_empty() {
+            match crate::affinity::allowed_cpus() {
+                Ok(allowed) => {
+                    for (index, cpu) in self.affinity.worker_cpus.iter().enumerate() {
+                        let key = format!("affinity.worker_cpus[{index}]");
+                        if self.affinity.worker_cpus[..index].contains(cpu) {
+                            issue(&key, format!("CPU {cpu} is listed twice"));
+                        } else if !allowed.contains(cpu) {
+                            issue(
+                                &key,
+                                format!(
+                                    "CPU {cpu} is not one this process may run on (it may \
+                                     run on {})",
+                                    crate::affinity::describe(&allowed)
+                                ),
+                            );
+                        }
+                    }
+                }
+                Err(err) => issue(
+                    "affinity.worker_cpus",
+                    format!("cannot read the CPUs this process may run on: {err}"),
+                ),
             }
         }
         match self.health.admin_token.as_deref() {
@@ -1696,6 +1738,38 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn worker_cpus_must_be_cpus_this_process_may_run_on_and_listed_once() {
+        let allowed = crate::affinity::allowed_cpus().expect("sched_getaffinity");
+        let first = allowed[0];
+        let config = |cpus: &str| {
+            format!(r#"{{"servers":[{{"url":"ws://a:1"}}],"affinity":{{"worker_cpus":{cpus}}}}}"#)
+        };
+        let accepted = Config::from_json(&config(&format!("[{first}]"))).expect("accepted");
+        assert_eq!(accepted.affinity.worker_cpus, vec![first]);
+        assert!(Config::from_json(&config("[]")).is_ok());
+        assert!(Config::default().affinity.worker_cpus.is_empty());
+        // A CPU beyond any this process may use, after a good one: named by its place.
+        let text = error_of(&config(&format!("[{first}, 4095]")));
+        assert!(
+            text.contains(&format!(
+                "affinity.worker_cpus[1]: CPU 4095 is not one this process may run on (it \
+                 may run on {})",
+                crate::affinity::describe(&allowed)
+            )),
+            "{text}"
+        );
+        let text = error_of(&config(&format!("[{first}, {first}]")));
+        assert!(
+            text.contains(&format!(
+                "affinity.worker_cpus[1]: CPU {first} is listed twice"
+            )),
+            "{text}"
+        );
+        let text = error_of(&config("[-1]"));
+        assert!(text.contains("affinity.worker_cpus"), "{text}");
     }
 
     #[test]

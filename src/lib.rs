@@ -26,6 +26,7 @@
 //! tests is [`simulator`].
 #![deny(missing_docs)]
 
+mod affinity;
 mod codec;
 pub mod config;
 mod connection;

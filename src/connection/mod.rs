@@ -194,6 +194,8 @@ pub(crate) struct ConnectionStats {
     pub stale: AtomicBool,
     /// The worker's OS thread id (0 until it starts).
     pub thread_id: AtomicU64,
+    /// One more than the CPU the worker is pinned to (`affinity.worker_cpus`); 0: none.
+    pub cpu_plus_one: AtomicU64,
 }
 
 impl ConnectionStats {

@@ -27,6 +27,7 @@ use super::rate_limit::RateLimiter;
 use super::stack::StackTrim;
 use super::transport::{self, Stream};
 use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report, Waker};
+use crate::affinity::{CpuLease, CpuPicker};
 use crate::codec::{
     kind, op, CodecFailure, CodecInstance, CodecRuntime, FrameBatch, RecordIter, Records,
 };
@@ -90,6 +91,8 @@ pub(crate) struct WorkerContext {
     pub reports: Sender<Report>,
     /// Per server (same index as `servers`): the outbound rate limit, if any.
     pub rate_limiters: Vec<Option<Arc<RateLimiter>>>,
+    /// The CPUs workers are pinned to (`affinity.worker_cpus`), if any.
+    pub cpus: Option<Arc<CpuPicker>>,
 }
 
 pub(super) fn spawn(
@@ -100,11 +103,13 @@ pub(super) fn spawn(
     waker: Arc<Waker>,
     stats: Arc<ConnectionStats>,
 ) -> Result<JoinHandle<()>> {
+    // Taken here, in the order connections are opened; held for the thread's life.
+    let cpu = context.cpus.as_ref().map(|cpus| cpus.take());
     let link = Link::new(context, id, server_index, commands, waker, stats);
     std::thread::Builder::new()
         .name(format!("wirepool-conn-{id}"))
         .stack_size(WORKER_STACK)
-        .spawn(move || run(link))
+        .spawn(move || run(link, cpu))
         .map_err(|err| Error::Io(format!("spawning the thread of connection {id}: {err}")))
 }
 
@@ -135,22 +140,38 @@ impl From<CodecFailure> for Ended {
     }
 }
 
-fn run(mut link: Box<Link>) {
+fn run(mut link: Box<Link>, cpu: Option<CpuLease>) {
     // This frame stays on the stack for the thread's life: the work is in the calls.
     link.stack = StackTrim::for_current_thread();
     // SAFETY: gettid takes no arguments and cannot fail.
     let tid = unsafe { libc::gettid() };
     link.stats.thread_id.store(tid as u64, Ordering::Relaxed);
+    if let Some(lease) = &cpu {
+        // The CPU was checked when the pool started; a system that refuses it now
+        // (a CPU taken offline, a cgroup changed) leaves the worker unpinned, not dead.
+        match crate::affinity::pin_current_thread(lease.cpu) {
+            Ok(()) => link
+                .stats
+                .cpu_plus_one
+                .store(lease.cpu as u64 + 1, Ordering::Relaxed),
+            Err(err) => log::warn!(
+                "connection {}: cannot pin its thread to CPU {} (affinity.worker_cpus): {err}; \
+                 it runs unpinned",
+                link.id,
+                lease.cpu
+            ),
+        }
+    }
     let ended = match instantiate(&link.context, link.id) {
         Ok(codec) => link.session(codec),
         Err(err) => Ended::Failed(err),
     };
-    finish(link, ended);
+    finish(link, ended, cpu);
 }
 
 /// After the session: hands over what was read, reports the end to the pool.
 #[inline(never)]
-fn finish(mut link: Box<Link>, ended: Ended) {
+fn finish(mut link: Box<Link>, ended: Ended, cpu: Option<CpuLease>) {
     let context = Arc::clone(&link.context);
     let stats = Arc::clone(&link.stats);
     let id = link.id;
@@ -186,6 +207,9 @@ fn finish(mut link: Box<Link>, ended: Ended) {
     // anything that never reached this worker.
     let Link { commands, .. } = *link;
     drop(commands);
+    // The CPU is free for the connection the pool may open in this one's place
+    // (which it does only once it has joined this thread).
+    drop(cpu);
     let _ = context.reports.send(Report::Closed {
         connection_id: id,
         outcome: CloseOutcome {

@@ -91,6 +91,9 @@ pub struct ConnectionSnapshot {
     /// The worker's OS thread id (Linux `gettid`; 0 until the thread starts): for
     /// `taskset -p` (pinning a busy-polling worker to a core), `top -H`, `perf -t`.
     pub thread_id: u64,
+    /// The CPU the worker is pinned to (`affinity.worker_cpus`); `None` when it is not
+    /// pinned (not asked for, not yet started, or the system refused: see the log).
+    pub cpu: Option<u64>,
 }
 
 /// A lease on a pool (see [`Pool::lease`]); released when dropped.
@@ -334,6 +337,7 @@ impl Pool {
             counters: Arc::clone(&inner.counters),
             reports: report_sender,
             rate_limiters,
+            cpus: crate::affinity::CpuPicker::new(&config.affinity.worker_cpus),
         });
         let server_states = config
             .servers
@@ -974,6 +978,7 @@ impl Pool {
                     bytes_sent: load(&stats.bytes_sent),
                     blocked_ms: load(&stats.blocked_ns) / 1_000_000,
                     thread_id: load(&stats.thread_id),
+                    cpu: load(&stats.cpu_plus_one).checked_sub(1),
                 }
             })
             .collect()

@@ -704,3 +704,108 @@ fn an_upper_case_scheme_connects() {
     pool.subscribe("ticker.0").expect("subscribe");
     receive_on(&pool, "ticker.0", 3, Duration::from_secs(10));
 }
+
+/// The CPUs the calling thread may run on, from `/proc/<task>/status`.
+fn cpus_allowed(task: &str) -> Vec<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{task}/status"))
+        .unwrap_or_else(|err| panic!("/proc/{task}/status: {err}"));
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (start, end) = part.split_once('-').unwrap_or((part, part));
+        let (start, end): (u64, u64) = (start.parse().expect("cpu"), end.parse().expect("cpu"));
+        cpus.extend(start..=end);
+    }
+    cpus
+}
+
+/// `affinity.worker_cpus`: each worker runs only on the CPU it was given, the list's
+/// CPUs shared out evenly (the least held first), each shown as `cpu` in the connection
+/// list; a connection that takes a closed one's place gets the CPU it gave back.
+#[test]
+fn workers_run_only_on_the_cpus_of_affinity_worker_cpus() {
+    let _guard = watchdog("worker_cpus", Duration::from_secs(60));
+    // Up to two CPUs, the highest first: the list's order, not the numbers', counts.
+    let cpus: Vec<u64> = cpus_allowed("thread-self")
+        .into_iter()
+        .rev()
+        .take(2)
+        .collect();
+    let per_cpu = 2;
+    let sim = simulator(100.0);
+    let pool = pool_for(
+        &sim.url(),
+        (per_cpu * cpus.len()) as u32,
+        serde_json::json!({"affinity": {"worker_cpus": cpus}}),
+    );
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "every worker pinned",
+        || pool.connections().iter().all(|c| c.cpu.is_some()),
+    );
+    let pinned = |pool: &Pool| {
+        let mut held: HashMap<u64, usize> = HashMap::new();
+        for connection in pool.connections() {
+            let cpu = connection.cpu.expect("pinned");
+            let task = format!("self/task/{}", connection.thread_id);
+            assert_eq!(
+                cpus_allowed(&task),
+                vec![cpu],
+                "connection {} runs only on its CPU",
+                connection.id
+            );
+            *held.entry(cpu).or_default() += 1;
+        }
+        held
+    };
+    let expected: HashMap<u64, usize> = cpus.iter().map(|&cpu| (cpu, per_cpu)).collect();
+    assert_eq!(pinned(&pool), expected, "shared out evenly");
+    // The first worker took the list's first CPU.
+    let first = pool
+        .connections()
+        .into_iter()
+        .min_by_key(|c| c.id)
+        .expect("one");
+    assert_eq!(first.cpu, Some(cpus[0]));
+    // Closed: the connection that takes its place gets the CPU it gave back.
+    let before: Vec<u64> = pool.connections().iter().map(|c| c.id).collect();
+    let gone = pool
+        .connections()
+        .into_iter()
+        .max_by_key(|c| c.id)
+        .expect("one");
+    pool.close_connection(gone.id).expect("close");
+    wait_until(
+        &pool,
+        Duration::from_secs(10),
+        "a replacement, pinned",
+        || {
+            let now = pool.connections();
+            now.len() == before.len()
+                && now.iter().any(|c| !before.contains(&c.id))
+                && now.iter().all(|c| c.cpu.is_some() && c.ready)
+        },
+    );
+    assert_eq!(pinned(&pool), expected, "still shared out evenly");
+    pool.close();
+    // Refused before any thread starts, naming the key.
+    let refused = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": sim.url()}],
+            "affinity": {"worker_cpus": [4095]},
+        })
+        .to_string(),
+    )
+    .expect_err("CPU 4095 refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("affinity.worker_cpus[0]: CPU 4095 is not one this process may run on"),
+        "{refused}"
+    );
+}

@@ -4,6 +4,7 @@ pool settings at run time."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -339,3 +340,35 @@ def test_health_addr_names_the_port_the_system_chose_or_none(simulator, make_poo
     with pytest.raises(wirepool.ClosedError):
         pool.health_addr()
     assert make_pool(config_for(simulator.url)).health_addr() is None
+
+
+def _cpus_allowed(task: str) -> set:
+    """The CPUs a thread may run on, from /proc/<task>/status."""
+    with open(f"/proc/{task}/status") as status:
+        listed = next(line.split(":", 1)[1] for line in status if line.startswith("Cpus_allowed_list:"))
+    cpus = set()
+    for part in listed.strip().split(","):
+        start, _, end = part.partition("-")
+        cpus.update(range(int(start), int(end or start) + 1))
+    return cpus
+
+
+def test_workers_are_pinned_by_affinity_worker_cpus(simulator, make_pool):
+    cpu = max(os.sched_getaffinity(0))
+    pool = make_pool(config_for(simulator.url, pool={"min_connections": 2, "max_connections": 2},
+                                affinity={"worker_cpus": [cpu]}))
+    pool.wait_ready(timeout=10.0)
+    deadline = time.monotonic() + 10.0
+    while not all(connection["cpu"] is not None for connection in pool.connections()):
+        assert time.monotonic() < deadline, pool.connections()
+        time.sleep(0.02)
+    for connection in pool.connections():
+        assert connection["cpu"] == cpu, connection
+        assert _cpus_allowed(f"self/task/{connection['thread_id']}") == {cpu}, connection
+    with pytest.raises(wirepool.ConfigError, match=r"affinity\.worker_cpus\[0\]: CPU 4095 is not one"):
+        make_pool(config_for(simulator.url, affinity={"worker_cpus": [4095]}))
+
+
+def test_an_unpinned_worker_shows_no_cpu(pool):
+    pool.wait_ready(timeout=10.0)
+    assert all(connection["cpu"] is None for connection in pool.connections()), pool.connections()

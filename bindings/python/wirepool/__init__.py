@@ -1266,8 +1266,9 @@ class Pool(_Handle):
     def connections(self) -> List[Dict[str, Any]]:
         """The pool's connections (what ``GET /api/v1/connections`` lists: ``id``,
         ``server``, ``state``, ``ready``, ``subscriptions``, ``last_activity``,
-        ``error_count``, its worker's ``thread_id``, ...). ``Message.connection_id``
-        names a message's connection here."""
+        ``error_count``, its worker's ``thread_id`` and the ``cpu`` it is pinned to by
+        ``affinity.worker_cpus``, ...). ``Message.connection_id`` names a message's
+        connection here."""
         return self._json_call(lib.wirepool_pool_connections_json)["connections"]
 
     def health(self) -> Dict[str, Any]:
