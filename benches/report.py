@@ -163,6 +163,15 @@ def main():
         "latency_spin_loop_p50_us": ("latency_raw_tungstenite_spin", "p50_us"),
         "latency_spin_loop_p99_us": ("latency_raw_tungstenite_spin", "p99_us"),
         "latency_spin_loop_p999_us": ("latency_raw_tungstenite_spin", "p999_us"),
+        "latency_pinned_worker_spin_p50_us": ("latency_pool_json_worker_spin_pinned", "p50_us"),
+        "latency_pinned_worker_spin_p99_us": ("latency_pool_json_worker_spin_pinned", "p99_us"),
+        "latency_pinned_worker_spin_p999_us": ("latency_pool_json_worker_spin_pinned", "p999_us"),
+        "latency_pinned_busy_poll_p50_us": ("latency_pool_json_busy_poll_pinned", "p50_us"),
+        "latency_pinned_busy_poll_p99_us": ("latency_pool_json_busy_poll_pinned", "p99_us"),
+        "latency_pinned_busy_poll_p999_us": ("latency_pool_json_busy_poll_pinned", "p999_us"),
+        "latency_pinned_spin_loop_p50_us": ("latency_raw_tungstenite_spin_pinned", "p50_us"),
+        "latency_pinned_spin_loop_p99_us": ("latency_raw_tungstenite_spin_pinned", "p99_us"),
+        "latency_pinned_spin_loop_p999_us": ("latency_raw_tungstenite_spin_pinned", "p999_us"),
     }
     for key, (name, field) in latency_fields.items():
         summary[key] = median(name, field)
@@ -171,6 +180,9 @@ def main():
     summary["latency_busy_poll_p99_us_rounds"] = rounds("latency_pool_json_busy_poll", "p99_us")
     summary["latency_consumer_spin_p99_us_rounds"] = rounds("latency_pool_json_consumer_spin", "p99_us")
     summary["latency_spin_loop_p99_us_rounds"] = rounds("latency_raw_tungstenite_spin", "p99_us")
+    summary["latency_pinned_worker_spin_p99_us_rounds"] = rounds("latency_pool_json_worker_spin_pinned", "p99_us")
+    summary["latency_pinned_busy_poll_p99_us_rounds"] = rounds("latency_pool_json_busy_poll_pinned", "p99_us")
+    summary["latency_pinned_spin_loop_p99_us_rounds"] = rounds("latency_raw_tungstenite_spin_pinned", "p99_us")
 
     for scheme in ("ws", "wss"):
         name = f"connect_{scheme}"
@@ -302,6 +314,9 @@ def verdicts(s):
         ("latency p50 / p99 / p99.9, busy_poll 1 ms", " / ".join(fmt(s.get(f"latency_busy_poll_{q}_us"), "us") for q in ("p50", "p99", "p999")), "<= 50 us", limit_verdict(s.get("latency_busy_poll_p99_us"), 50)),
         ("  consumer alone spinning (consumer_us 1 ms)", " / ".join(fmt(s.get(f"latency_consumer_spin_{q}_us"), "us") for q in ("p50", "p99", "p999")), "<= 50 us", limit_verdict(s.get("latency_consumer_spin_p99_us"), 50)),
         ("  spinning tungstenite loop", " / ".join(fmt(s.get(f"latency_spin_loop_{q}_us"), "us") for q in ("p50", "p99", "p999")), "", ""),
+        ("latency pinned (worker spin; worker+consumer on 1 CPU)", " / ".join(fmt(s.get(f"latency_pinned_worker_spin_{q}_us"), "us") for q in ("p50", "p99", "p999")), "<= 50 us", limit_verdict(s.get("latency_pinned_worker_spin_p99_us"), 50)),
+        ("  pinned, the consumer spinning too", " / ".join(fmt(s.get(f"latency_pinned_busy_poll_{q}_us"), "us") for q in ("p50", "p99", "p999")), "<= 50 us", limit_verdict(s.get("latency_pinned_busy_poll_p99_us"), 50)),
+        ("  pinned spinning tungstenite loop (floor)", " / ".join(fmt(s.get(f"latency_pinned_spin_loop_{q}_us"), "us") for q in ("p50", "p99", "p999")), "", ""),
         ("connect-to-ready ws, median", fmt(s.get("connect_ws_median_ms"), "ms"), "<= 2 ms", limit_verdict(s.get("connect_ws_median_ms"), 2)),
         ("  ws p99", fmt(s.get("connect_ws_p99_ms"), "ms"), "", ""),
         ("  ws new pool (Pool::new + ready), median", fmt(s.get("connect_ws_cold_pool_median_ms"), "ms"), "<= 2 ms", limit_verdict(s.get("connect_ws_cold_pool_median_ms"), 2)),

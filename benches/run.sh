@@ -141,6 +141,26 @@ for round in $(seq "$ROUNDS"); do
 done
 
 LATENCY_ARGS=(--rate 50000 --warmup "$LATENCY_WARMUP" --seconds "$LATENCY_WINDOW")
+# The pinned latency rows: the client's message path (the pool's worker, busy polling,
+# and its consumer; or the spinning loop) on the last CPU this script may use, the
+# feed's threads on the others (moved there for those rows only, then back). Needs two
+# CPUs at least; on one, those rows are not measured (null).
+read -r CLIENT_CPU FEED_CPUS ALL_CPUS < <(python3 -c '
+import os
+cpus = sorted(os.sched_getaffinity(0))
+print(cpus[-1], ",".join(map(str, cpus[:-1])) or "-", ",".join(map(str, cpus)))')
+# place_feed CPUS: every thread of the feed server (and those it starts later) on CPUS.
+place_feed() {
+  python3 - "$FEED_PID" "$1" <<'EOF2'
+import os, sys
+pid, cpus = int(sys.argv[1]), {int(cpu) for cpu in sys.argv[2].split(",")}
+for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+        os.sched_setaffinity(int(task), cpus)
+    except ProcessLookupError:
+        pass
+EOF2
+}
 for round in $(seq "$ROUNDS"); do
   step "latency at 50,000 msgs/s (server write -> consumer's hand), round $round of $ROUNDS"
   measure latency_raw_tungstenite "$FEED" latency --url "$WS" --client tungstenite "${LATENCY_ARGS[@]}"
@@ -154,6 +174,19 @@ for round in $(seq "$ROUNDS"); do
   measure latency_pool_json_consumer_spin "$FEED" latency --url "$WS" --client pool-json \
     --consumer-spin-us 1000 "${LATENCY_ARGS[@]}"
   measure latency_raw_tungstenite_spin "$FEED" latency --url "$WS" --client tungstenite-spin "${LATENCY_ARGS[@]}"
+  if [ "$FEED_CPUS" != "-" ]; then
+    place_feed "$FEED_CPUS"
+    # The worker busy polling, pinned with its consumer to one CPU (affinity.worker_cpus):
+    # no halted CPU to wake for a message; then the consumer busy polling too; then
+    # the floor, the spinning loop pinned the same way.
+    measure latency_pool_json_worker_spin_pinned "$FEED" latency --url "$WS" --client pool-json \
+      --worker-spin-us 1000 --cpu "$CLIENT_CPU" "${LATENCY_ARGS[@]}"
+    measure latency_pool_json_busy_poll_pinned "$FEED" latency --url "$WS" --client pool-json \
+      --worker-spin-us 1000 --consumer-spin-us 1000 --cpu "$CLIENT_CPU" "${LATENCY_ARGS[@]}"
+    measure latency_raw_tungstenite_spin_pinned "$FEED" latency --url "$WS" \
+      --client tungstenite-spin --cpu "$CLIENT_CPU" "${LATENCY_ARGS[@]}"
+    place_feed "$ALL_CPUS"
+  fi
 done
 
 step "connect-to-ready ($CONNECT_SAMPLES samples each)"

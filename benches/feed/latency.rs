@@ -4,6 +4,9 @@
 //! `--worker-spin-us`/`--consumer-spin-us`, the pool's `busy_poll` set: the worker and
 //! the consumer spin a while before they sleep); the baseline is a blocking tungstenite
 //! read loop, or with `tungstenite-spin` one on a non-blocking socket that never sleeps.
+//! With `--cpu N` the threads that handle messages run on CPU N alone: the pool's
+//! workers (`affinity.worker_cpus`) and the consumer (this thread), or the loop; the
+//! bench then keeps the feed's threads off that CPU.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -107,14 +110,23 @@ pub fn pool_latency(
     rate: u64,
     window: Window,
     busy: BusyPoll,
+    cpu: Option<usize>,
 ) -> Result<Value, String> {
     let feed = format!("{url}?rate={rate}");
     let mut config = pool_config(&[feed], codec, 1)?;
     config.busy_poll.worker_us = busy.worker_us;
     config.busy_poll.consumer_us = busy.consumer_us;
+    if let Some(cpu) = cpu {
+        config.affinity.worker_cpus = vec![cpu];
+    }
     let pool = Pool::new(config).map_err(|err| format!("pool: {err}"))?;
     pool.wait_ready(Duration::from_secs(30))
         .map_err(|err| format!("wait_ready: {err}"))?;
+    // The consumer joins its worker's CPU only now: the pool's own thread, started by
+    // `Pool::new` with this thread's affinity, stays off the CPU under measurement.
+    if let Some(cpu) = cpu {
+        pin_this_thread(cpu)?;
+    }
     pool.subscribe("c0")
         .map_err(|err| format!("subscribe: {err}"))?;
     let mut samples = Samples::new(window);
@@ -155,7 +167,9 @@ pub fn pool_latency(
         (true, false) => "_worker_spin",
         (false, false) => "",
     };
-    let mut result = samples.summary(&format!("latency_pool_{codec}{busy_suffix}"), rate);
+    let pinned = if cpu.is_some() { "_pinned" } else { "" };
+    let mut result = samples.summary(&format!("latency_pool_{codec}{busy_suffix}{pinned}"), rate);
+    result["cpu"] = json!(cpu);
     result["gaps"] = json!(gaps);
     result["busy_poll_worker_us"] = json!(busy.worker_us);
     result["busy_poll_consumer_us"] = json!(busy.consumer_us);
@@ -170,7 +184,11 @@ pub fn tungstenite_latency(
     rate: u64,
     window: Window,
     spin: bool,
+    cpu: Option<usize>,
 ) -> Result<Value, String> {
+    if let Some(cpu) = cpu {
+        pin_this_thread(cpu)?;
+    }
     let (host_port, path) = split_url(url)?;
     let tcp = TcpStream::connect(&host_port).map_err(|err| format!("connect {url}: {err}"))?;
     tcp.set_nodelay(true).map_err(|err| err.to_string())?;
@@ -212,10 +230,27 @@ pub fn tungstenite_latency(
             }
         }
     }
-    let measure = if spin {
-        "latency_raw_tungstenite_spin"
-    } else {
-        "latency_raw_tungstenite"
-    };
-    Ok(samples.summary(measure, rate))
+    let measure = format!(
+        "latency_raw_tungstenite{}{}",
+        if spin { "_spin" } else { "" },
+        if cpu.is_some() { "_pinned" } else { "" }
+    );
+    let mut result = samples.summary(&measure, rate);
+    result["cpu"] = json!(cpu);
+    Ok(result)
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_this_thread(cpu: usize) -> Result<(), String> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(format!("--cpu {cpu}: beyond the CPUs a set holds"));
+    }
+    // SAFETY: a zeroed cpu_set_t is an empty set; `cpu` is below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; the size is that of `set`.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(format!("--cpu {cpu}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }

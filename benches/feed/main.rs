@@ -8,6 +8,7 @@
 //! feed pool --url WS --codec raw|raw-decode|json|json-file|json-budget --connections N [window]
 //! feed latency --url WS --client pool-json|pool-raw|tungstenite[-spin] --rate R
 //!     [--worker-spin-us U] [--consumer-spin-us U] [window]   (busy_poll.worker_us, consumer_us)
+//!     [--cpu N]   the worker(s) (affinity.worker_cpus) and the consumer, or the loop, on CPU N
 //! feed connect --url WS|WSS [--ca FILE] --samples N
 //! feed memory --url WS --connections N
 //! feed subscriptions --channels N         a burst of N subscriptions, until confirmed
@@ -112,6 +113,10 @@ fn run(command: &str, args: &Args) -> Result<serde_json::Value, String> {
         ),
         "latency" => {
             let rate = args.number("rate", 50_000)?;
+            let cpu = match args.values.get("cpu") {
+                Some(_) => Some(args.number("cpu", 0usize)?),
+                None => None,
+            };
             let busy = latency::BusyPoll {
                 worker_us: args.number("worker-spin-us", 0)?,
                 consumer_us: args.number("consumer-spin-us", 0)?,
@@ -122,11 +127,17 @@ fn run(command: &str, args: &Args) -> Result<serde_json::Value, String> {
                     rate,
                     args.window()?,
                     client == "tungstenite-spin",
+                    cpu,
                 ),
                 client => match client.strip_prefix("pool-") {
-                    Some(codec) => {
-                        latency::pool_latency(&args.feed_url()?, codec, rate, args.window()?, busy)
-                    }
+                    Some(codec) => latency::pool_latency(
+                        &args.feed_url()?,
+                        codec,
+                        rate,
+                        args.window()?,
+                        busy,
+                        cpu,
+                    ),
                     None => Err(format!(
                         "--client {client}: expected tungstenite, tungstenite-spin or pool-CODEC \
                          (pool-json, pool-raw, pool-raw-decode, pool-json-budget, ...)"
