@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
-use crate::util::{BodyDeadlines, BodyReader, RefinedTcpStream, BODY_TOO_SLOW};
+use crate::util::{BodyReader, ReadDeadlines, RefinedTcpStream};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
 
@@ -47,9 +47,13 @@ pub struct ClientConnection {
     // request's head (a full port lets the one that has waited longest go).
     watch: Option<std::sync::Arc<crate::ClientWatch>>,
 
-    // wirepool's change: the deadline each request's body must arrive within (shared
-    // with the read half, which enforces it); none without an idle timeout.
-    body_deadlines: Option<std::sync::Arc<BodyDeadlines>>,
+    // wirepool's change: the deadlines each request's head and body must arrive within
+    // (shared with the read half, which enforces them); none without an idle timeout.
+    deadlines: Option<std::sync::Arc<ReadDeadlines>>,
+
+    // wirepool's change: whether the head being read has had its first byte (its
+    // deadline runs from then).
+    head_begun: bool,
 }
 
 /// Longest request line or header line read (wirepool's change: the published crate
@@ -93,14 +97,27 @@ impl ClientConnection {
             line_begun: false,
             guard: None,
             watch: None,
-            body_deadlines: None,
+            deadlines: None,
+            head_begun: false,
         }
     }
 
-    /// wirepool's addition: each request's body must arrive within `deadlines`, which
-    /// the read half given to [`ClientConnection::new`] keeps to.
-    pub(crate) fn set_body_deadlines(&mut self, deadlines: std::sync::Arc<BodyDeadlines>) {
-        self.body_deadlines = Some(deadlines);
+    /// wirepool's addition: as [`ClientConnection::new`], for a client whose reads wait
+    /// at most `idle_timeout` each (none: forever), and whose requests' heads and bodies
+    /// must each arrive whole within it (`util::ReadDeadlines`).
+    pub(crate) fn with_idle_timeout(
+        write_socket: RefinedTcpStream,
+        mut read_socket: RefinedTcpStream,
+        idle_timeout: Option<std::time::Duration>,
+    ) -> ClientConnection {
+        let deadlines = idle_timeout.map(|idle_timeout| {
+            let deadlines = ReadDeadlines::new(idle_timeout);
+            read_socket.keep_to(std::sync::Arc::clone(&deadlines));
+            deadlines
+        });
+        let mut client = ClientConnection::new(write_socket, read_socket);
+        client.deadlines = deadlines;
+        client
     }
 
     /// wirepool's addition: the accept thread's watch on this client.
@@ -140,6 +157,13 @@ impl ClientConnection {
                     )))
                 }
             };
+            // wirepool's change: the head's first byte starts its deadline.
+            if !self.head_begun {
+                self.head_begun = true;
+                if let Some(deadlines) = &self.deadlines {
+                    deadlines.head_begun();
+                }
+            }
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
@@ -160,58 +184,70 @@ impl ClientConnection {
         }
     }
 
+    /// Reads a request's head: its request line and headers, through the blank line.
+    fn read_head(
+        &mut self,
+    ) -> Result<(Method, String, HTTPVersion, Vec<crate::Header>), ReadError> {
+        // reading the request line
+        let (method, path, version) = {
+            let line = match self.read_next_line(ReadError::Refused(
+                414,
+                "the request line is longer than 8192 bytes",
+            )) {
+                // Idle between requests: closed without a reply.
+                Err(ReadError::ReadIoError(err)) if is_timeout(&err) && !self.line_begun => {
+                    return Err(ReadError::ReadIoError(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "idle",
+                    )))
+                }
+                other => other?,
+            };
+
+            parse_request_line(
+                line.as_str().trim(), // TODO: remove this conversion
+            )?
+        };
+
+        // getting all headers
+        let headers = {
+            let mut headers = Vec::new();
+            loop {
+                let line = self.read_next_line(ReadError::Refused(
+                    431,
+                    "a header line is longer than 8192 bytes",
+                ))?;
+
+                if line.is_empty() {
+                    break;
+                };
+                if headers.len() >= MAX_HEADERS {
+                    return Err(ReadError::Refused(431, "more than 100 header lines"));
+                }
+                headers.push(match FromStr::from_str(line.as_str().trim()) {
+                    // TODO: remove this conversion
+                    Ok(h) => h,
+                    _ => return Err(ReadError::WrongHeader(version)),
+                });
+            }
+
+            headers
+        };
+
+        Ok((method, path, version, headers))
+    }
+
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
-        let (method, path, version, headers) = {
-            // reading the request line
-            let (method, path, version) = {
-                let line = match self.read_next_line(ReadError::Refused(
-                    414,
-                    "the request line is longer than 8192 bytes",
-                )) {
-                    // Idle between requests: closed without a reply.
-                    Err(ReadError::ReadIoError(err)) if is_timeout(&err) && !self.line_begun => {
-                        return Err(ReadError::ReadIoError(IoError::new(
-                            ErrorKind::ConnectionAborted,
-                            "idle",
-                        )))
-                    }
-                    other => other?,
-                };
-
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
-            };
-
-            // getting all headers
-            let headers = {
-                let mut headers = Vec::new();
-                loop {
-                    let line = self.read_next_line(ReadError::Refused(
-                        431,
-                        "a header line is longer than 8192 bytes",
-                    ))?;
-
-                    if line.is_empty() {
-                        break;
-                    };
-                    if headers.len() >= MAX_HEADERS {
-                        return Err(ReadError::Refused(431, "more than 100 header lines"));
-                    }
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
-                        // TODO: remove this conversion
-                        Ok(h) => h,
-                        _ => return Err(ReadError::WrongHeader(version)),
-                    });
-                }
-
-                headers
-            };
-
-            (method, path, version, headers)
-        };
+        // wirepool's change: the head must arrive whole within the idle timeout from
+        // its first byte; its body (read below when small) has a deadline of its own.
+        self.head_begun = false;
+        let head = self.read_head();
+        if let Some(deadlines) = &self.deadlines {
+            deadlines.head_ended();
+        }
+        let (method, path, version, headers) = head?;
 
         // building the writer for the request
         let writer = self.sink.next().unwrap();
@@ -220,7 +256,7 @@ impl ClientConnection {
         let mut data_source = self.source.next().unwrap();
         std::mem::swap(&mut self.next_header_source, &mut data_source);
         // wirepool's change: the body, however it is read, within its deadline.
-        let data_source = BodyReader::new(data_source, self.body_deadlines.clone());
+        let data_source = BodyReader::new(data_source, self.deadlines.clone());
 
         // building the next reader
         let request = crate::request::new_request(
@@ -295,15 +331,15 @@ impl Iterator for ClientConnection {
                     Err((ver, 400, "bad request: a header line is not 'Name: value'"))
                 }
                 Err(ReadError::Refused(status, reason)) => Err((HTTPVersion(1, 1), status, reason)),
-                // A small body is read with its head: its deadline may have passed.
+                // The head's deadline may have passed, or a small body's (read with
+                // its head).
                 Err(ReadError::ReadIoError(ref err)) if is_timeout(err) => Err((
                     HTTPVersion(1, 1),
                     408,
-                    if self.body_deadlines.as_ref().is_some_and(|deadlines| deadlines.passed()) {
-                        BODY_TOO_SLOW
-                    } else {
-                        "request timeout: the connection was idle too long"
-                    },
+                    self.deadlines
+                        .as_ref()
+                        .and_then(|deadlines| deadlines.passed())
+                        .unwrap_or("request timeout: the connection was idle too long"),
                 )),
                 Err(ReadError::ExpectationFailed(ver)) => Err((
                     ver,
@@ -437,5 +473,200 @@ mod test {
 
         assert!(super::parse_request_line("GET /hello").is_err());
         assert!(super::parse_request_line("qsd qsd qsd").is_err());
+    }
+
+    /// wirepool's tests of the head deadline on a client connection as the accept
+    /// thread makes it, over loopback.
+    mod head_deadline {
+        use crate::client::ClientConnection;
+        use crate::client_limit_tests::loopback_pair;
+        use crate::util::RefinedTcpStream;
+        use crate::Response;
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::thread;
+        use std::time::{Duration, Instant};
+
+        /// A client of a port with this idle timeout, and the other end of its socket
+        /// (which gives up on a read after ten seconds, so a test cannot hang on it).
+        fn client_with_idle_timeout(idle_timeout: Duration) -> (ClientConnection, TcpStream) {
+            let (socket, client_end) = loopback_pair();
+            client_end
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("read timeout");
+            let (read_half, write_half) = RefinedTcpStream::new(socket).expect("halves");
+            let client =
+                ClientConnection::with_idle_timeout(write_half, read_half, Some(idle_timeout));
+            (client, client_end)
+        }
+
+        /// Writes `head` in `pieces` pieces, `every` apart (the first at once).
+        fn drip_in_pieces(stream: &mut TcpStream, head: &[u8], pieces: usize, every: Duration) {
+            for (index, piece) in head.chunks(head.len().div_ceil(pieces)).enumerate() {
+                if index > 0 {
+                    thread::sleep(every);
+                }
+                stream.write_all(piece).expect("a piece of the head");
+            }
+        }
+
+        /// A reply's head, read a byte at a time up to its blank line.
+        fn read_reply_head(stream: &mut TcpStream) -> String {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    other => panic!(
+                        "no whole reply ({other:?}) after {:?}",
+                        String::from_utf8_lossy(&head)
+                    ),
+                }
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        }
+
+        /// A client that sends a head a byte at a time, each well within the idle
+        /// timeout, is never idle; before, it held its connection and thread for as
+        /// long as the head allowed (up to 100 lines of 8 KiB). Its head must arrive
+        /// whole within the idle timeout from its first byte: then it gets a 408 that
+        /// says so, and the client is done (no request, its thread free).
+        #[test]
+        fn a_head_dripped_past_the_idle_timeout_gets_408_and_ends_the_client() {
+            let idle_timeout = Duration::from_millis(500);
+            let drip_every = Duration::from_millis(50);
+            let (mut client, mut client_end) = client_with_idle_timeout(idle_timeout);
+            // A valid head that takes fourteen idle timeouts at this pace.
+            let head = format!("GET /stats HTTP/1.1\r\nX-Slow: {}\r\n\r\n", "x".repeat(100));
+            let began = Instant::now();
+            client_end
+                .write_all(&head.as_bytes()[..1])
+                .expect("the head's first byte");
+            let mut dripping = client_end.try_clone().expect("dup of the client's end");
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop_dripping = Arc::clone(&stop);
+            let dripper = thread::spawn(move || {
+                let mut sent = 1;
+                for byte in &head.as_bytes()[1..] {
+                    thread::sleep(drip_every);
+                    if stop_dripping.load(Ordering::Acquire)
+                        || dripping.write_all(&[*byte]).is_err()
+                    {
+                        break;
+                    }
+                    sent += 1;
+                }
+                (sent, head.len())
+            });
+
+            let request = client.next();
+            let took = began.elapsed();
+            stop.store(true, Ordering::Release);
+            let (sent, whole) = dripper.join().expect("the dripping thread");
+            assert!(
+                request.is_none(),
+                "a request was read from a head dripped for {:?} ({} of {} bytes)",
+                took,
+                sent,
+                whole
+            );
+            assert!(
+                sent < whole,
+                "the whole head was sent ({} bytes) in {:?}",
+                whole,
+                took
+            );
+            assert!(
+                took >= idle_timeout,
+                "given up after {:?}, before the idle timeout",
+                took
+            );
+            assert!(
+                took < idle_timeout * 8,
+                "given up after {:?}, long after the idle timeout",
+                took
+            );
+
+            // The 408 says why; then the connection closes (reset, when a byte dripped
+            // in after the port's last read).
+            drop(client);
+            let mut reply = Vec::new();
+            let _ = client_end.read_to_end(&mut reply);
+            let reply = String::from_utf8_lossy(&reply);
+            assert!(reply.starts_with("HTTP/1.1 408"), "{}", reply);
+            assert!(
+                reply.contains("the request's head did not arrive whole within the idle timeout"),
+                "{}",
+                reply
+            );
+        }
+
+        /// A head's time counts from its first byte (a connection silent until then is
+        /// the idle timeout's), and each head of a keep-alive client has its own: a
+        /// client silent for most of the idle timeout, then sending its head over most of
+        /// it, twice, is served twice.
+        #[test]
+        fn a_head_is_timed_from_its_first_byte_and_each_head_on_its_own() {
+            let idle_timeout = Duration::from_millis(1000);
+            let silent_for = idle_timeout * 6 / 10;
+            let piece_every = idle_timeout * 15 / 100;
+            let (mut client, mut client_end) = client_with_idle_timeout(idle_timeout);
+            let sender = thread::spawn(move || {
+                let head = b"GET /stats HTTP/1.1\r\nHost: test\r\nX-Slow: yes\r\n\r\n";
+                for round in 0..2 {
+                    thread::sleep(silent_for);
+                    // Five pieces: the head takes 60% of the idle timeout.
+                    drip_in_pieces(&mut client_end, head, 5, piece_every);
+                    // The reply (no body), before the next round.
+                    let reply = read_reply_head(&mut client_end);
+                    assert!(
+                        reply.starts_with("HTTP/1.1 200"),
+                        "round {}: {}",
+                        round,
+                        reply
+                    );
+                }
+                client_end
+            });
+            for round in 0..2 {
+                let request = client
+                    .next()
+                    .unwrap_or_else(|| panic!("round {}: a head sent in time was not read", round));
+                assert_eq!(request.url(), "/stats");
+                request.respond(Response::empty(200)).expect("the reply");
+            }
+            drop(sender.join().expect("the sending thread"));
+        }
+
+        /// A head pipelined behind a request is taken once that request's reply is
+        /// written, and timed from then: the time the port took to answer is not the
+        /// head's, though its first bytes came long before (the rest comes once the
+        /// client has the reply, and is read from the socket within the head's time).
+        #[test]
+        fn a_pipelined_head_is_timed_from_when_its_turn_comes() {
+            let idle_timeout = Duration::from_millis(300);
+            let (mut client, mut client_end) = client_with_idle_timeout(idle_timeout);
+            client_end
+                .write_all(b"GET /first HTTP/1.1\r\nHost: test\r\n\r\nGET /second HTTP/1.1\r\nHo")
+                .expect("a request and the start of the next");
+            let first = client.next().expect("the first request");
+            assert_eq!(first.url(), "/first");
+            // The first takes the port twice the idle timeout to answer.
+            thread::sleep(idle_timeout * 2);
+            first
+                .respond(Response::empty(200))
+                .expect("the first reply");
+            let reply = read_reply_head(&mut client_end);
+            assert!(reply.starts_with("HTTP/1.1 200"), "{}", reply);
+            client_end
+                .write_all(b"st: test\r\n\r\n")
+                .expect("the rest of the second head");
+            let second = client
+                .next()
+                .expect("the pipelined request was not read (408 for a wait it did not cause?)");
+            assert_eq!(second.url(), "/second");
+        }
     }
 }

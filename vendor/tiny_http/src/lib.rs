@@ -363,19 +363,16 @@ impl Server {
                         };
                         // wirepool's change: a socket that cannot be split in two (no
                         // descriptor left for the `dup`) is closed, like a failed accept.
-                        halves.map(|(mut read_closable, write_closable)| {
-                            // wirepool's change: a request's body must arrive whole
-                            // within the idle timeout (`util::BodyDeadlines`).
-                            let deadlines = limits.idle_timeout.map(|idle_timeout| {
-                                let deadlines = util::BodyDeadlines::new(idle_timeout);
-                                read_closable.keep_to(Arc::clone(&deadlines));
-                                deadlines
-                            });
-                            let mut client = ClientConnection::new(write_closable, read_closable);
+                        halves.map(|(read_closable, write_closable)| {
+                            // wirepool's change: a request's head, and its body, must
+                            // each arrive whole within the idle timeout
+                            // (`util::ReadDeadlines`).
+                            let mut client = ClientConnection::with_idle_timeout(
+                                write_closable,
+                                read_closable,
+                                limits.idle_timeout,
+                            );
                             client.set_watch(watch);
-                            if let Some(deadlines) = deadlines {
-                                client.set_body_deadlines(deadlines);
-                            }
                             client
                         })
                     }
@@ -508,9 +505,10 @@ impl Iterator for IncomingRequests<'_> {
 #[derive(Clone, Copy, Debug)]
 pub struct ClientLimits {
     /// A client whose socket stays silent (or does not take a reply) this long is let
-    /// go; a request begun and not finished in time gets a 408 first. A request's body
-    /// must arrive whole within this time too, from the first read of it: past that
-    /// its reads fail (a 408), and the connection closes once the request is answered.
+    /// go; a request begun and not finished in time gets a 408 first. A request's head
+    /// must arrive whole within this time too, from its first byte, and so must its
+    /// body, from the first read of it: past that their reads fail (a 408), and the
+    /// connection closes (a head's at once, a body's once the request is answered).
     /// `None`: never.
     pub idle_timeout: Option<Duration>,
     /// Most clients served at once. At the limit, one more takes the place of the

@@ -1,4 +1,4 @@
-pub(crate) use self::body_deadline::{BodyDeadlines, BodyReader, BODY_TOO_SLOW};
+pub(crate) use self::read_deadlines::{BodyReader, ReadDeadlines};
 pub use self::custom_stream::CustomStream;
 pub use self::equal_reader::EqualReader;
 pub use self::fused_reader::FusedReader;
@@ -10,11 +10,11 @@ pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
-mod body_deadline;
 mod custom_stream;
 mod equal_reader;
 mod fused_reader;
 mod messages_queue;
+mod read_deadlines;
 pub(crate) mod refined_tcp_stream;
 mod sequential;
 mod task_pool;

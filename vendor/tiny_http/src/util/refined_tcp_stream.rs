@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::connection::Connection;
-use crate::util::BodyDeadlines;
+use crate::util::ReadDeadlines;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
 use crate::ssl::SslStream;
 
@@ -54,7 +54,8 @@ impl Stream {
     fn set_read_timeout(&self, timeout: Duration) -> IoResult<()> {
         match self {
             Stream::Http(connection) => connection.set_read_timeout(timeout),
-            // Not built by wirepool: its bodies keep the idle timeout per read only.
+            // Not built by wirepool: its heads and bodies keep the idle timeout per read
+            // only.
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(_) => Ok(()),
         }
@@ -102,9 +103,9 @@ pub struct RefinedTcpStream {
     close_read: bool,
     close_write: bool,
     // wirepool's change: the read half of a client with an idle timeout waits for the
-    // socket no longer than its requests' body deadlines allow; with the read timeout
-    // it set last (zero: none yet).
-    body_deadlines: Option<(Arc<BodyDeadlines>, Duration)>,
+    // socket no longer than its requests' head and body deadlines allow; with the read
+    // timeout it set last (zero: none yet).
+    deadlines: Option<(Arc<ReadDeadlines>, Duration)>,
 }
 
 impl RefinedTcpStream {
@@ -120,14 +121,14 @@ impl RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
-            body_deadlines: None,
+            deadlines: None,
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
-            body_deadlines: None,
+            deadlines: None,
         };
 
         Ok((read, write))
@@ -145,8 +146,8 @@ impl RefinedTcpStream {
 
     /// wirepool's addition: reads of this (read) half keep to `deadlines`, which set
     /// the socket's read timeout from the first read on.
-    pub(crate) fn keep_to(&mut self, deadlines: Arc<BodyDeadlines>) {
-        self.body_deadlines = Some((deadlines, Duration::ZERO));
+    pub(crate) fn keep_to(&mut self, deadlines: Arc<ReadDeadlines>) {
+        self.deadlines = Some((deadlines, Duration::ZERO));
     }
 }
 
@@ -164,7 +165,7 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        let Some((deadlines, timeout_set)) = &mut self.body_deadlines else {
+        let Some((deadlines, timeout_set)) = &mut self.deadlines else {
             return self.stream.read(buf);
         };
         let timeout = deadlines.read_timeout()?;
