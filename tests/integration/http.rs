@@ -1498,6 +1498,111 @@ fn a_dripped_body_gets_408_at_the_idle_timeout_and_frees_its_place() {
     }
 }
 
+/// A client that drips a request's head, a byte well within the idle timeout each
+/// time, is never idle: it held its connection and a thread of the port for as long as
+/// the head allowed (100 lines of 8 KiB: days) while the port was not full. The whole
+/// head must arrive within the idle timeout from its first byte: then the port answers
+/// 408 and closes the connection (the client's thread is done with it, and gives its
+/// place back), and a newcomer is served.
+#[test]
+fn a_dripped_head_gets_408_at_the_idle_timeout_and_frees_its_place() {
+    let _guard = watchdog("dripped head", Duration::from_secs(60));
+    let idle_timeout = Duration::from_millis(1000);
+    let drip_every = Duration::from_millis(150);
+    let (_sim, _pool, addr) = port_with_limits(1000, 1);
+    let mut client = connect(addr);
+    // Long enough for the deadline, short enough to fail promptly without it (the
+    // whole head would take the dripping client over 15 s).
+    client
+        .set_read_timeout(Some(idle_timeout * 6))
+        .expect("read timeout");
+    let head = request_head(
+        "GET",
+        "/api/v1/pool/stats",
+        &[("X-Padding", &"x".repeat(40))],
+        0,
+    );
+    let began = Instant::now();
+    client.write_all(&head.as_bytes()[..1]).expect("first byte");
+    let mut dripping = client.try_clone().expect("clone the client's socket");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_dripping = std::sync::Arc::clone(&stop);
+    let whole = head.len();
+    let dripper = std::thread::spawn(move || {
+        let mut sent = 1;
+        for byte in &head.as_bytes()[1..] {
+            std::thread::sleep(drip_every);
+            if stop_dripping.load(std::sync::atomic::Ordering::Acquire)
+                || dripping.write_all(&[*byte]).is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let reply = read_one_reply(&mut client);
+    let took = began.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let sent = dripper.join().expect("the dripping thread");
+    let message = reply.error(408);
+    assert!(
+        message.contains("head did not arrive whole within the idle timeout"),
+        "{message}"
+    );
+    // The deadline counts from the head's first byte, sent after `began`; the client
+    // was still dripping (never idle) and far from done.
+    assert!(
+        took >= idle_timeout,
+        "408 after {took:?}, before the idle timeout"
+    );
+    assert!(
+        sent < whole / 2,
+        "the client sent {sent} of the head's {whole} bytes before its 408 ({took:?})"
+    );
+    // The connection is closed after the reply (reset, when a byte dripped in after
+    // the port's last read).
+    let mut rest = Vec::new();
+    match client.read_to_end(&mut rest) {
+        Ok(_) => assert!(
+            rest.is_empty(),
+            "more after the 408: {:?}",
+            String::from_utf8_lossy(&rest)
+        ),
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+    }
+    // Its place (the port's only one) serves a newcomer.
+    poll("a newcomer served in the dripping client's place", || {
+        newcomer_served(addr).then_some(())
+    });
+}
+
+/// The head's time counts from its first byte, and each request's head has its own: a
+/// keep-alive client silent for most of the idle timeout, then sending its head in
+/// pieces over most of it, is served, twice (no 408 although each round takes longer
+/// than the idle timeout).
+#[test]
+fn a_head_that_arrives_slowly_but_whole_in_time_is_served() {
+    let _guard = watchdog("slow head in time", Duration::from_secs(60));
+    let idle_timeout = Duration::from_millis(1000);
+    let (_sim, _pool, addr) = port_with_limits(1000, 4);
+    let mut client = connect(addr);
+    let head = b"GET /api/v1/pool/stats HTTP/1.1\r\nHost: test\r\nX-Slow: yes\r\n\r\n";
+    let pieces = 5;
+    for round in 0..2 {
+        std::thread::sleep(idle_timeout * 6 / 10);
+        // The head in five pieces over 60 % of the idle timeout.
+        for (index, piece) in head.chunks(head.len().div_ceil(pieces)).enumerate() {
+            if index > 0 {
+                std::thread::sleep(idle_timeout * 15 / 100);
+            }
+            client.write_all(piece).expect("a piece of the head");
+        }
+        let reply = read_one_reply(&mut client);
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
+    }
+}
+
 /// A client that sends requests and never reads the replies: the port reads one of its
 /// requests at a time (its socket fills up, so the client stops), not as many as it
 /// sends (tiny_http as published read and queued every one: memory without bound), and
