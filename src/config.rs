@@ -513,9 +513,11 @@ pub struct HealthConfig {
     pub admin_token: Option<String>,
     /// A client whose connection stays silent this long (or takes no reply) is
     /// disconnected; a request begun and not finished by then gets a 408. A request's
-    /// body must also arrive whole within this time from when the port first waits
-    /// for it, however steadily it comes: past that, a 408 and the connection closes
-    /// (so a client with an admitted request cannot hold its place by dripping a body).
+    /// head must also arrive whole within this time from its first byte, and its body
+    /// within this time from when the port first waits for it, however steadily they
+    /// come: past that, a 408 and the connection closes (so a client cannot hold its
+    /// connection and thread by dripping a head, nor, with an admitted request, its
+    /// place by dripping a body).
     pub idle_timeout_ms: u64,
     /// Most HTTP clients connected at once. One more takes the place of the client
     /// that has waited longest for a request, at least a second or half

@@ -7,7 +7,8 @@
 //!
 //! Threads: tiny_http accepts on its own thread and reads each request's head on a
 //! per-connection thread of its own, so a client that trickles its headers only holds
-//! that thread. One handler thread (`wirepool-http`) answers every request from
+//! that thread, and for `health.idle_timeout_ms` at most (the head must arrive whole
+//! within it from its first byte: 408, and the connection closes). One handler thread (`wirepool-http`) answers every request from
 //! snapshots of the pool (`stats()`, `health()`, `connections()`, ...); it never
 //! touches the data path. It writes a reply itself only when the request's body is
 //! already in memory, the client will send nothing more on the connection, no earlier
