@@ -68,7 +68,7 @@ def _start_simulator(rate: int = 50, channels: int = 4, token: Optional[str] = N
     text = line.decode().strip()
     assert text.startswith("listening on ws://"), f"unexpected first simulator line: {text!r}"
     # Keep draining stdout so the simulator never blocks on a full pipe.
-    threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     return Simulator(process, text.split("listening on ", 1)[1])
 
 

@@ -342,11 +342,11 @@ def test_health_addr_names_the_port_the_system_chose_or_none(simulator, make_poo
     assert make_pool(config_for(simulator.url)).health_addr() is None
 
 
-def _cpus_allowed(task: str) -> set:
+def _cpus_allowed(task: str) -> set[int]:
     """The CPUs a thread may run on, from /proc/<task>/status."""
     with open(f"/proc/{task}/status") as status:
         listed = next(line.split(":", 1)[1] for line in status if line.startswith("Cpus_allowed_list:"))
-    cpus = set()
+    cpus: set[int] = set()
     for part in listed.strip().split(","):
         start, _, end = part.partition("-")
         cpus.update(range(int(start), int(end or start) + 1))

@@ -41,7 +41,8 @@ import threading
 import time
 from ctypes import byref, c_int, c_size_t, c_uint64, sizeof, string_at
 from typing import (
-    Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, SupportsIndex, Tuple, Union,
+    TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, SupportsIndex,
+    Tuple, TypeVar, Union,
 )
 
 from itertools import repeat as _repeat
@@ -203,7 +204,8 @@ def _error(code: int) -> WirepoolError:
 
 def library_version() -> str:
     """The version of the loaded ``libwirepool``."""
-    return lib.wirepool_version().decode()
+    version: bytes = lib.wirepool_version()
+    return version.decode()
 
 
 def library_path() -> Optional[str]:
@@ -216,6 +218,7 @@ def library_path() -> Optional[str]:
 
 try:
     # The C descriptor namedtuple's fields use: a third faster to read than a property.
+    # Private to collections, so typeshed does not declare it (the checker sees Any).
     from collections import _tuplegetter as _field  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover (CPython has it since 3.8)
 
@@ -223,7 +226,15 @@ except ImportError:  # pragma: no cover (CPython has it since 3.8)
         return property(_itemgetter(index), doc=doc)
 
 
-class Message(tuple):
+# A checker sees a Message as the 5-tuple it is; at run time its base stays plain tuple
+# (typing.Tuple[...] as a base would add typing.Generic to the class's MRO).
+if TYPE_CHECKING:
+    _MessageTuple = Tuple[str, bytes, str, int, int]
+else:
+    _MessageTuple = tuple
+
+
+class Message(_MessageTuple):
     """One received subscription message: an immutable named tuple of
 
     ``channel`` (str), ``payload`` (bytes: for the default codec the JSON text of the
@@ -248,13 +259,13 @@ class Message(tuple):
     ) -> "Message":
         return _tuple_new(cls, (channel, payload, kind, connection_id, received_ns))
 
-    channel: str = _field(0, "The channel it arrived on.")  # type: ignore[assignment]
-    payload: bytes = _field(1, "The payload bytes.")  # type: ignore[assignment]
-    kind: str = _field(2, 'What it is ("data").')  # type: ignore[assignment]
-    connection_id: int = _field(3, "The connection that read it.")  # type: ignore[assignment]
-    received_ns: int = _field(4, "Wall-clock ns when read.")  # type: ignore[assignment]
+    channel: str = _field(0, "The channel it arrived on.")
+    payload: bytes = _field(1, "The payload bytes.")
+    kind: str = _field(2, 'What it is ("data").')
+    connection_id: int = _field(3, "The connection that read it.")
+    received_ns: int = _field(4, "Wall-clock ns when read.")
 
-    def __getnewargs__(self) -> tuple:
+    def __getnewargs__(self) -> Tuple[Union[str, bytes, int], ...]:
         return tuple(self)
 
     def __repr__(self) -> str:
@@ -269,7 +280,7 @@ class Message(tuple):
 _tuple_new = tuple.__new__
 
 
-class _Formats(dict):
+class _Formats(Dict[int, str]):
     """`struct` format codes for payloads by length (``"90s"``), made once per length."""
 
     def __missing__(self, length: int) -> str:
@@ -293,7 +304,7 @@ def _kind_name(kind: int) -> str:
 # array's bytes: channel_len, payload_len, channel_offset, payload_offset (size_t),
 # connection_id, received_ns (uint64_t), kind (uint32_t); `reserved` is skipped.
 _MESSAGE_SIZE = sizeof(_ffi.wirepool_message)
-_MESSAGE_LAYOUT = struct.Struct(f"@{2 * sizeof(_ffi.c_void_p)}x4N2QI4x")
+_MESSAGE_LAYOUT = struct.Struct(f"@{2 * sizeof(ctypes.c_void_p)}x4N2QI4x")
 if _MESSAGE_LAYOUT.size != _MESSAGE_SIZE:  # pragma: no cover - exotic ABIs only
     raise ImportError(
         f"wirepool: struct wirepool_message is {_MESSAGE_SIZE} bytes but the unpack layout "
@@ -303,7 +314,7 @@ if _MESSAGE_LAYOUT.size != _MESSAGE_SIZE:  # pragma: no cover - exotic ABIs only
 # (a strided slice): channel_len, payload_len, channel_offset, payload_offset,
 # connection_id, received_ns, then kind and reserved sharing one word.
 _WORDS = _MESSAGE_SIZE // 8
-if _MESSAGE_SIZE % 8 or sizeof(_ffi.c_void_p) != 8 or sys.byteorder != "little":  # pragma: no cover
+if _MESSAGE_SIZE % 8 or sizeof(ctypes.c_void_p) != 8 or sys.byteorder != "little":  # pragma: no cover
     raise ImportError("wirepool: the Python binding needs a 64-bit little-endian platform")
 
 # A batch is copied out as two bytes objects (the message structs and the data: about
@@ -336,7 +347,7 @@ class _Batch:
         code = lib.wirepool_batch_new(capacity, byref(handle))
         if code:
             raise _error(code)
-        self.handle = handle
+        self.handle: Optional[ctypes._Pointer[_ffi.wirepool_batch]] = handle
         self.capacity = capacity
         self.count = c_size_t()
         self.count_ref = byref(self.count)
@@ -376,11 +387,12 @@ def _read_capped(path: str) -> bytes:
 def _read_config_file(path: str) -> str:
     lowered = path.lower()
     if lowered.endswith(".toml"):
-        try:
-            import tomllib  # type: ignore[import-not-found]
-        except ImportError:  # Python < 3.11
+        # A version test, not try/except ImportError: type checkers follow it.
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
             try:
-                import tomli as tomllib  # type: ignore[import-not-found,no-redef]
+                import tomli as tomllib  # tomllib's original, a dependency before 3.11
             except ImportError as err:
                 raise ConfigError(
                     f"config: {path}: reading TOML needs Python 3.11+ or the tomli package"
@@ -461,10 +473,10 @@ def _integer(value: Any, name: str) -> int:
 def _connection_id(value: Any) -> int:
     """A connection id (an int from 0 to 2**64 - 1), or the TypeError / ValueError that
     says what is wrong with it."""
-    value = _integer(value, "connection_id")
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"connection_id must be from 0 to 2**64 - 1, not {value}")
-    return value
+    connection_id = _integer(value, "connection_id")
+    if not 0 <= connection_id < 1 << 64:
+        raise ValueError(f"connection_id must be from 0 to 2**64 - 1, not {connection_id}")
+    return connection_id
 
 
 # --- timeouts ----------------------------------------------------------------------------
@@ -539,6 +551,9 @@ def _body(payload: Any, name: str) -> bytes:
 # --- the pool ----------------------------------------------------------------------------
 
 
+_HandleT = TypeVar("_HandleT", bound="_Handle")
+
+
 class _Handle:
     """Owner of one C handle: ``close()`` is idempotent, the object is a context manager,
     ``__del__`` closes what was not closed, and any use after close raises ClosedError.
@@ -597,7 +612,7 @@ class _Handle:
         finally:
             self._exit()
 
-    def __enter__(self):
+    def __enter__(self: _HandleT) -> _HandleT:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -821,7 +836,7 @@ class Pool(_Handle):
         channels = map(names.__getitem__, keys)
         kind_words = words[8::_WORDS].tolist()
         if any(kind_words):
-            kinds = [_kind_name(word & 0xFFFFFFFF) for word in kind_words]
+            kinds: Iterable[str] = [_kind_name(word & 0xFFFFFFFF) for word in kind_words]
         else:
             kinds = _repeat("data", count)
         rows = zip(channels, payloads, kinds, words[6::_WORDS].tolist(), words[7::_WORDS].tolist())
@@ -1169,7 +1184,8 @@ class Pool(_Handle):
                 return None
             if code:
                 raise _error(code)
-            return json.loads(_ffi.bytes_value(out))
+            events: List[Dict[str, Any]] = json.loads(_ffi.bytes_value(out))
+            return events
         finally:
             lib.wirepool_bytes_free(out)  # on every path, as in request()
 
@@ -1269,7 +1285,8 @@ class Pool(_Handle):
         ``error_count``, its worker's ``thread_id`` and the ``cpu`` it is pinned to by
         ``affinity.worker_cpus``, ...). ``Message.connection_id`` names a message's
         connection here."""
-        return self._json_call(lib.wirepool_pool_connections_json)["connections"]
+        connections: List[Dict[str, Any]] = self._json_call(lib.wirepool_pool_connections_json)["connections"]
+        return connections
 
     def health(self) -> Dict[str, Any]:
         """The pool's health, as ``GET /api/v1/pool/health`` gives it: ``level``
@@ -1287,7 +1304,8 @@ class Pool(_Handle):
         ``consecutive_failures``, ``connections``, ``ready_connections`` and
         ``retry_after_until_ms`` (Unix milliseconds until which the server asked for no
         new connections, 0 when it did not). ``ClosedError`` after ``close()``."""
-        return self._json_call(lib.wirepool_pool_servers_json)["servers"]
+        servers: List[Dict[str, Any]] = self._json_call(lib.wirepool_pool_servers_json)["servers"]
+        return servers
 
     def request_latency(self) -> Dict[str, Any]:
         """Request round-trip times, as ``GET /api/v1/pool/latency`` gives them: a
@@ -1409,7 +1427,7 @@ class Pool(_Handle):
         encoded = json.dumps(change, ensure_ascii=False).encode("utf-8")
         self._simple_call(lambda handle: lib.wirepool_pool_reconfigure_json(handle, encoded))
 
-    def _json_call(self, function: Any) -> Any:
+    def _json_call(self, function: Any) -> Dict[str, Any]:
         """Calls ``function(handle, &out)`` and parses the JSON it wrote."""
         out = _ffi.bytes_p()
         handle = self._enter()
@@ -1421,7 +1439,8 @@ class Pool(_Handle):
         finally:
             lib.wirepool_bytes_free(out)  # on every path, as in request()
             self._exit()
-        return json.loads(text)
+        document: Dict[str, Any] = json.loads(text)
+        return document
 
     def _simple_call(self, function: Any) -> None:
         handle = self._enter()

@@ -30,7 +30,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 if sys.platform == "darwin":
     LIBRARY_FILE = "libwirepool.dylib"
@@ -152,7 +152,7 @@ bytes_p = POINTER(wirepool_bytes)
 message_p = POINTER(wirepool_message)
 
 
-def _declare(name: str, restype, argtypes) -> None:
+def _declare(name: str, restype: Optional[type], argtypes: Sequence[type]) -> None:
     try:
         function = getattr(lib, name)
     except AttributeError:
@@ -339,7 +339,7 @@ def result_text(code: int) -> str:
     return text.decode("utf-8", "replace") if text else ""
 
 
-def bytes_value(handle: bytes_p) -> bytes:
+def bytes_value(handle: ctypes._Pointer[wirepool_bytes]) -> bytes:
     """A copy of a ``wirepool_bytes`` buffer's contents (b"" for NULL); does not free it.
 
     The caller frees the buffer in a ``finally`` (``wirepool_bytes_free`` ignores NULL):
@@ -350,7 +350,7 @@ def bytes_value(handle: bytes_p) -> bytes:
     return ctypes.string_at(address, length) if address and length else b""
 
 
-def free_all(buffers) -> None:
+def free_all(buffers: Iterable[ctypes._Pointer[wirepool_bytes]]) -> None:
     """Frees every buffer of an array of ``wirepool_bytes *`` (NULL entries are ignored).
 
     One ``map`` in C: no Python line runs between the frees, so a signal cannot stop the
