@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the Python binding's tests against an already built library and simulator.
+# Type checks the Python binding (mypy, pinned below), then runs its tests against an
+# already built library and simulator; a type error fails the run before any test.
 # Never builds Rust: build first with `cargo build --release` at the repository root.
 #
 #   WIREPOOL_LIB  the library   (default: ../../target/release/libwirepool.so)
@@ -26,6 +27,17 @@ fi
 if ! "$venv/bin/python" -c "import pytest, pytest_timeout" 2>/dev/null; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check pytest pytest-timeout
 fi
+# Pinned: a newer mypy (or typeshed inside it) may find new errors in unchanged code.
+mypy_version=2.4.1
+if [ "$("$venv/bin/python" -c "import mypy.version; print(mypy.version.__version__)" 2>/dev/null)" != "$mypy_version" ]; then
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "mypy==$mypy_version"
+fi
 
 cd "$here"
+export MYPY_CACHE_DIR="$venv/mypy_cache"
+# The package with --strict (pyproject.toml's [tool.mypy]); the tests with mypy's own
+# defaults (no config file): most test functions are unannotated, so their bodies are
+# not checked, and the note saying so each time is left out.
+"$venv/bin/python" -m mypy
+"$venv/bin/python" -m mypy --config-file= --disable-error-code=annotation-unchecked tests
 exec "$venv/bin/python" -m pytest --timeout=120 --timeout-method=thread -p no:cacheprovider "$@" tests
