@@ -9,6 +9,8 @@
 mod backoff;
 #[cfg(test)]
 mod burst_tests;
+#[cfg(test)]
+mod close_tests;
 mod events;
 mod health;
 mod requests;
