@@ -123,3 +123,63 @@ fn close_acts_on_no_command_queued_before_it_and_answers_their_callers_closed() 
         events.iter().map(|event| event.kind).collect::<Vec<_>>()
     );
 }
+
+/// A caller whose command the pool thread comes to late (here after 32 s: callers used
+/// to give up after 30 and be told `Closed`, of a pool that was open and went on to
+/// carry the command out) waits for the answer.
+#[test]
+fn a_command_answered_late_is_waited_for_not_reported_closed() {
+    let simulator = Simulator::start(SimulatorConfig {
+        rate_per_channel: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .expect("simulator");
+    let config = Config::from_json(
+        &serde_json::json!({
+            "servers": [{"url": simulator.url()}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let pool = Pool::new(config).expect("pool");
+    pool.wait_ready(LIMIT).expect("ready");
+    let settings = pool.settings();
+    // Holds the pool thread, as above.
+    let (hold, held) = crossbeam_channel::bounded(0);
+    pool.inner
+        .commands
+        .send(PoolCommand::Release(hold))
+        .expect("the pool thread is running");
+    wait_for("the pool thread to take the holding command", LIMIT, || {
+        pool.inner.commands.is_empty()
+    });
+    let pool = &pool;
+    std::thread::scope(|scope| {
+        let caller = scope.spawn(move || pool.reconfigure(settings));
+        wait_for("the caller's command to be queued", LIMIT, || {
+            pool.inner.commands.len() == 1
+        });
+        // The time is the point: past the 30 s callers used to wait.
+        std::thread::sleep(Duration::from_secs(32));
+        assert!(
+            !caller.is_finished(),
+            "the caller gave up before the pool thread came to its command: {:?}",
+            caller.join()
+        );
+        let answer = held
+            .recv_timeout(LIMIT)
+            .expect("the holding command's answer");
+        assert!(
+            matches!(answer, Err(Error::InvalidArgument(_))),
+            "{answer:?}"
+        );
+        let answered = caller.join().expect("caller");
+        assert!(
+            answered.is_ok(),
+            "the late command is answered: {answered:?}"
+        );
+    });
+    assert!(!pool.is_closed());
+    pool.close();
+}

@@ -98,6 +98,10 @@ pub struct ConnectionSnapshot {
     pub cpu: Option<u64>,
 }
 
+/// How often a caller waiting for the pool thread's answer (`Pool::ask`) looks whether
+/// that thread is still there.
+const ASK_LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
 /// A lease on a pool (see [`Pool::lease`]); released when dropped.
 #[derive(Debug)]
 pub struct Lease {
@@ -796,9 +800,31 @@ impl Pool {
             .commands
             .send(make(reply))
             .map_err(|_| Error::Closed)?;
-        receiver
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| Error::Closed)?
+        // However long the pool thread takes to come to this command (a burst of
+        // subscriptions ahead of it can take seconds), the answer is waited for: an
+        // answer given up on would leave the caller told "closed" of an open pool, and
+        // the command carried out later all the same. The pool thread answers every
+        // command it takes, or drops it (and with it `reply`) once closing; the look
+        // at the thread every second only covers a pool thread that ended without that.
+        loop {
+            match receiver.recv_timeout(ASK_LIVENESS_CHECK) {
+                Ok(answer) => return answer,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Closed)
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let ended = self
+                        .inner
+                        .thread
+                        .lock()
+                        .as_ref()
+                        .is_none_or(|thread| thread.is_finished());
+                    if ended {
+                        return Err(Error::Closed);
+                    }
+                }
+            }
+        }
     }
 
     /// Closes one connection (a close frame is sent); the pool replaces it like after
