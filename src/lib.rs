@@ -48,7 +48,8 @@ pub use error::{Error, Result, TimeoutPhase};
 pub use file_limits::{MAX_CODEC_FILE_BYTES, MAX_CONFIG_FILE_BYTES, MAX_TLS_FILE_BYTES};
 pub use pool::{
     BatchOptions, ConnectionSnapshot, Event, HealthChange, HealthLevel, HealthReport,
-    LatencyHistogram, Lease, Pool, PoolSettings, PoolStats, RequestOptions, ServerSnapshot,
+    LatencyHistogram, Lease, PendingRequest, Pool, PoolSettings, PoolStats, RequestOptions,
+    ServerSnapshot,
 };
 pub use queue::{Message, MessageBatch, MessageKind, MessageRef};
 

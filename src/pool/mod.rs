@@ -13,6 +13,7 @@ mod burst_tests;
 mod close_tests;
 mod events;
 mod health;
+mod pending;
 mod requests;
 mod servers;
 mod settings;
@@ -33,6 +34,7 @@ use serde::Serialize;
 pub use events::Event;
 pub(crate) use events::EventLog;
 pub use health::{HealthChange, HealthLevel, HealthReport};
+pub use pending::PendingRequest;
 pub(crate) use requests::RequestTable;
 pub use servers::ServerSnapshot;
 pub use settings::PoolSettings;
@@ -50,7 +52,8 @@ use crate::connection::{
 use crate::error::{Error, Result, TimeoutPhase};
 use crate::queue::{ConsumerQueue, Message, MessageBatch};
 use health::{HealthInputs, HealthState};
-use requests::Abandoned;
+use pending::Submitted;
+use requests::Outcome;
 use servers::{choose_server, BreakerChange, ServerState};
 use subscriptions::{PublishedPlacements, Subscriptions};
 
@@ -477,7 +480,8 @@ impl Pool {
     /// none of which was written yet (the rate limit held it) is withdrawn and never
     /// written afterwards, whichever connection held it (also one that had stopped
     /// taking new requests: closed, drained, recycled); one already written may have
-    /// reached the venue.
+    /// reached the venue. This is [`Pool::submit`] and a wait until the request
+    /// finishes; `submit` lets the caller do other things meanwhile.
     ///
     /// Order: one thread's requests reach the venue in the order it made them, since
     /// each call returns only once its request was answered. Requests that wait
@@ -489,73 +493,62 @@ impl Pool {
     /// threads at once are spread over the ready connections and may arrive in either
     /// order.
     pub fn request(&self, payload: &[u8], options: RequestOptions) -> Result<Vec<u8>> {
-        self.check_open()?;
-        self.check_payload(payload)?;
+        let mut pending = self.submit(payload, options)?;
+        loop {
+            if let Some(outcome) = pending.wait(Duration::MAX) {
+                return outcome;
+            }
+        }
+    }
+
+    /// Sends a request as [`Pool::request`] does, without waiting for its reply: the
+    /// [`PendingRequest`] collects it later, from this thread or another, so a caller
+    /// needs no thread per outstanding request. The request's timeout
+    /// (`options.timeout`, or `request_timeout_ms`) runs from now, however the caller
+    /// slices its waits; dropping the `PendingRequest` before it finished withdraws the
+    /// request as a timeout does.
+    ///
+    /// Fails at once, with nothing sent, when the pool is closed or the payload is too
+    /// big for the codec. Order: requests are handed on in the order submitted, as for
+    /// [`Pool::request`]; those in flight at the same time on several connections may
+    /// arrive in either order.
+    pub fn submit(&self, payload: &[u8], options: RequestOptions) -> Result<PendingRequest> {
+        let (reply, receiver) = crossbeam_channel::bounded(1);
         let timeout = options
             .timeout
             .unwrap_or(Duration::from_millis(self.inner.config.request_timeout_ms));
+        let submitted =
+            self.send_request(Arc::from(payload), timeout, options.idempotent, reply)?;
+        Ok(PendingRequest::new(submitted, receiver))
+    }
+
+    /// Checks a request and hands it to the request table (and so, when one is ready,
+    /// to a connection); its outcome will come through `reply`.
+    fn send_request(
+        &self,
+        payload: Arc<[u8]>,
+        timeout: Duration,
+        idempotent: bool,
+        reply: Sender<(u64, Outcome)>,
+    ) -> Result<Submitted> {
+        self.check_open()?;
+        self.check_payload(&payload)?;
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, receiver) = crossbeam_channel::bounded(1);
         let started = Instant::now();
         self.inner
             .requests
-            .submit(request_id, Arc::from(payload), options.idempotent, reply)?;
+            .submit(request_id, payload, idempotent, reply)?;
         self.inner
             .counters
             .requests_sent
             .fetch_add(1, Ordering::Relaxed);
-        let outcome = match receiver.recv_timeout(timeout) {
-            Ok((_, outcome)) => outcome,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                match self.give_up(request_id, timeout) {
-                    Some(timed_out) => Err(timed_out),
-                    None => receiver
-                        .try_recv()
-                        .map(|(_, outcome)| outcome)
-                        .unwrap_or(Err(Error::Closed)),
-                }
-            }
-        };
-        self.count_outcome(&outcome, started);
-        outcome
-    }
-
-    /// Abandons a request whose time ran out: the timeout error, or `None` when the
-    /// reply arrived meanwhile (it is then in the caller's channel).
-    fn give_up(&self, request_id: u64, timeout: Duration) -> Option<Error> {
-        let detail = match self.inner.requests.abandon(request_id) {
-            Abandoned::AlreadyDone => return None,
-            Abandoned::NeverSent => "no connection was ready to send it".to_string(),
-            Abandoned::On(connection_id) => format!("no reply on connection {connection_id}"),
-        };
-        self.inner
-            .counters
-            .requests_timed_out
-            .fetch_add(1, Ordering::Relaxed);
-        Some(Error::Timeout {
-            phase: TimeoutPhase::Request,
-            after: timeout,
-            detail,
-        })
-    }
-
-    fn count_outcome(&self, outcome: &Result<Vec<u8>>, started: Instant) {
-        if matches!(outcome, Ok(_) | Err(Error::Remote { .. })) {
-            self.inner
-                .counters
-                .request_latency
-                .record(started.elapsed().as_micros() as u64);
-        }
-        if matches!(
-            outcome,
-            Err(Error::Remote { .. } | Error::ConnectionLost { .. })
-        ) {
-            self.inner
-                .counters
-                .requests_failed
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        Ok(Submitted::new(
+            Arc::clone(&self.inner.requests),
+            Arc::clone(&self.inner.counters),
+            request_id,
+            timeout,
+            started,
+        ))
     }
 
     /// Sends many requests, spread over the ready connections with at most
@@ -595,66 +588,62 @@ impl Pool {
             .unwrap_or(Duration::from_millis(self.inner.config.request_timeout_ms));
         let per_connection = options.max_in_flight_per_connection.max(1);
         let (reply, receiver) = crossbeam_channel::unbounded();
-        // request id -> (index, deadline, started)
-        let mut in_flight: HashMap<u64, (usize, Instant, Instant)> = HashMap::new();
+        // request id -> (index, the request). Those still here when this returns (only
+        // on a panic in `progress`) are withdrawn as they drop.
+        let mut in_flight: HashMap<u64, (usize, Submitted)> = HashMap::new();
         let mut next = 0;
         let mut done = 0;
         while done < total {
             let ready = self.inner.readiness.lock().ready_connections.max(1);
             while next < total && in_flight.len() < ready * per_connection {
-                let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
                 let payload: Arc<[u8]> = Arc::from(payloads[next].as_ref());
-                let now = Instant::now();
-                if self.is_closed() {
-                    results[next] = Some(Err(Error::Closed));
-                    done += 1;
-                    progress(done, total);
-                } else if let Err(err) = self.check_payload(&payload) {
-                    results[next] = Some(Err(err));
-                    done += 1;
-                    progress(done, total);
-                } else if let Err(err) =
-                    self.inner
-                        .requests
-                        .submit(request_id, payload, true, reply.clone())
-                {
-                    results[next] = Some(Err(err));
-                    done += 1;
-                    progress(done, total);
-                } else {
-                    self.inner
-                        .counters
-                        .requests_sent
-                        .fetch_add(1, Ordering::Relaxed);
-                    in_flight.insert(request_id, (next, now + timeout, now));
-                }
-                next += 1;
-            }
-            let Some(earliest) = in_flight.values().map(|(_, deadline, _)| *deadline).min() else {
-                continue;
-            };
-            match receiver.recv_deadline(earliest) {
-                Ok((request_id, outcome)) => {
-                    if let Some((index, _, started)) = in_flight.remove(&request_id) {
-                        self.count_outcome(&outcome, started);
-                        results[index] = Some(outcome);
+                match self.send_request(payload, timeout, true, reply.clone()) {
+                    Ok(submitted) => {
+                        in_flight.insert(submitted.id(), (next, submitted));
+                    }
+                    Err(err) => {
+                        results[next] = Some(Err(err));
                         done += 1;
                         progress(done, total);
                     }
                 }
-                Err(_) => {
+                next += 1;
+            }
+            if in_flight.is_empty() {
+                continue;
+            }
+            let earliest = in_flight
+                .values()
+                .filter_map(|(_, submitted)| submitted.deadline())
+                .min();
+            let received = match earliest {
+                Some(deadline) => receiver.recv_deadline(deadline).ok(),
+                None => receiver.recv().ok(),
+            };
+            match received {
+                Some((request_id, outcome)) => {
+                    if let Some((index, mut submitted)) = in_flight.remove(&request_id) {
+                        results[index] = Some(submitted.settle(outcome));
+                        done += 1;
+                        progress(done, total);
+                    }
+                }
+                None => {
                     let now = Instant::now();
                     let expired: Vec<u64> = in_flight
                         .iter()
-                        .filter(|(_, (_, deadline, _))| *deadline <= now)
+                        .filter(|(_, (_, submitted))| submitted.expired(now))
                         .map(|(id, _)| *id)
                         .collect();
                     for request_id in expired {
                         // A reply that raced the deadline stays in the channel and is
                         // taken by the next receive.
-                        if let Some(timed_out) = self.give_up(request_id, timeout) {
-                            if let Some((index, _, _)) = in_flight.remove(&request_id) {
-                                results[index] = Some(Err(timed_out));
+                        let Some((_, submitted)) = in_flight.get(&request_id) else {
+                            continue;
+                        };
+                        if let Some(timed_out) = submitted.give_up() {
+                            if let Some((index, mut submitted)) = in_flight.remove(&request_id) {
+                                results[index] = Some(submitted.settle(Err(timed_out)));
                                 done += 1;
                                 progress(done, total);
                             }

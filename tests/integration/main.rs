@@ -22,6 +22,7 @@ mod hostile_input;
 mod http;
 mod operations;
 mod passthrough;
+mod pending_requests;
 mod pool_races;
 mod resilience;
 mod session_faults;

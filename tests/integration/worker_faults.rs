@@ -224,6 +224,73 @@ fn a_request_that_times_out_while_held_by_the_rate_limit_is_never_sent() {
     );
 }
 
+/// The same guarantee for a submitted request its caller drops before it finished
+/// (`Pool::submit`, then letting go of the `PendingRequest` instead of waiting): it is
+/// withdrawn, and the frame the rate limit held is never written.
+#[test]
+fn a_dropped_request_held_by_the_rate_limit_is_never_sent() {
+    let _guard = watchdog("rate_limited_drop", Duration::from_secs(90));
+    let venue = RecordingVenue::start();
+    let pool = pool_with(
+        &venue.url(),
+        serde_json::json!({
+            "rate_limit": {"messages_per_second": 1},
+            "heartbeat": {"ping_interval_ms": 0},
+        }),
+    );
+    // One frame a second: the first subscribe goes at once, the others wait their turn.
+    for channel in ["a", "b", "c", "d"] {
+        pool.subscribe(channel).expect("subscribe");
+    }
+    venue.wait_for_frame("the first subscribe", |frame| frame.contains("subscribe"));
+    let mut held = pool
+        .submit(
+            br#"{"marker":"dropped"}"#,
+            RequestOptions {
+                timeout: Some(Duration::from_secs(30)),
+                idempotent: false,
+            },
+        )
+        .expect("submit");
+    assert!(
+        held.wait(Duration::ZERO).is_none(),
+        "the rate limit should still hold the request back"
+    );
+    assert_eq!(pool.stats().pending_requests, 1);
+    drop(held);
+    assert_eq!(
+        pool.stats().pending_requests,
+        0,
+        "the dropped request is still in the table"
+    );
+    // Queued after the dropped one: once its reply is here, everything queued before
+    // it has gone out (or was withdrawn).
+    let later = pool
+        .request(
+            br#"{"marker":"later"}"#,
+            RequestOptions {
+                timeout: Some(Duration::from_secs(30)),
+                idempotent: false,
+            },
+        )
+        .expect("the later request is answered");
+    assert!(String::from_utf8_lossy(&later).contains("later"));
+    let sent_anyway: Vec<String> = venue
+        .frames()
+        .into_iter()
+        .filter(|frame| frame.contains("dropped"))
+        .collect();
+    assert!(
+        sent_anyway.is_empty(),
+        "a request its caller dropped still reached the venue: {sent_anyway:?}"
+    );
+    assert_eq!(
+        pool.stats().requests_timed_out,
+        0,
+        "a request dropped before its deadline is withdrawn, not timed out"
+    );
+}
+
 #[test]
 fn a_request_still_held_by_the_rate_limit_when_its_connection_dies_is_sent_again() {
     let _guard = watchdog("rate_limited_unsent_on_death", Duration::from_secs(90));
