@@ -10,7 +10,8 @@
 #include <stdint.h>
 
 /*
- `flags` bit of `wirepool_pool_request`: the request may be sent again on another
+ `flags` bit of `wirepool_pool_request` and `wirepool_pool_request_submit`: the
+ request may be sent again on another
  connection if its connection dies before the reply. It is re-sent once, so the
  venue is sent it at most twice (a connection that died before writing it, the rate
  limit holding it, does not count).
@@ -23,7 +24,8 @@
 #define WIREPOOL_MESSAGE_DATA 0
 
 /*
- Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up.
+ Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up,
+ and `WIREPOOL_PENDING` from `wirepool_pending_request_wait` alone.
  */
 enum wirepool_result
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -34,6 +36,11 @@ enum wirepool_result
    Success.
    */
   WIREPOOL_OK = 0,
+  /*
+   Not an error: the request has not finished yet (only
+   `wirepool_pending_request_wait` gives it); nothing was written.
+   */
+  WIREPOOL_PENDING = 1,
   /*
    A required pointer was NULL.
    */
@@ -108,6 +115,13 @@ typedef struct wirepool_batch wirepool_batch;
  An owned byte buffer returned by wirepool (opaque).
  */
 typedef struct wirepool_bytes wirepool_bytes;
+
+/*
+ A request sent with `wirepool_pool_request_submit` whose outcome is collected with
+ `wirepool_pending_request_wait` (opaque). Valid until `wirepool_pending_request_free`,
+ also after its pool is closed or freed.
+ */
+typedef struct wirepool_pending_request wirepool_pending_request;
 
 /*
  A pool of upstream connections (opaque).
@@ -254,6 +268,9 @@ wirepool_result wirepool_pool_unsubscribe(const struct wirepool_pool *pool, cons
  to the first that becomes ready; those moved off a dead connection keep their
  order, ahead of newer waiting ones, after newer ones already sent on the connection
  they move to. Requests from several threads at once may arrive in either order.
+
+ To send a request without holding the thread until its reply:
+ `wirepool_pool_request_submit`.
  */
 wirepool_result wirepool_pool_request(const struct wirepool_pool *pool,
                                       const uint8_t *payload,
@@ -261,6 +278,56 @@ wirepool_result wirepool_pool_request(const struct wirepool_pool *pool,
                                       uint32_t timeout_ms,
                                       uint32_t flags,
                                       struct wirepool_bytes **out_reply);
+
+/*
+ Sends a request as `wirepool_pool_request` does (same arguments, same checks, same
+ `timeout_ms` and `flags`), without waiting for its reply: `*out_request` is set to a
+ new `wirepool_pending_request`, whose outcome `wirepool_pending_request_wait`
+ collects, from this thread or another. The request's timeout runs from now, however
+ the waits are sliced. Fails at once, with nothing sent and `*out_request` untouched,
+ when the pool is closed (`WIREPOOL_ERR_CLOSED`) or the body is too long
+ (`WIREPOOL_ERR_INVALID_ARGUMENT`). Free the handle with
+ `wirepool_pending_request_free`; freeing it before the request finished withdraws
+ the request, as a timeout does.
+ */
+wirepool_result wirepool_pool_request_submit(const struct wirepool_pool *pool,
+                                             const uint8_t *payload,
+                                             size_t payload_len,
+                                             uint32_t timeout_ms,
+                                             uint32_t flags,
+                                             struct wirepool_pending_request **out_request);
+
+/*
+ Waits up to `wait_ms` (0: only looks; `UINT32_MAX`: until the request finishes,
+ which is by its own deadline at the latest) for a submitted request to finish.
+ Not finished yet, and its deadline not passed: `WIREPOOL_PENDING`, nothing
+ written. Finished: exactly what `wirepool_pool_request` returns for it: `WIREPOOL_OK`
+ with the reply at `*out_reply`, `WIREPOOL_ERR_REMOTE` with the venue's error payload
+ there, or `WIREPOOL_ERR_TIMEOUT` (its deadline passed: the wait that finds it so
+ withdraws the request), `WIREPOOL_ERR_CONNECTION_LOST`, `WIREPOOL_ERR_CLOSED` (the
+ pool was closed or freed before it finished), with the message in
+ `wirepool_last_error`. A wait never lasts past the request's deadline. Once finished,
+ every later wait returns the same outcome at once (a new copy of the reply each
+ time, each freed with `wirepool_bytes_free`). A handle is used by one thread at a
+ time.
+ */
+wirepool_result wirepool_pending_request_wait(struct wirepool_pending_request *request,
+                                              uint32_t wait_ms,
+                                              struct wirepool_bytes **out_reply);
+
+/*
+ The request's id, unique within its pool (the `json` codec sends it as the frame's
+ `messageId`, `r<id>`, which finds it in the venue's logs). 0 for NULL.
+ */
+uint64_t wirepool_pending_request_id(const struct wirepool_pending_request *request);
+
+/*
+ Frees a submitted request; one that has not finished is withdrawn, as a timeout
+ does (one none of which was written yet, the rate limit holding it, is never
+ written; one already written may still reach the venue, its reply dropped). NULL
+ is ignored. Allowed before or after its pool's close and free.
+ */
+void wirepool_pending_request_free(struct wirepool_pending_request *request);
 
 /*
  Waits up to `timeout_ms` for at least one message, then fills `batch` with as many

@@ -14,16 +14,20 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::pool::{Pool, RequestOptions, SettingsUpdate};
+use crate::pool::{PendingRequest, Pool, RequestOptions, SettingsUpdate};
 use crate::queue::MessageBatch;
 use crate::Config;
 
-/// Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up.
+/// Result codes of every fallible function: `WIREPOOL_OK` or an error of 1000 and up,
+/// and `WIREPOOL_PENDING` from `wirepool_pending_request_wait` alone.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum wirepool_result {
     /// Success.
     WIREPOOL_OK = 0,
+    /// Not an error: the request has not finished yet (only
+    /// `wirepool_pending_request_wait` gives it); nothing was written.
+    WIREPOOL_PENDING = 1,
     /// A required pointer was NULL.
     WIREPOOL_ERR_NULL_ARGUMENT = 1000,
     /// A string argument is not UTF-8.
@@ -56,7 +60,8 @@ pub enum wirepool_result {
 
 use wirepool_result::*;
 
-/// `flags` bit of `wirepool_pool_request`: the request may be sent again on another
+/// `flags` bit of `wirepool_pool_request` and `wirepool_pool_request_submit`: the
+/// request may be sent again on another
 /// connection if its connection dies before the reply. It is re-sent once, so the
 /// venue is sent it at most twice (a connection that died before writing it, the rate
 /// limit holding it, does not count).
@@ -68,6 +73,16 @@ pub const WIREPOOL_MESSAGE_DATA: u32 = 0;
 /// A pool of upstream connections (opaque).
 pub struct wirepool_pool {
     pool: Pool,
+}
+
+/// A request sent with `wirepool_pool_request_submit` whose outcome is collected with
+/// `wirepool_pending_request_wait` (opaque). Valid until `wirepool_pending_request_free`,
+/// also after its pool is closed or freed.
+pub struct wirepool_pending_request {
+    request: PendingRequest,
+    /// The outcome, once a wait saw the request finish: every later wait gives it
+    /// again (a caller interrupted between a wait and using its result can ask again).
+    outcome: Option<Result<Vec<u8>, Error>>,
 }
 
 /// A reusable batch of received messages (opaque).
@@ -280,6 +295,7 @@ pub extern "C" fn wirepool_version() -> *const c_char {
 pub extern "C" fn wirepool_result_text(code: u32) -> *const c_char {
     let text: &'static CStr = match code {
         0 => c"ok",
+        1 => c"the request has not finished yet",
         1000 => c"a required pointer was NULL",
         1001 => c"a string argument is not valid UTF-8",
         1002 => c"an argument is out of range",
@@ -414,6 +430,9 @@ pub unsafe extern "C" fn wirepool_pool_unsubscribe(
 /// to the first that becomes ready; those moved off a dead connection keep their
 /// order, ahead of newer waiting ones, after newer ones already sent on the connection
 /// they move to. Requests from several threads at once may arrive in either order.
+///
+/// To send a request without holding the thread until its reply:
+/// `wirepool_pool_request_submit`.
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_request(
     pool: *const wirepool_pool,
@@ -427,33 +446,164 @@ pub unsafe extern "C" fn wirepool_pool_request(
         let pool = unsafe { arg(pool, "pool") }?;
         let payload = unsafe { bytes(payload, payload_len, "payload") }?;
         let out_reply = out(out_reply, "out_reply")?;
-        if flags & !WIREPOOL_REQUEST_IDEMPOTENT != 0 {
-            return Err(fail(
-                WIREPOOL_ERR_INVALID_ARGUMENT,
-                &format!(
-                    "flags: unknown bits {:#x}",
-                    flags & !WIREPOOL_REQUEST_IDEMPOTENT
-                ),
-            ));
+        let options = request_options(timeout_ms, flags)?;
+        // SAFETY: checked non-null above.
+        unsafe { deliver(pool.pool.request(payload, options), out_reply) }
+    })
+}
+
+/// The options of a request from its C arguments: `timeout_ms` 0 is the pool's
+/// `request_timeout_ms`; `flags` other than `WIREPOOL_REQUEST_IDEMPOTENT` are refused.
+fn request_options(timeout_ms: u32, flags: u32) -> Result<RequestOptions, wirepool_result> {
+    if flags & !WIREPOOL_REQUEST_IDEMPOTENT != 0 {
+        return Err(fail(
+            WIREPOOL_ERR_INVALID_ARGUMENT,
+            &format!(
+                "flags: unknown bits {:#x}",
+                flags & !WIREPOOL_REQUEST_IDEMPOTENT
+            ),
+        ));
+    }
+    Ok(RequestOptions {
+        timeout: (timeout_ms > 0).then(|| Duration::from_millis(u64::from(timeout_ms))),
+        idempotent: flags & WIREPOOL_REQUEST_IDEMPOTENT != 0,
+    })
+}
+
+/// A request's outcome as `wirepool_pool_request` reports it: the reply in a new
+/// `wirepool_bytes` at `out_reply`, or the error's code and message; on
+/// `WIREPOOL_ERR_REMOTE` the venue's error payload at `out_reply` too (the documented
+/// exception to "written only on success").
+///
+/// # Safety
+/// `out_reply` is non-null and writable.
+unsafe fn deliver(
+    outcome: crate::Result<Vec<u8>>,
+    out_reply: *mut *mut wirepool_bytes,
+) -> Result<(), wirepool_result> {
+    match outcome {
+        Ok(reply) => {
+            // SAFETY: the caller's promise.
+            unsafe { *out_reply = new_bytes(reply) };
+            Ok(())
         }
-        let options = RequestOptions {
-            timeout: (timeout_ms > 0).then(|| Duration::from_millis(u64::from(timeout_ms))),
-            idempotent: flags & WIREPOOL_REQUEST_IDEMPOTENT != 0,
-        };
-        match pool.pool.request(payload, options) {
-            Ok(reply) => {
-                // SAFETY: checked non-null above.
-                unsafe { *out_reply = new_bytes(reply) };
-                Ok(())
+        Err(err) => {
+            let code = fail_with(&err);
+            if let Error::Remote { payload } = err {
+                // SAFETY: the caller's promise.
+                unsafe { *out_reply = new_bytes(payload) };
             }
-            Err(err) => {
-                let code = fail_with(&err);
-                if let Error::Remote { payload } = err {
-                    // SAFETY: checked non-null above (the documented exception).
-                    unsafe { *out_reply = new_bytes(payload) };
+            Err(code)
+        }
+    }
+}
+
+/// Sends a request as `wirepool_pool_request` does (same arguments, same checks, same
+/// `timeout_ms` and `flags`), without waiting for its reply: `*out_request` is set to a
+/// new `wirepool_pending_request`, whose outcome `wirepool_pending_request_wait`
+/// collects, from this thread or another. The request's timeout runs from now, however
+/// the waits are sliced. Fails at once, with nothing sent and `*out_request` untouched,
+/// when the pool is closed (`WIREPOOL_ERR_CLOSED`) or the body is too long
+/// (`WIREPOOL_ERR_INVALID_ARGUMENT`). Free the handle with
+/// `wirepool_pending_request_free`; freeing it before the request finished withdraws
+/// the request, as a timeout does.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pool_request_submit(
+    pool: *const wirepool_pool,
+    payload: *const u8,
+    payload_len: usize,
+    timeout_ms: u32,
+    flags: u32,
+    out_request: *mut *mut wirepool_pending_request,
+) -> wirepool_result {
+    guard(|| {
+        let pool = unsafe { arg(pool, "pool") }?;
+        let payload = unsafe { bytes(payload, payload_len, "payload") }?;
+        let out_request = out(out_request, "out_request")?;
+        let options = request_options(timeout_ms, flags)?;
+        let request = pool
+            .pool
+            .submit(payload, options)
+            .map_err(|err| fail_with(&err))?;
+        let handle = Box::new(wirepool_pending_request {
+            request,
+            outcome: None,
+        });
+        // SAFETY: checked non-null above.
+        unsafe { *out_request = Box::into_raw(handle) };
+        Ok(())
+    })
+}
+
+/// Waits up to `wait_ms` (0: only looks; `UINT32_MAX`: until the request finishes,
+/// which is by its own deadline at the latest) for a submitted request to finish.
+/// Not finished yet, and its deadline not passed: `WIREPOOL_PENDING`, nothing
+/// written. Finished: exactly what `wirepool_pool_request` returns for it: `WIREPOOL_OK`
+/// with the reply at `*out_reply`, `WIREPOOL_ERR_REMOTE` with the venue's error payload
+/// there, or `WIREPOOL_ERR_TIMEOUT` (its deadline passed: the wait that finds it so
+/// withdraws the request), `WIREPOOL_ERR_CONNECTION_LOST`, `WIREPOOL_ERR_CLOSED` (the
+/// pool was closed or freed before it finished), with the message in
+/// `wirepool_last_error`. A wait never lasts past the request's deadline. Once finished,
+/// every later wait returns the same outcome at once (a new copy of the reply each
+/// time, each freed with `wirepool_bytes_free`). A handle is used by one thread at a
+/// time.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pending_request_wait(
+    request: *mut wirepool_pending_request,
+    wait_ms: u32,
+    out_reply: *mut *mut wirepool_bytes,
+) -> wirepool_result {
+    guard(|| {
+        let request = unsafe { arg_mut(request, "request") }?;
+        let out_reply = out(out_reply, "out_reply")?;
+        let outcome = match &request.outcome {
+            Some(outcome) => outcome.clone(),
+            None => match request
+                .request
+                .wait(Duration::from_millis(u64::from(wait_ms)))
+            {
+                Some(outcome) => {
+                    request.outcome = Some(outcome.clone());
+                    outcome
                 }
-                Err(code)
-            }
+                None => {
+                    return Err(fail(
+                        WIREPOOL_PENDING,
+                        &format!(
+                            "request {} has not finished yet (waited {wait_ms} ms)",
+                            request.request.id()
+                        ),
+                    ))
+                }
+            },
+        };
+        // SAFETY: checked non-null above.
+        unsafe { deliver(outcome, out_reply) }
+    })
+}
+
+/// The request's id, unique within its pool (the `json` codec sends it as the frame's
+/// `messageId`, `r<id>`, which finds it in the venue's logs). 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pending_request_id(
+    request: *const wirepool_pending_request,
+) -> u64 {
+    guard_value(0, || {
+        // SAFETY: the caller passes a live handle or NULL.
+        unsafe { request.as_ref() }.map_or(0, |request| request.request.id())
+    })
+}
+
+/// Frees a submitted request; one that has not finished is withdrawn, as a timeout
+/// does (one none of which was written yet, the rate limit holding it, is never
+/// written; one already written may still reach the venue, its reply dropped). NULL
+/// is ignored. Allowed before or after its pool's close and free.
+#[no_mangle]
+pub unsafe extern "C" fn wirepool_pending_request_free(request: *mut wirepool_pending_request) {
+    guard_value((), || {
+        if !request.is_null() {
+            // SAFETY: a pointer from wirepool_pool_request_submit, freed exactly once.
+            drop(unsafe { Box::from_raw(request) });
         }
     })
 }

@@ -1471,3 +1471,216 @@ fn request_latency_counts_each_answered_request_and_is_the_admin_port_body() {
     // SAFETY: freed once; nothing uses it afterwards.
     unsafe { wirepool_pool_free(pool.cast_mut()) };
 }
+
+/// `wirepool_pool_request_submit` then `wirepool_pending_request_wait`: the outcome
+/// once finished (the same every time after), `WIREPOOL_PENDING` before with nothing
+/// written, each error as `wirepool_pool_request` gives it; a freed unfinished request
+/// leaves the table; after the pool's close and even its free, a wait gives the
+/// outcome it already had, or `WIREPOOL_ERR_CLOSED`.
+#[test]
+fn submitted_requests_are_collected_later_through_the_c_abi() {
+    let _guard = watchdog("c_abi_submit", Duration::from_secs(60));
+    let sim = crate::support::simulator(10.0);
+    let pool = open_pool(&sim.url());
+    let submit = |body: &[u8], timeout_ms: u32| {
+        let mut request = ptr::null_mut();
+        // SAFETY: a live pool, `body` readable, a valid out-pointer.
+        let code = unsafe {
+            wirepool_pool_request_submit(
+                pool,
+                body.as_ptr(),
+                body.len(),
+                timeout_ms,
+                0,
+                &mut request,
+            )
+        };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+        assert!(!request.is_null());
+        request
+    };
+    // The code, and the reply (or the venue's error payload) when one was written.
+    let wait = |request: *mut wirepool_pending_request, wait_ms: u32| {
+        let mut reply = ptr::null_mut();
+        // SAFETY: a live request handle used from this thread only.
+        let code = unsafe { wirepool_pending_request_wait(request, wait_ms, &mut reply) };
+        let reply = (!reply.is_null()).then(|| bytes_of(reply));
+        (code, reply)
+    };
+    let pending_requests = || {
+        let mut json = ptr::null_mut();
+        // SAFETY: a live pool, valid out-pointer.
+        let code = unsafe { wirepool_pool_stats_json(pool, &mut json) };
+        assert_eq!(code, wirepool_result::WIREPOOL_OK);
+        let stats: serde_json::Value = serde_json::from_slice(&bytes_of(json)).expect("JSON");
+        stats["pending_requests"]
+            .as_u64()
+            .expect("pending_requests")
+    };
+    // SAFETY: a live pool.
+    let code = unsafe { wirepool_pool_wait_ready(pool, 10_000) };
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+
+    // Misuse: each NULL named, nothing written.
+    // SAFETY: exactly the misuse under test; wirepool must check.
+    unsafe {
+        let body = b"{}";
+        let mut request = ptr::null_mut();
+        assert_eq!(
+            wirepool_pool_request_submit(ptr::null(), body.as_ptr(), 2, 0, 0, &mut request),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("pool is NULL"), "{}", last_error());
+        assert_eq!(
+            wirepool_pool_request_submit(pool, ptr::null(), 2, 0, 0, &mut request),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("payload is NULL"), "{}", last_error());
+        assert_eq!(
+            wirepool_pool_request_submit(pool, body.as_ptr(), 2, 0, 0, ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("out_request is NULL"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            wirepool_pool_request_submit(pool, body.as_ptr(), 2, 0, 0x80, &mut request),
+            wirepool_result::WIREPOOL_ERR_INVALID_ARGUMENT
+        );
+        assert!(request.is_null(), "out_request written on failure");
+        let mut reply = ptr::null_mut();
+        assert_eq!(
+            wirepool_pending_request_wait(ptr::null_mut(), 0, &mut reply),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(last_error().contains("request is NULL"), "{}", last_error());
+        assert_eq!(wirepool_pending_request_id(ptr::null()), 0);
+        wirepool_pending_request_free(ptr::null_mut());
+        assert!(reply.is_null());
+    }
+    assert_eq!(
+        pending_requests(),
+        0,
+        "a refused submit left a request behind"
+    );
+
+    // Submitted, then collected; a later wait gives the same outcome again.
+    let echo = submit(br#"{"n":1}"#, 5000);
+    // SAFETY: a live request handle, and the misuse under test.
+    unsafe {
+        assert!(wirepool_pending_request_id(echo) > 0);
+        assert_eq!(
+            wirepool_pending_request_wait(echo, 0, ptr::null_mut()),
+            wirepool_result::WIREPOOL_ERR_NULL_ARGUMENT
+        );
+        assert!(
+            last_error().contains("out_reply is NULL"),
+            "{}",
+            last_error()
+        );
+    }
+    let (code, reply) = wait(echo, u32::MAX);
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    assert_eq!(reply.as_deref(), Some(&br#"{"echo":{"n":1}}"#[..]));
+    assert_eq!(
+        wait(echo, 0),
+        (code, reply),
+        "a second wait gives the same outcome"
+    );
+
+    // Pending: nothing written, and said so; then the reply.
+    let late = submit(br#"{"op":"delay","ms":1500,"n":2}"#, 30_000);
+    assert_eq!(wait(late, 0), (wirepool_result::WIREPOOL_PENDING, None));
+    assert!(
+        last_error().contains("has not finished yet"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: wirepool_result_text returns a static NUL-terminated string.
+    let text = unsafe { CStr::from_ptr(wirepool_result_text(1)) };
+    assert_eq!(text.to_str(), Ok("the request has not finished yet"));
+    let (code, reply) = wait(late, 30_000);
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    assert_eq!(
+        reply.as_deref(),
+        Some(&br#"{"echo":{"op":"delay","ms":1500,"n":2}}"#[..])
+    );
+
+    // The venue's error, with its payload; a timeout, however the waits are sliced.
+    let failing = submit(br#"{"op":"fail"}"#, 5000);
+    let (code, payload) = wait(failing, u32::MAX);
+    assert_eq!(code, wirepool_result::WIREPOOL_ERR_REMOTE);
+    assert!(
+        String::from_utf8_lossy(&payload.expect("the error payload")).contains("requested failure")
+    );
+    let ignored = submit(br#"{"op":"ignore"}"#, 200);
+    let code = loop {
+        match wait(ignored, 30) {
+            (wirepool_result::WIREPOOL_PENDING, None) => continue,
+            (code, reply) => {
+                assert!(reply.is_none(), "a timeout writes no reply");
+                break code;
+            }
+        }
+    };
+    assert_eq!(code, wirepool_result::WIREPOOL_ERR_TIMEOUT);
+    assert!(
+        last_error().contains("request timed out after 200 ms"),
+        "{}",
+        last_error()
+    );
+
+    // Freed unfinished: withdrawn from the table at once.
+    let dropped = submit(br#"{"op":"ignore"}"#, 30_000);
+    assert_eq!(pending_requests(), 1);
+    // SAFETY: a live handle, freed once.
+    unsafe { wirepool_pending_request_free(dropped) };
+    assert_eq!(pending_requests(), 0, "a freed request stayed in the table");
+
+    // Close: an unfinished request says so, a finished one keeps its outcome; then the
+    // same after the pool's free.
+    let unfinished = submit(br#"{"op":"ignore"}"#, 30_000);
+    let never_waited = submit(br#"{"op":"ignore"}"#, 30_000);
+    assert_eq!(wait(unfinished, 0).0, wirepool_result::WIREPOOL_PENDING);
+    // SAFETY: a live pool.
+    assert_eq!(
+        unsafe { wirepool_pool_close(pool) },
+        wirepool_result::WIREPOOL_OK
+    );
+    let started = Instant::now();
+    assert_eq!(
+        wait(unfinished, 30_000),
+        (wirepool_result::WIREPOOL_ERR_CLOSED, None)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed, yet it waited"
+    );
+    let (code, reply) = wait(echo, 0);
+    assert_eq!(code, wirepool_result::WIREPOOL_OK, "{}", last_error());
+    assert_eq!(reply.as_deref(), Some(&br#"{"echo":{"n":1}}"#[..]));
+    let mut request = ptr::null_mut();
+    // SAFETY: a closed (not freed) pool, valid out-pointer.
+    let code = unsafe { wirepool_pool_request_submit(pool, b"{}".as_ptr(), 2, 0, 0, &mut request) };
+    assert_eq!(code, wirepool_result::WIREPOOL_ERR_CLOSED);
+    assert!(request.is_null());
+    // SAFETY: freed once; the request handles stay valid without it.
+    unsafe { wirepool_pool_free(pool) };
+    assert_eq!(
+        wait(never_waited, 30_000),
+        (wirepool_result::WIREPOOL_ERR_CLOSED, None)
+    );
+    assert_eq!(
+        wait(unfinished, 0),
+        (wirepool_result::WIREPOOL_ERR_CLOSED, None)
+    );
+    assert_eq!(wait(echo, 0).0, wirepool_result::WIREPOOL_OK);
+    // SAFETY: each handle freed once, after its pool.
+    unsafe {
+        for request in [echo, late, failing, ignored, unfinished, never_waited] {
+            wirepool_pending_request_free(request);
+        }
+    }
+}
