@@ -6,7 +6,9 @@
 // nothing), shows that an invalid config is rejected with a ConfigError naming
 // the key, finds the admin port the system chose (health.listen on port 0) through
 // health_addr() and reads GET /health there, and counts the requests in
-// request_latency_json(). Exits 0 on success, 1 with a message on the first failure.
+// request_latency_json(), submits requests and collects their replies later (one
+// unanswered at close() says so). Exits 0 on success, 1 with a message on the first
+// failure.
 
 #include "wirepool.hpp"
 
@@ -176,6 +178,40 @@ void wait_for_ready_connections(const wirepool::Pool &pool, std::size_t wanted) 
                std::to_string(wanted) + " ready connections within 10 s: " + shorten(listed, 400));
         (void)pool.events_json(milliseconds(200));
     }
+}
+
+// Requests submitted without waiting: collected later in another order, each with its
+// own reply; a short wait finds one still pending; a venue error is thrown by get().
+// Returns one still unanswered, for the check after close().
+wirepool::PendingRequest check_submit(const wirepool::Pool &pool) {
+    wirepool::PendingRequest slow = pool.submit(R"({"op":"delay","ms":1000,"n":1})", seconds(10));
+    wirepool::PendingRequest quick = pool.submit(R"({"n":2})", seconds(10));
+    wirepool::PendingRequest failing = pool.submit(R"({"op":"fail"})", seconds(10));
+    expect(slow.id() != 0 && slow.id() < quick.id(), "request ids in submission order");
+    expect(!slow.wait(milliseconds(0)).has_value(), "a reply delayed 1 s is not there at once");
+    const std::string quick_reply = quick.get();
+    expect(quick_reply == R"({"echo":{"n":2}})", "the quick request's own reply: " + quick_reply);
+    expect(quick.finished(), "a request whose reply was taken is finished");
+    expect(quick.get() == quick_reply, "a later get() gives the same reply");
+    const std::string slow_reply = slow.get();
+    expect(slow_reply == R"({"echo":{"op":"delay","ms":1000,"n":1}})",
+           "the slow request's own reply: " + slow_reply);
+    try {
+        const std::string reply = failing.get();
+        throw CheckFailed("a submitted {\"op\":\"fail\"} returned instead of throwing: " + reply);
+    } catch (const wirepool::RemoteError &e) {
+        expect(e.payload().find("requested failure") != std::string::npos,
+               "the venue's error payload: " + e.payload());
+    }
+    wirepool::PendingRequest moved = std::move(slow);
+    try {
+        (void)slow.wait(milliseconds(0));
+        throw CheckFailed("a moved-from PendingRequest waited instead of throwing");
+    } catch (const wirepool::Error &e) {
+        expect(e.code() == wirepool::ErrorCode::NullArgument, "moved-from use is NullArgument");
+    }
+    std::cout << "submitted: quick " << quick_reply << ", slow " << shorten(slow_reply, 60) << "\n";
+    return pool.submit(R"({"op":"ignore"})", seconds(30));
 }
 
 // Pool sizes change at run time: a larger min_connections opens connections, a
@@ -384,12 +420,19 @@ int run(const std::string &url, std::size_t wanted) {
         std::cout << "unknown connection: " << e.what() << "\n";
     }
 
+    wirepool::PendingRequest unanswered = check_submit(pool);
     check_reconfigure(pool);
 
     pool.unsubscribe(channels[1]);
+    const std::string latency_at_close = pool.request_latency_json();
     pool.close();
     expect(!pool.health_addr().has_value(), "close() stops the admin port: no address");
-    expect(pool.request_latency_json() == latency,
+    try {
+        (void)unanswered.wait(seconds(10));
+        throw CheckFailed("a request unanswered at close() returned instead of throwing");
+    } catch (const wirepool::ClosedError &) {
+    }
+    expect(pool.request_latency_json() == latency_at_close,
            "request latency still answers after close(), unchanged");
     // After close, poll drains what is queued and then reports ClosedError.
     bool closed = false;

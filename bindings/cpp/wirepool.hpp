@@ -2,7 +2,7 @@
 // include/wirepool.h (conventions in docs/c-api.md).
 //
 // Every C handle has exactly one owner here: `Pool` owns a wirepool_pool, `Batch` a
-// wirepool_batch, `Bytes` a wirepool_bytes. Copying is disabled; moving transfers the
+// wirepool_batch, `Bytes` a wirepool_bytes, `PendingRequest` a wirepool_pending_request. Copying is disabled; moving transfers the
 // handle and leaves the source empty (using an empty object throws `Error` with
 // `ErrorCode::NullArgument`). Failing C calls become exceptions derived from
 // `wirepool::Error`, chosen by result code, whose message is wirepool_last_error().
@@ -11,7 +11,8 @@
 // are const, like the C functions' `const wirepool_pool *` (`close()` wakes every
 // blocked call), except that it must not be destroyed or moved while another thread
 // uses it. A `Batch` belongs to one thread at a time; the `MessageView`s it yields
-// stay valid until the next `Pool::poll` with that batch or its destruction.
+// stay valid until the next `Pool::poll` with that batch or its destruction. So does a
+// `PendingRequest` (it may move to another thread, and may outlive its `Pool`).
 //
 //     wirepool::Pool pool(R"({"servers":[{"url":"ws://127.0.0.1:9000"}]})");
 //     pool.wait_ready(std::chrono::seconds(10));
@@ -44,6 +45,8 @@ namespace wirepool {
 /// code is a compile error here rather than a silent mismatch.
 enum class ErrorCode : std::uint32_t {
     Ok = WIREPOOL_OK,
+    /// Not an error: a submitted request has not finished yet (PendingRequest::wait).
+    Pending = WIREPOOL_PENDING,
     NullArgument = WIREPOOL_ERR_NULL_ARGUMENT,
     InvalidUtf8 = WIREPOOL_ERR_INVALID_UTF8,
     InvalidArgument = WIREPOOL_ERR_INVALID_ARGUMENT,
@@ -463,6 +466,98 @@ private:
     std::size_t capacity_ = 0;
 };
 
+/// Owns one wirepool_pending_request: a request sent with `Pool::submit`, whose reply is
+/// collected later with `wait` (from this thread or another, one at a time). Destroying
+/// it (or `cancel()`) before the request finished withdraws the request, as a timeout
+/// does: one the rate limit still held is never written. The request's timeout runs
+/// from the submit however the waits are sliced. It may outlive its `Pool`: once the
+/// pool is closed, `wait` gives the outcome the request already had, or throws
+/// `ClosedError`.
+///
+///     wirepool::PendingRequest order = pool.submit(body, std::chrono::seconds(2));
+///     // ... each turn of the event loop:
+///     if (std::optional<std::string> ack = order.wait(std::chrono::milliseconds(0))) {
+///         use(*ack);  // a failed request threw instead, as Pool::request does
+///     }
+class PendingRequest {
+public:
+    PendingRequest() noexcept = default;
+    /// Takes ownership of `raw` (may be null).
+    explicit PendingRequest(wirepool_pending_request *raw) noexcept : raw_(raw) {}
+    ~PendingRequest() { wirepool_pending_request_free(raw_); }
+
+    PendingRequest(const PendingRequest &) = delete;
+    PendingRequest &operator=(const PendingRequest &) = delete;
+    PendingRequest(PendingRequest &&other) noexcept : raw_(std::exchange(other.raw_, nullptr)) {}
+    PendingRequest &operator=(PendingRequest &&other) noexcept {
+        if (this != &other) {
+            wirepool_pending_request_free(raw_);
+            raw_ = std::exchange(other.raw_, nullptr);
+        }
+        return *this;
+    }
+
+    /// Waits up to `max_wait` (0: only looks) for the request to finish. std::nullopt:
+    /// not finished yet, and its deadline has not passed. Otherwise the reply; a failed
+    /// request throws what `Pool::request` throws (`RemoteError` with the venue's error
+    /// payload, `TimeoutError` once its deadline has passed, `ConnectionLostError`,
+    /// `ClosedError`, `Error`). Once finished, every later call returns (or throws) the
+    /// same at once.
+    [[nodiscard]] std::optional<std::string> wait(std::chrono::milliseconds max_wait) {
+        wirepool_bytes *reply = nullptr;
+        const auto code = static_cast<std::uint32_t>(wirepool_pending_request_wait(
+            handle(), detail::to_timeout_ms(max_wait), &reply));
+        if (code == static_cast<std::uint32_t>(WIREPOOL_PENDING)) {
+            return std::nullopt;
+        }
+        if (code != static_cast<std::uint32_t>(WIREPOOL_OK)) {
+            detail::throw_error("wirepool_pending_request_wait", code, reply);
+        }
+        return Bytes(reply).str();
+    }
+
+    /// Waits until the request finishes (by its own deadline at the latest): the reply,
+    /// or the exception `wait` would throw.
+    [[nodiscard]] std::string get() {
+        const std::chrono::milliseconds forever(std::numeric_limits<std::uint32_t>::max());
+        for (;;) {
+            if (std::optional<std::string> reply = wait(forever)) {
+                return std::move(*reply);
+            }
+        }
+    }
+
+    /// True once the request has finished (replied, failed, timed out, or its pool
+    /// closed); its outcome stays for `wait` and `get`. Never throws for a failed request.
+    [[nodiscard]] bool finished() {
+        wirepool_bytes *reply = nullptr;
+        const auto code = static_cast<std::uint32_t>(
+            wirepool_pending_request_wait(handle(), 0, &reply));
+        wirepool_bytes_free(reply);
+        return code != static_cast<std::uint32_t>(WIREPOOL_PENDING);
+    }
+
+    /// The request's id, unique within its pool (the json codec's `messageId` is
+    /// `r<id>`); 0 for an empty object.
+    [[nodiscard]] std::uint64_t id() const noexcept { return wirepool_pending_request_id(raw_); }
+
+    /// Withdraws the request if it has not finished, and frees the handle (as the
+    /// destructor does); the object is empty afterwards.
+    void cancel() noexcept { wirepool_pending_request_free(std::exchange(raw_, nullptr)); }
+
+    [[nodiscard]] wirepool_pending_request *raw() const noexcept { return raw_; }
+
+private:
+    wirepool_pending_request *handle() const {
+        if (raw_ == nullptr) {
+            detail::throw_moved_from("PendingRequest");
+        }
+        return raw_;
+    }
+
+    wirepool_pending_request *raw_ = nullptr;
+};
+
 /// A pool's run-time settings (`Pool::settings`), as GET /api/v1/pool/config shows them.
 struct Settings {
     /// Connections kept open.
@@ -563,6 +658,24 @@ public:
             detail::throw_error("wirepool_pool_request", code, reply);
         }
         return Bytes(reply).str();
+    }
+
+    /// Sends `payload` as `request` does, without waiting for the reply: the returned
+    /// `PendingRequest` collects it later, so no thread is held per outstanding request.
+    /// `timeout` (0 ms or less: the config's `request_timeout_ms`) runs from now. Throws
+    /// at once, with nothing sent, when the pool is closed (`ClosedError`) or the payload
+    /// is too long (`Error`, InvalidArgument).
+    [[nodiscard]] PendingRequest submit(std::string_view payload,
+                                        std::chrono::milliseconds timeout,
+                                        bool idempotent = false) const {
+        const std::uint32_t flags =
+            idempotent ? static_cast<std::uint32_t>(WIREPOOL_REQUEST_IDEMPOTENT) : 0u;
+        wirepool_pending_request *request = nullptr;
+        detail::check("wirepool_pool_request_submit",
+                      static_cast<std::uint32_t>(wirepool_pool_request_submit(
+                          handle(), reinterpret_cast<const std::uint8_t *>(payload.data()),
+                          payload.size(), detail::to_timeout_ms(timeout), flags, &request)));
+        return PendingRequest(request);
     }
 
     /// Waits up to `timeout` for at least one message, then fills `batch` with as many
