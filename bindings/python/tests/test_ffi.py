@@ -34,6 +34,8 @@ ARG_TYPES = {
     "wirepool_batch**": {POINTER(_ffi.batch_p)},
     "wirepool_bytes*": {_ffi.bytes_p},
     "wirepool_bytes**": {POINTER(_ffi.bytes_p)},
+    "wirepool_pending_request*": {_ffi.pending_request_p},
+    "wirepool_pending_request**": {POINTER(_ffi.pending_request_p)},
     "wirepool_request*": {POINTER(_ffi.wirepool_request)},
     "wirepool_progress_fn": {_ffi.progress_fn},
     "void*": {c_void_p},
@@ -46,6 +48,7 @@ RETURN_TYPES = {
     "wirepool_message*": {c_void_p, _ffi.message_p},
     "wirepool_result": {c_uint32},
     "size_t": {c_size_t},
+    "uint64_t": {c_uint64},
 }
 FIELD_SIZES = {"char*": ctypes.sizeof(c_void_p), "uint8_t*": ctypes.sizeof(c_void_p),
                "size_t": ctypes.sizeof(c_size_t), "uint64_t": 8, "uint32_t": 4}

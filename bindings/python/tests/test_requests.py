@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import ctypes
 import json
+import os
 import signal
 import threading
 import time
@@ -152,10 +154,14 @@ def _address(pointer) -> int:
 # Each call that gets wirepool_bytes from the library: (its C function, how the Python
 # method is called, where the library writes the buffers it hands out).
 BUFFER_CALLS = {
-    "request": ("wirepool_pool_request", lambda pool: pool.request(b'{"n":1}', timeout=5.0),
-                lambda args: [args[5]._obj]),
-    "request_remote_error": ("wirepool_pool_request", lambda pool: pool.request(b'{"op":"fail"}', timeout=5.0),
-                             lambda args: [args[5]._obj]),
+    "request": ("wirepool_pending_request_wait", lambda pool: pool.request(b'{"n":1}', timeout=5.0),
+                lambda args: [args[2]._obj]),
+    "request_remote_error": ("wirepool_pending_request_wait",
+                             lambda pool: pool.request(b'{"op":"fail"}', timeout=5.0),
+                             lambda args: [args[2]._obj]),
+    "submitted_result": ("wirepool_pending_request_wait",
+                         lambda pool: pool.submit(b'{"n":1}', timeout=5.0).result(),
+                         lambda args: [args[2]._obj]),
     "request_batch": ("wirepool_pool_request_batch_detailed",
                       lambda pool: pool.request_batch([b'{"n":1}', b'{"op":"fail"}', b"not json", b'{"n":2}'],
                                                       timeout=5.0),
@@ -189,7 +195,10 @@ def test_a_ctrl_c_as_a_call_returns_frees_every_buffer_it_was_handed(pool, monke
         code = real_function(*args)
         addresses = [_address(buffer) for buffer in out_buffers(args)]
         handed_out.extend(address for address in addresses if address)
-        signal.raise_signal(signal.SIGINT)
+        # A wait that found its request still pending handed out nothing: the Ctrl-C
+        # comes as the one that does returns.
+        if code != wirepool._ffi.WIREPOOL_PENDING:
+            signal.raise_signal(signal.SIGINT)
         return code
 
     def counting_free(buffer):
@@ -210,3 +219,131 @@ def test_a_ctrl_c_as_a_call_returns_frees_every_buffer_it_was_handed(pool, monke
         f"were never freed after a Ctrl-C as it returned"
     )
     assert len(freed) == len(set(freed)), f"{call}: a buffer was freed twice: {freed}"
+
+
+# --- submit: requests collected later -------------------------------------------------
+
+
+def test_submitted_requests_each_get_their_own_reply_whatever_order_they_are_collected_in(pool):
+    # The replies arrive in another order than submitted (the delays), and are collected
+    # in yet another (last submitted first).
+    bodies = [b'{"op":"delay","ms":400,"n":0}', b'{"n":1}', b'{"op":"fail","n":2}',
+              b'{"op":"delay","ms":100,"n":3}']
+    pending = [pool.submit(body, timeout=20.0) for body in bodies]
+    ids = [request.request_id for request in pending]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[0] > 0, ids
+    assert repr(pending[0]).startswith(f"<wirepool.PendingRequest {ids[0]} ")
+    for n in reversed(range(len(bodies))):
+        if n == 2:
+            with pytest.raises(wirepool.RemoteError) as caught:
+                pending[n].result()
+            assert b"requested failure" in caught.value.payload
+        else:
+            assert json.loads(pending[n].result())["echo"]["n"] == n
+        assert pending[n].done() and not pending[n].cancelled()
+    assert pool.stats()["pending_requests"] == 0
+
+
+def test_a_result_wait_that_ends_first_leaves_the_request_pending(pool):
+    pending = pool.submit(b'{"op":"delay","ms":1500,"n":"late"}', timeout=30.0)
+    assert not pending.done(), "a reply delayed 1.5 s cannot be here yet"
+    started = time.monotonic()
+    with pytest.raises(concurrent.futures.TimeoutError) as caught:
+        pending.result(timeout=0.1)
+    assert time.monotonic() - started >= 0.09
+    # Not the request's own timeout: that one is wirepool.TimeoutError.
+    assert not isinstance(caught.value, wirepool.WirepoolError), caught.value
+    assert "still pending" in str(caught.value)
+    assert not pending.done()
+    reply = pending.result(timeout=30.0)
+    assert json.loads(reply) == {"echo": {"op": "delay", "ms": 1500, "n": "late"}}
+    assert pending.done()
+    assert pending.result(timeout=0) == reply, "a finished request gives its reply again"
+    assert not pending.cancel(), "a finished request cannot be cancelled"
+    assert pending.result() == reply
+
+
+def test_a_submitted_request_times_out_with_wirepool_timeout_error(pool):
+    started = time.monotonic()
+    pending = pool.submit(b'{"op":"ignore"}', timeout=0.3)
+    with pytest.raises(wirepool.TimeoutError) as caught:
+        pending.result(timeout=30.0)
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 5.0, f"timeout=0.3 took {elapsed:.2f} s"
+    assert caught.value.code == 1004 and "request timed out after 300 ms" in str(caught.value)
+    assert pending.done()
+    with pytest.raises(wirepool.TimeoutError):
+        pending.result(timeout=0)
+    assert pool.stats()["pending_requests"] == 0
+
+
+def test_cancel_withdraws_a_pending_request(pool):
+    pending = pool.submit(b'{"op":"ignore"}', timeout=30.0)
+    assert pool.stats()["pending_requests"] == 1
+    assert pending.cancel()
+    assert pending.cancelled() and pending.done()
+    assert pool.stats()["pending_requests"] == 0, "a cancelled request stayed in the pool"
+    assert pending.cancel(), "cancelling twice is harmless"
+    with pytest.raises(concurrent.futures.CancelledError):
+        pending.result(timeout=1.0)
+    # Leaving a with block releases one still pending the same way.
+    with pool.submit(b'{"op":"ignore"}', timeout=30.0) as left:
+        assert pool.stats()["pending_requests"] == 1
+    assert left.cancelled()
+    assert pool.stats()["pending_requests"] == 0
+    # One whose reply was taken inside the block keeps it.
+    with pool.submit(b'{"n":1}', timeout=5.0) as answered:
+        reply = answered.result()
+    assert not answered.cancelled() and answered.result() == reply
+
+
+def test_submit_checks_its_arguments_as_request_does(pool):
+    with pytest.raises(TypeError, match="payload must be bytes, a bytes-like object or str, not int"):
+        pool.submit(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout must be None or a number of seconds, not str"):
+        pool.submit(b"{}", timeout="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="idempotent must be a bool"):
+        pool.submit(b"{}", idempotent="no")  # type: ignore[arg-type]
+    assert json.loads(pool.submit(b'{"a":1}', idempotent=True).result(timeout=5.0)) == {"echo": {"a": 1}}
+    pending = pool.submit(b"{}")
+    with pytest.raises(TypeError, match="timeout must be None or a number of seconds"):
+        pending.result(timeout="1")  # type: ignore[arg-type]
+
+
+def test_a_pending_request_outlives_its_pool(simulator, make_pool):
+    pool = make_pool(config_for(simulator.url))
+    pool.wait_ready(timeout=10.0)
+    answered = pool.submit(b'{"n":"kept"}', timeout=5.0)
+    assert json.loads(answered.result(timeout=5.0)) == {"echo": {"n": "kept"}}
+    unanswered = pool.submit(b'{"op":"ignore"}', timeout=30.0)
+    never_waited = pool.submit(b'{"op":"ignore"}', timeout=30.0)
+    assert not unanswered.done()
+    pool.close()
+    started = time.monotonic()
+    with pytest.raises(wirepool.ClosedError):
+        unanswered.result(timeout=30.0)
+    with pytest.raises(wirepool.ClosedError):
+        never_waited.result(timeout=30.0)
+    assert time.monotonic() - started < 5.0
+    assert json.loads(answered.result()) == {"echo": {"n": "kept"}}
+    with pytest.raises(wirepool.ClosedError):
+        pool.submit(b"{}")
+
+
+def test_ctrl_c_ends_a_request_promptly_and_withdraws_it(pool, ctrl_c_raises):
+    # A request the venue never answers, with a minute to go: a Ctrl-C must end the
+    # call within a fraction of a second (it used to wait in one library call, so the
+    # Ctrl-C took effect only after the whole timeout) and withdraw the request.
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.request(b'{"op":"ignore"}', timeout=60.0)
+    finally:
+        timer.cancel()
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"the Ctrl-C took {elapsed:.1f} s to end the request"
+    assert pool.stats()["pending_requests"] == 0, "the interrupted request was not withdrawn"
+    # The pool goes on.
+    assert json.loads(pool.request(b'{"after":"ctrl-c"}', timeout=5.0)) == {"echo": {"after": "ctrl-c"}}

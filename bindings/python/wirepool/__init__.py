@@ -13,8 +13,9 @@ A thin ctypes layer over ``libwirepool`` (the C ABI in ``include/wirepool.h``)::
 
 Blocking calls release the GIL while they wait inside the library, and waits longer
 than a fraction of a second are made of short waits, so Ctrl-C and ``close()`` from
-another thread interrupt them promptly (``request`` and ``request_batch`` wait in one
-call: ``close()`` ends them at once, a Ctrl-C when they return). A Ctrl-C that lands
+another thread interrupt them promptly (``request_batch`` waits in one call:
+``close()`` ends it at once, a Ctrl-C when it returns). ``submit`` sends a request
+without waiting; its ``PendingRequest`` collects the reply later. A Ctrl-C that lands
 as a receive returns loses no message: what that receive had taken comes first from
 the next one; one that lands as any other call returns leaks none of the buffers the
 library handed out. A ``Pool`` may be used from several threads at once.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import concurrent.futures
 import ctypes
 import contextlib
 import gc
@@ -53,6 +55,7 @@ from ._ffi import lib
 
 __all__ = [
     "Pool",
+    "PendingRequest",
     "Message",
     "WirepoolError",
     "InvalidArgumentError",
@@ -93,6 +96,9 @@ as PEP 484 has it, because type checkers cannot do arithmetic on ``numbers.Real`
 # Longest single wait inside the library: longer waits are loops of these, so that
 # KeyboardInterrupt and close() from another thread are noticed quickly.
 _WAIT_SLICE_S = 0.25
+# The same for a request's reply (request() and PendingRequest.result()): a Ctrl-C
+# withdraws the request within this long, before the venue may be sent it.
+_REQUEST_WAIT_SLICE_S = 0.1
 
 # Batches kept for reuse per pool, by capacity (recv uses 1, recv_many its `max`).
 _MAX_CACHED_CAPACITIES = 8
@@ -548,6 +554,177 @@ def _body(payload: Any, name: str) -> bytes:
         return view.tobytes()
 
 
+def _request_timeout_ms(timeout: Optional[Seconds]) -> int:
+    """A request's ``timeout`` for the C ABI: 0 (the pool's ``request_timeout_ms``) for
+    None, else at least 1 ms."""
+    if timeout is None:
+        return 0
+    _check_timeout(timeout)
+    return max(1, _ms(timeout))
+
+
+def _request_flags(idempotent: Any) -> int:
+    if not _is_bool(idempotent):
+        # A truthy "no" or 0.0 must not let an order be sent twice.
+        raise TypeError(f"idempotent must be a bool, not {type(idempotent).__name__}")
+    return _ffi.WIREPOOL_REQUEST_IDEMPOTENT if bool(idempotent) else 0
+
+
+# --- submitted requests ------------------------------------------------------------------
+
+_PENDING, _FINISHED, _CANCELLED = "pending", "finished", "cancelled"
+
+
+class PendingRequest:
+    """A request sent with ``Pool.submit``, whose reply is collected later, from this
+    thread or another: modelled on ``concurrent.futures.Future``.
+
+    ``result(timeout)`` returns the reply, or raises what ``Pool.request`` raises for
+    it: RemoteError (``.payload``), ConnectionLostError, ClosedError (the pool was
+    closed first), or wirepool.TimeoutError once the request's own timeout (given to
+    ``submit``) has passed, which runs from the submit however the waits are sliced. A
+    ``result`` wait that ends before the request finishes raises
+    ``concurrent.futures.TimeoutError`` instead (the built-in TimeoutError since Python
+    3.11) and leaves the request pending: to tell the two apart, catch
+    ``wirepool.TimeoutError`` first, or check ``done()``. Once finished, ``result()``
+    returns (or raises) the same at once, every time.
+
+    ``cancel()`` withdraws a request that has not finished, as a timeout does: one none
+    of which was written yet (the rate limit held it, or no connection was ready) is
+    never written afterwards; one already written may still reach the venue, and its
+    reply is dropped. Leaving a ``with`` block releases the request without waiting:
+    one whose outcome was not taken by then (with ``result()`` or ``done()``) is
+    cancelled, as is one nobody holds any more when it is garbage collected. A
+    PendingRequest outlives its pool:
+    after ``Pool.close()``, ``result()`` gives the outcome it already had or raises
+    ClosedError. It may be used from several threads (their calls take turns, each
+    waiting inside the library at most 0.1 s at a time).
+
+        with pool.submit(b'{"op":"new_order"}', timeout=2.0) as order:
+            ...                                   # other work meanwhile
+            while not order.done():
+                do_other_things()
+            ack = order.result()
+    """
+
+    def __init__(self) -> None:
+        # Made by Pool.submit, which has the library fill the handle in place: a Ctrl-C
+        # right after the submit cannot leave a request nobody can withdraw.
+        self._handle: Optional[Any] = _ffi.pending_request_p()
+        self._lock = threading.Lock()
+        self._state = _PENDING
+        self._reply = b""
+        self._error: Optional[WirepoolError] = None
+        self._id = 0
+
+    @property
+    def request_id(self) -> int:
+        """The request's id, unique within its pool (the ``json`` codec sends it as the
+        frame's ``messageId``, ``r<id>``, which finds it in the venue's logs)."""
+        return self._id
+
+    def __repr__(self) -> str:
+        return f"<wirepool.PendingRequest {self._id} {self._state}>"
+
+    def _free_handle(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            lib.wirepool_pending_request_free(handle)
+
+    def _wait_once(self, wait_ms: int) -> bool:
+        """One wait inside the library, with ``_lock`` held; True once the outcome is
+        here (kept, and the library's handle freed)."""
+        if self._state is not _PENDING:
+            return True
+        reply = _ffi.bytes_p()
+        try:
+            code = lib.wirepool_pending_request_wait(self._handle, wait_ms, byref(reply))
+            if code == _ffi.WIREPOOL_PENDING:
+                return False
+            if code == _ffi.WIREPOOL_OK:
+                self._reply = _ffi.bytes_value(reply)
+            else:
+                error = _error(code)
+                if code == _ffi.WIREPOOL_ERR_REMOTE and reply:
+                    assert isinstance(error, RemoteError)
+                    error.payload = _ffi.bytes_value(reply)
+                self._error = error
+            self._state = _FINISHED
+        finally:
+            # On every path (a Ctrl-C that lands as the call returns skips the lines
+            # above; the library keeps the outcome and gives it again next time).
+            lib.wirepool_bytes_free(reply)
+        self._free_handle()
+        return True
+
+    def result(self, timeout: Optional[Seconds] = None) -> bytes:
+        """The reply: waits up to ``timeout`` seconds (None: until the request finishes,
+        by its own timeout at the latest). Raises the request's exception when it
+        failed, ``concurrent.futures.TimeoutError`` when the wait ended first (the
+        request stays pending), ``concurrent.futures.CancelledError`` after
+        ``cancel()``."""
+        _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slice_ms = _ms(_REQUEST_WAIT_SLICE_S)
+        while True:
+            wait_ms = slice_ms
+            if deadline is not None:
+                wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+            with self._lock:
+                if self._state is _CANCELLED:
+                    raise concurrent.futures.CancelledError(f"request {self._id} was cancelled")
+                if self._wait_once(wait_ms):
+                    break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise concurrent.futures.TimeoutError(
+                    f"request {self._id} has not finished within the {timeout} s wait; it is "
+                    "still pending (wait again, or cancel it)"
+                )
+        if self._error is not None:
+            raise self._error
+        return self._reply
+
+    def done(self) -> bool:
+        """True once the request has finished (answered, failed, timed out, its pool
+        closed) or was cancelled; its outcome stays for ``result()``. Does not wait."""
+        with self._lock:
+            return self._state is not _PENDING or self._wait_once(0)
+
+    def cancel(self) -> bool:
+        """Withdraws the request if it has not finished: True then (and when it was
+        cancelled before); False when it had already finished (its outcome stays for
+        ``result()``)."""
+        with self._lock:
+            if self._state is _CANCELLED:
+                return True
+            if self._wait_once(0):
+                return False
+            self._state = _CANCELLED
+            self._free_handle()
+            return True
+
+    def cancelled(self) -> bool:
+        """True once ``cancel()`` withdrew the request."""
+        return self._state is _CANCELLED
+
+    def __enter__(self) -> "PendingRequest":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        # No wait here, not even a look: on the way out of a KeyboardInterrupt the
+        # request is withdrawn at once.
+        with self._lock:
+            if self._state is _PENDING:
+                self._state = _CANCELLED
+            self._free_handle()
+
+    def __del__(self) -> None:
+        try:
+            self._free_handle()
+        except Exception:  # noqa: BLE001 - nothing can be raised from a finaliser
+            pass
+
+
 # --- the pool ----------------------------------------------------------------------------
 
 
@@ -984,36 +1161,43 @@ class Pool(_Handle):
         the connection they move to. Requests from several threads at once may arrive
         in either order.
 
-        The request waits in one library call (the pool must be able to tell the venue
-        it was abandoned): a Ctrl-C takes effect when it returns, within ``timeout``,
-        and the reply it got is freed, not leaked.
+        This is ``submit`` and ``result()``: the reply is waited for in slices of at
+        most 0.1 s, so a Ctrl-C (KeyboardInterrupt, or any exception a signal handler
+        raises) ends the call within about that, withdrawing the request as a timeout
+        does (one the rate limit still held is never written), and leaks no buffer.
+        ``close()`` from another thread ends it with ClosedError.
+        """
+        with self.submit(payload, timeout=timeout, idempotent=idempotent) as pending:
+            return pending.result()
+
+    def submit(
+        self, payload: RequestBody, timeout: Optional[Seconds] = None, idempotent: bool = False
+    ) -> PendingRequest:
+        """Sends a request as ``request`` does, without waiting for its reply: the
+        returned PendingRequest collects it later (``result()``, ``done()``,
+        ``cancel()``; see there), from this thread or another.
+
+        The arguments are ``request``'s, checked the same way; ``timeout`` is the
+        request's own (None: the pool's ``request_timeout_ms``) and runs from now,
+        however the waits are sliced. Raises at once, with nothing sent, when the pool
+        is closed (ClosedError) or the body is too long (InvalidArgumentError).
+        Requests are handed on in the order submitted, as for ``request``.
         """
         payload = _body(payload, "payload")
-        if timeout is None:
-            timeout_ms = 0  # the pool's request_timeout_ms
-        else:
-            _check_timeout(timeout)
-            timeout_ms = max(1, _ms(timeout))
-        if not _is_bool(idempotent):
-            # A truthy "no" or 0.0 must not let an order be sent twice.
-            raise TypeError(f"idempotent must be a bool, not {type(idempotent).__name__}")
-        flags = _ffi.WIREPOOL_REQUEST_IDEMPOTENT if bool(idempotent) else 0
-        reply = _ffi.bytes_p()
+        timeout_ms = _request_timeout_ms(timeout)
+        flags = _request_flags(idempotent)
+        pending = PendingRequest()
         handle = self._enter()
         try:
-            code = lib.wirepool_pool_request(handle, payload, len(payload), timeout_ms, flags, byref(reply))
-            if code == _ffi.WIREPOOL_OK:
-                return _ffi.bytes_value(reply)
-            error = _error(code)
-            if code == _ffi.WIREPOOL_ERR_REMOTE and reply:
-                assert isinstance(error, RemoteError)
-                error.payload = _ffi.bytes_value(reply)
-            raise error
+            code = lib.wirepool_pool_request_submit(
+                handle, payload, len(payload), timeout_ms, flags, byref(pending._handle)
+            )
+            if code:
+                raise _error(code)
+            pending._id = lib.wirepool_pending_request_id(pending._handle)
         finally:
-            # On every path: a Ctrl-C that lands as the call returns skips the lines
-            # above (NULL, when no reply was handed out, is ignored).
-            lib.wirepool_bytes_free(reply)
             self._exit()
+        return pending
 
     def request_batch(
         self,
@@ -1053,11 +1237,7 @@ class Pool(_Handle):
         count = len(encoded)
         if count == 0:
             return []
-        if timeout is None:
-            timeout_ms = 0
-        else:
-            _check_timeout(timeout)
-            timeout_ms = max(1, _ms(timeout))
+        timeout_ms = _request_timeout_ms(timeout)
         max_in_flight_per_connection = _integer(max_in_flight_per_connection, "max_in_flight_per_connection")
         if not 1 <= max_in_flight_per_connection <= 0xFFFFFFFF:
             # A uint32_t in C: larger values would wrap silently (2**32 to 0, the default).

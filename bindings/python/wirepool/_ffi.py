@@ -85,6 +85,8 @@ lib = _load()
 # --- result codes (enum wirepool_result) -------------------------------------------
 
 WIREPOOL_OK = 0
+# Not an error: wirepool_pending_request_wait's "not finished yet" (no exception maps to it).
+WIREPOOL_PENDING = 1
 WIREPOOL_ERR_NULL_ARGUMENT = 1000
 WIREPOOL_ERR_INVALID_UTF8 = 1001
 WIREPOOL_ERR_INVALID_ARGUMENT = 1002
@@ -129,6 +131,10 @@ class wirepool_bytes(Structure):
     """Opaque ``struct wirepool_bytes``."""
 
 
+class wirepool_pending_request(Structure):
+    """Opaque ``struct wirepool_pending_request``: a submitted request."""
+
+
 class wirepool_message(Structure):
     """``struct wirepool_message``: one received message, valid until the next poll."""
 
@@ -149,6 +155,7 @@ class wirepool_message(Structure):
 pool_p = POINTER(wirepool_pool)
 batch_p = POINTER(wirepool_batch)
 bytes_p = POINTER(wirepool_bytes)
+pending_request_p = POINTER(wirepool_pending_request)
 message_p = POINTER(wirepool_message)
 
 
@@ -194,6 +201,21 @@ _declare(
     wirepool_result,
     [pool_p, c_char_p, c_size_t, c_uint32, c_uint32, POINTER(bytes_p)],
 )
+# wirepool_result wirepool_pool_request_submit(const wirepool_pool *pool,
+#     const uint8_t *payload, size_t payload_len, uint32_t timeout_ms, uint32_t flags,
+#     wirepool_pending_request **out_request);
+_declare(
+    "wirepool_pool_request_submit",
+    wirepool_result,
+    [pool_p, c_char_p, c_size_t, c_uint32, c_uint32, POINTER(pending_request_p)],
+)
+# wirepool_result wirepool_pending_request_wait(wirepool_pending_request *request,
+#     uint32_t wait_ms, wirepool_bytes **out_reply);   /* WIREPOOL_PENDING: not finished */
+_declare("wirepool_pending_request_wait", wirepool_result, [pending_request_p, c_uint32, POINTER(bytes_p)])
+# uint64_t wirepool_pending_request_id(const wirepool_pending_request *request);
+_declare("wirepool_pending_request_id", c_uint64, [pending_request_p])
+# void wirepool_pending_request_free(wirepool_pending_request *request);
+_declare("wirepool_pending_request_free", None, [pending_request_p])
 # wirepool_result wirepool_pool_poll(const wirepool_pool *pool, wirepool_batch *batch,
 #     uint32_t timeout_ms, size_t *out_count);
 _declare("wirepool_pool_poll", wirepool_result, [pool_p, batch_p, c_uint32, POINTER(c_size_t)])
@@ -297,6 +319,10 @@ DECLARED_FUNCTIONS = (
     "wirepool_pool_subscribe",
     "wirepool_pool_unsubscribe",
     "wirepool_pool_request",
+    "wirepool_pool_request_submit",
+    "wirepool_pending_request_wait",
+    "wirepool_pending_request_id",
+    "wirepool_pending_request_free",
     "wirepool_pool_poll",
     "wirepool_pool_fd",
     "wirepool_pool_stats_json",
