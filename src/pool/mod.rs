@@ -636,16 +636,19 @@ impl Pool {
                         .map(|(id, _)| *id)
                         .collect();
                     for request_id in expired {
-                        // A reply that raced the deadline stays in the channel and is
-                        // taken by the next receive.
-                        let Some((_, submitted)) = in_flight.get(&request_id) else {
+                        let Some((index, mut submitted)) = in_flight.remove(&request_id) else {
                             continue;
                         };
-                        if let Some(timed_out) = submitted.give_up() {
-                            if let Some((index, mut submitted)) = in_flight.remove(&request_id) {
+                        match submitted.give_up() {
+                            Some(timed_out) => {
                                 results[index] = Some(submitted.settle(Err(timed_out)));
                                 done += 1;
                                 progress(done, total);
+                            }
+                            // The reply raced the deadline: it is in the channel, for
+                            // the next receive.
+                            None => {
+                                in_flight.insert(request_id, (index, submitted));
                             }
                         }
                     }
