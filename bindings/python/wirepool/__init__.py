@@ -610,7 +610,9 @@ class PendingRequest:
     def __init__(self) -> None:
         # Made by Pool.submit, which has the library fill the handle in place: a Ctrl-C
         # right after the submit cannot leave a request nobody can withdraw.
-        self._handle: Optional[Any] = _ffi.pending_request_p()
+        self._handle: Optional[ctypes._Pointer[_ffi.wirepool_pending_request]] = (
+            _ffi.pending_request_p()
+        )
         self._lock = threading.Lock()
         self._state = _PENDING
         self._reply = b""
@@ -1187,6 +1189,7 @@ class Pool(_Handle):
         timeout_ms = _request_timeout_ms(timeout)
         flags = _request_flags(idempotent)
         pending = PendingRequest()
+        assert pending._handle is not None  # a new PendingRequest holds its (empty) handle
         handle = self._enter()
         try:
             code = lib.wirepool_pool_request_submit(
