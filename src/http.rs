@@ -1154,6 +1154,11 @@ fn render_metrics(
         stats.requests_timed_out,
     );
     out.counter(
+        "wirepool_requests_cancelled_total",
+        "Requests withdrawn by their caller before they finished.",
+        stats.requests_cancelled,
+    );
+    out.counter(
         "wirepool_requests_failed_total",
         "Requests that failed (venue error, connection lost).",
         stats.requests_failed,

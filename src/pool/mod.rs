@@ -764,6 +764,7 @@ impl Pool {
             malformed_frames: load(&counters.malformed),
             sequence_gaps: load(&counters.sequence_gaps),
             requests_timed_out: load(&counters.requests_timed_out),
+            requests_cancelled: load(&counters.requests_cancelled),
             requests_failed: load(&counters.requests_failed),
             shared_keys: inner.shared_data.keys(),
             events_dropped: inner.events.dropped(),

@@ -114,8 +114,13 @@ impl Drop for Submitted {
         // is counted so); before, its caller withdrew it. Both withdraw it alike.
         if self.expired(Instant::now()) {
             let _ = self.give_up();
-        } else {
-            let _ = self.requests.abandon(self.request_id);
+        } else if !matches!(
+            self.requests.abandon(self.request_id),
+            Abandoned::AlreadyDone
+        ) {
+            self.counters
+                .requests_cancelled
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }

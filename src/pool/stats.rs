@@ -24,6 +24,7 @@ pub(crate) struct PoolCounters {
     pub requests_sent: AtomicU64,
     pub requests_failed: AtomicU64,
     pub requests_timed_out: AtomicU64,
+    pub requests_cancelled: AtomicU64,
     pub request_latency: LatencyCounters,
     pub scale_ups: AtomicU64,
     pub scale_downs: AtomicU64,
@@ -197,6 +198,10 @@ pub struct PoolStats {
     pub sequence_gaps: u64,
     /// Requests that timed out.
     pub requests_timed_out: u64,
+    /// Requests withdrawn by their caller before they finished and before their
+    /// deadline: a [`PendingRequest`](crate::PendingRequest) dropped (C
+    /// `wirepool_pending_request_free`, Python `cancel()`, a Ctrl-C in `request`).
+    pub requests_cancelled: u64,
     /// Requests that failed (remote error, connection lost).
     pub requests_failed: u64,
     /// Keys of shared data.

@@ -143,6 +143,33 @@ fn a_short_wait_leaves_the_request_pending_and_a_later_wait_gets_the_reply() {
         other => panic!("the outcome is returned once; a second wait gave {other:?}"),
     }
     assert_eq!(pool.stats().requests_timed_out, 0);
+    drop(pending);
+    assert_eq!(
+        pool.stats().requests_cancelled,
+        0,
+        "a request dropped after it finished was not cancelled"
+    );
+}
+
+/// A request dropped before it finished and before its deadline is counted as
+/// cancelled (not timed out, not failed), and leaves the request table.
+#[test]
+fn a_request_dropped_before_it_finished_is_counted_cancelled() {
+    let _guard = watchdog("cancelled", Duration::from_secs(60));
+    let sim = simulator(10.0);
+    let pool = ready_pool(&sim.url(), 1);
+    let pending = pool
+        .submit(
+            br#"{"op":"delay","ms":5000,"n":"never collected"}"#,
+            with_timeout(Duration::from_secs(30)),
+        )
+        .expect("submit");
+    assert_eq!(pool.stats().pending_requests, 1);
+    drop(pending);
+    let stats = pool.stats();
+    assert_eq!(stats.requests_cancelled, 1, "{stats:?}");
+    assert_eq!(stats.pending_requests, 0, "withdrawn from the table");
+    assert_eq!((stats.requests_timed_out, stats.requests_failed), (0, 0));
 }
 
 #[test]
