@@ -295,6 +295,9 @@ def test_cancel_withdraws_a_pending_request(pool):
     with pool.submit(b'{"n":1}', timeout=5.0) as answered:
         reply = answered.result()
     assert not answered.cancelled() and answered.result() == reply
+    stats = pool.stats()
+    assert stats["requests_cancelled"] == 2, stats
+    assert stats["requests_timed_out"] == 0, stats
 
 
 def test_submit_checks_its_arguments_as_request_does(pool):
