@@ -10,7 +10,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TimeoutPhase {
-    /// TCP connect, TLS and WebSocket handshake, and authentication of one connection.
+    /// One connection attempt: resolving the host name, TCP connect, TLS and WebSocket
+    /// handshake, and authentication (`connect_timeout_ms`); the detail names the step.
     Connect,
     /// Waiting for the pool to have its initial connections ready.
     Ready,

@@ -9,6 +9,7 @@
 
 mod poll;
 mod rate_limit;
+mod resolve;
 mod stack;
 mod transport;
 mod worker;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 pub(crate) use rate_limit::RateLimiter;
+pub(crate) use resolve::Resolver;
 pub(crate) use stack::page_size;
 pub(crate) use transport::tls_client_config;
 pub(crate) use worker::{ServerTarget, WorkerContext};

@@ -6,6 +6,10 @@
 //! `epoll_wait` with a millisecond timeout. A general poller (the `polling` crate) re-arms
 //! a one-shot registration and a timerfd on every wait: three more system calls per
 //! wake-up, on the path of every message when the feed is not saturated.
+//!
+//! Before its socket is open, once per connection, a worker waits with a plain `poll`
+//! on the wake-up and whatever the step has in flight: the lookup of its server's host
+//! name (its answer's eventfd), then its TCP connects.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -176,11 +180,41 @@ impl Poller {
         sockets: &[RawFd],
         deadline: Instant,
     ) -> io::Result<Vec<(usize, bool)>> {
-        let mut entries: Vec<libc::pollfd> = sockets
+        let entries = self.poll_with_wake(sockets, libc::POLLOUT, deadline)?;
+        Ok(entries
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.revents != 0)
+            .map(|(index, entry)| {
+                let over = entry.revents & (libc::POLLHUP | libc::POLLERR) != 0;
+                (index, over)
+            })
+            .collect())
+    }
+
+    /// While resolving: waits until one of `fds` (the completion eventfds of host
+    /// name lookups, none of them registered) is readable, a notify, or `deadline`
+    /// (no wait once it has passed). The caller looks at its lookups and its commands
+    /// after every return.
+    pub fn wait_readable(&self, fds: &[RawFd], deadline: Instant) -> io::Result<()> {
+        self.poll_with_wake(fds, libc::POLLIN, deadline)?;
+        Ok(())
+    }
+
+    /// One `poll` on `fds` (for `events`) and the wake-up until `deadline`; the
+    /// entries of `fds` with what poll reported (nothing when a signal interrupted
+    /// it). A notify that ended it is consumed.
+    fn poll_with_wake(
+        &self,
+        fds: &[RawFd],
+        events: libc::c_short,
+        deadline: Instant,
+    ) -> io::Result<Vec<libc::pollfd>> {
+        let mut entries: Vec<libc::pollfd> = fds
             .iter()
             .map(|&fd| libc::pollfd {
                 fd,
-                events: libc::POLLOUT,
+                events,
                 revents: 0,
             })
             .collect();
@@ -195,24 +229,17 @@ impl Poller {
             unsafe { libc::poll(entries.as_mut_ptr(), entries.len() as libc::nfds_t, timeout) };
         if count < 0 {
             let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(Vec::new());
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(io::Error::new(err.kind(), format!("poll: {err}")));
             }
-            return Err(io::Error::new(err.kind(), format!("poll: {err}")));
+            for entry in &mut entries {
+                entry.revents = 0;
+            }
         }
-        let (wake, sockets) = entries.split_last().expect("the wake-up's entry");
-        if wake.revents != 0 {
+        if entries.pop().is_some_and(|wake| wake.revents != 0) {
             self.clear_notify();
         }
-        Ok(sockets
-            .iter()
-            .enumerate()
-            .filter(|(_, entry)| entry.revents != 0)
-            .map(|(index, entry)| {
-                let over = entry.revents & (libc::POLLHUP | libc::POLLERR) != 0;
-                (index, over)
-            })
-            .collect())
+        Ok(entries)
     }
 
     fn clear_notify(&self) {

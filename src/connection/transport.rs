@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::config::{TlsConfig, TlsRoots, WsUrl};
+use crate::config::{TlsConfig, TlsRoots};
 use crate::error::{Error, Result};
 
 /// TCP or TLS.
@@ -210,18 +210,6 @@ fn read_tls_file(key: &str, path: &str) -> Result<Vec<u8>> {
         "TLS file",
     )
     .map_err(|err| Error::Config(format!("{key}: {path}: {err}")))
-}
-
-/// Resolves `url`'s host. Blocking DNS; IP literals and `localhost` resolve at once.
-pub(crate) fn resolve(url: &WsUrl) -> Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|err| Error::Io(format!("resolving {}: {err}", url.host)))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Error::Io(format!("resolving {}: no addresses", url.host)));
-    }
-    Ok(addrs)
 }
 
 /// The addresses in the order Happy Eyeballs tries them (RFC 8305, section 4): the

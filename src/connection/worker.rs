@@ -1,8 +1,8 @@
 //! The worker thread of one connection.
 //!
-//! Life of a worker: instantiate the codec, connect (non-blocking, bounded by
-//! `connect_timeout_ms`), TLS and WebSocket handshakes, `wirepool_open`, wait for READY,
-//! then serve: read every frame that is ready, decode them in one codec call, push the
+//! Life of a worker: instantiate the codec, resolve the host name (on a helper thread,
+//! `resolve.rs`) and connect (non-blocking; both bounded by `connect_timeout_ms`), TLS
+//! and WebSocket handshakes, `wirepool_open`, wait for READY, then serve: read every frame that is ready, decode them in one codec call, push the
 //! data to the consumer queue in one batch, run commands as soon as they arrive (the
 //! poller is woken by each command), keep the ping / pong and tick clocks. Any failure
 //! ends the thread with a `Report::Closed`; the pool decides what comes next.
@@ -24,6 +24,7 @@ use tungstenite::{Message as WsMessage, WebSocket};
 
 use super::poll;
 use super::rate_limit::RateLimiter;
+use super::resolve::{self, Lookup, Resolver, Start, MAX_LOOKUPS_IN_FLIGHT};
 use super::stack::StackTrim;
 use super::transport::{self, Stream};
 use super::{CloseOutcome, Command, ConnectionState, ConnectionStats, Report, Waker};
@@ -93,6 +94,8 @@ pub(crate) struct WorkerContext {
     pub rate_limiters: Vec<Option<Arc<RateLimiter>>>,
     /// The CPUs workers are pinned to (`affinity.worker_cpus`), if any.
     pub cpus: Option<Arc<CpuPicker>>,
+    /// Looks up the servers' host names, off the workers' threads.
+    pub resolver: Resolver,
 }
 
 pub(super) fn spawn(
@@ -473,7 +476,10 @@ impl Link {
             after: connect_timeout,
             detail,
         };
-        let addrs = transport::interleave_families(transport::resolve(&server.parsed)?);
+        let Some(addrs) = self.resolve(&server.parsed, deadline)? else {
+            return Ok(false);
+        };
+        let addrs = transport::interleave_families(addrs);
         let keepalive = Duration::from_millis(self.context.config.heartbeat.tcp_keepalive_ms);
         // Happy Eyeballs (RFC 8305, section 5): the addresses are tried in order, the
         // next one `ATTEMPT_DELAY` after the one before it while none has connected
@@ -665,6 +671,75 @@ impl Link {
                     attempt = mid.handshake();
                 }
             }
+        }
+    }
+
+    /// The addresses of the server's host: an IP literal's at once, a name's from a
+    /// lookup on a thread of its own (`resolve.rs`) while this waits on its poller for
+    /// the answer, a command or `deadline`, as the TCP connect does. `Ok(None)` when a
+    /// close arrived meanwhile. A lookup given up on (a close, the deadline) goes on
+    /// alone and its answer is dropped.
+    fn resolve(&mut self, url: &WsUrl, deadline: Instant) -> Result<Option<Vec<SocketAddr>>> {
+        if let Some(addrs) = resolve::ip_literal(&url.host, url.port) {
+            return Ok(Some(addrs));
+        }
+        let context = Arc::clone(&self.context);
+        let mut lookup: Option<Arc<Lookup>> = None;
+        loop {
+            if self.close_requested() {
+                return Ok(None);
+            }
+            // At the deadline, a last look at the answer (as at the connects').
+            if let Some(answer) = lookup.as_ref().and_then(|lookup| lookup.answer()) {
+                return answer.map(Some);
+            }
+            if Instant::now() >= deadline {
+                return Err(self.resolve_timeout(&url.host, lookup.is_some()));
+            }
+            // Every lookup waited on is held until the wait is over: its eventfd
+            // stays open meanwhile, whenever its thread ends.
+            let waiting_on: Vec<Arc<Lookup>> = match &lookup {
+                Some(lookup) => vec![Arc::clone(lookup)],
+                None => match context.resolver.start(&url.host, url.port)? {
+                    Start::Running(started) => {
+                        lookup = Some(started);
+                        continue;
+                    }
+                    // Every place is taken: wait for one, within the deadline.
+                    Start::Full(running) => running,
+                },
+            };
+            let fds: Vec<RawFd> = waiting_on.iter().map(|lookup| lookup.done_fd()).collect();
+            self.wake
+                .poller
+                .wait_readable(&fds, deadline)
+                .map_err(|err| {
+                    Error::Io(format!("waiting for the lookup of {}: {err}", url.host))
+                })?;
+        }
+    }
+
+    /// The attempt's timeout when the lookup of `host` did not answer by the connect
+    /// deadline (`started`), or never started for want of a free place.
+    #[cold]
+    fn resolve_timeout(&self, host: &str, started: bool) -> Error {
+        let detail = if started {
+            format!(
+                "resolving {host} took longer than the connect timeout (the system's resolver \
+                 has not answered)"
+            )
+        } else {
+            format!(
+                "resolving {host} took longer than the connect timeout: it waited all that \
+                 time for a free place among the {MAX_LOOKUPS_IN_FLIGHT} host name lookups the \
+                 pool runs at most at once, none of which finished (is the system's resolver \
+                 answering?)"
+            )
+        };
+        Error::Timeout {
+            phase: TimeoutPhase::Connect,
+            after: Duration::from_millis(self.context.config.connect_timeout_ms),
+            detail,
         }
     }
 

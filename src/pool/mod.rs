@@ -15,6 +15,8 @@ mod events;
 mod health;
 mod pending;
 mod requests;
+#[cfg(test)]
+mod resolve_tests;
 mod servers;
 mod settings;
 mod stats;
@@ -46,7 +48,7 @@ pub(crate) use stats::{PoolCounters, SharedData};
 use crate::codec::{CodecRuntime, CodecSource};
 use crate::config::{parse_ws_url, server_id, Config, Strategy};
 use crate::connection::{
-    tls_client_config, Command, ConnectionHandle, ConnectionState, RateLimiter, Report,
+    tls_client_config, Command, ConnectionHandle, ConnectionState, RateLimiter, Report, Resolver,
     ServerTarget, WorkerContext,
 };
 use crate::error::{Error, Result, TimeoutPhase};
@@ -261,6 +263,11 @@ impl Pool {
     /// Validates nothing further (a `Config` is valid by construction when it comes
     /// from `Config::from_*`), compiles the codec, and starts the pool thread.
     pub fn new(config: Config) -> Result<Pool> {
+        Pool::with_resolver(config, Resolver::system())
+    }
+
+    /// [`Pool::new`], its host names looked up through `resolver`.
+    pub(crate) fn with_resolver(config: Config, resolver: Resolver) -> Result<Pool> {
         let issues = config.validate();
         if !issues.is_empty() {
             let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
@@ -347,6 +354,7 @@ impl Pool {
             reports: report_sender,
             rate_limiters,
             cpus: crate::affinity::CpuPicker::new(&config.affinity.worker_cpus),
+            resolver,
         });
         let server_states = config
             .servers
