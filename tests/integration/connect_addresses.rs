@@ -12,45 +12,16 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use wirepool::simulator::{Simulator, SimulatorConfig};
 
-use crate::support::{last_message, pool_from, watchdog, write_temp};
-
-const CHILD: &str = "WIREPOOL_DUAL_HOSTS_CHILD";
+use crate::support::{last_message, pool_from, rerun_in_namespace, watchdog, write_temp};
 
 /// In the test process: runs `test` again in a namespace with the hosts file and
 /// checks that it passed; returns false. In that child: returns true.
 fn in_dual_hosts_namespace(test: &str) -> bool {
-    if std::env::var_os(CHILD).is_some() {
-        return true;
-    }
     let hosts = write_temp(
         "dual-hosts",
         "127.0.0.1 localhost\n127.0.0.1 dual.test\n127.0.0.2 dual.test\n",
     );
-    let exe = std::env::current_exe().expect("test binary");
-    let status = std::process::Command::new("unshare")
-        .args([
-            "-rm",
-            "sh",
-            "-c",
-            r#"mount --bind "$1" /etc/hosts || exit 77; shift; exec "$@""#,
-            "sh",
-        ])
-        .arg(&hosts)
-        .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
-        .status();
-    match status {
-        Err(err) => eprintln!("{test}: skipped (no unshare: {err})"),
-        Ok(status) if status.code() == Some(77) => {
-            eprintln!("{test}: skipped (cannot bind a hosts file)")
-        }
-        Ok(status) => assert!(
-            status.success(),
-            "{test} failed in its namespace (see the child's output above)"
-        ),
-    }
-    false
+    rerun_in_namespace(test, &hosts, "/etc/hosts", false)
 }
 
 fn dual_addresses() -> Vec<SocketAddr> {

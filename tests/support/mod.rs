@@ -336,6 +336,54 @@ pub fn write_temp(name: &str, contents: &str) -> std::path::PathBuf {
     path
 }
 
+/// Set in the child that [`rerun_in_namespace`] starts.
+const NAMESPACE_CHILD: &str = "WIREPOOL_NAMESPACE_CHILD";
+
+/// In the test process: runs `test` (its path in the test binary) again in private
+/// user and mount namespaces (`unshare -rm`; with `own_network`, a network namespace
+/// too, loopback up and nothing else) with `file` bound over `target` (a hosts file,
+/// a resolv.conf), checks that it passed, and returns false. In that child: returns
+/// true. Where the namespaces cannot be had it says so and passes (returns false).
+pub fn rerun_in_namespace(
+    test: &str,
+    file: &std::path::Path,
+    target: &str,
+    own_network: bool,
+) -> bool {
+    if std::env::var_os(NAMESPACE_CHILD).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let unshare = if own_network { "-rmn" } else { "-rm" };
+    let status = std::process::Command::new("unshare")
+        .args([
+            unshare,
+            "sh",
+            "-c",
+            r#"if [ "$1" = net ]; then ip link set lo up || exit 77; fi
+               mount --bind "$2" "$3" || exit 77; shift 3; exec "$@""#,
+            "sh",
+            if own_network { "net" } else { "-" },
+        ])
+        .arg(file)
+        .arg(target)
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(NAMESPACE_CHILD, "1")
+        .status();
+    match status {
+        Err(err) => eprintln!("{test}: skipped (no unshare: {err})"),
+        Ok(status) if status.code() == Some(77) => {
+            eprintln!("{test}: skipped (cannot bind {target} or bring loopback up)")
+        }
+        Ok(status) => assert!(
+            status.success(),
+            "{test} failed in its namespace (see the child's output above)"
+        ),
+    }
+    false
+}
+
 /// The C ABI's last error on this thread.
 pub fn last_error() -> String {
     // SAFETY: wirepool_last_error always returns a valid NUL-terminated string.
