@@ -18,6 +18,7 @@ mod connect_addresses;
 mod daemon_cli;
 mod daemon_output;
 mod engine;
+mod host_names;
 mod hostile_input;
 mod http;
 mod operations;
