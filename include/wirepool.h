@@ -228,7 +228,8 @@ wirepool_result wirepool_pool_new(const char *config_json, struct wirepool_pool 
  Prompt whatever is queued: subscriptions the pool has not taken in yet are
  dropped, and calls still waiting on the pool thread (close_connection,
  reconfigure, ...) return `WIREPOOL_ERR_CLOSED`. It waits at most a connection's
- 500 ms close grace for a venue that does not answer the close.
+ 500 ms close grace for a venue that does not answer the close, and not for a host
+ name lookup under way (its thread, `wirepool-dns`, ends on its own).
  */
 wirepool_result wirepool_pool_close(const struct wirepool_pool *pool);
 

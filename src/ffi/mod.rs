@@ -352,7 +352,8 @@ pub unsafe extern "C" fn wirepool_pool_new(
 /// Prompt whatever is queued: subscriptions the pool has not taken in yet are
 /// dropped, and calls still waiting on the pool thread (close_connection,
 /// reconfigure, ...) return `WIREPOOL_ERR_CLOSED`. It waits at most a connection's
-/// 500 ms close grace for a venue that does not answer the close.
+/// 500 ms close grace for a venue that does not answer the close, and not for a host
+/// name lookup under way (its thread, `wirepool-dns`, ends on its own).
 #[no_mangle]
 pub unsafe extern "C" fn wirepool_pool_close(pool: *const wirepool_pool) -> wirepool_result {
     guard(|| {

@@ -1013,9 +1013,9 @@ impl Pool {
             .collect()
     }
 
-    /// Closes the pool: every connection sends a close frame, every thread is
-    /// joined, pending requests fail with [`Error::Closed`]. Messages already queued
-    /// stay readable. Idempotent.
+    /// Closes the pool: every connection sends a close frame, every thread of the
+    /// pool is joined, pending requests fail with [`Error::Closed`]. Messages already
+    /// queued stay readable. Idempotent.
     ///
     /// The close does not wait for work queued before it: commands the pool thread
     /// has not taken in yet (subscriptions, unsubscriptions, and calls such as
@@ -1023,8 +1023,11 @@ impl Pool {
     /// [`Error::Closed`]) are dropped, and a worker skips the subscriptions and
     /// requests still queued for it. It returns once each connection's close
     /// handshake is done, or after its 500 ms close grace against a venue that does
-    /// not answer. The stats after the close count only the subscriptions taken in
-    /// before it.
+    /// not answer. It does not wait for a host name lookup under way (a DNS server
+    /// that does not answer would hold it for the resolver's timeout): that lookup's
+    /// thread (`wirepool-dns`) ends on its own when the resolver answers or gives
+    /// up, holding nothing of the pool's connections. The stats after the close
+    /// count only the subscriptions taken in before it.
     pub fn close(&self) {
         self.inner.closing.store(true, Ordering::Release);
         let http = self.inner.http.lock().take();
