@@ -39,8 +39,10 @@ use crate::eventfd::EventFd;
 /// millisecond, an uncached one in tens) never wait long for a place, even when a pool
 /// opens hundreds of connections at once; a resolver that answers nothing (glibc gives
 /// up on a silent server after 10 s by default, later with more servers or search
-/// domains) holds sixteen
-/// small threads per pool, however many attempts time out and reconnect meanwhile.
+/// domains) holds sixteen small threads per pool, however many attempts time out and
+/// reconnect meanwhile. Waiting for a place, rather than failing at once, keeps a
+/// burst of connections to a healthy resolver from failing (and counting against its
+/// server's circuit breaker) only because sixteen others were being looked up.
 pub(crate) const MAX_LOOKUPS_IN_FLIGHT: usize = 16;
 
 /// Stack of a lookup thread. glibc 2.36's getaddrinfo touched at most 12 KB of stack
