@@ -179,9 +179,14 @@ fn finish(mut link: Box<Link>, ended: Ended, cpu: Option<CpuLease>) {
     let stats = Arc::clone(&link.stats);
     let id = link.id;
     let server = link.server().id.clone();
-    // Data read before the session ended was accepted: it goes to the consumer (or
-    // with the queue, if the pool closes it) before the pool hears of the end.
-    link.deliver(false);
+    // Data read before the session ended was accepted: it goes to the consumer before
+    // the pool hears of the end. A close asked meanwhile (the pool shutting down)
+    // bounds the wait for room in a full queue by the close's grace, as for a session
+    // closed on purpose: what is left then is counted and reported, never lost
+    // silently.
+    if !link.deliver(false) {
+        link.drop_undelivered();
+    }
     let (reason, auth_failed, requested) = match &ended {
         Ended::Requested => ("closed by request".to_string(), false, true),
         Ended::Failed(err) => (err.to_string(), false, false),
@@ -1614,8 +1619,10 @@ impl Link {
     /// Hands the decoded data to the consumer queue. With `block` overflow and a full
     /// queue this waits for room, and with `interruptible` a command for this worker
     /// ends the wait: `false` then, with the rest left in `outgoing`. Without it the
-    /// wait has no end but the queue's close, except in and after a close's grace,
-    /// whose end ends it too (`false` again).
+    /// wait lasts until there is room, except in and after a close's grace, whose end
+    /// ends it too (`false` again). A close asked while such a wait has no grace yet
+    /// (the data of a session that ended by itself, handed over in `finish`, when the
+    /// pool shuts down) starts one: the wait then ends with it too.
     fn deliver(&mut self, interruptible: bool) -> bool {
         if self.outgoing.is_empty() {
             return true;
@@ -1648,12 +1655,33 @@ impl Link {
             self.close_deadline
         };
         let commands = &self.commands;
-        let outcome = self.context.queue.push_chunk_unless(
+        let close_asked = &self.wake.close_asked;
+        let mut outcome = self.context.queue.push_chunk_unless(
             &mut self.outgoing,
             &self.wake.on_queue,
             deadline,
-            || interruptible && !commands.is_empty(),
+            || {
+                if interruptible {
+                    !commands.is_empty()
+                } else {
+                    deadline.is_none() && close_asked.load(Ordering::Acquire)
+                }
+            },
         );
+        if !interruptible && deadline.is_none() && outcome.interrupted {
+            // Asked to close while waiting without a grace: the close's grace starts
+            // now, and the wait lasts at most until its end.
+            let grace_end = Instant::now() + CLOSE_GRACE;
+            self.close_deadline = Some(grace_end);
+            let rest = self.context.queue.push_chunk_unless(
+                &mut self.outgoing,
+                &self.wake.on_queue,
+                Some(grace_end),
+                || false,
+            );
+            outcome.blocked += rest.blocked;
+            outcome.dropped += rest.dropped;
+        }
         self.outgoing_counted = self.outgoing.len();
         if outcome.dropped > 0 {
             counters

@@ -2922,16 +2922,21 @@ impl PoolThread {
             refuse(command);
         }
         // Ask everyone first so the close handshakes run in parallel, then join.
+        // The queue stays open meanwhile: what a connection reads in its close grace
+        // reaches the consumer as at any other close, after what was queued before.
+        // A worker waiting for room in a full queue (`block`) sees its close as it
+        // waits and waits at most until its grace ends: what is left then is counted
+        // in `dropped_messages` and named in a `dropped_at_close` event. The consumer
+        // never holds the shutdown past the grace.
         for handle in self.connections.values() {
             handle.close();
         }
-        // Wakes workers blocked on a full queue (they would never see the close);
-        // messages already queued stay readable.
-        self.inner.queue.close();
         for (_, mut handle) in self.connections.drain() {
             handle.join();
         }
         self.inner.requests.close_all();
+        // Only now, with every worker joined, does the consumer see the end of the
+        // stream (`Closed`) once it has read what is queued.
         self.inner.queue.close();
         {
             let mut readiness = self.inner.readiness.lock();

@@ -32,6 +32,9 @@ struct Behaviour {
     /// them, then one `{"parting": n}` data frame on each subscribed channel, and only
     /// then answer the close (a venue finishing its work before it acknowledges).
     answer_at_close: AtomicBool,
+    /// With `answer_at_close`: this many parting data frames on each subscribed
+    /// channel instead of one, numbered on from 0 (`{"parting": n}`) across channels.
+    parting_frames: AtomicUsize,
     /// Answer no close frame and stream data frames on the subscribed channels
     /// instead (in bursts, every millisecond) until the client goes.
     flood_after_close: AtomicBool,
@@ -52,6 +55,10 @@ struct Behaviour {
     /// Hold the answer to the auth frame while set (the session is not ready); it is
     /// sent once this is cleared.
     hold_auth: AtomicBool,
+    /// Send this many data frames (`{"burst": n}`) on the first subscribed channel in
+    /// one write, then end the session at once (the server closes the TCP
+    /// connection). Cleared once sent.
+    burst_then_drop: AtomicUsize,
 }
 
 const SLOW_FRAME_BYTES: usize = 64 * 1024;
@@ -195,6 +202,21 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
             *log.slow_frame.lock().expect("log") = Some(result);
             continue;
         }
+        let burst = behaviour.burst_then_drop.swap(0, Ordering::SeqCst);
+        if burst > 0 {
+            let Some(channel) = subscribed.first() else {
+                return;
+            };
+            for n in 0..burst {
+                let frame = json!({"type": "data", "channel": channel, "payload": {"burst": n}});
+                if ws.write(WsMessage::text(frame.to_string())).is_err() {
+                    return;
+                }
+            }
+            let _ = ws.flush();
+            let _ = ws.get_ref().shutdown(std::net::Shutdown::Both);
+            return;
+        }
         if behaviour.deaf.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(5));
             continue;
@@ -221,8 +243,12 @@ fn serve_session(stream: std::net::TcpStream, stop: &AtomicBool, behaviour: &Beh
                 return;
             }
             WsMessage::Close(_) if behaviour.answer_at_close.load(Ordering::Relaxed) => {
-                let parting = subscribed.iter().enumerate().map(|(n, channel)| {
-                    json!({"type": "data", "channel": channel, "payload": {"parting": n}})
+                let per_channel = behaviour.parting_frames.load(Ordering::SeqCst).max(1);
+                let parting = subscribed.iter().enumerate().flat_map(|(index, channel)| {
+                    (0..per_channel).map(move |n| {
+                        json!({"type": "data", "channel": channel,
+                               "payload": {"parting": index * per_channel + n}})
+                    })
                 });
                 for frame in held_replies.drain(..).chain(parting) {
                     if write_after_close(&mut ws, &frame).is_err() {
@@ -908,6 +934,197 @@ fn a_close_behind_a_full_queue_ends_at_the_grace_and_counts_what_it_dropped() {
     assert!(
         message.contains(&format!("{} message", stats.dropped_messages)),
         "the event names the count: {message:?}, stats {stats:?}"
+    );
+}
+
+/// Receives until the end of the stream (`Closed`), each message within `timeout`.
+fn receive_until_closed(pool: &wirepool::Pool, timeout: Duration) -> Vec<wirepool::Message> {
+    let mut received = Vec::new();
+    loop {
+        match pool.recv(Some(timeout)) {
+            Ok(Some(message)) => received.push(message),
+            Ok(None) => panic!(
+                "neither a message nor the end of the stream (Closed) within {timeout:?} \
+                 after {} message(s)",
+                received.len()
+            ),
+            Err(wirepool::Error::Closed) => return received,
+            Err(err) => panic!("recv failed with {err} instead of Closed"),
+        }
+    }
+}
+
+/// The pool's close is a close like the others: what a connection reads in its close
+/// grace (data the venue sends after the close frame, before answering it) reaches
+/// the consumer, who gets all of it after `close()` returned, in order, and only then
+/// the end of the stream (`Closed`). Nothing is dropped, and the shutdown's events
+/// still end with `pool_closed`.
+#[test]
+fn data_read_during_the_pools_close_grace_is_received_in_order_before_closed() {
+    const PARTING: usize = 50;
+    let _guard = watchdog("pool_close_grace_delivers", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue
+        .behaviour
+        .answer_at_close
+        .store(true, Ordering::SeqCst);
+    venue
+        .behaviour
+        .parting_frames
+        .store(PARTING, Ordering::SeqCst);
+    let pool = venue_pool(&venue, json!({}));
+    let first = only_connection(&pool);
+    pool.subscribe("c.one").expect("subscribe");
+    wait_until_true("the subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 1
+    });
+    pool.close();
+    let received = receive_until_closed(&pool, Duration::from_secs(10));
+    let got: Vec<(String, String, u64)> = received
+        .iter()
+        .map(|message| {
+            (
+                message.channel.to_string(),
+                String::from_utf8_lossy(&message.payload).into_owned(),
+                message.connection_id,
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, u64)> = (0..PARTING)
+        .map(|n| ("c.one".to_string(), format!(r#"{{"parting":{n}}}"#), first))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "every frame read in the pool's close grace, in order, then Closed"
+    );
+    let events = pool.events(Duration::ZERO);
+    assert!(
+        !events.iter().any(|event| event.kind == "dropped_at_close"),
+        "nothing dropped: {events:?}"
+    );
+    assert_eq!(
+        events.last().map(|event| event.kind),
+        Some("pool_closed"),
+        "the shutdown's events end with pool_closed: {events:?}"
+    );
+    assert_eq!(pool.stats().dropped_messages, 0);
+}
+
+/// The pool's close never waits on a consumer that reads nothing beyond the close
+/// grace: a worker blocked on a full queue (`block` overflow) sees the close, waits
+/// for room at most until its grace ends, and what it could not hand over is counted
+/// in `dropped_messages` and named in a `dropped_at_close` event, as for a close
+/// through the API. What was queued stays readable, then `Closed`.
+#[test]
+fn the_pools_close_behind_a_full_queue_ends_at_the_grace_and_counts_what_it_dropped() {
+    let _guard = watchdog("pool_close_full_queue", Duration::from_secs(60));
+    let venue = Venue::start();
+    venue
+        .behaviour
+        .answer_at_close
+        .store(true, Ordering::SeqCst);
+    venue.behaviour.parting_frames.store(20, Ordering::SeqCst);
+    let pool = venue_pool(
+        &venue,
+        json!({"queue": {"capacity": 4, "overflow": "block"}}),
+    );
+    let first = only_connection(&pool);
+    pool.subscribe("c.full").expect("subscribe");
+    venue.behaviour.stream_data.store(true, Ordering::SeqCst);
+    // Blocked for 100 ms on the full queue, with data in hand.
+    wait_for_event(&pool, Duration::from_secs(10), "slow_consumer", |event| {
+        event.kind == "slow_consumer" && event.connection_id == Some(first)
+    });
+    assert_eq!(pool.stats().queue_depth, 4);
+    let started = Instant::now();
+    pool.close();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the pool's close waited {took:?} on a consumer that reads nothing (grace 500 ms)"
+    );
+    let mut events = wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "dropped_at_close",
+        |event| event.kind == "dropped_at_close" && event.connection_id == Some(first),
+    );
+    let dropped = events.last().cloned().expect("the dropped_at_close event");
+    events.extend(wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "pool_closed",
+        |event| event.kind == "pool_closed",
+    ));
+    let stats = pool.stats();
+    assert!(stats.dropped_messages >= 1, "{stats:?}");
+    let message = dropped.message.clone().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{} message", stats.dropped_messages)),
+        "the event names the count: {message:?}, stats {stats:?}"
+    );
+    assert_eq!(
+        receive_until_closed(&pool, Duration::from_secs(10)).len(),
+        4,
+        "what was queued before the close stays readable, then Closed"
+    );
+}
+
+/// A session that ended by itself (the venue dropped it) with data still waiting for
+/// room in a full queue does not hold the pool's close either: once asked to close it
+/// waits for room within the close grace, then counts and reports what is left.
+#[test]
+fn the_pools_close_does_not_wait_on_an_ended_session_behind_a_full_queue() {
+    let _guard = watchdog("pool_close_ended_full_queue", Duration::from_secs(60));
+    let venue = Venue::start();
+    let pool = venue_pool(
+        &venue,
+        json!({"queue": {"capacity": 4, "overflow": "block"}}),
+    );
+    let first = only_connection(&pool);
+    pool.subscribe("c.burst").expect("subscribe");
+    wait_until_true("the subscribe", Duration::from_secs(10), || {
+        venue.log.subscribes(0).len() == 1
+    });
+    // Seven frames and the end of the session in one go: four fill the queue, three
+    // wait for room.
+    venue.behaviour.burst_then_drop.store(7, Ordering::SeqCst);
+    wait_until_true("the burst read", Duration::from_secs(10), || {
+        pool.stats().messages_received == 7
+    });
+    let started = Instant::now();
+    pool.close();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the pool's close waited {took:?} on a consumer that reads nothing (grace 500 ms)"
+    );
+    let events = wait_for_event(
+        &pool,
+        Duration::from_secs(10),
+        "dropped_at_close",
+        |event| event.kind == "dropped_at_close" && event.connection_id == Some(first),
+    );
+    let dropped = events.last().cloned().expect("the dropped_at_close event");
+    assert_eq!(pool.stats().dropped_messages, 3);
+    assert!(
+        dropped
+            .message
+            .as_deref()
+            .is_some_and(|text| text.starts_with("3 messages")),
+        "the event names the count: {dropped:?}"
+    );
+    let received = receive_until_closed(&pool, Duration::from_secs(10));
+    let payloads: Vec<String> = received
+        .iter()
+        .map(|message| String::from_utf8_lossy(&message.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..4)
+            .map(|n| format!(r#"{{"burst":{n}}}"#))
+            .collect::<Vec<_>>(),
+        "the four queued before the close stay readable, in order, then Closed"
     );
 }
 
