@@ -466,3 +466,189 @@ fn jsonl_writes_every_queued_message_before_exiting_on_sigterm() {
         output.lines().count()
     );
 }
+
+/// A server that answers the first subscription, sends `burst` data frames on its
+/// channel (`payload.seq` from 0), then reads; on the client's close frame it sends
+/// `parting` more (`payload.parting` from 0) before it answers the close.
+fn parting_server(burst: u64, parting: u64) -> Acceptor {
+    Acceptor::start(move |stream, stop| {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let _ = ws
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)));
+        let mut channel = None;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let message = match ws.read() {
+                Ok(message) => message,
+                Err(tungstenite::Error::Io(err))
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => return,
+            };
+            match message {
+                WsMessage::Text(text) if channel.is_none() => {
+                    let frame: serde_json::Value =
+                        serde_json::from_str(text.as_str()).unwrap_or_default();
+                    if frame["type"] != "subscribe" {
+                        continue;
+                    }
+                    let reply = serde_json::json!({
+                        "type": "subscribed",
+                        "channel": frame["channel"],
+                        "messageId": frame["messageId"],
+                    });
+                    if ws.send(WsMessage::text(reply.to_string())).is_err() {
+                        return;
+                    }
+                    let pad = "x".repeat(64);
+                    for seq in 0..burst {
+                        let frame = serde_json::json!({"type": "data", "channel": frame["channel"],
+                                                       "payload": {"seq": seq, "pad": pad}});
+                        if ws.send(WsMessage::text(frame.to_string())).is_err() {
+                            return;
+                        }
+                    }
+                    channel = Some(frame["channel"].clone());
+                }
+                WsMessage::Close(_) => {
+                    // tungstenite holds the close's answer and sends nothing else once
+                    // it has one: the parting frames go to the socket directly.
+                    use std::io::Write;
+                    use tungstenite::protocol::frame::coding::{Data, OpCode};
+                    for n in 0..parting {
+                        let frame = serde_json::json!({"type": "data", "channel": channel,
+                                                       "payload": {"parting": n}});
+                        let mut bytes = Vec::new();
+                        let _ = tungstenite::protocol::frame::Frame::message(
+                            frame.to_string().into_bytes(),
+                            OpCode::Data(Data::Text),
+                            true,
+                        )
+                        .format(&mut bytes);
+                        if ws.get_mut().write_all(&bytes).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = ws.flush();
+                    crate::support::read_until_stopped(&mut ws, stop);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// SIGTERM behind a full queue and a full pipe: the daemon writes every message the
+/// pool accepted and everything its connection read in the close grace (sent by the
+/// venue after the close frame, before answering it), each once, and exits 0. The
+/// pool closes while the lines go out, so the grace's data finds room in the queue
+/// instead of being dropped at the grace's end.
+#[test]
+fn jsonl_writes_what_the_close_grace_read_on_sigterm() {
+    let _guard = watchdog("jsonl close grace", Duration::from_secs(60));
+    const BURST: u64 = 1000;
+    const PARTING: u64 = 20;
+    const CAPACITY: u64 = 16;
+    let server = parting_server(BURST, PARTING);
+    let config = write_temp(
+        "jsonl-close-grace.json",
+        &serde_json::json!({
+            "servers": [{"url": server.url()}],
+            "pool": {"min_connections": 1, "max_connections": 1},
+            "queue": {"capacity": CAPACITY, "overflow": "block"},
+            "health": {"listen": "127.0.0.1:0"},
+        })
+        .to_string(),
+    );
+    let mut child = wirepool()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--subscribe", "burst", "--output", "jsonl"])
+        .env("WIREPOOL_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon starts");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let (lines_in, log_lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_in.send(line);
+        }
+    });
+    let health: SocketAddr = loop {
+        let Ok(line) = log_lines.recv_timeout(Duration::from_secs(10)) else {
+            let _ = child.kill();
+            panic!("the daemon did not log its health port within 10 s");
+        };
+        if let Some((_, rest)) = line.split_once("listening on http://") {
+            break rest.trim().parse().expect("an address");
+        }
+    };
+    // Nobody reads stdout yet: the daemon stalls on the full pipe, the queue fills,
+    // and the worker waits for room with the rest of the burst.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats = get_json(health, "/api/v1/pool/stats");
+        if stats["queue_depth"].as_u64() == Some(CAPACITY)
+            && stats["blocked_ms"].as_u64() >= Some(300)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the queue did not stay full in 15 s: {stats}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut output = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut output)
+        .expect("stdout readable");
+    let status = exit_within(&mut child, Duration::from_secs(10), "SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status:?}"
+    );
+    let mut seqs = Vec::new();
+    let mut partings: Vec<u64> = Vec::new();
+    for line in output.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+        if let Some(seq) = value["payload"]["seq"].as_u64() {
+            assert!(
+                partings.is_empty(),
+                "burst message {seq} written after the close grace's data"
+            );
+            seqs.push(seq);
+        } else if let Some(n) = value["payload"]["parting"].as_u64() {
+            partings.push(n);
+        } else {
+            panic!("a line that is neither burst nor parting data: {line}");
+        }
+    }
+    assert_eq!(
+        seqs,
+        (0..BURST).collect::<Vec<_>>(),
+        "every burst message once, in order"
+    );
+    assert_eq!(
+        partings,
+        (0..PARTING).collect::<Vec<_>>(),
+        "every frame read in the close grace once, in order, after the burst"
+    );
+}

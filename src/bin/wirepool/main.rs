@@ -694,24 +694,32 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         }
     }
     log::info!("shutting down");
-    // No new data from the venues from here on; what the pool already accepted stays
-    // queued, and is written out before the exit (nothing accepted is lost).
-    pool.close();
     if output == "jsonl" && output_failed.is_none() {
-        let mut written = 0usize;
-        loop {
-            batch.clear();
-            // Closed: `Err(Closed)` once the queue is empty, never a wait.
-            match pool.recv_batch(&mut batch, 1024, Some(Duration::ZERO)) {
-                Ok(0) | Err(_) => break,
-                Ok(count) => written += count,
+        // The pool closes on a thread of its own while this one keeps writing: what
+        // the pool already accepted, then what the connections read in their close
+        // grace (queued behind it), is written out before the exit, and a full queue
+        // (`block`) makes room for the grace's data as lines go out instead of
+        // dropping it. The queue ends (`Closed`) once every connection has closed.
+        let written = std::thread::scope(|scope| {
+            let closing = scope.spawn(|| pool.close());
+            let mut written = 0usize;
+            loop {
+                batch.clear();
+                match pool.recv_batch(&mut batch, 1024, Some(Duration::from_millis(200))) {
+                    Ok(0) if closing.is_finished() => break,
+                    Ok(count) => written += count,
+                    Err(_) => break,
+                }
+                if let Err(err) = write_jsonl(&batch, &mut line, &mut out) {
+                    output_failed = Some(err);
+                    break;
+                }
             }
-            if let Err(err) = write_jsonl(&batch, &mut line, &mut out) {
-                output_failed = Some(err);
-                break;
-            }
-        }
-        log::info!("wrote the {written} message(s) still queued at shutdown");
+            written
+        });
+        log::info!("wrote the {written} message(s) still queued at shutdown or read in the close");
+    } else {
+        pool.close();
     }
     match output_failed {
         None => Ok(ExitCode::SUCCESS),
