@@ -225,6 +225,13 @@ wirepool_result wirepool_pool_new(const char *config_json, struct wirepool_pool 
 /*
  Closes the pool: close frames sent, threads joined, blocked calls woken with
  `WIREPOOL_ERR_CLOSED`. Idempotent; the handle stays valid until freed.
+ Messages queued stay readable (`wirepool_pool_poll`), and what the connections
+ read until the venues answer the close, for at most 500 ms (the close grace), is
+ queued after them in order, as at any close: the pool's queue ends
+ (`WIREPOOL_ERR_CLOSED` from `wirepool_pool_poll`) only once every connection has
+ closed. A full queue (`block` overflow) is waited on only within the grace: what
+ found no room is counted in `dropped_messages` and named in a `dropped_at_close`
+ event.
  Prompt whatever is queued: subscriptions the pool has not taken in yet are
  dropped, and calls still waiting on the pool thread (close_connection,
  reconfigure, ...) return `WIREPOOL_ERR_CLOSED`. It waits at most a connection's

@@ -1017,6 +1017,17 @@ impl Pool {
     /// pool is joined, pending requests fail with [`Error::Closed`]. Messages already
     /// queued stay readable. Idempotent.
     ///
+    /// As at any close (see [`Pool::close_connection`]), what a connection reads until
+    /// the venue answers its close, for at most 500 ms (the close grace), is handled
+    /// as usual: a reply completes its request, data is queued for the consumer in
+    /// order, behind what was queued before. The queue ends only once every
+    /// connection has closed: a consumer that keeps receiving ([`Pool::recv`],
+    /// [`Pool::recv_into`], ...), during or after the close, gets that data, then
+    /// [`Error::Closed`]. The close waits for room in a full queue (`block`
+    /// overflow) only within the grace, never longer on a consumer that does not
+    /// read: what could not be handed over is counted in `dropped_messages` and named
+    /// in a `dropped_at_close` event.
+    ///
     /// The close does not wait for work queued before it: commands the pool thread
     /// has not taken in yet (subscriptions, unsubscriptions, and calls such as
     /// [`Pool::close_connection`] or [`Pool::reconfigure`], whose callers then get

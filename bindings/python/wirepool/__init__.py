@@ -817,7 +817,10 @@ class Pool(_Handle):
     queued before it: subscriptions the pool has not taken in yet are dropped, and
     calls still waiting on the pool (``close_connection``, ``reconfigure``, ...) raise
     ClosedError; it waits at most a connection's 500 ms close grace for a venue that
-    does not answer the close.
+    does not answer the close. Messages still queued, and what the connections read in
+    that grace, are not received from Python after ``close()`` (every receive raises
+    ClosedError once it began; one already waiting in another thread may still return
+    some): receive what you need before closing.
     """
 
     _closed_message = "pool is closed"
