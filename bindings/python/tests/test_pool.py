@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import signal
 import threading
 import time
 
 import pytest
 
 import wirepool
-from conftest import config_for, receive_at_least, wait_for_event
+from conftest import assert_in_sequence, config_for, receive_at_least, wait_for_event
 
 STATS_FIELDS = {
     "total_connections", "ready_connections", "busy_connections", "pending_requests",
@@ -72,6 +73,164 @@ def test_close_wakes_a_blocked_recv(pool):
     assert not thread.is_alive(), "recv(timeout=None) still blocked after close()"
     assert time.monotonic() - started < 5.0
     assert len(outcome) == 1 and isinstance(outcome[0], wirepool.ClosedError), outcome
+
+
+def _count_frees(monkeypatch):
+    """Counts wirepool_pool_free calls (the pool's handle freed), still freeing."""
+    real_free = wirepool.lib.wirepool_pool_free
+    frees = []
+
+    def counting_free(handle):
+        frees.append(handle)
+        real_free(handle)
+
+    monkeypatch.setattr(wirepool.lib, "wirepool_pool_free", counting_free)
+    return frees
+
+
+def _close_with_messages_queued(pool, at_least=20):
+    """Subscribes, receives a few, lets at least `at_least` more queue up unread, closes.
+    Returns what was received before and the queue depth just before the close."""
+    pool.subscribe("ticker.0")
+    pool.subscribe("ticker.1")
+    before = receive_at_least(pool, 3)
+    deadline = time.monotonic() + 10.0
+    while (depth := pool.stats()["queue_depth"]) < at_least:
+        assert time.monotonic() < deadline, f"only {depth} messages queued after 10 s"
+        time.sleep(0.05)
+    pool.close()
+    return before, depth
+
+
+def _receive_until_closed(receive):
+    """Calls `receive` until it raises ClosedError; what each call returned."""
+    results = []
+    deadline = time.monotonic() + 10.0
+    while True:
+        assert time.monotonic() < deadline, f"no ClosedError after {len(results)} receives in 10 s"
+        try:
+            results.append(receive())
+        except wirepool.ClosedError:
+            return results
+
+
+def test_recv_many_after_close_returns_what_was_queued_in_order_then_raises(pool, monkeypatch):
+    # As wirepool_pool_poll between close and free: the queue, then WIREPOOL_ERR_CLOSED.
+    frees = _count_frees(monkeypatch)
+    before, depth = _close_with_messages_queued(pool)
+    assert frees == [], "close() freed the pool with messages still queued"
+    batches = _receive_until_closed(lambda: pool.recv_many(7, timeout=5.0))
+    after = [message for batch in batches for message in batch]
+    assert all(1 <= len(batch) <= 7 for batch in batches), [len(batch) for batch in batches]
+    assert len(after) >= depth, f"{depth} messages were queued at close, {len(after)} received after it"
+    assert_in_sequence(before + after)
+    assert len(frees) == 1, f"the drained pool's handle was freed {len(frees)} times, expected once"
+    with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+        pool.recv_many(7, timeout=5.0)
+    pool.close()
+    assert len(frees) == 1, f"the handle was freed {len(frees)} times, expected once"
+
+
+def test_recv_after_close_returns_what_was_queued_one_by_one_then_raises(pool):
+    before, depth = _close_with_messages_queued(pool)
+    after = _receive_until_closed(lambda: pool.recv(timeout=5.0))
+    assert None not in after, "recv after close timed out instead of returning a message or raising"
+    assert len(after) >= depth, f"{depth} messages were queued at close, {len(after)} received after it"
+    assert_in_sequence(before + after)
+    with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+        pool.recv(timeout=None)
+
+
+def test_messages_after_close_yields_what_was_queued_then_stops(pool):
+    before, depth = _close_with_messages_queued(pool)
+    started = time.monotonic()
+    after = list(pool.messages(timeout=5.0))
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0, f"messages() waited {elapsed:.1f} s on a closed, drained queue"
+    assert len(after) >= depth, f"{depth} messages were queued at close, {len(after)} yielded after it"
+    assert_in_sequence(before + after)
+    # Drained: as on a pool closed with nothing queued, messages() raises at once.
+    with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+        pool.messages(timeout=5.0)
+
+
+def test_a_pool_closed_with_nothing_queued_raises_at_once_and_is_freed_by_close(pool, monkeypatch):
+    frees = _count_frees(monkeypatch)
+    pool.close()
+    assert len(frees) == 1, f"close() of a pool with an empty queue freed it {len(frees)} times"
+    for receive in (lambda: pool.recv(timeout=None), lambda: pool.recv_many(10, timeout=None),
+                    lambda: pool.messages(timeout=None)):
+        started = time.monotonic()
+        with pytest.raises(wirepool.ClosedError, match="pool is closed"):
+            receive()
+        assert time.monotonic() - started < 0.5, "a receive on a closed, empty pool waited"
+    assert len(frees) == 1
+
+
+def test_a_closed_pool_whose_queue_is_never_read_is_freed_when_collected(simulator, monkeypatch):
+    frees = _count_frees(monkeypatch)
+    pool = wirepool.Pool(config_for(simulator.url))
+    pool.wait_ready(timeout=10.0)
+    _close_with_messages_queued(pool)
+    assert frees == [], "close() freed the pool with messages still queued"
+    del pool
+    gc.collect()
+    assert len(frees) == 1, f"the collected pool's handle was freed {len(frees)} times, expected once"
+
+
+def test_a_ctrl_c_as_a_poll_after_close_returns_loses_no_message(pool, monkeypatch, ctrl_c_raises):
+    # As test_a_ctrl_c_as_a_poll_returns_loses_no_message, on a closed pool: what the
+    # interrupted poll took comes from the next receive, and the handle is still freed
+    # once, when the queue is drained.
+    frees = _count_frees(monkeypatch)
+    before, depth = _close_with_messages_queued(pool)
+    real_poll = wirepool.lib.wirepool_pool_poll
+    taken = []
+
+    def poll_then_ctrl_c(handle, batch, timeout_ms, count_ref):
+        code = real_poll(handle, batch, timeout_ms, count_ref)
+        if code == 0 and count_ref._obj.value and not taken:
+            taken.append(count_ref._obj.value)
+            signal.raise_signal(signal.SIGINT)
+        return code
+
+    monkeypatch.setattr(wirepool.lib, "wirepool_pool_poll", poll_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        pool.recv_many(4, timeout=5.0)
+    assert taken, "the interrupted poll took no message"
+    after = [message for batch in _receive_until_closed(lambda: pool.recv_many(4, timeout=5.0)) for message in batch]
+    assert len(after) >= depth, f"{depth} messages were queued at close, {len(after)} received after it"
+    assert_in_sequence(before + after)
+    assert len(frees) == 1, f"the drained pool's handle was freed {len(frees)} times, expected once"
+
+
+def test_a_consumer_receiving_through_close_gets_the_stream_in_order_then_closed_error(pool):
+    # A receive waiting when close() runs ends promptly: with what the close grace read,
+    # then ClosedError.
+    pool.subscribe("ticker.0")
+    received = []
+    outcome = []
+
+    def consumer() -> None:
+        try:
+            while True:
+                received.extend(pool.recv_many(5, timeout=None))
+        except wirepool.ClosedError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    receive_deadline = time.monotonic() + 10.0
+    while len(received) < 10:
+        assert time.monotonic() < receive_deadline, f"the consumer got {len(received)} messages in 10 s"
+        time.sleep(0.05)
+    started = time.monotonic()
+    pool.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "recv_many(timeout=None) still blocked after close()"
+    assert time.monotonic() - started < 5.0
+    assert len(outcome) == 1, outcome
+    assert_in_sequence(received)
 
 
 def test_close_wakes_a_pending_request(pool):

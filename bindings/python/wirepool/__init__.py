@@ -735,25 +735,33 @@ _HandleT = TypeVar("_HandleT", bound="_Handle")
 
 class _Handle:
     """Owner of one C handle: ``close()`` is idempotent, the object is a context manager,
-    ``__del__`` closes what was not closed, and any use after close raises ClosedError.
+    ``__del__`` closes what was not closed, and any use after close raises ClosedError
+    (except, with ``_enter(after_close=True)``, reading what the closed handle still
+    holds).
 
     Calls on the handle run between ``_enter`` and ``_exit``. ``close()`` releases the
-    library's resources at once (``_close_handle``, which wakes blocked calls); the
-    handle itself is freed (``_free_handle``) exactly once, by whichever of close() or
-    the last call still running finishes last, so freeing never races with a call.
+    library's resources at once (``_close_handle``, which wakes blocked calls). The
+    handle itself is freed (``_free_handle``) exactly once: when it is closed and spent
+    (nothing more to read from it: ``_close_handle`` says so, or a call after close
+    found it so and called ``_spend``), by whichever of close() or the last call still
+    running finishes last, so freeing never races with a call; or by ``__del__``.
     """
 
     _closed_message = "object is closed"
 
     def __init__(self) -> None:
         self._handle: Any = None
+        # Guards _handle, _inflight, _closing and _spent.
         self._lock = threading.Lock()
         self._inflight = 0
         self._closing = False
+        self._spent = False
 
-    def _enter(self) -> Any:
+    def _enter(self, after_close: bool = False) -> Any:
+        """The handle, counted in flight until ``_exit``. ClosedError after close(),
+        unless ``after_close`` and the closed handle is not spent yet."""
         with self._lock:
-            if self._closing:
+            if self._closing and not (after_close and not self._spent and self._handle is not None):
                 raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
             self._inflight += 1
             return self._handle
@@ -761,12 +769,19 @@ class _Handle:
     def _exit(self) -> None:
         with self._lock:
             self._inflight -= 1
-            if not (self._closing and self._inflight == 0 and self._handle is not None):
+            if not (self._closing and self._spent and self._inflight == 0 and self._handle is not None):
                 return
             handle, self._handle = self._handle, None
         self._free_handle(handle)
 
-    def _close_handle(self, handle: Any) -> None:
+    def _spend(self) -> None:
+        """Called in flight: the closed handle has nothing more to give, so it is freed
+        as the last call still running on it leaves."""
+        with self._lock:
+            self._spent = True
+
+    def _close_handle(self, handle: Any) -> bool:
+        """Closes the handle; True when it still holds something to read after close."""
         raise NotImplementedError
 
     def _free_handle(self, handle: Any) -> None:
@@ -786,9 +801,13 @@ class _Handle:
             self._closing = True
             self._inflight += 1
             handle = self._handle
+        keep = False
         try:
-            self._close_handle(handle)
+            keep = self._close_handle(handle)
         finally:
+            # A close that failed (or was interrupted) frees the handle as it leaves.
+            if not keep:
+                self._spend()
             self._exit()
 
     def __enter__(self: _HandleT) -> _HandleT:
@@ -801,6 +820,12 @@ class _Handle:
         try:
             if not getattr(self, "_closing", True):
                 self.close()
+            # Closed but not spent (what was left to read was never read): nothing can
+            # call on it any more, so it is freed here.
+            with self._lock:
+                handle, self._handle = self._handle, None
+            if handle is not None:
+                self._free_handle(handle)
         except Exception:  # noqa: BLE001 - nothing can be raised from a finaliser
             pass
 
@@ -812,15 +837,18 @@ class Pool(_Handle):
     or a path (str or os.PathLike) to a ``.json`` or ``.toml`` file, with the schema of the configuration reference
     (``docs/configuration.md``). Connections open in the background; ``wait_ready()``
     waits for the initial ones. Raises ConfigError naming the key path of a bad setting.
-    After ``close()`` every call raises ClosedError, but ``events()`` first returns the
-    events left unread, the shutdown's among them. ``close()`` does not wait for work
-    queued before it: subscriptions the pool has not taken in yet are dropped, and
-    calls still waiting on the pool (``close_connection``, ``reconfigure``, ...) raise
-    ClosedError; it waits at most a connection's 500 ms close grace for a venue that
-    does not answer the close. Messages still queued, and what the connections read in
-    that grace, are not received from Python after ``close()`` (every receive raises
-    ClosedError once it began; one already waiting in another thread may still return
-    some): receive what you need before closing.
+    After ``close()`` every call raises ClosedError, except the receives and
+    ``events()``. ``recv``, ``recv_many`` and ``messages`` go on returning the messages
+    still queued, then what the connections read in the close's grace, in order and in
+    batches as usual, and raise ClosedError once the queue is drained (``messages``
+    stops then), as ``wirepool_pool_poll`` does in C between close and free; a pool
+    closed with nothing queued raises at once. ``events()`` first returns the events left
+    unread, the shutdown's among them. ``close()`` does not wait for work queued before
+    it: subscriptions the pool has not taken in yet are dropped, and calls still
+    waiting on the pool (``close_connection``, ``reconfigure``, ...) raise ClosedError;
+    it waits at most a connection's 500 ms close grace for a venue that does not answer
+    the close. A receive waiting in another thread when ``close()`` runs returns what
+    that grace reads, then raises ClosedError.
     """
 
     _closed_message = "pool is closed"
@@ -859,7 +887,18 @@ class Pool(_Handle):
 
     # -- lifetime --
 
-    def _close_handle(self, handle: Any) -> None:
+    def close(self) -> None:
+        """Closes the pool: its connections close (each within its 500 ms close grace)
+        and every thread is joined; later calls raise ClosedError, except the receives
+        and ``events()`` (see the class). Safe to call repeatedly, from any thread.
+
+        The library's pool is freed at once when its queue is empty. Messages still
+        queued stay in it, not copied into Python objects unless received: it is freed
+        when a receive finds the queue drained, or when the Pool is collected (``del
+        pool``), whichever comes first."""
+        super().close()
+
+    def _close_handle(self, handle: Any) -> bool:
         try:
             code = lib.wirepool_pool_close(handle)
             if code:
@@ -867,17 +906,38 @@ class Pool(_Handle):
             self._keep_events_left_at_close(handle)
         finally:
             self._events_kept.set()
+        return self._messages_left_at_close(handle)
+
+    @staticmethod
+    def _messages_left_at_close(handle: Any) -> bool:
+        """Whether the closed pool's queue still holds messages (it takes no more once
+        ``wirepool_pool_close`` has returned). Then the handle is kept, and the messages
+        stay in the library until a receive asks for them; else it is freed at once."""
+        out = _ffi.bytes_p()
+        try:
+            code = lib.wirepool_pool_stats_json(handle, byref(out))
+            if code:
+                return True  # unknown: kept; the first receive finds out
+            depth: int = json.loads(_ffi.bytes_value(out)).get("queue_depth", 1)
+            return depth > 0
+        finally:
+            lib.wirepool_bytes_free(out)  # on every path, as in request()
 
     def _free_handle(self, handle: Any) -> None:
         lib.wirepool_pool_free(handle)
         with self._batches_lock:
             batches, self._batches = self._batches, {}
-        interrupted, self._interrupted = self._interrupted, []
-        for batch in interrupted:
-            batch.free()
-        for stack in batches.values():
-            for batch in stack:
+        try:
+            # Messages a receive interrupted by a Ctrl-C had taken (they are in its
+            # batch, which does not need the pool): decoded now, for the next receive.
+            self._redeliver(0)
+        finally:
+            interrupted, self._interrupted = self._interrupted, []
+            for batch in interrupted:
                 batch.free()
+            for stack in batches.values():
+                for batch in stack:
+                    batch.free()
 
     # -- batches --
 
@@ -893,7 +953,9 @@ class Pool(_Handle):
             stack = self._batches.get(batch.capacity)
             if stack is None and len(self._batches) < _MAX_CACHED_CAPACITIES:
                 stack = self._batches[batch.capacity] = []
-            if stack is not None and not self._closing:
+            # Kept while the handle lives (after close too, while its queue drains):
+            # _free_handle frees what is kept then.
+            if stack is not None and self._handle is not None:
                 stack.append(batch)
                 return
         batch.free()
@@ -904,7 +966,7 @@ class Pool(_Handle):
         if timeout is not None and timeout <= _WAIT_SLICE_S:
             code = poll(handle, batch.handle, _ms(timeout), batch.count_ref)
             if code:
-                raise _error(code)
+                raise self._poll_error(code)
             return batch.count.value
         deadline = None if timeout is None else time.monotonic() + timeout
         slice_ms = _ms(_WAIT_SLICE_S)
@@ -914,15 +976,32 @@ class Pool(_Handle):
                 wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
             code = poll(handle, batch.handle, wait_ms, batch.count_ref)
             if code:
-                raise _error(code)
+                raise self._poll_error(code)
             count = batch.count.value
             if count or (deadline is not None and time.monotonic() >= deadline):
                 return count
-            if self._closing:
+            # A close under way is not a reason to stop: the poll gives what the
+            # connections read in its grace, then WIREPOOL_ERR_CLOSED once it ended
+            # and the queue is drained. A close that failed ends the wait (its queue
+            # may never end).
+            if self._spent:
                 raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
 
+    def _poll_error(self, code: int) -> WirepoolError:
+        error = _error(code)
+        if code == _ffi.WIREPOOL_ERR_CLOSED:
+            self._spend()  # closed and drained: freed as the last call leaves
+        return error
+
     def _receive(self, capacity: int, timeout: Optional[Seconds]) -> List[Message]:
-        handle = self._enter()
+        try:
+            handle = self._enter(after_close=True)
+        except ClosedError:
+            # Drained; messages taken by a receive a Ctrl-C interrupted may be left.
+            redelivered = self._redeliver(capacity)
+            if redelivered:
+                return redelivered
+            raise
         try:
             if self._interrupted or self._undelivered:
                 redelivered = self._redeliver(capacity)
@@ -1103,7 +1182,8 @@ class Pool(_Handle):
 
     def recv(self, timeout: Optional[Seconds] = None) -> Optional[Message]:
         """The next message, or None when none arrived within ``timeout`` seconds
-        (None: wait until one arrives)."""
+        (None: wait until one arrives). After ``close()``: the messages left in the
+        queue, then ClosedError."""
         _check_timeout(timeout)
         messages = self._receive(1, timeout)
         return messages[0] if messages else None
@@ -1112,7 +1192,8 @@ class Pool(_Handle):
         """Up to ``max`` messages: waits up to ``timeout`` seconds (None: until one
         arrives) for the first, then takes every queued one up to ``max``. ``[]`` on
         timeout. ``max`` is an int (or anything with ``__index__``) of at least 1; more
-        than 2**20 (the library's largest batch) takes 2**20 at most."""
+        than 2**20 (the library's largest batch) takes 2**20 at most. After ``close()``:
+        the messages left in the queue, then ClosedError."""
         _check_timeout(timeout)
         max = _integer(max, "max")  # noqa: A001
         if max < 1:
@@ -1121,15 +1202,24 @@ class Pool(_Handle):
 
     def messages(self, timeout: Optional[Seconds] = 1.0) -> Iterator[Message]:
         """Yields messages as they arrive; stops when none arrived for ``timeout``
-        seconds (None: never) or when the pool is closed.
+        seconds (None: never) or when the pool is closed and its queue drained (after
+        ``close()`` it yields what was left in the queue first; ClosedError at once when
+        nothing was).
 
         Messages are taken from the queue one at a time, so breaking out of the loop
         loses nothing; ``recv_many`` is the faster way to drain a busy feed.
         """
         _check_timeout(timeout)
-        if self._closing:
+        if self._closing and not self._receivable_after_close():
             raise ClosedError(self._closed_message, _ffi.WIREPOOL_ERR_CLOSED)
         return self._iterate(timeout)
+
+    def _receivable_after_close(self) -> bool:
+        """Whether a closed pool may still have messages for a receive."""
+        with self._lock:
+            if not self._spent and self._handle is not None:
+                return True
+        return bool(self._undelivered or self._interrupted)
 
     def _iterate(self, timeout: Optional[Seconds]) -> Iterator[Message]:
         while True:
