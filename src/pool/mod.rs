@@ -55,7 +55,7 @@ use crate::error::{Error, Result, TimeoutPhase};
 use crate::queue::{ConsumerQueue, Message, MessageBatch};
 use health::{HealthInputs, HealthState};
 use pending::Submitted;
-use requests::Outcome;
+use requests::Reply;
 use servers::{choose_server, BreakerChange, ServerState};
 use subscriptions::{PublishedPlacements, Subscriptions};
 
@@ -537,7 +537,7 @@ impl Pool {
         payload: Arc<[u8]>,
         timeout: Duration,
         idempotent: bool,
-        reply: Sender<(u64, Outcome)>,
+        reply: Sender<Reply>,
     ) -> Result<Submitted> {
         self.check_open()?;
         self.check_payload(&payload)?;
@@ -629,9 +629,9 @@ impl Pool {
                 None => receiver.recv().ok(),
             };
             match received {
-                Some((request_id, outcome)) => {
+                Some((request_id, outcome, finished_at)) => {
                     if let Some((index, mut submitted)) = in_flight.remove(&request_id) {
-                        results[index] = Some(submitted.settle(outcome));
+                        results[index] = Some(submitted.settle(outcome, finished_at));
                         done += 1;
                         progress(done, total);
                     }
@@ -649,7 +649,8 @@ impl Pool {
                         };
                         match submitted.give_up() {
                             Some(timed_out) => {
-                                results[index] = Some(submitted.settle(Err(timed_out)));
+                                results[index] =
+                                    Some(submitted.settle(Err(timed_out), Instant::now()));
                                 done += 1;
                                 progress(done, total);
                             }

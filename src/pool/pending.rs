@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::requests::{Abandoned, Outcome, RequestTable};
+use super::requests::{Abandoned, Outcome, Reply, RequestTable};
 use super::PoolCounters;
 use crate::error::{Error, Result, TimeoutPhase};
 
@@ -83,15 +83,18 @@ impl Submitted {
         })
     }
 
-    /// The request's end, counted (round-trip time of replies and venue errors;
-    /// venue errors and lost connections as failures; timeouts were counted by
+    /// The request's end, reached at `finished_at`, counted (round-trip time of
+    /// replies and venue errors, up to their arrival, however late the caller collects
+    /// them; venue errors and lost connections as failures; timeouts were counted by
     /// `give_up`), and handed back.
-    pub(super) fn settle(&mut self, outcome: Outcome) -> Outcome {
+    pub(super) fn settle(&mut self, outcome: Outcome, finished_at: Instant) -> Outcome {
         self.settled = true;
         if matches!(outcome, Ok(_) | Err(Error::Remote { .. })) {
-            self.counters
-                .request_latency
-                .record(self.started.elapsed().as_micros() as u64);
+            self.counters.request_latency.record(
+                finished_at
+                    .saturating_duration_since(self.started)
+                    .as_micros() as u64,
+            );
         }
         if matches!(
             outcome,
@@ -156,7 +159,7 @@ impl Drop for Submitted {
 /// ```
 pub struct PendingRequest {
     submitted: Submitted,
-    reply: Receiver<(u64, Outcome)>,
+    reply: Receiver<Reply>,
 }
 
 const _: () = {
@@ -165,7 +168,7 @@ const _: () = {
 };
 
 impl PendingRequest {
-    pub(super) fn new(submitted: Submitted, reply: Receiver<(u64, Outcome)>) -> PendingRequest {
+    pub(super) fn new(submitted: Submitted, reply: Receiver<Reply>) -> PendingRequest {
         PendingRequest { submitted, reply }
     }
 
@@ -215,24 +218,24 @@ impl PendingRequest {
                 .recv()
                 .map_err(|_| RecvTimeoutError::Disconnected),
         };
-        let outcome = match received {
-            Ok((_, outcome)) => outcome,
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
+        let (outcome, finished_at) = match received {
+            Ok((_, outcome, finished_at)) => (outcome, finished_at),
+            Err(RecvTimeoutError::Disconnected) => (Err(Error::Closed), Instant::now()),
             Err(RecvTimeoutError::Timeout) => {
                 if !self.submitted.expired(Instant::now()) {
                     return None;
                 }
                 match self.submitted.give_up() {
-                    Some(timed_out) => Err(timed_out),
+                    Some(timed_out) => (Err(timed_out), Instant::now()),
                     None => self
                         .reply
                         .try_recv()
-                        .map(|(_, outcome)| outcome)
-                        .unwrap_or(Err(Error::Closed)),
+                        .map(|(_, outcome, finished_at)| (outcome, finished_at))
+                        .unwrap_or((Err(Error::Closed), Instant::now())),
                 }
             }
         };
-        Some(self.submitted.settle(outcome))
+        Some(self.submitted.settle(outcome, finished_at))
     }
 }
 

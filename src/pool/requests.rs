@@ -20,6 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
@@ -29,6 +30,10 @@ use crate::error::Error;
 
 /// What a caller receives.
 pub(crate) type Outcome = Result<Vec<u8>, Error>;
+
+/// What a caller's reply channel carries: the request's id, its outcome, and when the
+/// outcome came (a round trip ends there, not when the caller gets round to it).
+pub(crate) type Reply = (u64, Outcome, Instant);
 
 struct Route {
     connection_id: u64,
@@ -47,7 +52,7 @@ struct Pending {
     /// that ended first) does not count: the venue cannot have seen it.
     writes: u32,
     connection: Option<u64>,
-    reply: Sender<(u64, Outcome)>,
+    reply: Sender<Reply>,
 }
 
 struct TableState {
@@ -92,7 +97,7 @@ impl RequestTable {
         request_id: u64,
         payload: Arc<[u8]>,
         idempotent: bool,
-        reply: Sender<(u64, Outcome)>,
+        reply: Sender<Reply>,
     ) -> Result<(), Error> {
         let mut state = self.state.lock();
         if state.closed {
@@ -124,7 +129,7 @@ impl RequestTable {
         }
         if let Some(entry) = state.entries.remove(&request_id) {
             release_route(&mut state, connection_id);
-            let _ = entry.reply.send((request_id, outcome));
+            let _ = entry.reply.send((request_id, outcome, Instant::now()));
         }
     }
 
@@ -228,6 +233,7 @@ impl RequestTable {
                         connection_id,
                         reason: reason.to_string(),
                     }),
+                    Instant::now(),
                 ));
             }
         }
@@ -239,7 +245,9 @@ impl RequestTable {
         state.closed = true;
         state.routes.clear();
         for (request_id, entry) in state.entries.drain() {
-            let _ = entry.reply.send((request_id, Err(Error::Closed)));
+            let _ = entry
+                .reply
+                .send((request_id, Err(Error::Closed), Instant::now()));
         }
     }
 

@@ -298,3 +298,37 @@ fn a_close_ends_a_pending_wait_with_closed_and_keeps_an_outcome_that_had_arrived
         "a request outlives its pool, and says it closed"
     );
 }
+
+/// The latency histogram holds round-trip times: a reply that arrived at once and was
+/// collected seconds later counts as the quick round trip it was, not as the time
+/// its caller took to look.
+#[test]
+fn a_reply_collected_late_counts_its_round_trip_not_the_time_until_collected() {
+    let _guard = watchdog("late collection latency", Duration::from_secs(60));
+    let sim = simulator(10.0);
+    let pool = ready_pool(&sim.url(), 1);
+    let mut pending = pool
+        .submit(br#"{"n":"quick"}"#, with_timeout(Duration::from_secs(30)))
+        .expect("submit");
+    let submitted = Instant::now();
+    while !pending.is_finished() {
+        assert!(
+            submitted.elapsed() < Duration::from_secs(20),
+            "the echo never arrived"
+        );
+        std::thread::yield_now();
+    }
+    let round_trip = submitted.elapsed();
+    // The caller does other work before it collects the reply that is already here.
+    std::thread::sleep(round_trip + Duration::from_secs(2));
+    let reply = outcome_of(&mut pending).expect("the echo");
+    assert_eq!(echo_of(&reply)["n"], "quick");
+    let latency = pool.request_latency();
+    assert_eq!(latency.counts.iter().sum::<u64>(), 1);
+    let recorded = Duration::from_micros(latency.sum_us);
+    assert!(
+        recorded <= round_trip + Duration::from_millis(500),
+        "the reply was here after {round_trip:?}, but the histogram recorded {recorded:?}: \
+         the time until the caller collected it"
+    );
+}
