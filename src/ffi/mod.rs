@@ -630,15 +630,15 @@ pub unsafe extern "C" fn wirepool_pool_poll(
         let pool = unsafe { arg(pool, "pool") }?;
         let batch = unsafe { arg_mut(batch, "batch") }?;
         let out_count = out(out_count, "out_count")?;
-        let count = pool
-            .pool
-            .recv_into(
-                &mut batch.received,
-                batch.capacity,
-                Some(Duration::from_millis(u64::from(timeout_ms))),
-            )
-            .map_err(|err| fail_with(&err))?;
+        let received = pool.pool.recv_into(
+            &mut batch.received,
+            batch.capacity,
+            Some(Duration::from_millis(u64::from(timeout_ms))),
+        );
+        // Also when the poll failed: the batch's earlier messages went back to the
+        // queue with their chunks, so it must not point at them any more.
         batch.fill();
+        let count = received.map_err(|err| fail_with(&err))?;
         // SAFETY: checked non-null above.
         unsafe { *out_count = count };
         Ok(())

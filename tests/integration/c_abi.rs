@@ -318,8 +318,17 @@ fn subscribe_poll_request_and_close_through_the_c_abi() {
         let mut code = wirepool_result::WIREPOOL_OK;
         while code == wirepool_result::WIREPOOL_OK && count > 0 {
             code = wirepool_pool_poll(pool, batch, 100, &mut count);
+            if code == wirepool_result::WIREPOOL_OK {
+                let mut data_len = 0usize;
+                wirepool_batch_data(batch, &mut data_len);
+            }
         }
         assert_eq!(code, wirepool_result::WIREPOOL_ERR_CLOSED);
+        // The failed poll took the batch's messages back with their chunks: it holds
+        // nothing now, not the last poll's copy of bytes that went back to the queue.
+        let mut data_len = usize::MAX;
+        wirepool_batch_data(batch, &mut data_len);
+        assert_eq!(data_len, 0, "a batch whose poll failed holds no bytes");
         // Events too: the shutdown's events (`pool_closed` last), then the close, at
         // once, however long the caller would wait.
         let mut kinds = Vec::new();
