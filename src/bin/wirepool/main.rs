@@ -703,10 +703,21 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let written = std::thread::scope(|scope| {
             let closing = scope.spawn(|| pool.close());
             let mut written = 0usize;
+            let mut empty_after_close = false;
             loop {
                 batch.clear();
                 match pool.recv_batch(&mut batch, 1024, Some(Duration::from_millis(200))) {
-                    Ok(0) if closing.is_finished() => break,
+                    // An empty receive may have begun before the close ended, with
+                    // the grace's last messages queued behind it: once the close has
+                    // ended the queue is closed, so the next receive gives what is
+                    // left, then `Closed`. A second empty one means the close ended
+                    // without closing the queue (it panicked): stop.
+                    Ok(0) if closing.is_finished() => {
+                        if empty_after_close {
+                            break;
+                        }
+                        empty_after_close = true;
+                    }
                     Ok(count) => written += count,
                     Err(_) => break,
                 }
