@@ -64,6 +64,10 @@ pub(crate) fn ip_literal(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
 /// The host name lookups of one pool.
 pub(crate) struct Resolver {
     lookup: Arc<LookupFn>,
+    /// The CPUs the lookup threads run on, when workers are pinned
+    /// (`affinity.worker_cpus`): a thread inherits its creator's CPU, and a lookup
+    /// started by a pinned worker would otherwise run on the CPU kept for its messages.
+    unpinned: Option<Arc<[usize]>>,
     /// Guards the lookups running now (at most [`MAX_LOOKUPS_IN_FLIGHT`]); each
     /// lookup's thread takes it out when it ends.
     running: Arc<Mutex<Vec<Arc<Lookup>>>>,
@@ -90,8 +94,16 @@ impl Resolver {
     pub fn new(lookup: Arc<LookupFn>) -> Resolver {
         Resolver {
             lookup,
+            unpinned: None,
             running: Arc::default(),
         }
+    }
+
+    /// Lookup threads run on `cpus` (the pool's creator's CPUs), not on the pinned CPU
+    /// of the worker that starts them.
+    pub fn run_on(mut self, cpus: Vec<usize>) -> Resolver {
+        self.unpinned = Some(cpus.into());
+        self
     }
 
     /// Starts looking up `host` on a thread of its own, unless every place is taken.
@@ -115,12 +127,21 @@ impl Resolver {
             running: Arc::clone(&self.running),
         };
         let lookup_fn = Arc::clone(&self.lookup);
+        let unpinned = self.unpinned.clone();
         // Detached: nobody waits for it (that is the point). A failed spawn drops the
         // job, which gives its place back.
         std::thread::Builder::new()
             .name("wirepool-dns".into())
             .stack_size(LOOKUP_STACK)
             .spawn(move || {
+                if let Some(cpus) = unpinned {
+                    if let Err(err) = crate::affinity::pin_current_thread_to(&cpus) {
+                        log::warn!(
+                            "resolving {}: cannot leave the worker's CPU: {err}",
+                            job.lookup.host
+                        );
+                    }
+                }
                 let answer = lookup_fn(&job.lookup.host, port);
                 *job.lookup.answer.lock() = Some(answer);
             })

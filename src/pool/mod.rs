@@ -267,11 +267,17 @@ impl Pool {
     }
 
     /// [`Pool::new`], its host names looked up through `resolver`.
-    pub(crate) fn with_resolver(config: Config, resolver: Resolver) -> Result<Pool> {
+    pub(crate) fn with_resolver(config: Config, mut resolver: Resolver) -> Result<Pool> {
         let issues = config.validate();
         if !issues.is_empty() {
             let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
             return Err(Error::Config(text.join("; ")));
+        }
+        // Pinned workers start the lookups: those run where the pool's creator may.
+        if !config.affinity.worker_cpus.is_empty() {
+            let cpus = crate::affinity::allowed_cpus()
+                .map_err(|err| Error::Io(format!("reading this thread's CPUs: {err}")))?;
+            resolver = resolver.run_on(cpus);
         }
         let config = Arc::new(config);
         let codec = Arc::new(CodecRuntime::load(

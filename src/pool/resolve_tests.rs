@@ -275,3 +275,35 @@ fn no_more_than_sixteen_lookups_run_at_once_and_the_others_wait_for_a_place() {
     }
     assert_eq!(gate.most_running(), 16, "more than 16 lookups ran at once");
 }
+
+/// A lookup started by a pinned worker (`affinity.worker_cpus`) runs where the pool's
+/// creator may run, not on the CPU kept for the worker's messages (a thread inherits
+/// its creator's CPUs).
+#[test]
+fn a_pinned_workers_lookup_runs_off_its_cpu() {
+    let venue = venue();
+    let allowed = crate::affinity::allowed_cpus().expect("sched_getaffinity");
+    let pinned = *allowed.last().expect("a CPU");
+    let (seen, cpus_seen) = mpsc::channel();
+    let resolver = Resolver::new(std::sync::Arc::new(move |_host: &str, port: u16| {
+        let _ = seen.send(crate::affinity::allowed_cpus().expect("sched_getaffinity"));
+        Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+    }));
+    let pool = pool_on(
+        venue.local_addr().port(),
+        resolver,
+        serde_json::json!({"affinity": {"worker_cpus": [pinned]}}),
+    );
+    pool.wait_ready(LIMIT).expect("ready");
+    assert_eq!(
+        pool.connections()[0].cpu,
+        Some(pinned as u64),
+        "the worker is pinned"
+    );
+    let lookup_cpus = cpus_seen.recv_timeout(LIMIT).expect("a lookup ran");
+    assert_eq!(
+        lookup_cpus, allowed,
+        "the lookup ran on the pool's creator's CPUs"
+    );
+    pool.close();
+}
