@@ -24,8 +24,8 @@ const BACKLOG: usize = 1000;
 /// Longest wait for any one step (none takes more than milliseconds when it works).
 const LIMIT: Duration = Duration::from_secs(30);
 
-#[test]
-fn close_acts_on_no_command_queued_before_it_and_answers_their_callers_closed() {
+/// A pool of one ready connection to a quiet simulator (kept alive by the caller).
+fn one_ready_connection() -> (Simulator, Pool) {
     let simulator = Simulator::start(SimulatorConfig {
         rate_per_channel: 0.0,
         ..SimulatorConfig::default()
@@ -41,17 +41,13 @@ fn close_acts_on_no_command_queued_before_it_and_answers_their_callers_closed() 
     .expect("config");
     let pool = Pool::new(config).expect("pool");
     pool.wait_ready(LIMIT).expect("ready");
-    let connection = pool.connections()[0].id;
-    // Taken in before the close: the one subscription the stats must count after it.
-    pool.subscribe("taken.in.before.the.close")
-        .expect("subscribe");
-    wait_for("the first subscription to be taken in", LIMIT, || {
-        pool.stats().subscriptions == 1
-    });
+    (simulator, pool)
+}
 
-    // Holds the pool thread: a release without a lease fails at once, and the pool
-    // thread then waits in its answer until the test takes it. Once the command is off
-    // the channel, the pool thread takes no other until then.
+/// Holds the pool thread: a release without a lease fails at once, and the pool thread
+/// then waits in its answer until the test takes it from the returned channel. Once
+/// the command is off the channel, the pool thread takes no other until then.
+fn hold_the_pool_thread(pool: &Pool) -> crossbeam_channel::Receiver<crate::error::Result<()>> {
     let (hold, held) = crossbeam_channel::bounded(0);
     pool.inner
         .commands
@@ -60,6 +56,21 @@ fn close_acts_on_no_command_queued_before_it_and_answers_their_callers_closed() 
     wait_for("the pool thread to take the holding command", LIMIT, || {
         pool.inner.commands.is_empty()
     });
+    held
+}
+
+#[test]
+fn close_acts_on_no_command_queued_before_it_and_answers_their_callers_closed() {
+    let (_simulator, pool) = one_ready_connection();
+    let connection = pool.connections()[0].id;
+    // Taken in before the close: the one subscription the stats must count after it.
+    pool.subscribe("taken.in.before.the.close")
+        .expect("subscribe");
+    wait_for("the first subscription to be taken in", LIMIT, || {
+        pool.stats().subscriptions == 1
+    });
+
+    let held = hold_the_pool_thread(&pool);
 
     let pool = &pool;
     let settings = pool.settings();
@@ -129,31 +140,9 @@ fn close_acts_on_no_command_queued_before_it_and_answers_their_callers_closed() 
 /// carry the command out) waits for the answer.
 #[test]
 fn a_command_answered_late_is_waited_for_not_reported_closed() {
-    let simulator = Simulator::start(SimulatorConfig {
-        rate_per_channel: 0.0,
-        ..SimulatorConfig::default()
-    })
-    .expect("simulator");
-    let config = Config::from_json(
-        &serde_json::json!({
-            "servers": [{"url": simulator.url()}],
-            "pool": {"min_connections": 1, "max_connections": 1},
-        })
-        .to_string(),
-    )
-    .expect("config");
-    let pool = Pool::new(config).expect("pool");
-    pool.wait_ready(LIMIT).expect("ready");
+    let (_simulator, pool) = one_ready_connection();
     let settings = pool.settings();
-    // Holds the pool thread, as above.
-    let (hold, held) = crossbeam_channel::bounded(0);
-    pool.inner
-        .commands
-        .send(PoolCommand::Release(hold))
-        .expect("the pool thread is running");
-    wait_for("the pool thread to take the holding command", LIMIT, || {
-        pool.inner.commands.is_empty()
-    });
+    let held = hold_the_pool_thread(&pool);
     let pool = &pool;
     std::thread::scope(|scope| {
         let caller = scope.spawn(move || pool.reconfigure(settings));
