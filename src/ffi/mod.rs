@@ -1263,20 +1263,19 @@ impl wirepool_batch {
     /// The one-buffer layout of the last poll (see `fill`), into `bytes`.
     fn copy_into(&self, bytes: &mut Vec<u8>) {
         bytes.clear();
-        let names: usize = self
+        let total = self
             .messages
             .last()
             .map_or(0, |last| last.channel_offset + last.channel_len);
-        bytes.reserve(names);
+        bytes.reserve(total);
         for message in self.received.iter() {
             bytes.extend_from_slice(message.payload());
         }
-        let mut last_channel: Option<&str> = None;
-        for message in self.received.iter() {
-            let channel = message.channel();
-            if !last_channel.is_some_and(|last| same_channel(last, channel)) {
-                bytes.extend_from_slice(channel.as_bytes());
-                last_channel = Some(channel);
+        // Each run's name goes where `fill` placed it: at the end of the bytes laid out
+        // so far, which only the first message of a run points at.
+        for (laid_out, message) in self.messages.iter().zip(self.received.iter()) {
+            if laid_out.channel_offset == bytes.len() {
+                bytes.extend_from_slice(message.channel().as_bytes());
             }
         }
     }
