@@ -502,6 +502,15 @@ def _check_timeout(timeout: Optional[Seconds]) -> None:
 _MAX_MS = 0xFFFFFFFF  # the C ABI's timeouts are uint32_t milliseconds
 
 
+def _slice_ms(slice_ms: int, deadline: Optional[float]) -> int:
+    """The next wait of a call that waits in slices of ``slice_ms`` (so a Ctrl-C or a
+    close is seen between them): the slice, or what is left until ``deadline`` (a
+    ``time.monotonic()`` value; None: none) if that is less."""
+    if deadline is None:
+        return slice_ms
+    return min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+
+
 def _ms(seconds: float) -> int:
     # Compared before converting: int(math.ceil(inf)) raises OverflowError, and
     # math.inf is a natural way to say "no limit".
@@ -669,9 +678,7 @@ class PendingRequest:
         deadline = None if timeout is None else time.monotonic() + timeout
         slice_ms = _ms(_REQUEST_WAIT_SLICE_S)
         while True:
-            wait_ms = slice_ms
-            if deadline is not None:
-                wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+            wait_ms = _slice_ms(slice_ms, deadline)
             with self._lock:
                 if self._state is _CANCELLED:
                     raise concurrent.futures.CancelledError(f"request {self._id} was cancelled")
@@ -971,9 +978,7 @@ class Pool(_Handle):
         deadline = None if timeout is None else time.monotonic() + timeout
         slice_ms = _ms(_WAIT_SLICE_S)
         while True:
-            wait_ms = slice_ms
-            if deadline is not None:
-                wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+            wait_ms = _slice_ms(slice_ms, deadline)
             code = poll(handle, batch.handle, wait_ms, batch.count_ref)
             if code:
                 raise self._poll_error(code)
@@ -1138,9 +1143,7 @@ class Pool(_Handle):
             deadline = None if timeout is None else time.monotonic() + timeout
             slice_ms = _ms(_WAIT_SLICE_S)
             while True:
-                wait_ms = slice_ms
-                if deadline is not None:
-                    wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+                wait_ms = _slice_ms(slice_ms, deadline)
                 code = lib.wirepool_pool_wait_ready(handle, wait_ms)
                 if code == _ffi.WIREPOOL_OK:
                     return
@@ -1435,9 +1438,7 @@ class Pool(_Handle):
         try:
             slice_ms = _ms(_WAIT_SLICE_S)
             while True:
-                wait_ms = slice_ms
-                if deadline is not None:
-                    wait_ms = min(slice_ms, max(0, _ms(deadline - time.monotonic())))
+                wait_ms = _slice_ms(slice_ms, deadline)
                 events = self._take_events(handle, wait_ms)
                 if events is None:  # closed, and close() took what was left
                     break
